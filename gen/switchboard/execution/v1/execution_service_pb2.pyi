@@ -1,0 +1,5 @@
+from switchboard.execution.v1 import execution_pb2 as _execution_pb2
+from google.protobuf import descriptor as _descriptor
+from typing import ClassVar as _ClassVar
+
+DESCRIPTOR: _descriptor.FileDescriptor

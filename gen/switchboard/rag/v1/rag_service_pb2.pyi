@@ -1,0 +1,5 @@
+from switchboard.rag.v1 import rag_pb2 as _rag_pb2
+from google.protobuf import descriptor as _descriptor
+from typing import ClassVar as _ClassVar
+
+DESCRIPTOR: _descriptor.FileDescriptor
