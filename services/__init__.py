@@ -1,0 +1,1 @@
+"""Switchboard services: the shared runtime, each service, and the launcher."""

@@ -1,0 +1,62 @@
+"""The inference (routing) service: model tiers, backend balancing, circuit breakers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import grpc
+from switchboard.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
+
+from services.inference.config import InferenceConfig, load_inference_config
+from services.inference.policy import ModelPolicy
+from services.inference.router import Router
+from services.inference.servicer import InferenceServicer
+from services.inference.triton import TritonBackend
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["InferenceService", "InferenceConfig"]
+
+SERVICE_NAME = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+class InferenceService:
+    """The runtime's view of the service: servicer, backends' lifecycle, readiness."""
+
+    name = "inference"
+    service_names: Sequence[str] = (SERVICE_NAME,)
+
+    def __init__(self, config: InferenceConfig | None = None) -> None:
+        self._config = config or load_inference_config()
+        self.router: Router | None = None
+
+    async def start(self) -> None:
+        config = self._config
+        backends = [
+            TritonBackend(
+                url, breaker_fail_max=config.breaker_fail_max, breaker_reset=config.breaker_reset
+            )
+            for url in config.triton_urls
+        ]
+        self.router = Router(
+            policy=ModelPolicy.load(config.model_policy),
+            backends=backends,
+            affinity_slack=config.affinity_slack,
+        )
+        await self.router.refresh()
+
+    def register(self, server: grpc.aio.Server) -> None:
+        assert self.router is not None, "start() first"
+        inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
+            InferenceServicer(self.router), server
+        )
+
+    async def ready(self) -> bool:
+        assert self.router is not None
+        return await self.router.refresh()
+
+    async def shutdown(self) -> None:
+        if self.router is not None:
+            for backend in self.router.backends:
+                await backend.close()

@@ -1,0 +1,38 @@
+"""Configuration of the inference (routing) service."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from services.runtime import load_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Read from `SWITCHBOARD_*`; the launcher sets the Triton URLs and the policy path."""
+
+    triton_urls: tuple[str, ...]
+    """gRPC addresses of the Triton replicas, comma-separated."""
+    model_policy: Path = Path(__file__).with_name("models.yaml")
+    breaker_fail_max: int = 3
+    """Consecutive failures that open a backend's circuit."""
+    breaker_reset: timedelta = timedelta(seconds=5)
+    """How long an open circuit waits before one probe call."""
+    affinity_slack: int = 4
+    """A session stays on its backend while it has at most this many more outstanding
+    calls than the least loaded backend."""
+
+    def __post_init__(self) -> None:
+        if not self.triton_urls:
+            raise ValueError("SWITCHBOARD_TRITON_URLS must list at least one host:port")
+        if self.breaker_fail_max < 1:
+            raise ValueError("SWITCHBOARD_BREAKER_FAIL_MAX must be at least 1")
+
+
+def load_inference_config() -> InferenceConfig:
+    return load_config(InferenceConfig, prefix="SWITCHBOARD_")

@@ -1,0 +1,141 @@
+"""InferenceService servicer: proto in, router call, proto out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import grpc
+from switchboard.common.v1 import common_pb2
+from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
+
+from services.inference.policy import count_tokens
+from services.inference.router import GenerateInput, GenerateResult, Router
+
+logger = logging.getLogger(__name__)
+
+_TIER_NAMES = {common_pb2.MODEL_TIER_SMALL: "small", common_pb2.MODEL_TIER_LARGE: "large"}
+_TIER_ENUMS = {v: k for k, v in _TIER_NAMES.items()}
+_BREAKER_STATES = {
+    "closed": inference_pb2.BACKEND_STATE_HEALTHY,
+    "open": inference_pb2.BACKEND_STATE_OPEN,
+    "half-open": inference_pb2.BACKEND_STATE_HALF_OPEN,
+}
+
+
+def _citations(
+    request: GenerateInput, result: GenerateResult, sources: list[str]
+) -> list[common_pb2.Citation]:
+    citations = []
+    for index in sorted(result.passages_used):
+        quoted = "".join(result.passages_used[index]).strip()
+        passage = request.passages[index] if index < len(request.passages) else ""
+        start = passage.find(quoted) if quoted else -1
+        citations.append(
+            common_pb2.Citation(
+                passage_index=index,
+                source_id=sources[index] if index < len(sources) else "",
+                start_char=max(start, 0),
+                end_char=start + len(quoted) if start >= 0 else 0,
+                text=quoted,
+            )
+        )
+    return citations
+
+
+class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    async def Generate(  # noqa: N802 - gRPC method name
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        params = GenerateInput(
+            prompt=request.prompt,
+            passages=[p.text for p in request.context],
+            max_tokens=request.parameters.max_tokens,
+            temperature=request.parameters.temperature,
+            model=request.model,
+            tier=_TIER_NAMES.get(request.tier, ""),
+            session_id=request.session_id,
+        )
+        result = GenerateResult(choice=self._router.choose(params))
+        index = 0
+        finish = inference_pb2.FINISH_REASON_STOP
+        async for token in self._router.generate(params, result):
+            yield inference_pb2.GenerateResponse(
+                token=inference_pb2.TokenDelta(
+                    text=token.text, index=index, passage_index=token.passage
+                )
+            )
+            index += 1
+        if result.finished_by_length:
+            finish = inference_pb2.FINISH_REASON_LENGTH
+        model = result.choice.model
+        complete = inference_pb2.GenerationComplete(
+            usage=common_pb2.TokenUsage(
+                prompt_tokens=result.choice.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                total_tokens=result.choice.prompt_tokens + result.completion_tokens,
+            ),
+            model=common_pb2.ModelRef(name=model.name, tier=_TIER_ENUMS[model.tier]),
+            backend=result.backend,
+            finish_reason=finish,
+            citations=_citations(params, result, [p.source_id for p in request.context]),
+        )
+        if result.first_token_s is not None:
+            complete.time_to_first_token.FromTimedelta(timedelta(seconds=result.first_token_s))
+        yield inference_pb2.GenerateResponse(complete=complete)
+
+    async def Embed(  # noqa: N802 - gRPC method name
+        self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.EmbedResponse:
+        if request.model and request.model != self._router.policy.embedder.name:
+            self._router.policy.generator(request.model)  # NOT_FOUND for unknown names
+        vectors = await self._router.embed(list(request.texts))
+        tokens = sum(count_tokens(t) for t in request.texts)
+        return inference_pb2.EmbedResponse(
+            embeddings=[inference_pb2.Embedding(values=row) for row in vectors.tolist()],
+            model=self._router.policy.embedder.name,
+            dimensions=int(vectors.shape[1]),
+            usage=common_pb2.TokenUsage(prompt_tokens=tokens, total_tokens=tokens),
+        )
+
+    async def ListModels(  # noqa: N802 - gRPC method name
+        self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ListModelsResponse:
+        backends = [
+            inference_pb2.BackendInfo(
+                name=b.name,
+                address=b.address,
+                outstanding=b.outstanding,
+                state=_BREAKER_STATES[b.breaker.state],
+            )
+            for b in self._router.backends
+        ]
+        healthy = any(b.ready and b.accepting() for b in self._router.backends)
+        policy = self._router.policy
+        models = [
+            inference_pb2.ModelInfo(
+                name=g.name,
+                tier=_TIER_ENUMS[g.tier],
+                context_tokens=g.context_tokens,
+                relative_cost=g.relative_cost,
+                kind=inference_pb2.MODEL_KIND_GENERATOR,
+                healthy=healthy,
+                backends=backends,
+            )
+            for g in policy.generators
+        ]
+        models.append(
+            inference_pb2.ModelInfo(
+                name=policy.embedder.name,
+                kind=inference_pb2.MODEL_KIND_EMBEDDER,
+                context_tokens=256,
+                relative_cost=0.1,
+                healthy=healthy,
+                backends=backends,
+            )
+        )
+        return inference_pb2.ListModelsResponse(models=models)

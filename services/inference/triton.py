@@ -1,0 +1,196 @@
+"""Talks to one Triton server over its gRPC API; Triton errors are translated here."""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from services.inference.breaker import BackendBreaker
+from services.runtime import (
+    Cancelled,
+    DeadlineExceeded,
+    Internal,
+    SwitchboardError,
+    Unavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class BackendFailure(Unavailable):
+    """The backend could not serve the call; another backend may."""
+
+    reason = "BACKEND_UNAVAILABLE"
+
+
+def encode_bytes(items: Sequence[bytes]) -> bytes:
+    """Triton's raw BYTES tensor layout: each element as uint32 LE length + bytes."""
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def decode_bytes(raw: bytes) -> list[bytes]:
+    items, offset = [], 0
+    while offset < len(raw):
+        (size,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        items.append(raw[offset : offset + size])
+        offset += size
+    return items
+
+
+def _translate(error: grpc.aio.AioRpcError, backend: str) -> SwitchboardError:
+    code = error.code()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(
+            "the model did not answer before the deadline",
+            reason="DEADLINE_EXCEEDED",
+            metadata={"backend": backend},
+        )
+    if code == grpc.StatusCode.CANCELLED:
+        return Cancelled("the call was cancelled", metadata={"backend": backend})
+    if code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.NOT_FOUND,
+    ):
+        # not found: the model is not loaded on this replica; another one may have it
+        return BackendFailure(
+            f"backend {backend}: {error.details()}", metadata={"backend": backend}
+        )
+    return Internal(
+        f"backend {backend} rejected the call: {error.details()}", metadata={"backend": backend}
+    )
+
+
+@dataclass
+class StreamedToken:
+    text: str
+    passage: int
+
+
+class TritonBackend:
+    """One Triton replica: its channel, outstanding-call count, breaker and readiness."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        breaker_fail_max: int = 3,
+        breaker_reset: timedelta = timedelta(seconds=5),
+    ) -> None:
+        self.name = address
+        self.address = address
+        self.outstanding = 0
+        self.ready = False
+        self.breaker = BackendBreaker(address, fail_max=breaker_fail_max, reset=breaker_reset)
+        self._channel = grpc.aio.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.keepalive_time_ms", 30_000),
+                # reconnect quickly once a restarted replica is back
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2000),
+            ],
+        )
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+
+    def accepting(self) -> bool:
+        """Routing follows the breaker alone: a dead replica fails fast once its circuit
+        opens, and a probe finds it again when it is back. `ready` feeds health only."""
+        return self.breaker.state != "open"
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def check_ready(self, models: Sequence[str], timeout: float = 1.0) -> bool:
+        """Server live and every model in `models` ready; updates `ready`."""
+        try:
+            server = await self._stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=timeout)
+            ok = server.ready
+            for model in models if ok else ():
+                reply = await self._stub.ModelReady(
+                    service_pb2.ModelReadyRequest(name=model), timeout=timeout
+                )
+                ok = ok and reply.ready
+        except grpc.aio.AioRpcError:
+            ok = False
+        if ok and not self.ready:
+            logger.info("backend ready", extra={"backend": self.name})
+        elif self.ready and not ok:
+            logger.warning("backend not ready", extra={"backend": self.name})
+        self.ready = ok
+        return ok
+
+    async def embed(self, model: str, texts: Sequence[str], *, timeout: float | None) -> np.ndarray:
+        request = service_pb2.ModelInferRequest(model_name=model)
+        request.inputs.add(name="TEXT", datatype="BYTES", shape=[len(texts), 1])
+        request.raw_input_contents.append(encode_bytes([t.encode() for t in texts]))
+        request.outputs.add(name="EMBEDDING")
+        self.outstanding += 1
+        try:
+            reply = await self._stub.ModelInfer(request, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            raise _translate(error, self.name) from None
+        finally:
+            self.outstanding -= 1
+        output = reply.outputs[0]
+        return np.frombuffer(reply.raw_output_contents[0], dtype=np.float32).reshape(
+            tuple(output.shape)
+        )
+
+    async def generate(
+        self,
+        model: str,
+        prompt: str,
+        passages: Sequence[str],
+        max_tokens: int,
+        *,
+        timeout: float | None,
+    ) -> AsyncIterator[StreamedToken]:
+        """Streams tokens from a decoupled generator; cancelling the iteration cancels the
+        Triton request."""
+        request = service_pb2.ModelInferRequest(model_name=model, id="")
+        request.inputs.add(name="PROMPT", datatype="BYTES", shape=[1])
+        request.raw_input_contents.append(encode_bytes([prompt.encode()]))
+        if passages:
+            request.inputs.add(name="CONTEXT", datatype="BYTES", shape=[len(passages)])
+            request.raw_input_contents.append(encode_bytes([p.encode() for p in passages]))
+        request.inputs.add(name="MAX_TOKENS", datatype="INT32", shape=[1])
+        request.raw_input_contents.append(struct.pack("<i", max_tokens))
+        request.parameters["triton_enable_empty_final_response"].bool_param = True
+
+        self.outstanding += 1
+        call = self._stub.ModelStreamInfer(iter([request]), timeout=timeout)
+        try:
+            async for reply in call:
+                if reply.error_message:
+                    raise BackendFailure(
+                        f"backend {self.name}: {reply.error_message}",
+                        metadata={"backend": self.name},
+                    )
+                response = reply.infer_response
+                if response.outputs:
+                    names = [o.name for o in response.outputs]
+                    raw = dict(zip(names, response.raw_output_contents, strict=True))
+                    text = b"".join(decode_bytes(raw["TEXT"])).decode(errors="replace")
+                    passage = struct.unpack("<i", raw["PASSAGE"][:4])[0] if "PASSAGE" in raw else -1
+                    yield StreamedToken(text, passage)
+                final = response.parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
+                    return
+        except grpc.aio.AioRpcError as error:
+            raise _translate(error, self.name) from None
+        finally:
+            self.outstanding -= 1
+            call.cancel()

@@ -1,0 +1,67 @@
+"""The launcher's configuration: ports, run directory, external infrastructure URLs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.runtime import load_config
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    """Read from `SWITCHBOARD_*` variables; every port can be moved.
+
+    `DATABASE_URL`, `NATS_URL` and `TRITON_URL` (comma-separated `host:port` gRPC
+    addresses) point at external servers instead of starting embedded ones.
+    """
+
+    run_dir: Path = REPO_ROOT / ".run"
+    host: str = "127.0.0.1"
+    envoy_port: int = 8080
+    envoy_admin_port: int = 9901
+    envoy_base_id: int = 17
+    postgres_port: int = 5433
+    nats_port: int = 4222
+    nats_monitor_port: int = 8222
+    triton_base_port: int = 8100
+    """Triton replica i listens on http base+3i, grpc base+3i+1, metrics base+3i+2."""
+    triton_replicas: int = 2
+    inference_port: int = 50051
+    metrics_base_port: int = 9100
+    """Service k's Prometheus endpoint is on metrics_base_port + k."""
+    model_policy: Path = REPO_ROOT / "services" / "inference" / "models.yaml"
+    gpu: str = "auto"
+    """`auto` uses KIND_GPU Triton instances when nvidia-smi sees a GPU; `on`/`off` force."""
+    start_timeout_s: float = 240.0
+    database_url: str = ""
+    nats_url: str = ""
+    triton_url: str = ""
+
+    def __post_init__(self) -> None:
+        if self.triton_replicas < 1:
+            raise ValueError("SWITCHBOARD_TRITON_REPLICAS must be at least 1")
+        if self.gpu not in ("auto", "on", "off"):
+            raise ValueError("SWITCHBOARD_GPU must be auto, on or off")
+
+    def triton_ports(self, replica: int) -> tuple[int, int, int]:
+        base = self.triton_base_port + 3 * replica
+        return base, base + 1, base + 2
+
+
+def load_launcher_config() -> LauncherConfig:
+    config = load_config(LauncherConfig, prefix="SWITCHBOARD_")
+    external = {
+        "database_url": os.environ.get("DATABASE_URL", ""),
+        "nats_url": os.environ.get("NATS_URL", ""),
+        "triton_url": os.environ.get("TRITON_URL", ""),
+    }
+    from dataclasses import replace
+
+    return replace(config, **{k: v for k, v in external.items() if v})

@@ -1,0 +1,444 @@
+"""Starts the mesh in order, waits for each part's health, and stops it by PID."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.launcher import _envoy, _triton
+from services.launcher._config import REPO_ROOT, LauncherConfig
+from services.launcher._procs import ProcessRecord, StateFile, port_owner, spawn, stop, tail
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+PG_SYSTEM_USER = "switchboard-pg"
+TRITON_MODELS = ("embedder", "embedder_unbatched", "generator_small", "generator_large")
+
+
+class LaunchError(RuntimeError):
+    """The mesh could not start; the message says what is wrong and where to look."""
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A Switchboard service process the launcher runs."""
+
+    name: str
+    port_field: str
+    grpc_services: tuple[str, ...]
+
+    @property
+    def module(self) -> str:
+        return f"services.{self.name}"
+
+
+SERVICES: tuple[ServiceSpec, ...] = (
+    ServiceSpec("inference", "inference_port", ("switchboard.inference.v1.InferenceService",)),
+)
+
+
+class Mesh:
+    """The local mesh described by a `LauncherConfig`."""
+
+    def __init__(self, config: LauncherConfig, *, progress: Progress | None = None) -> None:
+        self.config = config
+        self.state = StateFile(config.run_dir)
+        self._records: list[ProcessRecord] = []
+        self._say = progress or (lambda msg: logger.info(msg))
+
+    # -- public -----------------------------------------------------------------------------
+
+    @property
+    def envoy_address(self) -> str:
+        return f"{self.config.host}:{self.config.envoy_port}"
+
+    @property
+    def database_url(self) -> str:
+        if self.config.database_url:
+            return self.config.database_url
+        return f"postgresql://postgres@{self.config.host}:{self.config.postgres_port}/switchboard"
+
+    @property
+    def nats_url(self) -> str:
+        return self.config.nats_url or f"nats://{self.config.host}:{self.config.nats_port}"
+
+    @property
+    def triton_urls(self) -> tuple[str, ...]:
+        if self.config.triton_url:
+            return tuple(u.strip() for u in self.config.triton_url.split(",") if u.strip())
+        return tuple(
+            f"{self.config.host}:{self.config.triton_ports(i)[1]}"
+            for i in range(self.config.triton_replicas)
+        )
+
+    def up(self) -> None:
+        """Starts everything not given externally, in order, each waited for."""
+        self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        self._recover()
+        self._check_ports()
+        try:
+            if not self.config.database_url:
+                self._start_postgres()
+            if not self.config.nats_url:
+                self._start_nats()
+            if not self.config.triton_url:
+                self._start_tritons()
+            for index, spec in enumerate(SERVICES):
+                self._start_service(index, spec)
+            self._start_envoy()
+        except BaseException:
+            self._say("start failed; stopping what was started")
+            self.down()
+            raise
+        self._say(f"mesh is up: grpcurl -plaintext {self.envoy_address} list")
+
+    def down(self) -> int:
+        """Stops every process this run directory records, newest first."""
+        records = self.state.load() or self._records
+        stopped = 0
+        for record in reversed(records):
+            if stop(record):
+                stopped += 1
+                self._say(f"stopped {record.name} (pid {record.pid})")
+        self.state.clear()
+        self._records = []
+        return stopped
+
+    def status(self) -> list[tuple[ProcessRecord, bool]]:
+        return [(r, r.process() is not None) for r in self.state.load()]
+
+    # -- recovery and checks ----------------------------------------------------------------
+
+    def _recover(self) -> None:
+        stale = self.state.load()
+        if not stale:
+            return
+        alive = [r for r in stale if r.process() is not None]
+        if alive:
+            self._say(
+                f"found {len(alive)} process(es) from an earlier run in {self.config.run_dir}; "
+                "stopping them first"
+            )
+        for record in reversed(stale):
+            stop(record)
+        self.state.clear()
+
+    def _planned_ports(self) -> list[tuple[str, int]]:
+        c = self.config
+        ports = [("envoy", c.envoy_port), ("envoy admin", c.envoy_admin_port)]
+        if not c.database_url:
+            ports.append(("postgres", c.postgres_port))
+        if not c.nats_url:
+            ports += [("nats", c.nats_port), ("nats monitor", c.nats_monitor_port)]
+        if not c.triton_url:
+            for i in range(c.triton_replicas):
+                ports += [
+                    (f"triton-{i} {kind}", p)
+                    for kind, p in zip(("http", "grpc", "metrics"), c.triton_ports(i), strict=True)
+                ]
+        for index, spec in enumerate(SERVICES):
+            ports.append((spec.name, getattr(c, spec.port_field)))
+            ports.append((f"{spec.name} metrics", c.metrics_base_port + index))
+        return ports
+
+    def _check_ports(self) -> None:
+        problems = []
+        for what, port in self._planned_ports():
+            owner = port_owner(self.config.host, port)
+            if owner:
+                problems.append(f"  port {port} ({what}) is in use by {owner}")
+        if problems:
+            raise LaunchError(
+                "cannot start: ports are taken\n"
+                + "\n".join(problems)
+                + "\nstop whatever holds them, or move Switchboard with SWITCHBOARD_*_PORT"
+                " variables (see README)"
+            )
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list[str], **kwargs: object) -> ProcessRecord:
+        record = spawn(name, argv, log=self.config.run_dir / "logs" / f"{name}.log", **kwargs)
+        self._records.append(record)
+        self.state.save(self._records)
+        return record
+
+    def _wait(
+        self, record: ProcessRecord, check: Callable[[], bool], *, what: str, timeout: float
+    ) -> None:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if record.process() is None:
+                raise LaunchError(
+                    f"{record.name} exited during start-up; last lines of {record.log}:\n"
+                    + tail(Path(record.log))
+                )
+            try:
+                if check():
+                    self._say(f"  {record.name} ready ({time.monotonic() - start:.1f}s)")
+                    return
+            except Exception:  # noqa: BLE001 - not ready yet
+                pass
+            time.sleep(0.2)
+        raise LaunchError(
+            f"{record.name} was not {what} within {timeout:.0f}s; last lines of {record.log}:\n"
+            + tail(Path(record.log))
+        )
+
+    def _start_postgres(self) -> None:
+        import pgserver
+
+        bindir = Path(pgserver.__file__).parent / "pginstall" / "bin"
+        pgdata = self.config.run_dir / "postgres"
+        user = _postgres_user(bindir, pgdata)
+        if not (pgdata / "PG_VERSION").exists():
+            self._say("initialising PostgreSQL data directory")
+            subprocess.run(
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(pgdata),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                ],
+                check=True,
+                capture_output=True,
+                user=user,
+            )
+        self._say(
+            f"starting PostgreSQL 16 + pgvector on {self.config.host}:{self.config.postgres_port}"
+        )
+        record = self._spawn(
+            "postgres",
+            [
+                str(bindir / "postgres"),
+                "-D",
+                str(pgdata),
+                "-p",
+                str(self.config.postgres_port),
+                "-c",
+                f"listen_addresses={self.config.host}",
+                "-c",
+                "unix_socket_directories=",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "shared_buffers=256MB",
+            ],
+            user=user,
+        )
+        admin_url = f"postgresql://postgres@{self.config.host}:{self.config.postgres_port}/postgres"
+        self._wait(record, lambda: _pg_ready(admin_url), what="accepting connections", timeout=60)
+        _pg_bootstrap(admin_url, self.database_url)
+
+    def _start_nats(self) -> None:
+        self._say(f"starting NATS JetStream on {self.config.host}:{self.config.nats_port}")
+        binary = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or "nats-server"
+        record = self._spawn(
+            "nats",
+            [
+                binary,
+                "-a",
+                self.config.host,
+                "-p",
+                str(self.config.nats_port),
+                "-m",
+                str(self.config.nats_monitor_port),
+                "-js",
+                "-sd",
+                str(self.config.run_dir / "nats"),
+                "--server_name",
+                "switchboard",
+            ],
+        )
+        url = f"http://{self.config.host}:{self.config.nats_monitor_port}/healthz?js-enabled-only=true"
+        self._wait(record, lambda: _http_ok(url), what="healthy", timeout=30)
+
+    def _triton_files(self) -> tuple[Path, Path, bool]:
+        gpu = {"on": True, "off": False}.get(self.config.gpu)
+        if gpu is None:
+            gpu = _triton.gpu_available()
+        repo = self.config.run_dir / "triton-models"
+        backend_dir = self.config.run_dir / "triton-backends"
+        if not repo.exists():
+            repo = _triton.prepare_model_repository(
+                REPO_ROOT / "triton-models", repo, gpu=gpu, models=TRITON_MODELS
+            )
+        if not backend_dir.exists():
+            backend_dir = _triton.prepare_backend_dir(self.config.run_dir)
+        return repo, backend_dir, gpu
+
+    def _start_tritons(self) -> None:
+        records = [self._spawn_triton(i) for i in range(self.config.triton_replicas)]
+        for i, record in enumerate(records):
+            self._wait_triton(i, record)
+
+    def _spawn_triton(self, replica: int) -> ProcessRecord:
+        repo, backend_dir, gpu = self._triton_files()
+        http, grpc_port, metrics = self.config.triton_ports(replica)
+        self._say(
+            f"starting Triton replica {replica} ({'GPU' if gpu else 'CPU'}) "
+            f"on {self.config.host}:{grpc_port}"
+        )
+        argv, env = _triton.tritonserver_command(
+            model_repo=repo,
+            backend_dir=backend_dir,
+            http_port=http,
+            grpc_port=grpc_port,
+            metrics_port=metrics,
+            models=TRITON_MODELS,
+        )
+        return self._spawn(f"triton-{replica}", argv, env=env)
+
+    def _wait_triton(self, replica: int, record: ProcessRecord) -> None:
+        url = f"http://{self.config.host}:{self.config.triton_ports(replica)[0]}/v2/health/ready"
+        self._wait(record, lambda: _http_ok(url), what="ready", timeout=self.config.start_timeout_s)
+
+    def start_triton(self, replica: int) -> None:
+        """(Re)starts one Triton replica and waits until it is ready."""
+        self._records = self.state.load()
+        self._wait_triton(replica, self._spawn_triton(replica))
+
+    def stop_component(self, name: str) -> bool:
+        """Stops one recorded process (e.g. `triton-0`) and forgets it."""
+        records = self.state.load()
+        found = [r for r in records if r.name == name]
+        for record in found:
+            stop(record)
+        self._records = [r for r in records if r.name != name]
+        self.state.save(self._records)
+        return bool(found)
+
+    def _start_service(self, index: int, spec: ServiceSpec) -> None:
+        port = getattr(self.config, spec.port_field)
+        prefix = f"SWITCHBOARD_{spec.name.upper()}_"
+        env = {
+            f"{prefix}HOST": self.config.host,
+            f"{prefix}PORT": str(port),
+            f"{prefix}METRICS_PORT": str(self.config.metrics_base_port + index),
+            "SWITCHBOARD_TRITON_URLS": ",".join(self.triton_urls),
+            "SWITCHBOARD_MODEL_POLICY": str(self.config.model_policy),
+            "SWITCHBOARD_DATABASE_URL": self.database_url,
+            "SWITCHBOARD_NATS_URL": self.nats_url,
+            "PYTHONUNBUFFERED": "1",
+        }
+        self._say(f"starting {spec.name} service on {self.config.host}:{port}")
+        record = self._spawn(spec.name, [sys.executable, "-m", spec.module], env=env, cwd=REPO_ROOT)
+        target = f"{self.config.host}:{port}"
+        self._wait(
+            record, lambda: grpc_serving(target, spec.grpc_services[0]), what="SERVING", timeout=60
+        )
+
+    def _start_envoy(self) -> None:
+        upstreams = [
+            _envoy.Upstream(
+                name=spec.name,
+                services=spec.grpc_services,
+                endpoints=((self.config.host, getattr(self.config, spec.port_field)),),
+            )
+            for spec in SERVICES
+        ]
+        config = _envoy.render_envoy_config(
+            listen_host=self.config.host,
+            listen_port=self.config.envoy_port,
+            admin_port=self.config.envoy_admin_port,
+            upstreams=upstreams,
+        )
+        path = self.config.run_dir / "envoy.yaml"
+        _envoy.write_envoy_config(path, config)
+        self._say(f"starting Envoy on {self.envoy_address}")
+        record = self._spawn(
+            "envoy",
+            _envoy.envoy_command(
+                config_path=path, base_id=self.config.envoy_base_id, log_path=None
+            ),
+        )
+        self._wait(
+            record,
+            lambda: all(
+                grpc_serving(self.envoy_address, s) for spec in SERVICES for s in spec.grpc_services
+            ),
+            what="routing to every service",
+            timeout=60,
+        )
+
+
+# -- health probes ----------------------------------------------------------------------------
+
+
+def grpc_serving(target: str, service: str = "") -> bool:
+    """Whether `target` reports `service` SERVING over grpc.health.v1."""
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=1.0) as reply:  # noqa: S310 - loopback only
+        return 200 <= reply.status < 300
+
+
+def _pg_ready(url: str) -> bool:
+    import psycopg
+
+    with psycopg.connect(url, connect_timeout=1):
+        return True
+
+
+def _pg_bootstrap(admin_url: str, database_url: str) -> None:
+    """Creates the `switchboard` database with pgvector (idempotent)."""
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'switchboard'").fetchone():
+            conn.execute("CREATE DATABASE switchboard")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+
+
+def _postgres_user(bindir: Path, pgdata: Path) -> str | None:
+    """PostgreSQL refuses to run as root: as root, run it as a dedicated system user."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(PG_SYSTEM_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", PG_SYSTEM_USER],
+            check=True,
+            capture_output=True,
+        )
+    entry = pwd.getpwnam(PG_SYSTEM_USER)
+    # the server binaries and libraries must be readable and the data path traversable
+    install = bindir.parent
+    for path in [install, *install.rglob("*")]:
+        mode = path.stat().st_mode
+        wanted = mode | stat.S_IROTH | (stat.S_IXOTH if path.is_dir() or mode & stat.S_IXUSR else 0)
+        if wanted != mode:
+            path.chmod(wanted)
+    for parent in [*reversed(pgdata.parents)]:
+        if parent.exists() and not parent.stat().st_mode & stat.S_IXOTH:
+            parent.chmod(parent.stat().st_mode | stat.S_IXOTH)
+    pgdata.mkdir(parents=True, exist_ok=True)
+    pgdata.chmod(0o700)
+    os.chown(pgdata, entry.pw_uid, entry.pw_gid)
+    return PG_SYSTEM_USER

@@ -1,0 +1,76 @@
+"""`switchboard up | down | status | logs`: the local mesh from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from services.launcher._config import load_launcher_config
+from services.launcher._mesh import LaunchError, Mesh
+from services.runtime import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def _progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="switchboard", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("up", help="start the mesh and wait until every part is healthy")
+    commands.add_parser("down", help="stop everything `up` started")
+    commands.add_parser("status", help="what is running")
+    logs = commands.add_parser("logs", help="show a component's log")
+    logs.add_argument("name", nargs="?", help="component (postgres, nats, triton-0, envoy, ...)")
+    logs.add_argument("-n", "--lines", type=int, default=40)
+    args = parser.parse_args(argv)
+
+    try:
+        config = load_launcher_config()
+    except ConfigError as exc:
+        print(f"switchboard: {exc}", file=sys.stderr)
+        return 2
+    mesh = Mesh(config, progress=_progress)
+
+    if args.command == "up":
+        try:
+            mesh.up()
+        except LaunchError as exc:
+            print(f"switchboard: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    if args.command == "down":
+        count = mesh.down()
+        _progress(f"stopped {count} process(es)" if count else "nothing was running")
+        return 0
+    if args.command == "status":
+        rows = mesh.status()
+        if not rows:
+            print("nothing is running")
+            return 1
+        for record, alive in rows:
+            print(
+                f"{record.name:<12} pid {record.pid:<8} {'running' if alive else 'DEAD':<8} "
+                f"{record.log}"
+            )
+        return 0 if all(alive for _, alive in rows) else 1
+    # logs
+    log_dir = config.run_dir / "logs"
+    names = [args.name] if args.name else sorted(p.stem for p in log_dir.glob("*.log"))
+    for name in names:
+        path = Path(log_dir / f"{name}.log")
+        if not path.exists():
+            print(f"no log for {name!r} in {log_dir}", file=sys.stderr)
+            return 1
+        print(f"==> {path} <==")
+        print("\n".join(path.read_text(errors="replace").splitlines()[-args.lines :]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

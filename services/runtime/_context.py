@@ -1,0 +1,25 @@
+"""Per-request context (request id, tenant, deadline) carried in contextvars."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+TENANT_HEADER = "x-tenant-id"
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+tenant_id: contextvars.ContextVar[str] = contextvars.ContextVar("tenant_id", default="")
+# Absolute deadline on the time.monotonic() clock, or None when the caller set none.
+deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
+
+
+def time_remaining() -> float | None:
+    """Seconds left before the inbound request's deadline, or None without one."""
+    at = deadline.get()
+    if at is None:
+        return None
+    return at - time.monotonic()

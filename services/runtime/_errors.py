@@ -1,0 +1,216 @@
+"""The project's exception tree and its mapping to `google.rpc.Status` (AIP-193)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+logger = logging.getLogger(__name__)
+
+ERROR_DOMAIN = "switchboard.dev"
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One invalid request field: its path (e.g. `parameters.max_tokens`) and why."""
+
+    field: str
+    description: str
+
+
+@dataclass(frozen=True)
+class QuotaViolation:
+    """One exhausted quota: what it limits (`subject`) and a description."""
+
+    subject: str
+    description: str
+
+
+class SwitchboardError(Exception):
+    """Root of the tree: each class knows its gRPC code and default `ErrorInfo` reason."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        field_violations: Sequence[FieldViolation] = (),
+        quota_violations: Sequence[QuotaViolation] = (),
+        retry_after: timedelta | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata = dict(metadata or {})
+        self.field_violations = tuple(field_violations)
+        self.quota_violations = tuple(quota_violations)
+        self.retry_after = retry_after
+
+    def to_rpc_status(self) -> status_pb2.Status:
+        """A `google.rpc.Status` with exactly one `ErrorInfo` and the details that apply."""
+        details: list[any_pb2.Any] = []
+        info = error_details_pb2.ErrorInfo(
+            reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata
+        )
+        details.append(_pack(info))
+        if self.field_violations:
+            details.append(
+                _pack(
+                    error_details_pb2.BadRequest(
+                        field_violations=[
+                            error_details_pb2.BadRequest.FieldViolation(
+                                field=v.field, description=v.description
+                            )
+                            for v in self.field_violations
+                        ]
+                    )
+                )
+            )
+        if self.quota_violations:
+            details.append(
+                _pack(
+                    error_details_pb2.QuotaFailure(
+                        violations=[
+                            error_details_pb2.QuotaFailure.Violation(
+                                subject=v.subject, description=v.description
+                            )
+                            for v in self.quota_violations
+                        ]
+                    )
+                )
+            )
+        if self.retry_after is not None:
+            delay = duration_pb2.Duration()
+            delay.FromTimedelta(self.retry_after)
+            details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+        return status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
+
+    def to_grpc_status(self) -> grpc.Status:
+        return rpc_status.to_status(self.to_rpc_status())
+
+
+class InvalidArgument(SwitchboardError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+
+class NotFound(SwitchboardError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "NOT_FOUND"
+
+
+class AlreadyExists(SwitchboardError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(SwitchboardError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(SwitchboardError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(SwitchboardError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "UNAVAILABLE"
+
+
+class DeadlineExceeded(SwitchboardError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(SwitchboardError):
+    code = grpc.StatusCode.CANCELLED
+    reason = "CANCELLED"
+
+
+class Unauthenticated(SwitchboardError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(SwitchboardError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
+class Internal(SwitchboardError):
+    code = grpc.StatusCode.INTERNAL
+    reason = "INTERNAL"
+
+
+def invalid(violations: Iterable[FieldViolation], *, what: str = "request") -> InvalidArgument:
+    """An INVALID_ARGUMENT listing every violation at once."""
+    items = list(violations)
+    summary = "; ".join(f"{v.field}: {v.description}" for v in items)
+    return InvalidArgument(f"invalid {what}: {summary}", field_violations=items)
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+@dataclass(frozen=True)
+class ErrorDetails:
+    """What a client finds in a failed call's `google.rpc.Status`."""
+
+    code: grpc.StatusCode
+    message: str
+    error_info: error_details_pb2.ErrorInfo | None
+    field_violations: tuple[error_details_pb2.BadRequest.FieldViolation, ...]
+    quota_failure: error_details_pb2.QuotaFailure | None
+    retry_info: error_details_pb2.RetryInfo | None
+    error_info_count: int
+
+
+def error_details(error: grpc.RpcError) -> ErrorDetails:
+    """Decodes the rich status of a failed call (sync or asyncio)."""
+    trailing = error.trailing_metadata() or ()  # type: ignore[attr-defined]
+    blob = next((v for k, v in trailing if k == _STATUS_DETAILS_KEY), None)
+    status = status_pb2.Status.FromString(blob) if blob else status_pb2.Status()
+    infos, violations = [], []
+    quota = retry = None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            infos.append(info)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations.extend(bad.field_violations)
+        elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            quota = error_details_pb2.QuotaFailure()
+            detail.Unpack(quota)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+    return ErrorDetails(
+        code=error.code(),  # type: ignore[attr-defined]
+        message=error.details() or "",  # type: ignore[attr-defined]
+        error_info=infos[0] if infos else None,
+        field_violations=tuple(violations),
+        quota_failure=quota,
+        retry_info=retry,
+        error_info_count=len(infos),
+    )

@@ -1,0 +1,151 @@
+"""Server interceptor: request id, tenant and deadline context, access log, metrics, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc.aio import AbortError
+
+from services.runtime import _context, _metrics
+from services.runtime._errors import SwitchboardError
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("switchboard.access")
+
+_HANDLER_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+class _Call:
+    """Bookkeeping of one RPC: sets the contextvars, then logs and counts its outcome."""
+
+    __slots__ = ("service", "method", "started", "code", "_tokens")
+
+    def __init__(self, full_method: str, context: grpc.aio.ServicerContext) -> None:
+        _, _, rest = full_method.partition("/")
+        self.service, _, self.method = rest.partition("/")
+        self.started = time.perf_counter()
+        self.code = grpc.StatusCode.OK
+        metadata = dict(context.invocation_metadata() or ())
+        rid = metadata.get(_context.REQUEST_ID_HEADER) or uuid.uuid4().hex
+        remaining = context.time_remaining()
+        self._tokens = (
+            _context.request_id.set(rid),
+            _context.tenant_id.set(metadata.get(_context.TENANT_HEADER, "")),
+            _context.deadline.set(None if remaining is None else time.monotonic() + remaining),
+        )
+        _metrics.RPC_STARTED.labels(self.service, self.method).inc()
+        _metrics.RPC_IN_FLIGHT.labels(self.service).inc()
+
+    async def fail(self, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+        """Turns an exception into the call's status (re-raising what grpc owns)."""
+        if isinstance(exc, SwitchboardError):
+            self.code = exc.code
+            await context.abort_with_status(exc.to_grpc_status())
+        if isinstance(exc, AbortError):
+            self.code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+            raise exc
+        if isinstance(exc, asyncio.CancelledError):
+            self.code = grpc.StatusCode.CANCELLED
+            raise exc
+        self.code = grpc.StatusCode.INTERNAL
+        logger.exception("unhandled error in %s/%s", self.service, self.method)
+        internal = SwitchboardError("internal error", reason="INTERNAL")
+        await context.abort_with_status(internal.to_grpc_status())
+
+    def finish(self) -> None:
+        elapsed = time.perf_counter() - self.started
+        _metrics.RPC_IN_FLIGHT.labels(self.service).dec()
+        _metrics.RPC_HANDLED.labels(self.service, self.method, self.code.name).inc()
+        _metrics.RPC_LATENCY.labels(self.service, self.method).observe(elapsed)
+        if access_logger.isEnabledFor(logging.INFO):
+            access_logger.info(
+                "rpc",
+                extra={
+                    "method": f"{self.service}/{self.method}",
+                    "code": self.code.name,
+                    "ms": round(elapsed * 1000, 3),
+                },
+            )
+        for var, token in zip(
+            (_context.request_id, _context.tenant_id, _context.deadline), self._tokens, strict=True
+        ):
+            try:
+                var.reset(token)
+            except ValueError:  # finished from another context (a closed stream)
+                pass
+
+
+def _wrap_unary_response(
+    behavior: Callable[..., Awaitable[Any]], full_method: str
+) -> Callable[..., Awaitable[Any]]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = _Call(full_method, context)
+        try:
+            return await behavior(request, context)
+        except BaseException as exc:  # noqa: BLE001 - mapped to a status, or re-raised
+            await call.fail(exc, context)
+        finally:
+            call.finish()
+
+    return handle
+
+
+def _wrap_stream_response(
+    behavior: Callable[..., Any], full_method: str
+) -> Callable[..., AsyncIterator[Any]]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        call = _Call(full_method, context)
+        try:
+            if inspect.isasyncgenfunction(behavior):
+                async for response in behavior(request, context):
+                    yield response
+            else:
+                await behavior(request, context)
+        except BaseException as exc:  # noqa: BLE001 - mapped to a status, or re-raised
+            await call.fail(exc, context)
+        finally:
+            call.finish()
+
+    return handle
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """The one interceptor every Switchboard service installs."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method  # type: ignore[attr-defined]
+        if method.startswith("/grpc.reflection.") or method.startswith("/grpc.health."):
+            return handler
+        streaming = (handler.request_streaming, handler.response_streaming)
+        behavior = (
+            handler.unary_unary or handler.unary_stream or handler.stream_unary
+        ) or handler.stream_stream
+        wrapped = (
+            _wrap_stream_response(behavior, method)
+            if handler.response_streaming
+            else _wrap_unary_response(behavior, method)
+        )
+        return _HANDLER_FACTORIES[streaming](
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -1,0 +1,297 @@
+"""InferenceService end to end through Envoy with the generated client, on real Triton."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+from switchboard.common.v1 import common_pb2
+from switchboard.inference.v1 import inference_pb2 as pb
+
+from services.runtime import ERROR_DOMAIN, error_details
+
+CONTEXT = [
+    pb.Passage(
+        source_id="envoy",
+        text="Envoy is a high-performance edge and service proxy. "
+        "It routes each gRPC call to a cluster by the service name in its path.",
+    ),
+    pb.Passage(source_id="cats", text="Cats sleep for most of the day. They purr when content."),
+    pb.Passage(
+        source_id="triton",
+        text="Triton Inference Server batches requests dynamically. "
+        "Dynamic batching combines concurrent requests into one model execution.",
+    ),
+]
+
+
+async def _collect(stream):
+    tokens, complete = [], None
+    async for reply in stream:
+        if reply.HasField("token"):
+            tokens.append(reply.token)
+        else:
+            complete = reply.complete
+    return tokens, complete
+
+
+async def test_generate_streams_tokens_then_usage_and_citations(inference):
+    tokens, complete = await _collect(
+        inference.Generate(
+            pb.GenerateRequest(
+                prompt="How does Triton combine concurrent requests?", context=CONTEXT
+            ),
+            timeout=30,
+        )
+    )
+    assert len(tokens) >= 3
+    assert [t.index for t in tokens] == list(range(len(tokens)))
+    assert complete is not None
+    assert complete.usage.completion_tokens == len(tokens)
+    assert complete.usage.prompt_tokens > 0
+    assert complete.usage.total_tokens == (
+        complete.usage.prompt_tokens + complete.usage.completion_tokens
+    )
+    assert complete.model.name in ("generator_small", "generator_large")
+    assert complete.backend
+    cited = {c.source_id for c in complete.citations}
+    assert "triton" in cited
+    text = "".join(t.text for t in tokens)
+    assert "batch" in text.lower()
+    for citation in complete.citations:
+        passage = CONTEXT[citation.passage_index].text
+        assert citation.text and citation.text in passage
+        assert passage[citation.start_char : citation.end_char] == citation.text
+
+
+async def test_tokens_arrive_incrementally(inference):
+    arrivals = []
+    loop = asyncio.get_running_loop()
+    async for _reply in inference.Generate(
+        pb.GenerateRequest(
+            prompt="What does Envoy route?",
+            context=CONTEXT,
+            model="generator_large",
+            parameters=pb.GenerationParameters(max_tokens=40),
+        ),
+        timeout=30,
+    ):
+        arrivals.append(loop.time())
+    assert len(arrivals) >= 5
+    # streamed, not buffered: the first token comes well before the last
+    assert arrivals[-1] - arrivals[0] > 0.01
+
+
+async def test_model_tiers_by_prompt(inference):
+    _, easy = await _collect(
+        inference.Generate(
+            pb.GenerateRequest(prompt="What do cats do?", context=CONTEXT), timeout=30
+        )
+    )
+    _, hard = await _collect(
+        inference.Generate(
+            pb.GenerateRequest(
+                prompt="Explain why dynamic batching helps, compare the trade-offs step by step, "
+                "and analyse how the proxy routing differs from batching?",
+                context=CONTEXT,
+            ),
+            timeout=30,
+        )
+    )
+    assert easy.model.tier == common_pb2.MODEL_TIER_SMALL
+    assert hard.model.tier == common_pb2.MODEL_TIER_LARGE
+
+
+async def test_max_tokens_is_respected(inference):
+    tokens, complete = await _collect(
+        inference.Generate(
+            pb.GenerateRequest(
+                prompt="Tell me about Envoy",
+                context=CONTEXT,
+                parameters=pb.GenerationParameters(max_tokens=3),
+            ),
+            timeout=30,
+        )
+    )
+    assert len(tokens) == 3
+    assert complete.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+async def test_no_context_gets_an_honest_answer(inference):
+    tokens, _ = await _collect(
+        inference.Generate(pb.GenerateRequest(prompt="What is the meaning of life?"), timeout=30)
+    )
+    assert tokens, "the model must say something"
+
+
+async def test_session_affinity_keeps_the_backend(inference):
+    backends = set()
+    for _ in range(4):
+        _, complete = await _collect(
+            inference.Generate(
+                pb.GenerateRequest(
+                    prompt="What does Envoy do?", context=CONTEXT, session_id="sticky-1"
+                ),
+                timeout=30,
+            )
+        )
+        backends.add(complete.backend)
+    assert len(backends) == 1
+
+
+async def test_load_spreads_across_backends(inference):
+    async def one(i):
+        return await _collect(
+            inference.Generate(
+                pb.GenerateRequest(
+                    prompt=f"What does Envoy do? ({i})", context=CONTEXT, model="generator_large"
+                ),
+                timeout=60,
+            )
+        )
+
+    results = await asyncio.gather(*(one(i) for i in range(12)))
+    assert len({c.backend for _, c in results}) == 2
+
+
+async def test_embed_returns_normalised_384d_vectors(inference):
+    texts = [
+        "A cat sleeps on the sofa.",
+        "The kitten is napping on the couch.",
+        "Quarterly revenue grew by eight percent.",
+    ]
+    reply = await inference.Embed(pb.EmbedRequest(texts=texts), timeout=30)
+    assert reply.dimensions == 384 and reply.model == "embedder"
+    vectors = np.array([e.values for e in reply.embeddings])
+    assert vectors.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+    sims = vectors @ vectors.T
+    assert sims[0, 1] > 0.5 > sims[0, 2]
+
+
+async def test_embed_splits_large_batches(inference):
+    texts = [f"sentence number {i}" for i in range(150)]
+    reply = await inference.Embed(pb.EmbedRequest(texts=texts), timeout=60)
+    assert len(reply.embeddings) == 150
+    single = await inference.Embed(pb.EmbedRequest(texts=[texts[120]]), timeout=30)
+    assert np.allclose(reply.embeddings[120].values, single.embeddings[0].values, atol=1e-4)
+
+
+async def test_list_models(inference):
+    reply = await inference.ListModels(pb.ListModelsRequest(), timeout=10)
+    by_name = {m.name: m for m in reply.models}
+    assert set(by_name) == {"generator_small", "generator_large", "embedder"}
+    assert by_name["generator_large"].context_tokens > by_name["generator_small"].context_tokens
+    assert by_name["generator_small"].healthy
+    assert len(by_name["embedder"].backends) == 2
+    assert all(b.state == pb.BACKEND_STATE_HEALTHY for b in by_name["embedder"].backends)
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+async def _error(call):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        if hasattr(call, "__aiter__"):
+            async for _ in call:
+                pass
+        else:
+            await call
+    details = error_details(err.value)
+    assert details.error_info_count == 1 or details.code in (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+    )
+    if details.error_info is not None:
+        assert details.error_info.domain == ERROR_DOMAIN
+    return details
+
+
+async def test_empty_prompt_and_bad_parameters_are_field_violations(inference):
+    details = await _error(
+        inference.Generate(
+            pb.GenerateRequest(
+                prompt=" ", parameters=pb.GenerationParameters(max_tokens=99999, temperature=-1)
+            ),
+            timeout=10,
+        )
+    )
+    assert details.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.error_info.reason == "INVALID_ARGUMENT"
+    assert {v.field for v in details.field_violations} == {
+        "prompt",
+        "parameters.max_tokens",
+        "parameters.temperature",
+    }
+
+
+async def test_unknown_model_is_not_found(inference):
+    details = await _error(
+        inference.Generate(pb.GenerateRequest(prompt="hi", model="gpt-17"), timeout=10)
+    )
+    assert details.code == grpc.StatusCode.NOT_FOUND
+    assert details.error_info.reason == "MODEL_NOT_FOUND"
+    assert details.error_info.metadata["model"] == "gpt-17"
+
+
+async def test_prompt_longer_than_every_context(inference):
+    details = await _error(
+        inference.Generate(pb.GenerateRequest(prompt="word " * 20_000), timeout=10)
+    )
+    assert details.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.error_info.reason == "PROMPT_TOO_LONG"
+    assert [v.field for v in details.field_violations] == ["prompt"]
+
+
+async def test_oversized_message_is_resource_exhausted(inference):
+    details = await _error(
+        inference.Embed(pb.EmbedRequest(texts=["x" * (6 * 1024 * 1024)]), timeout=10)
+    )
+    assert details.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_empty_embed_is_invalid(inference):
+    details = await _error(inference.Embed(pb.EmbedRequest(texts=[]), timeout=10))
+    assert details.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.field_violations[0].field == "texts"
+
+
+async def test_expired_deadline(inference):
+    details = await _error(
+        inference.Generate(
+            pb.GenerateRequest(
+                prompt="Tell me everything about Envoy",
+                context=CONTEXT,
+                model="generator_large",
+                parameters=pb.GenerationParameters(max_tokens=4000),
+            ),
+            timeout=0.05,
+        )
+    )
+    assert details.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_cancelled_stream(inference):
+    call = inference.Generate(
+        pb.GenerateRequest(
+            prompt="Tell me everything about Envoy",
+            context=CONTEXT * 10,
+            model="generator_large",
+            parameters=pb.GenerationParameters(max_tokens=4000),
+        ),
+        timeout=30,
+    )
+    async for _ in call:
+        break
+    call.cancel()
+    assert call.cancelled()
+    # the service is unharmed: the next call works
+    tokens, complete = await _collect(
+        inference.Generate(
+            pb.GenerateRequest(prompt="What do cats do?", context=CONTEXT), timeout=30
+        )
+    )
+    assert tokens and complete

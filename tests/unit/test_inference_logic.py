@@ -1,0 +1,191 @@
+"""Pure routing logic: model policy, complexity, balancing, circuit breaking, validation."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from services.inference.balancer import Balancer
+from services.inference.breaker import BackendBreaker
+from services.inference.policy import ModelPolicy, complexity, count_tokens
+from services.inference.router import GenerateInput, validate_embed, validate_generate
+from services.runtime import InvalidArgument, NotFound
+
+POLICY = ModelPolicy.load(Path("services/inference/models.yaml"))
+
+
+def test_policy_is_sorted_cheapest_first():
+    assert [g.tier for g in POLICY.generators] == ["small", "large"]
+    assert POLICY.embedder.dimensions == 384
+
+
+def test_count_tokens_counts_words_and_punctuation():
+    assert count_tokens("Hello, world!") == 4
+    assert count_tokens("") == 0
+
+
+def test_complexity_orders_easy_below_hard():
+    easy = complexity("What is the capital of France?")
+    hard = complexity(
+        "Explain why the algorithm's amortised complexity differs, compare the trade-offs "
+        "step by step, and derive f(n) = 2*f(n/2) + n?"
+    )
+    assert 0 <= easy < 0.45 < hard <= 1
+
+
+def test_short_simple_prompt_goes_to_the_small_tier():
+    choice = POLICY.choose(prompt_tokens=20, complexity_score=0.1, requested_max_tokens=0)
+    assert choice.model.tier == "small"
+    assert choice.max_tokens == choice.model.default_max_tokens
+
+
+def test_complex_prompt_goes_to_the_large_tier():
+    choice = POLICY.choose(prompt_tokens=20, complexity_score=0.9, requested_max_tokens=0)
+    assert choice.model.tier == "large"
+
+
+def test_long_prompt_goes_to_the_large_tier():
+    choice = POLICY.choose(prompt_tokens=1500, complexity_score=0.1, requested_max_tokens=64)
+    assert choice.model.tier == "large"
+
+
+def test_explicit_model_and_pinned_tier_win():
+    assert (
+        POLICY.choose(
+            prompt_tokens=10, complexity_score=0.9, requested_max_tokens=0, model="generator_small"
+        ).model.name
+        == "generator_small"
+    )
+    assert (
+        POLICY.choose(
+            prompt_tokens=10, complexity_score=0.0, requested_max_tokens=0, tier="large"
+        ).model.name
+        == "generator_large"
+    )
+
+
+def test_unknown_model_is_not_found():
+    with pytest.raises(NotFound) as err:
+        POLICY.choose(prompt_tokens=10, complexity_score=0, requested_max_tokens=0, model="gpt-9")
+    assert err.value.reason == "MODEL_NOT_FOUND"
+
+
+def test_prompt_longer_than_every_context_is_a_clear_error():
+    with pytest.raises(InvalidArgument) as err:
+        POLICY.choose(prompt_tokens=100_000, complexity_score=0, requested_max_tokens=0)
+    assert err.value.reason == "PROMPT_TOO_LONG"
+    assert err.value.metadata["max_context_tokens"] == "8192"
+
+
+def test_fallbacks_exclude_the_chosen_model_and_too_small_contexts():
+    small, large = POLICY.generators
+    assert POLICY.fallbacks(small, 100) == [large]
+    assert POLICY.fallbacks(large, 4000) == []
+
+
+def test_generate_validation_lists_every_violation():
+    with pytest.raises(InvalidArgument) as err:
+        validate_generate(
+            GenerateInput(prompt="  ", passages=[""], max_tokens=-1, temperature=float("nan"))
+        )
+    fields = {v.field for v in err.value.field_violations}
+    assert fields == {
+        "prompt",
+        "context[0].text",
+        "parameters.max_tokens",
+        "parameters.temperature",
+    }
+
+
+def test_embed_validation():
+    with pytest.raises(InvalidArgument):
+        validate_embed([])
+    with pytest.raises(InvalidArgument) as err:
+        validate_embed(["ok", ""])
+    assert err.value.field_violations[0].field == "texts[1]"
+    validate_embed(["fine"])
+
+
+class FakeBackend:
+    """Stands in for a Triton backend in pure balancing tests."""
+
+    def __init__(self, name: str, outstanding: int = 0, up: bool = True) -> None:
+        self.name, self.outstanding, self.up = name, outstanding, up
+
+    def accepting(self) -> bool:
+        return self.up
+
+
+def test_least_outstanding_first():
+    a, b, c = FakeBackend("a", 3), FakeBackend("b", 0), FakeBackend("c", 1)
+    assert [x.name for x in Balancer([a, b, c]).order()] == ["b", "c", "a"]
+
+
+def test_unavailable_backends_are_skipped():
+    a, b = FakeBackend("a", 0, up=False), FakeBackend("b", 5)
+    assert [x.name for x in Balancer([a, b]).order()] == ["b"]
+    assert Balancer([FakeBackend("x", up=False)]).order() == []
+
+
+def test_session_affinity_sticks_until_the_slack_is_exceeded():
+    a, b = FakeBackend("a", 0), FakeBackend("b", 0)
+    balancer = Balancer([a, b], affinity_slack=2)
+    home = balancer.order("s1")[0]
+    other = b if home is a else a
+    home.outstanding = 2  # within slack: stays
+    assert balancer.order("s1")[0] is home
+    home.outstanding = 3  # hot: moves to the least loaded and re-pins there
+    assert balancer.order("s1")[0] is other
+    home.outstanding = 0
+    other.outstanding = 1
+    assert balancer.order("s1")[0] is other
+
+
+def test_affinity_moves_when_its_backend_goes_down():
+    a, b = FakeBackend("a"), FakeBackend("b", 1)
+    balancer = Balancer([a, b])
+    assert balancer.order("s")[0] is a
+    a.up = False
+    assert balancer.order("s")[0] is b
+
+
+def test_affinity_table_is_bounded():
+    balancer = Balancer([FakeBackend("a")], max_sessions=10)
+    for i in range(100):
+        balancer.order(f"s{i}")
+    assert len(balancer._affinity) == 10
+
+
+def test_breaker_opens_after_fail_max_and_recovers_after_a_good_probe():
+    breaker = BackendBreaker("b", fail_max=2, reset=timedelta(milliseconds=50))
+    assert breaker.allow() and breaker.state == "closed"
+    breaker.record_failure()
+    assert breaker.state == "closed"
+    breaker.record_failure()
+    assert breaker.state == "open" and not breaker.allow()
+    time.sleep(0.06)
+    assert breaker.state == "half-open"
+    assert breaker.allow()  # the probe
+    assert not breaker.allow()  # only one probe at a time
+    breaker.record_success()
+    assert breaker.state == "closed" and breaker.allow()
+
+
+def test_breaker_failed_probe_reopens():
+    breaker = BackendBreaker("b", fail_max=1, reset=timedelta(milliseconds=30))
+    breaker.record_failure()
+    time.sleep(0.04)
+    assert breaker.allow()
+    breaker.record_failure()
+    assert breaker.state == "open"
+
+
+def test_success_resets_the_failure_count():
+    breaker = BackendBreaker("b", fail_max=2)
+    breaker.record_failure()
+    breaker.record_success()
+    breaker.record_failure()
+    assert breaker.state == "closed"
