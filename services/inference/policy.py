@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from services.runtime import FieldViolation, InvalidArgument, NotFound
+from services.runtime import FailedPrecondition, NotFound
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class ModelPolicy:
 
         Raises:
             NotFound: the named model does not exist.
-            InvalidArgument: no candidate's context holds the prompt and completion.
+            FailedPrecondition: no candidate's context holds the prompt and completion.
         """
         if model:
             candidates: Sequence[GeneratorModel] = [self.generator(model)]
@@ -154,18 +154,11 @@ class ModelPolicy:
             if prompt_tokens + max_tokens <= candidate.context_tokens:
                 return Choice(candidate, prompt_tokens, complexity_score, max_tokens)
         largest = max(c.context_tokens for c in candidates)
-        raise InvalidArgument(
+        raise FailedPrecondition(
             f"prompt of {prompt_tokens} tokens plus the completion does not fit any "
             f"model's context (largest: {largest} tokens)",
             reason="PROMPT_TOO_LONG",
             metadata={"prompt_tokens": str(prompt_tokens), "max_context_tokens": str(largest)},
-            field_violations=[
-                FieldViolation(
-                    "prompt",
-                    f"{prompt_tokens} tokens with context "
-                    f"exceeds the {largest}-token context window",
-                )
-            ],
         )
 
     def _automatic(self, prompt_tokens: int, score: float) -> list[GeneratorModel]:

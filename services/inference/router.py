@@ -95,12 +95,12 @@ def validate_embed(texts: Sequence[str]) -> None:
         raise invalid(problems[:20], what="EmbedRequest")
 
 
-def _all_down(what: str) -> Unavailable:
+def _all_down(model: str, tier: str = "") -> Unavailable:
     return Unavailable(
-        f"no inference backend can serve {what} now; retry shortly",
+        f"no inference backend can serve {model} now; retry shortly",
         reason="BACKENDS_UNAVAILABLE",
         retry_after=RETRY_AFTER,
-        metadata={"model": what},
+        metadata={"model": model, "tier": tier},
     )
 
 
@@ -193,7 +193,7 @@ class Router:
                 if result.first_token_s is None:
                     result.backend = backend.name
                 return
-        raise _all_down(result.choice.model.name)
+        raise _all_down(result.choice.model.name, result.choice.model.tier)
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embeds `texts` in Triton-sized batches, concurrently, on the least loaded backends."""

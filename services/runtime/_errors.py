@@ -12,6 +12,8 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from services.runtime import _context
+
 logger = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "switchboard.dev"
@@ -62,8 +64,11 @@ class SwitchboardError(Exception):
     def to_rpc_status(self) -> status_pb2.Status:
         """A `google.rpc.Status` with exactly one `ErrorInfo` and the details that apply."""
         details: list[any_pb2.Any] = []
+        metadata = dict(self.metadata)
+        if rid := _context.request_id.get():
+            metadata.setdefault("request_id", rid)
         info = error_details_pb2.ErrorInfo(
-            reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata
+            reason=self.reason, domain=ERROR_DOMAIN, metadata=metadata
         )
         details.append(_pack(info))
         if self.field_violations:
@@ -104,7 +109,7 @@ class SwitchboardError(Exception):
 
 class InvalidArgument(SwitchboardError):
     code = grpc.StatusCode.INVALID_ARGUMENT
-    reason = "INVALID_ARGUMENT"
+    reason = "INVALID_REQUEST"
 
 
 class NotFound(SwitchboardError):

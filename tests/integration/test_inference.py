@@ -220,7 +220,8 @@ async def test_empty_prompt_and_bad_parameters_are_field_violations(inference):
         )
     )
     assert details.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert details.error_info.reason == "INVALID_ARGUMENT"
+    assert details.error_info.reason == "INVALID_REQUEST"
+    assert details.error_info.metadata["request_id"]
     assert {v.field for v in details.field_violations} == {
         "prompt",
         "parameters.max_tokens",
@@ -241,9 +242,9 @@ async def test_prompt_longer_than_every_context(inference):
     details = await _error(
         inference.Generate(pb.GenerateRequest(prompt="word " * 20_000), timeout=10)
     )
-    assert details.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.code == grpc.StatusCode.FAILED_PRECONDITION
     assert details.error_info.reason == "PROMPT_TOO_LONG"
-    assert [v.field for v in details.field_violations] == ["prompt"]
+    assert int(details.error_info.metadata["prompt_tokens"]) > 20_000
 
 
 async def test_oversized_message_is_resource_exhausted(inference):

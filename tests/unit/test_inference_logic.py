@@ -12,7 +12,7 @@ from services.inference.balancer import Balancer
 from services.inference.breaker import BackendBreaker
 from services.inference.policy import ModelPolicy, complexity, count_tokens
 from services.inference.router import GenerateInput, validate_embed, validate_generate
-from services.runtime import InvalidArgument, NotFound
+from services.runtime import FailedPrecondition, InvalidArgument, NotFound
 
 POLICY = ModelPolicy.load(Path("services/inference/models.yaml"))
 
@@ -74,7 +74,7 @@ def test_unknown_model_is_not_found():
 
 
 def test_prompt_longer_than_every_context_is_a_clear_error():
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(FailedPrecondition) as err:
         POLICY.choose(prompt_tokens=100_000, complexity_score=0, requested_max_tokens=0)
     assert err.value.reason == "PROMPT_TOO_LONG"
     assert err.value.metadata["max_context_tokens"] == "8192"

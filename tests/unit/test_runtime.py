@@ -99,7 +99,7 @@ def test_invalid_argument_carries_one_error_info_and_field_violations():
     status = err.to_rpc_status()
     assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     (info,) = _details(status, error_details_pb2.ErrorInfo)
-    assert info.domain == ERROR_DOMAIN and info.reason == "INVALID_ARGUMENT"
+    assert info.domain == ERROR_DOMAIN and info.reason == "INVALID_REQUEST"
     (bad,) = _details(status, error_details_pb2.BadRequest)
     assert [v.field for v in bad.field_violations] == ["prompt", "parameters.max_tokens"]
 
