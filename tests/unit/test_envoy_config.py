@@ -1,0 +1,321 @@
+"""The Envoy edge config the launcher renders: routes, clusters, limits, consistency."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from services.launcher._envoy import (
+    BASE_CONFIG,
+    REFLECTION_CLUSTER,
+    UNKNOWN_SERVICE_MESSAGE,
+    Upstream,
+    check_consistency,
+    count_healthy_hosts,
+    envoy_command,
+    render_envoy_config,
+    write_envoy_config,
+)
+
+INFERENCE = "switchboard.inference.v1.InferenceService"
+ADMISSION = "switchboard.admission.v1.AdmissionService"
+RAG = "switchboard.rag.v1.RagService"
+
+UPSTREAMS = (
+    Upstream(name="inference", services=(INFERENCE,), endpoints=(("127.0.0.1", 50051),)),
+    Upstream(
+        name="admission",
+        services=(ADMISSION,),
+        endpoints=(("127.0.0.1", 50061), ("127.0.0.1", 50062)),
+        hash_header="x-tenant-id",
+    ),
+    # shares a process with inference: its endpoint appears once in the reflection cluster
+    Upstream(name="rag", services=(RAG,), endpoints=(("127.0.0.1", 50051),)),
+)
+
+
+def render(**overrides: Any) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "listen_host": "0.0.0.0",
+        "listen_port": 8080,
+        "admin_port": 9901,
+        "upstreams": UPSTREAMS,
+    }
+    args.update(overrides)
+    return render_envoy_config(**args)
+
+
+def hcm(config: dict[str, Any]) -> dict[str, Any]:
+    listener = config["static_resources"]["listeners"][0]
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def routes(config: dict[str, Any]) -> list[dict[str, Any]]:
+    return hcm(config)["route_config"]["virtual_hosts"][0]["routes"]
+
+
+def route_for(config: dict[str, Any], service: str) -> dict[str, Any]:
+    (route,) = [r for r in routes(config) if r["match"].get("prefix") == f"/{service}/"]
+    return route
+
+
+def clusters(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in config["static_resources"]["clusters"]}
+
+
+def endpoints(cluster: dict[str, Any]) -> list[tuple[str, int]]:
+    return [
+        (
+            e["endpoint"]["address"]["socket_address"]["address"],
+            e["endpoint"]["address"]["socket_address"]["port_value"],
+        )
+        for group in cluster["load_assignment"]["endpoints"]
+        for e in group["lb_endpoints"]
+    ]
+
+
+def test_every_service_is_routed_by_its_name_to_its_cluster() -> None:
+    config = render()
+    for upstream in UPSTREAMS:
+        for service in upstream.services:
+            assert route_for(config, service)["route"]["cluster"] == upstream.name
+    assert set(clusters(config)) == {"inference", "admission", "rag", REFLECTION_CLUSTER}
+
+
+def test_reflection_and_health_reach_a_cluster_of_every_endpoint() -> None:
+    config = render()
+    for service in (
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.health.v1.Health",
+    ):
+        assert route_for(config, service)["route"]["cluster"] == REFLECTION_CLUSTER
+    reflection = clusters(config)[REFLECTION_CLUSTER]
+    assert endpoints(reflection) == [
+        ("127.0.0.1", 50051),
+        ("127.0.0.1", 50061),
+        ("127.0.0.1", 50062),
+    ]
+    assert reflection["health_checks"][0]["grpc_health_check"] == {"service_name": ""}
+
+
+def test_unknown_paths_get_a_404_that_grpc_clients_see_as_unimplemented() -> None:
+    last = routes(render())[-1]
+    assert last["match"] == {"prefix": "/"}
+    assert last["direct_response"] == {
+        "status": 404,
+        "body": {"inline_string": UNKNOWN_SERVICE_MESSAGE},
+    }
+
+
+def test_hash_header_gives_ring_hash_and_a_route_hash_policy() -> None:
+    config = render()
+    assert clusters(config)["admission"]["lb_policy"] == "RING_HASH"
+    assert route_for(config, ADMISSION)["route"]["hash_policy"] == [
+        {"header": {"header_name": "x-tenant-id"}}
+    ]
+    assert clusters(config)["inference"]["lb_policy"] == "LEAST_REQUEST"
+    assert "hash_policy" not in route_for(config, INFERENCE)["route"]
+
+
+def test_admin_is_on_loopback_only() -> None:
+    config = render(admin_port=19901)
+    assert config["admin"]["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": 19901,
+    }
+    listener = config["static_resources"]["listeners"][0]
+    assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 8080}
+
+
+def test_streams_have_no_route_timeout_only_an_idle_timeout() -> None:
+    config = render(stream_idle_timeout=timedelta(minutes=10))
+    manager = hcm(config)
+    assert manager["request_timeout"] == "0s"
+    assert manager["stream_idle_timeout"] == "600s"
+    for route in routes(config):
+        if "route" in route:
+            assert route["route"]["timeout"] == "0s"
+            assert route["route"]["idle_timeout"] == "600s"
+            assert "max_stream_duration" not in route["route"]
+
+
+def test_envoy_enforces_grpc_timeout_only_when_asked() -> None:
+    route = route_for(render(enforce_grpc_deadlines=True), INFERENCE)
+    assert route["route"]["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
+
+
+def test_fractional_durations_are_written_as_envoy_durations() -> None:
+    config = render(
+        stream_idle_timeout=timedelta(milliseconds=1500),
+        health_check_interval=timedelta(seconds=0.25),
+    )
+    assert hcm(config)["stream_idle_timeout"] == "1.5s"
+    assert clusters(config)["rag"]["health_checks"][0]["interval"] == "0.25s"
+
+
+def test_downstream_is_http2_capable_edge_with_request_ids_and_limits() -> None:
+    manager = hcm(render(buffer_limit_bytes=256 << 10))
+    assert manager["codec_type"] == "AUTO"
+    assert manager["use_remote_address"] is True
+    assert manager["generate_request_id"] is True
+    assert manager["preserve_external_request_id"] is True
+    assert 0 < manager["max_request_headers_kb"] <= 96
+    assert manager["access_log"][0]["typed_config"]["log_format"]["json_format"]
+    listener = render(buffer_limit_bytes=256 << 10)["static_resources"]["listeners"][0]
+    assert listener["per_connection_buffer_limit_bytes"] == 256 << 10
+
+
+def test_clusters_speak_http2_health_check_and_tolerate_load() -> None:
+    for name, cluster in clusters(render()).items():
+        options = cluster["typed_extension_protocol_options"][
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        ]
+        assert options["explicit_http_config"]["http2_protocol_options"]["max_concurrent_streams"]
+        check = cluster["health_checks"][0]
+        assert check["interval"] == "2s"
+        assert check["healthy_threshold"] == 1
+        assert check["no_traffic_interval"] == check["interval"]
+        if name != REFLECTION_CLUSTER:
+            assert check["grpc_health_check"]["service_name"] == next(
+                u.services[0] for u in UPSTREAMS if u.name == name
+            )
+        assert cluster["circuit_breakers"]["thresholds"][0]["max_requests"] >= 10_000
+        assert cluster["common_lb_config"]["healthy_panic_threshold"] == {"value": 0.0}
+        assert cluster["type"] == "STATIC"
+
+
+def test_host_names_give_strict_dns_clusters() -> None:
+    upstream = Upstream(name="chat", services=("a.v1.Chat",), endpoints=(("localhost", 1),))
+    (cluster,) = [
+        c
+        for c in render(upstreams=[upstream])["static_resources"]["clusters"]
+        if c["name"] == "chat"
+    ]
+    assert cluster["type"] == "STRICT_DNS"
+
+
+def test_extra_http_filters_go_before_the_router() -> None:
+    auth = {"name": "envoy.filters.http.api_key_auth", "typed_config": {"@type": "x"}}
+    names = [f["name"] for f in hcm(render(http_filters=[auth]))["http_filters"]]
+    assert names == ["envoy.filters.http.api_key_auth", "envoy.filters.http.router"]
+
+
+def test_a_service_served_by_two_upstreams_is_refused() -> None:
+    twice = Upstream(name="other", services=(INFERENCE,), endpoints=(("127.0.0.1", 1),))
+    with pytest.raises(ValueError, match="served by both"):
+        render(upstreams=[*UPSTREAMS, twice])
+
+
+def test_an_upstream_named_like_the_reflection_cluster_is_a_duplicate() -> None:
+    clash = Upstream(name=REFLECTION_CLUSTER, services=("a.v1.A",), endpoints=(("127.0.0.1", 1),))
+    with pytest.raises(ValueError, match="duplicate cluster 'reflection'"):
+        render(upstreams=[*UPSTREAMS, clash])
+
+
+def test_an_upstream_without_endpoints_is_refused() -> None:
+    empty = Upstream(name="chat", services=("a.v1.Chat",), endpoints=())
+    with pytest.raises(ValueError, match="cluster 'chat' has no endpoints"):
+        render(upstreams=[*UPSTREAMS, empty])
+
+
+def test_consistency_names_a_route_to_an_unknown_cluster() -> None:
+    config = copy.deepcopy(render())
+    route_for(config, INFERENCE)["route"]["cluster"] = "nowhere"
+    with pytest.raises(ValueError, match="unknown cluster 'nowhere'"):
+        check_consistency(config)
+
+
+def test_consistency_refuses_a_public_admin_and_hashing_to_a_plain_cluster() -> None:
+    config = copy.deepcopy(render())
+    config["admin"]["address"]["socket_address"]["address"] = "0.0.0.0"
+    clusters(config)["admission"]["lb_policy"] = "ROUND_ROBIN"
+    with pytest.raises(ValueError) as error:
+        check_consistency(config)
+    assert "admin must listen on loopback" in str(error.value)
+    assert "balances by ROUND_ROBIN" in str(error.value)
+
+
+def test_consistency_catches_foreign_endpoints_and_duplicate_prefixes() -> None:
+    config = copy.deepcopy(render())
+    clusters(config)["rag"]["load_assignment"]["cluster_name"] = "inference"
+    routes(config).insert(0, copy.deepcopy(route_for(config, RAG)))
+    with pytest.raises(ValueError) as error:
+        check_consistency(config)
+    assert "carries the endpoints of 'inference'" in str(error.value)
+    assert f"duplicate route prefix in 'switchboard' '/{RAG}/'" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"services": ("NoPackage",)}, "not a fully-qualified"),
+        ({"services": ("a.v1.A/B",)}, "not a fully-qualified"),
+        ({"services": ()}, "serves no gRPC service"),
+        ({"endpoints": (("127.0.0.1", 0),)}, "bad endpoint"),
+        ({"hash_header": "X-Tenant-Id"}, "lower-case"),
+        ({"name": "has space"}, "non-empty word"),
+    ],
+)
+def test_upstream_refuses_bad_values(kwargs: dict[str, Any], message: str) -> None:
+    values: dict[str, Any] = {
+        "name": "x",
+        "services": ("a.v1.A",),
+        "endpoints": (("127.0.0.1", 1),),
+        **kwargs,
+    }
+    with pytest.raises(ValueError, match=message):
+        Upstream(**values)
+
+
+def test_upstream_health_service_defaults() -> None:
+    one = Upstream(name="x", services=("a.v1.A",), endpoints=())
+    two = Upstream(name="x", services=("a.v1.A", "a.v1.B"), endpoints=())
+    chosen = Upstream(name="x", services=("a.v1.A",), endpoints=(), health_service="")
+    assert (one.health_check_service, two.health_check_service) == ("a.v1.A", "")
+    assert chosen.health_check_service == ""
+
+
+def test_base_config_is_a_consistent_skeleton() -> None:
+    base = yaml.safe_load(BASE_CONFIG.read_text())
+    assert base["static_resources"]["clusters"] == []
+    check_consistency(base)
+
+
+def test_write_yaml_and_json_round_trip(tmp_path: Path) -> None:
+    config = render()
+    write_envoy_config(tmp_path / "envoy.yaml", config)
+    write_envoy_config(tmp_path / "envoy.json", config)
+    assert yaml.safe_load((tmp_path / "envoy.yaml").read_text()) == config
+    assert json.loads((tmp_path / "envoy.json").read_text()) == config
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["envoy.json", "envoy.yaml"]
+
+
+def test_envoy_command(tmp_path: Path) -> None:
+    argv = envoy_command(config_path=tmp_path / "e.yaml", base_id=17, log_path=tmp_path / "e.log")
+    assert Path(argv[0]).name == "envoy"
+    text = " ".join(argv)
+    assert f"-c {tmp_path / 'e.yaml'}" in text
+    assert "--base-id 17" in text and "--disable-hot-restart" in text
+    assert "--concurrency 2" in text and f"--log-path {tmp_path / 'e.log'}" in text
+    assert "--log-path" not in envoy_command(config_path=Path("e"), base_id=1, log_path=None)
+
+
+def test_count_healthy_hosts_reads_the_admin_clusters_answer() -> None:
+    def host(**status: Any) -> dict[str, Any]:
+        return {"health_status": {"eds_health_status": "HEALTHY", **status}}
+
+    answer = {
+        "cluster_statuses": [
+            {"name": "admission", "host_statuses": [host(), host(failed_active_health_check=True)]},
+            {"name": "inference", "host_statuses": [host(failed_outlier_check=True)]},
+            {"name": "rag", "host_statuses": [host(pending_active_hc=True)]},
+        ]
+    }
+    assert count_healthy_hosts(answer) == {"admission": 1, "inference": 0, "rag": 0}
