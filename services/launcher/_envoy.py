@@ -530,8 +530,10 @@ def _cluster(
             }
         },
         "lb_policy": "RING_HASH" if ring_hash else "LEAST_REQUEST",
-        # Route only to replicas that say SERVING; never "panic" to unhealthy ones.
-        "common_lb_config": {"healthy_panic_threshold": {"value": 0.0}},
+        # Envoy's default panic threshold (50%): when most replicas fail their checks,
+        # route to all of them anyway, so a service whose own dependencies are down still
+        # answers with its precise status (e.g. UNAVAILABLE + RetryInfo) instead of the
+        # edge's bare "no healthy upstream".
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [

@@ -374,7 +374,8 @@ class Mesh:
         self._wait(
             record,
             lambda: all(
-                grpc_serving(self.envoy_address, s) for spec in SERVICES for s in spec.grpc_services
+                _envoy.healthy_hosts(self.config.envoy_admin_port).get(spec.name, 0) > 0
+                for spec in SERVICES
             ),
             what="routing to every service",
             timeout=60,

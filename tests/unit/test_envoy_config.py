@@ -187,7 +187,8 @@ def test_clusters_speak_http2_health_check_and_tolerate_load() -> None:
                 u.services[0] for u in UPSTREAMS if u.name == name
             )
         assert cluster["circuit_breakers"]["thresholds"][0]["max_requests"] >= 10_000
-        assert cluster["common_lb_config"]["healthy_panic_threshold"] == {"value": 0.0}
+        # default panic threshold: a service whose backends are down still answers itself
+        assert "healthy_panic_threshold" not in cluster.get("common_lb_config", {})
         assert cluster["type"] == "STATIC"
 
 
