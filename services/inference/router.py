@@ -46,7 +46,19 @@ class GenerateResult:
     backend: str = ""
     completion_tokens: int = 0
     first_token_s: float | None = None
-    passages_used: dict[int, list[str]] = field(default_factory=dict)
+    segments: list[tuple[int, str]] = field(default_factory=list)
+    """Quoted spans: (passage index, text), one per sentence the model took from it."""
+
+    def add(self, token: StreamedToken) -> None:
+        self.completion_tokens += 1
+        if token.passage < 0:
+            return
+        if self.segments:
+            passage, text = self.segments[-1]
+            if passage == token.passage and not text.rstrip().endswith((".", "!", "?")):
+                self.segments[-1] = (passage, text + token.text)
+                return
+        self.segments.append((token.passage, token.text))
 
     @property
     def finished_by_length(self) -> bool:
@@ -170,9 +182,7 @@ class Router:
                                     result.choice.complexity,
                                     result.choice.max_tokens,
                                 )
-                        result.completion_tokens += 1
-                        if token.passage >= 0:
-                            result.passages_used.setdefault(token.passage, []).append(token.text)
+                        result.add(token)
                         yield token
                 except BackendFailure as failure:
                     backend.breaker.record_failure()

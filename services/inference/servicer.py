@@ -27,11 +27,15 @@ _BREAKER_STATES = {
 def _citations(
     request: GenerateInput, result: GenerateResult, sources: list[str]
 ) -> list[common_pb2.Citation]:
-    citations = []
-    for index in sorted(result.passages_used):
-        quoted = "".join(result.passages_used[index]).strip()
+    """One citation per quoted sentence, with its character span in the passage."""
+    citations, seen = [], set()
+    for index, text in result.segments:
+        quoted = text.strip()
+        if (index, quoted) in seen or not quoted:
+            continue
+        seen.add((index, quoted))
         passage = request.passages[index] if index < len(request.passages) else ""
-        start = passage.find(quoted) if quoted else -1
+        start = passage.find(quoted)
         citations.append(
             common_pb2.Citation(
                 passage_index=index,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import pwd
@@ -200,14 +201,12 @@ class Mesh:
         )
 
     def _start_postgres(self) -> None:
-        import pgserver
-
-        bindir = Path(pgserver.__file__).parent / "pginstall" / "bin"
+        bindir = _package_dir("pgserver") / "pginstall" / "bin"
         pgdata = self.config.run_dir / "postgres"
         user = _postgres_user(bindir, pgdata)
         if not (pgdata / "PG_VERSION").exists():
             self._say("initialising PostgreSQL data directory")
-            subprocess.run(
+            init = subprocess.run(
                 [
                     str(bindir / "initdb"),
                     "-D",
@@ -219,10 +218,12 @@ class Mesh:
                     "UTF8",
                     "--no-sync",
                 ],
-                check=True,
                 capture_output=True,
-                user=user,
+                text=True,
+                **_as_user(user),
             )
+            if init.returncode != 0:
+                raise LaunchError(f"initdb failed for {pgdata}:\n{init.stdout}{init.stderr}")
         self._say(
             f"starting PostgreSQL 16 + pgvector on {self.config.host}:{self.config.postgres_port}"
         )
@@ -243,7 +244,7 @@ class Mesh:
                 "-c",
                 "shared_buffers=256MB",
             ],
-            user=user,
+            as_user=_as_user(user),
         )
         admin_url = f"postgresql://postgres@{self.config.host}:{self.config.postgres_port}/postgres"
         self._wait(record, lambda: _pg_ready(admin_url), what="accepting connections", timeout=60)
@@ -380,6 +381,24 @@ class Mesh:
             what="routing to every service",
             timeout=60,
         )
+
+
+def _as_user(user: str | None) -> dict[str, object]:
+    """subprocess arguments that drop to `user`, its group, and no supplementary groups
+    (root's group bits would otherwise still apply)."""
+    if user is None:
+        return {}
+    entry = pwd.getpwnam(user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
+def _package_dir(name: str) -> Path:
+    """Where an installed package lives, without importing it (pgserver's import has
+    side effects)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise LaunchError(f"package {name!r} is not installed: run `make install`")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 # -- health probes ----------------------------------------------------------------------------

@@ -11,10 +11,14 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 logger = logging.getLogger(__name__)
+
+# Children started by this process, kept so they are reaped (not left as zombies) on stop.
+_children: dict[int, subprocess.Popen[bytes]] = {}
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ def spawn(
     log: Path,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
-    user: str | None = None,
+    as_user: Mapping[str, Any] | None = None,
 ) -> ProcessRecord:
     """Starts `argv` in its own session (so its children can be stopped with it)."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -84,8 +88,9 @@ def spawn(
             env={**os.environ, **(env or {})},
             cwd=cwd,
             start_new_session=True,
-            user=user,
+            **(as_user or {}),
         )
+    _children[proc.pid] = proc
     created = psutil.Process(proc.pid).create_time()
     return ProcessRecord(name, proc.pid, created, tuple(argv), str(log))
 
@@ -109,9 +114,13 @@ def stop(record: ProcessRecord, *, timeout: float = 15.0) -> bool:
         _signal_group(record.pid, signal.SIGKILL)
     # children left in the group (e.g. Triton's Python-backend stubs)
     _signal_group(record.pid, signal.SIGKILL)
+    child = _children.pop(record.pid, None)
     try:
-        proc.wait(timeout=5)
-    except psutil.Error:
+        if child is not None:
+            child.wait(timeout=5)
+        else:
+            proc.wait(timeout=5)
+    except (psutil.Error, subprocess.TimeoutExpired):
         pass
     return True
 

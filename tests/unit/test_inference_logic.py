@@ -189,3 +189,22 @@ def test_success_resets_the_failure_count():
     breaker.record_success()
     breaker.record_failure()
     assert breaker.state == "closed"
+
+
+def test_quoted_segments_split_per_sentence_and_passage():
+    from services.inference.policy import Choice
+    from services.inference.router import GenerateResult
+    from services.inference.triton import StreamedToken
+
+    result = GenerateResult(choice=Choice(POLICY.generators[0], 10, 0.1, 100))
+    for text, passage in [
+        ("B ", 1),
+        ("two. ", 1),
+        ("A ", 1),
+        ("one. ", 1),
+        ("x ", 0),
+        ("note ", -1),
+    ]:
+        result.add(StreamedToken(text, passage))
+    assert result.completion_tokens == 6
+    assert result.segments == [(1, "B two. "), (1, "A one. "), (0, "x ")]
