@@ -55,6 +55,28 @@ class LauncherConfig:
         return base, base + 1, base + 2
 
 
+def isolated_config(run_dir: Path, *, triton_replicas: int = 2, gpu: str = "off") -> LauncherConfig:
+    """A config on a free, random port range and its own run directory, so tests and
+    benchmarks never collide with a mesh started by `make up`."""
+    from services.launcher._procs import free_port_base
+
+    base = free_port_base(host="127.0.0.1", span=60)
+    return LauncherConfig(
+        run_dir=run_dir,
+        envoy_port=base,
+        envoy_admin_port=base + 1,
+        envoy_base_id=base,
+        postgres_port=base + 2,
+        nats_port=base + 3,
+        nats_monitor_port=base + 4,
+        inference_port=base + 5,
+        metrics_base_port=base + 10,
+        triton_base_port=base + 30,
+        triton_replicas=triton_replicas,
+        gpu=gpu,
+    )
+
+
 def load_launcher_config() -> LauncherConfig:
     config = load_config(LauncherConfig, prefix="SWITCHBOARD_")
     external = {

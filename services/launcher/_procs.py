@@ -156,6 +156,17 @@ def port_owner(host: str, port: int) -> str | None:
     return "another process"
 
 
+def free_port_base(*, host: str, span: int) -> int:
+    """A random base port with `span` free ports above it."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(20_000, 45_000, 100)
+        if all(port_owner(host, base + i) is None for i in range(span)):
+            return base
+    raise RuntimeError("no free port range found")
+
+
 def tail(path: Path, lines: int = 20) -> str:
     """The last `lines` lines of a log file (for error messages)."""
     try:
