@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,13 +109,23 @@ class Mesh:
         self._say(f"mesh is up: grpcurl -plaintext {self.envoy_address} list")
 
     def down(self) -> int:
-        """Stops every process this run directory records, newest first."""
+        """Stops every process this run directory records, newest layer first (the edge,
+        then services, then Triton replicas together, then NATS and PostgreSQL)."""
         records = self.state.load() or self._records
-        stopped = 0
+        layers: list[list[ProcessRecord]] = []
         for record in reversed(records):
-            if stop(record):
-                stopped += 1
-                self._say(f"stopped {record.name} (pid {record.pid})")
+            kind = record.name.split("-")[0]
+            if layers and layers[-1][0].name.split("-")[0] == kind:
+                layers[-1].append(record)
+            else:
+                layers.append([record])
+        stopped = 0
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for layer in layers:
+                for record, was_running in zip(layer, pool.map(stop, layer), strict=True):
+                    if was_running:
+                        stopped += 1
+                        self._say(f"stopped {record.name} (pid {record.pid})")
         self.state.clear()
         self._records = []
         return stopped
