@@ -109,15 +109,19 @@ async def _show(target: str) -> None:
 
 def main() -> int:
     mesh = Mesh(load_launcher_config(), progress=_say)
+    started = False
     try:
-        mesh.up()
+        started = mesh.up()
         asyncio.run(_show(mesh.envoy_address))
     except LaunchError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
     finally:
-        _say("stopping everything the demo started")
-        mesh.down()
+        if started:
+            _say("stopping everything the demo started")
+            mesh.down()
+        else:
+            _say("leaving the mesh that was already running as it was (make down stops it)")
     return 0
 
 

@@ -87,10 +87,15 @@ class Mesh:
             for i in range(self.config.triton_replicas)
         )
 
-    def up(self) -> None:
-        """Starts everything not given externally, in order, each waited for."""
+    def up(self) -> bool:
+        """Starts everything not given externally, in order, each waited for.
+
+        Returns False (and starts nothing) when this run directory's mesh is already up.
+        """
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
-        self._recover()
+        if self._recover():
+            self._say(f"the mesh is already running: grpcurl -plaintext {self.envoy_address} list")
+            return False
         self._check_ports()
         try:
             if not self.config.database_url:
@@ -107,6 +112,7 @@ class Mesh:
             self.down()
             raise
         self._say(f"mesh is up: grpcurl -plaintext {self.envoy_address} list")
+        return True
 
     def down(self) -> int:
         """Stops every process this run directory records, newest layer first (the edge,
@@ -135,11 +141,15 @@ class Mesh:
 
     # -- recovery and checks ----------------------------------------------------------------
 
-    def _recover(self) -> None:
+    def _recover(self) -> bool:
+        """True when everything recorded is still running; otherwise stops the survivors
+        of an earlier, broken run and forgets it."""
         stale = self.state.load()
         if not stale:
-            return
+            return False
         alive = [r for r in stale if r.process() is not None]
+        if len(alive) == len(stale) and any(r.name == "envoy" for r in stale):
+            return True
         if alive:
             self._say(
                 f"found {len(alive)} process(es) from an earlier run in {self.config.run_dir}; "
@@ -148,6 +158,7 @@ class Mesh:
         for record in reversed(stale):
             stop(record)
         self.state.clear()
+        return False
 
     def _planned_ports(self) -> list[tuple[str, int]]:
         c = self.config

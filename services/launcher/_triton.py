@@ -1,0 +1,275 @@
+"""Everything needed to start the `tritonserver` binary bundled in `nvidia-pytriton`.
+
+Plain functions, no process management: the launcher calls them to lay out a run
+directory and to build the command line and environment, then starts the process itself.
+
+Three things the bundled binary needs that are easy to get wrong:
+
+- The Python backend runs models in a separate "stub" process, and the stub must match the
+  running Python version. pytriton ships one stub per version and copies the right one
+  into a private copy of the backend before it starts the server; `prepare_backend_dir`
+  does the same under the run directory (site-packages is never modified).
+- The stub links against `libpython3.11.so.1.0`. Without help it finds the system one,
+  which is another 3.11 build than the interpreter whose packages the models import, and
+  loading fails with `'_thread.RLock' object has no attribute '_recursion_count'`.
+  `tritonserver_command` puts the running interpreter's `sysconfig` LIBDIR first on
+  LD_LIBRARY_PATH. The copied stub and backend library also lose their `$ORIGIN`-relative
+  RPATH to `nvidia_pytriton.libs`, so that directory goes on LD_LIBRARY_PATH too.
+- The stub's interpreter does not know about this virtualenv: PYTHONPATH carries the
+  running interpreter's site-packages, so models import numpy, torch and
+  sentence-transformers from it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Sequence
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+#: Where the model repository lives in the source tree.
+MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "triton-models"
+
+_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
+_STUB = "triton_python_backend_stub"
+_REPO_MARKER = ".switchboard-model-repository"
+_KIND_CPU = re.compile(r"\bKIND_CPU\b")
+# A model parameter whose key ends in "_model" names another model it calls through BLS,
+# e.g. generator_large's `embedder_model: "embedder"`; that model is loaded along with it.
+_BLS_PARAMETER = re.compile(
+    r'key:\s*"[A-Za-z0-9_]*_model"\s*,?\s*value:\s*\{\s*string_value:\s*"([^"]+)"'
+)
+
+
+class TritonSetupError(RuntimeError):
+    """The bundled Triton cannot be prepared (missing package, stub or model)."""
+
+
+def tritonserver_dist() -> Path:
+    """The `tritonserver/` directory inside the installed `nvidia-pytriton` package."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonSetupError(
+            "nvidia-pytriton is not installed: it carries the tritonserver binary"
+        )
+    dist = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+    if not (dist / "bin" / "tritonserver").is_file():
+        raise TritonSetupError(f"no tritonserver binary under {dist}")
+    return dist
+
+
+def tritonserver_binary() -> Path:
+    """Path of the bundled `tritonserver` executable."""
+    return tritonserver_dist() / "bin" / "tritonserver"
+
+
+def triton_libs_dir() -> Path:
+    """`nvidia_pytriton.libs`: the shared libraries the binary, backend and stub link to."""
+    return tritonserver_dist().parents[1] / "nvidia_pytriton.libs"
+
+
+def python_libdir() -> Path:
+    """The running interpreter's LIBDIR, where its own libpython lives."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if not libdir:
+        raise TritonSetupError("sysconfig has no LIBDIR for this interpreter")
+    return Path(libdir)
+
+
+def prepare_backend_dir(run_dir: Path) -> Path:
+    """Lay out a private Python backend for the running Python version under `run_dir`.
+
+    Copies `libtriton_python.so`, `triton_python_backend_utils.py` and the stub built for
+    this interpreter's major.minor into `<run_dir>/triton-backends/python/`, replacing what
+    a previous run left there. Returns `<run_dir>/triton-backends`, the value for
+    `--backend-directory`.
+    """
+    dist = tritonserver_dist()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = dist / "python_backend_stubs" / version / _STUB
+    if not stub.is_file():
+        available = sorted(p.name for p in (dist / "python_backend_stubs").iterdir())
+        raise TritonSetupError(
+            f"nvidia-pytriton has no Python backend stub for Python {version} "
+            f"(it has {', '.join(available)})"
+        )
+    backends = Path(run_dir) / "triton-backends"
+    python_dir = backends / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for name in _BACKEND_FILES:
+        shutil.copy2(dist / "backends" / "python" / name, python_dir / name)
+    shutil.copy2(stub, python_dir / _STUB)
+    (python_dir / _STUB).chmod(0o755)
+    logger.debug("python backend for %s prepared in %s", version, python_dir)
+    return backends
+
+
+def gpu_available() -> bool:
+    """True when `nvidia-smi` exists and lists at least one GPU."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=15, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.info("nvidia-smi failed: %s", exc)
+        return False
+    return out.returncode == 0 and any(line.startswith("GPU ") for line in out.stdout.splitlines())
+
+
+def available_models(repo: Path) -> list[str]:
+    """Names of the models in a repository (directories with a config.pbtxt), sorted."""
+    return sorted(p.parent.name for p in Path(repo).glob("*/config.pbtxt"))
+
+
+def model_dependencies(repo: Path, model: str) -> list[str]:
+    """Models that `model` calls through BLS, as named by its `*_model` parameters."""
+    config = (Path(repo) / model / "config.pbtxt").read_text()
+    return list(dict.fromkeys(_BLS_PARAMETER.findall(_strip_comments(config))))
+
+
+def resolve_models(repo: Path, models: Sequence[str] | None) -> list[str]:
+    """The models to load: `models` (all when None) plus what they call through BLS,
+    dependencies first. Unknown names raise TritonSetupError."""
+    known = available_models(repo)
+    wanted = list(known if models is None else models)
+    ordered: list[str] = []
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if name not in known:
+            via = f" (needed by {chain[-1]})" if chain else ""
+            raise TritonSetupError(
+                f"no model {name!r}{via} in {repo}; models: {', '.join(known) or 'none'}"
+            )
+        if name in ordered or name in chain:
+            return
+        for dep in model_dependencies(repo, name):
+            visit(dep, (*chain, name))
+        ordered.append(name)
+
+    for name in wanted:
+        visit(name, ())
+    return ordered
+
+
+def prepare_model_repository(
+    src: Path, dst: Path, *, gpu: bool, models: Sequence[str] | None = None
+) -> Path:
+    """Copy the model repository `src` (or only `models` and their BLS dependencies) to
+    `dst` for one server run, and return `dst`.
+
+    Symlinks inside models (shared code) are copied as the files they point to, so any
+    subset of models stands on its own. With `gpu`, instance groups become `KIND_GPU`.
+    A `dst` left by a previous run is replaced; any other non-empty `dst` is refused.
+    """
+    src, dst = Path(src), Path(dst)
+    names = resolve_models(src, models)
+    if dst.exists():
+        if not (dst / _REPO_MARKER).is_file() and any(dst.iterdir()):
+            raise TritonSetupError(f"{dst} exists and is not a prepared model repository")
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in names:
+        shutil.copytree(src / name, dst / name, symlinks=False, ignore=ignore)
+        if gpu:
+            config = dst / name / "config.pbtxt"
+            config.write_text(_KIND_CPU.sub("KIND_GPU", config.read_text()))
+    (dst / _REPO_MARKER).write_text(f"prepared from {src}\n")
+    logger.debug("model repository %s prepared in %s (gpu=%s)", names, dst, gpu)
+    return dst
+
+
+def tritonserver_command(
+    *,
+    model_repo: Path,
+    backend_dir: Path,
+    http_port: int,
+    grpc_port: int,
+    metrics_port: int,
+    models: Sequence[str] | None,
+    host: str = "127.0.0.1",
+    shm_prefix: str | None = None,
+    gpu: bool | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and the extra environment to start tritonserver.
+
+    `models` (plus their BLS dependencies) are loaded with explicit model control; None
+    loads every model of `model_repo`. All endpoints bind to `host`. `shm_prefix` names
+    the Python backend's shared-memory regions and must differ between servers running
+    at once; by default it is derived from this process id and the gRPC port. With
+    `gpu=False` the CUDA memory pools and GPU metrics are switched off (no NVML/DCGM errors
+    in the log on a machine without a GPU); None leaves Triton's defaults.
+
+    The environment is to be laid over os.environ: LD_LIBRARY_PATH (the interpreter's
+    LIBDIR first, then nvidia_pytriton.libs, then any existing value), PYTHONPATH (this
+    interpreter's site-packages, then any existing value), PATH (this interpreter's bin
+    first) and offline switches for Hugging Face libraries.
+    """
+    names = resolve_models(Path(model_repo), models)
+    prefix = shm_prefix or f"switchboard_{os.getpid()}_{grpc_port}_"
+    argv = [
+        str(tritonserver_binary()),
+        f"--model-repository={model_repo}",
+        f"--backend-directory={backend_dir}",
+        "--model-control-mode=explicit",
+        *(f"--load-model={name}" for name in names),
+        "--exit-on-error=true",
+        "--strict-readiness=true",
+        "--disable-auto-complete-config",
+        f"--http-address={host}",
+        f"--http-port={http_port}",
+        f"--grpc-address={host}",
+        f"--grpc-port={grpc_port}",
+        "--allow-metrics=true",
+        f"--metrics-address={host}",
+        f"--metrics-port={metrics_port}",
+        "--allow-sagemaker=false",
+        "--allow-vertex-ai=false",
+        f"--backend-config=python,shm-region-prefix-name={prefix}",
+        "--exit-timeout-secs=10",
+        "--log-verbose=0",
+    ]
+    if gpu is False:
+        argv += [
+            "--allow-gpu-metrics=false",
+            "--pinned-memory-pool-byte-size=0",
+            "--cuda-memory-pool-byte-size=0:0",
+        ]
+    env = {
+        "LD_LIBRARY_PATH": _join_paths(
+            python_libdir(), triton_libs_dir(), os.environ.get("LD_LIBRARY_PATH")
+        ),
+        "PYTHONPATH": _join_paths(*_site_packages(), os.environ.get("PYTHONPATH")),
+        "PATH": _join_paths(Path(sys.executable).parent, os.environ.get("PATH")),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    return argv, env
+
+
+def _site_packages() -> list[Path]:
+    paths = sysconfig.get_paths()
+    return [Path(p) for p in dict.fromkeys((paths["purelib"], paths["platlib"]))]
+
+
+def _join_paths(*parts: Path | str | None) -> str:
+    seen: list[str] = []
+    for part in parts:
+        for item in str(part).split(os.pathsep) if part else ():
+            if item and item not in seen:
+                seen.append(item)
+    return os.pathsep.join(seen)
+
+
+def _strip_comments(pbtxt: str) -> str:
+    return re.sub(r"#[^\n]*", "", pbtxt)
