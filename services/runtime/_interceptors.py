@@ -27,14 +27,35 @@ _HANDLER_FACTORIES = {
 }
 
 
+class _Method:
+    """Per-method constants, resolved once: names and the labelled metric children."""
+
+    __slots__ = ("service", "method", "started", "in_flight", "latency", "_handled")
+
+    def __init__(self, full_method: str) -> None:
+        _, _, rest = full_method.partition("/")
+        self.service, _, self.method = rest.partition("/")
+        self.started = _metrics.RPC_STARTED.labels(self.service, self.method)
+        self.in_flight = _metrics.RPC_IN_FLIGHT.labels(self.service)
+        self.latency = _metrics.RPC_LATENCY.labels(self.service, self.method)
+        self._handled: dict[grpc.StatusCode, Any] = {}
+
+    def handled(self, code: grpc.StatusCode) -> Any:
+        child = self._handled.get(code)
+        if child is None:
+            child = _metrics.RPC_HANDLED.labels(self.service, self.method, code.name)
+            self._handled[code] = child
+        return child
+
+
 class _Call:
     """Bookkeeping of one RPC: sets the contextvars, then logs and counts its outcome."""
 
-    __slots__ = ("service", "method", "started", "code", "_tokens")
+    __slots__ = ("service", "method", "started", "code", "_tokens", "_m")
 
-    def __init__(self, full_method: str, context: grpc.aio.ServicerContext) -> None:
-        _, _, rest = full_method.partition("/")
-        self.service, _, self.method = rest.partition("/")
+    def __init__(self, m: _Method, context: grpc.aio.ServicerContext) -> None:
+        self._m = m
+        self.service, self.method = m.service, m.method
         self.started = time.perf_counter()
         self.code = grpc.StatusCode.OK
         metadata = dict(context.invocation_metadata() or ())
@@ -45,8 +66,8 @@ class _Call:
             _context.tenant_id.set(metadata.get(_context.TENANT_HEADER, "")),
             _context.deadline.set(None if remaining is None else time.monotonic() + remaining),
         )
-        _metrics.RPC_STARTED.labels(self.service, self.method).inc()
-        _metrics.RPC_IN_FLIGHT.labels(self.service).inc()
+        m.started.inc()
+        m.in_flight.inc()
 
     async def fail(self, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
         """Turns an exception into the call's status (re-raising what grpc owns)."""
@@ -66,9 +87,9 @@ class _Call:
 
     def finish(self) -> None:
         elapsed = time.perf_counter() - self.started
-        _metrics.RPC_IN_FLIGHT.labels(self.service).dec()
-        _metrics.RPC_HANDLED.labels(self.service, self.method, self.code.name).inc()
-        _metrics.RPC_LATENCY.labels(self.service, self.method).observe(elapsed)
+        self._m.in_flight.dec()
+        self._m.handled(self.code).inc()
+        self._m.latency.observe(elapsed)
         if access_logger.isEnabledFor(logging.INFO):
             access_logger.info(
                 "rpc",
@@ -90,8 +111,10 @@ class _Call:
 def _wrap_unary_response(
     behavior: Callable[..., Awaitable[Any]], full_method: str
 ) -> Callable[..., Awaitable[Any]]:
+    m = _Method(full_method)
+
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = _Call(full_method, context)
+        call = _Call(m, context)
         try:
             return await behavior(request, context)
         except BaseException as exc:  # noqa: BLE001 - mapped to a status, or re-raised
@@ -105,10 +128,13 @@ def _wrap_unary_response(
 def _wrap_stream_response(
     behavior: Callable[..., Any], full_method: str
 ) -> Callable[..., AsyncIterator[Any]]:
+    m = _Method(full_method)
+    is_generator = inspect.isasyncgenfunction(behavior)
+
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        call = _Call(full_method, context)
+        call = _Call(m, context)
         try:
-            if inspect.isasyncgenfunction(behavior):
+            if is_generator:
                 async for response in behavior(request, context):
                     yield response
             else:
@@ -122,17 +148,27 @@ def _wrap_stream_response(
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    """The one interceptor every Switchboard service installs."""
+    """The one interceptor every Switchboard service installs.
+
+    Wrapped handlers are built once per method and cached: per call, only the
+    bookkeeping in `_Call` runs.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method  # type: ignore[attr-defined]
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method  # type: ignore[attr-defined]
         if method.startswith("/grpc.reflection.") or method.startswith("/grpc.health."):
             return handler
         streaming = (handler.request_streaming, handler.response_streaming)
@@ -144,8 +180,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             if handler.response_streaming
             else _wrap_unary_response(behavior, method)
         )
-        return _HANDLER_FACTORIES[streaming](
+        self._wrapped[method] = _HANDLER_FACTORIES[streaming](
             wrapped,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        return self._wrapped[method]
