@@ -1,0 +1,75 @@
+"""Configuration of the admission service."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from services.admission.limits import DEFAULT_POLICY, PolicyLimits
+from services.runtime import load_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """Read from `SWITCHBOARD_*`; the launcher sets the database URL and the replica id."""
+
+    database_url: str
+    """PostgreSQL holding the policies (`SWITCHBOARD_DATABASE_URL`)."""
+    admission_replica_id: str = "admission"
+    """This replica's name, sent back in the `x-admission-replica` response header."""
+    admission_policy_poll: timedelta = timedelta(seconds=1)
+    """How often stored policies are checked for changes made through other replicas."""
+    admission_lease_ttl: timedelta = timedelta(minutes=10)
+    """A lease never released is freed after this long (its charge is kept)."""
+    admission_default_max_wait: timedelta = timedelta(seconds=30)
+    """Longest queue wait for an Admit call that has neither max_wait nor a deadline."""
+    admission_deadline_margin: timedelta = timedelta(milliseconds=50)
+    """An Admit waits at most until this long before its deadline, so the refusal (with
+    its RetryInfo) reaches the caller before the deadline does."""
+    admission_tier_max_in_flight: tuple[str, ...] = ()
+    """Static global ceilings per model tier, e.g. `small=64,large=16` (none by default)."""
+    admission_default_requests_per_second: float = DEFAULT_POLICY.requests_per_second
+    admission_default_request_burst: int = DEFAULT_POLICY.request_burst
+    admission_default_tokens_per_minute: int = DEFAULT_POLICY.tokens_per_minute
+    admission_default_token_burst: int = DEFAULT_POLICY.token_burst
+    admission_default_max_in_flight: int = DEFAULT_POLICY.max_in_flight
+    admission_default_max_queued: int = DEFAULT_POLICY.max_queued
+
+    def __post_init__(self) -> None:
+        if not self.database_url:
+            raise ValueError("SWITCHBOARD_DATABASE_URL must name the policy database")
+        if self.admission_policy_poll <= timedelta(0):
+            raise ValueError("SWITCHBOARD_ADMISSION_POLICY_POLL must be positive")
+        if violations := self.default_policy.validate(prefix="default "):
+            raise ValueError("; ".join(f"{v.field}: {v.description}" for v in violations))
+        self.tier_ceilings()  # fails on a malformed entry
+
+    @property
+    def default_policy(self) -> PolicyLimits:
+        return PolicyLimits(
+            requests_per_second=self.admission_default_requests_per_second,
+            request_burst=self.admission_default_request_burst,
+            tokens_per_minute=self.admission_default_tokens_per_minute,
+            token_burst=self.admission_default_token_burst,
+            max_in_flight=self.admission_default_max_in_flight,
+            max_queued=self.admission_default_max_queued,
+        )
+
+    def tier_ceilings(self) -> dict[str, int]:
+        """`SWITCHBOARD_ADMISSION_TIER_MAX_IN_FLIGHT` as {tier: most requests in flight}."""
+        ceilings = {}
+        for entry in self.admission_tier_max_in_flight:
+            tier, sep, value = entry.partition("=")
+            if not sep or not tier.strip() or not value.strip().isdigit():
+                raise ValueError(
+                    f"SWITCHBOARD_ADMISSION_TIER_MAX_IN_FLIGHT: {entry!r} is not tier=count"
+                )
+            ceilings[tier.strip()] = int(value)
+        return ceilings
+
+
+def load_admission_config() -> AdmissionConfig:
+    return load_config(AdmissionConfig, prefix="SWITCHBOARD_")

@@ -1,0 +1,335 @@
+"""AdmissionService servicer: proto in, controller or policy store call, proto out."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+from switchboard.admission.v1 import admission_pb2 as pb
+from switchboard.admission.v1 import admission_service_pb2_grpc
+from switchboard.common.v1 import common_pb2
+
+from services.admission.controller import Admission, AdmissionController, QuotaSnapshot
+from services.admission.limits import PolicyLimits
+from services.admission.store import (
+    EtagMismatch,
+    PolicyStore,
+    StoredPolicy,
+    decode_page_token,
+    encode_page_token,
+)
+from services.runtime import (
+    FieldViolation,
+    InvalidArgument,
+    SwitchboardError,
+    Unauthenticated,
+    invalid,
+)
+
+logger = logging.getLogger(__name__)
+
+TENANT_HEADER = "x-tenant-id"
+REPLICA_HEADER = "x-admission-replica"
+POLICY_FIELDS = (
+    "requests_per_second",
+    "request_burst",
+    "tokens_per_minute",
+    "token_burst",
+    "max_in_flight",
+    "weight",
+    "max_queued",
+)
+_TIERS = {
+    common_pb2.MODEL_TIER_UNSPECIFIED: "",
+    common_pb2.MODEL_TIER_SMALL: "small",
+    common_pb2.MODEL_TIER_LARGE: "large",
+}
+_STREAM_UPDATE_S = 0.25
+
+
+class Aborted(SwitchboardError):
+    code = grpc.StatusCode.ABORTED
+    reason = "ETAG_MISMATCH"
+
+
+def _header_tenant(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == TENANT_HEADER:
+            return value  # type: ignore[no-any-return]
+    return ""
+
+
+def resolve_tenant(
+    requested: str, context: grpc.aio.ServicerContext, *, field: str, owned: bool
+) -> str:
+    """The call's tenant: the request's, else `x-tenant-id`'s.
+
+    Args:
+        owned: the call reads or changes state the tenant's replica holds; then the
+            request and the header must agree, since the header chose the replica.
+    """
+    header = _header_tenant(context)
+    if owned and requested and header and requested != header:
+        raise InvalidArgument(
+            f"{field} {requested!r} differs from the x-tenant-id header {header!r}, which "
+            "routes the call to the replica holding the tenant's state",
+            reason="TENANT_MISMATCH",
+            field_violations=[FieldViolation(field, "must match the x-tenant-id header")],
+        )
+    tenant = requested or header
+    if not tenant:
+        raise Unauthenticated(
+            f"no tenant: set {field} or the x-tenant-id header", reason="TENANT_MISSING"
+        )
+    return tenant
+
+
+def _timestamp(at: datetime) -> Any:
+    from google.protobuf import timestamp_pb2
+
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(at)
+    return stamp
+
+
+def policy_message(
+    tenant_id: str, user_id: str, limits: PolicyLimits, stored: StoredPolicy | None = None
+) -> pb.Policy:
+    policy = pb.Policy(
+        tenant_id=tenant_id,
+        user_id=user_id,
+        **{name: getattr(limits, name) for name in POLICY_FIELDS},
+    )
+    if stored is not None:
+        policy.etag = stored.etag
+        policy.update_time.CopyFrom(_timestamp(stored.update_time))
+    return policy
+
+
+def _admission_message(admission: Admission) -> pb.AdmitResponse:
+    lease = admission.lease
+    expires = datetime.now(UTC) + timedelta(seconds=lease.expires_at - time.monotonic())
+    reply = pb.AdmitResponse(
+        lease=pb.Lease(
+            lease_id=lease.lease_id,
+            tenant_id=lease.tenant_id,
+            charged_tokens=lease.charged_tokens,
+        ),
+        initial_queue_position=admission.initial_queue_position,
+    )
+    reply.lease.expire_time.CopyFrom(_timestamp(expires))
+    reply.queue_wait.FromTimedelta(admission.queue_wait)
+    return reply
+
+
+def _quota_message(snapshot: QuotaSnapshot) -> pb.QuotaStatus:
+    status = pb.QuotaStatus(
+        tenant_id=snapshot.tenant_id,
+        user_id=snapshot.user_id,
+        available_requests=snapshot.available_requests,
+        available_tokens=snapshot.available_tokens,
+        in_flight=snapshot.in_flight,
+        queued=[pb.QueueDepth(priority=int(p), waiting=n) for p, n in snapshot.queued.items()],
+    )
+    if snapshot.policy is not None:
+        status.policy.CopyFrom(
+            policy_message(snapshot.tenant_id, snapshot.user_id, snapshot.policy)
+        )
+    return status
+
+
+class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
+    def __init__(
+        self,
+        controller: AdmissionController,
+        store: PolicyStore,
+        *,
+        replica_id: str,
+        default_policy: PolicyLimits,
+        default_max_wait: timedelta,
+        deadline_margin: timedelta,
+    ) -> None:
+        self._controller = controller
+        self._store = store
+        self._replica = ((REPLICA_HEADER, replica_id),)
+        self._default = default_policy
+        self._default_max_wait = default_max_wait
+        self._margin = deadline_margin.total_seconds()
+
+    # ---- decisions ---------------------------------------------------------------------
+
+    def _admit_args(
+        self, request: pb.AdmitRequest, context: grpc.aio.ServicerContext, *, prefix: str = ""
+    ) -> dict[str, Any]:
+        tenant = resolve_tenant(
+            request.context.tenant_id, context, field=f"{prefix}context.tenant_id", owned=True
+        )
+        tier = _TIERS.get(request.tier)
+        if tier is None:
+            raise invalid([FieldViolation(f"{prefix}tier", f"unknown model tier {request.tier}")])
+        remaining = context.time_remaining()
+        budget = None if remaining is None else max(remaining - self._margin, 0.0)
+        if request.HasField("max_wait"):
+            max_wait = request.max_wait.ToTimedelta()
+            if budget is not None and max_wait > timedelta(seconds=budget):
+                max_wait = timedelta(seconds=budget)
+        else:
+            max_wait = self._default_max_wait if budget is None else timedelta(seconds=budget)
+        return {
+            "tenant_id": tenant,
+            "user_id": request.context.user_id,
+            "priority": request.context.priority,
+            "tier": tier,
+            "prompt_tokens": request.estimated_prompt_tokens,
+            "completion_tokens": request.max_completion_tokens,
+            "no_wait": request.no_wait,
+            "max_wait": max_wait,
+        }
+
+    async def Admit(  # noqa: N802 - gRPC method name
+        self, request: pb.AdmitRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AdmitResponse:
+        admission = await self._controller.admit(**self._admit_args(request, context))
+        await context.send_initial_metadata(self._replica)
+        return _admission_message(admission)
+
+    async def AdmitStream(  # noqa: N802 - gRPC method name
+        self, request: pb.AdmitStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.AdmitStreamResponse]:
+        args = self._admit_args(request.request, context, prefix="request.")
+        ticket = self._controller.submit(**args)
+        delivered = False
+        try:
+            await context.send_initial_metadata(self._replica)
+            last: tuple[int, float] | None = None
+            while ticket.waiting:
+                status = self._controller.queue_status(ticket)
+                seen = (status.position, round(status.estimated_wait.total_seconds(), 1))
+                if seen != last:
+                    last = seen
+                    update = pb.QueueStatus(position=status.position)
+                    update.estimated_wait.FromTimedelta(status.estimated_wait)
+                    yield pb.AdmitStreamResponse(queued=update)
+                await self._controller.wait(ticket, timeout=_STREAM_UPDATE_S)
+            admission = ticket.result()
+            yield pb.AdmitStreamResponse(admitted=_admission_message(admission))
+            delivered = True
+        finally:
+            if not delivered:
+                self._controller.abandon(ticket)
+
+    async def Release(  # noqa: N802 - gRPC method name
+        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseResponse:
+        if not request.lease_id:
+            raise invalid([FieldViolation("lease_id", "required")])
+        actual = None
+        if request.HasField("actual_usage"):
+            usage = request.actual_usage
+            parts = (usage.total_tokens, usage.prompt_tokens, usage.completion_tokens)
+            actual = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
+            if min(parts) < 0:
+                actual = min(parts)  # refused by the controller with a field violation
+        released, adjustment = self._controller.release(request.lease_id, actual_tokens=actual)
+        await context.send_initial_metadata(self._replica)
+        return pb.ReleaseResponse(released=released, token_adjustment=adjustment)
+
+    async def GetQuota(  # noqa: N802 - gRPC method name
+        self, request: pb.GetQuotaRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetQuotaResponse:
+        tenant = resolve_tenant(request.tenant_id, context, field="tenant_id", owned=True)
+        snapshot = self._controller.quota(tenant, request.user_id)
+        await context.send_initial_metadata(self._replica)
+        return pb.GetQuotaResponse(quota=_quota_message(snapshot))
+
+    # ---- policies ----------------------------------------------------------------------
+
+    async def GetPolicy(  # noqa: N802 - gRPC method name
+        self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetPolicyResponse:
+        tenant = resolve_tenant(request.tenant_id, context, field="tenant_id", owned=False)
+        stored = await self._store.get(tenant, request.user_id)
+        if stored is not None:
+            return pb.GetPolicyResponse(
+                policy=policy_message(tenant, request.user_id, stored.limits, stored)
+            )
+        # No stored policy: the tenant's default, or for a user their tenant's policy.
+        limits, _ = self._controller.get_policy(tenant)
+        tenant_policy = await self._store.get(tenant, "") if request.user_id else None
+        if tenant_policy is not None:
+            limits = tenant_policy.limits
+        assert limits is not None
+        return pb.GetPolicyResponse(
+            policy=policy_message(tenant, request.user_id, limits), is_default=True
+        )
+
+    async def UpdatePolicy(  # noqa: N802 - gRPC method name
+        self, request: pb.UpdatePolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdatePolicyResponse:
+        given = request.policy
+        tenant = resolve_tenant(given.tenant_id, context, field="policy.tenant_id", owned=False)
+        paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
+        bad = [
+            FieldViolation(f"update_mask.paths[{i}]", f"{p!r} is not an updatable Policy field")
+            for i, p in enumerate(paths)
+            if p not in POLICY_FIELDS
+        ]
+        if bad:
+            raise invalid(bad)
+        changed = paths or list(POLICY_FIELDS)
+        default = self._default
+
+        def merge(current: PolicyLimits | None) -> PolicyLimits:
+            values = {name: getattr(current or default, name) for name in POLICY_FIELDS}
+            values.update({name: getattr(given, name) for name in changed})
+            limits = PolicyLimits(**values)
+            if violations := limits.validate(prefix="policy."):
+                raise invalid(violations, what="policy")
+            return limits
+
+        try:
+            stored = await self._store.put(tenant, given.user_id, merge, etag=given.etag)
+        except EtagMismatch:
+            raise Aborted(
+                f"the policy of {tenant!r} changed since etag {given.etag!r} was read; "
+                "read it again and retry",
+                metadata={"tenant_id": tenant, "user_id": given.user_id},
+            ) from None
+        return pb.UpdatePolicyResponse(
+            policy=policy_message(tenant, given.user_id, stored.limits, stored)
+        )
+
+    async def ListPolicies(  # noqa: N802 - gRPC method name
+        self, request: pb.ListPoliciesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListPoliciesResponse:
+        violations = []
+        if not 0 <= request.page_size <= 1000:
+            violations.append(FieldViolation("page_size", "must be within 0..1000 (0 = 100)"))
+        after = None
+        if request.page_token:
+            try:
+                after = decode_page_token(request.page_token)
+            except ValueError:
+                violations.append(FieldViolation("page_token", "not a token this API gave out"))
+        if violations:
+            raise invalid(violations)
+        size = request.page_size or 100
+        rows = await self._store.list(tenant_id=request.tenant_id, after=after, limit=size + 1)
+        page = rows[:size]
+        reply = pb.ListPoliciesResponse(
+            policies=[policy_message(p.tenant_id, p.user_id, p.limits, p) for p in page]
+        )
+        if len(rows) > size:
+            reply.next_page_token = encode_page_token(page[-1].tenant_id, page[-1].user_id)
+        return reply
+
+    async def DeletePolicy(  # noqa: N802 - gRPC method name
+        self, request: pb.DeletePolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeletePolicyResponse:
+        tenant = resolve_tenant(request.tenant_id, context, field="tenant_id", owned=False)
+        deleted = await self._store.delete(tenant, request.user_id)
+        return pb.DeletePolicyResponse(deleted=deleted)
