@@ -34,6 +34,9 @@ class LauncherConfig:
     """Triton replica i listens on http base+3i, grpc base+3i+1, metrics base+3i+2."""
     triton_replicas: int = 2
     inference_port: int = 50051
+    admission_port: int = 50052
+    """Admission replica i listens on admission_port + 10i."""
+    admission_replicas: int = 2
     metrics_base_port: int = 9100
     """Service k's Prometheus endpoint is on metrics_base_port + k."""
     model_policy: Path = REPO_ROOT / "services" / "inference" / "models.yaml"
@@ -47,6 +50,8 @@ class LauncherConfig:
     def __post_init__(self) -> None:
         if self.triton_replicas < 1:
             raise ValueError("SWITCHBOARD_TRITON_REPLICAS must be at least 1")
+        if self.admission_replicas < 1:
+            raise ValueError("SWITCHBOARD_ADMISSION_REPLICAS must be at least 1")
         if self.gpu not in ("auto", "on", "off"):
             raise ValueError("SWITCHBOARD_GPU must be auto, on or off")
 
@@ -55,7 +60,9 @@ class LauncherConfig:
         return base, base + 1, base + 2
 
 
-def isolated_config(run_dir: Path, *, triton_replicas: int = 2, gpu: str = "off") -> LauncherConfig:
+def isolated_config(
+    run_dir: Path, *, triton_replicas: int = 2, admission_replicas: int = 2, gpu: str = "off"
+) -> LauncherConfig:
     """A config on a free, random port range and its own run directory, so tests and
     benchmarks never collide with a mesh started by `make up`."""
     from services.launcher._procs import free_port_base
@@ -70,7 +77,9 @@ def isolated_config(run_dir: Path, *, triton_replicas: int = 2, gpu: str = "off"
         nats_port=base + 3,
         nats_monitor_port=base + 4,
         inference_port=base + 5,
-        metrics_base_port=base + 10,
+        admission_port=base + 6,  # replica i on base + 6 + 10i: base+16, base+26
+        admission_replicas=admission_replicas,
+        metrics_base_port=base + 10,  # one per service process: base+10..base+15
         triton_base_port=base + 30,
         triton_replicas=triton_replicas,
         gpu=gpu,

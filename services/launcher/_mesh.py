@@ -42,15 +42,43 @@ class ServiceSpec:
     name: str
     port_field: str
     grpc_services: tuple[str, ...]
+    replicas_field: str | None = None
+    """The LauncherConfig field holding the replica count; None = one process."""
+    hash_header: str | None = None
+    """Envoy spreads calls over the replicas by a consistent hash of this header."""
 
     @property
     def module(self) -> str:
         return f"services.{self.name}"
 
+    def replicas(self, config: LauncherConfig) -> int:
+        return getattr(config, self.replicas_field) if self.replicas_field else 1
 
+    def process_name(self, config: LauncherConfig, replica: int) -> str:
+        """`inference` for a single process, `admission-0`, `admission-1` for replicas."""
+        return f"{self.name}-{replica}" if self.replicas_field else self.name
+
+    def port(self, config: LauncherConfig, replica: int) -> int:
+        """Replica i listens on the configured port + 10·i."""
+        return getattr(config, self.port_field) + REPLICA_PORT_STRIDE * replica
+
+
+REPLICA_PORT_STRIDE = 10
 SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("inference", "inference_port", ("switchboard.inference.v1.InferenceService",)),
+    ServiceSpec(
+        "admission",
+        "admission_port",
+        ("switchboard.admission.v1.AdmissionService",),
+        replicas_field="admission_replicas",
+        hash_header="x-tenant-id",
+    ),
 )
+
+
+def service_processes(config: LauncherConfig) -> list[tuple[ServiceSpec, int]]:
+    """Every service process as (spec, replica); process k's metrics port is base + k."""
+    return [(spec, i) for spec in SERVICES for i in range(spec.replicas(config))]
 
 
 class Mesh:
@@ -104,8 +132,8 @@ class Mesh:
                 self._start_nats()
             if not self.config.triton_url:
                 self._start_tritons()
-            for index, spec in enumerate(SERVICES):
-                self._start_service(index, spec)
+            for index, (spec, replica) in enumerate(service_processes(self.config)):
+                self._start_service(index, spec, replica)
             self._start_envoy()
         except BaseException:
             self._say("start failed; stopping what was started")
@@ -173,14 +201,24 @@ class Mesh:
                     (f"triton-{i} {kind}", p)
                     for kind, p in zip(("http", "grpc", "metrics"), c.triton_ports(i), strict=True)
                 ]
-        for index, spec in enumerate(SERVICES):
-            ports.append((spec.name, getattr(c, spec.port_field)))
-            ports.append((f"{spec.name} metrics", c.metrics_base_port + index))
+        for index, (spec, replica) in enumerate(service_processes(c)):
+            name = spec.process_name(c, replica)
+            ports.append((name, spec.port(c, replica)))
+            ports.append((f"{name} metrics", c.metrics_base_port + index))
         return ports
 
     def _check_ports(self) -> None:
+        planned = self._planned_ports()
+        owners: dict[int, str] = {}
+        clashes = []
+        for what, port in planned:
+            if port in owners:
+                clashes.append(f"  port {port} is planned for both {owners[port]} and {what}")
+            owners.setdefault(port, what)
+        if clashes:
+            raise LaunchError("cannot start: the configured ports overlap\n" + "\n".join(clashes))
         problems = []
-        for what, port in self._planned_ports():
+        for what, port in planned:
             owner = port_owner(self.config.host, port)
             if owner:
                 problems.append(f"  port {port} ({what}) is in use by {owner}")
@@ -350,10 +388,13 @@ class Mesh:
         self.state.save(self._records)
         return bool(found)
 
-    def _start_service(self, index: int, spec: ServiceSpec) -> None:
-        port = getattr(self.config, spec.port_field)
+    def _start_service(self, index: int, spec: ServiceSpec, replica: int = 0) -> None:
+        port = spec.port(self.config, replica)
+        name = spec.process_name(self.config, replica)
         prefix = f"SWITCHBOARD_{spec.name.upper()}_"
         env = {
+            f"{prefix}REPLICA_ID": name,
+            "SWITCHBOARD_ADMISSION_TARGET": self.envoy_address,
             f"{prefix}HOST": self.config.host,
             f"{prefix}PORT": str(port),
             f"{prefix}METRICS_PORT": str(self.config.metrics_base_port + index),
@@ -363,8 +404,8 @@ class Mesh:
             "SWITCHBOARD_NATS_URL": self.nats_url,
             "PYTHONUNBUFFERED": "1",
         }
-        self._say(f"starting {spec.name} service on {self.config.host}:{port}")
-        record = self._spawn(spec.name, [sys.executable, "-m", spec.module], env=env, cwd=REPO_ROOT)
+        self._say(f"starting {name} service on {self.config.host}:{port}")
+        record = self._spawn(name, [sys.executable, "-m", spec.module], env=env, cwd=REPO_ROOT)
         target = f"{self.config.host}:{port}"
         self._wait(
             record, lambda: grpc_serving(target, spec.grpc_services[0]), what="SERVING", timeout=60
@@ -375,7 +416,11 @@ class Mesh:
             _envoy.Upstream(
                 name=spec.name,
                 services=spec.grpc_services,
-                endpoints=((self.config.host, getattr(self.config, spec.port_field)),),
+                endpoints=tuple(
+                    (self.config.host, spec.port(self.config, i))
+                    for i in range(spec.replicas(self.config))
+                ),
+                hash_header=spec.hash_header,
             )
             for spec in SERVICES
         ]
@@ -397,7 +442,8 @@ class Mesh:
         self._wait(
             record,
             lambda: all(
-                _envoy.healthy_hosts(self.config.envoy_admin_port).get(spec.name, 0) > 0
+                _envoy.healthy_hosts(self.config.envoy_admin_port).get(spec.name, 0)
+                >= spec.replicas(self.config)
                 for spec in SERVICES
             ),
             what="routing to every service",

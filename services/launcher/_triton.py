@@ -218,8 +218,8 @@ def tritonserver_command(
     prefix = shm_prefix or f"switchboard_{os.getpid()}_{grpc_port}_"
     argv = [
         str(tritonserver_binary()),
-        f"--model-repository={model_repo}",
-        f"--backend-directory={backend_dir}",
+        f"--model-repository={Path(model_repo).resolve()}",
+        f"--backend-directory={Path(backend_dir).resolve()}",
         "--model-control-mode=explicit",
         *(f"--load-model={name}" for name in names),
         "--exit-on-error=true",
