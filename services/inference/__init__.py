@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import grpc
 from switchboard.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 
+from services.inference.admission import AdmissionGate
 from services.inference.config import InferenceConfig, load_inference_config
 from services.inference.policy import ModelPolicy
 from services.inference.router import Router
@@ -30,6 +31,7 @@ class InferenceService:
     def __init__(self, config: InferenceConfig | None = None) -> None:
         self._config = config or load_inference_config()
         self.router: Router | None = None
+        self.admission: AdmissionGate | None = None
 
     async def start(self) -> None:
         config = self._config
@@ -45,11 +47,13 @@ class InferenceService:
             affinity_slack=config.affinity_slack,
         )
         await self.router.refresh()
+        if config.admission_target:
+            self.admission = AdmissionGate(config.admission_target)
 
     def register(self, server: grpc.aio.Server) -> None:
         assert self.router is not None, "start() first"
         inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(self.router), server
+            InferenceServicer(self.router, admission=self.admission), server
         )
 
     async def ready(self) -> bool:
@@ -57,6 +61,8 @@ class InferenceService:
         return await self.router.refresh()
 
     async def shutdown(self) -> None:
+        if self.admission is not None:
+            await self.admission.close()
         if self.router is not None:
             for backend in self.router.backends:
                 await backend.close()

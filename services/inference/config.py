@@ -26,6 +26,9 @@ class InferenceConfig:
     affinity_slack: int = 4
     """A session stays on its backend while it has at most this many more outstanding
     calls than the least loaded backend."""
+    admission_target: str = ""
+    """Where AdmissionService is reached (Envoy, which routes by tenant); empty = no
+    admission control (unit set-ups). The launcher always sets it."""
 
     def __post_init__(self) -> None:
         if not self.triton_urls:

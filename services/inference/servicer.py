@@ -10,6 +10,7 @@ import grpc
 from switchboard.common.v1 import common_pb2
 from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 
+from services.inference.admission import ANONYMOUS_TENANT, TENANT_HEADER, AdmissionGate
 from services.inference.policy import count_tokens
 from services.inference.router import GenerateInput, GenerateResult, Router
 
@@ -48,9 +49,18 @@ def _citations(
     return citations
 
 
+def _tenant(context: grpc.aio.ServicerContext) -> str:
+    """The caller's `x-tenant-id`, or the anonymous tenant."""
+    for key, value in context.invocation_metadata() or ():
+        if key == TENANT_HEADER and value:
+            return value  # type: ignore[no-any-return]
+    return ANONYMOUS_TENANT
+
+
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, *, admission: AdmissionGate | None = None) -> None:
         self._router = router
+        self._admission = admission
 
     async def Generate(  # noqa: N802 - gRPC method name
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -65,6 +75,35 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             session_id=request.session_id,
         )
         result = GenerateResult(choice=self._router.choose(params))
+        if self._admission is None:
+            async for reply in self._generate(request, params, result):
+                yield reply
+            return
+        choice = result.choice
+        tenant = _tenant(context)
+        lease_id = await self._admission.admit(
+            tenant_id=tenant,
+            tier=choice.model.tier,
+            prompt_tokens=choice.prompt_tokens,
+            max_tokens=choice.max_tokens,
+        )
+        try:
+            async for reply in self._generate(request, params, result):
+                yield reply
+        finally:
+            self._admission.release(
+                lease_id,
+                tenant_id=tenant,
+                prompt=choice.prompt_tokens,
+                completion=result.completion_tokens,
+            )
+
+    async def _generate(
+        self,
+        request: inference_pb2.GenerateRequest,
+        params: GenerateInput,
+        result: GenerateResult,
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         index = 0
         finish = inference_pb2.FINISH_REASON_STOP
         async for token in self._router.generate(params, result):
