@@ -1,0 +1,371 @@
+"""AdmissionService end to end: through Envoy to two replicas, policies in PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+from switchboard.admission.v1 import admission_pb2 as pb
+from switchboard.admission.v1 import admission_service_pb2_grpc
+from switchboard.common.v1 import common_pb2
+from switchboard.inference.v1 import inference_pb2
+
+from services.runtime import error_details
+
+REPLICA_HEADER = "x-admission-replica"
+CONTEXT = [
+    inference_pb2.Passage(
+        source_id="doc", text="Envoy is an edge proxy. It routes gRPC calls by service name."
+    )
+]
+
+
+@pytest.fixture
+async def admission(envoy_target: str):
+    async with grpc.aio.insecure_channel(envoy_target) as channel:
+        yield admission_service_pb2_grpc.AdmissionServiceStub(channel)
+
+
+def new_tenant() -> str:
+    return f"tenant-{uuid.uuid4().hex[:12]}"
+
+
+def as_tenant(tenant: str) -> tuple[tuple[str, str], ...]:
+    return (("x-tenant-id", tenant),)
+
+
+async def set_policy(stub, tenant: str, **fields) -> pb.Policy:
+    reply = await stub.UpdatePolicy(
+        pb.UpdatePolicyRequest(
+            policy=pb.Policy(tenant_id=tenant, **fields),
+            update_mask=field_mask_pb2.FieldMask(paths=list(fields)),
+        ),
+        metadata=as_tenant(tenant),
+        timeout=5,
+    )
+    return reply.policy
+
+
+async def quota(stub, tenant: str) -> pb.QuotaStatus:
+    reply = await stub.GetQuota(pb.GetQuotaRequest(), metadata=as_tenant(tenant), timeout=5)
+    return reply.quota
+
+
+def waiting(status: pb.QuotaStatus) -> int:
+    return sum(q.waiting for q in status.queued)
+
+
+async def eventually(check, *, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_admit_and_release_round_trip(admission):
+    tenant = new_tenant()
+    reply = await admission.Admit(
+        pb.AdmitRequest(estimated_prompt_tokens=40, max_completion_tokens=60),
+        metadata=as_tenant(tenant),
+        timeout=5,
+    )
+    assert reply.lease.lease_id and reply.lease.tenant_id == tenant
+    assert reply.lease.charged_tokens == 100
+    assert reply.lease.expire_time.seconds > 0
+    assert (await quota(admission, tenant)).in_flight == 1
+
+    usage = common_pb2.TokenUsage(prompt_tokens=40, completion_tokens=10, total_tokens=50)
+    release = pb.ReleaseRequest(lease_id=reply.lease.lease_id, actual_usage=usage)
+    first = await admission.Release(release, metadata=as_tenant(tenant), timeout=5)
+    assert first.released and first.token_adjustment == 50
+    assert (await quota(admission, tenant)).in_flight == 0
+
+    again = await admission.Release(release, metadata=as_tenant(tenant), timeout=5)
+    assert not again.released and again.token_adjustment == 0
+    unknown = pb.ReleaseRequest(lease_id="no-such-lease")
+    assert not (await admission.Release(unknown, metadata=as_tenant(tenant), timeout=5)).released
+
+
+async def test_no_wait_refusal_carries_quota_failure_and_an_honest_retry(admission):
+    tenant = new_tenant()
+    await set_policy(admission, tenant, requests_per_second=0.5, request_burst=1)
+    await admission.Admit(pb.AdmitRequest(), metadata=as_tenant(tenant), timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admission.Admit(pb.AdmitRequest(no_wait=True), metadata=as_tenant(tenant), timeout=5)
+    details = error_details(err.value)
+    assert details.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details.error_info.reason == "QUOTA_EXCEEDED"
+    assert details.error_info.metadata["limit"] == "requests_per_second"
+    assert [v.subject for v in details.quota_failure.violations] == [f"tenant:{tenant}"]
+    delay = details.retry_info.retry_delay.ToTimedelta().total_seconds()
+    assert 1.0 < delay <= 2.0  # one request at 0.5/s, just taken
+
+
+async def test_a_queued_admit_is_admitted_when_a_lease_is_released(admission):
+    tenant = new_tenant()
+    await set_policy(admission, tenant, max_in_flight=1)
+    first = await admission.Admit(pb.AdmitRequest(), metadata=as_tenant(tenant), timeout=5)
+    second = asyncio.ensure_future(
+        admission.Admit(pb.AdmitRequest(), metadata=as_tenant(tenant), timeout=10)
+    )
+
+    async def queued() -> bool:
+        return waiting(await quota(admission, tenant)) == 1
+
+    await eventually(queued)
+    assert not second.done()
+    await admission.Release(
+        pb.ReleaseRequest(lease_id=first.lease.lease_id), metadata=as_tenant(tenant), timeout=5
+    )
+    reply = await asyncio.wait_for(second, 5)
+    assert reply.queue_wait.ToTimedelta().total_seconds() > 0
+    assert reply.initial_queue_position == 0
+
+
+async def test_a_cancelled_waiter_frees_its_place_at_once(admission):
+    tenant = new_tenant()
+    await set_policy(admission, tenant, max_in_flight=1, max_queued=1)
+    first = await admission.Admit(pb.AdmitRequest(), metadata=as_tenant(tenant), timeout=5)
+    waiter = admission.Admit(pb.AdmitRequest(), metadata=as_tenant(tenant), timeout=10)
+    pending = asyncio.ensure_future(waiter)
+
+    async def queued(n: int):
+        async def check() -> bool:
+            return waiting(await quota(admission, tenant)) == n
+
+        return check
+
+    await eventually(await queued(1))
+    waiter.cancel()
+    await eventually(await queued(0), timeout=1.0)
+    with pytest.raises(asyncio.CancelledError):
+        await pending
+    # the freed place takes a new waiter (max_queued is 1), admitted on release
+    third = asyncio.ensure_future(
+        admission.Admit(pb.AdmitRequest(), metadata=as_tenant(tenant), timeout=10)
+    )
+    await eventually(await queued(1))
+    await admission.Release(
+        pb.ReleaseRequest(lease_id=first.lease.lease_id), metadata=as_tenant(tenant), timeout=5
+    )
+    assert (await asyncio.wait_for(third, 5)).lease.lease_id
+
+
+async def test_admit_stream_reports_the_queue_then_admits(admission):
+    tenant = new_tenant()
+    await set_policy(admission, tenant, max_in_flight=1)
+    first = await admission.Admit(pb.AdmitRequest(), metadata=as_tenant(tenant), timeout=5)
+    stream = admission.AdmitStream(
+        pb.AdmitStreamRequest(request=pb.AdmitRequest()), metadata=as_tenant(tenant), timeout=10
+    )
+    update = await stream.read()
+    assert update.HasField("queued") and update.queued.position == 0
+    await admission.Release(
+        pb.ReleaseRequest(lease_id=first.lease.lease_id), metadata=as_tenant(tenant), timeout=5
+    )
+    while (message := await stream.read()).HasField("queued"):
+        pass
+    assert message.admitted.lease.lease_id
+
+
+async def test_bad_policies_and_requests_get_field_violations(admission):
+    tenant = new_tenant()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await set_policy(admission, tenant, requests_per_second=-1.0, max_in_flight=0)
+    details = error_details(err.value)
+    assert details.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert {v.field for v in details.field_violations} == {
+        "policy.requests_per_second",
+        "policy.max_in_flight",
+    }
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admission.UpdatePolicy(
+            pb.UpdatePolicyRequest(
+                policy=pb.Policy(tenant_id=tenant),
+                update_mask=field_mask_pb2.FieldMask(paths=["color"]),
+            ),
+            metadata=as_tenant(tenant),
+            timeout=5,
+        )
+    assert [v.field for v in error_details(err.value).field_violations] == ["update_mask.paths[0]"]
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admission.Admit(
+            pb.AdmitRequest(
+                context=common_pb2.RequestContext(priority=7), estimated_prompt_tokens=-5
+            ),
+            metadata=as_tenant(tenant),
+            timeout=5,
+        )
+    details = error_details(err.value)
+    assert details.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert {v.field for v in details.field_violations} == {
+        "context.priority",
+        "estimated_prompt_tokens",
+    }
+
+
+async def test_tenant_is_required_and_must_match_the_header(admission):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admission.Admit(pb.AdmitRequest(), timeout=5)
+    details = error_details(err.value)
+    assert details.code == grpc.StatusCode.UNAUTHENTICATED
+    assert details.error_info.reason == "TENANT_MISSING"
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admission.GetQuota(
+            pb.GetQuotaRequest(tenant_id="someone-else"), metadata=as_tenant("me"), timeout=5
+        )
+    details = error_details(err.value)
+    assert details.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.error_info.reason == "TENANT_MISMATCH"
+
+
+async def test_policy_etag_guards_concurrent_updates(admission):
+    tenant = new_tenant()
+    policy = await set_policy(admission, tenant, max_in_flight=5)
+    assert policy.etag and policy.update_time.seconds > 0
+    read = await admission.GetPolicy(pb.GetPolicyRequest(), metadata=as_tenant(tenant), timeout=5)
+    assert not read.is_default and read.policy.etag == policy.etag
+    assert read.policy.max_in_flight == 5 and read.policy.request_burst > 0  # default kept
+
+    stale = pb.UpdatePolicyRequest(
+        policy=pb.Policy(tenant_id=tenant, max_in_flight=6, etag="stale"),
+        update_mask=field_mask_pb2.FieldMask(paths=["max_in_flight"]),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admission.UpdatePolicy(stale, metadata=as_tenant(tenant), timeout=5)
+    details = error_details(err.value)
+    assert details.code == grpc.StatusCode.ABORTED
+    assert details.error_info.reason == "ETAG_MISMATCH"
+
+    stale.policy.etag = policy.etag
+    updated = await admission.UpdatePolicy(stale, metadata=as_tenant(tenant), timeout=5)
+    assert updated.policy.max_in_flight == 6 and updated.policy.etag != policy.etag
+
+    deleted = await admission.DeletePolicy(
+        pb.DeletePolicyRequest(), metadata=as_tenant(tenant), timeout=5
+    )
+    assert deleted.deleted
+    after = await admission.GetPolicy(pb.GetPolicyRequest(), metadata=as_tenant(tenant), timeout=5)
+    assert after.is_default
+
+
+async def test_list_policies_pages_through_a_tenant(admission):
+    tenant = new_tenant()
+    for user in ("u1", "u2", "u3"):
+        await admission.UpdatePolicy(
+            pb.UpdatePolicyRequest(
+                policy=pb.Policy(tenant_id=tenant, user_id=user, max_in_flight=2),
+                update_mask=field_mask_pb2.FieldMask(paths=["max_in_flight"]),
+            ),
+            metadata=as_tenant(tenant),
+            timeout=5,
+        )
+    first = await admission.ListPolicies(
+        pb.ListPoliciesRequest(tenant_id=tenant, page_size=2), timeout=5
+    )
+    assert [p.user_id for p in first.policies] == ["u1", "u2"] and first.next_page_token
+    rest = await admission.ListPolicies(
+        pb.ListPoliciesRequest(tenant_id=tenant, page_size=2, page_token=first.next_page_token),
+        timeout=5,
+    )
+    assert [p.user_id for p in rest.policies] == ["u3"] and not rest.next_page_token
+
+
+def _replica_targets(mesh) -> dict[str, str]:
+    config = mesh.config
+    return {
+        f"admission-{i}": f"{config.host}:{config.admission_port + 10 * i}"
+        for i in range(config.admission_replicas)
+    }
+
+
+async def _replica_of(stub, tenant: str) -> str:
+    call = stub.GetQuota(pb.GetQuotaRequest(), metadata=as_tenant(tenant), timeout=5)
+    await call
+    return dict(await call.initial_metadata())[REPLICA_HEADER]
+
+
+async def test_envoy_keeps_each_tenant_on_one_replica_and_spreads_tenants(admission, mesh):
+    replicas = _replica_targets(mesh)
+    assert len(replicas) == 2
+    tenants = [new_tenant() for _ in range(16)]
+    seen = {t: {await _replica_of(admission, t) for _ in range(4)} for t in tenants}
+    assert all(len(names) == 1 for names in seen.values()), seen
+    assert set().union(*seen.values()) == set(replicas)
+
+    # A lease taken through Envoy lives only on the tenant's replica.
+    tenant = tenants[0]
+    (owner,) = seen[tenant]
+    lease = await admission.Admit(pb.AdmitRequest(), metadata=as_tenant(tenant), timeout=5)
+    in_flight = {}
+    for name, target in replicas.items():
+        async with grpc.aio.insecure_channel(target) as channel:
+            direct = admission_service_pb2_grpc.AdmissionServiceStub(channel)
+            in_flight[name] = (await quota(direct, tenant)).in_flight
+    assert in_flight == {name: int(name == owner) for name in replicas}
+    await admission.Release(
+        pb.ReleaseRequest(lease_id=lease.lease.lease_id), metadata=as_tenant(tenant), timeout=5
+    )
+
+
+async def test_a_policy_update_reaches_every_replica_without_restart(admission, mesh):
+    tenant = new_tenant()
+    await set_policy(admission, tenant, max_in_flight=3)
+    for target in _replica_targets(mesh).values():
+        async with grpc.aio.insecure_channel(target) as channel:
+            direct = admission_service_pb2_grpc.AdmissionServiceStub(channel)
+
+            async def applied(stub=direct) -> bool:
+                return (await quota(stub, tenant)).policy.max_in_flight == 3
+
+            await eventually(applied, timeout=5.0)
+
+
+async def test_generate_refused_by_admission_streams_nothing(admission, inference):
+    tenant = new_tenant()
+    await set_policy(admission, tenant, requests_per_second=0.05, request_burst=1)
+    request = inference_pb2.GenerateRequest(prompt="What does Envoy do?", context=CONTEXT)
+    tokens = [r async for r in inference.Generate(request, metadata=as_tenant(tenant), timeout=20)]
+    assert tokens[-1].HasField("complete")
+
+    async def released() -> bool:
+        return (await quota(admission, tenant)).in_flight == 0
+
+    await eventually(released)
+
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for reply in inference.Generate(request, metadata=as_tenant(tenant), timeout=5):
+            received.append(reply)
+    assert received == []
+    details = error_details(err.value)
+    assert details.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details.error_info.reason == "QUOTA_EXCEEDED"
+    assert details.error_info_count == 1
+    assert details.quota_failure.violations[0].subject == f"tenant:{tenant}"
+    assert details.retry_info.retry_delay.ToTimedelta().total_seconds() > 5
+
+
+async def test_a_generation_the_client_cancels_releases_its_lease(admission, inference):
+    tenant = new_tenant()
+    await set_policy(admission, tenant, requests_per_second=0.01, request_burst=5)
+    request = inference_pb2.GenerateRequest(
+        prompt="What does Envoy do?", context=CONTEXT, parameters={"max_tokens": 64}
+    )
+    call = inference.Generate(request, metadata=as_tenant(tenant), timeout=20)
+    assert (await call.read()).HasField("token")
+    call.cancel()
+
+    async def released() -> bool:
+        status = await quota(admission, tenant)
+        return status.in_flight == 0
+
+    await eventually(released)
+    assert (await quota(admission, tenant)).available_requests < 4.5  # it was admitted
