@@ -1,0 +1,66 @@
+"""The admission service's pieces that need no network: config, paging, relaying, ports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from services.admission.config import AdmissionConfig
+from services.admission.store import decode_page_token, encode_page_token
+from services.inference.admission import RelayedError
+from services.launcher._config import LauncherConfig, isolated_config
+from services.launcher._mesh import Mesh, service_processes
+from services.runtime import ResourceExhausted
+
+
+def test_tier_ceilings_parse_and_bad_entries_fail_at_start() -> None:
+    config = AdmissionConfig(
+        database_url="postgresql://x", admission_tier_max_in_flight=("small=64", "large=16")
+    )
+    assert config.tier_ceilings() == {"small": 64, "large": 16}
+    with pytest.raises(ValueError, match="tier=count"):
+        AdmissionConfig(database_url="postgresql://x", admission_tier_max_in_flight=("small",))
+    with pytest.raises(ValueError, match="DATABASE_URL"):
+        AdmissionConfig(database_url="")
+    with pytest.raises(ValueError, match="max_in_flight"):
+        AdmissionConfig(database_url="postgresql://x", admission_default_max_in_flight=0)
+
+
+def test_page_tokens_round_trip_and_foreign_ones_are_refused() -> None:
+    token = encode_page_token("acme", "bob")
+    assert decode_page_token(token) == ("acme", "bob")
+    with pytest.raises(ValueError):
+        decode_page_token("bm90LWEtdG9rZW4=")
+
+
+def test_a_relayed_refusal_keeps_every_detail() -> None:
+    refusal = ResourceExhausted("over quota", reason="QUOTA_EXCEEDED").to_rpc_status()
+    relayed = RelayedError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+    assert relayed.reason == "QUOTA_EXCEEDED"
+    assert relayed.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert relayed.to_rpc_status() == refusal
+    info = error_details_pb2.ErrorInfo()
+    status_pb2.Status.FromString(relayed.to_rpc_status().SerializeToString()).details[0].Unpack(
+        info
+    )
+    assert info.reason == "QUOTA_EXCEEDED"
+
+
+def test_admission_replicas_get_their_own_ports_and_names(tmp_path: Path) -> None:
+    config = LauncherConfig(run_dir=tmp_path)
+    processes = [
+        (spec.process_name(config, i), spec.port(config, i))
+        for spec, i in service_processes(config)
+    ]
+    assert processes == [("inference", 50051), ("admission-0", 50052), ("admission-1", 50062)]
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+def test_isolated_ports_never_overlap(tmp_path: Path, replicas: int) -> None:
+    config = isolated_config(tmp_path, admission_replicas=replicas)
+    ports = [port for _, port in Mesh(config)._planned_ports()]
+    assert len(ports) == len(set(ports))
+    assert max(ports) - config.envoy_port < 60
