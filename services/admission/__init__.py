@@ -16,6 +16,7 @@ import grpc
 from switchboard.admission.v1 import admission_service_pb2, admission_service_pb2_grpc
 
 from services.admission import metrics
+from services.admission.capacity import CapacityFeed
 from services.admission.config import AdmissionConfig, load_admission_config
 from services.admission.controller import AdmissionController
 from services.admission.servicer import AdmissionServicer
@@ -40,6 +41,7 @@ class AdmissionService:
         self.store: PolicyStore | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._collector: metrics.Collector | None = None
+        self.capacity: CapacityFeed | None = None
 
     async def start(self) -> None:
         config = self._config
@@ -48,7 +50,8 @@ class AdmissionService:
             lease_ttl=config.admission_lease_ttl,
             wait_observer=metrics.observe_wait,
         )
-        for tier, ceiling in config.tier_ceilings().items():
+        fixed = config.tier_ceilings()
+        for tier, ceiling in fixed.items():
             self.controller.set_tier_capacity(tier, max_in_flight=ceiling)
         self.store = PolicyStore(
             database_url=config.database_url,
@@ -58,6 +61,16 @@ class AdmissionService:
         await self.store.start()
         self._dispatcher = asyncio.create_task(self.controller.run(), name="admission-dispatcher")
         self._collector = metrics.register(self.controller)
+        if config.inference_target:
+            self.capacity = CapacityFeed(
+                target=config.inference_target,
+                controller=self.controller,
+                streams_per_backend=config.admission_streams_per_backend,
+                replicas=config.admission_replicas,
+                interval=config.admission_capacity_poll,
+                fixed=fixed,
+            )
+            self.capacity.start()
 
     def register(self, server: grpc.aio.Server) -> None:
         assert self.controller is not None and self.store is not None, "start() first"
@@ -78,6 +91,8 @@ class AdmissionService:
         return self._dispatcher is not None and not self._dispatcher.done()
 
     async def shutdown(self) -> None:
+        if self.capacity is not None:
+            await self.capacity.close()
         if self.controller is not None:
             await self.controller.shutdown()
         if self._dispatcher is not None:

@@ -30,7 +30,17 @@ class AdmissionConfig:
     """An Admit waits at most until this long before its deadline, so the refusal (with
     its RetryInfo) reaches the caller before the deadline does."""
     admission_tier_max_in_flight: tuple[str, ...] = ()
-    """Static global ceilings per model tier, e.g. `small=64,large=16` (none by default)."""
+    """Static global ceilings per model tier, e.g. `small=64,large=16`; a tier listed here
+    is not sized from the inference service's reports."""
+    inference_target: str = ""
+    """Where InferenceService.ListModels is read to size the tier ceilings; empty = no
+    ceilings but the static ones."""
+    admission_capacity_poll: timedelta = timedelta(seconds=2)
+    admission_streams_per_backend: int = 16
+    """Concurrent streams one healthy backend serves per model (Triton's
+    `max_concurrent_streams`)."""
+    admission_replicas: int = 1
+    """Admission replicas sharing the tier ceilings (each enforces its share)."""
     admission_default_requests_per_second: float = DEFAULT_POLICY.requests_per_second
     admission_default_request_burst: int = DEFAULT_POLICY.request_burst
     admission_default_tokens_per_minute: int = DEFAULT_POLICY.tokens_per_minute
@@ -46,6 +56,11 @@ class AdmissionConfig:
         if violations := self.default_policy.validate(prefix="default "):
             raise ValueError("; ".join(f"{v.field}: {v.description}" for v in violations))
         self.tier_ceilings()  # fails on a malformed entry
+        if self.admission_streams_per_backend < 1 or self.admission_replicas < 1:
+            raise ValueError(
+                "SWITCHBOARD_ADMISSION_STREAMS_PER_BACKEND and SWITCHBOARD_ADMISSION_REPLICAS "
+                "must be at least 1"
+            )
 
     @property
     def default_policy(self) -> PolicyLimits:

@@ -395,6 +395,8 @@ class Mesh:
         env = {
             f"{prefix}REPLICA_ID": name,
             "SWITCHBOARD_ADMISSION_TARGET": self.envoy_address,
+            "SWITCHBOARD_INFERENCE_TARGET": self.envoy_address,
+            "SWITCHBOARD_ADMISSION_REPLICAS": str(self.config.admission_replicas),
             f"{prefix}HOST": self.config.host,
             f"{prefix}PORT": str(port),
             f"{prefix}METRICS_PORT": str(self.config.metrics_base_port + index),

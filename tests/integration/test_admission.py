@@ -328,6 +328,47 @@ async def test_a_policy_update_reaches_every_replica_without_restart(admission, 
             await eventually(applied, timeout=5.0)
 
 
+async def test_tier_ceiling_follows_the_healthy_backends(admission, inference, mesh):
+    models = await inference.ListModels(inference_pb2.ListModelsRequest(), timeout=5)
+    (small,) = [m for m in models.models if m.tier == common_pb2.MODEL_TIER_SMALL]
+    healthy = sum(b.state == inference_pb2.BACKEND_STATE_HEALTHY for b in small.backends)
+    ceiling = -(-healthy * 16 // mesh.config.admission_replicas)  # per replica
+    tenant = new_tenant()
+    await set_policy(
+        admission, tenant, max_in_flight=1000, request_burst=1000, requests_per_second=1000.0
+    )
+    request = pb.AdmitRequest(tier=common_pb2.MODEL_TIER_SMALL, no_wait=True)
+
+    async def fill() -> tuple[list[str], object]:
+        """Admits until refused (at most ceiling + 1), then releases what it got."""
+        leases, details = [], None
+        try:
+            for _ in range(ceiling + 1):
+                try:
+                    reply = await admission.Admit(request, metadata=as_tenant(tenant), timeout=5)
+                except grpc.aio.AioRpcError as err:
+                    details = error_details(err)
+                    break
+                leases.append(reply.lease.lease_id)
+        finally:
+            for lease_id in leases:
+                await admission.Release(
+                    pb.ReleaseRequest(lease_id=lease_id), metadata=as_tenant(tenant), timeout=5
+                )
+        return leases, details
+
+    async def ceiling_applied() -> bool:  # the feed polls ListModels every 2 s
+        return (await fill())[1] is not None
+
+    await eventually(ceiling_applied, timeout=10.0)
+    leases, details = await fill()
+    assert len(leases) == ceiling
+    assert details.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details.error_info.reason == "CAPACITY_EXHAUSTED"
+    assert details.quota_failure.violations[0].subject == "tier:small"
+    assert details.retry_info is not None
+
+
 async def test_generate_refused_by_admission_streams_nothing(admission, inference):
     tenant = new_tenant()
     await set_policy(admission, tenant, requests_per_second=0.05, request_burst=1)

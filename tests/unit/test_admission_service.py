@@ -7,7 +7,10 @@ from pathlib import Path
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from switchboard.common.v1 import common_pb2
+from switchboard.inference.v1 import inference_pb2
 
+from services.admission.capacity import size_tiers
 from services.admission.config import AdmissionConfig
 from services.admission.store import decode_page_token, encode_page_token
 from services.inference.admission import RelayedError
@@ -64,3 +67,29 @@ def test_isolated_ports_never_overlap(tmp_path: Path, replicas: int) -> None:
     ports = [port for _, port in Mesh(config)._planned_ports()]
     assert len(ports) == len(set(ports))
     assert max(ports) - config.envoy_port < 60
+
+
+def test_tier_ceilings_come_from_healthy_backends_split_over_replicas() -> None:
+    healthy = inference_pb2.BackendInfo(state=inference_pb2.BACKEND_STATE_HEALTHY)
+    open_ = inference_pb2.BackendInfo(state=inference_pb2.BACKEND_STATE_OPEN)
+    generator = inference_pb2.MODEL_KIND_GENERATOR
+    models = inference_pb2.ListModelsResponse(
+        models=[
+            inference_pb2.ModelInfo(
+                tier=common_pb2.MODEL_TIER_SMALL, kind=generator, backends=[healthy, healthy]
+            ),
+            inference_pb2.ModelInfo(
+                tier=common_pb2.MODEL_TIER_LARGE, kind=generator, backends=[open_, healthy]
+            ),
+            inference_pb2.ModelInfo(kind=inference_pb2.MODEL_KIND_EMBEDDER, backends=[healthy]),
+        ]
+    )
+    assert size_tiers(models, streams_per_backend=16, replicas=2) == {"small": 16, "large": 8}
+    for model in models.models:
+        del model.backends[:]
+        model.backends.append(open_)
+    # nothing healthy: no ceiling, the inference service refuses with its own status
+    assert size_tiers(models, streams_per_backend=16, replicas=2) == {
+        "small": None,
+        "large": None,
+    }
