@@ -121,6 +121,14 @@ _SAFE_RETRIES = {
     ],
     "host_selection_retry_max_attempts": 3,
 }
+# Health checks reach the reflection cluster, whose hosts are every service's replicas:
+# one that does not serve the named service answers NOT_FOUND (grpc-status 5), and the
+# check (read-only) is tried on another host until one knows the service.
+_HEALTH_RETRIES = {
+    **_SAFE_RETRIES,
+    "retry_on": f"{_SAFE_RETRIES['retry_on']},retriable-headers",
+    "retriable_headers": [{"name": "grpc-status", "string_match": {"exact": "5"}}],
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -264,16 +272,20 @@ def render_envoy_config(
                     enforce_deadline=enforce_grpc_deadlines,
                 )
             )
+    every_endpoint = tuple(dict.fromkeys(e for u in upstreams for e in u.endpoints))
     for service in (*reflection_services, HEALTH_SERVICE):
-        routes.append(
-            _route(
-                service,
-                REFLECTION_CLUSTER,
-                idle_timeout=idle,
-                hash_header=None,
-                enforce_deadline=enforce_grpc_deadlines,
-            )
+        route = _route(
+            service,
+            REFLECTION_CLUSTER,
+            idle_timeout=idle,
+            hash_header=None,
+            enforce_deadline=enforce_grpc_deadlines,
         )
+        if service == HEALTH_SERVICE:
+            retries = route["route"]["retry_policy"] = copy.deepcopy(_HEALTH_RETRIES)
+            retries["num_retries"] = len(every_endpoint)
+            retries["host_selection_retry_max_attempts"] = 10 * len(every_endpoint)
+        routes.append(route)
     routes.append(
         {
             "name": "unknown-service",
@@ -297,7 +309,6 @@ def render_envoy_config(
         )
         for u in upstreams
     ]
-    every_endpoint = tuple(dict.fromkeys(e for u in upstreams for e in u.endpoints))
     clusters.append(
         _cluster(
             REFLECTION_CLUSTER,

@@ -320,3 +320,15 @@ def test_count_healthy_hosts_reads_the_admin_clusters_answer() -> None:
         ]
     }
     assert count_healthy_hosts(answer) == {"admission": 1, "inference": 0, "rag": 0}
+
+
+def test_a_health_check_is_retried_on_hosts_that_do_not_know_the_service() -> None:
+    policy = route_for(render(), "grpc.health.v1.Health")["route"]["retry_policy"]
+    assert "retriable-headers" in policy["retry_on"]
+    assert policy["retriable_headers"] == [{"name": "grpc-status", "string_match": {"exact": "5"}}]
+    assert policy["num_retries"] >= len(endpoints(clusters(render())[REFLECTION_CLUSTER])) - 1
+    # every other route retries only what cannot have reached a service
+    assert (
+        "retriable-headers"
+        not in route_for(render(), INFERENCE)["route"]["retry_policy"]["retry_on"]
+    )
