@@ -12,6 +12,9 @@ from switchboard.inference.v1 import inference_pb2
 
 from services.admission.capacity import size_tiers
 from services.admission.config import AdmissionConfig
+from services.admission.controller import AdmissionController
+from services.admission.limits import PolicyLimits
+from services.admission.metrics import ControllerCollector
 from services.admission.store import decode_page_token, encode_page_token
 from services.inference.admission import RelayedError
 from services.launcher._config import LauncherConfig, isolated_config
@@ -93,3 +96,29 @@ def test_tier_ceilings_come_from_healthy_backends_split_over_replicas() -> None:
         "small": None,
         "large": None,
     }
+
+
+def test_metrics_count_decisions_per_tenant_and_class() -> None:
+    controller = AdmissionController(
+        default_policy=PolicyLimits(
+            requests_per_second=1.0,
+            request_burst=1,
+            tokens_per_minute=60_000,
+            token_burst=10_000,
+            max_in_flight=10,
+        )
+    )
+    controller.submit(tenant_id="acme")
+    with pytest.raises(ResourceExhausted):
+        controller.submit(tenant_id="acme", no_wait=True)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in ControllerCollector(controller).collect()
+        for s in family.samples
+    }
+    acme = (("priority", "interactive"), ("tenant", "acme"))
+    assert samples[("switchboard_admission_admitted_total", acme)] == 1
+    refused = (*acme[:1], ("reason", "QUOTA_EXCEEDED"), acme[1])
+    assert samples[("switchboard_admission_refused_total", refused)] == 1
+    assert samples[("switchboard_admission_queue_depth", (("priority", "batch"),))] == 0
+    assert samples[("switchboard_admission_leases", ())] == 1
