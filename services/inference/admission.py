@@ -62,7 +62,7 @@ class RelayedError(SwitchboardError):
         return self._status
 
 
-def _relay(error: grpc.aio.AioRpcError) -> SwitchboardError:
+def relay_error(error: grpc.aio.AioRpcError) -> SwitchboardError:
     code = error.code()
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(
@@ -115,7 +115,7 @@ class AdmissionGate:
         try:
             reply = await self._stub.Admit(request, metadata=((TENANT_HEADER, tenant_id),))
         except grpc.aio.AioRpcError as error:
-            raise _relay(error) from None
+            raise relay_error(error) from None
         return reply.lease.lease_id  # type: ignore[no-any-return]
 
     def release(self, lease_id: str, *, tenant_id: str, prompt: int, completion: int) -> None:

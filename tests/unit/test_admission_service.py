@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -16,10 +17,10 @@ from services.admission.controller import AdmissionController
 from services.admission.limits import PolicyLimits
 from services.admission.metrics import ControllerCollector
 from services.admission.store import decode_page_token, encode_page_token
-from services.inference.admission import RelayedError
+from services.inference.admission import RelayedError, relay_error
 from services.launcher._config import LauncherConfig, isolated_config
 from services.launcher._mesh import Mesh, service_processes
-from services.runtime import ResourceExhausted
+from services.runtime import QuotaViolation, ResourceExhausted
 
 
 def test_tier_ceilings_parse_and_bad_entries_fail_at_start() -> None:
@@ -122,3 +123,30 @@ def test_metrics_count_decisions_per_tenant_and_class() -> None:
     assert samples[("switchboard_admission_refused_total", refused)] == 1
     assert samples[("switchboard_admission_queue_depth", (("priority", "batch"),))] == 0
     assert samples[("switchboard_admission_leases", ())] == 1
+
+
+def _rpc_error(code: grpc.StatusCode, trailing: tuple = ()) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), details="from admission"
+    )
+
+
+def test_an_unreachable_admission_fails_the_call_with_a_retry_time() -> None:
+    error = relay_error(_rpc_error(grpc.StatusCode.UNAVAILABLE))
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert error.reason == "DEPENDENCY_UNAVAILABLE"
+    assert error.retry_after is not None and error.retry_after.total_seconds() > 0
+
+
+def test_an_admission_refusal_reaches_the_caller_unchanged() -> None:
+    refusal = ResourceExhausted(
+        "over quota",
+        reason="QUOTA_EXCEEDED",
+        quota_violations=[QuotaViolation("tenant:acme", "requests_per_second")],
+        retry_after=timedelta(seconds=3),
+    ).to_rpc_status()
+    blob = ("grpc-status-details-bin", refusal.SerializeToString())
+    error = relay_error(_rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, (blob,)))
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.reason == "QUOTA_EXCEEDED"
+    assert error.to_rpc_status() == refusal
