@@ -205,7 +205,7 @@ def tritonserver_command(
     `models` (plus their BLS dependencies) are loaded with explicit model control; None
     loads every model of `model_repo`. All endpoints bind to `host`. `shm_prefix` names
     the Python backend's shared-memory regions and must differ between servers running
-    at once; by default it is derived from this process id and the gRPC port. With
+    at once; by default it is `shm_prefix_for(grpc_port)`. With
     `gpu=False` the CUDA memory pools and GPU metrics are switched off (no NVML/DCGM errors
     in the log on a machine without a GPU); None leaves Triton's defaults.
 
@@ -215,7 +215,7 @@ def tritonserver_command(
     first) and offline switches for Hugging Face libraries.
     """
     names = resolve_models(Path(model_repo), models)
-    prefix = shm_prefix or f"switchboard_{os.getpid()}_{grpc_port}_"
+    prefix = shm_prefix or shm_prefix_for(grpc_port)
     argv = [
         str(tritonserver_binary()),
         f"--model-repository={Path(model_repo).resolve()}",
@@ -255,6 +255,35 @@ def tritonserver_command(
         "TOKENIZERS_PARALLELISM": "false",
     }
     return argv, env
+
+
+def shm_prefix_for(grpc_port: int) -> str:
+    """The default name prefix of a server's Python-backend shared-memory regions.
+
+    One server per gRPC port can run at a time, and the backend adds a UUID to each
+    region, so the port alone keeps servers apart and lets `remove_shm_regions` find
+    what a killed server left behind.
+    """
+    return f"switchboard_triton_{grpc_port}_"
+
+
+def remove_shm_regions(grpc_port: int, *, shm_dir: Path = Path("/dev/shm")) -> list[Path]:
+    """Delete the shared-memory regions of the server that used `grpc_port`; returns them.
+
+    A server stopped with SIGTERM removes its own; one that was killed (SIGKILL, OOM)
+    leaves 1 MiB+ files in /dev/shm per model instance. Call this only once that server
+    has exited.
+    """
+    removed = []
+    for path in Path(shm_dir).glob(f"{shm_prefix_for(grpc_port)}*"):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    if removed:
+        logger.info("removed %d stale Triton shared-memory regions", len(removed))
+    return removed
 
 
 def _site_packages() -> list[Path]:

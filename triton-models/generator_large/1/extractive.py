@@ -1,0 +1,1 @@
+../../generator_small/1/extractive.py
