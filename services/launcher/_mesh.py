@@ -156,7 +156,7 @@ class Mesh:
         stopped = 0
         with ThreadPoolExecutor(max_workers=8) as pool:
             for layer in layers:
-                for record, was_running in zip(layer, pool.map(stop, layer), strict=True):
+                for record, was_running in zip(layer, pool.map(self._stop, layer), strict=True):
                     if was_running:
                         stopped += 1
                         self._say(f"stopped {record.name} (pid {record.pid})")
@@ -184,7 +184,7 @@ class Mesh:
                 "stopping them first"
             )
         for record in reversed(stale):
-            stop(record)
+            self._stop(record)
         self.state.clear()
         return False
 
@@ -366,8 +366,17 @@ class Mesh:
             grpc_port=grpc_port,
             metrics_port=metrics,
             models=TRITON_MODELS,
+            gpu=gpu,
         )
         return self._spawn(f"triton-{replica}", argv, env=env)
+
+    def _stop(self, record: ProcessRecord) -> bool:
+        """Stops one process; a Triton replica's leftover shared memory goes with it."""
+        was_running = stop(record)
+        name, _, replica = record.name.partition("-")
+        if name == "triton" and replica.isdigit():
+            _triton.remove_shm_regions(self.config.triton_ports(int(replica))[1])
+        return was_running
 
     def _wait_triton(self, replica: int, record: ProcessRecord) -> None:
         url = f"http://{self.config.host}:{self.config.triton_ports(replica)[0]}/v2/health/ready"
@@ -383,7 +392,7 @@ class Mesh:
         records = self.state.load()
         found = [r for r in records if r.name == name]
         for record in found:
-            stop(record)
+            self._stop(record)
         self._records = [r for r in records if r.name != name]
         self.state.save(self._records)
         return bool(found)
