@@ -1,0 +1,8 @@
+"""Benchmarks: `make bench` runs them all, `make bench-<name>` one (see DESIGN.md)."""
+
+BENCHMARKS = {
+    "embed-batching": "bench.embed_batching",
+    "mesh-tax": "bench.mesh_tax",
+    "grpc-ceiling": "bench.grpc_ceiling",
+}
+"""Benchmark name -> module with a `run()` that prints its table and writes its JSON."""

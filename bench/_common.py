@@ -1,0 +1,223 @@
+"""What every benchmark shares: the results file, the table, percentiles, the mesh, drivers."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import operator
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+_COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+
+
+# -- the machine and the results file --------------------------------------------------------
+
+
+def machine() -> str:
+    """`"2 cores"`, plus the GPUs nvidia-smi lists, if any."""
+    cores = os.cpu_count() or 1
+    text = f"{cores} core{'s' if cores != 1 else ''}"
+    gpus = _gpus()
+    if gpus:
+        text += ", " + ", ".join(gpus)
+    return text
+
+
+def _gpus() -> list[str]:
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
+        return []
+    try:
+        out = subprocess.run(
+            [nvidia_smi, "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if out.returncode != 0:
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def meets(value: float, target: str) -> bool:
+    """Whether `value` meets a target such as `">= 4"` or `"<= 1"`."""
+    op, _, bound = target.strip().partition(" ")
+    return _COMPARE[op](value, float(bound))
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 3 if abs(value) < 100 else 1)
+    return value
+
+
+def write_result(
+    name: str,
+    metrics: Mapping[str, float],
+    targets: Mapping[str, str],
+    notes: str,
+) -> dict[str, Any]:
+    """Prints the metrics against their targets and writes `bench/results/<name>.json`."""
+    result = {
+        "name": name,
+        "when": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine(),
+        "metrics": {k: _rounded(v) for k, v in metrics.items()},
+        "targets": dict(targets),
+        "notes": notes,
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    rows = []
+    for key, value in result["metrics"].items():
+        target = targets.get(key, "")
+        verdict = ("ok" if meets(value, target) else "MISSED") if target else ""
+        rows.append((key, f"{value:g}", target, verdict)[: 4 if targets else 2])
+    headers = ("metric", "value", "target", "")[: 4 if targets else 2]
+    print_table(f"{name} ({result['machine']})", headers, rows)
+    print(f"  {notes}")
+    print(f"  wrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+    return result
+
+
+def missed_targets(result: Mapping[str, Any]) -> list[str]:
+    return [
+        f"{key} = {result['metrics'][key]:g} (target {target})"
+        for key, target in result["targets"].items()
+        if not meets(result["metrics"][key], target)
+    ]
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    print(f"\n{title}")
+    for n, row in enumerate(cells):
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if n == 0:
+            print("  " + "  ".join("-" * w for w in widths).rstrip())
+
+
+# -- statistics ------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), linearly interpolated (numpy's default)."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def ms(seconds: float) -> float:
+    return seconds * 1000.0
+
+
+# -- the mesh --------------------------------------------------------------------------------
+
+
+@contextmanager
+def running_mesh(*, triton_replicas: int = 1) -> Iterator[Any]:
+    """The real mesh on free ports in its own run directory, stopped (by PID) on exit."""
+    from services.launcher._config import isolated_config
+    from services.launcher._mesh import Mesh
+
+    run_dir = Path(tempfile.mkdtemp(prefix="switchboard-bench-"))
+    config = isolated_config(run_dir, triton_replicas=triton_replicas, gpu="off")
+    mesh = Mesh(config, progress=lambda msg: print(f"  [mesh] {msg}", flush=True))
+    try:
+        started = time.monotonic()
+        mesh.up()
+        print(f"  [mesh] up in {time.monotonic() - started:.1f}s", flush=True)
+        yield mesh
+    finally:
+        mesh.down()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# -- load drivers ----------------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    """What a closed-loop run completed inside its measuring window."""
+
+    completed: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    abandoned: int = 0
+    """Calls still unfinished `drain_s` after the window closed (cancelled)."""
+
+    @property
+    def per_s(self) -> float:
+        return self.completed / self.seconds if self.seconds else 0.0
+
+    def add(self, other: Window) -> None:
+        self.completed += other.completed
+        self.seconds += other.seconds
+        self.latencies.extend(other.latencies)
+        self.abandoned += other.abandoned
+
+
+async def closed_loop(
+    call: Callable[[int], Awaitable[object]],
+    *,
+    concurrency: int,
+    seconds: float,
+    drain_s: float = 60.0,
+) -> Window:
+    """`concurrency` workers, each calling `call(i)` back to back (i counts up across all
+    workers) for `seconds`. Counts the calls that finished inside the window. The ones still
+    in flight when it closes are not counted but awaited, so the next run starts on a quiet
+    server; after `drain_s` they are cancelled and counted as `abandoned` (a server that
+    slow may still be working on them, so the caller should stop measuring)."""
+    counter = itertools.count()
+    window = Window(seconds=seconds)
+    start = time.perf_counter()
+    end = start + seconds
+
+    async def worker() -> None:
+        while (began := time.perf_counter()) < end:
+            await call(next(counter))
+            done = time.perf_counter()
+            if done <= end:
+                window.completed += 1
+                window.latencies.append(done - began)
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
+    try:
+        _, pending = await asyncio.wait(workers, timeout=seconds + drain_s)
+        window.abandoned = len(pending)
+    finally:
+        for task in workers:
+            task.cancel()
+        results = await asyncio.gather(*workers, return_exceptions=True)
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return window
+
+
+def rotated(items: Sequence[Any], by: int) -> list[Any]:
+    """`items` rotated left by `by`: alternates which arm of a comparison goes first."""
+    by %= len(items)
+    return [*items[by:], *items[:by]]

@@ -1,0 +1,309 @@
+"""Mesh tax: the latency Envoy and the router add over calling Triton directly.
+
+One client, one call at a time (concurrency 1), persistent grpc.aio channels. Two blocks,
+each with three arms: Triton directly, the router on its own port (no Envoy), and the
+mesh (Envoy -> router). Within a block every round makes each arm's call once, in a
+freshly shuffled order, so the arms share the same moments of a noisy machine and no arm
+always follows the same call:
+
+- time to first token, `generator_small`, short prompt and two short passages:
+  Triton ModelStreamInfer / InferenceService.Generate (model named explicitly). Generate
+  is admitted by the admission service before it is routed, so this block has a fourth
+  arm: AdmissionService.Admit through Envoy, as the router calls it (then Release);
+- unary embedding of one short text: Triton ModelInfer on `embedder` / InferenceService.Embed.
+
+The calls carry `x-tenant-id: bench`, a tenant the benchmark first gives a policy with
+ample limits: the tax is what is measured, not the default tenant's rate limit. The blocks
+run one after the other, so a generation never follows an embedding (whose forward pass
+leaves the CPU busy for a while). The mesh runs one Triton replica, so every arm reaches
+the same Triton process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+from switchboard.admission.v1 import admission_pb2, admission_service_pb2_grpc
+from switchboard.common.v1 import common_pb2
+from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from bench._common import ms, percentile, print_table, running_mesh, write_result
+from bench.embed_batching import triton_embed_request
+from services.inference.policy import count_tokens
+from services.inference.triton import encode_bytes
+
+NAME = "mesh-tax"
+WARMUP = 30
+"""Rounds before measuring (each makes every call of its block once), at most WARMUP_S."""
+WARMUP_S = 10.0
+ITERATIONS = 400
+BUDGET_S = {"ttft": 40.0, "embed": 45.0}
+"""A block stops after this long even if fewer rounds are done (the notes say how many)."""
+SEED = 2
+
+PROMPT = "How does Triton combine concurrent requests?"
+PASSAGES = (
+    "Triton Inference Server batches requests dynamically. "
+    "Dynamic batching combines concurrent requests into one model execution.",
+    "Envoy routes each gRPC call to a cluster by the service name in its path.",
+)
+MAX_TOKENS = 8
+EMBED_TEXT = "Envoy routes each gRPC call by service name."
+TIMEOUT_S = 30.0
+
+TENANT = "bench"
+METADATA = (("x-tenant-id", TENANT),)
+BENCH_POLICY = admission_pb2.Policy(
+    tenant_id=TENANT,
+    requests_per_second=100_000,
+    request_burst=100_000,
+    tokens_per_minute=10_000_000_000,
+    token_burst=1_000_000_000,
+    max_in_flight=1024,
+    weight=1,
+    max_queued=1024,
+)
+"""Limits the benchmark never reaches (the default tenant policy allows 10 requests/s)."""
+
+Timed = Callable[[], Awaitable[float]]
+"""One call; returns the latency measured (seconds)."""
+
+
+def triton_generate_request() -> service_pb2.ModelInferRequest:
+    """The request the router sends for `generator_small` (same inputs, same parameters)."""
+    request = service_pb2.ModelInferRequest(model_name="generator_small", id="")
+    request.inputs.add(name="PROMPT", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(encode_bytes([PROMPT.encode()]))
+    request.inputs.add(name="CONTEXT", datatype="BYTES", shape=[len(PASSAGES)])
+    request.raw_input_contents.append(encode_bytes([p.encode() for p in PASSAGES]))
+    request.inputs.add(name="MAX_TOKENS", datatype="INT32", shape=[1])
+    request.raw_input_contents.append(struct.pack("<i", MAX_TOKENS))
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
+    return request
+
+
+def _direct_ttft(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> Timed:
+    request = triton_generate_request()
+
+    async def call() -> float:
+        started = time.perf_counter()
+        first = None
+        # read to the final response, as the router does, so Triton does the same work
+        async for reply in stub.ModelStreamInfer(iter([request]), timeout=TIMEOUT_S):
+            if reply.error_message:
+                raise RuntimeError(f"Triton: {reply.error_message}")
+            response = reply.infer_response
+            if first is None and response.outputs:
+                first = time.perf_counter() - started
+            final = response.parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                break
+        if first is None:
+            raise RuntimeError("Triton streamed no token")
+        return first
+
+    return call
+
+
+def _mesh_ttft(stub: inference_service_pb2_grpc.InferenceServiceStub) -> Timed:
+    request = inference_pb2.GenerateRequest(
+        model="generator_small",
+        prompt=PROMPT,
+        context=[inference_pb2.Passage(source_id=f"p{i}", text=t) for i, t in enumerate(PASSAGES)],
+        parameters=inference_pb2.GenerationParameters(max_tokens=MAX_TOKENS),
+    )
+
+    async def call() -> float:
+        started = time.perf_counter()
+        first = None
+        async for reply in stub.Generate(request, timeout=TIMEOUT_S, metadata=METADATA):
+            if first is None and reply.HasField("token"):
+                first = time.perf_counter() - started
+        if first is None:
+            raise RuntimeError("Generate streamed no token")
+        return first
+
+    return call
+
+
+def _admit(stub: admission_service_pb2_grpc.AdmissionServiceStub) -> Timed:
+    """Admit as the router asks it for this Generate (timed), then Release (not timed)."""
+    request = admission_pb2.AdmitRequest(
+        context=common_pb2.RequestContext(
+            tenant_id=TENANT, priority=common_pb2.PRIORITY_INTERACTIVE
+        ),
+        tier=common_pb2.MODEL_TIER_SMALL,
+        estimated_prompt_tokens=count_tokens(PROMPT) + sum(map(count_tokens, PASSAGES)),
+        max_completion_tokens=MAX_TOKENS,
+    )
+
+    async def call() -> float:
+        started = time.perf_counter()
+        reply = await stub.Admit(request, timeout=TIMEOUT_S, metadata=METADATA)
+        took = time.perf_counter() - started
+        release = admission_pb2.ReleaseRequest(lease_id=reply.lease.lease_id)
+        await stub.Release(release, timeout=TIMEOUT_S, metadata=METADATA)
+        return took
+
+    return call
+
+
+def _direct_embed(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> Timed:
+    request = triton_embed_request("embedder", EMBED_TEXT)
+
+    async def call() -> float:
+        started = time.perf_counter()
+        await stub.ModelInfer(request, timeout=TIMEOUT_S)
+        return time.perf_counter() - started
+
+    return call
+
+
+def _mesh_embed(stub: inference_service_pb2_grpc.InferenceServiceStub) -> Timed:
+    request = inference_pb2.EmbedRequest(texts=[EMBED_TEXT])
+
+    async def call() -> float:
+        started = time.perf_counter()
+        await stub.Embed(request, timeout=TIMEOUT_S, metadata=METADATA)
+        return time.perf_counter() - started
+
+    return call
+
+
+async def _give_bench_tenant_room(stub: admission_service_pb2_grpc.AdmissionServiceStub) -> None:
+    """Stores BENCH_POLICY and waits until admission applies it."""
+    await stub.UpdatePolicy(
+        admission_pb2.UpdatePolicyRequest(policy=BENCH_POLICY), timeout=10, metadata=METADATA
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        reply = await stub.GetPolicy(
+            admission_pb2.GetPolicyRequest(tenant_id=TENANT), timeout=10, metadata=METADATA
+        )
+        if not reply.is_default and reply.policy.request_burst == BENCH_POLICY.request_burst:
+            return
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"admission did not apply the {TENANT!r} policy within 10s")
+
+
+@dataclass
+class Block:
+    """The calls of one block, per arm, and how long measuring took."""
+
+    samples: dict[str, list[float]]
+    iterations: int
+    seconds: float
+
+
+async def _block(arms: dict[str, Timed], budget_s: float, rng: random.Random) -> Block:
+    """Warm-up, then up to ITERATIONS rounds, each arm once per round in shuffled order."""
+    names = list(arms)
+    warming = time.perf_counter()
+    for _ in range(WARMUP):
+        for name in names:
+            await arms[name]()
+        if time.perf_counter() - warming > WARMUP_S:
+            break
+    block = Block({name: [] for name in names}, 0, 0.0)
+    started = time.perf_counter()
+    while block.iterations < ITERATIONS and time.perf_counter() - started < budget_s:
+        rng.shuffle(names)
+        for name in names:
+            block.samples[name].append(await arms[name]())
+        block.iterations += 1
+    block.seconds = time.perf_counter() - started
+    return block
+
+
+async def _measure(triton: str, router: str, envoy: str) -> dict[str, Block]:
+    rng = random.Random(SEED)
+    async with (
+        grpc.aio.insecure_channel(triton) as triton_channel,
+        grpc.aio.insecure_channel(router) as router_channel,
+        grpc.aio.insecure_channel(envoy) as envoy_channel,
+    ):
+        direct = service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)
+        via_router = inference_service_pb2_grpc.InferenceServiceStub(router_channel)
+        via_envoy = inference_service_pb2_grpc.InferenceServiceStub(envoy_channel)
+        admission = admission_service_pb2_grpc.AdmissionServiceStub(envoy_channel)
+        await _give_bench_tenant_room(admission)
+        arms = {
+            "ttft": {
+                "direct": _direct_ttft(direct),
+                "router": _mesh_ttft(via_router),
+                "mesh": _mesh_ttft(via_envoy),
+                "admit": _admit(admission),
+            },
+            "embed": {
+                "direct": _direct_embed(direct),
+                "router": _mesh_embed(via_router),
+                "mesh": _mesh_embed(via_envoy),
+            },
+        }
+        blocks = {}
+        for kind, block_arms in arms.items():
+            blocks[kind] = block = await _block(block_arms, BUDGET_S[kind], rng)
+            print(f"  {kind}: {block.iterations} rounds in {block.seconds:.0f}s", flush=True)
+        return blocks
+
+
+def run() -> dict:
+    with running_mesh(triton_replicas=1) as mesh:
+        router = f"{mesh.config.host}:{mesh.config.inference_port}"
+        blocks = asyncio.run(_measure(mesh.triton_urls[0], router, mesh.envoy_address))
+
+    p = {
+        (kind, arm, q): ms(percentile(values, q))
+        for kind, block in blocks.items()
+        for arm, values in block.samples.items()
+        for q in (50, 99)
+    }
+    labels = {"admit": "admission Admit via Envoy"}
+    print_table(
+        "latency (ms)",
+        ("call", "p50", "p99", "n"),
+        [
+            (labels.get(arm, f"{kind} {arm}"), f"{p[kind, arm, 50]:.3f}", f"{p[kind, arm, 99]:.3f}")
+            + (len(values),)
+            for kind, block in blocks.items()
+            for arm, values in block.samples.items()
+        ],
+    )
+    metrics: dict[str, float] = {}
+    for prefix, arm in (("added", "mesh"), ("router_only_added", "router")):
+        for kind in ("ttft", "embed"):
+            for q in (50, 99):
+                metrics[f"{prefix}_{kind}_p{q}_ms"] = p[kind, arm, q] - p[kind, "direct", q]
+    for kind in ("ttft", "embed"):
+        for arm in ("direct", "router", "mesh"):
+            for q in (50, 99):
+                metrics[f"{arm}_{kind}_p{q}_ms"] = p[kind, arm, q]
+    for q in (50, 99):
+        metrics[f"admit_p{q}_ms"] = p["ttft", "admit", q]
+    ttft, embed = blocks["ttft"], blocks["embed"]
+    notes = (
+        f"concurrency 1; after up to {WARMUP} warm-up rounds, {ttft.iterations} ttft calls "
+        f"per arm ({ttft.seconds:.0f}s), then {embed.iterations} embed calls per arm "
+        f"({embed.seconds:.0f}s), each round's arms in shuffled order; one CPU Triton "
+        f"replica. ttft: generator_small, {len(PROMPT)}-char prompt, {len(PASSAGES)} short "
+        f"passages, max_tokens {MAX_TOKENS}, first token as the client sees it; embed: one "
+        "short text on embedder. direct = raw grpc.aio Triton stub (ModelStreamInfer / "
+        "ModelInfer), mesh = Envoy -> router (-> Envoy -> admission for Generate) -> Triton, "
+        "router_only = the router's own port; added = mesh pXX - direct pXX; admit = the "
+        f"router's Admit call alone, through Envoy. Tenant {TENANT!r} with a policy above "
+        "any rate the benchmark reaches"
+    )
+    targets = {
+        "added_ttft_p50_ms": "<= 1",
+        "added_ttft_p99_ms": "<= 3",
+        "added_embed_p50_ms": "<= 1",
+        "added_embed_p99_ms": "<= 3",
+    }
+    return write_result(NAME, metrics, targets, notes)
