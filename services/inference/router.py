@@ -209,6 +209,8 @@ class Router:
         """Embeds `texts` in Triton-sized batches, concurrently, on the least loaded backends."""
         validate_embed(texts)
         size = self.policy.embedder.max_batch
+        if len(texts) <= size:
+            return await self._embed_chunk(texts)
         chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
         parts = await asyncio.gather(*(self._embed_chunk(chunk) for chunk in chunks))
         return np.concatenate(parts, axis=0)
