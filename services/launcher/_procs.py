@@ -114,6 +114,7 @@ def stop(record: ProcessRecord, *, timeout: float = 15.0) -> bool:
         _signal_group(record.pid, signal.SIGKILL)
     # children left in the group (e.g. Triton's Python-backend stubs)
     _signal_group(record.pid, signal.SIGKILL)
+    _wait_group_gone(record.pid, timeout=5.0)
     child = _children.pop(record.pid, None)
     try:
         if child is not None:
@@ -123,6 +124,25 @@ def stop(record: ProcessRecord, *, timeout: float = 15.0) -> bool:
     except (psutil.Error, subprocess.TimeoutExpired):
         pass
     return True
+
+
+def _wait_group_gone(pgid: int, *, timeout: float) -> None:
+    """Waits until no live (non-zombie) process is left in the group; signals are
+    delivered asynchronously, late on a loaded machine."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = False
+        for proc in psutil.process_iter(["status"]):
+            try:
+                if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                    alive = True
+                    break
+            except (ProcessLookupError, psutil.Error):
+                continue
+        if not alive:
+            return
+        time.sleep(0.02)
+    logger.warning("processes of group %d still alive after SIGKILL", pgid)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
