@@ -4,5 +4,7 @@ BENCHMARKS = {
     "embed-batching": "bench.embed_batching",
     "mesh-tax": "bench.mesh_tax",
     "grpc-ceiling": "bench.grpc_ceiling",
+    "admission-decisions": "bench.admission_decisions",
+    "admission-fairness": "bench.admission_fairness",
 }
 """Benchmark name -> module with a `run()` that prints its table and writes its JSON."""
