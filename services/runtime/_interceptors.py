@@ -1,4 +1,9 @@
-"""Server interceptor: request id, tenant and deadline context, access log, metrics, errors."""
+"""The server-side interceptor: request id, tenant and deadline context, access log,
+metrics, exception → status mapping.
+
+It is applied when servicers are registered (each method handler wrapped once), not
+as a `grpc.aio.ServerInterceptor`: the effect is the same, without grpc's per-call
+interceptor dispatch on every RPC."""
 
 from __future__ import annotations
 
@@ -147,42 +152,61 @@ def _wrap_stream_response(
     return handle
 
 
-class ServerInterceptor(grpc.aio.ServerInterceptor):
-    """The one interceptor every Switchboard service installs.
+_SKIPPED = ("/grpc.reflection.", "/grpc.health.")
 
-    Wrapped handlers are built once per method and cached: per call, only the
-    bookkeeping in `_Call` runs.
-    """
 
-    def __init__(self) -> None:
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+def instrument(full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """`handler` with the per-call bookkeeping of `_Call` around its behaviour."""
+    if handler is None or full_method.startswith(_SKIPPED):
+        return handler
+    streaming = (handler.request_streaming, handler.response_streaming)
+    behavior = (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary
+    ) or handler.stream_stream
+    wrapped = (
+        _wrap_stream_response(behavior, full_method)
+        if handler.response_streaming
+        else _wrap_unary_response(behavior, full_method)
+    )
+    return _HANDLER_FACTORIES[streaming](
+        wrapped,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+
+class _InstrumentedGenericHandler(grpc.GenericRpcHandler):
+    """A generic handler whose method handlers come back instrumented (once each)."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
+        self._cache: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
         method = handler_call_details.method  # type: ignore[attr-defined]
-        cached = self._wrapped.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        if method.startswith("/grpc.reflection.") or method.startswith("/grpc.health."):
-            return handler
-        streaming = (handler.request_streaming, handler.response_streaming)
-        behavior = (
-            handler.unary_unary or handler.unary_stream or handler.stream_unary
-        ) or handler.stream_stream
-        wrapped = (
-            _wrap_stream_response(behavior, method)
-            if handler.response_streaming
-            else _wrap_unary_response(behavior, method)
+        if method not in self._cache:
+            self._cache[method] = instrument(method, self._inner.service(handler_call_details))
+        return self._cache[method]
+
+
+class InstrumentingRegistry:
+    """Stands in for the server while servicers register: every handler they add is
+    instrumented. Anything else is the server's own."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_InstrumentedGenericHandler(h) for h in handlers)
         )
-        self._wrapped[method] = _HANDLER_FACTORIES[streaming](
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self._server.add_registered_method_handlers(
+            service, {m: instrument(f"/{service}/{m}", h) for m, h in handlers.items()}
         )
-        return self._wrapped[method]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)

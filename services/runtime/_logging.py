@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import sys
 import time
 
@@ -30,10 +31,6 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        if rid := _context.request_id.get():
-            entry["request_id"] = rid
-        if tenant := _context.tenant_id.get():
-            entry["tenant"] = tenant
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
@@ -42,10 +39,36 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class _StampContext(logging.Filter):
+    """Copies the current call's request id and tenant onto the record when it is made
+    (records are formatted later, outside the call's context)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if rid := _context.request_id.get():
+            record.request_id = rid
+        if tenant := _context.tenant_id.get():
+            record.tenant = tenant
+        return True
+
+
 def configure_logging(*, service: str, level: str = "INFO") -> None:
-    """Sends every log record to stderr as JSON."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(service=service))
+    """Sends every log record to stderr as JSON.
+
+    Records are buffered and written in batches (at 256 records, on any warning or
+    error, and by `flush_logs`, which the server calls every second): one write per
+    access-log line would cost a system call per RPC.
+    """
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(JsonFormatter(service=service))
+    buffered = logging.handlers.MemoryHandler(
+        capacity=256, flushLevel=logging.WARNING, target=stream, flushOnClose=True
+    )
+    buffered.addFilter(_StampContext())
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [buffered]
     root.setLevel(level.upper())
+
+
+def flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()

@@ -17,8 +17,8 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from services.runtime._config import load_config
-from services.runtime._interceptors import ServerInterceptor
-from services.runtime._logging import configure_logging
+from services.runtime._interceptors import InstrumentingRegistry
+from services.runtime._logging import configure_logging, flush_logs
 from services.runtime._metrics import serve_metrics
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,6 @@ def create_server(
     """Builds the server with every standard piece; binds the port (0 picks a free one)."""
     ms = lambda d: int(d.total_seconds() * 1000)  # noqa: E731
     server = grpc.aio.server(
-        interceptors=[ServerInterceptor()],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -98,7 +97,7 @@ def create_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    service.register(server)
+    service.register(InstrumentingRegistry(server))  # type: ignore[arg-type]
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -132,6 +131,7 @@ async def _report_readiness(
             for name in ("", *service.service_names):
                 await health.set(name, serving if ok else not_serving)
             last = ok
+        flush_logs()
         try:
             await asyncio.wait_for(stopping.wait(), interval.total_seconds())
         except TimeoutError:
