@@ -20,7 +20,7 @@ from switchboard.common.v1 import common_pb2
 from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 
 from services.admission.controller import AdmissionController
-from services.runtime import channel
+from services.runtime import channel, stop_task
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +71,7 @@ class CapacityFeed:
         self._task = asyncio.create_task(self._run(), name="admission-capacity-feed")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await stop_task(self._task)
         await self._channel.close()
 
     async def refresh(self) -> None:

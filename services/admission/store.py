@@ -24,7 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.admission.controller import AdmissionController
 from services.admission.limits import PolicyLimits
-from services.runtime import Unavailable
+from services.runtime import Unavailable, stop_task
 
 logger = logging.getLogger(__name__)
 
@@ -124,13 +124,8 @@ class PolicyStore:
         self._task = asyncio.create_task(self._watch(), name="admission-policy-watch")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         await self._pool.close()
 
     async def migrate(self) -> None:

@@ -32,6 +32,7 @@ from services.runtime._server import (
     public_services,
     serve,
 )
+from services.runtime._tasks import stop_task
 
 __all__ = [
     "ERROR_DOMAIN",
@@ -65,5 +66,6 @@ __all__ = [
     "propagated_metadata",
     "public_services",
     "serve",
+    "stop_task",
     "time_remaining",
 ]

@@ -262,22 +262,39 @@ async def test_empty_embed_is_invalid(inference):
     assert details.field_violations[0].field == "texts"
 
 
-async def test_expired_deadline(inference):
+def _cancelled_in_triton(mesh) -> int:
+    """Streams the generator models stopped because their request was cancelled."""
+    logs = (mesh.config.run_dir / "logs").glob("triton-*.log")
+    return sum(p.read_text(errors="replace").count("tokens: cancelled") for p in logs)
+
+
+async def _wait_for_triton_cancel(mesh, before: int) -> None:
+    for _ in range(50):
+        if _cancelled_in_triton(mesh) > before:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("Triton never saw the request cancelled")
+
+
+async def test_expired_deadline_cancels_the_triton_request(mesh, inference):
+    before = _cancelled_in_triton(mesh)
     details = await _error(
         inference.Generate(
             pb.GenerateRequest(
                 prompt="Tell me everything about Envoy",
-                context=CONTEXT,
+                context=CONTEXT * 10,
                 model="generator_large",
                 parameters=pb.GenerationParameters(max_tokens=4000),
             ),
-            timeout=0.05,
+            timeout=0.15,
         )
     )
     assert details.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    await _wait_for_triton_cancel(mesh, before)
 
 
-async def test_cancelled_stream(inference):
+async def test_cancelled_stream_cancels_the_triton_request(mesh, inference):
+    before = _cancelled_in_triton(mesh)
     call = inference.Generate(
         pb.GenerateRequest(
             prompt="Tell me everything about Envoy",
@@ -291,6 +308,7 @@ async def test_cancelled_stream(inference):
         break
     call.cancel()
     assert call.cancelled()
+    await _wait_for_triton_cancel(mesh, before)
     # the service is unharmed: the next call works
     tokens, complete = await _collect(
         inference.Generate(
