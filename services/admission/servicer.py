@@ -27,12 +27,12 @@ from services.runtime import (
     InvalidArgument,
     SwitchboardError,
     Unauthenticated,
+    current_tenant,
     invalid,
 )
 
 logger = logging.getLogger(__name__)
 
-TENANT_HEADER = "x-tenant-id"
 REPLICA_HEADER = "x-admission-replica"
 POLICY_FIELDS = (
     "requests_per_second",
@@ -56,23 +56,14 @@ class Aborted(SwitchboardError):
     reason = "ETAG_MISMATCH"
 
 
-def _header_tenant(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == TENANT_HEADER:
-            return value  # type: ignore[no-any-return]
-    return ""
-
-
-def resolve_tenant(
-    requested: str, context: grpc.aio.ServicerContext, *, field: str, owned: bool
-) -> str:
+def resolve_tenant(requested: str, *, field: str, owned: bool) -> str:
     """The call's tenant: the request's, else `x-tenant-id`'s.
 
     Args:
         owned: the call reads or changes state the tenant's replica holds; then the
             request and the header must agree, since the header chose the replica.
     """
-    header = _header_tenant(context)
+    header = current_tenant()
     if owned and requested and header and requested != header:
         raise InvalidArgument(
             f"{field} {requested!r} differs from the x-tenant-id header {header!r}, which "
@@ -166,7 +157,7 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
         self, request: pb.AdmitRequest, context: grpc.aio.ServicerContext, *, prefix: str = ""
     ) -> dict[str, Any]:
         tenant = resolve_tenant(
-            request.context.tenant_id, context, field=f"{prefix}context.tenant_id", owned=True
+            request.context.tenant_id, field=f"{prefix}context.tenant_id", owned=True
         )
         tier = _TIERS.get(request.tier)
         if tier is None:
@@ -241,7 +232,7 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
     async def GetQuota(  # noqa: N802 - gRPC method name
         self, request: pb.GetQuotaRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetQuotaResponse:
-        tenant = resolve_tenant(request.tenant_id, context, field="tenant_id", owned=True)
+        tenant = resolve_tenant(request.tenant_id, field="tenant_id", owned=True)
         snapshot = self._controller.quota(tenant, request.user_id)
         await context.send_initial_metadata(self._replica)
         return pb.GetQuotaResponse(quota=_quota_message(snapshot))
@@ -251,7 +242,7 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
     async def GetPolicy(  # noqa: N802 - gRPC method name
         self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetPolicyResponse:
-        tenant = resolve_tenant(request.tenant_id, context, field="tenant_id", owned=False)
+        tenant = resolve_tenant(request.tenant_id, field="tenant_id", owned=False)
         stored = await self._store.get(tenant, request.user_id)
         if stored is not None:
             return pb.GetPolicyResponse(
@@ -271,7 +262,7 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
         self, request: pb.UpdatePolicyRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpdatePolicyResponse:
         given = request.policy
-        tenant = resolve_tenant(given.tenant_id, context, field="policy.tenant_id", owned=False)
+        tenant = resolve_tenant(given.tenant_id, field="policy.tenant_id", owned=False)
         paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
         bad = [
             FieldViolation(f"update_mask.paths[{i}]", f"{p!r} is not an updatable Policy field")
@@ -330,6 +321,6 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
     async def DeletePolicy(  # noqa: N802 - gRPC method name
         self, request: pb.DeletePolicyRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeletePolicyResponse:
-        tenant = resolve_tenant(request.tenant_id, context, field="tenant_id", owned=False)
+        tenant = resolve_tenant(request.tenant_id, field="tenant_id", owned=False)
         deleted = await self._store.delete(tenant, request.user_id)
         return pb.DeletePolicyResponse(deleted=deleted)

@@ -13,26 +13,28 @@ import logging
 from datetime import timedelta
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 from switchboard.admission.v1 import admission_pb2, admission_service_pb2_grpc
 from switchboard.common.v1 import common_pb2
 
 from services.runtime import (
+    TENANT_HEADER,
     DeadlineExceeded,
+    RelayedError,
     SwitchboardError,
     Unavailable,
     channel,
     propagated_metadata,
+    status_of,
 )
+
+__all__ = ["ANONYMOUS_TENANT", "AdmissionGate", "RelayedError", "relay_error"]
 
 logger = logging.getLogger(__name__)
 
 ANONYMOUS_TENANT = "anonymous"
 """The tenant a Generate call without `x-tenant-id` is admitted as."""
-TENANT_HEADER = "x-tenant-id"
 RETRY_AFTER = timedelta(seconds=1)
 RELEASE_TIMEOUT_S = 5.0
-_DETAILS_KEY = "grpc-status-details-bin"
 _TIERS = {"small": common_pb2.MODEL_TIER_SMALL, "large": common_pb2.MODEL_TIER_LARGE}
 # Codes that mean "admission could not decide", not "admission said no".
 _DEPENDENCY_CODES = {
@@ -41,25 +43,6 @@ _DEPENDENCY_CODES = {
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.UNIMPLEMENTED,
 }
-
-
-class RelayedError(SwitchboardError):
-    """A downstream service's error status, passed on to the caller exactly as it came."""
-
-    def __init__(self, code: grpc.StatusCode, status: status_pb2.Status) -> None:
-        reason = "UNKNOWN"
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason = info.reason
-                break
-        super().__init__(status.message, reason=reason)
-        self.code = code
-        self._status = status
-
-    def to_rpc_status(self) -> status_pb2.Status:
-        return self._status
 
 
 def relay_error(error: grpc.aio.AioRpcError) -> SwitchboardError:
@@ -76,13 +59,7 @@ def relay_error(error: grpc.aio.AioRpcError) -> SwitchboardError:
             metadata={"dependency": "admission"},
             retry_after=RETRY_AFTER,
         )
-    blob = next((v for k, v in error.trailing_metadata() or () if k == _DETAILS_KEY), None)
-    status = (
-        status_pb2.Status.FromString(blob)
-        if blob
-        else status_pb2.Status(code=code.value[0], message=error.details() or "")
-    )
-    return RelayedError(code, status)
+    return RelayedError(code, status_of(error))
 
 
 class AdmissionGate:

@@ -10,9 +10,10 @@ import grpc
 from switchboard.common.v1 import common_pb2
 from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 
-from services.inference.admission import ANONYMOUS_TENANT, TENANT_HEADER, AdmissionGate
+from services.inference.admission import ANONYMOUS_TENANT, AdmissionGate
 from services.inference.policy import count_tokens
 from services.inference.router import GenerateInput, GenerateResult, Router
+from services.runtime import current_tenant
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +50,6 @@ def _citations(
     return citations
 
 
-def _tenant(context: grpc.aio.ServicerContext) -> str:
-    """The caller's `x-tenant-id`, or the anonymous tenant."""
-    for key, value in context.invocation_metadata() or ():
-        if key == TENANT_HEADER and value:
-            return value  # type: ignore[no-any-return]
-    return ANONYMOUS_TENANT
-
-
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     def __init__(self, router: Router, *, admission: AdmissionGate | None = None) -> None:
         self._router = router
@@ -80,7 +73,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 yield reply
             return
         choice = result.choice
-        tenant = _tenant(context)
+        tenant = current_tenant() or ANONYMOUS_TENANT
         lease_id = await self._admission.admit(
             tenant_id=tenant,
             tier=choice.model.tier,

@@ -2,7 +2,7 @@
 
 from services.runtime._channels import channel, outbound_timeout, propagated_metadata
 from services.runtime._config import ConfigError, load_config, parse_duration
-from services.runtime._context import time_remaining
+from services.runtime._context import TENANT_HEADER, current_tenant, time_remaining
 from services.runtime._errors import (
     ERROR_DOMAIN,
     AlreadyExists,
@@ -16,12 +16,14 @@ from services.runtime._errors import (
     NotFound,
     PermissionDenied,
     QuotaViolation,
+    RelayedError,
     ResourceExhausted,
     SwitchboardError,
     Unauthenticated,
     Unavailable,
     error_details,
     invalid,
+    status_of,
 )
 from services.runtime._server import (
     ServerConfig,
@@ -36,6 +38,10 @@ from services.runtime._tasks import stop_task
 
 __all__ = [
     "ERROR_DOMAIN",
+    "TENANT_HEADER",
+    "RelayedError",
+    "current_tenant",
+    "status_of",
     "AlreadyExists",
     "Cancelled",
     "ConfigError",

@@ -23,3 +23,8 @@ def time_remaining() -> float | None:
     if at is None:
         return None
     return at - time.monotonic()
+
+
+def current_tenant() -> str:
+    """The tenant of the call being handled (`x-tenant-id`), or "" without one."""
+    return tenant_id.get()

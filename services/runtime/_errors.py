@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -188,11 +189,42 @@ class ErrorDetails:
     error_info_count: int
 
 
-def error_details(error: grpc.RpcError) -> ErrorDetails:
-    """Decodes the rich status of a failed call (sync or asyncio)."""
+def status_of(error: grpc.RpcError) -> status_pb2.Status:
+    """The `google.rpc.Status` a failed call carried (a bare one when it had none)."""
     trailing = error.trailing_metadata() or ()  # type: ignore[attr-defined]
     blob = next((v for k, v in trailing if k == _STATUS_DETAILS_KEY), None)
-    status = status_pb2.Status.FromString(blob) if blob else status_pb2.Status()
+    if blob:
+        return status_pb2.Status.FromString(blob)
+    return status_pb2.Status(
+        code=error.code().value[0],  # type: ignore[attr-defined]
+        message=error.details() or "",  # type: ignore[attr-defined]
+    )
+
+
+class RelayedError(SwitchboardError):
+    """A downstream service's error, passed on to the caller exactly as it came."""
+
+    def __init__(self, code: grpc.StatusCode, status: status_pb2.Status) -> None:
+        info = next(_unpacked(status, error_details_pb2.ErrorInfo), None)
+        super().__init__(status.message, reason=info.reason if info else "UNKNOWN")
+        self.code = code
+        self._status = status
+
+    def to_rpc_status(self) -> status_pb2.Status:
+        return self._status
+
+
+def _unpacked(status: status_pb2.Status, kind: type[Any]) -> Iterator[Any]:
+    for detail in status.details:
+        if detail.Is(kind.DESCRIPTOR):
+            message = kind()
+            detail.Unpack(message)
+            yield message
+
+
+def error_details(error: grpc.RpcError) -> ErrorDetails:
+    """Decodes the rich status of a failed call (sync or asyncio)."""
+    status = status_of(error)
     infos, violations = [], []
     quota = retry = None
     for detail in status.details:

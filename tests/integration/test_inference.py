@@ -120,10 +120,14 @@ async def test_max_tokens_is_respected(inference):
 
 
 async def test_no_context_gets_an_honest_answer(inference):
-    tokens, _ = await _collect(
+    tokens, complete = await _collect(
         inference.Generate(pb.GenerateRequest(prompt="What is the meaning of life?"), timeout=30)
     )
     assert tokens, "the model must say something"
+    text = "".join(t.text for t in tokens)
+    assert "answers only from supplied passages" in text
+    assert all(t.passage_index == -1 for t in tokens)
+    assert not complete.citations
 
 
 async def test_session_affinity_keeps_the_backend(inference):
