@@ -15,7 +15,6 @@ from services.runtime import FailedPrecondition, NotFound
 
 logger = logging.getLogger(__name__)
 
-_TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 _HARD_WORDS = re.compile(
     r"\b(why|how|explain|compare|contrast|analy[sz]e|derive|prove|trade-?offs?|evaluate|"
     r"design|reason|implications?|step[- ]by[- ]step|difference)\b",
@@ -23,11 +22,6 @@ _HARD_WORDS = re.compile(
 )
 _CODE_OR_MATH = re.compile(r"[{}();=<>^∑∫√]|```|\bdef\b|\bclass\b|\d+\s*[-+*/]\s*\d+")
 TIERS = ("small", "large")
-
-
-def count_tokens(text: str) -> int:
-    """Estimated model tokens: words and punctuation marks (what the demo models emit)."""
-    return len(_TOKEN.findall(text))
 
 
 def complexity(prompt: str) -> float:

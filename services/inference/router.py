@@ -13,9 +13,15 @@ from datetime import timedelta
 import numpy as np
 
 from services.inference.balancer import Balancer
-from services.inference.policy import Choice, ModelPolicy, complexity, count_tokens
+from services.inference.policy import Choice, ModelPolicy, complexity
 from services.inference.triton import BackendFailure, StreamedToken, TritonBackend
-from services.runtime import FieldViolation, Unavailable, invalid, outbound_timeout
+from services.runtime import (
+    FieldViolation,
+    Unavailable,
+    count_tokens,
+    invalid,
+    outbound_timeout,
+)
 
 logger = logging.getLogger(__name__)
 

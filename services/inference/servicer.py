@@ -11,9 +11,8 @@ from switchboard.common.v1 import common_pb2
 from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 
 from services.inference.admission import ANONYMOUS_TENANT, AdmissionGate
-from services.inference.policy import count_tokens
 from services.inference.router import GenerateInput, GenerateResult, Router
-from services.runtime import current_tenant
+from services.runtime import count_tokens, current_tenant
 
 logger = logging.getLogger(__name__)
 

@@ -37,6 +37,7 @@ class LauncherConfig:
     admission_port: int = 50052
     """Admission replica i listens on admission_port + 10i."""
     admission_replicas: int = 2
+    rag_port: int = 50054
     metrics_base_port: int = 9100
     """Service k's Prometheus endpoint is on metrics_base_port + k."""
     model_policy: Path = REPO_ROOT / "services" / "inference" / "models.yaml"
@@ -79,7 +80,8 @@ def isolated_config(
         inference_port=base + 5,
         admission_port=base + 6,  # replica i on base + 6 + 10i: base+16, base+26
         admission_replicas=admission_replicas,
-        metrics_base_port=base + 10,  # one per service process: base+10..base+15
+        rag_port=base + 7,
+        metrics_base_port=base + 40,  # one per service process: base+40..base+49
         triton_base_port=base + 30,
         triton_replicas=triton_replicas,
         gpu=gpu,

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +73,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
         replicas_field="admission_replicas",
         hash_header="x-tenant-id",
     ),
+    ServiceSpec("rag", "rag_port", ("switchboard.rag.v1.RagService",)),
 )
 
 
@@ -397,7 +398,24 @@ class Mesh:
         self.state.save(self._records)
         return bool(found)
 
-    def _start_service(self, index: int, spec: ServiceSpec, replica: int = 0) -> None:
+    def start_service(self, name: str, *, env: Mapping[str, str] | None = None) -> None:
+        """(Re)starts one service process (e.g. `rag`, `admission-1`) with extra
+        environment variables, and waits until it serves; a running one is stopped first."""
+        for index, (spec, replica) in enumerate(service_processes(self.config)):
+            if spec.process_name(self.config, replica) == name:
+                self.stop_component(name)
+                self._start_service(index, spec, replica, extra_env=env)
+                return
+        raise LaunchError(f"no service process is named {name!r}")
+
+    def _start_service(
+        self,
+        index: int,
+        spec: ServiceSpec,
+        replica: int = 0,
+        *,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
         port = spec.port(self.config, replica)
         name = spec.process_name(self.config, replica)
         prefix = f"SWITCHBOARD_{spec.name.upper()}_"
@@ -414,6 +432,7 @@ class Mesh:
             "SWITCHBOARD_DATABASE_URL": self.database_url,
             "SWITCHBOARD_NATS_URL": self.nats_url,
             "PYTHONUNBUFFERED": "1",
+            **(extra_env or {}),
         }
         self._say(f"starting {name} service on {self.config.host}:{port}")
         record = self._spawn(name, [sys.executable, "-m", spec.module], env=env, cwd=REPO_ROOT)

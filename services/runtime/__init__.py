@@ -23,6 +23,7 @@ from services.runtime._errors import (
     Unavailable,
     error_details,
     invalid,
+    require_tenant,
     status_of,
 )
 from services.runtime._server import (
@@ -35,12 +36,16 @@ from services.runtime._server import (
     serve,
 )
 from services.runtime._tasks import stop_task
+from services.runtime._tokens import count_tokens, token_spans
 
 __all__ = [
     "ERROR_DOMAIN",
     "TENANT_HEADER",
     "RelayedError",
     "current_tenant",
+    "require_tenant",
+    "count_tokens",
+    "token_spans",
     "status_of",
     "AlreadyExists",
     "Cancelled",

@@ -163,6 +163,21 @@ class Internal(SwitchboardError):
     reason = "INTERNAL"
 
 
+def require_tenant() -> str:
+    """The calling tenant (`x-tenant-id`) for calls that touch a tenant's own data.
+
+    Raises:
+        Unauthenticated: `TENANT_MISSING`, the call names no tenant.
+    """
+    tenant = _context.current_tenant()
+    if not tenant:
+        raise Unauthenticated(
+            f"this call needs a tenant: set the {_context.TENANT_HEADER} header",
+            reason="TENANT_MISSING",
+        )
+    return tenant
+
+
 def invalid(violations: Iterable[FieldViolation], *, what: str = "request") -> InvalidArgument:
     """An INVALID_ARGUMENT listing every violation at once."""
     items = list(violations)

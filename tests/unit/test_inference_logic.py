@@ -10,7 +10,8 @@ import pytest
 
 from services.inference.balancer import Balancer
 from services.inference.breaker import BackendBreaker
-from services.inference.policy import ModelPolicy, complexity, count_tokens
+from services.inference.policy import ModelPolicy, complexity
+from services.runtime import count_tokens
 from services.inference.router import GenerateInput, validate_embed, validate_generate
 from services.runtime import FailedPrecondition, InvalidArgument, NotFound
 

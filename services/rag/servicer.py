@@ -1,0 +1,169 @@
+"""RagService servicer: proto in, ingestor / retriever / store call, proto out."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from switchboard.common.v1 import common_pb2
+from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
+
+from services.rag.ingest import Ingestor, Outcome, in_order, validate_collection
+from services.rag.retrieval import Retriever
+from services.rag.store import CollectionInfo, Hit, Mode, RagStore
+from services.runtime import FieldViolation, invalid, require_tenant
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+_MODES = {
+    Mode.VECTOR: rag_pb2.RETRIEVAL_MODE_VECTOR,
+    Mode.FULL_TEXT: rag_pb2.RETRIEVAL_MODE_FULL_TEXT,
+    Mode.HYBRID: rag_pb2.RETRIEVAL_MODE_HYBRID,
+}
+_PROGRESS_EVERY = 100
+
+
+def _result(outcome: Outcome) -> rag_pb2.DocumentResult:
+    result = rag_pb2.DocumentResult(
+        document_id=outcome.document_id,
+        collection=outcome.collection,
+        chunks=outcome.chunks,
+        tokens=outcome.tokens,
+        replaced=outcome.replaced,
+    )
+    if outcome.error is not None:
+        result.error.CopyFrom(outcome.error.to_rpc_status())
+    return result
+
+
+def _chunk(hit: Hit) -> rag_pb2.RetrievedChunk:
+    return rag_pb2.RetrievedChunk(
+        chunk_id=str(hit.chunk_id),
+        document_id=hit.document_id,
+        chunk_index=hit.chunk_index,
+        text=hit.text,
+        metadata=hit.metadata,
+        score=hit.score,
+        start_char=hit.start_char,
+        end_char=hit.end_char,
+    )
+
+
+def _collection(info: CollectionInfo) -> rag_pb2.Collection:
+    message = rag_pb2.Collection(
+        name=info.name,
+        document_count=info.document_count,
+        chunk_count=info.chunk_count,
+        embedding_model=info.embedding_model,
+        dimensions=info.dimensions,
+    )
+    message.create_time.FromDatetime(info.create_time)
+    message.update_time.FromDatetime(info.update_time)
+    return message
+
+
+def _page_token(name: str) -> str:
+    return base64.urlsafe_b64encode(name.encode()).decode()
+
+
+def _after(token: str) -> str:
+    try:
+        name = base64.urlsafe_b64decode(token.encode()).decode() if token else ""
+    except ValueError:
+        name = None
+    if name is None or (token and validate_collection(name, "page_token")):
+        raise invalid(
+            [FieldViolation("page_token", "not a token from a previous response")],
+            what="ListCollectionsRequest",
+        )
+    return name
+
+
+class RagServicer(rag_service_pb2_grpc.RagServiceServicer):
+    def __init__(
+        self, store: RagStore, ingestor: Ingestor, retriever: Retriever, *, concurrency: int
+    ) -> None:
+        self._store = store
+        self._ingestor = ingestor
+        self._retriever = retriever
+        self._concurrency = concurrency
+
+    async def IngestDocuments(  # noqa: N802 - gRPC method name
+        self,
+        request_iterator: AsyncIterator[rag_pb2.IngestDocumentsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> rag_pb2.IngestDocumentsResponse:
+        tenant = require_tenant()
+        response = rag_pb2.IngestDocumentsResponse()
+        prompt_tokens = 0
+        outcomes = in_order(
+            request_iterator,
+            lambda request: self._ingestor.ingest(tenant, request),
+            concurrency=self._concurrency,
+        )
+        async for outcome in outcomes:
+            response.results.append(_result(outcome))
+            if outcome.error is None:
+                response.documents_ingested += 1
+                response.chunks_ingested += outcome.chunks
+                prompt_tokens += outcome.tokens
+            else:
+                response.documents_failed += 1
+            if len(response.results) % _PROGRESS_EVERY == 0:
+                logger.info(
+                    "ingesting",
+                    extra={
+                        "documents": len(response.results),
+                        "chunks": response.chunks_ingested,
+                    },
+                )
+        response.usage.CopyFrom(
+            common_pb2.TokenUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
+        )
+        return response
+
+    async def Retrieve(  # noqa: N802 - gRPC method name
+        self, request: rag_pb2.RetrieveRequest, context: grpc.aio.ServicerContext
+    ) -> rag_pb2.RetrieveResponse:
+        mode, hits = await self._retriever.retrieve(require_tenant(), request)
+        return rag_pb2.RetrieveResponse(chunks=[_chunk(h) for h in hits], mode=_MODES[mode])
+
+    async def DeleteDocument(  # noqa: N802 - gRPC method name
+        self, request: rag_pb2.DeleteDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> rag_pb2.DeleteDocumentResponse:
+        tenant = require_tenant()
+        problems = []
+        if bad := validate_collection(request.collection, "collection"):
+            problems.append(bad)
+        if not request.document_id:
+            problems.append(FieldViolation("document_id", "required"))
+        if problems:
+            raise invalid(problems, what="DeleteDocumentRequest")
+        deleted = await self._store.delete_document(
+            tenant, collection=request.collection, document_id=request.document_id
+        )
+        return rag_pb2.DeleteDocumentResponse(chunks_deleted=deleted)
+
+    async def ListCollections(  # noqa: N802 - gRPC method name
+        self, request: rag_pb2.ListCollectionsRequest, context: grpc.aio.ServicerContext
+    ) -> rag_pb2.ListCollectionsResponse:
+        tenant = require_tenant()
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            raise invalid(
+                [FieldViolation("page_size", f"must be 0..{MAX_PAGE_SIZE}")],
+                what="ListCollectionsRequest",
+            )
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        found = await self._store.collections(
+            tenant, after=_after(request.page_token), limit=size + 1
+        )
+        response = rag_pb2.ListCollectionsResponse(
+            collections=[_collection(c) for c in found[:size]]
+        )
+        if len(found) > size:
+            response.next_page_token = _page_token(found[size - 1].name)
+        return response
