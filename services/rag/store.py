@@ -182,7 +182,7 @@ class RagStore:
     ) -> None:
         self._pool = AsyncConnectionPool(
             app_url,
-            min_size=2,
+            min_size=min(2, pool_size),
             max_size=pool_size,
             open=False,
             configure=register_vector_async,
