@@ -61,6 +61,12 @@ class EmbedderModel:
     name: str
     dimensions: int
     max_batch: int
+    variants: tuple[str, ...] = ()
+    """Other Triton names serving the same weights (e.g. without dynamic batching)."""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.variants)
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,28 @@ class ModelPolicy:
         emb = raw["embedder"]
         return cls(
             tuple(generators),
-            EmbedderModel(emb["name"], int(emb["dimensions"]), int(emb.get("max_batch", 64))),
+            EmbedderModel(
+                emb["name"],
+                int(emb["dimensions"]),
+                int(emb.get("max_batch", 64)),
+                tuple(emb.get("variants") or ()),
+            ),
+        )
+
+    def embedder_name(self, requested: str) -> str:
+        """The embedder an Embed call asks for ("" = the default).
+
+        Raises:
+            NotFound: `MODEL_NOT_FOUND`, no embedder has that name.
+        """
+        if not requested:
+            return self.embedder.name
+        if requested in self.embedder.names:
+            return requested
+        raise NotFound(
+            f"embedder {requested!r} does not exist (embedders: {', '.join(self.embedder.names)})",
+            reason="MODEL_NOT_FOUND",
+            metadata={"model": requested},
         )
 
     def generator(self, name: str) -> GeneratorModel:

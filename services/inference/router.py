@@ -211,27 +211,27 @@ class Router:
                 return
         raise _all_down(result.choice.model.name, result.choice.model.tier)
 
-    async def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Embeds `texts` in Triton-sized batches, concurrently, on the least loaded backends."""
+    async def embed(self, texts: Sequence[str], *, model: str = "") -> np.ndarray:
+        """Embeds `texts` in Triton-sized batches, concurrently, on the least loaded backends,
+        with `model` (a validated embedder name; "" = the default)."""
         validate_embed(texts)
+        model = model or self.policy.embedder.name
         size = self.policy.embedder.max_batch
         if len(texts) <= size:
-            return await self._embed_chunk(texts)
+            return await self._embed_chunk(texts, model)
         chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
-        parts = await asyncio.gather(*(self._embed_chunk(chunk) for chunk in chunks))
+        parts = await asyncio.gather(*(self._embed_chunk(chunk, model) for chunk in chunks))
         return np.concatenate(parts, axis=0)
 
-    async def _embed_chunk(self, texts: Sequence[str]) -> np.ndarray:
+    async def _embed_chunk(self, texts: Sequence[str], model: str) -> np.ndarray:
         for backend in self.balancer.order():
             if not backend.breaker.allow():
                 continue
             try:
-                vectors = await backend.embed(
-                    self.policy.embedder.name, texts, timeout=outbound_timeout(None)
-                )
+                vectors = await backend.embed(model, texts, timeout=outbound_timeout(None))
             except BackendFailure:
                 backend.breaker.record_failure()
                 continue
             backend.breaker.record_success()
             return vectors
-        raise _all_down(self.policy.embedder.name)
+        raise _all_down(model)

@@ -126,13 +126,12 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     async def Embed(  # noqa: N802 - gRPC method name
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
-        if request.model and request.model != self._router.policy.embedder.name:
-            self._router.policy.generator(request.model)  # NOT_FOUND for unknown names
-        vectors = await self._router.embed(list(request.texts))
+        model = self._router.policy.embedder_name(request.model)
+        vectors = await self._router.embed(list(request.texts), model=model)
         tokens = sum(count_tokens(t) for t in request.texts)
         return inference_pb2.EmbedResponse(
             embeddings=[inference_pb2.Embedding(values=row) for row in vectors.tolist()],
-            model=self._router.policy.embedder.name,
+            model=model,
             dimensions=int(vectors.shape[1]),
             usage=common_pb2.TokenUsage(prompt_tokens=tokens, total_tokens=tokens),
         )
@@ -163,14 +162,15 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             )
             for g in policy.generators
         ]
-        models.append(
+        models.extend(
             inference_pb2.ModelInfo(
-                name=policy.embedder.name,
+                name=name,
                 kind=inference_pb2.MODEL_KIND_EMBEDDER,
                 context_tokens=256,
                 relative_cost=0.1,
                 healthy=healthy,
                 backends=backends,
             )
+            for name in policy.embedder.names
         )
         return inference_pb2.ListModelsResponse(models=models)

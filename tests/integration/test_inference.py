@@ -185,10 +185,26 @@ async def test_embed_splits_large_batches(inference):
     assert cosine > 0.9999
 
 
+async def test_embedder_variants_are_asked_for_by_name(inference):
+    text = ["The same weights answer under both names."]
+    default = await inference.Embed(pb.EmbedRequest(texts=text), timeout=30)
+    unbatched = await inference.Embed(
+        pb.EmbedRequest(texts=text, model="embedder_unbatched"), timeout=30
+    )
+    assert unbatched.model == "embedder_unbatched"
+    assert np.dot(default.embeddings[0].values, unbatched.embeddings[0].values) > 0.999
+    for name in ("generator_small", "no-such-embedder"):
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await inference.Embed(pb.EmbedRequest(texts=text, model=name), timeout=10)
+        assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+        assert error_details(exc.value).error_info.reason == "MODEL_NOT_FOUND"
+
+
 async def test_list_models(inference):
     reply = await inference.ListModels(pb.ListModelsRequest(), timeout=10)
     by_name = {m.name: m for m in reply.models}
-    assert set(by_name) == {"generator_small", "generator_large", "embedder"}
+    assert set(by_name) == {"generator_small", "generator_large", "embedder", "embedder_unbatched"}
+    assert by_name["embedder_unbatched"].kind == pb.MODEL_KIND_EMBEDDER
     assert by_name["generator_large"].context_tokens > by_name["generator_small"].context_tokens
     assert by_name["generator_small"].healthy
     assert len(by_name["embedder"].backends) == 2

@@ -62,7 +62,12 @@ def test_admission_replicas_get_their_own_ports_and_names(tmp_path: Path) -> Non
         (spec.process_name(config, i), spec.port(config, i))
         for spec, i in service_processes(config)
     ]
-    assert processes == [("inference", 50051), ("admission-0", 50052), ("admission-1", 50062)]
+    assert processes == [
+        ("inference", 50051),
+        ("admission-0", 50052),
+        ("admission-1", 50062),
+        ("rag", 50054),
+    ]
 
 
 @pytest.mark.parametrize("replicas", [1, 2, 3])

@@ -11,9 +11,8 @@ import pytest
 from services.inference.balancer import Balancer
 from services.inference.breaker import BackendBreaker
 from services.inference.policy import ModelPolicy, complexity
-from services.runtime import count_tokens
 from services.inference.router import GenerateInput, validate_embed, validate_generate
-from services.runtime import FailedPrecondition, InvalidArgument, NotFound
+from services.runtime import FailedPrecondition, InvalidArgument, NotFound, count_tokens
 
 POLICY = ModelPolicy.load(Path("services/inference/models.yaml"))
 
