@@ -6,5 +6,7 @@ BENCHMARKS = {
     "grpc-ceiling": "bench.grpc_ceiling",
     "admission-decisions": "bench.admission_decisions",
     "admission-fairness": "bench.admission_fairness",
+    "rag-ingest": "bench.rag_ingest",
+    "rag-retrieval": "bench.rag_retrieval",
 }
 """Benchmark name -> module with a `run()` that prints its table and writes its JSON."""

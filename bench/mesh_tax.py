@@ -36,8 +36,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from bench._common import ms, percentile, print_table, running_mesh, write_result
 from bench.embed_batching import triton_embed_request
-from services.runtime import count_tokens
 from services.inference.triton import encode_bytes
+from services.runtime import count_tokens
 
 NAME = "mesh-tax"
 WARMUP = 30

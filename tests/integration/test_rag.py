@@ -618,6 +618,12 @@ def test_the_catalog_shows_forced_rls_and_an_unprivileged_role(mesh):
             "SELECT indexdef FROM pg_indexes WHERE indexname = 'rag_chunks_embedding'"
         ).fetchone()
         assert "hnsw" in index[0] and "vector_cosine_ops" in index[0]
+        # so that full-text conditions may use the GIN index under row-level security
+        leakproof = conn.execute(
+            "SELECT proleakproof FROM pg_proc"
+            " WHERE oid = 'ts_match_vq(tsvector, tsquery)'::regprocedure"
+        ).fetchone()
+        assert leakproof == (True,)
 
 
 # ---- retrieval quality ------------------------------------------------------------------

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from switchboard.rag.v1 import rag_pb2
 
 from services.rag.chunking import chunk_text
 from services.rag.config import RagConfig
-from services.rag.ingest import IngestSettings, _document_text
+from services.rag.ingest import IngestSettings, Outcome, _document_text, in_order
 from services.rag.retrieval import hybrid_candidates, parse_retrieve
 from services.rag.store import MAX_EF_SEARCH, Hit, Mode, ef_search_for, fuse
 from services.runtime import InvalidArgument, ResourceExhausted, count_tokens
@@ -157,3 +159,45 @@ def test_the_service_role_url_drops_the_owner_and_password():
     assert config.app_database_url == "postgresql://switchboard_rag@db.local:5433/switchboard"
     explicit = RagConfig(database_url="postgresql://o@h/db", rag_database_url="postgresql://x@h/db")
     assert explicit.app_database_url == "postgresql://x@h/db"
+
+
+async def test_ingest_reads_no_further_ahead_than_its_concurrency_and_keeps_order():
+    pulled = 0
+    most_ahead = 0
+    done = 0
+
+    async def items():
+        nonlocal pulled
+        for i in range(50):
+            pulled += 1
+            yield i
+
+    async def handle(i: int) -> Outcome:
+        nonlocal done, most_ahead
+        most_ahead = max(most_ahead, pulled - done)
+        await asyncio.sleep(0.001 * (i % 3))  # finish out of order
+        done += 1
+        return Outcome(str(i), "c")
+
+    outcomes = [o.document_id async for o in in_order(items(), handle, concurrency=4)]
+    assert outcomes == [str(i) for i in range(50)]
+    assert most_ahead <= 4
+
+
+async def test_ingest_cancels_pending_work_when_the_caller_stops():
+    started, finished = [], []
+
+    async def items():
+        for i in range(10):
+            yield i
+
+    async def handle(i: int) -> Outcome:
+        started.append(i)
+        await asyncio.sleep(0 if i == 0 else 10)
+        finished.append(i)
+        return Outcome(str(i), "c")
+
+    stream = in_order(items(), handle, concurrency=3)
+    assert (await anext(stream)).document_id == "0"
+    await stream.aclose()
+    assert finished == [0] and len(started) <= 4
