@@ -1,0 +1,1 @@
+"""The execution service: durable multi-step tasks and sandboxed Python."""
