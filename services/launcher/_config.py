@@ -38,6 +38,11 @@ class LauncherConfig:
     """Admission replica i listens on admission_port + 10i."""
     admission_replicas: int = 2
     rag_port: int = 50054
+    execution_port: int = 50055
+    worker_port: int = 50056
+    """Execution worker i serves health on worker_port + 10i."""
+    workers: int = 1
+    """Execution worker processes (each runs SWITCHBOARD_EXECUTION_WORKERS steps at once)."""
     metrics_base_port: int = 9100
     """Service k's Prometheus endpoint is on metrics_base_port + k."""
     model_policy: Path = REPO_ROOT / "services" / "inference" / "models.yaml"
@@ -53,6 +58,8 @@ class LauncherConfig:
             raise ValueError("SWITCHBOARD_TRITON_REPLICAS must be at least 1")
         if self.admission_replicas < 1:
             raise ValueError("SWITCHBOARD_ADMISSION_REPLICAS must be at least 1")
+        if not 1 <= self.workers <= 3:
+            raise ValueError("SWITCHBOARD_WORKERS must be 1..3")
         if self.gpu not in ("auto", "on", "off"):
             raise ValueError("SWITCHBOARD_GPU must be auto, on or off")
 
@@ -81,6 +88,8 @@ def isolated_config(
         admission_port=base + 6,  # replica i on base + 6 + 10i: base+16, base+26
         admission_replicas=admission_replicas,
         rag_port=base + 7,
+        execution_port=base + 8,
+        worker_port=base + 9,  # worker i on base + 9 + 10i: base+19, base+29
         metrics_base_port=base + 40,  # one per service process: base+40..base+49
         triton_base_port=base + 30,
         triton_replicas=triton_replicas,

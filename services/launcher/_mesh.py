@@ -46,10 +46,17 @@ class ServiceSpec:
     """The LauncherConfig field holding the replica count; None = one process."""
     hash_header: str | None = None
     """Envoy spreads calls over the replicas by a consistent hash of this header."""
+    entry: str = ""
+    """The module run with `python -m`; empty = `services.<name>`."""
 
     @property
     def module(self) -> str:
-        return f"services.{self.name}"
+        return self.entry or f"services.{self.name}"
+
+    @property
+    def public(self) -> bool:
+        """Whether Envoy routes to it (a worker serves only health)."""
+        return bool(self.grpc_services)
 
     def replicas(self, config: LauncherConfig) -> int:
         return getattr(config, self.replicas_field) if self.replicas_field else 1
@@ -74,6 +81,14 @@ SERVICES: tuple[ServiceSpec, ...] = (
         hash_header="x-tenant-id",
     ),
     ServiceSpec("rag", "rag_port", ("switchboard.rag.v1.RagService",)),
+    ServiceSpec("execution", "execution_port", ("switchboard.execution.v1.ExecutionService",)),
+    ServiceSpec(
+        "worker",
+        "worker_port",
+        (),
+        replicas_field="workers",
+        entry="services.execution.worker",
+    ),
 )
 
 
@@ -438,7 +453,10 @@ class Mesh:
         record = self._spawn(name, [sys.executable, "-m", spec.module], env=env, cwd=REPO_ROOT)
         target = f"{self.config.host}:{port}"
         self._wait(
-            record, lambda: grpc_serving(target, spec.grpc_services[0]), what="SERVING", timeout=60
+            record,
+            lambda: grpc_serving(target, spec.grpc_services[0] if spec.public else ""),
+            what="SERVING",
+            timeout=60,
         )
 
     def _start_envoy(self) -> None:
@@ -453,6 +471,7 @@ class Mesh:
                 hash_header=spec.hash_header,
             )
             for spec in SERVICES
+            if spec.public
         ]
         config = _envoy.render_envoy_config(
             listen_host=self.config.host,
@@ -475,6 +494,7 @@ class Mesh:
                 _envoy.healthy_hosts(self.config.envoy_admin_port).get(spec.name, 0)
                 >= spec.replicas(self.config)
                 for spec in SERVICES
+                if spec.public
             ),
             what="routing to every service",
             timeout=60,

@@ -67,6 +67,8 @@ def test_admission_replicas_get_their_own_ports_and_names(tmp_path: Path) -> Non
         ("admission-0", 50052),
         ("admission-1", 50062),
         ("rag", 50054),
+        ("execution", 50055),
+        ("worker-0", 50056),
     ]
 
 

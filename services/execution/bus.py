@@ -1,0 +1,194 @@
+"""NATS JetStream: the work queue workers pull steps from, the event log, dead letters.
+
+Streams (file storage; created or updated at start, idempotently):
+- `SB_WORK` (`sb.work.step`): work-queue retention, one message per step ready to run;
+  one durable pull consumer `workers` shared by every worker (an idle worker pulls the
+  next step), explicit acks, `ack_wait` renewed by `in_progress` heartbeats on long
+  steps, `max_deliver` bounding a step that kills its worker every time.
+- `SB_EVENTS` (`sb.events.<task_id>`): every step and task transition, as a serialised
+  `WatchTaskResponse`; its stream sequence is the event's cursor for WatchTask.
+- `SB_DEAD` (`sb.dead.<task_id>`): steps that exhausted their attempts or deliveries.
+
+Every publish carries `Nats-Msg-Id`, so a republish after a crash (the state in
+PostgreSQL says what to republish) is de-duplicated within the streams' window.
+Cancellation is a core-NATS broadcast on `sb.cancel.<task_id>`: the worker running a
+step of that task cancels it (the sandbox process is killed with it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import NotFoundError
+from switchboard.execution.v1 import execution_pb2 as pb
+
+from services.runtime import Unavailable
+
+logger = logging.getLogger(__name__)
+
+WORK_STREAM = "SB_WORK"
+WORK_SUBJECT = "sb.work.step"
+EVENT_STREAM = "SB_EVENTS"
+DEAD_STREAM = "SB_DEAD"
+WORKERS = "workers"
+DUPLICATE_WINDOW_S = 600.0
+"""How long a message id is remembered: longer than any crash-to-redelivery gap."""
+
+
+@dataclass(frozen=True)
+class WorkSettings:
+    ack_wait: timedelta = timedelta(seconds=10)
+    """A step whose worker neither finishes nor heartbeats for this long is redelivered."""
+    max_deliver: int = 20
+    """Deliveries of one step message before it goes to the dead-letter stream."""
+    max_ack_pending: int = 4096
+
+
+def event_subject(task_id: str) -> str:
+    return f"sb.events.{task_id}"
+
+
+class Bus:
+    """One NATS connection with the streams the execution service uses."""
+
+    def __init__(self, url: str, settings: WorkSettings | None = None) -> None:
+        self._url = url
+        self.settings = settings or WorkSettings()
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+
+    @property
+    def js(self) -> JetStreamContext:
+        assert self._js is not None, "connect() first"
+        return self._js
+
+    @property
+    def nc(self) -> Client:
+        assert self._nc is not None, "connect() first"
+        return self._nc
+
+    async def connect(self) -> None:
+        self._nc = await nats.connect(
+            self._url,
+            name="switchboard-execution",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=5,
+        )
+        self._js = self._nc.jetstream(timeout=5)
+        await self._ensure_streams()
+
+    async def close(self) -> None:
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.drain()
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    async def _ensure_streams(self) -> None:
+        window = DUPLICATE_WINDOW_S
+        streams = [
+            js_api.StreamConfig(
+                name=WORK_STREAM,
+                subjects=[WORK_SUBJECT],
+                retention=js_api.RetentionPolicy.WORK_QUEUE,
+                storage=js_api.StorageType.FILE,
+                duplicate_window=window,
+            ),
+            js_api.StreamConfig(
+                name=EVENT_STREAM,
+                subjects=["sb.events.>"],
+                retention=js_api.RetentionPolicy.LIMITS,
+                storage=js_api.StorageType.FILE,
+                max_age=7 * 24 * 3600.0,
+                duplicate_window=window,
+            ),
+            js_api.StreamConfig(
+                name=DEAD_STREAM,
+                subjects=["sb.dead.>"],
+                retention=js_api.RetentionPolicy.LIMITS,
+                storage=js_api.StorageType.FILE,
+                max_age=30 * 24 * 3600.0,
+                duplicate_window=window,
+            ),
+        ]
+        for config in streams:
+            try:
+                await self.js.stream_info(config.name)
+                await self.js.update_stream(config)
+            except NotFoundError:
+                await self.js.add_stream(config)
+        consumer = js_api.ConsumerConfig(
+            durable_name=WORKERS,
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            ack_wait=self.settings.ack_wait.total_seconds(),
+            max_deliver=self.settings.max_deliver,
+            max_ack_pending=self.settings.max_ack_pending,
+            filter_subject=WORK_SUBJECT,
+        )
+        await self.js.add_consumer(WORK_STREAM, consumer)
+
+    # ---- publishing ------------------------------------------------------------------
+
+    async def _publish(self, subject: str, payload: bytes, msg_id: str) -> int:
+        try:
+            ack = await self.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise Unavailable(
+                "the message bus is unavailable; retry shortly",
+                reason="DEPENDENCY_UNAVAILABLE",
+                metadata={"dependency": "nats"},
+                retry_after=timedelta(seconds=1),
+            ) from exc
+        return int(ack.seq)
+
+    async def enqueue(self, task_id: str, step: str) -> None:
+        """Queues a step to run (once per task and step: the id de-duplicates)."""
+        payload = json.dumps({"task_id": task_id, "step": step}).encode()
+        await self._publish(WORK_SUBJECT, payload, f"run:{task_id}:{step}")
+
+    async def publish_event(self, event: pb.WatchTaskResponse, msg_id: str) -> int:
+        """Appends a transition to the task's event log; returns its sequence."""
+        task_id = (
+            event.step_event.task_id if event.HasField("step_event") else event.task_event.task_id
+        )
+        return await self._publish(event_subject(task_id), event.SerializeToString(), msg_id)
+
+    async def dead_letter(self, task_id: str, step: str, payload: bytes, attempt: int) -> None:
+        await self._publish(f"sb.dead.{task_id}", payload, f"dead:{task_id}:{step}:{attempt}")
+
+    async def broadcast_cancel(self, task_id: str) -> None:
+        await self.nc.publish(f"sb.cancel.{task_id}", b"")
+
+    # ---- consuming -------------------------------------------------------------------
+
+    async def work(self) -> JetStreamContext.PullSubscription:
+        """The shared pull subscription on the work queue."""
+        return await self.js.pull_subscribe_bind(WORKERS, stream=WORK_STREAM)
+
+    async def events(self, task_id: str, *, after: int) -> AsyncIterator[tuple[int, Msg]]:
+        """The task's events after stream sequence `after`, then new ones as they come."""
+        config = js_api.ConsumerConfig(
+            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE
+            if after
+            else js_api.DeliverPolicy.ALL,
+            opt_start_seq=after + 1 if after else None,
+        )
+        sub = await self.js.subscribe(
+            event_subject(task_id), ordered_consumer=True, config=config, stream=EVENT_STREAM
+        )
+        try:
+            async for msg in sub.messages:
+                yield int(msg.metadata.sequence.stream), msg
+        finally:
+            await sub.unsubscribe()

@@ -1,0 +1,81 @@
+"""RunCode's proto <-> the sandbox's plain types, shared by the RPC and `code` steps."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from switchboard.execution.v1 import execution_pb2 as pb
+
+from services.execution.graph import MAX_CODE_BYTES
+from services.execution.sandbox import RunRequest, RunResult, SandboxLimits
+from services.runtime import FieldViolation, ResourceExhausted, invalid
+
+logger = logging.getLogger(__name__)
+
+MAX_INPUT_FILES = 32
+MAX_INPUT_BYTES = 1024 * 1024
+
+
+def run_request(request: pb.RunCodeRequest, limits: SandboxLimits) -> RunRequest:
+    """The sandbox request for a RunCode call.
+
+    Raises:
+        ResourceExhausted: `CODE_TOO_LARGE` / `FILES_TOO_LARGE`.
+        InvalidArgument: a bad file path or timeout.
+    """
+    if len(request.code.encode()) > MAX_CODE_BYTES:
+        raise ResourceExhausted(
+            f"code is over {MAX_CODE_BYTES} bytes",
+            reason="CODE_TOO_LARGE",
+            metadata={"limit_bytes": str(MAX_CODE_BYTES)},
+        )
+    total = sum(len(f.content) for f in request.files) + len(request.stdin.encode())
+    if len(request.files) > MAX_INPUT_FILES or total > MAX_INPUT_BYTES:
+        raise ResourceExhausted(
+            f"at most {MAX_INPUT_FILES} files and {MAX_INPUT_BYTES} bytes of input",
+            reason="FILES_TOO_LARGE",
+            metadata={"limit_bytes": str(MAX_INPUT_BYTES)},
+        )
+    problems = []
+    for i, item in enumerate(request.files):
+        parts = item.path.split("/")
+        if not item.path or item.path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            problems.append(
+                FieldViolation(f"files[{i}].path", "a relative path without '.' or '..' parts")
+            )
+    timeout = None
+    if request.HasField("timeout"):
+        timeout = request.timeout.ToTimedelta()
+        if timeout <= timedelta(0):
+            problems.append(FieldViolation("timeout", "must be positive"))
+        timeout = min(timeout, limits.max_timeout)
+    if problems:
+        raise invalid(problems, what="RunCodeRequest")
+    return RunRequest(
+        code=request.code,
+        stdin=request.stdin,
+        files={f.path: f.content for f in request.files},
+        timeout=timeout,
+    )
+
+
+def run_response(result: RunResult) -> pb.RunCodeResponse:
+    response = pb.RunCodeResponse(
+        termination=int(result.termination),
+        exit_code=result.exit_code,
+        signal=result.signal,
+        stdout=result.stdout,
+        stderr=result.stderr,
+        stdout_truncated=result.stdout_truncated,
+        stderr_truncated=result.stderr_truncated,
+        exception=result.exception,
+        files=[pb.SandboxFile(path=p, content=c) for p, c in sorted(result.files.items())],
+        files_truncated=result.files_truncated,
+    )
+    if result.result is not None:
+        response.result = result.result
+    response.usage.wall_time.FromTimedelta(result.usage.wall_time)
+    response.usage.cpu_time.FromTimedelta(result.usage.cpu_time)
+    response.usage.max_memory_bytes = result.usage.max_memory_bytes
+    return response

@@ -1,0 +1,46 @@
+"""Configuration of the execution service and its workers."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from services.runtime import load_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """Read from `SWITCHBOARD_*`; the launcher sets the URLs and the mesh target."""
+
+    database_url: str
+    """PostgreSQL holding task and step state (`SWITCHBOARD_DATABASE_URL`)."""
+    nats_url: str
+    """NATS with JetStream (`SWITCHBOARD_NATS_URL`)."""
+    inference_target: str = ""
+    """The mesh (Envoy) for generate and retrieve steps and gRPC tools."""
+    execution_tools: Path = Path(__file__).with_name("tools.yaml")
+    """The tool registry (YAML)."""
+    execution_workers: int = 16
+    """Steps one worker process runs at once."""
+    execution_ack_wait: timedelta = timedelta(seconds=10)
+    """A step whose worker stops heartbeating for this long is redelivered."""
+    execution_max_deliver: int = 20
+    """Deliveries of one step before it is dead-lettered (its worker keeps dying)."""
+    execution_republish_after: timedelta = timedelta(seconds=30)
+    """A step QUEUED this long without being taken has its work message sent again."""
+    execution_sandbox_pool: int = 2
+    """Pre-started sandboxes kept warm for RunCode and code steps (0 = none)."""
+
+    def __post_init__(self) -> None:
+        if not self.database_url or not self.nats_url:
+            raise ValueError("SWITCHBOARD_DATABASE_URL and SWITCHBOARD_NATS_URL are required")
+        if self.execution_workers < 1 or self.execution_max_deliver < 2:
+            raise ValueError("SWITCHBOARD_EXECUTION_WORKERS >= 1, _MAX_DELIVER >= 2")
+
+
+def load_execution_config() -> ExecutionConfig:
+    return load_config(ExecutionConfig, prefix="SWITCHBOARD_")

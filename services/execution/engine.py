@@ -1,0 +1,375 @@
+"""The execution engine: submitting tasks and running their steps from the work queue.
+
+Order of effects, so that a crash anywhere loses nothing and repeats nothing that
+completed: a transition is committed to PostgreSQL first; then its events and the work
+messages of the steps it unblocked are published (with ids, so repeats are dropped);
+then the step's message is acked. A worker that dies before the ack has its message
+redelivered (after `ack_wait`); the claim sees what was committed: a completed step is
+not run again (its follow-ups are re-published), a step whose lease ran out runs again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+from google.rpc import status_pb2
+from nats.aio.msg import Msg
+from switchboard.events.v1 import events_pb2 as ev
+from switchboard.execution.v1 import execution_pb2 as pb
+
+from services.execution.bus import Bus
+from services.execution.graph import validate_task
+from services.execution.steps import StepFailure, StepRunner
+from services.execution.store import Claim, Progress, TaskRow, TaskStore
+from services.runtime import Internal, SwitchboardError, stop_task
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ATTEMPTS = 3
+DEFAULT_TIMEOUTS = {
+    "generate": timedelta(seconds=60),
+    "retrieve": timedelta(seconds=15),
+    "code": timedelta(seconds=30),
+    "tool": timedelta(seconds=30),
+}
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 30.0
+_TASK_EVENTS = {
+    pb.TASK_STATE_COMPLETED: ev.TASK_EVENT_TYPE_COMPLETED,
+    pb.TASK_STATE_FAILED: ev.TASK_EVENT_TYPE_FAILED,
+    pb.TASK_STATE_CANCELLED: ev.TASK_EVENT_TYPE_CANCELLED,
+}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def step_event(
+    task: TaskRow | str,
+    tenant_id: str,
+    step: str,
+    kind: int,
+    attempt: int,
+    *,
+    output: Any = None,
+    error: status_pb2.Status | None = None,
+) -> pb.WatchTaskResponse:
+    task_id = task if isinstance(task, str) else task.task_id
+    event = ev.StepEvent(
+        event_id=f"{task_id}:{step}:{ev.StepEventType.Name(kind)}:{attempt}",
+        task_id=task_id,
+        tenant_id=tenant_id,
+        step_name=step,
+        type=kind,
+        attempt=attempt,
+    )
+    if output is not None:
+        json_format.ParseDict(output, event.output)
+    if error is not None:
+        event.error.CopyFrom(error)
+    event.time.FromDatetime(_now())
+    return pb.WatchTaskResponse(step_event=event)
+
+
+def task_event(
+    task_id: str, tenant_id: str, kind: int, error: status_pb2.Status | None = None
+) -> pb.WatchTaskResponse:
+    event = ev.TaskEvent(
+        event_id=f"{task_id}:{ev.TaskEventType.Name(kind)}",
+        task_id=task_id,
+        tenant_id=tenant_id,
+        type=kind,
+    )
+    if error is not None:
+        event.error.CopyFrom(error)
+    event.time.FromDatetime(_now())
+    return pb.WatchTaskResponse(task_event=event)
+
+
+def backoff(attempt: int, rng: random.Random) -> float:
+    """Full jitter: uniform in [0, min(max, base * 2^(attempt-1))]."""
+    return rng.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
+
+
+class Engine:
+    """What the service and the workers share: the store, the bus, the event helpers."""
+
+    def __init__(self, store: TaskStore, bus: Bus) -> None:
+        self.store = store
+        self.bus = bus
+
+    async def publish(self, event: pb.WatchTaskResponse) -> None:
+        which = event.step_event if event.HasField("step_event") else event.task_event
+        await self.bus.publish_event(event, which.event_id)
+
+    async def submit(
+        self, tenant_id: str, request: pb.SubmitTaskRequest, *, tool_exists: Any
+    ) -> tuple[TaskRow, bool]:
+        """Validates, stores, and queues the task's first steps; idempotent by key."""
+        validate_task(request, tool_exists=tool_exists)
+        task, existing = await self.store.create(tenant_id, request)
+        if not existing:
+            await self.announce(task)
+        return task, existing
+
+    async def announce(self, task: TaskRow) -> None:
+        """Publishes a new task's SUBMITTED and QUEUED events and its first work."""
+        await self.publish(task_event(task.task_id, task.tenant_id, ev.TASK_EVENT_TYPE_SUBMITTED))
+        for step in task.steps:
+            if step.state == pb.STEP_STATE_QUEUED:
+                await self.queue(task.task_id, task.tenant_id, step.name)
+
+    async def queue(self, task_id: str, tenant_id: str, step: str) -> None:
+        await self.publish(step_event(task_id, tenant_id, step, ev.STEP_EVENT_TYPE_QUEUED, 0))
+        await self.bus.enqueue(task_id, step)
+
+    async def progress(self, task_id: str, tenant_id: str, progress: Progress) -> None:
+        for name in progress.queued:
+            await self.queue(task_id, tenant_id, name)
+        if progress.task_state:
+            await self.publish(task_event(task_id, tenant_id, _TASK_EVENTS[progress.task_state]))
+
+    async def cancel(self, task_id: str, tenant_id: str) -> TaskRow:
+        task, cancelled = await self.store.cancel(task_id, tenant_id)
+        if cancelled:
+            for name in cancelled:
+                step = next(s for s in task.steps if s.name == name)
+                await self.publish(
+                    step_event(task, tenant_id, name, ev.STEP_EVENT_TYPE_CANCELLED, step.attempt)
+                )
+            await self.publish(task_event(task_id, tenant_id, ev.TASK_EVENT_TYPE_CANCELLED))
+            await self.bus.broadcast_cancel(task_id)
+        return task
+
+    async def republish_stale(self, older_than: timedelta) -> int:
+        """Re-sends work for steps QUEUED long ago: a crash may have lost its message
+        between the commit and the publish (the id makes a real duplicate harmless)."""
+        stale = await self.store.stale_queued(older_than)
+        for task_id, step in stale:
+            await self.bus.enqueue(task_id, step)
+        return len(stale)
+
+
+class Worker:
+    """Pulls steps from the work queue and runs them, `concurrency` at a time."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        runner: StepRunner,
+        *,
+        concurrency: int = 16,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._engine = engine
+        self._runner = runner
+        self._concurrency = concurrency
+        self._rng = rng or random.Random()
+        self._running: dict[str, set[asyncio.Task[Any]]] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self._cancel_sub: Any = None
+        self.steps_done = 0
+
+    async def start(self) -> None:
+        self._cancel_sub = await self._engine.bus.nc.subscribe("sb.cancel.*", cb=self._on_cancel)
+        self._loop_task = asyncio.create_task(self._loop(), name="execution-worker")
+
+    @property
+    def alive(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    async def stop(self) -> None:
+        await stop_task(self._loop_task)
+        if self._cancel_sub is not None:
+            await self._cancel_sub.unsubscribe()
+        for tasks in list(self._running.values()):
+            for task in tasks:
+                task.cancel()
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        task_id = msg.subject.rsplit(".", 1)[-1]
+        for task in self._running.get(task_id, ()):
+            task.cancel()
+
+    async def _loop(self) -> None:
+        subscription = await self._engine.bus.work()
+        gate = asyncio.Semaphore(self._concurrency)
+        handlers: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                free = self._concurrency - len(handlers)
+                if free == 0:
+                    await asyncio.wait(handlers, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                try:
+                    messages = await subscription.fetch(free, timeout=1.0)
+                except TimeoutError:
+                    continue
+                except Exception as exc:  # the bus reconnecting: try again shortly
+                    logger.warning("cannot fetch work: %s", exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                for msg in messages:
+                    handler = asyncio.create_task(self._guarded(gate, msg))
+                    handlers.add(handler)
+                    handler.add_done_callback(handlers.discard)
+        finally:
+            for handler in handlers:
+                handler.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
+
+    async def _guarded(self, gate: asyncio.Semaphore, msg: Msg) -> None:
+        async with gate:
+            try:
+                await self.handle(msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug or a dependency outage: the message is redelivered
+                logger.exception("step handling failed; it will be redelivered")
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=1.0)
+
+    async def handle(self, msg: Msg) -> None:
+        body = json.loads(msg.data)
+        task_id, name = body["task_id"], body["step"]
+        settings = self._engine.bus.settings
+        lease = settings.ack_wait
+        claimed = await self._engine.store.claim(task_id, name, lease=lease)
+        if claimed.claim is Claim.DUPLICATE:
+            await msg.ack()
+            return
+        if claimed.claim is Claim.FOLLOW_UP:
+            task = await self._engine.store.get(task_id, None)
+            progress = await self._engine.store.follow_up(task_id)
+            await self._engine.progress(task_id, task.tenant_id, progress)
+            await msg.ack()
+            return
+        task = claimed.task
+        assert task is not None and claimed.outputs is not None
+        step = next(s for s in task.request.steps if s.name == name)
+        attempt = claimed.attempt
+        if msg.metadata.num_delivered >= settings.max_deliver:
+            # this step's worker died every time it ran it: stop feeding it to workers
+            error = Internal(
+                f"step {name!r} was delivered {msg.metadata.num_delivered} times without "
+                "finishing; it is moved to the dead-letter stream",
+                reason="MAX_DELIVERIES",
+            )
+            await self._fail(task, name, attempt, error, msg)
+            return
+        await self._engine.publish(
+            step_event(task, task.tenant_id, name, ev.STEP_EVENT_TYPE_STARTED, attempt)
+        )
+        try:
+            output = await self._run(task, step, claimed.outputs, msg)
+        except StepFailure as failure:
+            await self._failed(task, step, attempt, failure, msg)
+            return
+        except asyncio.CancelledError:
+            if not self.alive:
+                raise  # the worker is stopping: the message is redelivered elsewhere
+            await msg.ack()  # the task was cancelled: its events are already published
+            return
+        progress = await self._engine.store.complete(task_id, name, output)
+        await self._engine.publish(
+            step_event(task, task.tenant_id, name, ev.STEP_EVENT_TYPE_COMPLETED, attempt,
+                       output=output)
+        )  # fmt: skip
+        await self._engine.progress(task_id, task.tenant_id, progress)
+        await msg.ack()
+        self.steps_done += 1
+
+    async def _run(self, task: TaskRow, step: pb.Step, outputs: Mapping[str, Any], msg: Msg) -> Any:
+        """Runs the step while heartbeating its message and lease; cancellable by a
+        CancelTask broadcast."""
+        timeout = (
+            step.timeout.ToTimedelta()
+            if step.HasField("timeout")
+            else DEFAULT_TIMEOUTS[step.WhichOneof("kind")]
+        )
+        run = asyncio.create_task(
+            self._runner.run(
+                step, outputs, task_id=task.task_id, tenant_id=task.tenant_id, timeout=timeout
+            )
+        )
+        self._running.setdefault(task.task_id, set()).add(run)
+        beat = asyncio.create_task(self._heartbeat(task.task_id, step.name, msg, run))
+        try:
+            return await asyncio.wait_for(asyncio.shield(run), timeout.total_seconds() + 5)
+        except TimeoutError:
+            run.cancel()
+            raise StepFailure(
+                Internal(f"step {step.name!r} ran past its timeout", reason="STEP_TIMEOUT"),
+                retryable=True,
+            ) from None
+        finally:
+            await stop_task(beat)
+            if not run.done():
+                run.cancel()
+                with contextlib.suppress(BaseException):
+                    await run
+            running = self._running.get(task.task_id, set())
+            running.discard(run)
+            if not running:
+                self._running.pop(task.task_id, None)
+
+    async def _heartbeat(self, task_id: str, step: str, msg: Msg, run: asyncio.Task[Any]) -> None:
+        lease = self._engine.bus.settings.ack_wait
+        while True:
+            await asyncio.sleep(lease.total_seconds() / 3)
+            await msg.in_progress()
+            if not await self._engine.store.renew(task_id, step, lease=lease):
+                run.cancel()  # the task ended (cancelled) while this step ran
+                return
+
+    async def _failed(
+        self, task: TaskRow, step: pb.Step, attempt: int, failure: StepFailure, msg: Msg
+    ) -> None:
+        status = failure.error.to_rpc_status()
+        limit = step.max_attempts or DEFAULT_ATTEMPTS
+        if failure.retryable and attempt < limit:
+            if await self._engine.store.retry(task.task_id, step.name, status.SerializeToString()):
+                await self._engine.publish(
+                    step_event(task, task.tenant_id, step.name, ev.STEP_EVENT_TYPE_RETRIED,
+                               attempt, error=status)
+                )  # fmt: skip
+                await msg.nak(delay=backoff(attempt, self._rng))
+            else:
+                await msg.ack()
+            return
+        await self._fail(task, step.name, attempt, failure.error, msg)
+
+    async def _fail(
+        self, task: TaskRow, name: str, attempt: int, error: SwitchboardError, msg: Msg
+    ) -> None:
+        status = error.to_rpc_status()
+        if await self._engine.store.fail(task.task_id, name, status.SerializeToString()):
+            await self._engine.publish(
+                step_event(task, task.tenant_id, name, ev.STEP_EVENT_TYPE_FAILED, attempt,
+                           error=status)
+            )  # fmt: skip
+            for other in (await self._engine.store.get(task.task_id, None)).steps:
+                if other.name != name and other.state == pb.STEP_STATE_CANCELLED:
+                    await self._engine.publish(
+                        step_event(task, task.tenant_id, other.name,
+                                   ev.STEP_EVENT_TYPE_CANCELLED, other.attempt)
+                    )  # fmt: skip
+            await self._engine.publish(
+                task_event(task.task_id, task.tenant_id, ev.TASK_EVENT_TYPE_FAILED, status)
+            )
+            dead = struct_pb2.Struct()
+            dead.update({"task_id": task.task_id, "step": name, "attempt": attempt,
+                         "error": error.message, "reason": error.reason})  # fmt: skip
+            await self._engine.bus.dead_letter(
+                task.task_id, name, dead.SerializeToString(), attempt
+            )
+        await msg.ack()

@@ -1,0 +1,159 @@
+"""ExecutionService servicer: proto in, engine / store / sandbox call, proto out."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+import grpc
+from google.protobuf import json_format
+from google.rpc import status_pb2
+from switchboard.execution.v1 import execution_pb2 as pb
+from switchboard.execution.v1 import execution_service_pb2_grpc
+
+from services.execution.code import run_request, run_response
+from services.execution.engine import Engine
+from services.execution.sandbox import SandboxLimits, SandboxPool, run
+from services.execution.store import TaskRow
+from services.execution.tools import ToolExecutor
+from services.runtime import FieldViolation, invalid, require_tenant
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+_TERMINAL_EVENTS = {2, 3, 4}  # TaskEventType COMPLETED, FAILED, CANCELLED
+
+
+def task_message(task: TaskRow) -> pb.Task:
+    message = pb.Task(
+        task_id=task.task_id,
+        idempotency_key=task.idempotency_key,
+        state=task.state,
+        steps=task.request.steps,
+        labels=task.labels,
+        priority=task.priority,
+    )
+    for row in task.steps:
+        status = pb.StepStatus(name=row.name, state=row.state, attempt=row.attempt)
+        if row.output is not None:
+            json_format.ParseDict(row.output, status.output)
+        if row.error:
+            status.error.CopyFrom(status_pb2.Status.FromString(row.error))
+        if row.start_time:
+            status.start_time.FromDatetime(row.start_time)
+        if row.end_time:
+            status.end_time.FromDatetime(row.end_time)
+        message.step_statuses.append(status)
+    if task.error:
+        message.error.CopyFrom(status_pb2.Status.FromString(task.error))
+    message.create_time.FromDatetime(task.create_time)
+    message.update_time.FromDatetime(task.update_time)
+    if task.end_time:
+        message.end_time.FromDatetime(task.end_time)
+    return message
+
+
+def _page_token(task: TaskRow) -> str:
+    return base64.urlsafe_b64encode(
+        f"{task.create_time.isoformat()}|{task.task_id}".encode()
+    ).decode()
+
+
+def _before(token: str) -> tuple[datetime, str] | None:
+    if not token:
+        return None
+    try:
+        when, task_id = base64.urlsafe_b64decode(token.encode()).decode().split("|")
+        return datetime.fromisoformat(when), task_id
+    except ValueError:
+        raise invalid(
+            [FieldViolation("page_token", "not a token from a previous response")],
+            what="ListTasksRequest",
+        ) from None
+
+
+class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
+    def __init__(
+        self,
+        engine: Engine,
+        tools: ToolExecutor,
+        *,
+        sandbox: SandboxPool | None,
+        sandbox_limits: SandboxLimits,
+    ) -> None:
+        self._engine = engine
+        self._tools = tools
+        self._sandbox = sandbox
+        self._limits = sandbox_limits
+
+    async def SubmitTask(  # noqa: N802 - gRPC method name
+        self, request: pb.SubmitTaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SubmitTaskResponse:
+        task, existing = await self._engine.submit(
+            require_tenant(), request, tool_exists=self._tools.names.__contains__
+        )
+        return pb.SubmitTaskResponse(task=task_message(task), existing=existing)
+
+    async def GetTask(  # noqa: N802 - gRPC method name
+        self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetTaskResponse:
+        task = await self._engine.store.get(request.task_id, require_tenant())
+        return pb.GetTaskResponse(task=task_message(task))
+
+    async def ListTasks(  # noqa: N802 - gRPC method name
+        self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListTasksResponse:
+        tenant = require_tenant()
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            raise invalid(
+                [FieldViolation("page_size", f"must be 0..{MAX_PAGE_SIZE}")],
+                what="ListTasksRequest",
+            )
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        tasks = await self._engine.store.list(
+            tenant,
+            state=request.state,
+            labels=dict(request.labels),
+            before=_before(request.page_token),
+            limit=size + 1,
+        )
+        response = pb.ListTasksResponse(tasks=[task_message(t) for t in tasks[:size]])
+        if len(tasks) > size:
+            response.next_page_token = _page_token(tasks[size - 1])
+        return response
+
+    async def WatchTask(  # noqa: N802 - gRPC method name
+        self, request: pb.WatchTaskRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchTaskResponse]:
+        task = await self._engine.store.get(request.task_id, require_tenant())
+        async for sequence, msg in self._engine.bus.events(
+            task.task_id, after=request.after_sequence
+        ):
+            event = pb.WatchTaskResponse.FromString(msg.data)
+            if event.HasField("step_event"):
+                event.step_event.sequence = sequence
+                yield event
+            else:
+                event.task_event.sequence = sequence
+                yield event
+                if event.task_event.type in _TERMINAL_EVENTS:
+                    return
+
+    async def CancelTask(  # noqa: N802 - gRPC method name
+        self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelTaskResponse:
+        task = await self._engine.cancel(request.task_id, require_tenant())
+        return pb.CancelTaskResponse(task=task_message(task))
+
+    async def RunCode(  # noqa: N802 - gRPC method name
+        self, request: pb.RunCodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RunCodeResponse:
+        sandbox_request = run_request(request, self._limits)
+        if self._sandbox is not None:
+            result = await self._sandbox.run(sandbox_request)
+        else:
+            result = await run(sandbox_request, self._limits)
+        return run_response(result)

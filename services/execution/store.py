@@ -1,0 +1,500 @@
+"""Task and step state in PostgreSQL: the durable record the workers resume from.
+
+Why PostgreSQL and not JetStream KV: a step's completion, its output and the queueing
+of the steps it unblocks must change together, and a task must be found by its
+idempotency key and listed by state and labels. One transaction per transition gives
+that; JetStream carries the work and the event log, and both are replayed from here
+when a publish is lost (messages carry ids, so a replay is de-duplicated).
+
+A step is claimed with a lease: a worker that holds a RUNNING step renews `lease_until`
+with its heartbeats; a message for a step whose lease is live is a duplicate and is
+dropped, one whose lease ran out belongs to a worker that died, and the step runs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import IntEnum
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+from switchboard.execution.v1 import execution_pb2 as pb
+
+from services.runtime import AlreadyExists, NotFound, Unavailable
+
+logger = logging.getLogger(__name__)
+
+_MIGRATION_LOCK = 0x5B_AD_05
+_RETRY = timedelta(seconds=1)
+
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE exec_tasks (
+        task_id         uuid        PRIMARY KEY,
+        tenant_id       text        NOT NULL,
+        idempotency_key text,
+        request_hash    text        NOT NULL,
+        request         bytea       NOT NULL,
+        state           smallint    NOT NULL,
+        error           bytea,
+        labels          jsonb       NOT NULL DEFAULT '{}',
+        priority        smallint    NOT NULL DEFAULT 0,
+        create_time     timestamptz NOT NULL DEFAULT now(),
+        update_time     timestamptz NOT NULL DEFAULT now(),
+        end_time        timestamptz,
+        UNIQUE (tenant_id, idempotency_key)
+    );
+    CREATE INDEX exec_tasks_tenant_state ON exec_tasks (tenant_id, state, create_time);
+    CREATE TABLE exec_steps (
+        task_id     uuid        NOT NULL REFERENCES exec_tasks ON DELETE CASCADE,
+        name        text        NOT NULL,
+        position    integer     NOT NULL,
+        depends_on  text[]      NOT NULL,
+        state       smallint    NOT NULL,
+        attempt     integer     NOT NULL DEFAULT 0,
+        output      jsonb,
+        error       bytea,
+        lease_until timestamptz,
+        start_time  timestamptz,
+        end_time    timestamptz,
+        PRIMARY KEY (task_id, name)
+    );
+    CREATE INDEX exec_steps_queued ON exec_steps (state) WHERE state = 2;
+    """,
+}
+
+TERMINAL_TASK = {pb.TASK_STATE_COMPLETED, pb.TASK_STATE_FAILED, pb.TASK_STATE_CANCELLED}
+TERMINAL_STEP = {pb.STEP_STATE_COMPLETED, pb.STEP_STATE_FAILED, pb.STEP_STATE_CANCELLED}
+
+
+class Claim(IntEnum):
+    """What a worker should do with a step message."""
+
+    RUN = 1
+    DUPLICATE = 2
+    """Another worker holds the step's live lease, or the step already ended: ack."""
+    FOLLOW_UP = 3
+    """The step completed but its successors may not have been queued: queue them."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepRow:
+    task_id: str
+    name: str
+    state: int
+    attempt: int
+    output: Any
+    error: bytes | None
+    start_time: datetime | None
+    end_time: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRow:
+    task_id: str
+    tenant_id: str
+    idempotency_key: str
+    request: pb.SubmitTaskRequest
+    state: int
+    error: bytes | None
+    labels: dict[str, str]
+    priority: int
+    create_time: datetime
+    update_time: datetime
+    end_time: datetime | None
+    steps: tuple[StepRow, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    claim: Claim
+    task: TaskRow | None = None
+    attempt: int = 0
+    outputs: Mapping[str, Any] | None = None
+    """Outputs of the step's ancestors, for expanding its references."""
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """What a transition changed, for the events and work messages to publish."""
+
+    queued: tuple[str, ...] = ()
+    task_state: int = 0
+    """The task's new state if this transition ended it, else 0."""
+
+
+def request_hash(request: pb.SubmitTaskRequest) -> str:
+    return hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _unavailable(exc: Exception) -> Unavailable:
+    logger.warning("execution database unavailable: %s", exc)
+    return Unavailable(
+        "the execution database is unavailable; retry shortly",
+        reason="DEPENDENCY_UNAVAILABLE",
+        metadata={"dependency": "postgresql"},
+        retry_after=_RETRY,
+    )
+
+
+def _not_found(task_id: str) -> NotFound:
+    return NotFound(
+        f"task {task_id!r} does not exist", reason="TASK_NOT_FOUND", metadata={"task_id": task_id}
+    )
+
+
+def _valid_uuid(task_id: str) -> bool:
+    try:
+        uuid.UUID(task_id)
+    except ValueError:
+        return False
+    return True
+
+
+class TaskStore:
+    def __init__(self, database_url: str, *, pool_size: int = 8) -> None:
+        self._pool = AsyncConnectionPool(
+            database_url,
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            kwargs={"autocommit": True},
+            timeout=10,
+        )
+
+    async def open(self) -> None:
+        await self._pool.open(wait=True, timeout=30)
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS exec_schema_migrations ("
+                " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            cur = await conn.execute("SELECT version FROM exec_schema_migrations")
+            applied = {row[0] for row in await cur.fetchall()}
+            for version in sorted(set(MIGRATIONS) - applied):
+                await conn.execute(MIGRATIONS[version].encode())
+                await conn.execute(
+                    "INSERT INTO exec_schema_migrations (version) VALUES (%s)", (version,)
+                )
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def healthy(self) -> bool:
+        try:
+            async with self._pool.connection(timeout=2) as conn:
+                await conn.execute("SELECT 1")
+        except (psycopg.Error, OSError):
+            return False
+        return True
+
+    # ---- submission ------------------------------------------------------------------
+
+    async def create(self, tenant_id: str, request: pb.SubmitTaskRequest) -> tuple[TaskRow, bool]:
+        """Stores a new task with its root steps QUEUED; returns (task, existing).
+
+        Raises:
+            AlreadyExists: `IDEMPOTENCY_KEY_REUSED`, the key names a different task.
+        """
+        digest = request_hash(request)
+        key = request.idempotency_key or None
+        task_id = str(uuid.uuid4())
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                cur = await conn.execute(
+                    "INSERT INTO exec_tasks (task_id, tenant_id, idempotency_key, request_hash,"
+                    " request, state, labels, priority) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING task_id",
+                    (task_id, tenant_id, key, digest, request.SerializeToString(),
+                     pb.TASK_STATE_RUNNING, Jsonb(dict(request.labels)), request.priority),
+                )  # fmt: skip
+                if await cur.fetchone() is None:
+                    existing, existing_hash = await self._by_key(conn, tenant_id, key or "")
+                    if existing_hash != digest:
+                        raise AlreadyExists(
+                            f"idempotency key {key!r} was used for a different task",
+                            reason="IDEMPOTENCY_KEY_REUSED",
+                            metadata={"task_id": existing},
+                        )
+                    return await self._load(conn, existing, tenant_id), True
+                async with conn.cursor() as steps:
+                    await steps.executemany(
+                        "INSERT INTO exec_steps (task_id, name, position, depends_on, state)"
+                        " VALUES (%s, %s, %s, %s, %s)",
+                        [
+                            (task_id, s.name, i, list(s.depends_on),
+                             pb.STEP_STATE_WAITING if s.depends_on else pb.STEP_STATE_QUEUED)
+                            for i, s in enumerate(request.steps)
+                        ],
+                    )  # fmt: skip
+                return await self._load(conn, task_id, tenant_id), False
+        except psycopg.OperationalError as exc:
+            raise _unavailable(exc) from exc
+
+    async def _by_key(
+        self, conn: psycopg.AsyncConnection, tenant_id: str, key: str
+    ) -> tuple[str, str]:
+        """(task_id, request_hash) of the tenant's task with this idempotency key."""
+        cur = await conn.execute(
+            "SELECT task_id::text, request_hash FROM exec_tasks"
+            " WHERE tenant_id = %s AND idempotency_key = %s",
+            (tenant_id, key),
+        )
+        row = await cur.fetchone()
+        assert row is not None, "the conflicting row exists"
+        return row[0], row[1]
+
+    # ---- reads ---------------------------------------------------------------------
+
+    async def get(self, task_id: str, tenant_id: str | None) -> TaskRow:
+        """The task (of `tenant_id`, when given).
+
+        Raises:
+            NotFound: `TASK_NOT_FOUND`, also for another tenant's task.
+        """
+        if not _valid_uuid(task_id):
+            raise _not_found(task_id)
+        try:
+            async with self._pool.connection() as conn:
+                return await self._load(conn, task_id, tenant_id)
+        except psycopg.OperationalError as exc:
+            raise _unavailable(exc) from exc
+
+    async def _load(
+        self, conn: psycopg.AsyncConnection, task_id: str, tenant_id: str | None
+    ) -> TaskRow:
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute("SELECT * FROM exec_tasks WHERE task_id = %s", (task_id,))
+        row = await cur.fetchone()
+        if row is None or (tenant_id is not None and row["tenant_id"] != tenant_id):
+            raise _not_found(task_id)
+        await cur.execute(
+            "SELECT * FROM exec_steps WHERE task_id = %s ORDER BY position", (task_id,)
+        )
+        steps = tuple(
+            StepRow(
+                task_id=task_id,
+                name=s["name"],
+                state=s["state"],
+                attempt=s["attempt"],
+                output=s["output"],
+                error=s["error"],
+                start_time=s["start_time"],
+                end_time=s["end_time"],
+            )
+            for s in await cur.fetchall()
+        )
+        return TaskRow(
+            task_id=str(row["task_id"]),
+            tenant_id=row["tenant_id"],
+            idempotency_key=row["idempotency_key"] or "",
+            request=pb.SubmitTaskRequest.FromString(row["request"]),
+            state=row["state"],
+            error=row["error"],
+            labels=row["labels"],
+            priority=row["priority"],
+            create_time=row["create_time"],
+            update_time=row["update_time"],
+            end_time=row["end_time"],
+            steps=steps,
+        )
+
+    async def list(
+        self,
+        tenant_id: str,
+        *,
+        state: int,
+        labels: Mapping[str, str],
+        before: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[TaskRow]:
+        clauses, params = ["tenant_id = %s"], [tenant_id]
+        if state:
+            clauses.append("state = %s")
+            params.append(state)
+        if labels:
+            clauses.append("labels @> %s")
+            params.append(Jsonb(dict(labels)))
+        if before:
+            clauses.append("(create_time, task_id) < (%s, %s::uuid)")
+            params.extend(before)
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT task_id::text FROM exec_tasks WHERE {' AND '.join(clauses)}"  # noqa: S608
+                " ORDER BY create_time DESC, task_id DESC LIMIT %s",
+                (*params, limit),
+            )
+            ids = [r[0] for r in await cur.fetchall()]
+            return [await self._load(conn, task_id, tenant_id) for task_id in ids]
+
+    async def stale_queued(self, older_than: timedelta, limit: int = 500) -> list[tuple[str, str]]:
+        """(task, step) QUEUED for longer than `older_than`: their work message may have
+        been lost between commit and publish, so they are published again (by id)."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT s.task_id::text, s.name FROM exec_steps s JOIN exec_tasks t USING (task_id)"
+                " WHERE s.state = %s AND t.state = %s AND t.update_time < now() - %s LIMIT %s",
+                (pb.STEP_STATE_QUEUED, pb.TASK_STATE_RUNNING, older_than, limit),
+            )
+            return [(r[0], r[1]) for r in await cur.fetchall()]
+
+    # ---- the worker's transitions ----------------------------------------------------
+
+    async def claim(self, task_id: str, step: str, *, lease: timedelta) -> ClaimResult:
+        """Takes a step to run (attempt + 1, RUNNING, lease), or says why not."""
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "SELECT t.state, s.state, s.attempt, s.lease_until > now()"
+                " FROM exec_tasks t JOIN exec_steps s USING (task_id)"
+                " WHERE task_id = %s AND s.name = %s FOR UPDATE OF s",
+                (task_id, step),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return ClaimResult(Claim.DUPLICATE)
+            task_state, step_state, attempt, leased = row
+            if step_state == pb.STEP_STATE_COMPLETED and task_state == pb.TASK_STATE_RUNNING:
+                return ClaimResult(Claim.FOLLOW_UP)
+            if task_state in TERMINAL_TASK or step_state in TERMINAL_STEP:
+                return ClaimResult(Claim.DUPLICATE)
+            if step_state == pb.STEP_STATE_RUNNING and leased:
+                return ClaimResult(Claim.DUPLICATE)
+            if step_state == pb.STEP_STATE_WAITING:
+                return ClaimResult(Claim.DUPLICATE)  # queued again when its inputs are ready
+            await conn.execute(
+                "UPDATE exec_steps SET state = %s, attempt = attempt + 1, lease_until = now() + %s,"
+                " start_time = coalesce(start_time, now()), error = NULL"
+                " WHERE task_id = %s AND name = %s",
+                (pb.STEP_STATE_RUNNING, lease, task_id, step),
+            )
+            task = await self._load(conn, task_id, None)
+        outputs = {s.name: s.output for s in task.steps if s.state == pb.STEP_STATE_COMPLETED}
+        return ClaimResult(Claim.RUN, task, attempt + 1, outputs)
+
+    async def renew(self, task_id: str, step: str, *, lease: timedelta) -> bool:
+        """Extends a running step's lease; False if the task ended (e.g. was cancelled)."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE exec_steps s SET lease_until = now() + %s FROM exec_tasks t"
+                " WHERE s.task_id = %s AND s.name = %s AND t.task_id = s.task_id"
+                " AND t.state = %s AND s.state = %s",
+                (lease, task_id, step, pb.TASK_STATE_RUNNING, pb.STEP_STATE_RUNNING),
+            )
+            return cur.rowcount == 1
+
+    async def complete(self, task_id: str, step: str, output: Any) -> Progress:
+        """Records the output, queues every step this one unblocked, ends the task when
+        every step completed; one transaction."""
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "UPDATE exec_steps SET state = %s, output = %s, end_time = now(),"
+                " lease_until = NULL WHERE task_id = %s AND name = %s AND state = %s",
+                (pb.STEP_STATE_COMPLETED, Jsonb(output), task_id, step, pb.STEP_STATE_RUNNING),
+            )
+            if cur.rowcount == 0:
+                return Progress()  # cancelled meanwhile, or completed by a duplicate
+            return await self._advance(conn, task_id)
+
+    async def follow_up(self, task_id: str) -> Progress:
+        """Re-derives what a completed step unblocked (after a crash before publishing)."""
+        async with self._pool.connection() as conn, conn.transaction():
+            progress = await self._advance(conn, task_id)
+            cur = await conn.execute(
+                "SELECT name FROM exec_steps WHERE task_id = %s AND state = %s",
+                (task_id, pb.STEP_STATE_QUEUED),
+            )
+            queued = tuple(r[0] for r in await cur.fetchall())
+        return Progress(queued=queued, task_state=progress.task_state)
+
+    async def _advance(self, conn: psycopg.AsyncConnection, task_id: str) -> Progress:
+        await conn.execute("SELECT 1 FROM exec_tasks WHERE task_id = %s FOR UPDATE", (task_id,))
+        cur = await conn.execute(
+            "UPDATE exec_steps w SET state = %s WHERE w.task_id = %s AND w.state = %s"
+            " AND NOT EXISTS (SELECT 1 FROM exec_steps d WHERE d.task_id = w.task_id"
+            "   AND d.name = ANY(w.depends_on) AND d.state <> %s) RETURNING w.name",
+            (pb.STEP_STATE_QUEUED, task_id, pb.STEP_STATE_WAITING, pb.STEP_STATE_COMPLETED),
+        )
+        queued = tuple(r[0] for r in await cur.fetchall())
+        cur = await conn.execute(
+            "SELECT count(*) FILTER (WHERE state <> %s) FROM exec_steps WHERE task_id = %s",
+            (pb.STEP_STATE_COMPLETED, task_id),
+        )
+        (unfinished,) = await cur.fetchone()  # type: ignore[misc]
+        if unfinished:
+            await conn.execute(
+                "UPDATE exec_tasks SET update_time = now() WHERE task_id = %s", (task_id,)
+            )
+            return Progress(queued=queued)
+        cur = await conn.execute(
+            "UPDATE exec_tasks SET state = %s, update_time = now(), end_time = now()"
+            " WHERE task_id = %s AND state = %s",
+            (pb.TASK_STATE_COMPLETED, task_id, pb.TASK_STATE_RUNNING),
+        )
+        return Progress(queued=queued, task_state=pb.TASK_STATE_COMPLETED if cur.rowcount else 0)
+
+    async def retry(self, task_id: str, step: str, error: bytes) -> bool:
+        """Puts a failed attempt back in the queue; False if the task ended meanwhile."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE exec_steps SET state = %s, error = %s, lease_until = NULL"
+                " WHERE task_id = %s AND name = %s AND state = %s",
+                (pb.STEP_STATE_QUEUED, error, task_id, step, pb.STEP_STATE_RUNNING),
+            )
+            return cur.rowcount == 1
+
+    async def fail(self, task_id: str, step: str, error: bytes) -> bool:
+        """Fails the step and its task (steps not started are cancelled); False if the
+        task had already ended."""
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "UPDATE exec_tasks SET state = %s, error = %s, update_time = now(),"
+                " end_time = now() WHERE task_id = %s AND state = %s",
+                (pb.TASK_STATE_FAILED, error, task_id, pb.TASK_STATE_RUNNING),
+            )
+            if cur.rowcount == 0:
+                return False
+            await conn.execute(
+                "UPDATE exec_steps SET state = %s, error = %s, end_time = now(),"
+                " lease_until = NULL WHERE task_id = %s AND name = %s",
+                (pb.STEP_STATE_FAILED, error, task_id, step),
+            )
+            await self._cancel_unfinished(conn, task_id)
+        return True
+
+    async def cancel(self, task_id: str, tenant_id: str) -> tuple[TaskRow, Sequence[str]]:
+        """Cancels a running task; returns it and the steps that were cancelled.
+
+        Raises:
+            NotFound: `TASK_NOT_FOUND`.
+        """
+        if not _valid_uuid(task_id):
+            raise _not_found(task_id)
+        async with self._pool.connection() as conn, conn.transaction():
+            task = await self._load(conn, task_id, tenant_id)
+            cancelled: Sequence[str] = ()
+            if task.state not in TERMINAL_TASK:
+                await conn.execute(
+                    "UPDATE exec_tasks SET state = %s, update_time = now(), end_time = now()"
+                    " WHERE task_id = %s",
+                    (pb.TASK_STATE_CANCELLED, task_id),
+                )
+                cancelled = await self._cancel_unfinished(conn, task_id)
+                task = await self._load(conn, task_id, tenant_id)
+        return task, cancelled
+
+    async def _cancel_unfinished(self, conn: psycopg.AsyncConnection, task_id: str) -> list[str]:
+        cur = await conn.execute(
+            "UPDATE exec_steps SET state = %s, end_time = now(), lease_until = NULL"
+            " WHERE task_id = %s AND state NOT IN (%s, %s, %s) RETURNING name",
+            (pb.STEP_STATE_CANCELLED, task_id, *sorted(TERMINAL_STEP)),
+        )
+        return [r[0] for r in await cur.fetchall()]

@@ -1,0 +1,417 @@
+"""ExecutionService end to end: tasks over NATS JetStream with state in PostgreSQL,
+workers started by the launcher, steps calling the mesh, the sandbox and tools."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import nats
+import pytest
+import yaml
+from aiohttp import web
+from google.protobuf import struct_pb2
+from switchboard.events.v1 import events_pb2 as ev
+from switchboard.execution.v1 import execution_pb2 as pb
+from switchboard.execution.v1 import execution_service_pb2_grpc
+
+from services.runtime import error_details
+
+TOOLS = Path(__file__).parents[2] / "services" / "execution" / "tools.yaml"
+
+
+def new_tenant() -> str:
+    return f"tenant-{uuid.uuid4().hex[:12]}"
+
+
+def as_tenant(tenant: str) -> tuple[tuple[str, str], ...]:
+    return (("x-tenant-id", tenant),)
+
+
+@pytest.fixture
+async def execution(envoy_target: str):
+    async with grpc.aio.insecure_channel(envoy_target) as channel:
+        yield execution_service_pb2_grpc.ExecutionServiceStub(channel)
+
+
+class Ledger:
+    """An HTTP tool with a side effect: one entry per idempotency key, however often
+    the same call arrives."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, dict] = {}
+        self.calls: Counter[str] = Counter()
+        self.fail_always = 0
+        self.env: dict[str, str] = {}
+
+    async def record(self, request: web.Request) -> web.Response:
+        key = request.headers.get("Idempotency-Key", "")
+        self.calls[key] += 1
+        body = await request.json()
+        self.entries.setdefault(key, body)
+        return web.json_response({"recorded": key, "entries": len(self.entries)})
+
+    async def broken(self, request: web.Request) -> web.Response:
+        self.fail_always += 1
+        return web.json_response({"error": "down"}, status=503)
+
+
+@pytest.fixture(scope="module")
+async def tools(mesh, tmp_path_factory):
+    """Starts the ledger, registers it (and a tool that always fails) and restarts the
+    execution processes with that registry; puts the defaults back afterwards."""
+    ledger = Ledger()
+    app = web.Application()
+    app.router.add_post("/ledger", ledger.record)
+    app.router.add_post("/broken", ledger.broken)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    config = yaml.safe_load(TOOLS.read_text())
+    config["allowed_hosts"] = [f"127.0.0.1:{port}"]
+    config["tools"]["ledger"] = {"kind": "http", "url": f"http://127.0.0.1:{port}/ledger"}
+    config["tools"]["broken"] = {
+        "kind": "http",
+        "url": f"http://127.0.0.1:{port}/broken",
+        "max_attempts": 1,
+        "breaker_fail_max": 1000,
+    }
+    path = tmp_path_factory.mktemp("tools") / "tools.yaml"
+    path.write_text(yaml.safe_dump(config))
+    ledger.env = {"SWITCHBOARD_EXECUTION_TOOLS": str(path), "SWITCHBOARD_EXECUTION_ACK_WAIT": "3s"}
+    for name in ("execution", "worker-0"):
+        mesh.start_service(name, env=ledger.env)
+    try:
+        yield ledger
+    finally:
+        for name in ("execution", "worker-0"):
+            mesh.start_service(name)
+        await runner.cleanup()
+
+
+def tool_step(name: str, tool: str = "ledger", deps=(), **arguments) -> pb.Step:
+    args = struct_pb2.Struct()
+    args.update(arguments)
+    return pb.Step(name=name, depends_on=list(deps), tool=pb.ToolStep(tool=tool, arguments=args))
+
+
+def code_step(name: str, code: str, deps=(), **inputs) -> pb.Step:
+    return pb.Step(name=name, depends_on=list(deps), code=pb.CodeStep(code=code, inputs=inputs))
+
+
+async def submit(stub, tenant: str, *steps: pb.Step, key: str = "") -> pb.Task:
+    reply = await stub.SubmitTask(
+        pb.SubmitTaskRequest(idempotency_key=key, steps=list(steps)),
+        metadata=as_tenant(tenant),
+        timeout=10,
+    )
+    return reply.task
+
+
+async def watch(
+    stub, tenant: str, task_id: str, after: int = 0, limit: int | None = None, into=None
+):
+    """The task's events after `after` (appended to `into` as they arrive, if given)."""
+    events = [] if into is None else into
+    call = stub.WatchTask(
+        pb.WatchTaskRequest(task_id=task_id, after_sequence=after),
+        metadata=as_tenant(tenant),
+        timeout=120,
+    )
+    async for event in call:
+        events.append(event)
+        if limit is not None and len(events) == limit:
+            call.cancel()
+            break
+    return events
+
+
+def describe(event: pb.WatchTaskResponse) -> tuple:
+    if event.HasField("step_event"):
+        e = event.step_event
+        return (e.step_name, ev.StepEventType.Name(e.type), e.attempt)
+    return ("task", ev.TaskEventType.Name(event.task_event.type))
+
+
+def sequence(event: pb.WatchTaskResponse) -> int:
+    return (event.step_event if event.HasField("step_event") else event.task_event).sequence
+
+
+# ---- the main path -------------------------------------------------------------------------
+
+
+async def test_a_task_runs_its_steps_in_order_with_references(execution, tools):
+    tenant = new_tenant()
+    task = await submit(
+        execution,
+        tenant,
+        tool_step("models", tool="list_models"),
+        code_step(
+            "count",
+            "import json\nlen(json.loads(inputs['m'])['models'])",
+            deps=["models"],
+            m="{{steps.models.output}}",
+        ),
+        pb.Step(
+            name="answer",
+            depends_on=["count"],
+            generate=pb.GenerateStep(
+                prompt="How many models are served? {{steps.count.output.result}} models."
+            ),
+        ),
+        tool_step("record", deps=["answer"], text="{{steps.answer.output.text}}"),
+    )
+    assert task.state == pb.TASK_STATE_RUNNING
+    events = await watch(execution, tenant, task.task_id)
+    assert [describe(e) for e in events] == [
+        ("task", "TASK_EVENT_TYPE_SUBMITTED"),
+        *[
+            (step, kind, attempt)
+            for step in ("models", "count", "answer", "record")
+            for kind, attempt in (
+                ("STEP_EVENT_TYPE_QUEUED", 0),
+                ("STEP_EVENT_TYPE_STARTED", 1),
+                ("STEP_EVENT_TYPE_COMPLETED", 1),
+            )
+        ],
+        ("task", "TASK_EVENT_TYPE_COMPLETED"),
+    ]
+    sequences = [sequence(e) for e in events]
+    assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
+    done = (
+        await execution.GetTask(pb.GetTaskRequest(task_id=task.task_id), metadata=as_tenant(tenant))
+    ).task
+    assert done.state == pb.TASK_STATE_COMPLETED and done.HasField("end_time")
+    outputs = {s.name: s.output for s in done.step_statuses}
+    assert outputs["count"].struct_value.fields["result"].string_value == "4"
+    answer = outputs["answer"].struct_value.fields["text"].string_value
+    assert answer
+    key = f"{task.task_id}:record"
+    assert tools.entries[key] == {"text": answer}
+
+
+async def test_independent_steps_run_in_parallel(execution, tools):
+    tenant = new_tenant()
+    nap = "import time\ntime.sleep(1.5)\n'done'"
+    task = await submit(
+        execution,
+        tenant,
+        code_step("left", nap),
+        code_step("right", nap),
+        code_step("join", "'both'", deps=["left", "right"]),
+    )
+    events = [describe(e) for e in await watch(execution, tenant, task.task_id)]
+    first_done = min(
+        events.index(("left", "STEP_EVENT_TYPE_COMPLETED", 1)),
+        events.index(("right", "STEP_EVENT_TYPE_COMPLETED", 1)),
+    )
+    started = [events.index((s, "STEP_EVENT_TYPE_STARTED", 1)) for s in ("left", "right")]
+    assert max(started) < first_done, events
+    assert events[-1] == ("task", "TASK_EVENT_TYPE_COMPLETED")
+
+
+async def test_watch_resumes_from_a_cursor_without_gaps_or_duplicates(execution, tools):
+    tenant = new_tenant()
+    task = await submit(
+        execution,
+        tenant,
+        tool_step("a", n=1),
+        tool_step("b", deps=["a"], n=2),
+        tool_step("c", deps=["b"], n=3),
+    )
+    whole = await watch(execution, tenant, task.task_id)
+    first = await watch(execution, tenant, task.task_id, limit=4)
+    rest = await watch(execution, tenant, task.task_id, after=sequence(first[-1]))
+    assert [e.SerializeToString() for e in first + rest] == [e.SerializeToString() for e in whole]
+
+
+async def test_idempotent_submission(execution, tools):
+    tenant = new_tenant()
+    steps = [tool_step("once", n=7)]
+    key = f"key-{uuid.uuid4().hex}"
+    first = await submit(execution, tenant, *steps, key=key)
+    again = await execution.SubmitTask(
+        pb.SubmitTaskRequest(idempotency_key=key, steps=steps), metadata=as_tenant(tenant)
+    )
+    assert again.existing and again.task.task_id == first.task_id
+    other = await submit(execution, new_tenant(), *steps, key=key)  # keys are per tenant
+    assert other.task_id != first.task_id
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await submit(execution, tenant, tool_step("different"), key=key)
+    assert exc.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert error_details(exc.value).error_info.reason == "IDEMPOTENCY_KEY_REUSED"
+    await watch(execution, tenant, first.task_id)
+    assert tools.calls[f"{first.task_id}:once"] == 1
+
+
+# ---- cancellation and failure ----------------------------------------------------------
+
+
+def sandbox_cpu_seconds() -> list[int]:
+    """CPU seconds of every process of the sandbox's outside user (nobody)."""
+    out = subprocess.run(
+        ["ps", "-u", "65534", "-o", "times="], capture_output=True, text=True, check=False
+    ).stdout
+    return [int(t) for t in out.split()]
+
+
+async def test_cancel_stops_running_steps_and_kills_the_sandbox(execution, tools):
+    tenant = new_tenant()
+    task = await submit(
+        execution,
+        tenant,
+        pb.Step(name="spin", code=pb.CodeStep(code="while True:\n    pass")),
+        tool_step("after", deps=["spin"]),
+    )
+    events: list[pb.WatchTaskResponse] = []
+    watcher = asyncio.create_task(watch(execution, tenant, task.task_id, into=events))
+    for _ in range(100):
+        if any(c >= 2 for c in sandbox_cpu_seconds()):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail("the spinning step never ran")
+    reply = await execution.CancelTask(
+        pb.CancelTaskRequest(task_id=task.task_id), metadata=as_tenant(tenant)
+    )
+    assert reply.task.state == pb.TASK_STATE_CANCELLED
+    assert {s.name: s.state for s in reply.task.step_statuses} == {
+        "spin": pb.STEP_STATE_CANCELLED,
+        "after": pb.STEP_STATE_CANCELLED,
+    }
+    await asyncio.wait_for(watcher, 10)
+    assert describe(events[-1]) == ("task", "TASK_EVENT_TYPE_CANCELLED")
+    await asyncio.sleep(1.5)
+    assert not any(c >= 2 for c in sandbox_cpu_seconds()), "the sandbox still runs"
+    assert f"{task.task_id}:after" not in tools.calls
+
+
+async def test_a_poison_step_fails_its_task_and_is_dead_lettered(execution, tools, mesh):
+    tenant = new_tenant()
+    poison = tool_step("poison", tool="broken")
+    poison.max_attempts = 3
+    healthy = await submit(execution, tenant, tool_step("fine"))
+    task = await submit(execution, tenant, poison, tool_step("never", deps=["poison"]))
+    events = [describe(e) for e in await watch(execution, tenant, task.task_id)]
+    assert events.count(("poison", "STEP_EVENT_TYPE_RETRIED", 1)) == 1
+    assert ("poison", "STEP_EVENT_TYPE_RETRIED", 2) in events
+    assert ("poison", "STEP_EVENT_TYPE_FAILED", 3) in events
+    assert ("never", "STEP_EVENT_TYPE_CANCELLED", 0) in events
+    assert events[-1] == ("task", "TASK_EVENT_TYPE_FAILED")
+    failed = (
+        await execution.GetTask(pb.GetTaskRequest(task_id=task.task_id), metadata=as_tenant(tenant))
+    ).task
+    assert failed.state == pb.TASK_STATE_FAILED
+    assert failed.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert "broken" in failed.error.message
+    nc = await nats.connect(mesh.nats_url)
+    try:
+        dead = await nc.jetstream().get_last_msg("SB_DEAD", f"sb.dead.{task.task_id}")
+        assert dead.data
+    finally:
+        await nc.close()
+    assert (await watch(execution, tenant, healthy.task_id))[
+        -1
+    ].task_event.type == ev.TASK_EVENT_TYPE_COMPLETED
+
+
+async def test_a_worker_killed_mid_task_resumes_from_the_last_completed_step(
+    execution, tools, mesh
+):
+    tenant = new_tenant()
+    task = await submit(
+        execution,
+        tenant,
+        tool_step("first", n=1),
+        code_step("slow", "import time\ntime.sleep(4)\n'slept'", deps=["first"]),
+        tool_step("last", deps=["slow"], n=3),
+    )
+    events: list[pb.WatchTaskResponse] = []
+    watcher = asyncio.create_task(watch(execution, tenant, task.task_id, into=events))
+    while not any(describe(e) == ("slow", "STEP_EVENT_TYPE_STARTED", 1) for e in events):
+        await asyncio.sleep(0.05)
+        assert not watcher.done()
+    (worker,) = [r for r in mesh.state.load() if r.name == "worker-0"]
+    os.kill(worker.pid, signal.SIGKILL)
+    mesh.start_service("worker-0", env=tools.env)
+    await asyncio.wait_for(watcher, 60)
+    described = [describe(e) for e in events]
+    assert ("slow", "STEP_EVENT_TYPE_STARTED", 2) in described
+    assert described.count(("first", "STEP_EVENT_TYPE_STARTED", 1)) == 1
+    assert described[-1] == ("task", "TASK_EVENT_TYPE_COMPLETED")
+    assert tools.calls[f"{task.task_id}:first"] == 1 and tools.calls[f"{task.task_id}:last"] == 1
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+
+async def test_invalid_tasks_are_refused_before_anything_runs(execution, tools):
+    tenant = new_tenant()
+    cases = [
+        ([tool_step("a", deps=["b"]), tool_step("b", deps=["a"])], ["steps"]),
+        ([tool_step("a", deps=["ghost"])], ["steps[0].depends_on"]),
+        ([pb.Step(name="x")], ["steps[0]"]),
+        ([tool_step("a", tool="rm-rf")], ["steps[0].tool.tool"]),
+        ([tool_step("a"), tool_step("b", text="{{steps.a.output}}")], ["steps[1]"]),
+    ]
+    for steps, fields in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await submit(execution, tenant, *steps)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        details = error_details(exc.value)
+        assert [v.field for v in details.field_violations] == fields
+    listed = await execution.ListTasks(pb.ListTasksRequest(), metadata=as_tenant(tenant))
+    assert list(listed.tasks) == []
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await submit(execution, tenant, code_step("big", "x = 1\n" * 20_000))
+    assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_unknown_and_foreign_tasks_are_not_found(execution, tools):
+    owner = new_tenant()
+    task = await submit(execution, owner, tool_step("a"))
+    for task_id, tenant in (
+        (str(uuid.uuid4()), owner),
+        ("not-a-uuid", owner),
+        (task.task_id, new_tenant()),
+    ):
+        for call in (
+            execution.GetTask(pb.GetTaskRequest(task_id=task_id), metadata=as_tenant(tenant)),
+            execution.CancelTask(pb.CancelTaskRequest(task_id=task_id), metadata=as_tenant(tenant)),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await call
+            assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+            assert error_details(exc.value).error_info.reason == "TASK_NOT_FOUND"
+
+
+async def test_run_code_returns_errors_as_results(execution):
+    tenant = new_tenant()
+    reply = await execution.RunCode(
+        pb.RunCodeRequest(code="def broken(:\n"), metadata=as_tenant(tenant), timeout=30
+    )
+    assert reply.termination == pb.TERMINATION_EXITED and reply.exit_code != 0
+    assert reply.exception.startswith("SyntaxError")
+    ok = await execution.RunCode(
+        pb.RunCodeRequest(code="import sys\nprint(sys.stdin.read().upper())\n6 * 7", stdin="hello",
+                          files=[pb.SandboxFile(path="data/in.txt", content=b"x")]),
+        metadata=as_tenant(tenant), timeout=30,
+    )  # fmt: skip
+    assert (ok.stdout, ok.result, ok.exit_code) == ("HELLO\n", "42", 0)
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await execution.RunCode(pb.RunCodeRequest(code="x" * 70_000), metadata=as_tenant(tenant))
+    assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await execution.RunCode(
+            pb.RunCodeRequest(code="1", files=[pb.SandboxFile(path="../escape", content=b"")]),
+            metadata=as_tenant(tenant),
+        )
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
