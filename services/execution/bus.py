@@ -88,8 +88,10 @@ class Bus:
         await self._ensure_streams()
 
     async def close(self) -> None:
+        """Closes the connection. Publishes are awaited when made (JetStream acks them),
+        so nothing is pending; unacked work is redelivered to another worker."""
         if self._nc is not None and not self._nc.is_closed:
-            await self._nc.drain()
+            await self._nc.close()
 
     @property
     def connected(self) -> bool:

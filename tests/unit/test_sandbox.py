@@ -21,13 +21,18 @@ from services.execution.sandbox import (
     _seccomp,
     run,
 )
+from services.execution.sandbox import _launcher as sandbox_launcher
 from services.runtime import InvalidArgument
 
 LIMITS = SandboxLimits(timeout=timedelta(seconds=5))
+LAUNCHER = str(Path(sandbox_launcher.__file__))
 
 
 def sandbox_processes() -> list[int]:
-    """PIDs of this test process's descendants, which every sandbox process it starts is."""
+    """PIDs of the sandboxes this test process started: its children running the
+    sandbox launcher, and their descendants. (Other children, such as a mesh an
+    integration test started in the same session, and their own sandboxes, are not
+    counted.)"""
     parents = {}
     for entry in Path("/proc").iterdir():
         try:
@@ -36,12 +41,21 @@ def sandbox_processes() -> list[int]:
             )
         except (ValueError, OSError):  # not a process, or gone meanwhile
             continue
-    found: list[int] = []
-    generation = [os.getpid()]
+    generation = [
+        pid for pid, parent in parents.items() if parent == os.getpid() and _runs_the_launcher(pid)
+    ]
+    found = list(generation)
     while generation:
         generation = [pid for pid, parent in parents.items() if parent in generation]
         found += generation
     return found
+
+
+def _runs_the_launcher(pid: int) -> bool:
+    try:
+        return LAUNCHER.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return False
 
 
 async def sandbox_running() -> None:
