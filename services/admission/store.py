@@ -24,7 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.admission.controller import AdmissionController
 from services.admission.limits import PolicyLimits
-from services.runtime import Unavailable, stop_task
+from services.runtime import Unavailable, apply_migrations, dependency_unavailable, stop_task
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ _MIGRATIONS: dict[int, str] = {
     INSERT INTO admission_policy_version (version) VALUES (0);
     """,
 }
-_RETRY = timedelta(seconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,13 +63,7 @@ class EtagMismatch(Exception):
 
 
 def _unavailable(exc: Exception) -> Unavailable:
-    logger.warning("policy store unavailable: %s", exc)
-    return Unavailable(
-        "the policy store is unavailable; retry shortly",
-        reason="DEPENDENCY_UNAVAILABLE",
-        metadata={"dependency": "postgresql"},
-        retry_after=_RETRY,
-    )
+    return dependency_unavailable("postgresql", "policy store", exc)
 
 
 def _row(row: Mapping[str, Any]) -> StoredPolicy:
@@ -130,22 +123,10 @@ class PolicyStore:
 
     async def migrate(self) -> None:
         """Applies the migrations not applied yet, each once, under an advisory lock."""
-        async with self._pool.connection() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS admission_schema_migrations ("
-                " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        async with self._pool.connection() as conn:
+            await apply_migrations(
+                conn, prefix="admission", lock=_MIGRATION_LOCK, migrations=_MIGRATIONS
             )
-            cur = await conn.execute("SELECT version FROM admission_schema_migrations")
-            applied = {row[0] for row in await cur.fetchall()}
-            for version in sorted(_MIGRATIONS):
-                if version not in applied:
-                    await conn.execute(_MIGRATIONS[version])
-                    await conn.execute(
-                        "INSERT INTO admission_schema_migrations (version) VALUES (%s)",
-                        (version,),
-                    )
-                    logger.info("admission schema migrated", extra={"version": version})
 
     # ---- reads -----------------------------------------------------------------------
 

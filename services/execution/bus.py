@@ -31,7 +31,7 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 from switchboard.execution.v1 import execution_pb2 as pb
 
-from services.runtime import Unavailable
+from services.runtime import dependency_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -146,18 +146,15 @@ class Bus:
         try:
             ack = await self.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
         except (nats.errors.Error, TimeoutError) as exc:
-            raise Unavailable(
-                "the message bus is unavailable; retry shortly",
-                reason="DEPENDENCY_UNAVAILABLE",
-                metadata={"dependency": "nats"},
-                retry_after=timedelta(seconds=1),
-            ) from exc
+            raise dependency_unavailable("nats", "message bus", exc) from exc
         return int(ack.seq)
 
-    async def enqueue(self, task_id: str, step: str) -> None:
-        """Queues a step to run (once per task and step: the id de-duplicates)."""
+    async def enqueue(self, task_id: str, step: str, *, again: str = "") -> None:
+        """Queues a step to run, once per task and step (the id de-duplicates), or once
+        more under the label `again`."""
         payload = json.dumps({"task_id": task_id, "step": step}).encode()
-        await self._publish(WORK_SUBJECT, payload, f"run:{task_id}:{step}")
+        suffix = f":{again}" if again else ""
+        await self._publish(WORK_SUBJECT, payload, f"run:{task_id}:{step}{suffix}")
 
     async def publish_event(self, event: pb.WatchTaskResponse, msg_id: str) -> int:
         """Appends a transition to the task's event log; returns its sequence."""

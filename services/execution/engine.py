@@ -151,11 +151,14 @@ class Engine:
         return task
 
     async def republish_stale(self, older_than: timedelta) -> int:
-        """Re-sends work for steps QUEUED long ago: a crash may have lost its message
-        between the commit and the publish (the id makes a real duplicate harmless)."""
-        stale = await self.store.stale_queued(older_than)
-        for task_id, step in stale:
-            await self.bus.enqueue(task_id, step)
+        """Re-sends work for steps QUEUED long ago, or whose lease ran out long ago: a
+        crash may have lost their message (the id makes a real duplicate harmless)."""
+        stale = await self.store.stale(older_than)
+        for task_id, step, state, attempt in stale:
+            # a queued step's message may still be in the stream: same id, de-duplicated;
+            # a running step's was taken by a worker that vanished: a new id
+            again = f"lease-{attempt}" if state == pb.STEP_STATE_RUNNING else ""
+            await self.bus.enqueue(task_id, step, again=again)
         return len(stale)
 
 
@@ -246,6 +249,9 @@ class Worker:
         claimed = await self._engine.store.claim(task_id, name, lease=lease)
         if claimed.claim is Claim.DUPLICATE:
             await msg.ack()
+            return
+        if claimed.claim is Claim.BUSY:
+            await msg.nak(delay=claimed.lease_left + 0.1)
             return
         if claimed.claim is Claim.FOLLOW_UP:
             task = await self._engine.store.get(task_id, None)

@@ -7,8 +7,10 @@ that; JetStream carries the work and the event log, and both are replayed from h
 when a publish is lost (messages carry ids, so a replay is de-duplicated).
 
 A step is claimed with a lease: a worker that holds a RUNNING step renews `lease_until`
-with its heartbeats; a message for a step whose lease is live is a duplicate and is
-dropped, one whose lease ran out belongs to a worker that died, and the step runs again.
+with its heartbeats. A message for a step whose lease is live is put back until the
+lease ends (the holder may be alive, or may have died an instant before JetStream
+redelivered): if the holder finishes, the message then finds the step completed and is
+dropped; if it died, the step runs again.
 """
 
 from __future__ import annotations
@@ -28,12 +30,17 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from switchboard.execution.v1 import execution_pb2 as pb
 
-from services.runtime import AlreadyExists, NotFound, Unavailable
+from services.runtime import (
+    AlreadyExists,
+    NotFound,
+    Unavailable,
+    apply_migrations,
+    dependency_unavailable,
+)
 
 logger = logging.getLogger(__name__)
 
 _MIGRATION_LOCK = 0x5B_AD_05
-_RETRY = timedelta(seconds=1)
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -80,7 +87,9 @@ class Claim(IntEnum):
 
     RUN = 1
     DUPLICATE = 2
-    """Another worker holds the step's live lease, or the step already ended: ack."""
+    """The step already ended (or is not ready): ack the message."""
+    BUSY = 4
+    """Another worker holds the step's live lease: try again when it ends."""
     FOLLOW_UP = 3
     """The step completed but its successors may not have been queued: queue them."""
 
@@ -120,6 +129,8 @@ class ClaimResult:
     attempt: int = 0
     outputs: Mapping[str, Any] | None = None
     """Outputs of the step's ancestors, for expanding its references."""
+    lease_left: float = 0.0
+    """Seconds until a BUSY step's lease ends."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,13 +147,7 @@ def request_hash(request: pb.SubmitTaskRequest) -> str:
 
 
 def _unavailable(exc: Exception) -> Unavailable:
-    logger.warning("execution database unavailable: %s", exc)
-    return Unavailable(
-        "the execution database is unavailable; retry shortly",
-        reason="DEPENDENCY_UNAVAILABLE",
-        metadata={"dependency": "postgresql"},
-        retry_after=_RETRY,
-    )
+    return dependency_unavailable("postgresql", "execution database", exc)
 
 
 def _not_found(task_id: str) -> NotFound:
@@ -172,19 +177,8 @@ class TaskStore:
 
     async def open(self) -> None:
         await self._pool.open(wait=True, timeout=30)
-        async with self._pool.connection() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS exec_schema_migrations ("
-                " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            cur = await conn.execute("SELECT version FROM exec_schema_migrations")
-            applied = {row[0] for row in await cur.fetchall()}
-            for version in sorted(set(MIGRATIONS) - applied):
-                await conn.execute(MIGRATIONS[version].encode())
-                await conn.execute(
-                    "INSERT INTO exec_schema_migrations (version) VALUES (%s)", (version,)
-                )
+        async with self._pool.connection() as conn:
+            await apply_migrations(conn, prefix="exec", lock=_MIGRATION_LOCK, migrations=MIGRATIONS)
 
     async def close(self) -> None:
         await self._pool.close()
@@ -336,16 +330,23 @@ class TaskStore:
             ids = [r[0] for r in await cur.fetchall()]
             return [await self._load(conn, task_id, tenant_id) for task_id in ids]
 
-    async def stale_queued(self, older_than: timedelta, limit: int = 500) -> list[tuple[str, str]]:
-        """(task, step) QUEUED for longer than `older_than`: their work message may have
-        been lost between commit and publish, so they are published again (by id)."""
+    async def stale(
+        self, older_than: timedelta, limit: int = 500
+    ) -> list[tuple[str, str, int, int]]:
+        """(task, step) QUEUED for longer than `older_than`, or RUNNING with a lease that
+        ran out that long ago: their work message may have been lost (between a commit
+        and its publish), so they are published again (by id, so a real duplicate is
+        dropped)."""
         async with self._pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT s.task_id::text, s.name FROM exec_steps s JOIN exec_tasks t USING (task_id)"
-                " WHERE s.state = %s AND t.state = %s AND t.update_time < now() - %s LIMIT %s",
-                (pb.STEP_STATE_QUEUED, pb.TASK_STATE_RUNNING, older_than, limit),
-            )
-            return [(r[0], r[1]) for r in await cur.fetchall()]
+                "SELECT s.task_id::text, s.name, s.state, s.attempt"
+                " FROM exec_steps s JOIN exec_tasks t USING (task_id)"
+                " WHERE t.state = %s AND ((s.state = %s AND t.update_time < now() - %s)"
+                "   OR (s.state = %s AND s.lease_until < now() - %s)) LIMIT %s",
+                (pb.TASK_STATE_RUNNING, pb.STEP_STATE_QUEUED, older_than,
+                 pb.STEP_STATE_RUNNING, older_than, limit),
+            )  # fmt: skip
+            return [(r[0], r[1], r[2], r[3]) for r in await cur.fetchall()]
 
     # ---- the worker's transitions ----------------------------------------------------
 
@@ -353,7 +354,8 @@ class TaskStore:
         """Takes a step to run (attempt + 1, RUNNING, lease), or says why not."""
         async with self._pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
-                "SELECT t.state, s.state, s.attempt, s.lease_until > now()"
+                "SELECT t.state, s.state, s.attempt,"
+                " greatest(extract(epoch FROM s.lease_until - clock_timestamp()), 0)"
                 " FROM exec_tasks t JOIN exec_steps s USING (task_id)"
                 " WHERE task_id = %s AND s.name = %s FOR UPDATE OF s",
                 (task_id, step),
@@ -361,17 +363,18 @@ class TaskStore:
             row = await cur.fetchone()
             if row is None:
                 return ClaimResult(Claim.DUPLICATE)
-            task_state, step_state, attempt, leased = row
+            task_state, step_state, attempt, lease_left = row
             if step_state == pb.STEP_STATE_COMPLETED and task_state == pb.TASK_STATE_RUNNING:
                 return ClaimResult(Claim.FOLLOW_UP)
             if task_state in TERMINAL_TASK or step_state in TERMINAL_STEP:
                 return ClaimResult(Claim.DUPLICATE)
-            if step_state == pb.STEP_STATE_RUNNING and leased:
-                return ClaimResult(Claim.DUPLICATE)
+            if step_state == pb.STEP_STATE_RUNNING and lease_left:
+                return ClaimResult(Claim.BUSY, lease_left=float(lease_left))
             if step_state == pb.STEP_STATE_WAITING:
                 return ClaimResult(Claim.DUPLICATE)  # queued again when its inputs are ready
             await conn.execute(
-                "UPDATE exec_steps SET state = %s, attempt = attempt + 1, lease_until = now() + %s,"
+                "UPDATE exec_steps SET state = %s, attempt = attempt + 1,"
+                " lease_until = clock_timestamp() + %s,"
                 " start_time = coalesce(start_time, now()), error = NULL"
                 " WHERE task_id = %s AND name = %s",
                 (pb.STEP_STATE_RUNNING, lease, task_id, step),
@@ -384,7 +387,7 @@ class TaskStore:
         """Extends a running step's lease; False if the task ended (e.g. was cancelled)."""
         async with self._pool.connection() as conn:
             cur = await conn.execute(
-                "UPDATE exec_steps s SET lease_until = now() + %s FROM exec_tasks t"
+                "UPDATE exec_steps s SET lease_until = clock_timestamp() + %s FROM exec_tasks t"
                 " WHERE s.task_id = %s AND s.name = %s AND t.task_id = s.task_id"
                 " AND t.state = %s AND s.state = %s",
                 (lease, task_id, step, pb.TASK_STATE_RUNNING, pb.STEP_STATE_RUNNING),

@@ -10,14 +10,19 @@ import grpc
 import numpy as np
 from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 
-from services.runtime import RelayedError, SwitchboardError, Unavailable, channel, status_of
+from services.runtime import (
+    RelayedError,
+    SwitchboardError,
+    channel,
+    dependency_unavailable,
+    status_of,
+)
 
 logger = logging.getLogger(__name__)
 
 EMBED_CHARS = 4096
 """Characters of a chunk sent to the embedder: MiniLM reads its first 256 word pieces
 (about 1,000 characters) and ignores the rest, so longer texts only cost bandwidth."""
-_RETRY = timedelta(seconds=1)
 _DEPENDENCY_CODES = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.UNKNOWN,
@@ -60,11 +65,5 @@ class Embedder:
 
 def _relay(error: grpc.aio.AioRpcError) -> SwitchboardError:
     if error.code() in _DEPENDENCY_CODES:
-        logger.warning("embedder unavailable: %s %s", error.code().name, error.details())
-        return Unavailable(
-            "the embedder is unavailable; retry shortly",
-            reason="DEPENDENCY_UNAVAILABLE",
-            metadata={"dependency": "inference"},
-            retry_after=_RETRY,
-        )
+        return dependency_unavailable("inference", "embedder", error)
     return RelayedError(error.code(), status_of(error))

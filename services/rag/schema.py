@@ -24,6 +24,8 @@ import logging
 import psycopg
 from psycopg import sql
 
+from services.runtime import apply_migrations
+
 logger = logging.getLogger(__name__)
 
 APP_ROLE = "switchboard_rag"
@@ -116,24 +118,11 @@ async def migrate(conn: psycopg.AsyncConnection, *, app_role: str = APP_ROLE) ->
     `conn` must be the tables' owner (or a superuser) in autocommit mode. Returns the
     versions applied now.
     """
-    applied_now: list[int] = []
+    applied_now = await apply_migrations(
+        conn, prefix="rag", lock=_MIGRATION_LOCK, migrations=MIGRATIONS
+    )
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS rag_schema_migrations ("
-            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        cur = await conn.execute("SELECT version FROM rag_schema_migrations")
-        applied = {row[0] for row in await cur.fetchall()}
-        for version in sorted(MIGRATIONS):
-            if version in applied:
-                continue
-            await conn.execute(MIGRATIONS[version].encode())
-            await conn.execute(
-                "INSERT INTO rag_schema_migrations (version) VALUES (%s)", (version,)
-            )
-            applied_now.append(version)
-            logger.info("rag schema migrated", extra={"version": version})
         cur = await conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (app_role,))
         if await cur.fetchone() is None:
             await conn.execute(

@@ -20,7 +20,7 @@ import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from enum import Enum
 from typing import Any
 
@@ -33,14 +33,13 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from services.rag.schema import TENANT_SETTING, migrate
-from services.runtime import FailedPrecondition, NotFound, Unavailable
+from services.runtime import FailedPrecondition, NotFound, Unavailable, dependency_unavailable
 
 logger = logging.getLogger(__name__)
 
 RRF_K = 60
 """Reciprocal-rank fusion constant: score = sum over lists of 1 / (RRF_K + rank)."""
 MAX_EF_SEARCH = 1000
-_RETRY = timedelta(seconds=1)
 
 
 class Mode(Enum):
@@ -84,13 +83,7 @@ class Hit:
 
 
 def _unavailable(exc: Exception) -> Unavailable:
-    logger.warning("rag database unavailable: %s", exc)
-    return Unavailable(
-        "the RAG database is unavailable; retry shortly",
-        reason="DEPENDENCY_UNAVAILABLE",
-        metadata={"dependency": "postgresql"},
-        retry_after=_RETRY,
-    )
+    return dependency_unavailable("postgresql", "RAG database", exc)
 
 
 def _collection_not_found(name: str) -> NotFound:
@@ -294,7 +287,7 @@ class RagStore:
             )  # fmt: skip
             await cur.execute(
                 "UPDATE rag_collections SET document_count = document_count + %s,"
-                " chunk_count = chunk_count + %s, update_time = now() WHERE name = %s",
+                " chunk_count = chunk_count + %s, update_time = clock_timestamp() WHERE name = %s",
                 (0 if old else 1, len(chunks) - (old["chunk_count"] if old else 0), collection),
             )
         return old is not None
@@ -326,7 +319,7 @@ class RagStore:
                 )
             await conn.execute(
                 "UPDATE rag_collections SET document_count = document_count - 1,"
-                " chunk_count = chunk_count - %s, update_time = now() WHERE name = %s",
+                " chunk_count = chunk_count - %s, update_time = clock_timestamp() WHERE name = %s",
                 (row[0], collection),
             )
         return int(row[0])

@@ -3,6 +3,7 @@
 from services.runtime._channels import channel, outbound_timeout, propagated_metadata
 from services.runtime._config import ConfigError, load_config, parse_duration
 from services.runtime._context import TENANT_HEADER, current_tenant, time_remaining
+from services.runtime._database import apply_migrations, dependency_unavailable
 from services.runtime._errors import (
     ERROR_DOMAIN,
     AlreadyExists,
@@ -43,6 +44,8 @@ __all__ = [
     "TENANT_HEADER",
     "RelayedError",
     "current_tenant",
+    "apply_migrations",
+    "dependency_unavailable",
     "require_tenant",
     "count_tokens",
     "token_spans",

@@ -453,6 +453,7 @@ async def submit_many(stub, tenant: str, count: int) -> list[pb.Task]:
     return await asyncio.gather(*(one(i) for i in range(count)))
 
 
+@pytest.mark.timeout(360)
 async def test_kill_9_a_worker_20_times_while_1000_tasks_run(execution, tools, mesh):
     """Each task pays into the ledger, then notifies it; a worker killed mid-step has its
     step redelivered, the ledger sees the same idempotency key, and applies it once."""
@@ -481,6 +482,7 @@ async def test_kill_9_a_worker_20_times_while_1000_tasks_run(execution, tools, m
     assert sum(tools.calls[k] for k in keys) >= 2000
 
 
+@pytest.mark.timeout(240)
 async def test_restarting_nats_loses_no_acknowledged_task(execution, tools, mesh):
     tenant = new_tenant()
     accepted: list[pb.Task] = []

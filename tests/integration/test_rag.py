@@ -375,9 +375,15 @@ def assert_whole_documents(mesh, tenant: str) -> int:
     return len(documents)
 
 
-def long_documents(sent: list[int]):
+def long_documents(sent: list[int], *, pause_after: int | None = None):
+    """200 long documents; with `pause_after`, the client stops sending after that many
+    (so a deadline expires while the call waits, not in the middle of a write, which
+    the gRPC client reports as INTERNAL instead)."""
+
     async def stream():
         for i in range(200):
+            if i == pause_after:
+                await asyncio.sleep(30)
             sent.append(i)
             yield doc(f"d{i}", " ".join(f"Long document {i} sentence {j}." for j in range(1500)))
 
@@ -396,7 +402,9 @@ async def test_expired_deadlines_and_cancelled_ingests_leave_whole_documents_onl
     expiring, cancelled = new_tenant(), new_tenant()
     sent: list[int] = []
     with pytest.raises(grpc.aio.AioRpcError) as exc:
-        await rag.IngestDocuments(long_documents(sent), metadata=as_tenant(expiring), timeout=1.5)
+        await rag.IngestDocuments(
+            long_documents(sent, pause_after=6), metadata=as_tenant(expiring), timeout=1.5
+        )
     assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert 0 < len(sent) < 200
 

@@ -1,0 +1,58 @@
+"""What every PostgreSQL-backed service shares: versioned migrations and the error a
+caller gets while the database is down."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import timedelta
+
+import psycopg
+from psycopg import sql
+
+from services.runtime._errors import Unavailable
+
+logger = logging.getLogger(__name__)
+
+
+def dependency_unavailable(dependency: str, what: str, exc: BaseException) -> Unavailable:
+    """UNAVAILABLE `DEPENDENCY_UNAVAILABLE` with a one-second RetryInfo, logged once here."""
+    logger.warning("%s unavailable: %s", what, exc)
+    return Unavailable(
+        f"the {what} is unavailable; retry shortly",
+        reason="DEPENDENCY_UNAVAILABLE",
+        metadata={"dependency": dependency},
+        retry_after=timedelta(seconds=1),
+    )
+
+
+async def apply_migrations(
+    conn: psycopg.AsyncConnection,
+    *,
+    prefix: str,
+    lock: int,
+    migrations: Mapping[int, str],
+) -> list[int]:
+    """Applies, in one transaction under an advisory lock (so replicas starting together
+    migrate once), the migrations `<prefix>_schema_migrations` does not list yet; returns
+    the versions applied now. `conn` must be in autocommit mode."""
+    table = sql.Identifier(f"{prefix}_schema_migrations")
+    applied_now: list[int] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
+        await conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (version integer PRIMARY KEY,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            ).format(table)
+        )
+        cur = await conn.execute(sql.SQL("SELECT version FROM {}").format(table))
+        applied = {row[0] for row in await cur.fetchall()}
+        for version in sorted(set(migrations) - applied):
+            await conn.execute(migrations[version].encode())
+            await conn.execute(
+                sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(table), (version,)
+            )
+            applied_now.append(version)
+            logger.info("schema migrated", extra={"schema": prefix, "version": version})
+    return applied_now
