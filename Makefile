@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install gen check-gen lint test test-unit test-integration demo up down status bench
+.PHONY: install gen check-gen lint test test-unit test-integration demo up down status bench redis-server
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,8 +51,13 @@ down: $(STAMP)
 status: $(STAMP)
 	$(BIN)/switchboard status
 
-bench: $(STAMP)
+bench: $(STAMP) redis-server
 	$(BIN)/python -m bench
 
-bench-%: $(STAMP)
+bench-%: $(STAMP) redis-server
 	$(BIN)/python -m bench $*
+
+# the Celery side of bench-execution-throughput needs a Redis server (Debian's package)
+redis-server:
+	@command -v redis-server >/dev/null || apt-get install -y -q redis-server >/dev/null \
+	  || (apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null)

@@ -8,5 +8,6 @@ BENCHMARKS = {
     "admission-fairness": "bench.admission_fairness",
     "rag-ingest": "bench.rag_ingest",
     "rag-retrieval": "bench.rag_retrieval",
+    "execution-throughput": "bench.execution_throughput",
 }
 """Benchmark name -> module with a `run()` that prints its table and writes its JSON."""

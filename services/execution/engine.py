@@ -28,7 +28,7 @@ from switchboard.execution.v1 import execution_pb2 as pb
 from services.execution.bus import Bus
 from services.execution.graph import validate_task
 from services.execution.steps import StepFailure, StepRunner
-from services.execution.store import Claim, Progress, TaskRow, TaskStore
+from services.execution.store import Claim, ClaimedTask, Progress, TaskRow, TaskStore
 from services.runtime import Internal, SwitchboardError, stop_task
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def _now() -> datetime:
 
 
 def step_event(
-    task: TaskRow | str,
+    task: TaskRow | ClaimedTask | str,
     tenant_id: str,
     step: str,
     kind: int,
@@ -294,7 +294,9 @@ class Worker:
         await msg.ack()
         self.steps_done += 1
 
-    async def _run(self, task: TaskRow, step: pb.Step, outputs: Mapping[str, Any], msg: Msg) -> Any:
+    async def _run(
+        self, task: ClaimedTask, step: pb.Step, outputs: Mapping[str, Any], msg: Msg
+    ) -> Any:
         """Runs the step while heartbeating its message and lease; cancellable by a
         CancelTask broadcast."""
         timeout = (
@@ -338,7 +340,7 @@ class Worker:
                 return
 
     async def _failed(
-        self, task: TaskRow, step: pb.Step, attempt: int, failure: StepFailure, msg: Msg
+        self, task: ClaimedTask, step: pb.Step, attempt: int, failure: StepFailure, msg: Msg
     ) -> None:
         status = failure.error.to_rpc_status()
         limit = step.max_attempts or DEFAULT_ATTEMPTS
@@ -355,7 +357,7 @@ class Worker:
         await self._fail(task, step.name, attempt, failure.error, msg)
 
     async def _fail(
-        self, task: TaskRow, name: str, attempt: int, error: SwitchboardError, msg: Msg
+        self, task: ClaimedTask, name: str, attempt: int, error: SwitchboardError, msg: Msg
     ) -> None:
         status = error.to_rpc_status()
         if await self._engine.store.fail(task.task_id, name, status.SerializeToString()):

@@ -15,6 +15,7 @@ dropped; if it died, the step runs again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import uuid
@@ -76,6 +77,48 @@ MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX exec_steps_queued ON exec_steps (state) WHERE state = 2;
     """,
+    # A step's completion and what it unblocks, in one call (one round trip). The
+    # numbers are the proto enums': StepState WAITING 1, QUEUED 2, RUNNING 3,
+    # COMPLETED 4; TaskState RUNNING 2, COMPLETED 3. Each statement of a plpgsql
+    # function sees what committed before it, so of two siblings completing at once the
+    # second (after the task row lock) sees the first and queues their successor.
+    2: """
+    CREATE FUNCTION exec_advance(p_task uuid, OUT queued text[], OUT finished boolean)
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM 1 FROM exec_tasks WHERE task_id = p_task FOR UPDATE;
+        WITH q AS (
+            UPDATE exec_steps w SET state = 2
+            WHERE w.task_id = p_task AND w.state = 1 AND NOT EXISTS (
+                SELECT 1 FROM exec_steps d
+                WHERE d.task_id = w.task_id AND d.name = ANY (w.depends_on) AND d.state <> 4)
+            RETURNING w.name)
+        SELECT coalesce(array_agg(name), ARRAY[]::text[]) INTO queued FROM q;
+        IF EXISTS (SELECT 1 FROM exec_steps WHERE task_id = p_task AND state <> 4) THEN
+            UPDATE exec_tasks SET update_time = now() WHERE task_id = p_task;
+            finished := false;
+        ELSE
+            UPDATE exec_tasks SET state = 3, update_time = now(), end_time = now()
+            WHERE task_id = p_task AND state = 2;
+            finished := FOUND;
+        END IF;
+    END $$;
+
+    CREATE FUNCTION exec_complete(
+        p_task uuid, p_step text, p_output jsonb, OUT queued text[], OUT finished boolean)
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE exec_steps SET state = 4, output = p_output, end_time = now(),
+            lease_until = NULL
+        WHERE task_id = p_task AND name = p_step AND state = 3;
+        IF NOT FOUND THEN  -- cancelled meanwhile, or completed by a duplicate
+            queued := ARRAY[]::text[];
+            finished := false;
+            RETURN;
+        END IF;
+        SELECT a.queued, a.finished INTO queued, finished FROM exec_advance(p_task) a;
+    END $$;
+    """,
 }
 
 TERMINAL_TASK = {pb.TASK_STATE_COMPLETED, pb.TASK_STATE_FAILED, pb.TASK_STATE_CANCELLED}
@@ -123,9 +166,18 @@ class TaskRow:
 
 
 @dataclass(frozen=True, slots=True)
+class ClaimedTask:
+    """What running one of a task's steps needs of it."""
+
+    task_id: str
+    tenant_id: str
+    request: pb.SubmitTaskRequest
+
+
+@dataclass(frozen=True, slots=True)
 class ClaimResult:
     claim: Claim
-    task: TaskRow | None = None
+    task: ClaimedTask | None = None
     attempt: int = 0
     outputs: Mapping[str, Any] | None = None
     """Outputs of the step's ancestors, for expanding its references."""
@@ -140,6 +192,12 @@ class Progress:
     queued: tuple[str, ...] = ()
     task_state: int = 0
     """The task's new state if this transition ended it, else 0."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _request(data: bytes) -> pb.SubmitTaskRequest:
+    """A stored request, parsed once per process (callers must not change it)."""
+    return pb.SubmitTaskRequest.FromString(data)
 
 
 def request_hash(request: pb.SubmitTaskRequest) -> str:
@@ -351,37 +409,52 @@ class TaskStore:
     # ---- the worker's transitions ----------------------------------------------------
 
     async def claim(self, task_id: str, step: str, *, lease: timedelta) -> ClaimResult:
-        """Takes a step to run (attempt + 1, RUNNING, lease), or says why not."""
-        async with self._pool.connection() as conn, conn.transaction():
+        """Takes a step to run (attempt + 1, RUNNING, lease) in one statement, or says
+        why not."""
+        async with self._pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT t.state, s.state, s.attempt,"
-                " greatest(extract(epoch FROM s.lease_until - clock_timestamp()), 0)"
-                " FROM exec_tasks t JOIN exec_steps s USING (task_id)"
-                " WHERE task_id = %s AND s.name = %s FOR UPDATE OF s",
-                (task_id, step),
-            )
+                "UPDATE exec_steps s SET state = %(running)s, attempt = s.attempt + 1,"
+                " lease_until = clock_timestamp() + %(lease)s,"
+                " start_time = coalesce(s.start_time, now()), error = NULL"
+                " FROM exec_tasks t"
+                " WHERE s.task_id = %(task)s AND s.name = %(step)s AND t.task_id = s.task_id"
+                " AND t.state = %(task_running)s AND (s.state = %(queued)s OR (s.state ="
+                " %(running)s AND coalesce(s.lease_until <= clock_timestamp(), true)))"
+                " RETURNING s.attempt, t.tenant_id, t.request, (SELECT coalesce("
+                "jsonb_object_agg(d.name, d.output), '{}') FROM exec_steps d"
+                " WHERE d.task_id = s.task_id AND d.state = %(completed)s)",
+                {"task": task_id, "step": step, "lease": lease,
+                 "running": pb.STEP_STATE_RUNNING, "queued": pb.STEP_STATE_QUEUED,
+                 "completed": pb.STEP_STATE_COMPLETED, "task_running": pb.TASK_STATE_RUNNING},
+            )  # fmt: skip
             row = await cur.fetchone()
-            if row is None:
-                return ClaimResult(Claim.DUPLICATE)
-            task_state, step_state, attempt, lease_left = row
-            if step_state == pb.STEP_STATE_COMPLETED and task_state == pb.TASK_STATE_RUNNING:
-                return ClaimResult(Claim.FOLLOW_UP)
-            if task_state in TERMINAL_TASK or step_state in TERMINAL_STEP:
-                return ClaimResult(Claim.DUPLICATE)
-            if step_state == pb.STEP_STATE_RUNNING and lease_left:
-                return ClaimResult(Claim.BUSY, lease_left=float(lease_left))
-            if step_state == pb.STEP_STATE_WAITING:
-                return ClaimResult(Claim.DUPLICATE)  # queued again when its inputs are ready
-            await conn.execute(
-                "UPDATE exec_steps SET state = %s, attempt = attempt + 1,"
-                " lease_until = clock_timestamp() + %s,"
-                " start_time = coalesce(start_time, now()), error = NULL"
-                " WHERE task_id = %s AND name = %s",
-                (pb.STEP_STATE_RUNNING, lease, task_id, step),
-            )
-            task = await self._load(conn, task_id, None)
-        outputs = {s.name: s.output for s in task.steps if s.state == pb.STEP_STATE_COMPLETED}
-        return ClaimResult(Claim.RUN, task, attempt + 1, outputs)
+            if row is not None:
+                attempt, tenant_id, request, outputs = row
+                task = ClaimedTask(task_id, tenant_id, _request(bytes(request)))
+                return ClaimResult(Claim.RUN, task, attempt, outputs)
+            return await self._unclaimable(conn, task_id, step)
+
+    async def _unclaimable(
+        self, conn: psycopg.AsyncConnection, task_id: str, step: str
+    ) -> ClaimResult:
+        """Why a step could not be claimed."""
+        cur = await conn.execute(
+            "SELECT t.state, s.state,"
+            " greatest(extract(epoch FROM s.lease_until - clock_timestamp()), 0)"
+            " FROM exec_tasks t JOIN exec_steps s USING (task_id)"
+            " WHERE task_id = %s AND s.name = %s",
+            (task_id, step),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return ClaimResult(Claim.DUPLICATE)
+        task_state, step_state, lease_left = row
+        if step_state == pb.STEP_STATE_COMPLETED and task_state == pb.TASK_STATE_RUNNING:
+            return ClaimResult(Claim.FOLLOW_UP)
+        if step_state == pb.STEP_STATE_RUNNING and task_state == pb.TASK_STATE_RUNNING:
+            return ClaimResult(Claim.BUSY, lease_left=float(lease_left or 0.0))
+        # ended, cancelled, or WAITING (it is queued again when its inputs are ready)
+        return ClaimResult(Claim.DUPLICATE)
 
     async def renew(self, task_id: str, step: str, *, lease: timedelta) -> bool:
         """Extends a running step's lease; False if the task ended (e.g. was cancelled)."""
@@ -396,53 +469,27 @@ class TaskStore:
 
     async def complete(self, task_id: str, step: str, output: Any) -> Progress:
         """Records the output, queues every step this one unblocked, ends the task when
-        every step completed; one transaction."""
-        async with self._pool.connection() as conn, conn.transaction():
+        every step completed; one transaction (`exec_complete`)."""
+        async with self._pool.connection() as conn:
             cur = await conn.execute(
-                "UPDATE exec_steps SET state = %s, output = %s, end_time = now(),"
-                " lease_until = NULL WHERE task_id = %s AND name = %s AND state = %s",
-                (pb.STEP_STATE_COMPLETED, Jsonb(output), task_id, step, pb.STEP_STATE_RUNNING),
+                "SELECT queued, finished FROM exec_complete(%s, %s, %s)",
+                (task_id, step, Jsonb(output)),
             )
-            if cur.rowcount == 0:
-                return Progress()  # cancelled meanwhile, or completed by a duplicate
-            return await self._advance(conn, task_id)
+            queued, finished = await cur.fetchone()  # type: ignore[misc]
+        return Progress(tuple(queued), pb.TASK_STATE_COMPLETED if finished else 0)
 
     async def follow_up(self, task_id: str) -> Progress:
-        """Re-derives what a completed step unblocked (after a crash before publishing)."""
+        """Re-derives what a completed step unblocked (after a crash before publishing):
+        the steps queued now and those already QUEUED, whose messages may be lost."""
         async with self._pool.connection() as conn, conn.transaction():
-            progress = await self._advance(conn, task_id)
+            cur = await conn.execute("SELECT finished FROM exec_advance(%s)", (task_id,))
+            (finished,) = await cur.fetchone()  # type: ignore[misc]
             cur = await conn.execute(
                 "SELECT name FROM exec_steps WHERE task_id = %s AND state = %s",
                 (task_id, pb.STEP_STATE_QUEUED),
             )
             queued = tuple(r[0] for r in await cur.fetchall())
-        return Progress(queued=queued, task_state=progress.task_state)
-
-    async def _advance(self, conn: psycopg.AsyncConnection, task_id: str) -> Progress:
-        await conn.execute("SELECT 1 FROM exec_tasks WHERE task_id = %s FOR UPDATE", (task_id,))
-        cur = await conn.execute(
-            "UPDATE exec_steps w SET state = %s WHERE w.task_id = %s AND w.state = %s"
-            " AND NOT EXISTS (SELECT 1 FROM exec_steps d WHERE d.task_id = w.task_id"
-            "   AND d.name = ANY(w.depends_on) AND d.state <> %s) RETURNING w.name",
-            (pb.STEP_STATE_QUEUED, task_id, pb.STEP_STATE_WAITING, pb.STEP_STATE_COMPLETED),
-        )
-        queued = tuple(r[0] for r in await cur.fetchall())
-        cur = await conn.execute(
-            "SELECT count(*) FILTER (WHERE state <> %s) FROM exec_steps WHERE task_id = %s",
-            (pb.STEP_STATE_COMPLETED, task_id),
-        )
-        (unfinished,) = await cur.fetchone()  # type: ignore[misc]
-        if unfinished:
-            await conn.execute(
-                "UPDATE exec_tasks SET update_time = now() WHERE task_id = %s", (task_id,)
-            )
-            return Progress(queued=queued)
-        cur = await conn.execute(
-            "UPDATE exec_tasks SET state = %s, update_time = now(), end_time = now()"
-            " WHERE task_id = %s AND state = %s",
-            (pb.TASK_STATE_COMPLETED, task_id, pb.TASK_STATE_RUNNING),
-        )
-        return Progress(queued=queued, task_state=pb.TASK_STATE_COMPLETED if cur.rowcount else 0)
+        return Progress(queued, pb.TASK_STATE_COMPLETED if finished else 0)
 
     async def retry(self, task_id: str, step: str, error: bytes) -> bool:
         """Puts a failed attempt back in the queue; False if the task ended meanwhile."""

@@ -69,7 +69,12 @@ class LauncherConfig:
 
 
 def isolated_config(
-    run_dir: Path, *, triton_replicas: int = 2, admission_replicas: int = 2, gpu: str = "off"
+    run_dir: Path,
+    *,
+    triton_replicas: int = 2,
+    admission_replicas: int = 2,
+    workers: int = 1,
+    gpu: str = "off",
 ) -> LauncherConfig:
     """A config on a free, random port range and its own run directory, so tests and
     benchmarks never collide with a mesh started by `make up`."""
@@ -90,6 +95,7 @@ def isolated_config(
         rag_port=base + 7,
         execution_port=base + 8,
         worker_port=base + 9,  # worker i on base + 9 + 10i: base+19, base+29
+        workers=workers,
         metrics_base_port=base + 40,  # one per service process: base+40..base+49
         triton_base_port=base + 30,
         triton_replicas=triton_replicas,

@@ -1,0 +1,230 @@
+"""Durable task throughput: Switchboard execution vs a Celery chain on Redis, same run.
+
+The work: tasks of 3 sequential cheap steps, each an HTTP call to a local echo server
+(`bench._echo`, its own process). Switchboard: tasks submitted through Envoy to
+ExecutionService (3 `tool` steps), state in PostgreSQL, steps over JetStream, run by the
+launcher's worker processes; end to end from the first submission until every task is
+COMPLETED. Celery: `chain(echo, echo, echo)` per task, Redis broker and result backend
+(append-only file, fsync every second), late acks (redelivery on worker loss, as
+Switchboard), a prefork worker; from the first `apply_async` until every chain's result
+is in. Both sides share the machine's 2 cores with their own brokers and databases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import psycopg
+import yaml
+from google.protobuf import struct_pb2
+from switchboard.execution.v1 import execution_pb2 as pb
+from switchboard.execution.v1 import execution_service_pb2_grpc
+
+from bench._common import print_table, running_mesh, write_result
+from services.launcher._procs import free_port_base
+
+NAME = "execution-throughput"
+TASKS = 1500
+WARMUP_TASKS = 100
+SUBMITTERS = 64
+WORKER_PROCESSES = 2
+STEPS_PER_WORKER = 64
+CELERY_CONCURRENCY = 8
+"""Prefork processes: the steps wait on HTTP, so more than the 2 cores."""
+BUDGET_S = 300.0
+TOOLS = Path(__file__).parents[1] / "services" / "execution" / "tools.yaml"
+
+
+def _start_echo() -> tuple[subprocess.Popen[str], int]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench._echo"], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    return process, int(process.stdout.readline())
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+# ---- Switchboard ---------------------------------------------------------------------------
+
+
+def _task() -> pb.SubmitTaskRequest:
+    steps = []
+    for i, name in enumerate(("one", "two", "three")):
+        args = struct_pb2.Struct()
+        args.update({"step": i})
+        steps.append(
+            pb.Step(
+                name=name,
+                depends_on=[steps[-1].name] if steps else [],
+                tool=pb.ToolStep(tool="echo", arguments=args),
+            )
+        )
+    return pb.SubmitTaskRequest(steps=steps)
+
+
+def _completed(database_url: str, tenant: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        (done,) = conn.execute(
+            "SELECT count(*) FROM exec_tasks WHERE tenant_id = %s AND state = %s",
+            (tenant, pb.TASK_STATE_COMPLETED),
+        ).fetchone()
+        (failed,) = conn.execute(
+            "SELECT count(*) FROM exec_tasks WHERE tenant_id = %s AND state <> %s AND state <> %s",
+            (tenant, pb.TASK_STATE_COMPLETED, pb.TASK_STATE_RUNNING),
+        ).fetchone()
+    if failed:
+        raise RuntimeError(f"{failed} Switchboard tasks did not complete")
+    return int(done)
+
+
+async def _switchboard_round(envoy: str, database_url: str, count: int) -> float:
+    tenant = f"bench-{uuid.uuid4().hex[:8]}"
+    request = _task()
+    gate = asyncio.Semaphore(SUBMITTERS)
+    async with grpc.aio.insecure_channel(envoy) as channel:
+        stub = execution_service_pb2_grpc.ExecutionServiceStub(channel)
+
+        async def one() -> None:
+            async with gate:
+                await stub.SubmitTask(request, metadata=(("x-tenant-id", tenant),), timeout=60)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(count)))
+        while _completed(database_url, tenant) < count:
+            if time.perf_counter() - started > BUDGET_S:
+                raise RuntimeError("Switchboard tasks did not finish within the budget")
+            await asyncio.sleep(0.05)
+        return time.perf_counter() - started
+
+
+def _switchboard(echo_port: int, run_dir: Path) -> float:
+    config = yaml.safe_load(TOOLS.read_text())
+    config["allowed_hosts"] = [f"127.0.0.1:{echo_port}"]
+    config["tools"]["echo"] = {
+        "kind": "http",
+        "url": f"http://127.0.0.1:{echo_port}/echo",
+        "timeout": "5s",
+    }
+    tools = run_dir / "tools.yaml"
+    tools.write_text(yaml.safe_dump(config))
+    env = {
+        "SWITCHBOARD_EXECUTION_TOOLS": str(tools),
+        "SWITCHBOARD_EXECUTION_WORKERS": str(STEPS_PER_WORKER),
+        "SWITCHBOARD_EXECUTION_SANDBOX_POOL": "0",
+    }
+    with running_mesh(triton_replicas=1, workers=WORKER_PROCESSES) as mesh:
+        for name in ("execution", *(f"worker-{i}" for i in range(WORKER_PROCESSES))):
+            mesh.start_service(name, env=env)
+        asyncio.run(_switchboard_round(mesh.envoy_address, mesh.database_url, WARMUP_TASKS))
+        return asyncio.run(_switchboard_round(mesh.envoy_address, mesh.database_url, TASKS))
+
+
+# ---- Celery --------------------------------------------------------------------------------
+
+
+def _celery(echo_port: int, run_dir: Path) -> float:
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        raise RuntimeError("redis-server is not installed (`make bench` installs it)")
+    port = free_port_base(host="127.0.0.1", span=1)
+    redis = subprocess.Popen(
+        [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(run_dir),
+         "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    env = {
+        **os.environ,
+        "BENCH_REDIS_URL": f"redis://127.0.0.1:{port}/0",
+        "BENCH_ECHO_URL": f"http://127.0.0.1:{echo_port}/echo",
+    }
+    worker = None
+    try:
+        os.environ.update(env)
+        from celery import chain
+
+        from bench._celery_app import app, echo
+
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "bench._celery_app", "worker",
+             "--pool=prefork", f"--concurrency={CELERY_CONCURRENCY}", "--loglevel=WARNING",
+             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not app.control.inspect(timeout=1).ping():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Celery worker did not start")
+
+        def round_(count: int) -> float:
+            started = time.perf_counter()
+            results = [
+                chain(echo.s(i, 0), echo.s(1), echo.s(2)).apply_async() for i in range(count)
+            ]
+            for result in results:
+                result.get(timeout=BUDGET_S)
+            return time.perf_counter() - started
+
+        round_(WARMUP_TASKS)
+        return round_(TASKS)
+    finally:
+        if worker is not None:
+            _stop(worker)  # type: ignore[arg-type]
+        _stop(redis)  # type: ignore[arg-type]
+
+
+def run() -> dict:
+    run_dir = Path(tempfile.mkdtemp(prefix="switchboard-bench-exec-"))
+    echo, echo_port = _start_echo()
+    try:
+        celery_s = _celery(echo_port, run_dir)
+        print(f"  celery: {TASKS} chains in {celery_s:.1f}s", flush=True)
+        switchboard_s = _switchboard(echo_port, run_dir)
+        print(f"  switchboard: {TASKS} tasks in {switchboard_s:.1f}s", flush=True)
+    finally:
+        _stop(echo)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    ours = TASKS / switchboard_s * 60
+    theirs = TASKS / celery_s * 60
+    print_table(
+        "end to end",
+        ("system", "tasks", "seconds", "tasks_per_min", "steps_per_s"),
+        [
+            ("switchboard", TASKS, f"{switchboard_s:.1f}", f"{ours:,.0f}", f"{ours * 3 / 60:,.0f}"),
+            ("celery", TASKS, f"{celery_s:.1f}", f"{theirs:,.0f}", f"{theirs * 3 / 60:,.0f}"),
+        ],
+    )
+    metrics = {
+        "tasks_per_min": ours,
+        "celery_tasks_per_min": theirs,
+        "vs_celery": ours / theirs,
+        "tasks": TASKS,
+    }
+    notes = (
+        f"{TASKS} tasks of 3 sequential HTTP echo steps after {WARMUP_TASKS} warm-up ones; "
+        f"Switchboard: {SUBMITTERS} concurrent SubmitTask calls through Envoy, "
+        f"{WORKER_PROCESSES} worker processes x {STEPS_PER_WORKER} steps, PostgreSQL state, "
+        "JetStream file storage; Celery 5 chain, Redis AOF everysec, late acks, prefork "
+        f"x {CELERY_CONCURRENCY}; same machine, same echo process"
+    )
+    return write_result(NAME, metrics, {"tasks_per_min": ">= 50000", "vs_celery": ">= 1"}, notes)
+
+
+if __name__ == "__main__":
+    run()
