@@ -260,16 +260,34 @@ class TaskStore:
         digest = request_hash(request)
         key = request.idempotency_key or None
         task_id = str(uuid.uuid4())
+        states = [
+            pb.STEP_STATE_WAITING if s.depends_on else pb.STEP_STATE_QUEUED for s in request.steps
+        ]
         try:
-            async with self._pool.connection() as conn, conn.transaction():
+            async with self._pool.connection() as conn:
+                # the task and its steps in one statement (one round trip, one transaction)
                 cur = await conn.execute(
-                    "INSERT INTO exec_tasks (task_id, tenant_id, idempotency_key, request_hash,"
-                    " request, state, labels, priority) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-                    " ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING task_id",
-                    (task_id, tenant_id, key, digest, request.SerializeToString(),
-                     pb.TASK_STATE_RUNNING, Jsonb(dict(request.labels)), request.priority),
+                    "WITH t AS (INSERT INTO exec_tasks (task_id, tenant_id, idempotency_key,"
+                    " request_hash, request, state, labels, priority)"
+                    " VALUES (%(id)s, %(tenant)s, %(key)s, %(hash)s, %(request)s, %(state)s,"
+                    " %(labels)s, %(priority)s)"
+                    " ON CONFLICT (tenant_id, idempotency_key) DO NOTHING"
+                    " RETURNING task_id, create_time),"
+                    " s AS (INSERT INTO exec_steps (task_id, name, position, depends_on, state)"
+                    " SELECT t.task_id, u.name, u.position - 1,"
+                    " ARRAY(SELECT jsonb_array_elements_text(u.deps)), u.state"
+                    " FROM t, unnest(%(names)s::text[], %(deps)s::jsonb[], %(states)s::int[])"
+                    " WITH ORDINALITY AS u(name, deps, state, position))"
+                    " SELECT create_time FROM t",
+                    {"id": task_id, "tenant": tenant_id, "key": key, "hash": digest,
+                     "request": request.SerializeToString(), "state": pb.TASK_STATE_RUNNING,
+                     "labels": Jsonb(dict(request.labels)), "priority": request.priority,
+                     "names": [s.name for s in request.steps],
+                     "deps": [Jsonb(list(s.depends_on)) for s in request.steps],
+                     "states": states},
                 )  # fmt: skip
-                if await cur.fetchone() is None:
+                row = await cur.fetchone()
+                if row is None:
                     existing, existing_hash = await self._by_key(conn, tenant_id, key or "")
                     if existing_hash != digest:
                         raise AlreadyExists(
@@ -278,19 +296,28 @@ class TaskStore:
                             metadata={"task_id": existing},
                         )
                     return await self._load(conn, existing, tenant_id), True
-                async with conn.cursor() as steps:
-                    await steps.executemany(
-                        "INSERT INTO exec_steps (task_id, name, position, depends_on, state)"
-                        " VALUES (%s, %s, %s, %s, %s)",
-                        [
-                            (task_id, s.name, i, list(s.depends_on),
-                             pb.STEP_STATE_WAITING if s.depends_on else pb.STEP_STATE_QUEUED)
-                            for i, s in enumerate(request.steps)
-                        ],
-                    )  # fmt: skip
-                return await self._load(conn, task_id, tenant_id), False
         except psycopg.OperationalError as exc:
             raise _unavailable(exc) from exc
+        (created,) = row
+        steps = tuple(
+            StepRow(task_id, s.name, state, 0, None, None, None, None)
+            for s, state in zip(request.steps, states, strict=True)
+        )
+        task = TaskRow(
+            task_id=task_id,
+            tenant_id=tenant_id,
+            idempotency_key=request.idempotency_key,
+            request=request,
+            state=pb.TASK_STATE_RUNNING,
+            error=None,
+            labels=dict(request.labels),
+            priority=request.priority,
+            create_time=created,
+            update_time=created,
+            end_time=None,
+            steps=steps,
+        )
+        return task, False
 
     async def _by_key(
         self, conn: psycopg.AsyncConnection, tenant_id: str, key: str
