@@ -163,6 +163,16 @@ class Bus:
         )
         return await self._publish(event_subject(task_id), event.SerializeToString(), msg_id)
 
+    async def last_sequence(self, task_id: str) -> int:
+        """The stream sequence of the task's latest event (0 if it has none yet)."""
+        try:
+            message = await self.js.get_last_msg(EVENT_STREAM, event_subject(task_id))
+        except NotFoundError:
+            return 0
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise dependency_unavailable("nats", "message bus", exc) from exc
+        return int(message.seq)
+
     async def dead_letter(self, task_id: str, step: str, payload: bytes, attempt: int) -> None:
         await self._publish(f"sb.dead.{task_id}", payload, f"dead:{task_id}:{step}:{attempt}")
 

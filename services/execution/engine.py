@@ -306,7 +306,12 @@ class Worker:
         )
         run = asyncio.create_task(
             self._runner.run(
-                step, outputs, task_id=task.task_id, tenant_id=task.tenant_id, timeout=timeout
+                step,
+                outputs,
+                task_id=task.task_id,
+                tenant_id=task.tenant_id,
+                timeout=timeout,
+                priority=task.request.priority,
             )
         )
         self._running.setdefault(task.task_id, set()).add(run)

@@ -27,8 +27,9 @@ MAX_PAGE_SIZE = 500
 _TERMINAL_EVENTS = {2, 3, 4}  # TaskEventType COMPLETED, FAILED, CANCELLED
 
 
-def task_message(task: TaskRow) -> pb.Task:
+def task_message(task: TaskRow, last_sequence: int = 0) -> pb.Task:
     message = pb.Task(
+        last_sequence=last_sequence,
         task_id=task.task_id,
         idempotency_key=task.idempotency_key,
         state=task.state,
@@ -89,19 +90,22 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
         self._sandbox = sandbox
         self._limits = sandbox_limits
 
+    async def _message(self, task: TaskRow) -> pb.Task:
+        return task_message(task, await self._engine.bus.last_sequence(task.task_id))
+
     async def SubmitTask(  # noqa: N802 - gRPC method name
         self, request: pb.SubmitTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.SubmitTaskResponse:
         task, existing = await self._engine.submit(
             require_tenant(), request, tool_exists=self._tools.names.__contains__
         )
-        return pb.SubmitTaskResponse(task=task_message(task), existing=existing)
+        return pb.SubmitTaskResponse(task=await self._message(task), existing=existing)
 
     async def GetTask(  # noqa: N802 - gRPC method name
         self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetTaskResponse:
         task = await self._engine.store.get(request.task_id, require_tenant())
-        return pb.GetTaskResponse(task=task_message(task))
+        return pb.GetTaskResponse(task=await self._message(task))
 
     async def ListTasks(  # noqa: N802 - gRPC method name
         self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext
@@ -120,7 +124,7 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
             before=_before(request.page_token),
             limit=size + 1,
         )
-        response = pb.ListTasksResponse(tasks=[task_message(t) for t in tasks[:size]])
+        response = pb.ListTasksResponse(tasks=[await self._message(t) for t in tasks[:size]])
         if len(tasks) > size:
             response.next_page_token = _page_token(tasks[size - 1])
         return response
@@ -146,7 +150,7 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
         self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelTaskResponse:
         task = await self._engine.cancel(request.task_id, require_tenant())
-        return pb.CancelTaskResponse(task=task_message(task))
+        return pb.CancelTaskResponse(task=await self._message(task))
 
     async def RunCode(  # noqa: N802 - gRPC method name
         self, request: pb.RunCodeRequest, context: grpc.aio.ServicerContext

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from switchboard.common.v1 import common_pb2
 from switchboard.execution.v1 import execution_pb2 as pb
 from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
@@ -106,6 +107,7 @@ class StepRunner:
         task_id: str,
         tenant_id: str,
         timeout: timedelta,
+        priority: int = 0,
     ) -> Any:
         """The step's output (JSON-compatible).
 
@@ -117,7 +119,7 @@ class StepRunner:
         seconds = timeout.total_seconds()
         try:
             if kind == "generate":
-                return await self._generate(step.generate, outputs, metadata, seconds)
+                return await self._generate(step.generate, outputs, metadata, seconds, priority)
             if kind == "retrieve":
                 return await self._retrieve(step.retrieve, outputs, metadata, seconds)
             if kind == "code":
@@ -151,8 +153,10 @@ class StepRunner:
         outputs: Mapping[str, Any],
         metadata: Any,
         seconds: float,
+        priority: int,
     ) -> Any:
         request = inference_pb2.GenerateRequest(
+            priority=priority or common_pb2.PRIORITY_BATCH,
             prompt=expand(step.prompt, outputs),
             model=step.model,
             tier=step.tier,

@@ -74,7 +74,15 @@ class AdmissionGate:
         self._release_stub = admission_service_pb2_grpc.AdmissionServiceStub(self._release_channel)
         self._releases: set[asyncio.Task[None]] = set()
 
-    async def admit(self, *, tenant_id: str, tier: str, prompt_tokens: int, max_tokens: int) -> str:
+    async def admit(
+        self,
+        *,
+        tenant_id: str,
+        tier: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        priority: int = common_pb2.PRIORITY_INTERACTIVE,
+    ) -> str:
         """Waits for admission (fair queue, up to the call's deadline); returns the lease id.
 
         Raises:
@@ -82,9 +90,7 @@ class AdmissionGate:
                 QuotaFailure and RetryInfo), or UNAVAILABLE `DEPENDENCY_UNAVAILABLE`.
         """
         request = admission_pb2.AdmitRequest(
-            context=common_pb2.RequestContext(
-                tenant_id=tenant_id, priority=common_pb2.PRIORITY_INTERACTIVE
-            ),
+            context=common_pb2.RequestContext(tenant_id=tenant_id, priority=priority),
             tier=_TIERS.get(tier, common_pb2.MODEL_TIER_UNSPECIFIED),
             estimated_prompt_tokens=prompt_tokens,
             max_completion_tokens=max_tokens,

@@ -78,6 +78,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             tier=choice.model.tier,
             prompt_tokens=choice.prompt_tokens,
             max_tokens=choice.max_tokens,
+            priority=request.priority or common_pb2.PRIORITY_INTERACTIVE,
         )
         try:
             async for reply in self._generate(request, params, result):

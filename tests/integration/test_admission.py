@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 import uuid
 
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
+from prometheus_client.parser import text_string_to_metric_families
 from switchboard.admission.v1 import admission_pb2 as pb
 from switchboard.admission.v1 import admission_service_pb2_grpc
 from switchboard.common.v1 import common_pb2
@@ -410,3 +412,30 @@ async def test_a_generation_the_client_cancels_releases_its_lease(admission, inf
 
     await eventually(released)
     assert (await quota(admission, tenant)).available_requests < 4.5  # it was admitted
+
+
+def admitted(mesh, tenant: str) -> dict[str, float]:
+    """Admissions of `tenant` by priority class, summed over the replicas' metrics."""
+    counts: dict[str, float] = {}
+    for index in (1, 2):  # admission-0 and admission-1 are service processes 1 and 2
+        port = mesh.config.metrics_base_port + index
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            for family in text_string_to_metric_families(reply.read().decode()):
+                for sample in family.samples:
+                    if (
+                        sample.name == "switchboard_admission_admitted_total"
+                        and sample.labels.get("tenant") == tenant
+                    ):
+                        priority = sample.labels["priority"]
+                        counts[priority] = counts.get(priority, 0) + sample.value
+    return counts
+
+
+async def test_generate_is_admitted_in_the_priority_class_it_asks_for(inference, mesh):
+    tenant = new_tenant()
+    for priority in (common_pb2.PRIORITY_BATCH, common_pb2.PRIORITY_UNSPECIFIED):
+        request = inference_pb2.GenerateRequest(prompt="What routes gRPC calls?", context=CONTEXT)
+        request.priority = priority
+        async for _ in inference.Generate(request, metadata=as_tenant(tenant), timeout=30):
+            pass
+    assert admitted(mesh, tenant) == {"batch": 1, "interactive": 1}

@@ -231,6 +231,10 @@ async def test_watch_resumes_from_a_cursor_without_gaps_or_duplicates(execution,
         tool_step("c", deps=["b"], n=3),
     )
     whole = await watch(execution, tenant, task.task_id)
+    done = await execution.GetTask(
+        pb.GetTaskRequest(task_id=task.task_id), metadata=as_tenant(tenant)
+    )
+    assert done.task.last_sequence == sequence(whole[-1])
     first = await watch(execution, tenant, task.task_id, limit=4)
     rest = await watch(execution, tenant, task.task_id, after=sequence(first[-1]))
     assert [e.SerializeToString() for e in first + rest] == [e.SerializeToString() for e in whole]

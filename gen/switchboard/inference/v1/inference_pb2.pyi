@@ -59,20 +59,22 @@ class GenerationParameters(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "tier", "prompt", "context", "parameters", "session_id")
+    __slots__ = ("model", "tier", "prompt", "context", "parameters", "session_id", "priority")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     model: str
     tier: _common_pb2.ModelTier
     prompt: str
     context: _containers.RepeatedCompositeFieldContainer[Passage]
     parameters: GenerationParameters
     session_id: str
-    def __init__(self, model: _Optional[str] = ..., tier: _Optional[_Union[_common_pb2.ModelTier, str]] = ..., prompt: _Optional[str] = ..., context: _Optional[_Iterable[_Union[Passage, _Mapping]]] = ..., parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ..., session_id: _Optional[str] = ...) -> None: ...
+    priority: _common_pb2.Priority
+    def __init__(self, model: _Optional[str] = ..., tier: _Optional[_Union[_common_pb2.ModelTier, str]] = ..., prompt: _Optional[str] = ..., context: _Optional[_Iterable[_Union[Passage, _Mapping]]] = ..., parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ..., session_id: _Optional[str] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token", "complete")
