@@ -1,22 +1,64 @@
-"""`make demo`: start the mesh, stream a generation and embeddings through Envoy, stop it."""
+"""`make demo`: start the mesh, then through Envoy: list the models, stream answers with
+citations, ingest the sample handbook and answer from what retrieval finds, run a
+multi-step task while watching its events, and stop everything the demo started."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 from switchboard.common.v1 import common_pb2
+from switchboard.events.v1 import events_pb2
+from switchboard.execution.v1 import execution_pb2, execution_service_pb2_grpc
 from switchboard.inference.v1 import inference_pb2 as pb
 from switchboard.inference.v1 import inference_service_pb2_grpc
+from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
 
 from services.launcher._config import load_launcher_config
 from services.launcher._mesh import LaunchError, Mesh
 
 logger = logging.getLogger(__name__)
+
+HANDBOOK = Path(__file__).parents[1] / "tests" / "data" / "handbook.jsonl"
+"""The sample corpus: a fictional company's handbook (also the retrieval quality set)."""
+TENANT = (("x-tenant-id", "demo"),)
+HANDBOOK_QUESTIONS = [
+    "How do I get into a red zone of the warehouse?",
+    "What should I do when I lose my office badge?",
+]
+TASK = {
+    "idempotency_key": "demo-task-1",
+    "steps": [
+        {
+            "name": "find",
+            "retrieve": {"collection": "handbook", "query": "firmware rollout waves", "top_k": 2},
+        },
+        {
+            "name": "measure",
+            "depends_on": ["find"],
+            "code": {
+                "code": "import json\nchunks = json.loads(inputs['found'])\n"
+                "sum(len(c['text'].split()) for c in chunks)",
+                "inputs": {"found": "{{steps.find.output.chunks}}"},
+            },
+        },
+        {
+            "name": "answer",
+            "depends_on": ["find", "measure"],
+            "generate": {
+                "prompt": "How is firmware rolled out to the fleet?",
+                "context_steps": ["find"],
+            },
+        },
+    ],
+}
 
 PASSAGES = [
     pb.Passage(
@@ -104,7 +146,83 @@ async def _show(target: str) -> None:
         for i, text in enumerate(SENTENCES):
             row = " ".join(f"{s:5.2f}" for s in sims[i])
             print(f"  {row}   {text}")
+        await _rag(channel)
+        await _task(channel)
         print()
+
+
+async def _stream_answer(stub, request: pb.GenerateRequest) -> None:
+    async for reply in stub.Generate(request, metadata=TENANT, timeout=60):
+        if reply.HasField("token"):
+            sys.stdout.write(reply.token.text)
+            sys.stdout.flush()
+        else:
+            cited = sorted(
+                {request.context[c.passage_index].source_id for c in reply.complete.citations}
+            )
+            print(f"\n   cited: {', '.join(cited) or 'nothing'}")
+
+
+async def _rag(channel: grpc.aio.Channel) -> None:
+    rag = rag_service_pb2_grpc.RagServiceStub(channel)
+    inference = inference_service_pb2_grpc.InferenceServiceStub(channel)
+    documents = [json.loads(line) for line in HANDBOOK.read_text().splitlines()]
+
+    async def stream():
+        for d in documents:
+            yield rag_pb2.IngestDocumentsRequest(
+                document=rag_pb2.Document(
+                    document_id=d["document_id"], collection="handbook",
+                    metadata=d["metadata"], text=d["text"],
+                )
+            )  # fmt: skip
+
+    started = time.perf_counter()
+    reply = await rag.IngestDocuments(stream(), metadata=TENANT, timeout=300)
+    print(
+        f"\nIngested {reply.documents_ingested} handbook documents as {reply.chunks_ingested} "
+        f"chunks in {time.perf_counter() - started:.1f}s (tenant 'demo', collection 'handbook')"
+    )
+    for question in HANDBOOK_QUESTIONS:
+        found = await rag.Retrieve(
+            rag_pb2.RetrieveRequest(collection="handbook", query=question, top_k=3),
+            metadata=TENANT,
+            timeout=10,
+        )
+        passages = [
+            pb.Passage(source_id=f"{c.document_id}#{c.chunk_index}", text=c.text)
+            for c in found.chunks
+        ]
+        print(
+            f"\nQ: {question}\n   retrieved: {', '.join(p.source_id for p in passages)}\nA: ",
+            end="",
+        )
+        await _stream_answer(inference, pb.GenerateRequest(prompt=question, context=passages))
+
+
+async def _task(channel: grpc.aio.Channel) -> None:
+    execution = execution_service_pb2_grpc.ExecutionServiceStub(channel)
+    request = json_format.ParseDict(TASK, execution_pb2.SubmitTaskRequest())
+    reply = await execution.SubmitTask(request, metadata=TENANT, timeout=10)
+    task_id = reply.task.task_id
+    print(f"\nTask {task_id} (retrieve -> sandboxed Python -> generate), its events:")
+    async for event in execution.WatchTask(
+        execution_pb2.WatchTaskRequest(task_id=task_id), metadata=TENANT, timeout=120
+    ):
+        if event.HasField("step_event"):
+            e = event.step_event
+            kind = events_pb2.StepEventType.Name(e.type).removeprefix("STEP_EVENT_TYPE_")
+            print(f"  #{e.sequence:<4} {e.step_name:<8} {kind.lower()}")
+        else:
+            kind = events_pb2.TaskEventType.Name(event.task_event.type)
+            kind = kind.removeprefix("TASK_EVENT_TYPE_").lower()
+            print(f"  #{event.task_event.sequence:<4} task     {kind}")
+    done = await execution.GetTask(
+        execution_pb2.GetTaskRequest(task_id=task_id), metadata=TENANT, timeout=10
+    )
+    outputs = {s.name: json_format.MessageToDict(s.output) for s in done.task.step_statuses}
+    print(f"  words retrieved (computed in the sandbox): {outputs['measure'].get('result')}")
+    print(f"  answer: {outputs['answer'].get('text', '')}")
 
 
 def main() -> int:
