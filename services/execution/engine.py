@@ -254,7 +254,14 @@ class Worker:
             await msg.nak(delay=claimed.lease_left + 0.1)
             return
         if claimed.claim is Claim.FOLLOW_UP:
+            # the step completed but its worker stopped before publishing everything:
+            # publish it all again (ids drop what did go out)
             task = await self._engine.store.get(task_id, None)
+            done = next(s for s in task.steps if s.name == name)
+            await self._engine.publish(
+                step_event(task, task.tenant_id, name, ev.STEP_EVENT_TYPE_COMPLETED,
+                           done.attempt, output=done.output)
+            )  # fmt: skip
             progress = await self._engine.store.follow_up(task_id)
             await self._engine.progress(task_id, task.tenant_id, progress)
             await msg.ack()

@@ -176,12 +176,22 @@ def port_owner(host: str, port: int) -> str | None:
     return "another process"
 
 
+def _ephemeral_start() -> int:
+    """Where the kernel starts picking ports for outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
 def free_port_base(*, host: str, span: int) -> int:
-    """A random base port with `span` free ports above it."""
+    """A random base port with `span` free ports above it, below the ephemeral range
+    (an outgoing connection could otherwise take one of them before it is bound)."""
     import random
 
+    top = min(45_000, _ephemeral_start()) - span
     for _ in range(200):
-        base = random.randrange(20_000, 45_000, 100)
+        base = random.randrange(10_000, top, 100)
         if all(port_owner(host, base + i) is None for i in range(span)):
             return base
     raise RuntimeError("no free port range found")

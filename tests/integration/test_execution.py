@@ -484,6 +484,13 @@ async def test_kill_9_a_worker_20_times_while_1000_tasks_run(execution, tools, m
         ).fetchone()
     assert rerun > 0, "no kill landed while a step ran: nothing was tested"
     assert sum(tools.calls[k] for k in keys) >= 2000
+    # the event log of every tenth task is whole: each transition once, in order
+    for task in tasks[::10]:
+        kinds = Counter(describe(e)[:2] for e in await watch(execution, tenant, task.task_id))
+        for step in ("pay", "notify"):
+            assert kinds[(step, "STEP_EVENT_TYPE_QUEUED")] == 1, kinds
+            assert kinds[(step, "STEP_EVENT_TYPE_COMPLETED")] == 1, kinds
+        assert kinds[("task", "TASK_EVENT_TYPE_COMPLETED")] == 1, kinds
 
 
 @pytest.mark.timeout(240)
