@@ -1,12 +1,15 @@
-"""`switchboard up | down | status | logs`: the local mesh from the command line."""
+"""`switchboard up | down | status | logs | keys`: the local mesh from the command line."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 import time
 from pathlib import Path
+
+import psycopg
 
 from services.launcher._config import load_launcher_config
 from services.launcher._mesh import LaunchError, Mesh
@@ -28,6 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     logs = commands.add_parser("logs", help="show a component's log")
     logs.add_argument("name", nargs="?", help="component (postgres, nats, triton-0, envoy, ...)")
     logs.add_argument("-n", "--lines", type=int, default=40)
+    keys = commands.add_parser("keys", help="create, list or revoke tenants' API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="a new key for a tenant (shown once)")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--name", default="", help="what the key is for")
+    listing = key_commands.add_parser("list", help="keys (never their secrets)")
+    listing.add_argument("--tenant", default="")
+    revoke = key_commands.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
     args = parser.parse_args(argv)
 
     try:
@@ -36,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"switchboard: {exc}", file=sys.stderr)
         return 2
     mesh = Mesh(config, progress=_progress)
+    if args.command == "keys":
+        return asyncio.run(_keys(args, mesh.database_url))
 
     if args.command == "up":
         try:
@@ -70,6 +84,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"==> {path} <==")
         print("\n".join(path.read_text(errors="replace").splitlines()[-args.lines :]))
     return 0
+
+
+async def _keys(args: argparse.Namespace, database_url: str) -> int:
+    from services.auth.store import KeyStore
+
+    store = KeyStore(database_url)
+    try:
+        await store.open()
+    except (OSError, psycopg.Error) as exc:
+        print(f"switchboard: cannot reach the database ({exc}); is the mesh up?", file=sys.stderr)
+        return 1
+    try:
+        if args.keys_command == "create":
+            try:
+                key_id, token = await store.create(args.tenant, args.name)
+            except ValueError as exc:
+                print(f"switchboard: {exc}", file=sys.stderr)
+                return 2
+            print(f"key {key_id} for tenant {args.tenant!r} (shown only now):\n{token}")
+        elif args.keys_command == "list":
+            for key in await store.list(args.tenant):
+                state = f"revoked {key.revoke_time:%Y-%m-%d}" if key.revoke_time else "active"
+                print(f"{key.key_id}  {key.tenant_id:<20} {state:<18} {key.name}")
+        elif not await store.revoke(args.key_id):
+            print(f"switchboard: no active key {args.key_id!r}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        await store.close()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+"""The auth service: API keys (hashed in PostgreSQL) checked for Envoy at the edge.
+
+`keys` is the key format and hashing; `store` keeps keys and caches verified ones;
+`authz` answers Envoy's external authorization checks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+from services.auth.authz import AuthorizationServicer
+from services.auth.store import KeyStore
+from services.runtime import load_config
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AuthConfig", "AuthService", "KeyStore"]
+
+SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    database_url: str
+    """PostgreSQL holding the keys (`SWITCHBOARD_DATABASE_URL`)."""
+    auth_cache_ttl: timedelta = timedelta(seconds=30)
+    """How long a verified (or refused) key is remembered: a revoked key stops working
+    within this long."""
+
+    def __post_init__(self) -> None:
+        if not self.database_url:
+            raise ValueError("SWITCHBOARD_DATABASE_URL must name the key database")
+
+
+class AuthService:
+    name = "auth"
+    service_names: Sequence[str] = (SERVICE_NAME,)
+
+    def __init__(self, config: AuthConfig | None = None) -> None:
+        self._config = config or load_config(AuthConfig, prefix="SWITCHBOARD_")
+        self.store = KeyStore(self._config.database_url, cache_ttl=self._config.auth_cache_ttl)
+
+    async def start(self) -> None:
+        await self.store.open()
+
+    def register(self, server: grpc.aio.Server) -> None:
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+            AuthorizationServicer(self.store), server
+        )
+
+    async def ready(self) -> bool:
+        return await self.store.healthy()
+
+    async def shutdown(self) -> None:
+        await self.store.close()

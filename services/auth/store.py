@@ -1,0 +1,144 @@
+"""API keys in PostgreSQL (hashed), with a short cache of verified keys."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from services.auth import keys
+from services.runtime import apply_migrations, dependency_unavailable
+
+logger = logging.getLogger(__name__)
+
+_MIGRATION_LOCK = 0x5B_AD_06
+MIGRATIONS = {
+    1: """
+    CREATE TABLE auth_api_keys (
+        key_id      text        PRIMARY KEY,
+        tenant_id   text        NOT NULL,
+        name        text        NOT NULL DEFAULT '',
+        secret_hash bytea       NOT NULL,
+        create_time timestamptz NOT NULL DEFAULT now(),
+        revoke_time timestamptz
+    );
+    CREATE INDEX auth_api_keys_tenant ON auth_api_keys (tenant_id);
+    """,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    key_id: str
+    tenant_id: str
+    name: str
+    create_time: datetime
+    revoke_time: datetime | None
+
+
+class KeyStore:
+    """Keys of every tenant; `verify` answers from a cache for `cache_ttl`."""
+
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        cache_ttl: timedelta = timedelta(seconds=30),
+        cache_size: int = 10_000,
+    ) -> None:
+        self._pool = AsyncConnectionPool(
+            database_url, min_size=1, max_size=4, open=False, kwargs={"autocommit": True}
+        )
+        self._ttl = cache_ttl.total_seconds()
+        self._size = cache_size
+        self._cache: OrderedDict[bytes, tuple[float, str | None]] = OrderedDict()
+
+    async def open(self) -> None:
+        await self._pool.open(wait=True, timeout=30)
+        async with self._pool.connection() as conn:
+            await apply_migrations(conn, prefix="auth", lock=_MIGRATION_LOCK, migrations=MIGRATIONS)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def healthy(self) -> bool:
+        try:
+            async with self._pool.connection(timeout=2) as conn:
+                await conn.execute("SELECT 1")
+        except (psycopg.Error, OSError):
+            return False
+        return True
+
+    async def create(self, tenant_id: str, name: str = "") -> tuple[str, str]:
+        """A new key for the tenant: (key_id, the whole key, shown only now)."""
+        if not keys.TENANT_ID.fullmatch(tenant_id):
+            raise ValueError("a tenant id is 1..63 of [A-Za-z0-9_.-], starting alphanumeric")
+        key = keys.new_key()
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO auth_api_keys (key_id, tenant_id, name, secret_hash)"
+                " VALUES (%s, %s, %s, %s)",
+                (key.key_id, tenant_id, name, key.secret_hash),
+            )
+        return key.key_id, key.token
+
+    async def revoke(self, key_id: str) -> bool:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE auth_api_keys SET revoke_time = now()"
+                " WHERE key_id = %s AND revoke_time IS NULL",
+                (key_id,),
+            )
+        return cur.rowcount == 1
+
+    async def list(self, tenant_id: str = "") -> list[KeyInfo]:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT key_id, tenant_id, name, create_time, revoke_time FROM auth_api_keys"
+                " WHERE %s = '' OR tenant_id = %s ORDER BY tenant_id, create_time",
+                (tenant_id, tenant_id),
+            )
+            return [KeyInfo(*row) for row in await cur.fetchall()]
+
+    async def verify(self, token: str) -> str | None:
+        """The tenant a valid, unrevoked key belongs to, else None.
+
+        Raises:
+            Unavailable: the database cannot be reached (and the key is not cached).
+        """
+        now = time.monotonic()
+        slot = keys.hash_secret(token)  # the cache holds no key in clear
+        cached = self._cache.get(slot)
+        if cached is not None and cached[0] > now:
+            self._cache.move_to_end(slot)
+            return cached[1]
+        tenant = await self._lookup(token)
+        self._cache[slot] = (now + self._ttl, tenant)
+        self._cache.move_to_end(slot)
+        while len(self._cache) > self._size:
+            self._cache.popitem(last=False)
+        return tenant
+
+    async def _lookup(self, token: str) -> str | None:
+        parsed = keys.parse(token)
+        if parsed is None:
+            return None
+        key_id, secret = parsed
+        try:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT tenant_id, secret_hash FROM auth_api_keys"
+                    " WHERE key_id = %s AND revoke_time IS NULL",
+                    (key_id,),
+                )
+                row = await cur.fetchone()
+        except (psycopg.OperationalError, psycopg.errors.ConnectionTimeout) as exc:
+            raise dependency_unavailable("postgresql", "key store", exc) from exc
+        if row is None or not keys.matches(secret, bytes(row[1])):
+            return None
+        return str(row[0])
