@@ -266,6 +266,15 @@ class Worker:
             await self._engine.progress(task_id, task.tenant_id, progress)
             await msg.ack()
             return
+        if claimed.claim is Claim.REPORT:
+            task = await self._engine.store.get(task_id, None)
+            failed = next(s for s in task.steps if s.name == name)
+            assert failed.error is not None
+            await self._report_failure(
+                task, name, failed.attempt, status_pb2.Status.FromString(failed.error)
+            )
+            await msg.ack()
+            return
         task = claimed.task
         assert task is not None and claimed.outputs is not None
         step = next(s for s in task.request.steps if s.name == name)
@@ -373,23 +382,29 @@ class Worker:
     ) -> None:
         status = error.to_rpc_status()
         if await self._engine.store.fail(task.task_id, name, status.SerializeToString()):
-            await self._engine.publish(
-                step_event(task, task.tenant_id, name, ev.STEP_EVENT_TYPE_FAILED, attempt,
-                           error=status)
-            )  # fmt: skip
-            for other in (await self._engine.store.get(task.task_id, None)).steps:
-                if other.name != name and other.state == pb.STEP_STATE_CANCELLED:
-                    await self._engine.publish(
-                        step_event(task, task.tenant_id, other.name,
-                                   ev.STEP_EVENT_TYPE_CANCELLED, other.attempt)
-                    )  # fmt: skip
-            await self._engine.publish(
-                task_event(task.task_id, task.tenant_id, ev.TASK_EVENT_TYPE_FAILED, status)
-            )
-            dead = struct_pb2.Struct()
-            dead.update({"task_id": task.task_id, "step": name, "attempt": attempt,
-                         "error": error.message, "reason": error.reason})  # fmt: skip
-            await self._engine.bus.dead_letter(
-                task.task_id, name, dead.SerializeToString(), attempt
-            )
+            await self._report_failure(task, name, attempt, status)
         await msg.ack()
+
+    async def _report_failure(
+        self, task: ClaimedTask | TaskRow, name: str, attempt: int, status: status_pb2.Status
+    ) -> None:
+        """Publishes a task's failure (again, after a crash: the ids drop repeats): the
+        step's FAILED event, its cancelled successors, the task's FAILED event, and the
+        step in the dead-letter stream."""
+        await self._engine.publish(
+            step_event(task, task.tenant_id, name, ev.STEP_EVENT_TYPE_FAILED, attempt,
+                       error=status)
+        )  # fmt: skip
+        for other in (await self._engine.store.get(task.task_id, None)).steps:
+            if other.name != name and other.state == pb.STEP_STATE_CANCELLED:
+                await self._engine.publish(
+                    step_event(task, task.tenant_id, other.name,
+                               ev.STEP_EVENT_TYPE_CANCELLED, other.attempt)
+                )  # fmt: skip
+        await self._engine.publish(
+            task_event(task.task_id, task.tenant_id, ev.TASK_EVENT_TYPE_FAILED, status)
+        )
+        dead = struct_pb2.Struct()
+        dead.update({"task_id": task.task_id, "step": name, "attempt": attempt,
+                     "error": status.message})  # fmt: skip
+        await self._engine.bus.dead_letter(task.task_id, name, dead.SerializeToString(), attempt)

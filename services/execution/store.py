@@ -134,7 +134,9 @@ class Claim(IntEnum):
     BUSY = 4
     """Another worker holds the step's live lease: try again when it ends."""
     FOLLOW_UP = 3
-    """The step completed but its successors may not have been queued: queue them."""
+    """The step completed but what follows may not have been published: publish it."""
+    REPORT = 5
+    """The step failed its task but the failure may not have been published: publish it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,8 +478,13 @@ class TaskStore:
         if row is None:
             return ClaimResult(Claim.DUPLICATE)
         task_state, step_state, lease_left = row
-        if step_state == pb.STEP_STATE_COMPLETED and task_state == pb.TASK_STATE_RUNNING:
+        if step_state == pb.STEP_STATE_COMPLETED and task_state in (
+            pb.TASK_STATE_RUNNING,
+            pb.TASK_STATE_COMPLETED,
+        ):
             return ClaimResult(Claim.FOLLOW_UP)
+        if step_state == pb.STEP_STATE_FAILED and task_state == pb.TASK_STATE_FAILED:
+            return ClaimResult(Claim.REPORT)
         if step_state == pb.STEP_STATE_RUNNING and task_state == pb.TASK_STATE_RUNNING:
             return ClaimResult(Claim.BUSY, lease_left=float(lease_left or 0.0))
         # ended, cancelled, or WAITING (it is queued again when its inputs are ready)
@@ -509,14 +516,16 @@ class TaskStore:
         """Re-derives what a completed step unblocked (after a crash before publishing):
         the steps queued now and those already QUEUED, whose messages may be lost."""
         async with self._pool.connection() as conn, conn.transaction():
-            cur = await conn.execute("SELECT finished FROM exec_advance(%s)", (task_id,))
-            (finished,) = await cur.fetchone()  # type: ignore[misc]
+            await conn.execute("SELECT exec_advance(%s)", (task_id,))
             cur = await conn.execute(
                 "SELECT name FROM exec_steps WHERE task_id = %s AND state = %s",
                 (task_id, pb.STEP_STATE_QUEUED),
             )
             queued = tuple(r[0] for r in await cur.fetchall())
-        return Progress(queued, pb.TASK_STATE_COMPLETED if finished else 0)
+            cur = await conn.execute("SELECT state FROM exec_tasks WHERE task_id = %s", (task_id,))
+            (state,) = await cur.fetchone()  # type: ignore[misc]
+        # the task may have completed now or before the crash: its event is sent again
+        return Progress(queued, pb.TASK_STATE_COMPLETED if state == pb.TASK_STATE_COMPLETED else 0)
 
     async def retry(self, task_id: str, step: str, error: bytes) -> bool:
         """Puts a failed attempt back in the queue; False if the task ended meanwhile."""
