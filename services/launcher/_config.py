@@ -43,6 +43,7 @@ class LauncherConfig:
     """Execution worker i serves health on worker_port + 10i."""
     workers: int = 1
     """Execution worker processes (each runs SWITCHBOARD_EXECUTION_WORKERS steps at once)."""
+    chat_port: int = 50057
     metrics_base_port: int = 9100
     """Service k's Prometheus endpoint is on metrics_base_port + k."""
     model_policy: Path = REPO_ROOT / "services" / "inference" / "models.yaml"
@@ -96,6 +97,7 @@ def isolated_config(
         execution_port=base + 8,
         worker_port=base + 9,  # worker i on base + 9 + 10i: base+19, base+29
         workers=workers,
+        chat_port=base + 11,
         metrics_base_port=base + 40,  # one per service process: base+40..base+49
         triton_base_port=base + 30,
         triton_replicas=triton_replicas,

@@ -89,6 +89,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
         replicas_field="workers",
         entry="services.execution.worker",
     ),
+    ServiceSpec("chat", "chat_port", ("switchboard.chat.v1.ChatService",)),
 )
 
 

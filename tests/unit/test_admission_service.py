@@ -69,6 +69,7 @@ def test_admission_replicas_get_their_own_ports_and_names(tmp_path: Path) -> Non
         ("rag", 50054),
         ("execution", 50055),
         ("worker-0", 50056),
+        ("chat", 50057),
     ]
 
 
