@@ -409,7 +409,9 @@ async def test_expired_deadlines_and_cancelled_ingests_leave_whole_documents_onl
     assert 0 < len(sent) < 200
 
     sent.clear()
-    call = rag.IngestDocuments(long_documents(sent), metadata=as_tenant(cancelled), timeout=60)
+    call = rag.IngestDocuments(
+        long_documents(sent, pause_after=6), metadata=as_tenant(cancelled), timeout=60
+    )
     await asyncio.sleep(1.5)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
