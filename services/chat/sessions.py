@@ -87,7 +87,7 @@ def apply_mask(
             field = settings.DESCRIPTOR.fields_by_name[name]
             if field.message_type is not None:
                 getattr(settings, name).CopyFrom(getattr(new.settings, name))
-            elif field.label == field.LABEL_REPEATED:
+            elif field.is_repeated:
                 del getattr(settings, name)[:]
                 getattr(settings, name).extend(getattr(new.settings, name))
             else:
