@@ -152,11 +152,13 @@ def _recall(found: list[list[int]], truth: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)]))
 
 
-async def _measure(app_url: str, queries: np.ndarray, words: list[str], truth, filtered_truth):
+async def _measure(
+    owner_url: str, app_url: str, queries: np.ndarray, words: list[str], truth, filtered_truth
+):
     results = {}
     for ef in EF_SEARCH:
         store = RagStore(app_url, pool_size=2, ef_search=ef)
-        await store._pool.open(wait=True)
+        await store.open(owner_url)  # the migrations already ran: this only opens
         try:
             await _arm(store, queries[:20], words[:20], mode=Mode.VECTOR)  # warm the cache
             latencies, found = await _arm(store, queries, words, mode=Mode.VECTOR)
@@ -186,7 +188,9 @@ def run() -> dict:
         build_s = _load(mesh.database_url, vectors, texts)
         print(f"  loaded in {time.perf_counter() - started:.1f}s (HNSW build {build_s:.1f}s)")
         app_url = mesh.database_url.replace("postgres@", f"{APP_ROLE}@", 1)
-        results = asyncio.run(_measure(app_url, queries, words, truth, filtered_truth))
+        results = asyncio.run(
+            _measure(mesh.database_url, app_url, queries, words, truth, filtered_truth)
+        )
     rows = [
         (
             arm,

@@ -20,11 +20,10 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
 
 from services.admission.controller import AdmissionController
 from services.admission.limits import PolicyLimits
-from services.runtime import Unavailable, apply_migrations, dependency_unavailable, stop_task
+from services.runtime import Database, Unavailable, dependency_unavailable, stop_task
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +97,7 @@ class PolicyStore:
         controller: AdmissionController,
         poll_interval: timedelta = timedelta(seconds=1),
     ) -> None:
-        self._pool = AsyncConnectionPool(
-            database_url, min_size=1, max_size=4, open=False, kwargs={"autocommit": True}
-        )
+        self._db = Database(database_url, max_size=4)
         self._controller = controller
         self._poll = poll_interval.total_seconds()
         self._version = -1
@@ -110,8 +107,7 @@ class PolicyStore:
 
     async def start(self) -> None:
         """Opens the pool, migrates, loads every policy and starts polling for changes."""
-        await self._pool.open(wait=True, timeout=30)
-        await self.migrate()
+        await self._db.open(prefix="admission", lock=_MIGRATION_LOCK, migrations=_MIGRATIONS)
         await self.refresh()
         self.healthy = True
         self._task = asyncio.create_task(self._watch(), name="admission-policy-watch")
@@ -119,20 +115,13 @@ class PolicyStore:
     async def close(self) -> None:
         await stop_task(self._task)
         self._task = None
-        await self._pool.close()
-
-    async def migrate(self) -> None:
-        """Applies the migrations not applied yet, each once, under an advisory lock."""
-        async with self._pool.connection() as conn:
-            await apply_migrations(
-                conn, prefix="admission", lock=_MIGRATION_LOCK, migrations=_MIGRATIONS
-            )
+        await self._db.close()
 
     # ---- reads -----------------------------------------------------------------------
 
     async def get(self, tenant_id: str, user_id: str) -> StoredPolicy | None:
         try:
-            async with self._pool.connection() as conn:
+            async with self._db.connection() as conn:
                 cur = conn.cursor(row_factory=dict_row)
                 await cur.execute(
                     "SELECT * FROM admission_policies WHERE tenant_id = %s AND user_id = %s",
@@ -155,7 +144,7 @@ class PolicyStore:
             params.extend(after)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         try:
-            async with self._pool.connection() as conn:
+            async with self._db.connection() as conn:
                 cur = conn.cursor(row_factory=dict_row)
                 await cur.execute(
                     f"SELECT * FROM admission_policies {where} "  # noqa: S608 - fixed clauses
@@ -186,7 +175,7 @@ class PolicyStore:
             EtagMismatch: `etag` was given and is not the stored one.
         """
         try:
-            async with self._pool.connection() as conn, conn.transaction():
+            async with self._db.connection() as conn, conn.transaction():
                 cur = conn.cursor(row_factory=dict_row)
                 await cur.execute(
                     "SELECT * FROM admission_policies WHERE tenant_id = %s AND user_id = %s "
@@ -214,7 +203,7 @@ class PolicyStore:
 
     async def delete(self, tenant_id: str, user_id: str) -> bool:
         try:
-            async with self._pool.connection() as conn, conn.transaction():
+            async with self._db.connection() as conn, conn.transaction():
                 cur = await conn.execute(
                     "DELETE FROM admission_policies WHERE tenant_id = %s AND user_id = %s",
                     (tenant_id, user_id),
@@ -232,7 +221,7 @@ class PolicyStore:
 
     async def refresh(self) -> bool:
         """Reloads every policy if the version moved; True if it did."""
-        async with self._pool.connection() as conn:
+        async with self._db.connection() as conn:
             cur = await conn.execute("SELECT version FROM admission_policy_version")
             (version,) = await cur.fetchone()  # type: ignore[misc]
             if version == self._version:

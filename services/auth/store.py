@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
 
 from services.auth import keys
-from services.runtime import apply_migrations, dependency_unavailable
+from services.runtime import Database, dependency_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -51,35 +50,26 @@ class KeyStore:
         cache_ttl: timedelta = timedelta(seconds=30),
         cache_size: int = 10_000,
     ) -> None:
-        self._pool = AsyncConnectionPool(
-            database_url, min_size=1, max_size=4, open=False, kwargs={"autocommit": True}
-        )
+        self._db = Database(database_url, max_size=4)
         self._ttl = cache_ttl.total_seconds()
         self._size = cache_size
         self._cache: OrderedDict[bytes, tuple[float, str | None]] = OrderedDict()
 
     async def open(self) -> None:
-        await self._pool.open(wait=True, timeout=30)
-        async with self._pool.connection() as conn:
-            await apply_migrations(conn, prefix="auth", lock=_MIGRATION_LOCK, migrations=MIGRATIONS)
+        await self._db.open(prefix="auth", lock=_MIGRATION_LOCK, migrations=MIGRATIONS)
 
     async def close(self) -> None:
-        await self._pool.close()
+        await self._db.close()
 
     async def healthy(self) -> bool:
-        try:
-            async with self._pool.connection(timeout=2) as conn:
-                await conn.execute("SELECT 1")
-        except (psycopg.Error, OSError):
-            return False
-        return True
+        return await self._db.healthy()
 
     async def create(self, tenant_id: str, name: str = "") -> tuple[str, str]:
         """A new key for the tenant: (key_id, the whole key, shown only now)."""
         if not keys.TENANT_ID.fullmatch(tenant_id):
             raise ValueError("a tenant id is 1..63 of [A-Za-z0-9_.-], starting alphanumeric")
         key = keys.new_key()
-        async with self._pool.connection() as conn:
+        async with self._db.connection() as conn:
             await conn.execute(
                 "INSERT INTO auth_api_keys (key_id, tenant_id, name, secret_hash)"
                 " VALUES (%s, %s, %s, %s)",
@@ -88,7 +78,7 @@ class KeyStore:
         return key.key_id, key.token
 
     async def revoke(self, key_id: str) -> bool:
-        async with self._pool.connection() as conn:
+        async with self._db.connection() as conn:
             cur = await conn.execute(
                 "UPDATE auth_api_keys SET revoke_time = now()"
                 " WHERE key_id = %s AND revoke_time IS NULL",
@@ -97,7 +87,7 @@ class KeyStore:
         return cur.rowcount == 1
 
     async def list(self, tenant_id: str = "") -> list[KeyInfo]:
-        async with self._pool.connection() as conn:
+        async with self._db.connection() as conn:
             cur = await conn.execute(
                 "SELECT key_id, tenant_id, name, create_time, revoke_time FROM auth_api_keys"
                 " WHERE %s = '' OR tenant_id = %s ORDER BY tenant_id, create_time",
@@ -130,7 +120,7 @@ class KeyStore:
             return None
         key_id, secret = parsed
         try:
-            async with self._pool.connection() as conn:
+            async with self._db.connection() as conn:
                 cur = await conn.execute(
                     "SELECT tenant_id, secret_hash FROM auth_api_keys"
                     " WHERE key_id = %s AND revoke_time IS NULL",

@@ -9,21 +9,17 @@ import grpc
 from switchboard.chat.v1 import chat_pb2 as pb
 from switchboard.chat.v1 import chat_service_pb2_grpc
 
-from services.chat.sessions import (
-    apply_mask,
-    check_new,
+from services.chat.sessions import apply_mask, check_new, session_cursor, session_message
+from services.chat.store import SessionStore
+from services.runtime import (
+    SwitchboardError,
+    page_size,
     page_token,
     read_page_token,
-    session_cursor,
-    session_message,
+    require_tenant,
 )
-from services.chat.store import SessionStore
-from services.runtime import FieldViolation, SwitchboardError, invalid, require_tenant
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
 
 
 class NotBuilt(SwitchboardError):
@@ -31,10 +27,11 @@ class NotBuilt(SwitchboardError):
     reason = "NOT_IMPLEMENTED"
 
 
-def _page_size(size: int, what: str) -> int:
-    if not 0 <= size <= MAX_PAGE_SIZE:
-        raise invalid([FieldViolation("page_size", f"must be 0..{MAX_PAGE_SIZE}")], what=what)
-    return size or DEFAULT_PAGE_SIZE
+def _sequence(parts: list[str]) -> int:
+    (value,) = parts
+    if not value.isdigit():
+        raise ValueError(value)
+    return int(value)
 
 
 class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
@@ -67,10 +64,10 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSessionsResponse:
         tenant = require_tenant()
-        size = _page_size(request.page_size, "ListSessionsRequest")
-        rows = await self._store.list(
-            tenant, after=session_cursor(request.page_token), limit=size + 1
-        )
+        what = "ListSessionsRequest"
+        size = page_size(request.page_size, what=what)
+        after = read_page_token(request.page_token, session_cursor, what=what)
+        rows = await self._store.list(tenant, after=after, limit=size + 1)
         response = pb.ListSessionsResponse(sessions=[session_message(r) for r in rows[:size]])
         if len(rows) > size:
             last = rows[size - 1]
@@ -96,16 +93,9 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         self, request: pb.ListMessagesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListMessagesResponse:
         tenant = require_tenant()
-        size = _page_size(request.page_size, "ListMessagesRequest")
-        after = 0
-        if request.page_token:
-            (value,) = read_page_token(request.page_token, what="ListMessagesRequest")[:1]
-            if not value.isdigit():
-                raise invalid(
-                    [FieldViolation("page_token", "not a token from a previous response")],
-                    what="ListMessagesRequest",
-                )
-            after = int(value)
+        what = "ListMessagesRequest"
+        size = page_size(request.page_size, what=what)
+        after = read_page_token(request.page_token, _sequence, what=what) or 0
         messages = await self._store.messages(
             tenant, request.session_id, after=after, limit=size + 1
         )

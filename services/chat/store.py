@@ -17,10 +17,9 @@ from datetime import datetime
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
 from switchboard.chat.v1 import chat_pb2 as pb
 
-from services.runtime import NotFound, apply_migrations, dependency_unavailable
+from services.runtime import Database, NotFound, dependency_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -100,34 +99,20 @@ class SessionStore:
     session is NOT_FOUND, exactly like one that does not exist."""
 
     def __init__(self, database_url: str, *, pool_size: int = 8) -> None:
-        self._pool = AsyncConnectionPool(
-            database_url,
-            min_size=1,
-            max_size=pool_size,
-            open=False,
-            kwargs={"autocommit": True},
-            timeout=10,
-        )
+        self._db = Database(database_url, max_size=pool_size)
 
     async def open(self) -> None:
-        await self._pool.open(wait=True, timeout=30)
-        async with self._pool.connection() as conn:
-            await apply_migrations(conn, prefix="chat", lock=_MIGRATION_LOCK, migrations=MIGRATIONS)
+        await self._db.open(prefix="chat", lock=_MIGRATION_LOCK, migrations=MIGRATIONS)
 
     async def close(self) -> None:
-        await self._pool.close()
+        await self._db.close()
 
     async def healthy(self) -> bool:
-        try:
-            async with self._pool.connection(timeout=2) as conn:
-                await conn.execute("SELECT 1")
-        except (psycopg.Error, OSError):
-            return False
-        return True
+        return await self._db.healthy()
 
     async def _one(self, sql: str, params: Sequence[object]) -> dict | None:
         try:
-            async with self._pool.connection() as conn:
+            async with self._db.connection() as conn:
                 cur = conn.cursor(row_factory=dict_row)
                 await cur.execute(sql, params)
                 return await cur.fetchone()
@@ -161,7 +146,7 @@ class SessionStore:
         if after is not None:
             where += " AND (update_time, session_id) < (%s, %s::uuid)"
             params.extend(after)
-        async with self._pool.connection() as conn:
+        async with self._db.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(
                 f"SELECT * FROM chat_sessions WHERE {where}"  # noqa: S608 - fixed clauses
@@ -196,7 +181,7 @@ class SessionStore:
         and time, and adds its usage to the session's totals."""
         sid = _session_id(session_id)
         try:
-            async with self._pool.connection() as conn, conn.transaction():
+            async with self._db.connection() as conn, conn.transaction():
                 cur = await conn.execute(
                     "UPDATE chat_sessions SET message_count = message_count + 1,"
                     " prompt_tokens = prompt_tokens + %s,"
@@ -229,7 +214,7 @@ class SessionStore:
     ) -> list[pb.Message]:
         """The session's messages with sequence > `after`, oldest first."""
         await self.get(tenant_id, session_id)  # NOT_FOUND, also for another tenant's
-        async with self._pool.connection() as conn:
+        async with self._db.connection() as conn:
             cur = await conn.execute(
                 "SELECT message FROM chat_messages WHERE session_id = %s AND sequence > %s"
                 " ORDER BY sequence LIMIT %s",

@@ -107,30 +107,42 @@ class Engine:
         self.store = store
         self.bus = bus
 
-    async def publish(self, event: pb.WatchTaskResponse) -> None:
+    async def publish(self, event: pb.WatchTaskResponse) -> int:
+        """Appends the event to its task's log; returns its sequence."""
         which = event.step_event if event.HasField("step_event") else event.task_event
-        await self.bus.publish_event(event, which.event_id)
+        return await self.bus.publish_event(event, which.event_id)
 
     async def submit(
         self, tenant_id: str, request: pb.SubmitTaskRequest, *, tool_exists: Any
-    ) -> tuple[TaskRow, bool]:
-        """Validates, stores, and queues the task's first steps; idempotent by key."""
+    ) -> tuple[TaskRow, bool, int]:
+        """Validates, stores, and queues the task's first steps; idempotent by key.
+        Returns the task, whether it existed, and the sequence of the last event this
+        call published (0 for an existing task)."""
         validate_task(request, tool_exists=tool_exists)
         task, existing = await self.store.create(tenant_id, request)
-        if not existing:
-            await self.announce(task)
-        return task, existing
+        if existing:
+            return task, True, 0
+        return task, False, await self.announce(task)
 
-    async def announce(self, task: TaskRow) -> None:
-        """Publishes a new task's SUBMITTED and QUEUED events and its first work."""
-        await self.publish(task_event(task.task_id, task.tenant_id, ev.TASK_EVENT_TYPE_SUBMITTED))
+    async def announce(self, task: TaskRow) -> int:
+        """Publishes a new task's SUBMITTED and QUEUED events and its first work;
+        returns the last event's sequence."""
+        last = await self.publish(
+            task_event(task.task_id, task.tenant_id, ev.TASK_EVENT_TYPE_SUBMITTED)
+        )
         for step in task.steps:
             if step.state == pb.STEP_STATE_QUEUED:
-                await self.queue(task.task_id, task.tenant_id, step.name)
+                last = await self.queue(task.task_id, task.tenant_id, step.name)
+        return last
 
-    async def queue(self, task_id: str, tenant_id: str, step: str) -> None:
-        await self.publish(step_event(task_id, tenant_id, step, ev.STEP_EVENT_TYPE_QUEUED, 0))
+    async def queue(self, task_id: str, tenant_id: str, step: str) -> int:
+        """Publishes the step's QUEUED event and its work message; returns the event's
+        sequence."""
+        sequence = await self.publish(
+            step_event(task_id, tenant_id, step, ev.STEP_EVENT_TYPE_QUEUED, 0)
+        )
         await self.bus.enqueue(task_id, step)
+        return sequence
 
     async def progress(self, task_id: str, tenant_id: str, progress: Progress) -> None:
         for name in progress.queued:

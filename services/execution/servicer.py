@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -18,12 +17,11 @@ from services.execution.engine import Engine
 from services.execution.sandbox import SandboxLimits, SandboxPool, run
 from services.execution.store import TaskRow
 from services.execution.tools import ToolExecutor
-from services.runtime import FieldViolation, invalid, require_tenant
+from services.runtime import page_size, page_token, read_page_token, require_tenant
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
 _TERMINAL_EVENTS = {2, 3, 4}  # TaskEventType COMPLETED, FAILED, CANCELLED
 
 
@@ -57,23 +55,9 @@ def task_message(task: TaskRow, last_sequence: int = 0) -> pb.Task:
     return message
 
 
-def _page_token(task: TaskRow) -> str:
-    return base64.urlsafe_b64encode(
-        f"{task.create_time.isoformat()}|{task.task_id}".encode()
-    ).decode()
-
-
-def _before(token: str) -> tuple[datetime, str] | None:
-    if not token:
-        return None
-    try:
-        when, task_id = base64.urlsafe_b64decode(token.encode()).decode().split("|")
-        return datetime.fromisoformat(when), task_id
-    except ValueError:
-        raise invalid(
-            [FieldViolation("page_token", "not a token from a previous response")],
-            what="ListTasksRequest",
-        ) from None
+def _task_cursor(parts: list[str]) -> tuple[datetime, str]:
+    when, task_id = parts
+    return datetime.fromisoformat(when), task_id
 
 
 class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
@@ -96,10 +80,12 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
     async def SubmitTask(  # noqa: N802 - gRPC method name
         self, request: pb.SubmitTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.SubmitTaskResponse:
-        task, existing = await self._engine.submit(
+        task, existing, sequence = await self._engine.submit(
             require_tenant(), request, tool_exists=self._tools.names.__contains__
         )
-        return pb.SubmitTaskResponse(task=await self._message(task), existing=existing)
+        # a new task's last event is the one just published: no lookup needed
+        message = await self._message(task) if existing else task_message(task, sequence)
+        return pb.SubmitTaskResponse(task=message, existing=existing)
 
     async def GetTask(  # noqa: N802 - gRPC method name
         self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext
@@ -111,22 +97,19 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
         self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListTasksResponse:
         tenant = require_tenant()
-        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
-            raise invalid(
-                [FieldViolation("page_size", f"must be 0..{MAX_PAGE_SIZE}")],
-                what="ListTasksRequest",
-            )
-        size = request.page_size or DEFAULT_PAGE_SIZE
+        what = "ListTasksRequest"
+        size = page_size(request.page_size, what=what, default=DEFAULT_PAGE_SIZE, maximum=500)
         tasks = await self._engine.store.list(
             tenant,
             state=request.state,
             labels=dict(request.labels),
-            before=_before(request.page_token),
+            before=read_page_token(request.page_token, _task_cursor, what=what),
             limit=size + 1,
         )
         response = pb.ListTasksResponse(tasks=[await self._message(t) for t in tasks[:size]])
         if len(tasks) > size:
-            response.next_page_token = _page_token(tasks[size - 1])
+            last = tasks[size - 1]
+            response.next_page_token = page_token(last.create_time.isoformat(), last.task_id)
         return response
 
     async def WatchTask(  # noqa: N802 - gRPC method name

@@ -28,14 +28,13 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
 from switchboard.execution.v1 import execution_pb2 as pb
 
 from services.runtime import (
     AlreadyExists,
+    Database,
     NotFound,
     Unavailable,
-    apply_migrations,
     dependency_unavailable,
 )
 
@@ -226,30 +225,16 @@ def _valid_uuid(task_id: str) -> bool:
 
 class TaskStore:
     def __init__(self, database_url: str, *, pool_size: int = 8) -> None:
-        self._pool = AsyncConnectionPool(
-            database_url,
-            min_size=1,
-            max_size=pool_size,
-            open=False,
-            kwargs={"autocommit": True},
-            timeout=10,
-        )
+        self._db = Database(database_url, max_size=pool_size)
 
     async def open(self) -> None:
-        await self._pool.open(wait=True, timeout=30)
-        async with self._pool.connection() as conn:
-            await apply_migrations(conn, prefix="exec", lock=_MIGRATION_LOCK, migrations=MIGRATIONS)
+        await self._db.open(prefix="exec", lock=_MIGRATION_LOCK, migrations=MIGRATIONS)
 
     async def close(self) -> None:
-        await self._pool.close()
+        await self._db.close()
 
     async def healthy(self) -> bool:
-        try:
-            async with self._pool.connection(timeout=2) as conn:
-                await conn.execute("SELECT 1")
-        except (psycopg.Error, OSError):
-            return False
-        return True
+        return await self._db.healthy()
 
     # ---- submission ------------------------------------------------------------------
 
@@ -266,7 +251,7 @@ class TaskStore:
             pb.STEP_STATE_WAITING if s.depends_on else pb.STEP_STATE_QUEUED for s in request.steps
         ]
         try:
-            async with self._pool.connection() as conn:
+            async with self._db.connection() as conn:
                 # the task and its steps in one statement (one round trip, one transaction)
                 cur = await conn.execute(
                     "WITH t AS (INSERT INTO exec_tasks (task_id, tenant_id, idempotency_key,"
@@ -345,7 +330,7 @@ class TaskStore:
         if not _valid_uuid(task_id):
             raise _not_found(task_id)
         try:
-            async with self._pool.connection() as conn:
+            async with self._db.connection() as conn:
                 return await self._load(conn, task_id, tenant_id)
         except psycopg.OperationalError as exc:
             raise _unavailable(exc) from exc
@@ -408,7 +393,7 @@ class TaskStore:
         if before:
             clauses.append("(create_time, task_id) < (%s, %s::uuid)")
             params.extend(before)
-        async with self._pool.connection() as conn:
+        async with self._db.connection() as conn:
             cur = await conn.execute(
                 f"SELECT task_id::text FROM exec_tasks WHERE {' AND '.join(clauses)}"  # noqa: S608
                 " ORDER BY create_time DESC, task_id DESC LIMIT %s",
@@ -424,7 +409,7 @@ class TaskStore:
         ran out that long ago: their work message may have been lost (between a commit
         and its publish), so they are published again (by id, so a real duplicate is
         dropped)."""
-        async with self._pool.connection() as conn:
+        async with self._db.connection() as conn:
             cur = await conn.execute(
                 "SELECT s.task_id::text, s.name, s.state, s.attempt"
                 " FROM exec_steps s JOIN exec_tasks t USING (task_id)"
@@ -440,7 +425,7 @@ class TaskStore:
     async def claim(self, task_id: str, step: str, *, lease: timedelta) -> ClaimResult:
         """Takes a step to run (attempt + 1, RUNNING, lease) in one statement, or says
         why not."""
-        async with self._pool.connection() as conn:
+        async with self._db.connection() as conn:
             cur = await conn.execute(
                 "UPDATE exec_steps s SET state = %(running)s, attempt = s.attempt + 1,"
                 " lease_until = clock_timestamp() + %(lease)s,"
@@ -492,7 +477,7 @@ class TaskStore:
 
     async def renew(self, task_id: str, step: str, *, lease: timedelta) -> bool:
         """Extends a running step's lease; False if the task ended (e.g. was cancelled)."""
-        async with self._pool.connection() as conn:
+        async with self._db.connection() as conn:
             cur = await conn.execute(
                 "UPDATE exec_steps s SET lease_until = clock_timestamp() + %s FROM exec_tasks t"
                 " WHERE s.task_id = %s AND s.name = %s AND t.task_id = s.task_id"
@@ -504,7 +489,7 @@ class TaskStore:
     async def complete(self, task_id: str, step: str, output: Any) -> Progress:
         """Records the output, queues every step this one unblocked, ends the task when
         every step completed; one transaction (`exec_complete`)."""
-        async with self._pool.connection() as conn:
+        async with self._db.connection() as conn:
             cur = await conn.execute(
                 "SELECT queued, finished FROM exec_complete(%s, %s, %s)",
                 (task_id, step, Jsonb(output)),
@@ -515,7 +500,7 @@ class TaskStore:
     async def follow_up(self, task_id: str) -> Progress:
         """Re-derives what a completed step unblocked (after a crash before publishing):
         the steps queued now and those already QUEUED, whose messages may be lost."""
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._db.connection() as conn, conn.transaction():
             await conn.execute("SELECT exec_advance(%s)", (task_id,))
             cur = await conn.execute(
                 "SELECT name FROM exec_steps WHERE task_id = %s AND state = %s",
@@ -529,7 +514,7 @@ class TaskStore:
 
     async def retry(self, task_id: str, step: str, error: bytes) -> bool:
         """Puts a failed attempt back in the queue; False if the task ended meanwhile."""
-        async with self._pool.connection() as conn:
+        async with self._db.connection() as conn:
             cur = await conn.execute(
                 "UPDATE exec_steps SET state = %s, error = %s, lease_until = NULL"
                 " WHERE task_id = %s AND name = %s AND state = %s",
@@ -540,7 +525,7 @@ class TaskStore:
     async def fail(self, task_id: str, step: str, error: bytes) -> bool:
         """Fails the step and its task (steps not started are cancelled); False if the
         task had already ended."""
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._db.connection() as conn, conn.transaction():
             cur = await conn.execute(
                 "UPDATE exec_tasks SET state = %s, error = %s, update_time = now(),"
                 " end_time = now() WHERE task_id = %s AND state = %s",
@@ -564,7 +549,7 @@ class TaskStore:
         """
         if not _valid_uuid(task_id):
             raise _not_found(task_id)
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._db.connection() as conn, conn.transaction():
             task = await self._load(conn, task_id, tenant_id)
             cancelled: Sequence[str] = ()
             if task.state not in TERMINAL_TASK:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 from collections.abc import AsyncIterator
 
@@ -13,12 +12,17 @@ from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
 from services.rag.ingest import Ingestor, Outcome, in_order, validate_collection
 from services.rag.retrieval import Retriever
 from services.rag.store import CollectionInfo, Hit, Mode, RagStore
-from services.runtime import FieldViolation, invalid, require_tenant
+from services.runtime import (
+    FieldViolation,
+    invalid,
+    page_size,
+    page_token,
+    read_page_token,
+    require_tenant,
+)
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
 _MODES = {
     Mode.VECTOR: rag_pb2.RETRIEVAL_MODE_VECTOR,
     Mode.FULL_TEXT: rag_pb2.RETRIEVAL_MODE_FULL_TEXT,
@@ -66,20 +70,10 @@ def _collection(info: CollectionInfo) -> rag_pb2.Collection:
     return message
 
 
-def _page_token(name: str) -> str:
-    return base64.urlsafe_b64encode(name.encode()).decode()
-
-
-def _after(token: str) -> str:
-    try:
-        name = base64.urlsafe_b64decode(token.encode()).decode() if token else ""
-    except ValueError:
-        name = None
-    if name is None or (token and validate_collection(name, "page_token")):
-        raise invalid(
-            [FieldViolation("page_token", "not a token from a previous response")],
-            what="ListCollectionsRequest",
-        )
+def _collection_after(parts: list[str]) -> str:
+    (name,) = parts
+    if validate_collection(name, "page_token"):
+        raise ValueError(name)
     return name
 
 
@@ -152,18 +146,13 @@ class RagServicer(rag_service_pb2_grpc.RagServiceServicer):
         self, request: rag_pb2.ListCollectionsRequest, context: grpc.aio.ServicerContext
     ) -> rag_pb2.ListCollectionsResponse:
         tenant = require_tenant()
-        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
-            raise invalid(
-                [FieldViolation("page_size", f"must be 0..{MAX_PAGE_SIZE}")],
-                what="ListCollectionsRequest",
-            )
-        size = request.page_size or DEFAULT_PAGE_SIZE
-        found = await self._store.collections(
-            tenant, after=_after(request.page_token), limit=size + 1
-        )
+        what = "ListCollectionsRequest"
+        size = page_size(request.page_size, what=what)
+        after = read_page_token(request.page_token, _collection_after, what=what)
+        found = await self._store.collections(tenant, after=after or "", limit=size + 1)
         response = rag_pb2.ListCollectionsResponse(
             collections=[_collection(c) for c in found[:size]]
         )
         if len(found) > size:
-            response.next_page_token = _page_token(found[size - 1].name)
+            response.next_page_token = page_token(found[size - 1].name)
         return response

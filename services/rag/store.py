@@ -30,10 +30,15 @@ from pgvector.psycopg import register_vector_async
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
 
 from services.rag.schema import TENANT_SETTING, migrate
-from services.runtime import FailedPrecondition, NotFound, Unavailable, dependency_unavailable
+from services.runtime import (
+    Database,
+    FailedPrecondition,
+    NotFound,
+    Unavailable,
+    dependency_unavailable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -173,13 +178,9 @@ class RagStore:
         ef_search: int = 100,
         exact_scan_max: int = 10_000,
     ) -> None:
-        self._pool = AsyncConnectionPool(
-            app_url,
-            min_size=min(2, pool_size),
-            max_size=pool_size,
-            open=False,
-            configure=register_vector_async,
-            timeout=10,
+        # not autocommit: every use is a tenant transaction
+        self._db = Database(
+            app_url, max_size=pool_size, autocommit=False, configure=register_vector_async
         )
         self._ef_search = ef_search
         self._exact_scan_max = exact_scan_max
@@ -188,18 +189,13 @@ class RagStore:
         """Migrates as the owner, then opens the service role's pool."""
         async with await psycopg.AsyncConnection.connect(owner_url, autocommit=True) as conn:
             await migrate(conn)
-        await self._pool.open(wait=True, timeout=30)
+        await self._db.open()
 
     async def close(self) -> None:
-        await self._pool.close()
+        await self._db.close()
 
     async def healthy(self) -> bool:
-        try:
-            async with self._pool.connection(timeout=2) as conn:
-                await conn.execute("SELECT 1")
-        except (psycopg.Error, OSError):
-            return False
-        return True
+        return await self._db.healthy()
 
     @asynccontextmanager
     async def tenant(self, tenant_id: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -209,7 +205,7 @@ class RagStore:
             Unavailable: the database cannot be reached.
         """
         try:
-            async with self._pool.connection() as conn, conn.transaction():
+            async with self._db.connection() as conn, conn.transaction():
                 await conn.execute("SELECT set_config(%s, %s, true)", (TENANT_SETTING, tenant_id))
                 yield conn
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:

@@ -3,7 +3,7 @@
 from services.runtime._channels import channel, outbound_timeout, propagated_metadata
 from services.runtime._config import ConfigError, load_config, parse_duration
 from services.runtime._context import TENANT_HEADER, current_tenant, time_remaining
-from services.runtime._database import apply_migrations, dependency_unavailable
+from services.runtime._database import Database, apply_migrations, dependency_unavailable
 from services.runtime._errors import (
     ERROR_DOMAIN,
     AlreadyExists,
@@ -27,6 +27,7 @@ from services.runtime._errors import (
     require_tenant,
     status_of,
 )
+from services.runtime._pages import page_size, page_token, read_page_token
 from services.runtime._server import (
     ServerConfig,
     Service,
@@ -44,7 +45,11 @@ __all__ = [
     "TENANT_HEADER",
     "RelayedError",
     "current_tenant",
+    "Database",
     "apply_migrations",
+    "page_size",
+    "page_token",
+    "read_page_token",
     "dependency_unavailable",
     "require_tenant",
     "count_tokens",

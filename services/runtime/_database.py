@@ -1,14 +1,17 @@
-"""What every PostgreSQL-backed service shares: versioned migrations and the error a
-caller gets while the database is down."""
+"""What every PostgreSQL-backed service shares: a connection pool with readiness,
+versioned migrations, and the error a caller gets while the database is down."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
+from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
 
 from services.runtime._errors import Unavailable
 
@@ -56,3 +59,51 @@ async def apply_migrations(
             applied_now.append(version)
             logger.info("schema migrated", extra={"schema": prefix, "version": version})
     return applied_now
+
+
+class Database:
+    """A service's connection pool: opened (and its schema migrated) at start, probed
+    for readiness, closed at shutdown. Every PostgreSQL-backed store is built on one."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_size: int = 8,
+        autocommit: bool = True,
+        configure: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]] | None = None,
+    ) -> None:
+        self.pool = AsyncConnectionPool(
+            url,
+            min_size=min(2, max_size),
+            max_size=max_size,
+            open=False,
+            kwargs={"autocommit": True} if autocommit else {},
+            configure=configure,
+            timeout=10,
+        )
+
+    async def open(
+        self, *, prefix: str = "", lock: int = 0, migrations: Mapping[int, str] | None = None
+    ) -> None:
+        """Opens the pool, then applies `migrations` (if any) as `apply_migrations` does."""
+        await self.pool.open(wait=True, timeout=30)
+        if migrations:
+            async with self.pool.connection() as conn:
+                await apply_migrations(conn, prefix=prefix, lock=lock, migrations=migrations)
+
+    def connection(
+        self, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+        return self.pool.connection(timeout=timeout)
+
+    async def healthy(self) -> bool:
+        try:
+            async with self.pool.connection(timeout=2) as conn:
+                await conn.execute("SELECT 1")
+        except (psycopg.Error, OSError):
+            return False
+        return True
+
+    async def close(self) -> None:
+        await self.pool.close()

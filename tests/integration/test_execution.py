@@ -231,6 +231,9 @@ async def test_watch_resumes_from_a_cursor_without_gaps_or_duplicates(execution,
         tool_step("c", deps=["b"], n=3),
     )
     whole = await watch(execution, tenant, task.task_id)
+    # the submission's reply points at its own last event: the first step's QUEUED
+    assert task.last_sequence == sequence(whole[1])
+    assert describe(whole[1]) == ("a", "STEP_EVENT_TYPE_QUEUED", 0)
     done = await execution.GetTask(
         pb.GetTaskRequest(task_id=task.task_id), metadata=as_tenant(tenant)
     )

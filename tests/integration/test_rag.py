@@ -545,7 +545,7 @@ async def test_one_pooled_connection_alternating_tenants_leaks_nothing(rag, mesh
                 cur = await conn.execute("SELECT DISTINCT tenant_id FROM rag_chunks")
                 assert [r[0] for r in await cur.fetchall()] == [tenant]
         # the same (only) connection, outside any tenant transaction: nothing is visible
-        async with store._pool.connection() as conn:
+        async with store._db.connection() as conn:
             cur = await conn.execute(
                 "SELECT current_setting('switchboard.tenant_id', true),"
                 " (SELECT count(*) FROM rag_chunks), (SELECT count(*) FROM rag_collections)"
