@@ -444,6 +444,8 @@ class Mesh:
             f"{prefix}REPLICA_ID": name,
             "SWITCHBOARD_ADMISSION_TARGET": self.envoy_address,
             "SWITCHBOARD_INFERENCE_TARGET": self.envoy_address,
+            "SWITCHBOARD_RAG_TARGET": self.envoy_address,
+            "SWITCHBOARD_EXECUTION_TARGET": self.envoy_address,
             "SWITCHBOARD_ADMISSION_REPLICAS": str(self.config.admission_replicas),
             f"{prefix}HOST": self.config.host,
             f"{prefix}PORT": str(port),
