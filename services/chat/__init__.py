@@ -1,37 +1,80 @@
-"""The chat service: sessions with durable, gapless history in PostgreSQL.
+"""The chat service: sessions with durable, gapless history in PostgreSQL, and the
+bidirectional Converse stream.
 
-`store` owns the tables; `sessions` validates requests and applies field masks. The
-bidirectional Converse stream is not built yet (it answers UNIMPLEMENTED).
+`store` owns the tables; `sessions` validates requests and applies field masks; `live`
+holds the sessions with open streams (event logs, turn queues, cancellation, resume);
+`turns` runs one turn through the other services; `commands` reads tool requests.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
+from switchboard.chat.v1 import chat_pb2 as pb
 from switchboard.chat.v1 import chat_service_pb2, chat_service_pb2_grpc
 
+from services.chat.live import Hub, Limits, LiveSession
 from services.chat.servicer import ChatServicer
+from services.chat.sessions import apply_mask, session_message
 from services.chat.store import SessionStore
-from services.runtime import load_config
+from services.chat.turns import Backends, Turn
+from services.runtime import clear_deadline, load_config, stop_task
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ChatConfig", "ChatService"]
 
 SERVICE_NAME = chat_service_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+_COLLECT_EVERY_S = 30.0
 
 
 @dataclass(frozen=True)
 class ChatConfig:
+    """Read from `SWITCHBOARD_*`; the launcher sets the database URL and the targets."""
+
     database_url: str
     """PostgreSQL holding sessions and history (`SWITCHBOARD_DATABASE_URL`)."""
+    inference_target: str = ""
+    """Where InferenceService is reached (the mesh)."""
+    rag_target: str = ""
+    """Where RagService is reached (the mesh)."""
+    execution_target: str = ""
+    """Where ExecutionService is reached (the mesh)."""
+    chat_max_message_bytes: int = 32 * 1024
+    """Largest user message, in UTF-8 bytes; a larger one gets an ErrorFrame."""
+    chat_resume_grace_s: float = 0.5
+    """Seconds an answer keeps generating after its client dropped, for a resume."""
+    chat_idle_ttl_s: float = 300.0
+    """Seconds an idle session keeps its events for a resume after its streams end."""
+    chat_flow_window: int = 256
+    """Events a stream may fall behind before its session's generation waits."""
 
     def __post_init__(self) -> None:
         if not self.database_url:
             raise ValueError("SWITCHBOARD_DATABASE_URL must name the chat database")
+        if not (self.inference_target and self.rag_target and self.execution_target):
+            raise ValueError(
+                "SWITCHBOARD_INFERENCE_TARGET, SWITCHBOARD_RAG_TARGET and"
+                " SWITCHBOARD_EXECUTION_TARGET must say where the other services are"
+            )
+        if self.chat_max_message_bytes < 1 or self.chat_flow_window < 1:
+            raise ValueError("the message limit and the flow window must be positive")
+        if not 0 <= self.chat_resume_grace_s <= 60:
+            raise ValueError("SWITCHBOARD_CHAT_RESUME_GRACE_S must be 0..60")
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            max_message_bytes=self.chat_max_message_bytes,
+            resume_grace=self.chat_resume_grace_s,
+            idle_ttl=self.chat_idle_ttl_s,
+            flow_window=self.chat_flow_window,
+        )
 
 
 class ChatService:
@@ -41,15 +84,84 @@ class ChatService:
     def __init__(self, config: ChatConfig | None = None) -> None:
         self._config = config or load_config(ChatConfig, prefix="SWITCHBOARD_")
         self.store = SessionStore(self._config.database_url)
+        self._backends: Backends | None = None
+        self.hub = Hub(
+            load=self._load,
+            run_turn=self._run_turn,
+            change_settings=self._change_settings,
+            limits=self._config.limits,
+        )
+        self._collector: asyncio.Task[None] | None = None
+
+    @property
+    def backends(self) -> Backends:
+        assert self._backends is not None, "start() first"
+        return self._backends
 
     async def start(self) -> None:
+        self._backends = Backends(  # channels belong to the serving event loop
+            inference=self._config.inference_target,
+            rag=self._config.rag_target,
+            execution=self._config.execution_target,
+        )
         await self.store.open()
+        self._collector = asyncio.create_task(self._collect())
 
     def register(self, server: grpc.aio.Server) -> None:
-        chat_service_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(self.store), server)
+        chat_service_pb2_grpc.add_ChatServiceServicer_to_server(
+            ChatServicer(self.store, self.hub), server
+        )
 
     async def ready(self) -> bool:
         return await self.store.healthy()
 
     async def shutdown(self) -> None:
+        if self._collector is not None:
+            await stop_task(self._collector)
+        self.hub.close()
+        if self._backends is not None:
+            await self._backends.close()
         await self.store.close()
+
+    async def _collect(self) -> None:
+        while True:
+            await asyncio.sleep(_COLLECT_EVERY_S)
+            with contextlib.suppress(Exception):
+                if forgotten := self.hub.collect_idle():
+                    logger.info("forgot %d idle sessions", forgotten)
+
+    # ---- what the live sessions need --------------------------------------------------
+
+    async def _load(self, tenant_id: str, session_id: str) -> tuple[pb.Session, set[str]]:
+        row = await self.store.get(tenant_id, session_id)
+        seen = await self.store.client_message_ids(tenant_id, row.session_id, limit=1000)
+        return session_message(row), seen
+
+    async def _run_turn(self, live: LiveSession, message: pb.UserMessage) -> None:
+        clear_deadline()  # a turn outlives the stream that started it
+        row = await self.store.get(live.tenant_id, live.session_id)
+        turn = Turn(
+            tenant_id=live.tenant_id,
+            session=session_message(row),
+            message=message,
+            store=self.store,
+            backends=self.backends,
+            emit=live.emit,
+            last_event_id=lambda: live.log.last_event_id,
+        )
+        live.turn_message_id = turn.assistant_id
+        await turn.run()
+
+    async def _change_settings(self, live: LiveSession, change: pb.ChangeSettings) -> pb.Session:
+        current = await self.store.get(live.tenant_id, live.session_id)
+        request = pb.UpdateSessionRequest(
+            session=pb.Session(session_id=live.session_id, settings=change.settings),
+        )
+        request.update_mask.paths.extend(
+            p if p.startswith("settings") else f"settings.{p}" for p in change.update_mask.paths
+        )
+        title, settings = apply_mask(current, request)
+        row = await self.store.update(
+            live.tenant_id, live.session_id, title=title, settings=settings
+        )
+        return session_message(row)

@@ -1,7 +1,8 @@
-"""ChatService servicer: sessions and their history. (Converse is not built yet.)"""
+"""ChatService servicer: proto in, sessions store / live sessions, proto out."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -9,10 +10,10 @@ import grpc
 from switchboard.chat.v1 import chat_pb2 as pb
 from switchboard.chat.v1 import chat_service_pb2_grpc
 
+from services.chat.live import Hub
 from services.chat.sessions import apply_mask, check_new, session_cursor, session_message
 from services.chat.store import SessionStore
 from services.runtime import (
-    SwitchboardError,
     page_size,
     page_token,
     read_page_token,
@@ -20,11 +21,6 @@ from services.runtime import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class NotBuilt(SwitchboardError):
-    code = grpc.StatusCode.UNIMPLEMENTED
-    reason = "NOT_IMPLEMENTED"
 
 
 def _sequence(parts: list[str]) -> int:
@@ -35,16 +31,31 @@ def _sequence(parts: list[str]) -> int:
 
 
 class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
-    def __init__(self, store: SessionStore) -> None:
+    def __init__(self, store: SessionStore, hub: Hub) -> None:
         self._store = store
+        self._hub = hub
 
     async def Converse(  # noqa: N802 - gRPC method name
         self,
         request_iterator: AsyncIterator[pb.ConverseRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ConverseResponse]:
-        raise NotBuilt("Converse is not available yet; sessions and history are")
-        yield  # pragma: no cover - makes this a stream handler
+        tenant = require_tenant()
+        frames = aiter(request_iterator)
+        first = await anext(frames, None)
+        if first is None:
+            return
+        live, reader, opened = await self._hub.attach(tenant, first)
+        serving = asyncio.create_task(self._hub.serve(live, reader, frames))
+        clean = False
+        try:
+            yield opened
+            while (event := await reader.next()) is not None:
+                yield event
+            clean = True
+        finally:
+            serving.cancel()
+            live.detach(reader, clean=clean)
 
     async def CreateSession(  # noqa: N802 - gRPC method name
         self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext
@@ -87,6 +98,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         self, request: pb.DeleteSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteSessionResponse:
         await self._store.delete(require_tenant(), request.session_id)
+        self._hub.delete(request.session_id)
         return pb.DeleteSessionResponse()
 
     async def ListMessages(  # noqa: N802 - gRPC method name

@@ -176,9 +176,12 @@ class SessionStore:
         if row is None:
             raise _not_found(session_id)
 
-    async def append(self, tenant_id: str, session_id: str, message: pb.Message) -> pb.Message:
+    async def append(
+        self, tenant_id: str, session_id: str, message: pb.Message, *, last_event_id: str = ""
+    ) -> pb.Message:
         """Stores `message` as the session's next one; returns it with its id, sequence
-        and time, and adds its usage to the session's totals."""
+        and time, and adds its usage to the session's totals. `last_event_id`, if given,
+        is the session's latest Converse event when the message was stored."""
         sid = _session_id(session_id)
         try:
             async with self._db.connection() as conn, conn.transaction():
@@ -186,10 +189,17 @@ class SessionStore:
                     "UPDATE chat_sessions SET message_count = message_count + 1,"
                     " prompt_tokens = prompt_tokens + %s,"
                     " completion_tokens = completion_tokens + %s,"
-                    " update_time = clock_timestamp()"
+                    " update_time = clock_timestamp(),"
+                    " last_event_id = coalesce(nullif(%s, ''), last_event_id)"
                     " WHERE session_id = %s AND tenant_id = %s"
                     " RETURNING message_count, update_time",
-                    (message.usage.prompt_tokens, message.usage.completion_tokens, sid, tenant_id),
+                    (
+                        message.usage.prompt_tokens,
+                        message.usage.completion_tokens,
+                        last_event_id,
+                        sid,
+                        tenant_id,
+                    ),
                 )
                 row = await cur.fetchone()
                 if row is None:
@@ -221,3 +231,15 @@ class SessionStore:
                 (_session_id(session_id), after, limit),
             )
             return [pb.Message.FromString(r[0]) for r in await cur.fetchall()]
+
+    async def client_message_ids(self, tenant_id: str, session_id: str, *, limit: int) -> set[str]:
+        """The client ids of the session's latest `limit` messages (for de-duplication)."""
+        await self.get(tenant_id, session_id)
+        async with self._db.connection() as conn:
+            cur = await conn.execute(
+                "SELECT message FROM chat_messages WHERE session_id = %s"
+                " ORDER BY sequence DESC LIMIT %s",
+                (_session_id(session_id), limit),
+            )
+            messages = [pb.Message.FromString(r[0]) for r in await cur.fetchall()]
+        return {m.client_message_id for m in messages if m.client_message_id}

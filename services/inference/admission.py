@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import grpc
@@ -100,6 +101,42 @@ class AdmissionGate:
         except grpc.aio.AioRpcError as error:
             raise relay_error(error) from None
         return reply.lease.lease_id  # type: ignore[no-any-return]
+
+    async def admit_stream(
+        self,
+        *,
+        tenant_id: str,
+        tier: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        priority: int = common_pb2.PRIORITY_INTERACTIVE,
+    ) -> AsyncIterator[admission_pb2.QueueStatus | str]:
+        """Like `admit`, but yields the queue status while waiting, then the lease id."""
+        request = admission_pb2.AdmitStreamRequest(
+            request=admission_pb2.AdmitRequest(
+                context=common_pb2.RequestContext(tenant_id=tenant_id, priority=priority),
+                tier=_TIERS.get(tier, common_pb2.MODEL_TIER_UNSPECIFIED),
+                estimated_prompt_tokens=prompt_tokens,
+                max_completion_tokens=max_tokens,
+            )
+        )
+        call = self._stub.AdmitStream(request, metadata=((TENANT_HEADER, tenant_id),))
+        try:
+            async for reply in call:
+                if reply.HasField("admitted"):
+                    yield reply.admitted.lease.lease_id
+                    return
+                yield reply.queued
+        except grpc.aio.AioRpcError as error:
+            raise relay_error(error) from None
+        finally:
+            call.cancel()  # leaves the queue at once when the caller gives up
+        raise Unavailable(  # the stream ended without a decision
+            "the admission service ended the stream without a decision",
+            reason="DEPENDENCY_UNAVAILABLE",
+            metadata={"dependency": "admission"},
+            retry_after=RETRY_AFTER,
+        )
 
     def release(self, lease_id: str, *, tenant_id: str, prompt: int, completion: int) -> None:
         """Releases the lease with the tokens actually used, in the background."""

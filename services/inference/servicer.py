@@ -73,13 +73,26 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             return
         choice = result.choice
         tenant = current_tenant() or ANONYMOUS_TENANT
-        lease_id = await self._admission.admit(
-            tenant_id=tenant,
-            tier=choice.model.tier,
-            prompt_tokens=choice.prompt_tokens,
-            max_tokens=choice.max_tokens,
-            priority=request.priority or common_pb2.PRIORITY_INTERACTIVE,
-        )
+        ask = {
+            "tenant_id": tenant,
+            "tier": choice.model.tier,
+            "prompt_tokens": choice.prompt_tokens,
+            "max_tokens": choice.max_tokens,
+            "priority": request.priority or common_pb2.PRIORITY_INTERACTIVE,
+        }
+        if request.report_queue_position:
+            lease_id = ""
+            async for update in self._admission.admit_stream(**ask):
+                if isinstance(update, str):
+                    lease_id = update
+                else:
+                    yield inference_pb2.GenerateResponse(
+                        queued=inference_pb2.QueueStatus(
+                            position=update.position, estimated_wait=update.estimated_wait
+                        )
+                    )
+        else:
+            lease_id = await self._admission.admit(**ask)
         try:
             async for reply in self._generate(request, params, result):
                 yield reply

@@ -2,7 +2,12 @@
 
 from services.runtime._channels import channel, outbound_timeout, propagated_metadata
 from services.runtime._config import ConfigError, load_config, parse_duration
-from services.runtime._context import TENANT_HEADER, current_tenant, time_remaining
+from services.runtime._context import (
+    TENANT_HEADER,
+    clear_deadline,
+    current_tenant,
+    time_remaining,
+)
 from services.runtime._database import Database, apply_migrations, dependency_unavailable
 from services.runtime._errors import (
     ERROR_DOMAIN,
@@ -44,6 +49,7 @@ __all__ = [
     "ERROR_DOMAIN",
     "TENANT_HEADER",
     "RelayedError",
+    "clear_deadline",
     "current_tenant",
     "Database",
     "apply_migrations",

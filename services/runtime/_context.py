@@ -28,3 +28,9 @@ def time_remaining() -> float | None:
 def current_tenant() -> str:
     """The tenant of the call being handled (`x-tenant-id`), or "" without one."""
     return tenant_id.get()
+
+
+def clear_deadline() -> None:
+    """Forgets the inbound deadline in this context: for work that outlives its call
+    (a chat turn goes on when the stream that started it drops)."""
+    deadline.set(None)

@@ -59,7 +59,7 @@ class GenerationParameters(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "tier", "prompt", "context", "parameters", "session_id", "priority")
+    __slots__ = ("model", "tier", "prompt", "context", "parameters", "session_id", "priority", "report_queue_position")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class GenerateRequest(_message.Message):
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    REPORT_QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     model: str
     tier: _common_pb2.ModelTier
     prompt: str
@@ -74,15 +75,26 @@ class GenerateRequest(_message.Message):
     parameters: GenerationParameters
     session_id: str
     priority: _common_pb2.Priority
-    def __init__(self, model: _Optional[str] = ..., tier: _Optional[_Union[_common_pb2.ModelTier, str]] = ..., prompt: _Optional[str] = ..., context: _Optional[_Iterable[_Union[Passage, _Mapping]]] = ..., parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ..., session_id: _Optional[str] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ...) -> None: ...
+    report_queue_position: bool
+    def __init__(self, model: _Optional[str] = ..., tier: _Optional[_Union[_common_pb2.ModelTier, str]] = ..., prompt: _Optional[str] = ..., context: _Optional[_Iterable[_Union[Passage, _Mapping]]] = ..., parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ..., session_id: _Optional[str] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., report_queue_position: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("token", "complete")
+    __slots__ = ("token", "complete", "queued")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
     token: TokenDelta
     complete: GenerationComplete
-    def __init__(self, token: _Optional[_Union[TokenDelta, _Mapping]] = ..., complete: _Optional[_Union[GenerationComplete, _Mapping]] = ...) -> None: ...
+    queued: QueueStatus
+    def __init__(self, token: _Optional[_Union[TokenDelta, _Mapping]] = ..., complete: _Optional[_Union[GenerationComplete, _Mapping]] = ..., queued: _Optional[_Union[QueueStatus, _Mapping]] = ...) -> None: ...
+
+class QueueStatus(_message.Message):
+    __slots__ = ("position", "estimated_wait")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_WAIT_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    estimated_wait: _duration_pb2.Duration
+    def __init__(self, position: _Optional[int] = ..., estimated_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class TokenDelta(_message.Message):
     __slots__ = ("text", "index", "passage_index")

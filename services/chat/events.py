@@ -1,0 +1,163 @@
+"""A session's event log: the frames of its Converse streams, numbered and retained.
+
+Every server frame of a session (turn frames, errors, settings changes) is appended
+here once and read by each attached stream through its own cursor, so a stream that
+drops and comes back resumes from the last event it saw, without gaps or duplicates.
+
+Flow control: a producer (a turn) appending while the slowest attached reader is
+`window` events behind waits until that reader catches up, so a slow client slows its
+own session's generation instead of growing a buffer. Detached readers hold nothing
+back; what they miss stays retained (the last `retain` events) for a resume.
+
+Event ids are `<incarnation>.<sequence>`: the incarnation changes whenever a session is
+loaded afresh (after a restart of the chat service or an idle eviction), so an id from
+an earlier incarnation is recognised as no longer retained instead of being confused
+with a new event of the same number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections import deque
+
+from switchboard.chat.v1 import chat_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EventLog", "Expired", "Reader"]
+
+
+class Expired(Exception):
+    """The event to resume after is no longer retained (or never existed)."""
+
+
+class Reader:
+    """One stream's cursor into the log."""
+
+    def __init__(self, log: EventLog, position: int) -> None:
+        self._log = log
+        self.position = position  # the sequence of the next event to read
+        self.error: BaseException | None = None
+        self.finished = False
+
+    async def next(self) -> pb.ConverseResponse | None:
+        """The next event, waiting for it; None once the reader is finished.
+
+        Raises:
+            BaseException: the error the reader was failed with (`fail`).
+        """
+        return await self._log._read(self)
+
+    def fail(self, error: BaseException) -> None:
+        """Ends the reader with `error` (raised by `next`)."""
+        self.error = error
+        self._log._wake()
+
+    def finish(self) -> None:
+        """Ends the reader once it has read every event appended so far."""
+        self.finished = True
+        self._log._wake()
+
+
+class EventLog:
+    def __init__(self, *, retain: int = 4096, window: int = 256) -> None:
+        if not 0 < window <= retain:
+            raise ValueError("need 0 < window <= retain")
+        self.incarnation = secrets.token_hex(4)
+        self._retain = retain
+        self._window = window
+        self._events: deque[pb.ConverseResponse] = deque()
+        self._first = 1  # sequence of self._events[0]
+        self._next = 1  # sequence the next event gets
+        self._readers: set[Reader] = set()
+        self._changed = asyncio.Condition()
+
+    @property
+    def last_event_id(self) -> str:
+        return self._id(self._next - 1) if self._next > 1 else ""
+
+    def _id(self, sequence: int) -> str:
+        return f"{self.incarnation}.{sequence}"
+
+    def attach(self, after_event_id: str | None = None) -> Reader:
+        """A reader of every event after `after_event_id`; None = only new events,
+        "" = every retained event.
+
+        Raises:
+            Expired: the id is of another incarnation, or older than what is retained.
+        """
+        if after_event_id is None:
+            start = self._next
+        elif after_event_id == "":
+            start = self._first
+        else:
+            incarnation, _, number = after_event_id.partition(".")
+            if incarnation != self.incarnation or not number.isdigit():
+                raise Expired(after_event_id)
+            start = int(number) + 1
+            if not self._first <= start <= self._next:
+                raise Expired(after_event_id)
+        reader = Reader(self, start)
+        self._readers.add(reader)
+        return reader
+
+    def detach(self, reader: Reader) -> None:
+        self._readers.discard(reader)
+        self._wake()
+
+    def fail_readers(self, error: BaseException) -> None:
+        for reader in self._readers:
+            reader.error = error
+        self._wake()
+
+    @property
+    def readers(self) -> int:
+        return len(self._readers)
+
+    def lag(self) -> int:
+        """Events the slowest attached reader has still to read."""
+        return max((self._next - r.position for r in self._readers), default=0)
+
+    async def append(self, frame: pb.ConverseResponse) -> pb.ConverseResponse:
+        """Numbers `frame` (sets its event_id), retains it and wakes the readers; waits
+        first while an attached reader is `window` events behind."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.lag() < self._window)
+            frame.event_id = self._id(self._next)
+            self._events.append(frame)
+            self._next += 1
+            if len(self._events) > self._retain:
+                self._events.popleft()
+                self._first += 1
+            self._changed.notify_all()
+        return frame
+
+    async def _read(self, reader: Reader) -> pb.ConverseResponse | None:
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: reader.error is not None or reader.position < self._next or reader.finished
+            )
+            if reader.error is not None:
+                raise reader.error
+            if reader.position >= self._next:
+                return None
+            if reader.position < self._first:  # cannot happen while attached
+                raise Expired(self._id(reader.position))
+            frame = self._events[reader.position - self._first]
+            reader.position += 1
+            self._changed.notify_all()  # a producer may wait for this reader
+            return frame
+
+    def _wake(self) -> None:
+        async def notify() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        task = asyncio.get_running_loop().create_task(notify())
+        _pending.add(task)
+        task.add_done_callback(_pending.discard)
+
+
+_pending: set[asyncio.Task[None]] = set()

@@ -1,0 +1,346 @@
+"""Sessions with open Converse streams: their event logs, turn queues and cancellation.
+
+A `LiveSession` exists while a session has a stream attached, a turn running, or
+recently had either: it owns the session's event log (`events.EventLog`), the user
+messages waiting for their turn (one turn at a time, in order), and the turn running
+now. Streams attach to it and detach from it; it outlives them:
+
+- a stream that half-closes lets the pending turns finish and reads their events, then
+  ends;
+- a stream that drops (cancelled by the client, or the connection lost) leaves the
+  turn running for a grace period (`resume_grace`): a stream resuming within it
+  receives what it missed and the rest of the answer. When the grace period ends with
+  no stream attached, the running turn is cancelled (its partial answer stored as
+  CANCELLED, its admission lease released by the inference service) and the waiting
+  messages are dropped;
+- an idle session without streams is forgotten after `idle_ttl`; resuming it later
+  gets EVENT_HISTORY_EXPIRED, and its history is still in ListMessages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from switchboard.chat.v1 import chat_pb2 as pb
+
+from services.chat.events import EventLog, Expired, Reader
+from services.runtime import (
+    FailedPrecondition,
+    FieldViolation,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    SwitchboardError,
+    Unavailable,
+    invalid,
+)
+
+logger = logging.getLogger(__name__)
+
+RunTurn = Callable[["LiveSession", pb.UserMessage], Awaitable[None]]
+ChangeSettings = Callable[["LiveSession", pb.ChangeSettings], Awaitable[pb.Session]]
+MAX_CLIENT_ID_CHARS = 128
+RECENT_CLIENT_IDS = 1000
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_bytes: int = 32 * 1024
+    """Largest user message text, in UTF-8 bytes (an ErrorFrame RESOURCE_EXHAUSTED above)."""
+    max_pending: int = 8
+    """User messages waiting behind the running turn; more get an ErrorFrame."""
+    resume_grace: float = 0.5
+    """Seconds a turn keeps running after its last stream dropped, for a resume."""
+    idle_ttl: float = 300.0
+    """Seconds an idle session without streams keeps its events for a resume."""
+    retain_events: int = 4096
+    """Events kept per session for resumes."""
+    flow_window: int = 256
+    """Events an attached stream may fall behind before its session's turn waits."""
+
+
+def out_of_order(what: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"{what}: the first frame must be `open` or `resume`, and only the first",
+        reason="FRAME_OUT_OF_ORDER",
+    )
+
+
+class LiveSession:
+    def __init__(
+        self, tenant_id: str, session_id: str, *, run_turn: RunTurn, limits: Limits
+    ) -> None:
+        self.tenant_id = tenant_id
+        self.session_id = session_id
+        self.log = EventLog(retain=limits.retain_events, window=limits.flow_window)
+        self.seen: set[str] = set()
+        self._limits = limits
+        self._run_turn = run_turn
+        self._pending: deque[pb.UserMessage] = deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._turn: asyncio.Task[None] | None = None
+        self.turn_message_id = ""  # the assistant message being generated
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._grace: asyncio.TimerHandle | None = None
+        self.idle_since = time.monotonic()
+        self.closed: SwitchboardError | None = None
+
+    # ---- streams -----------------------------------------------------------------------
+
+    def attach(self, after_event_id: str | None) -> Reader:
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        return self.log.attach(after_event_id)
+
+    def detach(self, reader: Reader, *, clean: bool) -> None:
+        self.log.detach(reader)
+        self.idle_since = time.monotonic()
+        if self.log.readers or clean or self._idle.is_set():
+            return
+        loop = asyncio.get_running_loop()
+        self._grace = loop.call_later(self._limits.resume_grace, self.abandon)
+
+    def abandon(self) -> None:
+        """No stream came back: drop the waiting messages, cancel the running turn."""
+        self._grace = None
+        if self.log.readers:
+            return
+        if self._pending or self._turn is not None:
+            logger.info(
+                "client gone, cancelling the answer",
+                extra={"session_id": self.session_id, "pending": len(self._pending)},
+            )
+        self._pending.clear()
+        if self._turn is not None:
+            self._turn.cancel()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    @property
+    def idle(self) -> bool:
+        return self._idle.is_set()
+
+    # ---- frames ------------------------------------------------------------------------
+
+    async def emit(self, frame: pb.ConverseResponse) -> pb.ConverseResponse:
+        return await self.log.append(frame)
+
+    async def error(self, error: SwitchboardError, client_message_id: str = "") -> None:
+        await self.emit(
+            pb.ConverseResponse(
+                error=pb.ErrorFrame(
+                    status=error.to_rpc_status(), client_message_id=client_message_id
+                )
+            )
+        )
+
+    async def submit(self, message: pb.UserMessage) -> None:
+        """Queues a user message for its turn, or answers it with an ErrorFrame."""
+        problem = self._check(message)
+        if problem is not None:
+            await self.error(problem, message.client_message_id)
+            return
+        if message.client_message_id:
+            if message.client_message_id in self.seen:
+                logger.debug("duplicate message %s ignored", message.client_message_id)
+                return
+            self.seen.add(message.client_message_id)
+        self._pending.append(message)
+        self._idle.clear()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._work())
+
+    def _check(self, message: pb.UserMessage) -> SwitchboardError | None:
+        size = len(message.text.encode())
+        if size > self._limits.max_message_bytes:
+            return ResourceExhausted(
+                f"the message is {size} bytes; the limit is {self._limits.max_message_bytes}",
+                reason="MESSAGE_TOO_LARGE",
+                metadata={"limit_bytes": str(self._limits.max_message_bytes)},
+            )
+        problems = []
+        if not message.text.strip():
+            problems.append(FieldViolation("message.text", "required: the message text"))
+        if len(message.client_message_id) > MAX_CLIENT_ID_CHARS:
+            problems.append(
+                FieldViolation("message.client_message_id", f"at most {MAX_CLIENT_ID_CHARS}")
+            )
+        if problems:
+            return invalid(problems, what="UserMessage")
+        if len(self._pending) >= self._limits.max_pending:
+            return ResourceExhausted(
+                f"{len(self._pending)} messages are already waiting for their turn",
+                reason="TOO_MANY_PENDING_MESSAGES",
+                metadata={"limit": str(self._limits.max_pending)},
+            )
+        return None
+
+    def cancel(self, assistant_message_id: str) -> None:
+        """Stops the answer being generated (if it is the one named)."""
+        if self._turn is None:
+            return
+        if assistant_message_id and assistant_message_id != self.turn_message_id:
+            return
+        self._turn.cancel()
+
+    async def _work(self) -> None:
+        try:
+            while self._pending and self.closed is None:
+                message = self._pending.popleft()
+                self._turn = asyncio.create_task(self._run_turn(self, message))
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({self._turn})
+                if not self._turn.cancelled() and (exc := self._turn.exception()) is not None:
+                    # the turn could not start (the session is gone, the store is down)
+                    if not isinstance(exc, SwitchboardError):
+                        logger.error("turn failed", exc_info=exc)
+                        exc = Internal(f"the message failed: {type(exc).__name__}")
+                    await self.error(exc, message.client_message_id)
+                    if exc.code == NotFound.code:
+                        self.close(exc)
+                self._turn = None
+                self.turn_message_id = ""
+        finally:
+            self._turn = None
+            self.idle_since = time.monotonic()
+            self._idle.set()
+
+    def close(self, error: SwitchboardError) -> None:
+        """Ends the session's streams with `error` (the session was deleted)."""
+        self.closed = error
+        self._pending.clear()
+        if self._turn is not None:
+            self._turn.cancel()
+        self.log.fail_readers(error)
+
+
+class Hub:
+    """The live sessions of this process."""
+
+    def __init__(
+        self,
+        *,
+        load: Callable[[str, str], Awaitable[tuple[pb.Session, set[str]]]],
+        run_turn: RunTurn,
+        change_settings: ChangeSettings,
+        limits: Limits,
+    ) -> None:
+        self._load = load
+        self._run_turn = run_turn
+        self._change = change_settings
+        self.limits = limits
+        self._sessions: dict[str, LiveSession] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    async def attach(
+        self, tenant_id: str, frame: pb.ConverseRequest
+    ) -> tuple[LiveSession, Reader, pb.ConverseResponse]:
+        """Attaches a stream by its first frame; returns the session, the stream's reader
+        and the SessionOpened frame.
+
+        Raises:
+            InvalidArgument: `FRAME_OUT_OF_ORDER` (the first frame is not open/resume).
+            NotFound: `SESSION_NOT_FOUND` (also another tenant's session).
+            FailedPrecondition: `EVENT_HISTORY_EXPIRED`.
+        """
+        kind = frame.WhichOneof("frame")
+        if kind not in ("open", "resume"):
+            raise out_of_order(f"got `{kind}` before open")
+        session_id = frame.open.session_id if kind == "open" else frame.resume.session_id
+        session, seen = await self._load(tenant_id, session_id)  # NOT_FOUND first
+        session_id = session.session_id
+        lock = self._locks.setdefault(session_id, asyncio.Lock())
+        async with lock:
+            live = self._sessions.get(session_id)
+            if live is None or live.closed is not None:
+                live = LiveSession(
+                    tenant_id, session_id, run_turn=self._run_turn, limits=self.limits
+                )
+                live.seen = seen
+                self._sessions[session_id] = live
+        after = None if kind == "open" else frame.resume.last_event_id
+        try:
+            reader = live.attach(after)
+        except Expired:
+            raise FailedPrecondition(
+                f"event {after!r} is no longer retained; read the history with ListMessages"
+                " and open the session",
+                reason="EVENT_HISTORY_EXPIRED",
+                metadata={"session_id": session_id, "last_event_id": after or ""},
+            ) from None
+        session.last_event_id = live.log.last_event_id
+        opened = pb.ConverseResponse(
+            event_id=live.log.last_event_id if kind == "open" else (after or ""),
+            opened=pb.SessionOpened(session=session, resumed=kind == "resume"),
+        )
+        return live, reader, opened
+
+    async def serve(
+        self, live: LiveSession, reader: Reader, frames: AsyncIterator[pb.ConverseRequest]
+    ) -> None:
+        """Dispatches a stream's frames after the first; on half-close, finishes the
+        reader once the session's turns are done."""
+        async for frame in frames:
+            kind = frame.WhichOneof("frame")
+            if kind == "message":
+                await live.submit(frame.message)
+            elif kind == "cancel":
+                live.cancel(frame.cancel.assistant_message_id)
+            elif kind == "settings":
+                await self._change_settings(live, frame.settings)
+            else:
+                reader.fail(out_of_order(f"got `{kind}` after the stream was attached"))
+                return
+        await live.wait_idle()
+        reader.finish()
+
+    async def _change_settings(self, live: LiveSession, change: pb.ChangeSettings) -> None:
+        try:
+            session = await self._change(live, change)
+        except SwitchboardError as error:
+            await live.error(error)
+            return
+        await live.emit(pb.ConverseResponse(settings_changed=pb.SettingsChanged(session=session)))
+
+    def delete(self, session_id: str) -> None:
+        live = self._sessions.pop(session_id, None)
+        self._locks.pop(session_id, None)
+        if live is not None:
+            live.close(
+                NotFound(
+                    f"session {session_id!r} was deleted",
+                    reason="SESSION_NOT_FOUND",
+                    metadata={"session_id": session_id},
+                )
+            )
+
+    def collect_idle(self, now: float | None = None) -> int:
+        """Forgets idle sessions without streams older than idle_ttl; returns how many."""
+        now = time.monotonic() if now is None else now
+        stale = [
+            sid
+            for sid, live in self._sessions.items()
+            if live.idle and not live.log.readers and now - live.idle_since > self.limits.idle_ttl
+        ]
+        for sid in stale:
+            del self._sessions[sid]
+            self._locks.pop(sid, None)
+        return len(stale)
+
+    def close(self) -> None:
+        """Ends every stream and turn (the service is stopping)."""
+        for live in self._sessions.values():
+            live.close(Unavailable("the chat service is restarting; resume shortly"))
