@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -586,3 +590,74 @@ async def test_many_sessions_on_one_process(chat, auth, tenant):
 
     done = await asyncio.gather(*(one(i) for i in range(40)))
     assert {d.status for d in done} == {pb.MESSAGE_STATUS_COMPLETED}
+
+
+async def test_inference_dying_mid_answer_keeps_the_partial_answer_and_the_session(
+    mesh, chat, auth, tenant, collection
+):
+    session = await create(chat, auth, tenant, collection=collection, retrieval_top_k=20, **LONG)
+    talk = Conversation(chat, auth(tenant), opening(session.session_id))
+    await talk.next()
+    talk.send(say("Tell me everything about on-call, rotations, escalation and expenses", "m"))
+    frames = await talk.until("token")
+    (inference,) = [r for r in mesh.state.load() if r.name == "inference"]
+    os.kill(inference.pid, signal.SIGKILL)
+    try:
+        frames += await talk.until("turn_completed")
+    finally:
+        mesh.start_service("inference")
+    assert "error" in kinds(frames)
+    error = next(f.error for f in frames if f.HasField("error"))
+    assert error.client_message_id == "m"
+    assert error.status.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert frames[-1].turn_completed.status == pb.MESSAGE_STATUS_FAILED
+    stored = (await history(chat, auth, tenant, session.session_id))[-1]
+    assert stored.status == pb.MESSAGE_STATUS_FAILED and stored.error.code == 14
+    assert stored.text == text_of(frames) and stored.text  # the partial answer is kept
+    talk.send(say(QUESTION))
+    after = await talk.until("turn_completed")
+    assert after[-1].turn_completed.status == pb.MESSAGE_STATUS_COMPLETED
+    talk.close()
+
+
+def json_stream(text: str) -> list[dict]:
+    """grpcurl's output: JSON objects one after another."""
+    decoder, values, at = json.JSONDecoder(), [], 0
+    while (at := len(text) - len(text[at:].lstrip())) < len(text):
+        value, at = decoder.raw_decode(text, at)
+        values.append(value)
+    return values
+
+
+def test_grpcurl_holds_a_conversation(envoy_target, auth, tenant):
+    grpcurl = str(Path(sys.executable).parent / "grpcurl")
+    (_, bearer), *_ = auth(tenant)
+    created = subprocess.run(
+        [grpcurl, "-plaintext", "-H", f"authorization: {bearer}", "-d", "{}",
+         envoy_target, "switchboard.chat.v1.ChatService/CreateSession"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    session_id = json.loads(created.stdout)["session"]["session_id"]  # grpcurl: proto names
+    frames = "\n".join(
+        json.dumps(frame)
+        for frame in (
+            {"open": {"session_id": session_id}},
+            {"message": {"client_message_id": "a", "text": "What do cats do?"}},
+            {"message": {"client_message_id": "b", "text": "And dogs?"}},
+        )
+    )
+    result = subprocess.run(
+        [grpcurl, "-plaintext", "-H", f"authorization: {bearer}", "-d", "@",
+         envoy_target, "switchboard.chat.v1.ChatService/Converse"],
+        input=frames, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    replies = json_stream(result.stdout)
+    frame_kinds = [next(k for k in r if k not in ("event_id", "message_id")) for r in replies]
+    assert frame_kinds[0] == "opened"
+    assert frame_kinds.count("turn_started") == 2 and frame_kinds.count("turn_completed") == 2
+    assert frame_kinds[-1] == "turn_completed"  # half-close: both turns finish, then the end
+    assert "token" in frame_kinds
+    completed = [r["turn_completed"] for r in replies if "turn_completed" in r]
+    assert {c["status"] for c in completed} == {"MESSAGE_STATUS_COMPLETED"}
