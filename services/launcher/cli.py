@@ -1,4 +1,4 @@
-"""`switchboard up | down | status | logs | keys`: the local mesh from the command line."""
+"""`switchboard up | down | status | logs | keys | chat`: the local mesh from the command line."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psycopg
 
+from services.launcher import chat
 from services.launcher._config import load_launcher_config
 from services.launcher._mesh import LaunchError, Mesh
 from services.runtime import ConfigError
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     listing.add_argument("--tenant", default="")
     revoke = key_commands.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")
+    talk = commands.add_parser("chat", help="an interactive chat session through Envoy")
+    chat.add_arguments(talk)
     args = parser.parse_args(argv)
 
     try:
@@ -50,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     mesh = Mesh(config, progress=_progress)
     if args.command == "keys":
         return asyncio.run(_keys(args, mesh.database_url))
+    if args.command == "chat":
+        try:
+            return asyncio.run(chat.chat(args, mesh.envoy_address))
+        except KeyboardInterrupt:
+            return 130
 
     if args.command == "up":
         try:

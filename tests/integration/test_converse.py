@@ -661,3 +661,20 @@ def test_grpcurl_holds_a_conversation(envoy_target, auth, tenant):
     assert "token" in frame_kinds
     completed = [r["turn_completed"] for r in replies if "turn_completed" in r]
     assert {c["status"] for c in completed} == {"MESSAGE_STATUS_COMPLETED"}
+
+
+def test_switchboard_chat_talks_from_the_terminal(envoy_target, auth, tenant):
+    (_, bearer), *_ = auth(tenant)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "switchboard"), "chat", "--target", envoy_target,
+         "--tools", "list_models"],
+        input="What do cats do?\n/tool list_models\n/quit\n",
+        env={**os.environ, "SWITCHBOARD_API_KEY": bearer.removeprefix("Bearer ")},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith("session ")
+    assert out.count("assistant> ") == 2 and out.count("[completed: ") == 2
+    assert "[tool list_models {} → task " in out
+    assert "step call: completed" in out
