@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import timedelta
 
 import grpc
@@ -28,7 +29,7 @@ from services.runtime import (
     status_of,
 )
 
-__all__ = ["ANONYMOUS_TENANT", "AdmissionGate", "RelayedError", "relay_error"]
+__all__ = ["ANONYMOUS_TENANT", "AdmissionGate", "Ask", "RelayedError", "relay_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,29 @@ def relay_error(error: grpc.aio.AioRpcError) -> SwitchboardError:
     return RelayedError(code, status_of(error))
 
 
+@dataclass(frozen=True)
+class Ask:
+    """What a generation asks admission for."""
+
+    tenant_id: str
+    tier: str
+    prompt_tokens: int
+    max_tokens: int
+    priority: int = common_pb2.PRIORITY_INTERACTIVE
+
+    def request(self) -> admission_pb2.AdmitRequest:
+        return admission_pb2.AdmitRequest(
+            context=common_pb2.RequestContext(tenant_id=self.tenant_id, priority=self.priority),
+            tier=_TIERS.get(self.tier, common_pb2.MODEL_TIER_UNSPECIFIED),
+            estimated_prompt_tokens=self.prompt_tokens,
+            max_completion_tokens=self.max_tokens,
+        )
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((TENANT_HEADER, self.tenant_id),)
+
+
 class AdmissionGate:
     """The inference service's client of AdmissionService."""
 
@@ -75,52 +99,23 @@ class AdmissionGate:
         self._release_stub = admission_service_pb2_grpc.AdmissionServiceStub(self._release_channel)
         self._releases: set[asyncio.Task[None]] = set()
 
-    async def admit(
-        self,
-        *,
-        tenant_id: str,
-        tier: str,
-        prompt_tokens: int,
-        max_tokens: int,
-        priority: int = common_pb2.PRIORITY_INTERACTIVE,
-    ) -> str:
+    async def admit(self, ask: Ask) -> str:
         """Waits for admission (fair queue, up to the call's deadline); returns the lease id.
 
         Raises:
             SwitchboardError: the refusal as admission gave it (RESOURCE_EXHAUSTED with
                 QuotaFailure and RetryInfo), or UNAVAILABLE `DEPENDENCY_UNAVAILABLE`.
         """
-        request = admission_pb2.AdmitRequest(
-            context=common_pb2.RequestContext(tenant_id=tenant_id, priority=priority),
-            tier=_TIERS.get(tier, common_pb2.MODEL_TIER_UNSPECIFIED),
-            estimated_prompt_tokens=prompt_tokens,
-            max_completion_tokens=max_tokens,
-        )
         try:
-            reply = await self._stub.Admit(request, metadata=((TENANT_HEADER, tenant_id),))
+            reply = await self._stub.Admit(ask.request(), metadata=ask.metadata)
         except grpc.aio.AioRpcError as error:
             raise relay_error(error) from None
         return reply.lease.lease_id  # type: ignore[no-any-return]
 
-    async def admit_stream(
-        self,
-        *,
-        tenant_id: str,
-        tier: str,
-        prompt_tokens: int,
-        max_tokens: int,
-        priority: int = common_pb2.PRIORITY_INTERACTIVE,
-    ) -> AsyncIterator[admission_pb2.QueueStatus | str]:
+    async def admit_stream(self, ask: Ask) -> AsyncIterator[admission_pb2.QueueStatus | str]:
         """Like `admit`, but yields the queue status while waiting, then the lease id."""
-        request = admission_pb2.AdmitStreamRequest(
-            request=admission_pb2.AdmitRequest(
-                context=common_pb2.RequestContext(tenant_id=tenant_id, priority=priority),
-                tier=_TIERS.get(tier, common_pb2.MODEL_TIER_UNSPECIFIED),
-                estimated_prompt_tokens=prompt_tokens,
-                max_completion_tokens=max_tokens,
-            )
-        )
-        call = self._stub.AdmitStream(request, metadata=((TENANT_HEADER, tenant_id),))
+        request = admission_pb2.AdmitStreamRequest(request=ask.request())
+        call = self._stub.AdmitStream(request, metadata=ask.metadata)
         try:
             async for reply in call:
                 if reply.HasField("admitted"):

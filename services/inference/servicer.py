@@ -10,7 +10,7 @@ import grpc
 from switchboard.common.v1 import common_pb2
 from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 
-from services.inference.admission import ANONYMOUS_TENANT, AdmissionGate
+from services.inference.admission import ANONYMOUS_TENANT, AdmissionGate, Ask
 from services.inference.router import GenerateInput, GenerateResult, Router
 from services.runtime import count_tokens, current_tenant
 
@@ -73,16 +73,16 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             return
         choice = result.choice
         tenant = current_tenant() or ANONYMOUS_TENANT
-        ask = {
-            "tenant_id": tenant,
-            "tier": choice.model.tier,
-            "prompt_tokens": choice.prompt_tokens,
-            "max_tokens": choice.max_tokens,
-            "priority": request.priority or common_pb2.PRIORITY_INTERACTIVE,
-        }
+        ask = Ask(
+            tenant_id=tenant,
+            tier=choice.model.tier,
+            prompt_tokens=choice.prompt_tokens,
+            max_tokens=choice.max_tokens,
+            priority=request.priority or common_pb2.PRIORITY_INTERACTIVE,
+        )
         if request.report_queue_position:
             lease_id = ""
-            async for update in self._admission.admit_stream(**ask):
+            async for update in self._admission.admit_stream(ask):
                 if isinstance(update, str):
                     lease_id = update
                 else:
@@ -92,7 +92,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                         )
                     )
         else:
-            lease_id = await self._admission.admit(**ask)
+            lease_id = await self._admission.admit(ask)
         try:
             async for reply in self._generate(request, params, result):
                 yield reply
