@@ -10,8 +10,10 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -152,6 +154,42 @@ def running_mesh(*, triton_replicas: int = 1, workers: int = 1) -> Iterator[Any]
     finally:
         mesh.down()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+_API_KEYS: dict[tuple[str, str], str] = {}
+_API_KEYS_LOCK = threading.Lock()
+
+
+def api_key_metadata(mesh: Any, tenant: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata acting as `tenant` through the mesh's public Envoy listener: an API
+    key for the tenant as a bearer token. The key is created on first use, as
+    `switchboard keys create` does, and reused for the rest of the process.
+
+    Callable with or without a running event loop (the key store runs in a thread).
+    Calls straight to a service's own port take `x-tenant-id` instead: only Envoy
+    checks keys.
+    """
+    slot = (mesh.database_url, tenant)
+    with _API_KEYS_LOCK:
+        if slot not in _API_KEYS:
+            with ThreadPoolExecutor(1) as pool:
+                _API_KEYS[slot] = pool.submit(
+                    asyncio.run, _create_api_key(mesh.database_url, tenant)
+                ).result(timeout=60)
+        token = _API_KEYS[slot]
+    return (("authorization", f"Bearer {token}"),)
+
+
+async def _create_api_key(database_url: str, tenant: str) -> str:
+    from services.auth import KeyStore
+
+    store = KeyStore(database_url)
+    await store.open()
+    try:
+        _, token = await store.create(tenant, "bench")
+        return token
+    finally:
+        await store.close()
 
 
 # -- load drivers ----------------------------------------------------------------------------

@@ -27,13 +27,22 @@ import tempfile
 import time
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import field_mask_pb2
 from switchboard.admission.v1 import admission_pb2, admission_service_pb2_grpc
 from switchboard.common.v1 import common_pb2
 
-from bench._common import ms, percentile, print_table, rotated, running_mesh, write_result
+from bench._common import (
+    api_key_metadata,
+    ms,
+    percentile,
+    print_table,
+    rotated,
+    running_mesh,
+    write_result,
+)
 from bench.grpc_ceiling import METHOD, PAYLOAD
 from bench.grpc_ceiling import _start as start_echo_server
 from bench.grpc_ceiling import _stop as stop_echo_server
@@ -74,6 +83,7 @@ GENEROUS = {
 
 
 def tenant_metadata(tenant: str) -> tuple[tuple[str, str], ...]:
+    """Metadata of a call to an admission replica's own port (no Envoy, so no API key)."""
     return (("x-tenant-id", tenant),)
 
 
@@ -131,11 +141,12 @@ def _decision_rate() -> tuple[float, float, int]:
 # -- gRPC, shared with admission_fairness ----------------------------------------------------
 
 
-async def set_policies(envoy: str, replica: str, tenants: list[str], **fields: float) -> None:
-    """Stores a policy with `fields` for each tenant (through Envoy, as a user would) and
-    waits until the admission replica at `replica` has it in force."""
+async def set_policies(mesh: Any, replica: str, tenants: list[str], **fields: float) -> None:
+    """Stores a policy with `fields` for each tenant (through Envoy with the tenant's API
+    key, as a user would) and waits until the admission replica at `replica` has it in
+    force."""
     async with (
-        grpc.aio.insecure_channel(envoy) as via_envoy,
+        grpc.aio.insecure_channel(mesh.envoy_address) as via_envoy,
         grpc.aio.insecure_channel(replica) as direct,
     ):
         stub = admission_service_pb2_grpc.AdmissionServiceStub(via_envoy)
@@ -145,7 +156,7 @@ async def set_policies(envoy: str, replica: str, tenants: list[str], **fields: f
                     policy=admission_pb2.Policy(tenant_id=tenant, **fields),
                     update_mask=field_mask_pb2.FieldMask(paths=list(fields)),
                 ),
-                metadata=tenant_metadata(tenant),
+                metadata=api_key_metadata(mesh, tenant),
                 timeout=TIMEOUT_S,
             )
         replica_stub = admission_service_pb2_grpc.AdmissionServiceStub(direct)
@@ -290,7 +301,7 @@ def _grpc_part() -> dict[str, _Arm]:
     tenants = [f"bench-admit-{i:02d}" for i in range(GRPC_TENANTS)]
     with running_mesh(triton_replicas=1) as mesh, tempfile.TemporaryDirectory() as tmp:
         replica = replica_targets(mesh)[0]
-        asyncio.run(set_policies(mesh.envoy_address, replica, tenants, **GENEROUS))
+        asyncio.run(set_policies(mesh, replica, tenants, **GENEROUS))
         servers = {}
         try:
             for name, mode in ECHO_SERVERS.items():

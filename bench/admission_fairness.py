@@ -31,13 +31,22 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import grpc
 from switchboard.admission.v1 import admission_pb2, admission_service_pb2_grpc
 from switchboard.common.v1 import common_pb2
 
-from bench._common import RESULTS_DIR, ms, percentile, print_table, running_mesh, write_result
-from bench.admission_decisions import replica_targets, set_policies, tenant_metadata
+from bench._common import (
+    RESULTS_DIR,
+    api_key_metadata,
+    ms,
+    percentile,
+    print_table,
+    running_mesh,
+    write_result,
+)
+from bench.admission_decisions import replica_targets, set_policies
 
 NAME = "admission-fairness"
 CEILING = 4
@@ -95,40 +104,41 @@ def _env(**values: str):
                 os.environ[key] = value
 
 
-async def _replica_of(stub: admission_service_pb2_grpc.AdmissionServiceStub, tenant: str) -> str:
-    call = stub.GetQuota(
-        admission_pb2.GetQuotaRequest(), metadata=tenant_metadata(tenant), timeout=TIMEOUT_S
-    )
+async def _replica_of(
+    stub: admission_service_pb2_grpc.AdmissionServiceStub, metadata: tuple[tuple[str, str], ...]
+) -> str:
+    call = stub.GetQuota(admission_pb2.GetQuotaRequest(), metadata=metadata, timeout=TIMEOUT_S)
     await call
     return dict(await call.initial_metadata())[REPLICA_HEADER]
 
 
-async def _pick_tenants(envoy: str) -> tuple[str, str, str]:
+async def _pick_tenants(mesh: Any) -> tuple[str, str, str]:
     """(heavy, light, replica name): two fresh tenants Envoy routes to the same replica."""
     run = uuid.uuid4().hex[:6]
-    async with grpc.aio.insecure_channel(envoy) as channel:
+    async with grpc.aio.insecure_channel(mesh.envoy_address) as channel:
         stub = admission_service_pb2_grpc.AdmissionServiceStub(channel)
         heavy = f"fair-heavy-{run}"
-        replica = await _replica_of(stub, heavy)
+        replica = await _replica_of(stub, api_key_metadata(mesh, heavy))
         for n in range(64):
             light = f"fair-light-{run}-{n}"
-            if await _replica_of(stub, light) == replica:
+            if await _replica_of(stub, api_key_metadata(mesh, light)) == replica:
                 return heavy, light, replica
     raise RuntimeError("no light tenant found on the heavy tenant's replica")
 
 
-async def _drive(envoy: str, tenants: dict[str, str]) -> tuple[list[Outcome], int]:
-    """Sends both tenants' requests for RUN_S; returns every outcome and the most leases
-    the client held at once."""
+async def _drive(mesh: Any, tenants: dict[str, str]) -> tuple[list[Outcome], int]:
+    """Sends both tenants' requests for RUN_S (each with its API key); returns every
+    outcome and the most leases the client held at once."""
     outcomes: list[Outcome] = []
     held = peak = 0
-    async with grpc.aio.insecure_channel(envoy) as channel:
+    keys = {tenant: api_key_metadata(mesh, tenant) for tenant in tenants.values()}
+    async with grpc.aio.insecure_channel(mesh.envoy_address) as channel:
         stub = admission_service_pb2_grpc.AdmissionServiceStub(channel)
         start = time.perf_counter()
 
         async def one(kind: str, tenant: str, request: admission_pb2.AdmitRequest) -> None:
             nonlocal held, peak
-            metadata = tenant_metadata(tenant)
+            metadata = keys[tenant]
             sent = time.perf_counter() - start
             try:
                 reply = await stub.Admit(request, metadata=metadata, timeout=TIMEOUT_S)
@@ -258,12 +268,11 @@ def _plot(outcomes: list[Outcome], rates: dict[str, float], expected: dict[str, 
 def run() -> dict:
     with _env(SWITCHBOARD_ADMISSION_TIER_MAX_IN_FLIGHT=f"small={CEILING}"):
         with running_mesh(triton_replicas=1) as mesh:
-            envoy = mesh.envoy_address
-            heavy, light, replica = asyncio.run(_pick_tenants(envoy))
+            heavy, light, replica = asyncio.run(_pick_tenants(mesh))
             target = replica_targets(mesh)[int(replica.rsplit("-", 1)[1])]
             print(f"  heavy {heavy!r} and light {light!r} both on {replica}", flush=True)
-            asyncio.run(set_policies(envoy, target, [heavy, light], **POLICY))
-            outcomes, peak = asyncio.run(_drive(envoy, {"heavy": heavy, "light": light}))
+            asyncio.run(set_policies(mesh, target, [heavy, light], **POLICY))
+            outcomes, peak = asyncio.run(_drive(mesh, {"heavy": heavy, "light": light}))
     if peak > CEILING:
         raise RuntimeError(f"{peak} leases held at once, over the tier ceiling {CEILING}")
 

@@ -18,6 +18,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from bench._common import (
     Window,
+    api_key_metadata,
     closed_loop,
     ms,
     percentile,
@@ -29,6 +30,8 @@ from bench._common import (
 from services.inference.triton import encode_bytes
 
 NAME = "embed-batching"
+TENANT = "bench"
+"""The mesh arm's tenant (its API key goes with every call through Envoy)."""
 CONCURRENCY = 64
 WARMUP_S = 2.0
 ROUND_S = 3.0
@@ -70,11 +73,13 @@ def _direct(stub: service_pb2_grpc.GRPCInferenceServiceStub, model: str) -> Call
     return call
 
 
-def _mesh(stub: inference_service_pb2_grpc.InferenceServiceStub) -> Call:
+def _mesh(
+    stub: inference_service_pb2_grpc.InferenceServiceStub, metadata: tuple[tuple[str, str], ...]
+) -> Call:
     requests = [inference_pb2.EmbedRequest(texts=[text]) for text in TEXTS]
 
     def call(i: int) -> Awaitable[object]:
-        return stub.Embed(requests[i % len(requests)], timeout=60)
+        return stub.Embed(requests[i % len(requests)], metadata=metadata, timeout=60)
 
     return call
 
@@ -87,7 +92,9 @@ def _check_drained(arm: str, window: Window) -> None:
         )
 
 
-async def _measure(triton: str, envoy: str) -> dict[str, Window]:
+async def _measure(
+    triton: str, envoy: str, metadata: tuple[tuple[str, str], ...]
+) -> dict[str, Window]:
     async with (
         grpc.aio.insecure_channel(triton) as triton_channel,
         grpc.aio.insecure_channel(envoy) as envoy_channel,
@@ -96,7 +103,9 @@ async def _measure(triton: str, envoy: str) -> dict[str, Window]:
         arms = {
             "batched": _direct(triton_stub, "embedder"),
             "unbatched": _direct(triton_stub, "embedder_unbatched"),
-            "mesh_batched": _mesh(inference_service_pb2_grpc.InferenceServiceStub(envoy_channel)),
+            "mesh_batched": _mesh(
+                inference_service_pb2_grpc.InferenceServiceStub(envoy_channel), metadata
+            ),
         }
         for name, call in arms.items():
             warm = await closed_loop(call, concurrency=CONCURRENCY, seconds=WARMUP_S)
@@ -121,7 +130,8 @@ async def _measure(triton: str, envoy: str) -> dict[str, Window]:
 
 def run() -> dict:
     with running_mesh(triton_replicas=1) as mesh:
-        totals = asyncio.run(_measure(mesh.triton_urls[0], mesh.envoy_address))
+        metadata = api_key_metadata(mesh, TENANT)
+        totals = asyncio.run(_measure(mesh.triton_urls[0], mesh.envoy_address, metadata))
     batched, unbatched, through_mesh = (
         totals["batched"],
         totals["unbatched"],

@@ -9,11 +9,15 @@ always follows the same call:
 - time to first token, `generator_small`, short prompt and two short passages:
   Triton ModelStreamInfer / InferenceService.Generate (model named explicitly). Generate
   is admitted by the admission service before it is routed, so this block has a fourth
-  arm: AdmissionService.Admit through Envoy, as the router calls it (then Release);
+  arm: AdmissionService.Admit through Envoy's internal listener, as the router calls it
+  (then Release);
 - unary embedding of one short text: Triton ModelInfer on `embedder` / InferenceService.Embed.
 
-The calls carry `x-tenant-id: bench`, a tenant the benchmark first gives a policy with
-ample limits: the tax is what is measured, not the default tenant's rate limit. The blocks
+The calls act for tenant `bench`, which the benchmark first gives a policy with ample
+limits: the tax is what is measured, not the default tenant's rate limit. Through the
+public listener they carry the tenant's API key, so the mesh arms include Envoy's
+external-authorization check (answered from the auth service's key cache); the router's
+own port and the internal listener take `x-tenant-id` as sent. The blocks
 run one after the other, so a generation never follows an embedding (whose forward pass
 leaves the CPU busy for a while). The mesh runs one Triton replica, so every arm reaches
 the same Triton process.
@@ -34,7 +38,14 @@ from switchboard.common.v1 import common_pb2
 from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from bench._common import ms, percentile, print_table, running_mesh, write_result
+from bench._common import (
+    api_key_metadata,
+    ms,
+    percentile,
+    print_table,
+    running_mesh,
+    write_result,
+)
 from bench.embed_batching import triton_embed_request
 from services.inference.triton import encode_bytes
 from services.runtime import count_tokens
@@ -59,7 +70,9 @@ EMBED_TEXT = "Envoy routes each gRPC call by service name."
 TIMEOUT_S = 30.0
 
 TENANT = "bench"
-METADATA = (("x-tenant-id", TENANT),)
+TRUSTED = (("x-tenant-id", TENANT),)
+"""The tenant as the router's own port and Envoy's internal listener take it."""
+Metadata = tuple[tuple[str, str], ...]
 BENCH_POLICY = admission_pb2.Policy(
     tenant_id=TENANT,
     requests_per_second=100_000,
@@ -112,7 +125,7 @@ def _direct_ttft(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> Timed:
     return call
 
 
-def _mesh_ttft(stub: inference_service_pb2_grpc.InferenceServiceStub) -> Timed:
+def _mesh_ttft(stub: inference_service_pb2_grpc.InferenceServiceStub, metadata: Metadata) -> Timed:
     request = inference_pb2.GenerateRequest(
         model="generator_small",
         prompt=PROMPT,
@@ -123,7 +136,7 @@ def _mesh_ttft(stub: inference_service_pb2_grpc.InferenceServiceStub) -> Timed:
     async def call() -> float:
         started = time.perf_counter()
         first = None
-        async for reply in stub.Generate(request, timeout=TIMEOUT_S, metadata=METADATA):
+        async for reply in stub.Generate(request, timeout=TIMEOUT_S, metadata=metadata):
             if first is None and reply.HasField("token"):
                 first = time.perf_counter() - started
         if first is None:
@@ -146,10 +159,10 @@ def _admit(stub: admission_service_pb2_grpc.AdmissionServiceStub) -> Timed:
 
     async def call() -> float:
         started = time.perf_counter()
-        reply = await stub.Admit(request, timeout=TIMEOUT_S, metadata=METADATA)
+        reply = await stub.Admit(request, timeout=TIMEOUT_S, metadata=TRUSTED)
         took = time.perf_counter() - started
         release = admission_pb2.ReleaseRequest(lease_id=reply.lease.lease_id)
-        await stub.Release(release, timeout=TIMEOUT_S, metadata=METADATA)
+        await stub.Release(release, timeout=TIMEOUT_S, metadata=TRUSTED)
         return took
 
     return call
@@ -166,26 +179,28 @@ def _direct_embed(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> Timed:
     return call
 
 
-def _mesh_embed(stub: inference_service_pb2_grpc.InferenceServiceStub) -> Timed:
+def _mesh_embed(stub: inference_service_pb2_grpc.InferenceServiceStub, metadata: Metadata) -> Timed:
     request = inference_pb2.EmbedRequest(texts=[EMBED_TEXT])
 
     async def call() -> float:
         started = time.perf_counter()
-        await stub.Embed(request, timeout=TIMEOUT_S, metadata=METADATA)
+        await stub.Embed(request, timeout=TIMEOUT_S, metadata=metadata)
         return time.perf_counter() - started
 
     return call
 
 
-async def _give_bench_tenant_room(stub: admission_service_pb2_grpc.AdmissionServiceStub) -> None:
+async def _give_bench_tenant_room(
+    stub: admission_service_pb2_grpc.AdmissionServiceStub, metadata: Metadata
+) -> None:
     """Stores BENCH_POLICY and waits until admission applies it."""
     await stub.UpdatePolicy(
-        admission_pb2.UpdatePolicyRequest(policy=BENCH_POLICY), timeout=10, metadata=METADATA
+        admission_pb2.UpdatePolicyRequest(policy=BENCH_POLICY), timeout=10, metadata=metadata
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         reply = await stub.GetPolicy(
-            admission_pb2.GetPolicyRequest(tenant_id=TENANT), timeout=10, metadata=METADATA
+            admission_pb2.GetPolicyRequest(tenant_id=TENANT), timeout=10, metadata=metadata
         )
         if not reply.is_default and reply.policy.request_burst == BENCH_POLICY.request_burst:
             return
@@ -222,29 +237,34 @@ async def _block(arms: dict[str, Timed], budget_s: float, rng: random.Random) ->
     return block
 
 
-async def _measure(triton: str, router: str, envoy: str) -> dict[str, Block]:
+async def _measure(
+    triton: str, router: str, envoy: str, internal: str, key: Metadata
+) -> dict[str, Block]:
     rng = random.Random(SEED)
     async with (
         grpc.aio.insecure_channel(triton) as triton_channel,
         grpc.aio.insecure_channel(router) as router_channel,
         grpc.aio.insecure_channel(envoy) as envoy_channel,
+        grpc.aio.insecure_channel(internal) as internal_channel,
     ):
         direct = service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)
         via_router = inference_service_pb2_grpc.InferenceServiceStub(router_channel)
         via_envoy = inference_service_pb2_grpc.InferenceServiceStub(envoy_channel)
-        admission = admission_service_pb2_grpc.AdmissionServiceStub(envoy_channel)
-        await _give_bench_tenant_room(admission)
+        await _give_bench_tenant_room(
+            admission_service_pb2_grpc.AdmissionServiceStub(envoy_channel), key
+        )
+        admission = admission_service_pb2_grpc.AdmissionServiceStub(internal_channel)
         arms = {
             "ttft": {
                 "direct": _direct_ttft(direct),
-                "router": _mesh_ttft(via_router),
-                "mesh": _mesh_ttft(via_envoy),
+                "router": _mesh_ttft(via_router, TRUSTED),
+                "mesh": _mesh_ttft(via_envoy, key),
                 "admit": _admit(admission),
             },
             "embed": {
                 "direct": _direct_embed(direct),
-                "router": _mesh_embed(via_router),
-                "mesh": _mesh_embed(via_envoy),
+                "router": _mesh_embed(via_router, TRUSTED),
+                "mesh": _mesh_embed(via_envoy, key),
             },
         }
         blocks = {}
@@ -257,7 +277,10 @@ async def _measure(triton: str, router: str, envoy: str) -> dict[str, Block]:
 def run() -> dict:
     with running_mesh(triton_replicas=1) as mesh:
         router = f"{mesh.config.host}:{mesh.config.inference_port}"
-        blocks = asyncio.run(_measure(mesh.triton_urls[0], router, mesh.envoy_address))
+        key = api_key_metadata(mesh, TENANT)
+        blocks = asyncio.run(
+            _measure(mesh.triton_urls[0], router, mesh.envoy_address, mesh.internal_address, key)
+        )
 
     p = {
         (kind, arm, q): ms(percentile(values, q))
@@ -265,7 +288,7 @@ def run() -> dict:
         for arm, values in block.samples.items()
         for q in (50, 99)
     }
-    labels = {"admit": "admission Admit via Envoy"}
+    labels = {"admit": "admission Admit via Envoy (internal)"}
     print_table(
         "latency (ms)",
         ("call", "p50", "p99", "n"),
@@ -295,10 +318,11 @@ def run() -> dict:
         f"replica. ttft: generator_small, {len(PROMPT)}-char prompt, {len(PASSAGES)} short "
         f"passages, max_tokens {MAX_TOKENS}, first token as the client sees it; embed: one "
         "short text on embedder. direct = raw grpc.aio Triton stub (ModelStreamInfer / "
-        "ModelInfer), mesh = Envoy -> router (-> Envoy -> admission for Generate) -> Triton, "
-        "router_only = the router's own port; added = mesh pXX - direct pXX; admit = the "
-        f"router's Admit call alone, through Envoy. Tenant {TENANT!r} with a policy above "
-        "any rate the benchmark reaches"
+        "ModelInfer), mesh = Envoy (API key checked by ext_authz) -> router (-> Envoy's "
+        "internal listener -> admission for Generate) -> Triton, router_only = the router's "
+        "own port; added = mesh pXX - direct pXX; admit = the router's Admit call alone, "
+        f"through Envoy's internal listener. Tenant {TENANT!r} with a policy above any rate "
+        "the benchmark reaches"
     )
     targets = {
         "added_ttft_p50_ms": "<= 1",

@@ -15,11 +15,12 @@ import json
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import grpc
 from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
 
-from bench._common import print_table, running_mesh, write_result
+from bench._common import api_key_metadata, print_table, running_mesh, write_result
 
 NAME = "rag-ingest"
 STREAMS = 2
@@ -51,24 +52,22 @@ def _documents(round_: int, stream: int, count: int) -> list[rag_pb2.IngestDocum
 
 
 async def _round(
-    envoy: str, round_: int, per_stream: int = DOCUMENTS_PER_STREAM
+    mesh: Any, round_: int, per_stream: int = DOCUMENTS_PER_STREAM
 ) -> tuple[int, float]:
     """Chunks stored and seconds taken by STREAMS concurrent streams, for a fresh tenant."""
-    tenant = f"bench-{uuid.uuid4().hex[:8]}"
+    metadata = api_key_metadata(mesh, f"bench-{uuid.uuid4().hex[:8]}")
 
     async def stream(stub, index: int) -> int:
         async def requests():
             for request in _documents(round_, index, per_stream):
                 yield request
 
-        reply = await stub.IngestDocuments(
-            requests(), metadata=(("x-tenant-id", tenant),), timeout=600
-        )
+        reply = await stub.IngestDocuments(requests(), metadata=metadata, timeout=600)
         if reply.documents_failed:
             raise RuntimeError(f"{reply.documents_failed} documents failed: {reply.results}")
         return int(reply.chunks_ingested)
 
-    async with grpc.aio.insecure_channel(envoy) as channel:
+    async with grpc.aio.insecure_channel(mesh.envoy_address) as channel:
         stub = rag_service_pb2_grpc.RagServiceStub(channel)
         started = time.perf_counter()
         chunks = await asyncio.gather(*(stream(stub, i) for i in range(STREAMS)))
@@ -80,15 +79,15 @@ def run() -> dict:
     rows = []
     with running_mesh(triton_replicas=1) as mesh:
         current = "embedder"
-        asyncio.run(_round(mesh.envoy_address, -1, 8))  # warm-up: first passes, pool, plans
+        asyncio.run(_round(mesh, -1, 8))  # warm-up: first passes, pool, plans
         for round_ in range(ROUNDS):
             order = list(ARMS) if round_ % 2 == 0 else list(reversed(ARMS))
             for arm in order:
                 if ARMS[arm] != current:
                     mesh.start_service("rag", env={"SWITCHBOARD_RAG_EMBEDDING_MODEL": ARMS[arm]})
                     current = ARMS[arm]
-                    asyncio.run(_round(mesh.envoy_address, -1 - round_, 8))  # warm it up
-                chunks, seconds = asyncio.run(_round(mesh.envoy_address, round_))
+                    asyncio.run(_round(mesh, -1 - round_, 8))  # warm it up
+                chunks, seconds = asyncio.run(_round(mesh, round_))
                 totals[arm][0] += chunks
                 totals[arm][1] += seconds
                 rows.append((round_ + 1, arm, chunks, f"{seconds:.2f}", f"{chunks / seconds:.1f}"))

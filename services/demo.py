@@ -1,6 +1,7 @@
-"""`make demo`: start the mesh, then through Envoy: list the models, stream answers with
-citations, ingest the sample handbook and answer from what retrieval finds, run a
-multi-step task while watching its events, and stop everything the demo started."""
+"""`make demo`: start the mesh, then through Envoy, with an API key for tenant `demo`: list
+the models, stream answers with citations, ingest the sample handbook and answer from what
+retrieval finds, run a multi-step task while watching its events, and stop everything the
+demo started."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from switchboard.inference.v1 import inference_pb2 as pb
 from switchboard.inference.v1 import inference_service_pb2_grpc
 from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
 
+from services.auth import KeyStore
 from services.launcher._config import load_launcher_config
 from services.launcher._mesh import LaunchError, Mesh
 
@@ -28,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 HANDBOOK = Path(__file__).parents[1] / "tests" / "data" / "handbook.jsonl"
 """The sample corpus: a fictional company's handbook (also the retrieval quality set)."""
-TENANT = (("x-tenant-id", "demo"),)
+TENANT = "demo"
+Metadata = tuple[tuple[str, str], ...]
 HANDBOOK_QUESTIONS = [
     "How do I get into a red zone of the warehouse?",
     "What should I do when I lose my office badge?",
@@ -104,10 +107,10 @@ def _say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-async def _show(target: str) -> None:
+async def _show(target: str, key: Metadata) -> None:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
-        models = await stub.ListModels(pb.ListModelsRequest(), timeout=10)
+        models = await stub.ListModels(pb.ListModelsRequest(), metadata=key, timeout=10)
         print(f"\nModels behind {target}:")
         for m in models.models:
             tier = common_pb2.ModelTier.Name(m.tier).removeprefix("MODEL_TIER_").lower()
@@ -121,6 +124,7 @@ async def _show(target: str) -> None:
             started = time.perf_counter()
             async for reply in stub.Generate(
                 pb.GenerateRequest(prompt=question, context=PASSAGES, session_id="demo-session"),
+                metadata=key,
                 timeout=60,
             ):
                 if reply.HasField("token"):
@@ -137,7 +141,7 @@ async def _show(target: str) -> None:
                 for c in done.citations:
                     print(f"   [{c.passage_index}] {c.source_id} chars {c.start_char}-{c.end_char}")
 
-        reply = await stub.Embed(pb.EmbedRequest(texts=SENTENCES), timeout=30)
+        reply = await stub.Embed(pb.EmbedRequest(texts=SENTENCES), metadata=key, timeout=30)
         vectors = np.array([e.values for e in reply.embeddings])
         print(
             f"\nEmbeddings: {len(vectors)} x {reply.dimensions} ({reply.model}); cosine similarity:"
@@ -146,13 +150,13 @@ async def _show(target: str) -> None:
         for i, text in enumerate(SENTENCES):
             row = " ".join(f"{s:5.2f}" for s in sims[i])
             print(f"  {row}   {text}")
-        await _rag(channel)
-        await _task(channel)
+        await _rag(channel, key)
+        await _task(channel, key)
         print()
 
 
-async def _stream_answer(stub, request: pb.GenerateRequest) -> None:
-    async for reply in stub.Generate(request, metadata=TENANT, timeout=60):
+async def _stream_answer(stub, request: pb.GenerateRequest, key: Metadata) -> None:
+    async for reply in stub.Generate(request, metadata=key, timeout=60):
         if reply.HasField("token"):
             sys.stdout.write(reply.token.text)
             sys.stdout.flush()
@@ -163,7 +167,7 @@ async def _stream_answer(stub, request: pb.GenerateRequest) -> None:
             print(f"\n   cited: {', '.join(cited) or 'nothing'}")
 
 
-async def _rag(channel: grpc.aio.Channel) -> None:
+async def _rag(channel: grpc.aio.Channel, key: Metadata) -> None:
     rag = rag_service_pb2_grpc.RagServiceStub(channel)
     inference = inference_service_pb2_grpc.InferenceServiceStub(channel)
     documents = [json.loads(line) for line in HANDBOOK.read_text().splitlines()]
@@ -178,7 +182,7 @@ async def _rag(channel: grpc.aio.Channel) -> None:
             )  # fmt: skip
 
     started = time.perf_counter()
-    reply = await rag.IngestDocuments(stream(), metadata=TENANT, timeout=300)
+    reply = await rag.IngestDocuments(stream(), metadata=key, timeout=300)
     print(
         f"\nIngested {reply.documents_ingested} handbook documents as {reply.chunks_ingested} "
         f"chunks in {time.perf_counter() - started:.1f}s (tenant 'demo', collection 'handbook')"
@@ -186,7 +190,7 @@ async def _rag(channel: grpc.aio.Channel) -> None:
     for question in HANDBOOK_QUESTIONS:
         found = await rag.Retrieve(
             rag_pb2.RetrieveRequest(collection="handbook", query=question, top_k=3),
-            metadata=TENANT,
+            metadata=key,
             timeout=10,
         )
         passages = [
@@ -197,17 +201,17 @@ async def _rag(channel: grpc.aio.Channel) -> None:
             f"\nQ: {question}\n   retrieved: {', '.join(p.source_id for p in passages)}\nA: ",
             end="",
         )
-        await _stream_answer(inference, pb.GenerateRequest(prompt=question, context=passages))
+        await _stream_answer(inference, pb.GenerateRequest(prompt=question, context=passages), key)
 
 
-async def _task(channel: grpc.aio.Channel) -> None:
+async def _task(channel: grpc.aio.Channel, key: Metadata) -> None:
     execution = execution_service_pb2_grpc.ExecutionServiceStub(channel)
     request = json_format.ParseDict(TASK, execution_pb2.SubmitTaskRequest())
-    reply = await execution.SubmitTask(request, metadata=TENANT, timeout=10)
+    reply = await execution.SubmitTask(request, metadata=key, timeout=10)
     task_id = reply.task.task_id
     print(f"\nTask {task_id} (retrieve -> sandboxed Python -> generate), its events:")
     async for event in execution.WatchTask(
-        execution_pb2.WatchTaskRequest(task_id=task_id), metadata=TENANT, timeout=120
+        execution_pb2.WatchTaskRequest(task_id=task_id), metadata=key, timeout=120
     ):
         if event.HasField("step_event"):
             e = event.step_event
@@ -218,23 +222,48 @@ async def _task(channel: grpc.aio.Channel) -> None:
             kind = kind.removeprefix("TASK_EVENT_TYPE_").lower()
             print(f"  #{event.task_event.sequence:<4} task     {kind}")
     done = await execution.GetTask(
-        execution_pb2.GetTaskRequest(task_id=task_id), metadata=TENANT, timeout=10
+        execution_pb2.GetTaskRequest(task_id=task_id), metadata=key, timeout=10
     )
     outputs = {s.name: json_format.MessageToDict(s.output) for s in done.task.step_statuses}
     print(f"  words retrieved (computed in the sandbox): {outputs['measure'].get('result')}")
     print(f"  answer: {outputs['answer'].get('text', '')}")
 
 
+async def _create_key(database_url: str) -> tuple[str, str]:
+    """A new API key for the demo tenant, as `switchboard keys create --tenant demo`
+    makes it: (key id, key)."""
+    store = KeyStore(database_url)
+    await store.open()
+    try:
+        return await store.create(TENANT, "make demo")
+    finally:
+        await store.close()
+
+
+async def _revoke_key(database_url: str, key_id: str) -> None:
+    store = KeyStore(database_url)
+    await store.open()
+    try:
+        await store.revoke(key_id)
+    finally:
+        await store.close()
+
+
 def main() -> int:
     mesh = Mesh(load_launcher_config(), progress=_say)
     started = False
+    key_id = ""
     try:
         started = mesh.up()
-        asyncio.run(_show(mesh.envoy_address))
+        key_id, token = asyncio.run(_create_key(mesh.database_url))
+        _say(f"created API key {key_id} for tenant {TENANT!r}; the calls below send it")
+        asyncio.run(_show(mesh.envoy_address, (("authorization", f"Bearer {token}"),)))
     except LaunchError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
     finally:
+        if key_id:
+            asyncio.run(_revoke_key(mesh.database_url, key_id))
         if started:
             _say("stopping everything the demo started")
             mesh.down()

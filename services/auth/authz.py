@@ -3,11 +3,14 @@
 Envoy asks before routing any public call. A call with a valid key is let through with
 `x-tenant-id` set to the key's tenant (replacing whatever the client sent, so a tenant
 cannot be spoofed) and the key removed (services never see it). A call without one is
-answered by Envoy itself with UNAUTHENTICATED and never reaches a service.
+answered by Envoy itself with UNAUTHENTICATED and never reaches a service; the refusal
+carries the usual `google.rpc.Status` (`grpc-status-details-bin`) with one `ErrorInfo`:
+`API_KEY_MISSING` or `API_KEY_INVALID`.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 
 import grpc
@@ -18,7 +21,7 @@ from google.rpc import code_pb2, status_pb2
 
 from services.auth import keys
 from services.auth.store import KeyStore
-from services.runtime import TENANT_HEADER, SwitchboardError
+from services.runtime import TENANT_HEADER, SwitchboardError, Unauthenticated
 
 logger = logging.getLogger(__name__)
 
@@ -40,19 +43,24 @@ def allowed(tenant_id: str) -> external_auth_pb2.CheckResponse:
     )
 
 
-def denied(code: int, message: str, http: int) -> external_auth_pb2.CheckResponse:
-    """A refusal Envoy sends as a trailers-only gRPC response with this status."""
+def denied(error: SwitchboardError, http: int) -> external_auth_pb2.CheckResponse:
+    """A refusal Envoy sends as a trailers-only gRPC response: the error's status code,
+    message and `google.rpc.Status` (with its `ErrorInfo`), and HTTP status `http` for
+    clients that are not gRPC."""
+    status = error.to_rpc_status()
+    details = base64.b64encode(status.SerializeToString()).decode()
+    headers = {
+        "grpc-status": str(status.code),
+        "grpc-message": status.message,
+        "grpc-status-details-bin": details,
+    }
     return external_auth_pb2.CheckResponse(
-        status=status_pb2.Status(code=code, message=message),
+        status=status_pb2.Status(code=status.code, message=status.message),
         denied_response=external_auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=http),
             headers=[
-                base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key="grpc-status", value=str(code))
-                ),
-                base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key="grpc-message", value=message)
-                ),
+                base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v))
+                for k, v in headers.items()
             ],
         ),
     )
@@ -66,21 +74,29 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
         headers = dict(request.attributes.request.http.headers)
+        metadata = {"request_id": rid} if (rid := headers.get("x-request-id")) else {}
         token = keys.presented_key(headers)
         if not token:
             return denied(
-                code_pb2.UNAUTHENTICATED,
-                "an API key is required: send `authorization: Bearer <key>`",
+                Unauthenticated(
+                    "an API key is required: send `authorization: Bearer <key>`",
+                    reason="API_KEY_MISSING",
+                    metadata=metadata,
+                ),
                 http_status_pb2.Unauthorized,
             )
         try:
             tenant = await self._store.verify(token)
         except SwitchboardError as error:  # the key store is down: fail closed
-            return denied(code_pb2.UNAVAILABLE, error.message, http_status_pb2.ServiceUnavailable)
+            error.metadata = {**metadata, **error.metadata}
+            return denied(error, http_status_pb2.ServiceUnavailable)
         if tenant is None:
             return denied(
-                code_pb2.UNAUTHENTICATED,
-                "the API key is not valid (unknown, malformed or revoked)",
+                Unauthenticated(
+                    "the API key is not valid (unknown, malformed or revoked)",
+                    reason="API_KEY_INVALID",
+                    metadata=metadata,
+                ),
                 http_status_pb2.Unauthorized,
             )
         return allowed(tenant)

@@ -258,7 +258,7 @@ class Hub:
         """
         kind = frame.WhichOneof("frame")
         if kind not in ("open", "resume"):
-            raise out_of_order(f"got `{kind}` before open")
+            raise out_of_order(f"got `{kind}` before open" if kind else "got an empty frame")
         session_id = frame.open.session_id if kind == "open" else frame.resume.session_id
         session, seen = await self._load(tenant_id, session_id)  # NOT_FOUND first
         session_id = session.session_id
@@ -302,7 +302,8 @@ class Hub:
             elif kind == "settings":
                 await self._change_settings(live, frame.settings)
             else:
-                reader.fail(out_of_order(f"got `{kind}` after the stream was attached"))
+                got = f"got `{kind}`" if kind else "got an empty frame"
+                reader.fail(out_of_order(f"{got} after the stream was attached"))
                 return
         await live.wait_idle()
         reader.finish()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from services.runtime import load_config
@@ -25,6 +26,10 @@ class LauncherConfig:
     run_dir: Path = REPO_ROOT / ".run"
     host: str = "127.0.0.1"
     envoy_port: int = 8080
+    """The public listener: every client call, each checked for an API key."""
+    envoy_internal_port: int = 8081
+    """The internal listener, on 127.0.0.1 only: the services' calls to each other. It
+    trusts the `x-tenant-id` it is sent, so it must never be reachable by clients."""
     envoy_admin_port: int = 9901
     envoy_base_id: int = 17
     postgres_port: int = 5433
@@ -44,6 +49,11 @@ class LauncherConfig:
     workers: int = 1
     """Execution worker processes (each runs SWITCHBOARD_EXECUTION_WORKERS steps at once)."""
     chat_port: int = 50057
+    auth_port: int = 50058
+    """The auth service, asked by Envoy about every public call (ext_authz)."""
+    auth_cache_ttl: timedelta = timedelta(seconds=30)
+    """How long the auth service trusts a key it has checked: a revoked key stops
+    working within this long."""
     metrics_base_port: int = 9100
     """Service k's Prometheus endpoint is on metrics_base_port + k."""
     model_policy: Path = REPO_ROOT / "services" / "inference" / "models.yaml"
@@ -98,6 +108,8 @@ def isolated_config(
         worker_port=base + 9,  # worker i on base + 9 + 10i: base+19, base+29
         workers=workers,
         chat_port=base + 11,
+        auth_port=base + 12,
+        envoy_internal_port=base + 13,
         metrics_base_port=base + 40,  # one per service process: base+40..base+49
         triton_base_port=base + 30,
         triton_replicas=triton_replicas,

@@ -6,6 +6,20 @@ and health go to a `reflection` cluster made of every service's endpoints: each
 Switchboard service's reflection advertises the whole public catalogue, so any live one
 can answer, and active gRPC health checks drop the dead or draining ones.
 
+Tenants are authenticated at the edge. The public listener asks the auth service
+(`envoy.filters.http.ext_authz`, gRPC, before the router) about every call: a call with a
+valid API key goes on with `x-tenant-id` overwritten by the key's tenant and the key
+removed; any other call is answered by Envoy with UNAUTHENTICATED and reaches no service.
+Health checks and reflection (and the catch-all 404) skip the check, so `grpcurl list`
+works without a key; those routes strip `x-tenant-id` and the key headers instead.
+Route-level header removal runs in the router, after ext_authz, which is why it is only
+used on the routes that skip the check: elsewhere it would remove the tenant ext_authz set.
+
+A second, internal listener (loopback only) has the same routes and clusters but no
+ext_authz: it trusts the `x-tenant-id` it is sent. The services use it for their calls
+to each other (the tenant of the call they are handling travels with them); clients
+never do.
+
 What the edge does about request size (see also the top of `envoy/base.yaml`): a gRPC
 stream is one HTTP/2 body holding any number of length-prefixed messages, so Envoy's
 whole-body limits (the buffer and body_size_limit filters) do not fit: they buffer the
@@ -53,6 +67,12 @@ BASE_CONFIG = Path(__file__).resolve().parents[2] / "envoy" / "base.yaml"
 """The static skeleton the renderer fills in."""
 
 LISTENER = "public"
+INTERNAL_LISTENER = "internal"
+AUTHZ_CLUSTER = "auth"
+"""The launcher's name for the auth service's cluster."""
+TENANT_HEADER = "x-tenant-id"
+"""Set by ext_authz on the public listener; trusted as sent on the internal one."""
+KEY_HEADERS = ("authorization", "x-api-key")
 REFLECTION_CLUSTER = "reflection"
 REFLECTION_SERVICES: tuple[str, ...] = (
     "grpc.reflection.v1.ServerReflection",
@@ -63,6 +83,11 @@ UNKNOWN_SERVICE_MESSAGE = "unknown service: no Switchboard service serves this p
 
 _HCM = "envoy.filters.network.http_connection_manager"
 _ROUTER = "envoy.filters.http.router"
+_EXT_AUTHZ = "envoy.filters.http.ext_authz"
+_EXT_AUTHZ_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
+_EXT_AUTHZ_PER_ROUTE_TYPE = (
+    "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"
+)
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _HTTP_OPTIONS_TYPE = f"type.googleapis.com/{_HTTP_OPTIONS}"
 _HASHING_LB_POLICIES = frozenset({"RING_HASH", "MAGLEV"})
@@ -186,10 +211,13 @@ def render_envoy_config(
     listen_port: int,
     admin_port: int,
     upstreams: Sequence[Upstream],
+    authz: Upstream | None = None,
+    internal_port: int | None = None,
     reflection_services: Sequence[str] = REFLECTION_SERVICES,
     stream_idle_timeout: timedelta = timedelta(minutes=5),
     buffer_limit_bytes: int = 1 << 20,
     health_check_interval: timedelta = timedelta(seconds=2),
+    authz_timeout: timedelta = timedelta(seconds=1),
     http_filters: Sequence[Mapping[str, Any]] = (),
     enforce_grpc_deadlines: bool = False,
     base_path: Path = BASE_CONFIG,
@@ -201,6 +229,14 @@ def render_envoy_config(
         listen_port: the public port (8080 by default in the launcher).
         admin_port: the admin API's port; it is always bound to 127.0.0.1.
         upstreams: the services' clusters; a gRPC service may appear in one only.
+        authz: the auth service (`envoy.service.auth.v3.Authorization`), a cluster of
+            its own (the launcher names it AUTHZ_CLUSTER): when given, the public listener
+            asks it about every call except health and reflection (module docstring).
+            None leaves the public listener open, trusting the client's `x-tenant-id`
+            (only for tests of the config itself).
+        internal_port: when given, a second listener on 127.0.0.1 with the same routes
+            and no ext_authz, for the services' calls to each other. It trusts the
+            `x-tenant-id` it is sent, so it is on loopback only, always.
         reflection_services: reflection service names routed to the reflection cluster.
         stream_idle_timeout: a stream with no traffic for this long is reset; there is
             no timeout on a stream's whole duration (clients' gRPC deadlines are honoured).
@@ -208,8 +244,11 @@ def render_envoy_config(
             upstream, before applying back-pressure. Not a message-size limit (module
             docstring).
         health_check_interval: active gRPC health check period per replica.
-        http_filters: extra HTTP filters, in order, placed before the router (for
-            example API-key auth at the edge).
+        authz_timeout: how long Envoy waits for the auth service's answer; without one
+            in time (or with the auth service down) the call fails with UNAVAILABLE
+            (HTTP 503): the edge fails closed.
+        http_filters: extra HTTP filters for the public listener, in order, placed after
+            ext_authz and before the router.
         enforce_grpc_deadlines: also let Envoy end a call when its `grpc-timeout`
             expires (`max_stream_duration.grpc_timeout_header_max: 0s`). Off by
             default: deadlines are honoured end to end without it (the header reaches
@@ -242,60 +281,88 @@ def render_envoy_config(
     clash = set(owner) & ({*reflection_services, HEALTH_SERVICE})
     if clash:
         raise ValueError(f"{sorted(clash)} are routed to the reflection cluster already")
+    if internal_port is not None and internal_port == listen_port:
+        raise ValueError("the internal listener needs a port of its own")
 
     config: dict[str, Any] = yaml.safe_load(base_path.read_text())
     config["admin"]["address"]["socket_address"] = {
         "address": "127.0.0.1",
         "port_value": admin_port,
     }
-    listener = _listener(config)
-    listener["address"]["socket_address"] = {"address": listen_host, "port_value": listen_port}
-    listener["per_connection_buffer_limit_bytes"] = buffer_limit_bytes
-
+    public = _listener(config)
+    public["per_connection_buffer_limit_bytes"] = buffer_limit_bytes
     idle = _duration(stream_idle_timeout)
-    hcm = _hcm(listener)
+    hcm = _hcm(public)
     hcm["stream_idle_timeout"] = idle
-    hcm["http_filters"] = [
-        *(copy.deepcopy(dict(f)) for f in http_filters),
-        *(f for f in hcm["http_filters"] if f["name"] == _ROUTER),
-    ]
-
-    routes: list[dict[str, Any]] = []
-    for upstream in upstreams:
-        for service in upstream.services:
-            routes.append(
-                _route(
-                    service,
-                    upstream.name,
-                    idle_timeout=idle,
-                    hash_header=upstream.hash_header,
-                    enforce_deadline=enforce_grpc_deadlines,
-                )
-            )
+    router = [f for f in hcm["http_filters"] if f["name"] == _ROUTER]
     every_endpoint = tuple(dict.fromkeys(e for u in upstreams for e in u.endpoints))
-    for service in (*reflection_services, HEALTH_SERVICE):
-        route = _route(
-            service,
-            REFLECTION_CLUSTER,
-            idle_timeout=idle,
-            hash_header=None,
-            enforce_deadline=enforce_grpc_deadlines,
-        )
-        if service == HEALTH_SERVICE:
-            retries = route["route"]["retry_policy"] = copy.deepcopy(_HEALTH_RETRIES)
-            retries["num_retries"] = len(every_endpoint)
-            retries["host_selection_retry_max_attempts"] = 10 * len(every_endpoint)
-        routes.append(route)
-    routes.append(
-        {
+
+    def routes(*, edge_auth: bool) -> list[dict[str, Any]]:
+        table: list[dict[str, Any]] = []
+        for upstream in upstreams:
+            for service in upstream.services:
+                table.append(
+                    _route(
+                        service,
+                        upstream.name,
+                        idle_timeout=idle,
+                        hash_header=upstream.hash_header,
+                        enforce_deadline=enforce_grpc_deadlines,
+                    )
+                )
+        for service in (*reflection_services, HEALTH_SERVICE):
+            route = _route(
+                service,
+                REFLECTION_CLUSTER,
+                idle_timeout=idle,
+                hash_header=None,
+                enforce_deadline=enforce_grpc_deadlines,
+            )
+            if service == HEALTH_SERVICE:
+                retries = route["route"]["retry_policy"] = copy.deepcopy(_HEALTH_RETRIES)
+                retries["num_retries"] = len(every_endpoint)
+                retries["host_selection_retry_max_attempts"] = 10 * len(every_endpoint)
+            if edge_auth:
+                _skip_authz(route)
+            table.append(route)
+        unknown: dict[str, Any] = {
             "name": "unknown-service",
             "match": {"prefix": "/"},
             "direct_response": {"status": 404, "body": {"inline_string": UNKNOWN_SERVICE_MESSAGE}},
         }
-    )
-    hcm["route_config"]["virtual_hosts"] = [
-        {"name": "switchboard", "domains": ["*"], "routes": routes}
+        if edge_auth:
+            _skip_authz(unknown)  # answered by Envoy itself: nothing to protect
+        table.append(unknown)
+        return table
+
+    # The internal listener: a copy of the public one before ext_authz goes in.
+    internal = copy.deepcopy(public)
+    public["address"]["socket_address"] = {"address": listen_host, "port_value": listen_port}
+    hcm["http_filters"] = [
+        *([_ext_authz_filter(authz.name, _duration(authz_timeout))] if authz else []),
+        *(copy.deepcopy(dict(f)) for f in http_filters),
+        *router,
     ]
+    hcm["route_config"]["virtual_hosts"] = [
+        {"name": "switchboard", "domains": ["*"], "routes": routes(edge_auth=bool(authz))}
+    ]
+    _access_log_field(hcm, "listener", LISTENER)
+
+    if internal_port is not None:
+        internal["name"] = INTERNAL_LISTENER
+        internal["address"]["socket_address"] = {
+            "address": "127.0.0.1",
+            "port_value": internal_port,
+        }
+        inner = _hcm(internal)
+        inner["stat_prefix"] = INTERNAL_LISTENER
+        inner["http_filters"] = copy.deepcopy(router)
+        inner["route_config"]["name"] = f"switchboard-{INTERNAL_LISTENER}"
+        inner["route_config"]["virtual_hosts"] = [
+            {"name": "switchboard", "domains": ["*"], "routes": routes(edge_auth=False)}
+        ]
+        _access_log_field(inner, "listener", INTERNAL_LISTENER)
+        config["static_resources"]["listeners"].append(internal)
 
     interval = _duration(health_check_interval)
     clusters = [
@@ -319,6 +386,17 @@ def render_envoy_config(
             buffer_limit_bytes=buffer_limit_bytes,
         )
     )
+    if authz is not None:
+        clusters.append(
+            _cluster(
+                authz.name,
+                authz.endpoints,
+                health_service=authz.health_check_service,
+                ring_hash=False,
+                interval=interval,
+                buffer_limit_bytes=buffer_limit_bytes,
+            )
+        )
     config["static_resources"]["clusters"] = clusters
 
     check_consistency(config)
@@ -331,7 +409,10 @@ def check_consistency(config: Mapping[str, Any]) -> None:
     Every cluster a route names exists, every cluster has at least one endpoint and its
     endpoint set is its own, names (listeners, clusters, virtual hosts, route prefixes)
     are unique, routes that hash go to a hashing cluster, gRPC health checks have an
-    HTTP/2 cluster, and the admin API listens on loopback only.
+    HTTP/2 cluster, and the admin API listens on loopback only. Where ext_authz guards a
+    listener: its cluster exists, it runs before the router, and every route that skips
+    it strips `x-tenant-id`; the internal listener (which trusts `x-tenant-id`) is on
+    loopback.
 
     Raises:
         ValueError: listing every problem found.
@@ -364,7 +445,18 @@ def check_consistency(config: Mapping[str, Any]) -> None:
                 problems.append(f"cluster {name!r} has gRPC health checks but no HTTP/2")
 
     for listener in listeners:
+        if listener.get("name") == INTERNAL_LISTENER:
+            address = listener.get("address", {}).get("socket_address", {}).get("address", "")
+            if not _is_loopback(str(address)):
+                problems.append(
+                    f"the internal listener trusts {TENANT_HEADER} and must listen on "
+                    f"loopback, not {address!r}"
+                )
         for hcm in _hcms(listener):
+            filters = [f.get("name") for f in hcm.get("http_filters", [])]
+            guarded = _EXT_AUTHZ in filters
+            if guarded:
+                problems += _authz_problems(hcm, filters, by_name)
             hosts = hcm.get("route_config", {}).get("virtual_hosts", [])
             problems += _duplicates("virtual host", [str(v.get("name")) for v in hosts])
             for vhost in hosts:
@@ -376,6 +468,12 @@ def check_consistency(config: Mapping[str, Any]) -> None:
                 problems += _duplicates(f"route prefix in {vhost.get('name')!r}", prefixes)
                 for route in vhost.get("routes", []):
                     problems += _route_problems(route, by_name)
+                    if guarded and _skips_authz(route) and "route" in route:
+                        if TENANT_HEADER not in route.get("request_headers_to_remove", []):
+                            problems.append(
+                                f"route {route.get('name')!r} skips ext_authz but passes a "
+                                f"client's {TENANT_HEADER} on"
+                            )
 
     if problems:
         raise ValueError("inconsistent Envoy config: " + "; ".join(problems))
@@ -580,6 +678,60 @@ def _cluster(
     if not static:
         cluster["dns_lookup_family"] = "V4_PREFERRED"
     return cluster
+
+
+def _ext_authz_filter(cluster: str, timeout: str) -> dict[str, Any]:
+    """Every call asks the auth service first; no answer in time means no call (503)."""
+    return {
+        "name": _EXT_AUTHZ,
+        "typed_config": {
+            "@type": _EXT_AUTHZ_TYPE,
+            "transport_api_version": "V3",
+            "grpc_service": {
+                "envoy_grpc": {"cluster_name": cluster},
+                "timeout": timeout,
+            },
+            "failure_mode_allow": False,
+            "status_on_error": {"code": "ServiceUnavailable"},
+        },
+    }
+
+
+def _skip_authz(route: dict[str, Any]) -> None:
+    """The route needs no key: ext_authz is off, so the route itself strips the tenant
+    header (nothing sets it: the client's must not get through) and any key."""
+    route["typed_per_filter_config"] = {
+        _EXT_AUTHZ: {"@type": _EXT_AUTHZ_PER_ROUTE_TYPE, "disabled": True}
+    }
+    if "route" in route:
+        route["request_headers_to_remove"] = [TENANT_HEADER, *KEY_HEADERS]
+
+
+def _skips_authz(route: Mapping[str, Any]) -> bool:
+    per_route = route.get("typed_per_filter_config", {}).get(_EXT_AUTHZ, {})
+    return bool(per_route.get("disabled"))
+
+
+def _authz_problems(
+    hcm: Mapping[str, Any], filters: Sequence[Any], clusters: Mapping[Any, Any]
+) -> list[str]:
+    problems = []
+    if _ROUTER in filters and filters.index(_EXT_AUTHZ) > filters.index(_ROUTER):
+        problems.append("ext_authz must come before the router")
+    for http_filter in hcm.get("http_filters", []):
+        if http_filter.get("name") == _EXT_AUTHZ:
+            grpc_service = http_filter.get("typed_config", {}).get("grpc_service", {})
+            cluster = grpc_service.get("envoy_grpc", {}).get("cluster_name")
+            if cluster not in clusters:
+                problems.append(f"ext_authz names unknown cluster {cluster!r}")
+    return problems
+
+
+def _access_log_field(hcm: dict[str, Any], key: str, value: str) -> None:
+    for log in hcm.get("access_log", []):
+        log_format = log.get("typed_config", {}).get("log_format", {})
+        if "json_format" in log_format:
+            log_format["json_format"] = {key: value, **log_format["json_format"]}
 
 
 def _route_problems(route: Mapping[str, Any], clusters: Mapping[Any, Any]) -> list[str]:

@@ -48,6 +48,9 @@ class ServiceSpec:
     """Envoy spreads calls over the replicas by a consistent hash of this header."""
     entry: str = ""
     """The module run with `python -m`; empty = `services.<name>`."""
+    routed: bool = True
+    """Whether Envoy routes clients' calls to its gRPC services; False for the auth
+    service, which Envoy itself calls (ext_authz) and clients never reach."""
 
     @property
     def module(self) -> str:
@@ -55,8 +58,13 @@ class ServiceSpec:
 
     @property
     def public(self) -> bool:
-        """Whether Envoy routes to it (a worker serves only health)."""
-        return bool(self.grpc_services)
+        """Whether Envoy routes to it (a worker serves only health, auth only Envoy)."""
+        return bool(self.grpc_services) and self.routed
+
+    @property
+    def health_service(self) -> str:
+        """The grpc.health.v1 name it reports SERVING under when ready ("" = the server)."""
+        return self.grpc_services[0] if self.grpc_services else ""
 
     def replicas(self, config: LauncherConfig) -> int:
         return getattr(config, self.replicas_field) if self.replicas_field else 1
@@ -90,7 +98,10 @@ SERVICES: tuple[ServiceSpec, ...] = (
         entry="services.execution.worker",
     ),
     ServiceSpec("chat", "chat_port", ("switchboard.chat.v1.ChatService",)),
+    # Last, so the other processes keep their metrics ports; Envoy starts after it.
+    ServiceSpec("auth", "auth_port", ("envoy.service.auth.v3.Authorization",), routed=False),
 )
+AUTH = next(spec for spec in SERVICES if spec.name == "auth")
 
 
 def service_processes(config: LauncherConfig) -> list[tuple[ServiceSpec, int]]:
@@ -111,7 +122,14 @@ class Mesh:
 
     @property
     def envoy_address(self) -> str:
+        """The public listener, for clients: every call needs an API key."""
         return f"{self.config.host}:{self.config.envoy_port}"
+
+    @property
+    def internal_address(self) -> str:
+        """The internal listener (loopback only), for the services' calls to each other:
+        no key is checked and the `x-tenant-id` sent is trusted."""
+        return f"127.0.0.1:{self.config.envoy_internal_port}"
 
     @property
     def database_url(self) -> str:
@@ -157,6 +175,7 @@ class Mesh:
             self.down()
             raise
         self._say(f"mesh is up: grpcurl -plaintext {self.envoy_address} list")
+        self._say("calls need an API key: switchboard keys create --tenant <tenant>")
         return True
 
     def down(self) -> int:
@@ -207,7 +226,11 @@ class Mesh:
 
     def _planned_ports(self) -> list[tuple[str, int]]:
         c = self.config
-        ports = [("envoy", c.envoy_port), ("envoy admin", c.envoy_admin_port)]
+        ports = [
+            ("envoy", c.envoy_port),
+            ("envoy internal", c.envoy_internal_port),
+            ("envoy admin", c.envoy_admin_port),
+        ]
         if not c.database_url:
             ports.append(("postgres", c.postgres_port))
         if not c.nats_url:
@@ -440,12 +463,14 @@ class Mesh:
         port = spec.port(self.config, replica)
         name = spec.process_name(self.config, replica)
         prefix = f"SWITCHBOARD_{spec.name.upper()}_"
+        # Calls between services go through the internal listener: no key, the tenant
+        # of the call being handled travels as x-tenant-id and is trusted there.
         env = {
             f"{prefix}REPLICA_ID": name,
-            "SWITCHBOARD_ADMISSION_TARGET": self.envoy_address,
-            "SWITCHBOARD_INFERENCE_TARGET": self.envoy_address,
-            "SWITCHBOARD_RAG_TARGET": self.envoy_address,
-            "SWITCHBOARD_EXECUTION_TARGET": self.envoy_address,
+            "SWITCHBOARD_ADMISSION_TARGET": self.internal_address,
+            "SWITCHBOARD_INFERENCE_TARGET": self.internal_address,
+            "SWITCHBOARD_RAG_TARGET": self.internal_address,
+            "SWITCHBOARD_EXECUTION_TARGET": self.internal_address,
             "SWITCHBOARD_ADMISSION_REPLICAS": str(self.config.admission_replicas),
             f"{prefix}HOST": self.config.host,
             f"{prefix}PORT": str(port),
@@ -454,6 +479,7 @@ class Mesh:
             "SWITCHBOARD_MODEL_POLICY": str(self.config.model_policy),
             "SWITCHBOARD_DATABASE_URL": self.database_url,
             "SWITCHBOARD_NATS_URL": self.nats_url,
+            "SWITCHBOARD_AUTH_CACHE_TTL": f"{self.config.auth_cache_ttl.total_seconds():g}s",
             "PYTHONUNBUFFERED": "1",
             **(extra_env or {}),
         }
@@ -462,7 +488,7 @@ class Mesh:
         target = f"{self.config.host}:{port}"
         self._wait(
             record,
-            lambda: grpc_serving(target, spec.grpc_services[0] if spec.public else ""),
+            lambda: grpc_serving(target, spec.health_service),
             what="SERVING",
             timeout=60,
         )
@@ -481,28 +507,35 @@ class Mesh:
             for spec in SERVICES
             if spec.public
         ]
+        authz = _envoy.Upstream(
+            name=_envoy.AUTHZ_CLUSTER,
+            services=AUTH.grpc_services,
+            endpoints=((self.config.host, AUTH.port(self.config, 0)),),
+        )
         config = _envoy.render_envoy_config(
             listen_host=self.config.host,
             listen_port=self.config.envoy_port,
             admin_port=self.config.envoy_admin_port,
             upstreams=upstreams,
+            authz=authz,
+            internal_port=self.config.envoy_internal_port,
         )
         path = self.config.run_dir / "envoy.yaml"
         _envoy.write_envoy_config(path, config)
-        self._say(f"starting Envoy on {self.envoy_address}")
+        self._say(f"starting Envoy on {self.envoy_address} (internal: {self.internal_address})")
         record = self._spawn(
             "envoy",
             _envoy.envoy_command(
                 config_path=path, base_id=self.config.envoy_base_id, log_path=None
             ),
         )
+        wanted = {spec.name: spec.replicas(self.config) for spec in SERVICES if spec.public}
+        wanted[authz.name] = 1
         self._wait(
             record,
             lambda: all(
-                _envoy.healthy_hosts(self.config.envoy_admin_port).get(spec.name, 0)
-                >= spec.replicas(self.config)
-                for spec in SERVICES
-                if spec.public
+                _envoy.healthy_hosts(self.config.envoy_admin_port).get(name, 0) >= count
+                for name, count in wanted.items()
             ),
             what="routing to every service",
             timeout=60,

@@ -1,20 +1,35 @@
-"""Session fixtures: the real mesh, started through the launcher users run."""
+"""Session fixtures: the real mesh, started through the launcher users run, and API keys
+for the tenants the tests act as (the public Envoy listener refuses calls without one)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Coroutine, Iterator
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import grpc
 import pytest
 from switchboard.inference.v1 import inference_service_pb2_grpc
 
+from services.auth import KeyStore, keys
 from services.launcher._config import isolated_config
 from services.launcher._mesh import Mesh
+
+T = TypeVar("T")
+
+DEFAULT_TENANT = "tests"
+"""The tenant of calls that name none of their own (the `inference` fixture's)."""
+AUTH_CACHE_TTL = timedelta(seconds=2)
+"""The auth service's key cache in the test mesh: a revoked key stops working this soon."""
 
 
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    mesh = Mesh(isolated_config(tmp_path_factory.mktemp("run")), progress=print)
+    config = isolated_config(tmp_path_factory.mktemp("run"))
+    mesh = Mesh(dataclasses.replace(config, auth_cache_ttl=AUTH_CACHE_TTL), progress=print)
     try:
         mesh.up()
         yield mesh
@@ -27,8 +42,122 @@ def envoy_target(mesh: Mesh) -> str:
     return mesh.envoy_address
 
 
+class Credentials:
+    """One API key per tenant, created on first use through the `KeyStore` that
+    `switchboard keys create` uses, and kept for the session.
+
+    The methods are plain functions, callable inside async tests: the store runs on its
+    own event loop in a background thread.
+    """
+
+    def __init__(self, database_url: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="api-keys", daemon=True)
+        self._thread.start()
+        self._store = KeyStore(database_url)
+        self._tokens: dict[str, str] = {}
+        self._lock = threading.Lock()
+        try:
+            self._run(self._store.open())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def key(self, tenant: str) -> str:
+        """The tenant's key (`sb_<id>_<secret>`)."""
+        with self._lock:
+            if tenant not in self._tokens:
+                _, self._tokens[tenant] = self._run(self._store.create(tenant, "tests"))
+            return self._tokens[tenant]
+
+    def metadata(self, tenant: str) -> tuple[tuple[str, str], ...]:
+        """Call metadata acting as `tenant` through Envoy: its key as a bearer token."""
+        return (("authorization", f"Bearer {self.key(tenant)}"),)
+
+    def interceptors(self, tenant: str) -> list[grpc.aio.ClientInterceptor]:
+        """For `grpc.aio.insecure_channel(..., interceptors=...)`: every call on the
+        channel carries the tenant's key unless it sends a key of its own."""
+        return _api_key_interceptors(self.key(tenant))
+
+    def revoke(self, tenant: str) -> None:
+        """Revokes the tenant's key (the next `key` call makes a new one)."""
+        with self._lock:
+            key_id, _ = keys.parse(self._tokens.pop(tenant)) or ("", "")
+        assert self._run(self._store.revoke(key_id))
+
+    def close(self) -> None:
+        try:
+            self._run(self._store.close())
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=30)
+
+
+_active: Credentials | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def credentials(mesh: Mesh) -> Iterator[Credentials]:
+    global _active
+    keys = _active = Credentials(mesh.database_url)
+    try:
+        yield keys
+    finally:
+        _active = None
+        keys.close()
+
+
+def as_tenant(tenant: str) -> tuple[tuple[str, str], ...]:
+    """Metadata of a call through Envoy as `tenant`: its API key (`credentials`)."""
+    assert _active is not None, "needs the session's `credentials` fixture"
+    return _active.metadata(tenant)
+
+
 @pytest.fixture
-async def inference(envoy_target: str):
-    """The generated Python client, through Envoy."""
-    async with grpc.aio.insecure_channel(envoy_target) as channel:
+async def inference(envoy_target: str, credentials: Credentials):
+    """The generated Python client, through Envoy, as DEFAULT_TENANT (a call may send
+    another tenant's key in its metadata)."""
+    interceptors = credentials.interceptors(DEFAULT_TENANT)
+    async with grpc.aio.insecure_channel(envoy_target, interceptors=interceptors) as channel:
         yield inference_service_pb2_grpc.InferenceServiceStub(channel)
+
+
+def _api_key_interceptors(key: str) -> list[grpc.aio.ClientInterceptor]:
+    header = ("authorization", f"Bearer {key}")
+
+    def details(call: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = list(call.metadata or ())
+        if not any(k == "authorization" for k, _ in metadata):
+            metadata.append(header)
+        return grpc.aio.ClientCallDetails(
+            method=call.method,
+            timeout=call.timeout,
+            metadata=grpc.aio.Metadata(*metadata),
+            credentials=call.credentials,
+            wait_for_ready=call.wait_for_ready,
+        )
+
+    class UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+        async def intercept_unary_unary(self, continuation, call, request):
+            return await continuation(details(call), request)
+
+    class UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+        async def intercept_unary_stream(self, continuation, call, request):
+            return await continuation(details(call), request)
+
+    class StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+        async def intercept_stream_unary(self, continuation, call, requests):
+            return await continuation(details(call), requests)
+
+    class StreamStream(grpc.aio.StreamStreamClientInterceptor):
+        async def intercept_stream_stream(self, continuation, call, requests):
+            return await continuation(details(call), requests)
+
+    return [UnaryUnary(), UnaryStream(), StreamUnary(), StreamStream()]

@@ -16,6 +16,7 @@ from switchboard.common.v1 import common_pb2
 from switchboard.inference.v1 import inference_pb2
 
 from services.runtime import error_details
+from tests.integration.conftest import as_tenant
 
 REPLICA_HEADER = "x-admission-replica"
 CONTEXT = [
@@ -35,7 +36,8 @@ def new_tenant() -> str:
     return f"tenant-{uuid.uuid4().hex[:12]}"
 
 
-def as_tenant(tenant: str) -> tuple[tuple[str, str], ...]:
+def on_replica(tenant: str) -> tuple[tuple[str, str], ...]:
+    """Metadata of a call to a replica's own port (no Envoy, no key): the tenant header."""
     return (("x-tenant-id", tenant),)
 
 
@@ -51,8 +53,9 @@ async def set_policy(stub, tenant: str, **fields) -> pb.Policy:
     return reply.policy
 
 
-async def quota(stub, tenant: str) -> pb.QuotaStatus:
-    reply = await stub.GetQuota(pb.GetQuotaRequest(), metadata=as_tenant(tenant), timeout=5)
+async def quota(stub, tenant: str, metadata=None) -> pb.QuotaStatus:
+    metadata = metadata or as_tenant(tenant)
+    reply = await stub.GetQuota(pb.GetQuotaRequest(), metadata=metadata, timeout=5)
     return reply.quota
 
 
@@ -212,9 +215,19 @@ async def test_bad_policies_and_requests_get_field_violations(admission):
     }
 
 
-async def test_tenant_is_required_and_must_match_the_header(admission):
+async def test_tenant_is_required_and_must_match_the_header(admission, mesh):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await admission.Admit(pb.AdmitRequest(), timeout=5)
+    details = error_details(err.value)
+    assert details.code == grpc.StatusCode.UNAUTHENTICATED
+    assert details.error_info.reason == "API_KEY_MISSING"  # refused by Envoy
+    # a replica's own port (as the internal listener) needs the tenant header
+    replica = _replica_targets(mesh)["admission-0"]
+    async with grpc.aio.insecure_channel(replica) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await admission_service_pb2_grpc.AdmissionServiceStub(channel).Admit(
+                pb.AdmitRequest(), timeout=5
+            )
     details = error_details(err.value)
     assert details.code == grpc.StatusCode.UNAUTHENTICATED
     assert details.error_info.reason == "TENANT_MISSING"
@@ -270,11 +283,14 @@ async def test_list_policies_pages_through_a_tenant(admission):
             timeout=5,
         )
     first = await admission.ListPolicies(
-        pb.ListPoliciesRequest(tenant_id=tenant, page_size=2), timeout=5
+        pb.ListPoliciesRequest(tenant_id=tenant, page_size=2),
+        metadata=as_tenant(tenant),
+        timeout=5,
     )
     assert [p.user_id for p in first.policies] == ["u1", "u2"] and first.next_page_token
     rest = await admission.ListPolicies(
         pb.ListPoliciesRequest(tenant_id=tenant, page_size=2, page_token=first.next_page_token),
+        metadata=as_tenant(tenant),
         timeout=5,
     )
     assert [p.user_id for p in rest.policies] == ["u3"] and not rest.next_page_token
@@ -310,7 +326,7 @@ async def test_envoy_keeps_each_tenant_on_one_replica_and_spreads_tenants(admiss
     for name, target in replicas.items():
         async with grpc.aio.insecure_channel(target) as channel:
             direct = admission_service_pb2_grpc.AdmissionServiceStub(channel)
-            in_flight[name] = (await quota(direct, tenant)).in_flight
+            in_flight[name] = (await quota(direct, tenant, on_replica(tenant))).in_flight
     assert in_flight == {name: int(name == owner) for name in replicas}
     await admission.Release(
         pb.ReleaseRequest(lease_id=lease.lease.lease_id), metadata=as_tenant(tenant), timeout=5
@@ -325,7 +341,7 @@ async def test_a_policy_update_reaches_every_replica_without_restart(admission, 
             direct = admission_service_pb2_grpc.AdmissionServiceStub(channel)
 
             async def applied(stub=direct) -> bool:
-                return (await quota(stub, tenant)).policy.max_in_flight == 3
+                return (await quota(stub, tenant, on_replica(tenant))).policy.max_in_flight == 3
 
             await eventually(applied, timeout=5.0)
 

@@ -1,21 +1,32 @@
 """API keys against the mesh's PostgreSQL: the external-authorization check Envoy asks,
-and the `switchboard keys` command."""
+the `switchboard keys` command, and keys enforced end to end at the Envoy edge."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import grpc
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2
+from prometheus_client.parser import text_string_to_metric_families
+from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
 
 from services.auth import AuthConfig, AuthService
-from services.runtime import ServerConfig, create_server
+from services.launcher._mesh import service_processes
+from services.runtime import ERROR_DOMAIN, ServerConfig, create_server, error_details
+
+GRPCURL = str(Path(sys.executable).parent / "grpcurl")
+RAG = "switchboard.rag.v1.RagService"
 
 
 @pytest.fixture
@@ -57,17 +68,18 @@ async def test_missing_wrong_and_revoked_keys_are_refused(authz):
     key_id, token = await store.create(f"tenant-{uuid.uuid4().hex[:8]}")
     other_id, other = await store.create(f"tenant-{uuid.uuid4().hex[:8]}")
     forged = token[: -len(other.split("_")[2])] + other.split("_")[2]  # A's id, B's secret
-    for headers in (
-        {},
-        {"authorization": "Bearer not-a-key"},
-        {"authorization": f"Bearer {forged}"},
-        {"x-tenant-id": "acme"},
+    for headers, reason in (
+        ({}, "API_KEY_MISSING"),
+        ({"authorization": "Bearer not-a-key"}, "API_KEY_INVALID"),
+        ({"authorization": f"Bearer {forged}"}, "API_KEY_INVALID"),
+        ({"x-tenant-id": "acme"}, "API_KEY_MISSING"),
     ):
         reply = await stub.Check(check(headers), timeout=5)
         assert reply.status.code == code_pb2.UNAUTHENTICATED, headers
         assert reply.denied_response.status.code == 401
         grpc_status = {h.header.key: h.header.value for h in reply.denied_response.headers}
         assert grpc_status["grpc-status"] == str(code_pb2.UNAUTHENTICATED)
+        assert reason.encode() in base64.b64decode(grpc_status["grpc-status-details-bin"])
     assert await store.revoke(key_id)
     reply = await stub.Check(check({"authorization": f"Bearer {token}"}), timeout=5)
     assert reply.status.code == code_pb2.UNAUTHENTICATED
@@ -108,3 +120,156 @@ def test_the_cli_creates_lists_and_revokes_keys(mesh):
         timeout=60,
     )
     assert bad.returncode == 2 and "tenant id" in bad.stderr
+
+
+# ---- end to end through Envoy ----------------------------------------------------------
+
+
+def new_tenant() -> str:
+    return f"tenant-{uuid.uuid4().hex[:12]}"
+
+
+def rag_calls_started(mesh, method: str) -> float:
+    """How many `method` calls the RAG service has begun (its Prometheus counter)."""
+    (index,) = [
+        i
+        for i, (spec, replica) in enumerate(service_processes(mesh.config))
+        if spec.process_name(mesh.config, replica) == "rag"
+    ]
+    url = f"http://127.0.0.1:{mesh.config.metrics_base_port + index}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        for family in text_string_to_metric_families(reply.read().decode()):
+            for sample in family.samples:
+                if sample.name == "switchboard_rpc_started_total" and sample.labels == {
+                    "service": RAG,
+                    "method": method,
+                }:
+                    return sample.value
+    return 0.0
+
+
+async def collections(stub, metadata) -> list[str]:
+    reply = await stub.ListCollections(
+        rag_pb2.ListCollectionsRequest(), metadata=metadata, timeout=10
+    )
+    return [c.name for c in reply.collections]
+
+
+async def ingest(stub, metadata, collection: str) -> rag_pb2.IngestDocumentsResponse:
+    async def stream():
+        yield rag_pb2.IngestDocumentsRequest(
+            document=rag_pb2.Document(
+                document_id="doc", collection=collection, text="The VPN listens on 8443."
+            )
+        )
+
+    return await stub.IngestDocuments(stream(), metadata=metadata, timeout=60)
+
+
+@pytest.fixture
+async def rag(envoy_target):
+    async with grpc.aio.insecure_channel(envoy_target) as channel:
+        yield rag_service_pb2_grpc.RagServiceStub(channel)
+
+
+async def test_without_a_valid_key_envoy_refuses_and_no_service_is_reached(rag, mesh, credentials):
+    victim = new_tenant()
+    delete = rag_pb2.DeleteDocumentRequest(collection="docs", document_id="doc")
+    before = rag_calls_started(mesh, "DeleteDocument")
+    for metadata, reason in (
+        ((), "API_KEY_MISSING"),
+        ((("x-tenant-id", victim),), "API_KEY_MISSING"),
+        ((("authorization", "Bearer sb_000000000000_" + "A" * 43),), "API_KEY_INVALID"),
+        ((("authorization", "Basic dXNlcjpwYXNz"), ("x-tenant-id", victim)), "API_KEY_MISSING"),
+        ((("x-api-key", "not-a-key"),), "API_KEY_INVALID"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await rag.DeleteDocument(delete, metadata=metadata, timeout=5)
+        details = error_details(err.value)
+        assert details.code == grpc.StatusCode.UNAUTHENTICATED, metadata
+        assert (details.error_info.reason, details.error_info.domain) == (reason, ERROR_DOMAIN)
+        assert details.error_info.metadata["request_id"]
+        assert "API key" in details.message
+    # a stream too: refused before any document is read, nothing stored for the victim
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await ingest(rag, (("x-tenant-id", victim),), "stolen")
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert await collections(rag, credentials.metadata(victim)) == []
+    assert rag_calls_started(mesh, "DeleteDocument") == before, "a refused call got through"
+
+    # the same call with a key reaches the service (so the counter above can move)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await rag.DeleteDocument(delete, metadata=credentials.metadata(victim), timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert rag_calls_started(mesh, "DeleteDocument") == before + 1
+
+
+async def test_a_key_acts_for_its_own_tenant_whatever_x_tenant_id_says(rag, credentials):
+    a, b = new_tenant(), new_tenant()
+    spoofing = (*credentials.metadata(a), ("x-tenant-id", b))
+    reply = await ingest(rag, spoofing, "mine")
+    assert reply.documents_ingested == 1
+    assert await collections(rag, credentials.metadata(a)) == ["mine"]
+    assert await collections(rag, credentials.metadata(b)) == []
+    assert await collections(rag, spoofing) == ["mine"]  # acts as a, not b
+    # the key in `x-api-key` works the same
+    as_a = (("x-api-key", credentials.key(a)), ("x-tenant-id", b))
+    assert await collections(rag, as_a) == ["mine"]
+
+
+async def test_a_revoked_key_is_refused_once_the_cache_forgets_it(rag, mesh, credentials):
+    tenant = new_tenant()
+    metadata = credentials.metadata(tenant)
+    assert await collections(rag, metadata) == []  # valid, and now cached
+    credentials.revoke(tenant)
+    revoked = time.monotonic()
+    window = mesh.config.auth_cache_ttl.total_seconds()
+    while True:
+        try:
+            await collections(rag, metadata)
+        except grpc.aio.AioRpcError as err:
+            details = error_details(err)
+            assert details.code == grpc.StatusCode.UNAUTHENTICATED
+            assert details.error_info.reason == "API_KEY_INVALID"
+            break
+        assert time.monotonic() - revoked < window + 3, "the revoked key kept working"
+        await asyncio.sleep(0.2)
+    # the tenant's new key works at once
+    assert await collections(rag, credentials.metadata(tenant)) == []
+
+
+def test_health_and_reflection_need_no_key(envoy_target):
+    def grpcurl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [GRPCURL, "-plaintext", *args], capture_output=True, text=True, timeout=60
+        )
+
+    listed = grpcurl(envoy_target, "list")
+    assert listed.returncode == 0 and RAG in listed.stdout.split()
+    described = grpcurl(envoy_target, "describe", RAG)
+    assert described.returncode == 0 and "rpc ListCollections" in described.stdout
+    health = grpcurl("-d", f'{{"service": "{RAG}"}}', envoy_target, "grpc.health.v1.Health/Check")
+    assert health.returncode == 0 and '"SERVING"' in health.stdout
+    refused = grpcurl(envoy_target, f"{RAG}/ListCollections")
+    assert refused.returncode != 0 and "Unauthenticated" in refused.stderr
+
+
+async def test_with_the_auth_service_down_the_edge_fails_closed(rag, mesh, credentials):
+    metadata = credentials.metadata(new_tenant())
+    assert await collections(rag, metadata) == []
+    mesh.stop_component("auth")
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collections(rag, metadata)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        mesh.start_service("auth")
+    deadline = time.monotonic() + 20
+    while True:  # Envoy reconnects to the restarted service
+        try:
+            assert await collections(rag, metadata) == []
+            break
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() < deadline, "calls did not recover after auth came back"
+            await asyncio.sleep(0.3)

@@ -14,10 +14,7 @@ from switchboard.common.v1 import common_pb2
 
 from services.chat.store import SessionStore
 from services.runtime import error_details
-
-
-def as_tenant(tenant: str) -> tuple[tuple[str, str], ...]:
-    return (("x-tenant-id", tenant),)
+from tests.integration.conftest import as_tenant
 
 
 def new_tenant() -> str:
@@ -151,14 +148,16 @@ async def test_invalid_session_requests_name_their_fields(chat):
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_converse_is_not_built_yet(chat):
+async def test_converse_refuses_an_empty_first_frame(chat):
     async def frames():
         yield pb.ConverseRequest()
 
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         async for _ in chat.Converse(frames(), metadata=as_tenant(new_tenant()), timeout=10):
             pass
-    assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_details(exc.value).error_info.reason == "FRAME_OUT_OF_ORDER"
+    assert "an empty frame" in exc.value.details()
 
 
 async def test_history_appends_are_gapless_and_listed_in_pages(chat, mesh):

@@ -40,26 +40,8 @@ def tenant() -> str:
 
 
 @pytest.fixture(scope="module")
-def auth(mesh):
-    import psycopg
-
-    from services.auth import keys as auth_keys
-
-    tokens: dict[str, str] = {}
-
-    def metadata(tenant: str):
-        if tenant not in tokens:
-            key = auth_keys.new_key()
-            with psycopg.connect(mesh.database_url, autocommit=True) as conn:
-                conn.execute(
-                    "INSERT INTO auth_api_keys (key_id, tenant_id, name, secret_hash)"
-                    " VALUES (%s, %s, '', %s)",
-                    (key.key_id, tenant, key.secret_hash),
-                )
-            tokens[tenant] = key.token
-        return (("authorization", f"Bearer {tokens[tenant]}"),)
-
-    return metadata
+def auth(credentials):
+    return credentials.metadata
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""The Envoy edge: one port, every public service listed and described, health."""
+"""The Envoy edge: one port, every public service listed and described, health (these
+without an API key), and a call with one."""
 
 from __future__ import annotations
 
@@ -13,8 +14,15 @@ from services.runtime import public_services
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 
 
-def grpcurl(target: str, *args: str, data: str | None = None) -> subprocess.CompletedProcess:
-    argv = [GRPCURL, "-plaintext", *(["-d", data] if data is not None else []), target, *args]
+def grpcurl(
+    target: str, *args: str, data: str | None = None, key: str | None = None
+) -> subprocess.CompletedProcess:
+    flags = ["-plaintext"]
+    if key is not None:
+        flags += ["-H", f"authorization: Bearer {key}"]
+    if data is not None:
+        flags += ["-d", data]
+    argv = [GRPCURL, *flags, target, *args]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
@@ -43,10 +51,11 @@ def test_health_is_reachable_through_envoy(envoy_target):
     assert '"SERVING"' in result.stdout
 
 
-def test_grpcurl_streams_a_generation(envoy_target):
+def test_grpcurl_streams_a_generation(envoy_target, credentials):
     result = grpcurl(
         envoy_target,
         "switchboard.inference.v1.InferenceService/Generate",
+        key=credentials.key("tests"),
         data='{"prompt": "What does Envoy do?", "context": [{"source_id": "doc-1", "text": '
         '"Envoy is an edge proxy. It routes gRPC calls by service name. Cats sleep a lot."}]}',
     )

@@ -25,16 +25,13 @@ from switchboard.execution.v1 import execution_pb2 as pb
 from switchboard.execution.v1 import execution_service_pb2_grpc
 
 from services.runtime import error_details
+from tests.integration.conftest import as_tenant
 
 TOOLS = Path(__file__).parents[2] / "services" / "execution" / "tools.yaml"
 
 
 def new_tenant() -> str:
     return f"tenant-{uuid.uuid4().hex[:12]}"
-
-
-def as_tenant(tenant: str) -> tuple[tuple[str, str], ...]:
-    return (("x-tenant-id", tenant),)
 
 
 @pytest.fixture

@@ -79,7 +79,7 @@ def test_cli_status_and_logs_of_the_running_mesh(mesh):
         timeout=30,
     )
     assert status.returncode == 0, status.stdout + status.stderr
-    for name in ("postgres", "nats", "triton-0", "triton-1", "inference", "envoy"):
+    for name in ("postgres", "nats", "triton-0", "triton-1", "inference", "auth", "envoy"):
         assert name in status.stdout
     logs = subprocess.run(
         [sys.executable, "-m", "services.launcher.cli", "logs", "inference", "-n", "5"],
@@ -95,3 +95,15 @@ def test_up_on_a_running_mesh_is_a_no_op(mesh):
     before = [r.pid for r in mesh.state.load()]
     Mesh(mesh.config, progress=lambda _: None).up()
     assert [r.pid for r in mesh.state.load()] == before
+
+
+def test_services_call_each_other_through_the_internal_listener(mesh):
+    assert mesh.internal_address.startswith("127.0.0.1:")
+    assert mesh.internal_address != mesh.envoy_address
+    services = [r for r in mesh.state.load() if r.argv[1:2] == ("-m",)]
+    assert {r.name for r in services} >= {"inference", "rag", "execution", "worker-0", "auth"}
+    for record in services:
+        environ = psutil.Process(record.pid).environ()
+        targets = {k: v for k, v in environ.items() if k.endswith("_TARGET")}
+        assert len(targets) >= 4, record.name
+        assert set(targets.values()) == {mesh.internal_address}, (record.name, targets)

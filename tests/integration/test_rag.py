@@ -20,6 +20,7 @@ from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
 from services.rag.schema import APP_ROLE, TENANT_TABLES
 from services.rag.store import Mode, RagStore
 from services.runtime import error_details
+from tests.integration.conftest import as_tenant
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 DATA = Path(__file__).parents[1] / "data"
@@ -38,10 +39,6 @@ async def rag(envoy_target: str):
 
 def new_tenant() -> str:
     return f"tenant-{uuid.uuid4().hex[:12]}"
-
-
-def as_tenant(tenant: str) -> tuple[tuple[str, str], ...]:
-    return (("x-tenant-id", tenant),)
 
 
 def doc(document_id: str, text: str, collection: str = "docs", **metadata: str):
@@ -327,16 +324,19 @@ async def test_invalid_retrieve_requests_name_the_fields(rag, fields, violations
     assert [v.field for v in details.field_violations] == violations
 
 
-async def test_unknown_collection_and_missing_tenant(rag):
+async def test_unknown_collection_and_missing_tenant(rag, mesh):
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await retrieve(rag, new_tenant(), "nowhere", "battery")
     assert exc.value.code() == grpc.StatusCode.NOT_FOUND
     info = error_details(exc.value).error_info
     assert (info.reason, info.metadata["collection"]) == ("COLLECTION_NOT_FOUND", "nowhere")
-    with pytest.raises(grpc.aio.AioRpcError) as exc:
-        await rag.Retrieve(
-            rag_pb2.RetrieveRequest(collection="docs", query="q", top_k=1), timeout=5
-        )
+    # Through Envoy every call has its key's tenant; the service's own port (and the
+    # internal listener) still refuse a call that names none.
+    async with grpc.aio.insecure_channel(f"{mesh.config.host}:{mesh.config.rag_port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await rag_service_pb2_grpc.RagServiceStub(channel).Retrieve(
+                rag_pb2.RetrieveRequest(collection="docs", query="q", top_k=1), timeout=5
+            )
     assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert error_details(exc.value).error_info.reason == "TENANT_MISSING"
 
@@ -422,28 +422,26 @@ async def test_expired_deadlines_and_cancelled_ingests_leave_whole_documents_onl
         assert assert_whole_documents(mesh, tenant) < 200
 
 
-def run_grpcurl(target: str, tenant: str, method: str, data: str, *, check: bool = True):
+def run_grpcurl(target: str, key: str, method: str, data: str, *, check: bool = True):
     return subprocess.run(
-        [GRPCURL, "-plaintext", "-H", f"x-tenant-id: {tenant}", "-d", "@", target,
+        [GRPCURL, "-plaintext", "-H", f"authorization: Bearer {key}", "-d", "@", target,
          f"switchboard.rag.v1.RagService/{method}"],
         input=data, capture_output=True, text=True, timeout=60, check=check,
     )  # fmt: skip
 
 
-def test_grpcurl_ingests_and_retrieves(envoy_target):
-    tenant = new_tenant()
+def test_grpcurl_ingests_and_retrieves(envoy_target, credentials):
+    key = credentials.key(new_tenant())
     docs = "\n".join(
         json.dumps({"document": {"documentId": k, "collection": "cli", "text": v}})
         for k, v in FACTS.items()
     )
-    reply = run_grpcurl(envoy_target, tenant, "IngestDocuments", docs)
+    reply = run_grpcurl(envoy_target, key, "IngestDocuments", docs)
     assert json.loads(reply.stdout)["documents_ingested"] == 4
     query = {"collection": "cli", "query": "VPN port", "topK": 2}
-    found = run_grpcurl(envoy_target, tenant, "Retrieve", json.dumps(query))
+    found = run_grpcurl(envoy_target, key, "Retrieve", json.dumps(query))
     assert json.loads(found.stdout)["chunks"][0]["document_id"] == "vpn"
-    bad = run_grpcurl(
-        envoy_target, tenant, "Retrieve", json.dumps({**query, "topK": 0}), check=False
-    )
+    bad = run_grpcurl(envoy_target, key, "Retrieve", json.dumps({**query, "topK": 0}), check=False)
     assert bad.returncode != 0
     assert "InvalidArgument" in bad.stderr and "top_k" in bad.stderr
 

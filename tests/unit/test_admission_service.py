@@ -70,6 +70,7 @@ def test_admission_replicas_get_their_own_ports_and_names(tmp_path: Path) -> Non
         ("execution", 50055),
         ("worker-0", 50056),
         ("chat", 50057),
+        ("auth", 50058),
     ]
 
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from services.launcher._envoy import (
+    AUTHZ_CLUSTER,
     BASE_CONFIG,
     REFLECTION_CLUSTER,
     UNKNOWN_SERVICE_MESSAGE,
@@ -40,6 +41,19 @@ UPSTREAMS = (
 )
 
 
+AUTHZ = Upstream(
+    name="auth",
+    services=("envoy.service.auth.v3.Authorization",),
+    endpoints=(("127.0.0.1", 50058),),
+)
+EXT_AUTHZ = "envoy.filters.http.ext_authz"
+SKIPPING = (
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+)
+
+
 def render(**overrides: Any) -> dict[str, Any]:
     args: dict[str, Any] = {
         "listen_host": "0.0.0.0",
@@ -51,17 +65,26 @@ def render(**overrides: Any) -> dict[str, Any]:
     return render_envoy_config(**args)
 
 
-def hcm(config: dict[str, Any]) -> dict[str, Any]:
-    listener = config["static_resources"]["listeners"][0]
-    return listener["filter_chains"][0]["filters"][0]["typed_config"]
+def guarded() -> dict[str, Any]:
+    """The launcher's edge: keys checked on the public listener, an internal one."""
+    return render(authz=AUTHZ, internal_port=8081)
 
 
-def routes(config: dict[str, Any]) -> list[dict[str, Any]]:
-    return hcm(config)["route_config"]["virtual_hosts"][0]["routes"]
+def listener(config: dict[str, Any], name: str = "public") -> dict[str, Any]:
+    (found,) = [x for x in config["static_resources"]["listeners"] if x["name"] == name]
+    return found
 
 
-def route_for(config: dict[str, Any], service: str) -> dict[str, Any]:
-    (route,) = [r for r in routes(config) if r["match"].get("prefix") == f"/{service}/"]
+def hcm(config: dict[str, Any], name: str = "public") -> dict[str, Any]:
+    return listener(config, name)["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def routes(config: dict[str, Any], name: str = "public") -> list[dict[str, Any]]:
+    return hcm(config, name)["route_config"]["virtual_hosts"][0]["routes"]
+
+
+def route_for(config: dict[str, Any], service: str, name: str = "public") -> dict[str, Any]:
+    (route,) = [r for r in routes(config, name) if r["match"].get("prefix") == f"/{service}/"]
     return route
 
 
@@ -332,3 +355,120 @@ def test_a_health_check_is_retried_on_hosts_that_do_not_know_the_service() -> No
         "retriable-headers"
         not in route_for(render(), INFERENCE)["route"]["retry_policy"]["retry_on"]
     )
+
+
+# ---- API keys at the edge: ext_authz on the public listener, an internal one without ----
+
+
+def test_without_authz_there_is_one_listener_and_no_ext_authz() -> None:
+    config = render()
+    assert [x["name"] for x in config["static_resources"]["listeners"]] == ["public"]
+    assert EXT_AUTHZ not in [f["name"] for f in hcm(config)["http_filters"]]
+
+
+def test_ext_authz_asks_the_auth_cluster_before_the_router_and_fails_closed() -> None:
+    config = render(authz=AUTHZ, authz_timeout=timedelta(milliseconds=750))
+    filters = hcm(config)["http_filters"]
+    assert [f["name"] for f in filters] == [EXT_AUTHZ, "envoy.filters.http.router"]
+    authz = filters[0]["typed_config"]
+    assert authz["@type"].endswith("envoy.extensions.filters.http.ext_authz.v3.ExtAuthz")
+    assert authz["transport_api_version"] == "V3"
+    assert authz["failure_mode_allow"] is False
+    assert authz["grpc_service"] == {
+        "envoy_grpc": {"cluster_name": AUTHZ_CLUSTER},
+        "timeout": "0.75s",
+    }
+    assert "with_request_body" not in authz  # streams are never buffered for the check
+    cluster = clusters(config)[AUTHZ_CLUSTER]
+    assert endpoints(cluster) == [("127.0.0.1", 50058)]
+    assert cluster["health_checks"][0]["grpc_health_check"] == {
+        "service_name": "envoy.service.auth.v3.Authorization"
+    }
+    # the auth service is asked by Envoy, never routed to or reflected
+    assert not [r for r in routes(config) if r.get("route", {}).get("cluster") == AUTHZ_CLUSTER]
+    assert ("127.0.0.1", 50058) not in endpoints(clusters(config)[REFLECTION_CLUSTER])
+
+
+def test_extra_filters_go_after_ext_authz() -> None:
+    extra = {"name": "envoy.filters.http.api_key_auth", "typed_config": {"@type": "x"}}
+    names = [f["name"] for f in hcm(render(authz=AUTHZ, http_filters=[extra]))["http_filters"]]
+    assert names == [EXT_AUTHZ, "envoy.filters.http.api_key_auth", "envoy.filters.http.router"]
+
+
+def test_health_and_reflection_skip_ext_authz_and_strip_the_tenant_header() -> None:
+    config = guarded()
+    for service in SKIPPING:
+        route = route_for(config, service)
+        per_route = route["typed_per_filter_config"][EXT_AUTHZ]
+        assert per_route["@type"].endswith("ext_authz.v3.ExtAuthzPerRoute")
+        assert per_route["disabled"] is True
+        assert route["request_headers_to_remove"] == ["x-tenant-id", "authorization", "x-api-key"]
+    unknown = routes(config)[-1]
+    assert unknown["typed_per_filter_config"][EXT_AUTHZ]["disabled"] is True
+
+
+def test_service_routes_are_checked_and_keep_the_tenant_ext_authz_sets() -> None:
+    # Route-level header removal runs in the router, after ext_authz: removing
+    # x-tenant-id here would drop the tenant ext_authz has just set.
+    config = guarded()
+    for upstream in UPSTREAMS:
+        for service in upstream.services:
+            route = route_for(config, service)
+            assert "typed_per_filter_config" not in route
+            assert "x-tenant-id" not in route.get("request_headers_to_remove", [])
+
+
+def test_the_internal_listener_has_the_same_routes_on_loopback_without_ext_authz() -> None:
+    config = guarded()  # the public listener on 0.0.0.0
+    internal = listener(config, "internal")
+    assert internal["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 8081}
+    manager = hcm(config, "internal")
+    assert [f["name"] for f in manager["http_filters"]] == ["envoy.filters.http.router"]
+    assert manager["stat_prefix"] == "internal"
+    assert manager["access_log"][0]["typed_config"]["log_format"]["json_format"]["listener"] == (
+        "internal"
+    )
+
+    def table(name: str) -> list[tuple[str, str | None]]:
+        return [
+            (r["match"]["prefix"], r.get("route", {}).get("cluster")) for r in routes(config, name)
+        ]
+
+    assert table("internal") == table("public")
+    for route in routes(config, "internal"):
+        assert "typed_per_filter_config" not in route
+        assert "request_headers_to_remove" not in route
+    assert route_for(config, ADMISSION, "internal")["route"]["hash_policy"] == [
+        {"header": {"header_name": "x-tenant-id"}}
+    ]
+
+
+def test_the_internal_listener_needs_its_own_port() -> None:
+    with pytest.raises(ValueError, match="port of its own"):
+        render(internal_port=8080)
+
+
+def test_consistency_keeps_the_trusting_listener_on_loopback() -> None:
+    config = copy.deepcopy(guarded())
+    listener(config, "internal")["address"]["socket_address"]["address"] = "0.0.0.0"
+    with pytest.raises(ValueError, match="internal listener trusts x-tenant-id"):
+        check_consistency(config)
+
+
+def test_consistency_refuses_a_skipping_route_that_passes_the_tenant_on() -> None:
+    config = copy.deepcopy(guarded())
+    del route_for(config, "grpc.health.v1.Health")["request_headers_to_remove"]
+    with pytest.raises(ValueError, match="skips ext_authz but passes a client's x-tenant-id"):
+        check_consistency(config)
+
+
+def test_consistency_refuses_ext_authz_after_the_router_or_without_its_cluster() -> None:
+    config = copy.deepcopy(guarded())
+    hcm(config)["http_filters"].reverse()
+    config["static_resources"]["clusters"] = [
+        c for c in config["static_resources"]["clusters"] if c["name"] != AUTHZ_CLUSTER
+    ]
+    with pytest.raises(ValueError) as error:
+        check_consistency(config)
+    assert "ext_authz must come before the router" in str(error.value)
+    assert "ext_authz names unknown cluster 'auth'" in str(error.value)
