@@ -4,6 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# the Node.js client (tests/integration/test_node_client.py runs it)
+NODE_CLIENT := clients/node
+NODE_STAMP  := $(NODE_CLIENT)/node_modules/.installed
 
 .PHONY: install gen check-gen lint test test-unit test-integration demo up down status bench redis-server
 
@@ -16,6 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $@
 
 install: $(STAMP)
+
+$(NODE_STAMP): $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json
+	npm ci --prefix $(NODE_CLIENT) --ignore-scripts --no-audit --no-fund
+	@touch $@
 
 gen: $(STAMP)
 	scripts/gen.sh
@@ -30,13 +37,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: $(STAMP) check-gen lint
+test: $(STAMP) $(NODE_STAMP) check-gen lint
 	$(BIN)/pytest $(PYTEST_ARGS) tests
 
 test-unit: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS) tests/unit
 
-test-integration: $(STAMP)
+test-integration: $(STAMP) $(NODE_STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS) tests/integration
 
 demo: $(STAMP)
@@ -57,7 +64,7 @@ bench: $(STAMP) redis-server
 bench-%: $(STAMP) redis-server
 	$(BIN)/python -m bench $*
 
-# the Celery side of bench-execution-throughput needs a Redis server (Debian's package)
+# the Celery side of bench-tasks-throughput needs a Redis server (Debian's package)
 redis-server:
 	@command -v redis-server >/dev/null || apt-get install -y -q redis-server >/dev/null \
 	  || (apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null)
