@@ -8,6 +8,8 @@ BENCHMARKS = {
     "admission-fairness": "bench.admission_fairness",
     "rag-ingest": "bench.rag_ingest",
     "rag-retrieval": "bench.rag_retrieval",
-    "execution-throughput": "bench.execution_throughput",
+    "tasks-throughput": "bench.tasks_throughput",
+    "step-overhead": "bench.step_overhead",
+    "sandbox": "bench.sandbox",
 }
 """Benchmark name -> module with a `run()` that prints its table and writes its JSON."""

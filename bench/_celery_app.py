@@ -1,4 +1,4 @@
-"""The Celery side of the execution-throughput benchmark: one task that calls the local
+"""The Celery side of the tasks-throughput benchmark: one task that calls the local
 echo over HTTP, chained three times; what a Python team would otherwise write.
 
 Broker and result backend: the Redis at `BENCH_REDIS_URL`; the echo at `BENCH_ECHO_URL`.

@@ -1,13 +1,23 @@
 """`python -m bench._echo`: a local HTTP echo for tool benchmarks; prints its port.
 
 POST /echo answers the JSON body it was sent, and the Idempotency-Key it carried.
+`started()` runs it for a benchmark; `tool_env()` registers it as the `echo` tool of the
+execution processes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
+import yaml
 from aiohttp import web
+
+TOOLS = Path(__file__).parents[1] / "services" / "execution" / "tools.yaml"
 
 
 async def _echo(request: web.Request) -> web.Response:
@@ -24,6 +34,49 @@ async def _main() -> None:
     await site.start()
     print(site._server.sockets[0].getsockname()[1], flush=True)  # type: ignore[union-attr]
     await asyncio.Event().wait()
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    """Terminates a process this benchmark started (by its handle), killing it if need be."""
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextmanager
+def started() -> Iterator[int]:
+    """The echo in its own process; yields its port."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench._echo"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        yield int(process.stdout.readline())
+    finally:
+        stop(process)
+
+
+def tool_env(port: int, run_dir: Path, *, steps_per_worker: int) -> dict[str, str]:
+    """The environment for the execution processes: the default tool registry plus the
+    echo as the `echo` HTTP tool, `steps_per_worker` steps at once per worker, no warm
+    sandboxes (tool steps need none)."""
+    config = yaml.safe_load(TOOLS.read_text())
+    config["allowed_hosts"] = [f"127.0.0.1:{port}"]
+    config["tools"]["echo"] = {
+        "kind": "http",
+        "url": f"http://127.0.0.1:{port}/echo",
+        "timeout": "5s",
+    }
+    tools = run_dir / "tools.yaml"
+    tools.write_text(yaml.safe_dump(config))
+    return {
+        "SWITCHBOARD_EXECUTION_TOOLS": str(tools),
+        "SWITCHBOARD_EXECUTION_WORKERS": str(steps_per_worker),
+        "SWITCHBOARD_EXECUTION_SANDBOX_POOL": "0",
+    }
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from google.protobuf import json_format, struct_pb2
 from google.rpc import status_pb2
@@ -112,6 +112,11 @@ class Engine:
         which = event.step_event if event.HasField("step_event") else event.task_event
         return await self.bus.publish_event(event, which.event_id)
 
+    async def publish_all(self, events: Sequence[pb.WatchTaskResponse]) -> list[int]:
+        """Appends events in this order (one connection keeps it), their acks awaited
+        together; returns their sequences."""
+        return list(await asyncio.gather(*(self.publish(e) for e in events)))
+
     async def submit(
         self, tenant_id: str, request: pb.SubmitTaskRequest, *, tool_exists: Any
     ) -> tuple[TaskRow, bool, int]:
@@ -127,28 +132,42 @@ class Engine:
     async def announce(self, task: TaskRow) -> int:
         """Publishes a new task's SUBMITTED and QUEUED events and its first work;
         returns the last event's sequence."""
-        last = await self.publish(
-            task_event(task.task_id, task.tenant_id, ev.TASK_EVENT_TYPE_SUBMITTED)
-        )
-        for step in task.steps:
-            if step.state == pb.STEP_STATE_QUEUED:
-                last = await self.queue(task.task_id, task.tenant_id, step.name)
-        return last
+        queued = [s.name for s in task.steps if s.state == pb.STEP_STATE_QUEUED]
+        submitted = task_event(task.task_id, task.tenant_id, ev.TASK_EVENT_TYPE_SUBMITTED)
+        return await self.queue_all(task.task_id, task.tenant_id, queued, before=[submitted])
 
-    async def queue(self, task_id: str, tenant_id: str, step: str) -> int:
-        """Publishes the step's QUEUED event and its work message; returns the event's
-        sequence."""
-        sequence = await self.publish(
-            step_event(task_id, tenant_id, step, ev.STEP_EVENT_TYPE_QUEUED, 0)
-        )
-        await self.bus.enqueue(task_id, step)
-        return sequence
+    async def queue_all(
+        self,
+        task_id: str,
+        tenant_id: str,
+        steps: Sequence[str],
+        *,
+        before: Sequence[pb.WatchTaskResponse] = (),
+        after: Sequence[pb.WatchTaskResponse] = (),
+    ) -> int:
+        """Publishes `before`, the steps' QUEUED events and `after`, then (once the
+        events are stored, so that no STARTED event can precede its QUEUED one) the
+        steps' work messages; returns the last event's sequence."""
+        queued = [step_event(task_id, tenant_id, s, ev.STEP_EVENT_TYPE_QUEUED, 0) for s in steps]
+        sequences = await self.publish_all([*before, *queued, *after])
+        await asyncio.gather(*(self.bus.enqueue(task_id, s) for s in steps))
+        return sequences[-1] if sequences else 0
 
-    async def progress(self, task_id: str, tenant_id: str, progress: Progress) -> None:
-        for name in progress.queued:
-            await self.queue(task_id, tenant_id, name)
-        if progress.task_state:
-            await self.publish(task_event(task_id, tenant_id, _TASK_EVENTS[progress.task_state]))
+    async def progress(
+        self,
+        task_id: str,
+        tenant_id: str,
+        progress: Progress,
+        *,
+        before: Sequence[pb.WatchTaskResponse] = (),
+    ) -> None:
+        """Publishes what a transition changed, after the events `before`."""
+        ended = (
+            [task_event(task_id, tenant_id, _TASK_EVENTS[progress.task_state])]
+            if progress.task_state
+            else []
+        )
+        await self.queue_all(task_id, tenant_id, progress.queued, before=before, after=ended)
 
     async def cancel(self, task_id: str, tenant_id: str) -> TaskRow:
         task, cancelled = await self.store.cancel(task_id, tenant_id)
@@ -174,6 +193,53 @@ class Engine:
         return len(stale)
 
 
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+
+class _Batcher(Generic[_Item, _Result]):
+    """Hands `flush` every item submitted while its previous call ran: one round trip
+    (and one commit) for many steps when busy, no wait added when idle."""
+
+    def __init__(
+        self, flush: Callable[[list[_Item]], Awaitable[list[_Result]]], *, limit: int = 256
+    ) -> None:
+        self._flush = flush
+        self._limit = limit
+        self._waiting: list[tuple[_Item, asyncio.Future[_Result]]] = []
+        self._flushing: asyncio.Task[None] | None = None
+
+    async def __call__(self, item: _Item) -> _Result:
+        future: asyncio.Future[_Result] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if self._flushing is None:
+            self._flushing = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        batch: list[tuple[_Item, asyncio.Future[_Result]]] = []
+        try:
+            while self._waiting:
+                batch = self._waiting[: self._limit]
+                del self._waiting[: self._limit]
+                try:
+                    results = await self._flush([item for item, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - each caller gets it
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), result in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            self._flushing = None
+            for _, future in [*batch, *self._waiting]:  # when cancelled: nobody hangs
+                if not future.done():
+                    future.cancel()
+            self._waiting.clear()
+
+
 class Worker:
     """Pulls steps from the work queue and runs them, `concurrency` at a time."""
 
@@ -193,6 +259,9 @@ class Worker:
         self._loop_task: asyncio.Task[None] | None = None
         self._cancel_sub: Any = None
         self.steps_done = 0
+        store, lease = engine.store, engine.bus.settings.ack_wait
+        self._claims = _Batcher(lambda steps: store.claim_many(steps, lease=lease))
+        self._completions = _Batcher(store.complete_many)
 
     async def start(self) -> None:
         self._cancel_sub = await self._engine.bus.nc.subscribe("sb.cancel.*", cb=self._on_cancel)
@@ -257,8 +326,7 @@ class Worker:
         body = json.loads(msg.data)
         task_id, name = body["task_id"], body["step"]
         settings = self._engine.bus.settings
-        lease = settings.ack_wait
-        claimed = await self._engine.store.claim(task_id, name, lease=lease)
+        claimed = await self._claims((task_id, name))
         if claimed.claim is Claim.DUPLICATE:
             await msg.ack()
             return
@@ -270,12 +338,10 @@ class Worker:
             # publish it all again (ids drop what did go out)
             task = await self._engine.store.get(task_id, None)
             done = next(s for s in task.steps if s.name == name)
-            await self._engine.publish(
-                step_event(task, task.tenant_id, name, ev.STEP_EVENT_TYPE_COMPLETED,
-                           done.attempt, output=done.output)
-            )  # fmt: skip
+            completed = step_event(task, task.tenant_id, name, ev.STEP_EVENT_TYPE_COMPLETED,
+                                   done.attempt, output=done.output)  # fmt: skip
             progress = await self._engine.store.follow_up(task_id)
-            await self._engine.progress(task_id, task.tenant_id, progress)
+            await self._engine.progress(task_id, task.tenant_id, progress, before=[completed])
             await msg.ack()
             return
         if claimed.claim is Claim.REPORT:
@@ -313,12 +379,10 @@ class Worker:
                 raise  # the worker is stopping: the message is redelivered elsewhere
             await msg.ack()  # the task was cancelled: its events are already published
             return
-        progress = await self._engine.store.complete(task_id, name, output)
-        await self._engine.publish(
-            step_event(task, task.tenant_id, name, ev.STEP_EVENT_TYPE_COMPLETED, attempt,
-                       output=output)
-        )  # fmt: skip
-        await self._engine.progress(task_id, task.tenant_id, progress)
+        progress = await self._completions((task_id, name, output))
+        completed = step_event(task, task.tenant_id, name, ev.STEP_EVENT_TYPE_COMPLETED, attempt,
+                               output=output)  # fmt: skip
+        await self._engine.progress(task_id, task.tenant_id, progress, before=[completed])
         await msg.ack()
         self.steps_done += 1
 
@@ -401,8 +465,8 @@ class Worker:
         self, task: ClaimedTask | TaskRow, name: str, attempt: int, status: status_pb2.Status
     ) -> None:
         """Publishes a task's failure (again, after a crash: the ids drop repeats): the
-        step's FAILED event, its cancelled successors, the task's FAILED event, and the
-        step in the dead-letter stream."""
+        step's FAILED event, its cancelled successors, the step in the dead-letter
+        stream, and the task's FAILED event."""
         await self._engine.publish(
             step_event(task, task.tenant_id, name, ev.STEP_EVENT_TYPE_FAILED, attempt,
                        error=status)
@@ -413,10 +477,11 @@ class Worker:
                     step_event(task, task.tenant_id, other.name,
                                ev.STEP_EVENT_TYPE_CANCELLED, other.attempt)
                 )  # fmt: skip
-        await self._engine.publish(
-            task_event(task.task_id, task.tenant_id, ev.TASK_EVENT_TYPE_FAILED, status)
-        )
         dead = struct_pb2.Struct()
         dead.update({"task_id": task.task_id, "step": name, "attempt": attempt,
                      "error": status.message})  # fmt: skip
+        # before the task's FAILED event: whoever sees the task end finds its dead letter
         await self._engine.bus.dead_letter(task.task_id, name, dead.SerializeToString(), attempt)
+        await self._engine.publish(
+            task_event(task.task_id, task.tenant_id, ev.TASK_EVENT_TYPE_FAILED, status)
+        )

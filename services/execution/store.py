@@ -423,30 +423,49 @@ class TaskStore:
     # ---- the worker's transitions ----------------------------------------------------
 
     async def claim(self, task_id: str, step: str, *, lease: timedelta) -> ClaimResult:
-        """Takes a step to run (attempt + 1, RUNNING, lease) in one statement, or says
-        why not."""
+        """Takes a step to run (attempt + 1, RUNNING, lease), or says why not."""
+        (result,) = await self.claim_many([(task_id, step)], lease=lease)
+        return result
+
+    async def claim_many(
+        self, steps: Sequence[tuple[str, str]], *, lease: timedelta
+    ) -> list[ClaimResult]:
+        """`claim` for several (task, step) at once: one statement takes every step that
+        can run; the others are looked at one by one. Of a step named twice, only the
+        first is taken."""
         async with self._db.connection() as conn:
             cur = await conn.execute(
                 "UPDATE exec_steps s SET state = %(running)s, attempt = s.attempt + 1,"
                 " lease_until = clock_timestamp() + %(lease)s,"
                 " start_time = coalesce(s.start_time, now()), error = NULL"
-                " FROM exec_tasks t"
-                " WHERE s.task_id = %(task)s AND s.name = %(step)s AND t.task_id = s.task_id"
+                " FROM exec_tasks t,"
+                " unnest(%(tasks)s::uuid[], %(steps)s::text[]) AS u(task_id, name)"
+                " WHERE s.task_id = u.task_id AND s.name = u.name AND t.task_id = s.task_id"
                 " AND t.state = %(task_running)s AND (s.state = %(queued)s OR (s.state ="
                 " %(running)s AND coalesce(s.lease_until <= clock_timestamp(), true)))"
-                " RETURNING s.attempt, t.tenant_id, t.request, (SELECT coalesce("
-                "jsonb_object_agg(d.name, d.output), '{}') FROM exec_steps d"
+                " RETURNING s.task_id::text, s.name, s.attempt, t.tenant_id, t.request,"
+                " (SELECT coalesce(jsonb_object_agg(d.name, d.output), '{}') FROM exec_steps d"
                 " WHERE d.task_id = s.task_id AND d.state = %(completed)s)",
-                {"task": task_id, "step": step, "lease": lease,
+                {"tasks": [t for t, _ in steps], "steps": [n for _, n in steps], "lease": lease,
                  "running": pb.STEP_STATE_RUNNING, "queued": pb.STEP_STATE_QUEUED,
                  "completed": pb.STEP_STATE_COMPLETED, "task_running": pb.TASK_STATE_RUNNING},
             )  # fmt: skip
-            row = await cur.fetchone()
-            if row is not None:
-                attempt, tenant_id, request, outputs = row
-                task = ClaimedTask(task_id, tenant_id, _request(bytes(request)))
-                return ClaimResult(Claim.RUN, task, attempt, outputs)
-            return await self._unclaimable(conn, task_id, step)
+            taken = {
+                (task_id, name): ClaimResult(
+                    Claim.RUN,
+                    ClaimedTask(task_id, tenant_id, _request(bytes(request))),
+                    attempt,
+                    outputs,
+                )
+                for task_id, name, attempt, tenant_id, request, outputs in await cur.fetchall()
+            }
+            results = []
+            for task_id, name in steps:
+                result = taken.pop((task_id, name), None)
+                if result is None:
+                    result = await self._unclaimable(conn, task_id, name)
+                results.append(result)
+            return results
 
     async def _unclaimable(
         self, conn: psycopg.AsyncConnection, task_id: str, step: str
@@ -489,13 +508,30 @@ class TaskStore:
     async def complete(self, task_id: str, step: str, output: Any) -> Progress:
         """Records the output, queues every step this one unblocked, ends the task when
         every step completed; one transaction (`exec_complete`)."""
+        (progress,) = await self.complete_many([(task_id, step, output)])
+        return progress
+
+    async def complete_many(self, steps: Sequence[tuple[str, str, Any]]) -> list[Progress]:
+        """`complete` for several (task, step, output) at once: one statement, one
+        transaction, one commit. Taken in task order, so that two of them never wait on
+        each other's task locks."""
+        order = sorted(range(len(steps)), key=lambda i: steps[i][:2])
         async with self._db.connection() as conn:
             cur = await conn.execute(
-                "SELECT queued, finished FROM exec_complete(%s, %s, %s)",
-                (task_id, step, Jsonb(output)),
+                "SELECT c.queued, c.finished FROM unnest(%s::uuid[], %s::text[], %s::jsonb[])"
+                " WITH ORDINALITY AS u(task_id, name, output, n),"
+                " LATERAL exec_complete(u.task_id, u.name, u.output) c ORDER BY u.n",
+                (
+                    [steps[i][0] for i in order],
+                    [steps[i][1] for i in order],
+                    [Jsonb(steps[i][2]) for i in order],
+                ),
             )
-            queued, finished = await cur.fetchone()  # type: ignore[misc]
-        return Progress(tuple(queued), pb.TASK_STATE_COMPLETED if finished else 0)
+            rows = await cur.fetchall()
+        progress: list[Progress] = [Progress()] * len(steps)
+        for i, (queued, finished) in zip(order, rows, strict=True):
+            progress[i] = Progress(tuple(queued), pb.TASK_STATE_COMPLETED if finished else 0)
+        return progress
 
     async def follow_up(self, task_id: str) -> Progress:
         """Re-derives what a completed step unblocked (after a crash before publishing):

@@ -14,6 +14,7 @@ import signal
 import socket
 import struct
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ class SandboxPool:
         self._size = size
         self._ready: list[_Sandbox] = []
         self._starting: set[asyncio.Task[None]] = set()
+        self._ending: set[asyncio.Task[None]] = set()
         self._closed = False
 
     async def __aenter__(self) -> SandboxPool:
@@ -107,7 +109,7 @@ class SandboxPool:
         timeout = _checked_timeout(request, self.limits)
         sandbox = await self._take()
         self._replenish()
-        return await sandbox.execute(request, timeout)
+        return await sandbox.execute(request, timeout, destroy=self._destroy_later)
 
     async def close(self) -> None:
         """Destroys the sandboxes that wait for a run; runs in progress finish. Idempotent."""
@@ -117,6 +119,15 @@ class SandboxPool:
         ready, self._ready = self._ready, []
         for sandbox in ready:
             await sandbox.destroy()
+        while self._ending:
+            await asyncio.gather(*self._ending, return_exceptions=True)
+
+    def _destroy_later(self, sandbox: _Sandbox) -> None:
+        """Destroys a sandbox whose run has reported, off the run's latency; `close()`
+        waits for it."""
+        task = asyncio.create_task(sandbox.destroy())
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
 
     async def _take(self) -> _Sandbox:
         while self._ready:
@@ -199,8 +210,16 @@ class _Sandbox:
     def alive(self) -> bool:
         return self._process.returncode is None
 
-    async def execute(self, request: RunRequest, timeout: float) -> RunResult:
-        """Runs the request (already checked) and destroys the sandbox."""
+    async def execute(
+        self,
+        request: RunRequest,
+        timeout: float,
+        *,
+        destroy: Callable[[_Sandbox], None] | None = None,
+    ) -> RunResult:
+        """Runs the request (already checked) and destroys the sandbox: before returning,
+        or, given `destroy`, by handing it over once the run has reported (a run that
+        fails or is cancelled is still destroyed before this returns)."""
         self._writer.write(
             _launcher.encode_message(
                 {
@@ -226,10 +245,17 @@ class _Sandbox:
                 raise SandboxError("the sandbox did not report in time") from None
             if report is None or "error" in report:
                 raise SandboxError(f"the sandbox failed: {_failure(report, err)}")
-        finally:
+        except BaseException:
             for task in (feeding, stdout, stderr):
                 await stop_task(task)
             await self.destroy()
+            raise
+        for task in (feeding, stdout, stderr):
+            await stop_task(task)
+        if destroy is None:
+            await self.destroy()
+        else:
+            destroy(self)
         return _result(report, self._limits, (out, out_cut), (err, err_cut))
 
     async def destroy(self) -> None:

@@ -21,18 +21,19 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psycopg
-import yaml
 from google.protobuf import struct_pb2
 from switchboard.execution.v1 import execution_pb2 as pb
 from switchboard.execution.v1 import execution_service_pb2_grpc
 
-from bench._common import print_table, running_mesh, write_result
+from bench import _echo
+from bench._common import api_key_metadata, print_table, running_mesh, write_result
 from services.launcher._procs import free_port_base
 
-NAME = "execution-throughput"
+NAME = "tasks-throughput"
 TASKS = 1500
 WARMUP_TASKS = 100
 SUBMITTERS = 64
@@ -41,24 +42,6 @@ STEPS_PER_WORKER = 64
 CELERY_CONCURRENCY = 8
 """Prefork processes: the steps wait on HTTP, so more than the 2 cores."""
 BUDGET_S = 300.0
-TOOLS = Path(__file__).parents[1] / "services" / "execution" / "tools.yaml"
-
-
-def _start_echo() -> tuple[subprocess.Popen[str], int]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bench._echo"], stdout=subprocess.PIPE, text=True
-    )
-    assert process.stdout is not None
-    return process, int(process.stdout.readline())
-
-
-def _stop(process: subprocess.Popen[str]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 # ---- Switchboard ---------------------------------------------------------------------------
@@ -94,20 +77,21 @@ def _completed(database_url: str, tenant: str) -> int:
     return int(done)
 
 
-async def _switchboard_round(envoy: str, database_url: str, count: int) -> float:
+async def _switchboard_round(mesh: Any, count: int) -> float:
     tenant = f"bench-{uuid.uuid4().hex[:8]}"
+    metadata = api_key_metadata(mesh, tenant)
     request = _task()
     gate = asyncio.Semaphore(SUBMITTERS)
-    async with grpc.aio.insecure_channel(envoy) as channel:
+    async with grpc.aio.insecure_channel(mesh.envoy_address) as channel:
         stub = execution_service_pb2_grpc.ExecutionServiceStub(channel)
 
         async def one() -> None:
             async with gate:
-                await stub.SubmitTask(request, metadata=(("x-tenant-id", tenant),), timeout=60)
+                await stub.SubmitTask(request, metadata=metadata, timeout=60)
 
         started = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(count)))
-        while _completed(database_url, tenant) < count:
+        while _completed(mesh.database_url, tenant) < count:
             if time.perf_counter() - started > BUDGET_S:
                 raise RuntimeError("Switchboard tasks did not finish within the budget")
             await asyncio.sleep(0.05)
@@ -115,25 +99,12 @@ async def _switchboard_round(envoy: str, database_url: str, count: int) -> float
 
 
 def _switchboard(echo_port: int, run_dir: Path) -> float:
-    config = yaml.safe_load(TOOLS.read_text())
-    config["allowed_hosts"] = [f"127.0.0.1:{echo_port}"]
-    config["tools"]["echo"] = {
-        "kind": "http",
-        "url": f"http://127.0.0.1:{echo_port}/echo",
-        "timeout": "5s",
-    }
-    tools = run_dir / "tools.yaml"
-    tools.write_text(yaml.safe_dump(config))
-    env = {
-        "SWITCHBOARD_EXECUTION_TOOLS": str(tools),
-        "SWITCHBOARD_EXECUTION_WORKERS": str(STEPS_PER_WORKER),
-        "SWITCHBOARD_EXECUTION_SANDBOX_POOL": "0",
-    }
+    env = _echo.tool_env(echo_port, run_dir, steps_per_worker=STEPS_PER_WORKER)
     with running_mesh(triton_replicas=1, workers=WORKER_PROCESSES) as mesh:
         for name in ("execution", *(f"worker-{i}" for i in range(WORKER_PROCESSES))):
             mesh.start_service(name, env=env)
-        asyncio.run(_switchboard_round(mesh.envoy_address, mesh.database_url, WARMUP_TASKS))
-        return asyncio.run(_switchboard_round(mesh.envoy_address, mesh.database_url, TASKS))
+        asyncio.run(_switchboard_round(mesh, WARMUP_TASKS))
+        return asyncio.run(_switchboard_round(mesh, TASKS))
 
 
 # ---- Celery --------------------------------------------------------------------------------
@@ -147,7 +118,7 @@ def _celery(echo_port: int, run_dir: Path) -> float:
     redis = subprocess.Popen(
         [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(run_dir),
          "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     env = {
         **os.environ,
@@ -165,7 +136,7 @@ def _celery(echo_port: int, run_dir: Path) -> float:
             [sys.executable, "-m", "celery", "-A", "bench._celery_app", "worker",
              "--pool=prefork", f"--concurrency={CELERY_CONCURRENCY}", "--loglevel=WARNING",
              "--without-gossip", "--without-mingle", "--without-heartbeat"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
         )  # fmt: skip
         deadline = time.monotonic() + 60
         while not app.control.inspect(timeout=1).ping():
@@ -185,20 +156,19 @@ def _celery(echo_port: int, run_dir: Path) -> float:
         return round_(TASKS)
     finally:
         if worker is not None:
-            _stop(worker)  # type: ignore[arg-type]
-        _stop(redis)  # type: ignore[arg-type]
+            _echo.stop(worker)
+        _echo.stop(redis)
 
 
 def run() -> dict:
-    run_dir = Path(tempfile.mkdtemp(prefix="switchboard-bench-exec-"))
-    echo, echo_port = _start_echo()
+    run_dir = Path(tempfile.mkdtemp(prefix="switchboard-bench-tasks-"))
     try:
-        celery_s = _celery(echo_port, run_dir)
-        print(f"  celery: {TASKS} chains in {celery_s:.1f}s", flush=True)
-        switchboard_s = _switchboard(echo_port, run_dir)
-        print(f"  switchboard: {TASKS} tasks in {switchboard_s:.1f}s", flush=True)
+        with _echo.started() as echo_port:
+            celery_s = _celery(echo_port, run_dir)
+            print(f"  celery: {TASKS} chains in {celery_s:.1f}s", flush=True)
+            switchboard_s = _switchboard(echo_port, run_dir)
+            print(f"  switchboard: {TASKS} tasks in {switchboard_s:.1f}s", flush=True)
     finally:
-        _stop(echo)
         shutil.rmtree(run_dir, ignore_errors=True)
     ours = TASKS / switchboard_s * 60
     theirs = TASKS / celery_s * 60
@@ -218,7 +188,8 @@ def run() -> dict:
     }
     notes = (
         f"{TASKS} tasks of 3 sequential HTTP echo steps after {WARMUP_TASKS} warm-up ones; "
-        f"Switchboard: {SUBMITTERS} concurrent SubmitTask calls through Envoy, "
+        f"Switchboard: {SUBMITTERS} concurrent SubmitTask calls through Envoy (API key "
+        "checked at the edge), "
         f"{WORKER_PROCESSES} worker processes x {STEPS_PER_WORKER} steps, PostgreSQL state, "
         "JetStream file storage; Celery 5 chain, Redis AOF everysec, late acks, prefork "
         f"x {CELERY_CONCURRENCY}; same machine, same echo process"
