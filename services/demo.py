@@ -1,7 +1,8 @@
-"""`make demo`: start the mesh, then through Envoy, with an API key for tenant `demo`: list
-the models, stream answers with citations, ingest the sample handbook and answer from what
-retrieval finds, run a multi-step task while watching its events, and stop everything the
-demo started."""
+"""`make demo`: the main job end to end. Start the mesh; create an API key for tenant
+`demo`; then through Envoy with that key: list the models, compare a few embeddings, ingest
+the sample handbook, hold a chat session over one Converse stream (answers streamed with
+their sources, a sandboxed code step with its progress), print the session's stored
+transcript, submit and watch a multi-step task; and stop everything the demo started."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 from google.protobuf import json_format
+from switchboard.chat.v1 import chat_pb2, chat_service_pb2_grpc
 from switchboard.common.v1 import common_pb2
 from switchboard.events.v1 import events_pb2
 from switchboard.execution.v1 import execution_pb2, execution_service_pb2_grpc
@@ -23,6 +25,7 @@ from switchboard.inference.v1 import inference_service_pb2_grpc
 from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
 
 from services.auth import KeyStore
+from services.launcher import chat
 from services.launcher._config import load_launcher_config
 from services.launcher._mesh import LaunchError, Mesh
 
@@ -36,6 +39,11 @@ HANDBOOK_QUESTIONS = [
     "How do I get into a red zone of the warehouse?",
     "What should I do when I lose my office badge?",
 ]
+CODE_MESSAGE = (
+    "/code\n"
+    "rotation = ['Ana', 'Ben', 'Chen', 'Dee']\n"
+    "print('on-call weeks per person each year:', {p: 52 // len(rotation) for p in rotation})"
+)
 TASK = {
     "idempotency_key": "demo-task-1",
     "steps": [
@@ -63,38 +71,6 @@ TASK = {
     ],
 }
 
-PASSAGES = [
-    pb.Passage(
-        source_id="handbook/edge",
-        text=(
-            "Every call enters Switchboard through one Envoy port. Envoy routes each gRPC call to "
-            "a service by the service name in its path. Streaming routes have no overall timeout, "
-            "only an idle timeout."
-        ),
-    ),
-    pb.Passage(
-        source_id="handbook/routing",
-        text=(
-            "The inference service picks a model tier by prompt length and complexity. Short, "
-            "simple prompts go to the small tier; long or complex prompts go to the large tier. "
-            "Backends are chosen by least outstanding work, and a session sticks to its backend "
-            "so cached state can be reused."
-        ),
-    ),
-    pb.Passage(
-        source_id="handbook/batching",
-        text=(
-            "Triton batches concurrent embedding requests dynamically. Dynamic batching combines "
-            "requests that arrive within a short window into one model execution, which raises "
-            "throughput on the same hardware."
-        ),
-    ),
-]
-QUESTIONS = [
-    "How does Switchboard choose a backend for a session?",
-    "Explain why dynamic batching raises throughput, and compare it with handling each "
-    "request alone?",
-]
 SENTENCES = [
     "The cat is sleeping on the sofa.",
     "A kitten naps on the couch.",
@@ -119,28 +95,6 @@ async def _show(target: str, key: Metadata) -> None:
                 f"cost={m.relative_cost:<4} backends={len(m.backends)} healthy={m.healthy}"
             )
 
-        for question in QUESTIONS:
-            print(f"\nQ: {question}\nA: ", end="", flush=True)
-            started = time.perf_counter()
-            async for reply in stub.Generate(
-                pb.GenerateRequest(prompt=question, context=PASSAGES, session_id="demo-session"),
-                metadata=key,
-                timeout=60,
-            ):
-                if reply.HasField("token"):
-                    sys.stdout.write(reply.token.text)
-                    sys.stdout.flush()
-                    continue
-                done = reply.complete
-                print(
-                    f"\n   model={done.model.name} backend={done.backend} "
-                    f"ttft={done.time_to_first_token.ToMilliseconds()}ms "
-                    f"total={1000 * (time.perf_counter() - started):.0f}ms "
-                    f"tokens={done.usage.prompt_tokens}+{done.usage.completion_tokens}"
-                )
-                for c in done.citations:
-                    print(f"   [{c.passage_index}] {c.source_id} chars {c.start_char}-{c.end_char}")
-
         reply = await stub.Embed(pb.EmbedRequest(texts=SENTENCES), metadata=key, timeout=30)
         vectors = np.array([e.values for e in reply.embeddings])
         print(
@@ -150,26 +104,14 @@ async def _show(target: str, key: Metadata) -> None:
         for i, text in enumerate(SENTENCES):
             row = " ".join(f"{s:5.2f}" for s in sims[i])
             print(f"  {row}   {text}")
-        await _rag(channel, key)
+        await _ingest(channel, key)
+        await _chat(channel, key)
         await _task(channel, key)
         print()
 
 
-async def _stream_answer(stub, request: pb.GenerateRequest, key: Metadata) -> None:
-    async for reply in stub.Generate(request, metadata=key, timeout=60):
-        if reply.HasField("token"):
-            sys.stdout.write(reply.token.text)
-            sys.stdout.flush()
-        else:
-            cited = sorted(
-                {request.context[c.passage_index].source_id for c in reply.complete.citations}
-            )
-            print(f"\n   cited: {', '.join(cited) or 'nothing'}")
-
-
-async def _rag(channel: grpc.aio.Channel, key: Metadata) -> None:
+async def _ingest(channel: grpc.aio.Channel, key: Metadata) -> None:
     rag = rag_service_pb2_grpc.RagServiceStub(channel)
-    inference = inference_service_pb2_grpc.InferenceServiceStub(channel)
     documents = [json.loads(line) for line in HANDBOOK.read_text().splitlines()]
 
     async def stream():
@@ -187,21 +129,56 @@ async def _rag(channel: grpc.aio.Channel, key: Metadata) -> None:
         f"\nIngested {reply.documents_ingested} handbook documents as {reply.chunks_ingested} "
         f"chunks in {time.perf_counter() - started:.1f}s (tenant 'demo', collection 'handbook')"
     )
-    for question in HANDBOOK_QUESTIONS:
-        found = await rag.Retrieve(
-            rag_pb2.RetrieveRequest(collection="handbook", query=question, top_k=3),
+
+
+async def _chat(channel: grpc.aio.Channel, key: Metadata) -> None:
+    """One session, one Converse stream: the handbook questions, then a code step."""
+    stub = chat_service_pb2_grpc.ChatServiceStub(channel)
+    settings = chat_pb2.SessionSettings(
+        system_prompt="Answer from the handbook and cite it.",
+        collection="handbook",
+        retrieval_top_k=3,
+        code_enabled=True,
+    )
+    session = (
+        await stub.CreateSession(
+            chat_pb2.CreateSessionRequest(title="make demo", settings=settings),
             metadata=key,
             timeout=10,
         )
-        passages = [
-            pb.Passage(source_id=f"{c.document_id}#{c.chunk_index}", text=c.text)
-            for c in found.chunks
-        ]
-        print(
-            f"\nQ: {question}\n   retrieved: {', '.join(p.source_id for p in passages)}\nA: ",
-            end="",
-        )
-        await _stream_answer(inference, pb.GenerateRequest(prompt=question, context=passages), key)
+    ).session
+    said = [*HANDBOOK_QUESTIONS, CODE_MESSAGE]
+    print(f"\nChat session {session.session_id} (collection 'handbook', code enabled):")
+
+    async def frames():
+        yield chat_pb2.ConverseRequest(open=chat_pb2.OpenSession(session_id=session.session_id))
+        for i, text in enumerate(said):
+            yield chat_pb2.ConverseRequest(
+                message=chat_pb2.UserMessage(client_message_id=f"demo-{i}", text=text)
+            )  # half-close after the last one: the server ends the stream when all are answered
+
+    async for frame in stub.Converse(frames(), metadata=key, timeout=120):
+        if frame.HasField("turn_started"):
+            text = said[int(frame.turn_started.client_message_id.removeprefix("demo-"))]
+            print(f"\nyou> {text}\nassistant> ", end="")
+        print(chat.render(frame), end="", flush=True)
+
+    history = await stub.ListMessages(
+        chat_pb2.ListMessagesRequest(session_id=session.session_id), metadata=key, timeout=10
+    )
+    print(f"\nThe session's stored history ({len(history.messages)} messages, in order):")
+    for m in history.messages:
+        role = chat_pb2.MessageRole.Name(m.role).removeprefix("MESSAGE_ROLE_").lower()
+        status = chat_pb2.MessageStatus.Name(m.status).removeprefix("MESSAGE_STATUS_").lower()
+        if m.HasField("tool_call"):
+            body = f"{m.tool_call.tool} as task {m.tool_call.task_id}"
+        elif m.HasField("tool_result"):
+            body = json_format.MessageToJson(m.tool_result.output, indent=None)
+        else:
+            body = m.text
+        body = " ⏎ ".join(body.splitlines())
+        body = body if len(body) <= 90 else body[:87] + "..."
+        print(f"  {m.sequence:>2} {role:<11} {status:<9} {body}")
 
 
 async def _task(channel: grpc.aio.Channel, key: Metadata) -> None:

@@ -97,8 +97,8 @@ def _text_of(output: struct_pb2.Value, tool: str) -> str:
     """A tool's output as passage text the model can quote."""
     value = json_format.MessageToDict(output)
     if tool == RUN_CODE and isinstance(value, dict):
-        parts = [str(value.get("stdout", "")).strip(), str(value.get("result", "")).strip()]
-        return "\n".join(p for p in parts if p) or "(no output)"
+        parts = [value.get("stdout"), value.get("result")]
+        return "\n".join(str(p).strip() for p in parts if p not in (None, "")) or "(no output)"
     return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
