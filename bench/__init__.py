@@ -11,5 +11,7 @@ BENCHMARKS = {
     "tasks-throughput": "bench.tasks_throughput",
     "step-overhead": "bench.step_overhead",
     "sandbox": "bench.sandbox",
+    "chat-latency": "bench.chat_latency",
+    "chat-sessions": "bench.chat_sessions",
 }
 """Benchmark name -> module with a `run()` that prints its table and writes its JSON."""
