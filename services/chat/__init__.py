@@ -49,7 +49,7 @@ class ChatConfig:
     """Largest user message, in UTF-8 bytes; a larger one gets an ErrorFrame."""
     chat_resume_grace_s: float = 0.5
     """Seconds an answer keeps generating after its client dropped, for a resume."""
-    chat_idle_ttl_s: float = 300.0
+    chat_idle_ttl_s: float = 120.0
     """Seconds an idle session keeps its events for a resume after its streams end."""
     chat_flow_window: int = 256
     """Events a stream may fall behind before its session's generation waits."""
@@ -139,10 +139,10 @@ class ChatService:
 
     async def _run_turn(self, live: LiveSession, message: pb.UserMessage) -> None:
         clear_deadline()  # a turn outlives the stream that started it
-        row = await self.store.get(live.tenant_id, live.session_id)
         turn = Turn(
             tenant_id=live.tenant_id,
-            session=session_message(row),
+            session_id=live.session_id,
+            settings=live.settings,
             message=message,
             store=self.store,
             backends=self.backends,

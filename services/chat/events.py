@@ -7,7 +7,8 @@ drops and comes back resumes from the last event it saw, without gaps or duplica
 Flow control: a producer (a turn) appending while the slowest attached reader is
 `window` events behind waits until that reader catches up, so a slow client slows its
 own session's generation instead of growing a buffer. Detached readers hold nothing
-back; what they miss stays retained (the last `retain` events) for a resume.
+back; what they miss stays retained (the last `retain` events, at most `retain_bytes`
+of them) for a resume.
 
 Event ids are `<incarnation>.<sequence>`: the incarnation changes whenever a session is
 loaded afresh (after a restart of the chat service or an idle eviction), so an id from
@@ -62,13 +63,18 @@ class Reader:
 
 
 class EventLog:
-    def __init__(self, *, retain: int = 4096, window: int = 256) -> None:
+    def __init__(
+        self, *, retain: int = 1024, window: int = 256, retain_bytes: int = 1 << 20
+    ) -> None:
         if not 0 < window <= retain:
             raise ValueError("need 0 < window <= retain")
         self.incarnation = secrets.token_hex(4)
         self._retain = retain
+        self._retain_bytes = retain_bytes
+        self._bytes = 0
         self._window = window
         self._events: deque[pb.ConverseResponse] = deque()
+        self._sizes: deque[int] = deque()
         self._first = 1  # sequence of self._events[0]
         self._next = 1  # sequence the next event gets
         self._readers: set[Reader] = set()
@@ -126,10 +132,18 @@ class EventLog:
         async with self._changed:
             await self._changed.wait_for(lambda: self.lag() < self._window)
             frame.event_id = self._id(self._next)
+            size = frame.ByteSize()
             self._events.append(frame)
+            self._sizes.append(size)
+            self._bytes += size
             self._next += 1
-            if len(self._events) > self._retain:
+            # forget the oldest events beyond the budget, never one a reader still needs
+            needed = min((r.position for r in self._readers), default=self._next)
+            while self._first < needed and (
+                len(self._events) > self._retain or self._bytes > self._retain_bytes
+            ):
                 self._events.popleft()
+                self._bytes -= self._sizes.popleft()
                 self._first += 1
             self._changed.notify_all()
         return frame

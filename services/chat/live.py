@@ -58,10 +58,12 @@ class Limits:
     """User messages waiting behind the running turn; more get an ErrorFrame."""
     resume_grace: float = 0.5
     """Seconds a turn keeps running after its last stream dropped, for a resume."""
-    idle_ttl: float = 300.0
+    idle_ttl: float = 120.0
     """Seconds an idle session without streams keeps its events for a resume."""
-    retain_events: int = 4096
+    retain_events: int = 1024
     """Events kept per session for resumes."""
+    retain_bytes: int = 1 << 20
+    """Bytes of events kept per session for resumes (the events' encoded size)."""
     flow_window: int = 256
     """Events an attached stream may fall behind before its session's turn waits."""
 
@@ -79,8 +81,15 @@ class LiveSession:
     ) -> None:
         self.tenant_id = tenant_id
         self.session_id = session_id
-        self.log = EventLog(retain=limits.retain_events, window=limits.flow_window)
+        self.log = EventLog(
+            retain=limits.retain_events,
+            window=limits.flow_window,
+            retain_bytes=limits.retain_bytes,
+        )
         self.seen: set[str] = set()
+        self.settings = pb.SessionSettings()
+        """The session's settings as of the last change through this process (turns read
+        them here instead of from the database)."""
         self._limits = limits
         self._run_turn = run_turn
         self._pending: deque[pb.UserMessage] = deque()
@@ -270,6 +279,7 @@ class Hub:
                     tenant_id, session_id, run_turn=self._run_turn, limits=self.limits
                 )
                 live.seen = seen
+                live.settings = session.settings
                 self._sessions[session_id] = live
         after = None if kind == "open" else frame.resume.last_event_id
         try:
@@ -314,7 +324,13 @@ class Hub:
         except SwitchboardError as error:
             await live.error(error)
             return
+        live.settings = session.settings
         await live.emit(pb.ConverseResponse(settings_changed=pb.SettingsChanged(session=session)))
+
+    def updated(self, session: pb.Session) -> None:
+        """The session's settings were changed (UpdateSession): later turns use them."""
+        if (live := self._sessions.get(session.session_id)) is not None:
+            live.settings = session.settings
 
     def delete(self, session_id: str) -> None:
         live = self._sessions.pop(session_id, None)

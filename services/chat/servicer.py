@@ -92,7 +92,9 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         current = await self._store.get(tenant, request.session.session_id)
         title, settings = apply_mask(current, request)
         row = await self._store.update(tenant, current.session_id, title=title, settings=settings)
-        return pb.UpdateSessionResponse(session=session_message(row))
+        session = session_message(row)
+        self._hub.updated(session)
+        return pb.UpdateSessionResponse(session=session)
 
     async def DeleteSession(  # noqa: N802 - gRPC method name
         self, request: pb.DeleteSessionRequest, context: grpc.aio.ServicerContext

@@ -128,7 +128,8 @@ class Turn:
         self,
         *,
         tenant_id: str,
-        session: pb.Session,
+        session_id: str,
+        settings: pb.SessionSettings,
         message: pb.UserMessage,
         store: SessionStore,
         backends: Backends,
@@ -136,7 +137,8 @@ class Turn:
         last_event_id: Callable[[], str],
     ) -> None:
         self.tenant_id = tenant_id
-        self.session = session
+        self.session_id = session_id
+        self.settings = settings
         self.message = message
         self._store = store
         self._backends = backends
@@ -145,6 +147,7 @@ class Turn:
         self.answer = Answer(assistant_id=str(uuid.uuid4()))
         self._metadata = ((TENANT_HEADER, tenant_id),)
         self._task_id = ""
+        self._user: asyncio.Future[pb.Message] | None = None
 
     @property
     def assistant_id(self) -> str:
@@ -154,23 +157,35 @@ class Turn:
         await self._emit_frame(pb.ConverseResponse(message_id=self.assistant_id, **frame))
 
     async def _store_message(self, message: pb.Message) -> pb.Message:
+        """Appends to the history, after the turn's user message."""
+        if self._user is not None:
+            await self._user
+        return await self._append(message)
+
+    async def _append(self, message: pb.Message) -> pb.Message:
         return await self._store.append(
-            self.tenant_id, self.session.session_id, message, last_event_id=self._last_event_id()
+            self.tenant_id, self.session_id, message, last_event_id=self._last_event_id()
         )
 
     async def run(self) -> None:
-        user = await self._store_message(
-            pb.Message(
-                role=pb.MESSAGE_ROLE_USER,
-                status=pb.MESSAGE_STATUS_COMPLETED,
-                text=self.message.text,
-                client_message_id=self.message.client_message_id,
+        # The user message is stored while the turn goes on (it is in the history before
+        # anything of the answer is): its commit is off the way to the first token.
+        user_id = str(uuid.uuid4())
+        self._user = asyncio.ensure_future(
+            self._append(
+                pb.Message(
+                    message_id=user_id,
+                    role=pb.MESSAGE_ROLE_USER,
+                    status=pb.MESSAGE_STATUS_COMPLETED,
+                    text=self.message.text,
+                    client_message_id=self.message.client_message_id,
+                )
             )
         )
         await self._emit(
             turn_started=pb.TurnStarted(
                 client_message_id=self.message.client_message_id,
-                user_message_id=user.message_id,
+                user_message_id=user_id,
                 assistant_message_id=self.assistant_id,
             )
         )
@@ -184,13 +199,13 @@ class Turn:
         except SwitchboardError as error:
             await self._fail(error.to_rpc_status())
         except Exception as exc:
-            logger.exception("turn failed", extra={"session_id": self.session.session_id})
+            logger.exception("turn failed", extra={"session_id": self.session_id})
             await self._fail(Internal(f"the answer failed: {type(exc).__name__}").to_rpc_status())
         else:
             await self._finish(pb.MESSAGE_STATUS_COMPLETED)
 
     async def _answer(self) -> None:
-        settings = self.session.settings
+        settings = self.settings
         request = parse_tool_request(self.message.text)
         if request is not None:
             check_allowed(request, settings)
@@ -214,10 +229,10 @@ class Turn:
         try:
             submitted = await self._backends.execution.SubmitTask(
                 execution_pb2.SubmitTaskRequest(
-                    idempotency_key=f"chat:{self.session.session_id}:{self.assistant_id}",
+                    idempotency_key=f"chat:{self.session_id}:{self.assistant_id}",
                     steps=[step],
-                    labels={"session_id": self.session.session_id},
-                    priority=self.session.settings.priority,
+                    labels={"session_id": self.session_id},
+                    priority=self.settings.priority,
                 ),
                 metadata=self._metadata,
             )
@@ -307,7 +322,7 @@ class Turn:
                 inference_pb2.Passage(source_id=p.chunk_id, text=p.text) for p in answer.passages
             ],
             parameters=settings.parameters,
-            session_id=self.session.session_id,
+            session_id=self.session_id,
             priority=settings.priority,
             report_queue_position=True,
         )
@@ -357,7 +372,17 @@ class Turn:
             await self._emit(
                 citations=pb.Citations(citations=message.citations, passages=answer.passages)
             )
-        await self._store_message(message)
+        try:
+            await self._store_message(message)
+        except Exception as exc:  # the history is unavailable: say so, and end the turn
+            lost = exc if isinstance(exc, SwitchboardError) else Internal("storing failed")
+            logger.warning("answer not stored: %s", exc, extra={"session_id": self.session_id})
+            await self._emit(
+                error=pb.ErrorFrame(
+                    status=lost.to_rpc_status(), client_message_id=self.message.client_message_id
+                )
+            )
+            status = pb.MESSAGE_STATUS_FAILED
         await self._emit(
             turn_completed=pb.TurnCompleted(
                 assistant_message_id=self.assistant_id,

@@ -4,12 +4,18 @@ A refusal is relayed to the caller unchanged (its ErrorInfo, QuotaFailure and
 RetryInfo), so a refused request never reaches Triton; an unreachable admission
 service fails the call with UNAVAILABLE `DEPENDENCY_UNAVAILABLE` rather than letting
 requests through unchecked.
+
+Every admission attempt carries a fresh request id. When an attempt ends without its
+lease id reaching the caller for any reason but a refusal (the deadline, a
+cancellation, a lost connection), the lease admission may have granted meanwhile is
+released by that id, so that no slot stays held until the lease expires.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -45,6 +51,13 @@ _DEPENDENCY_CODES = {
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.UNIMPLEMENTED,
 }
+# Codes with which admission decided against the attempt: no lease was granted.
+_REFUSAL_CODES = {
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+}
 
 
 def relay_error(error: grpc.aio.AioRpcError) -> SwitchboardError:
@@ -74,9 +87,11 @@ class Ask:
     max_tokens: int
     priority: int = common_pb2.PRIORITY_INTERACTIVE
 
-    def request(self) -> admission_pb2.AdmitRequest:
+    def request(self, request_id: str = "") -> admission_pb2.AdmitRequest:
         return admission_pb2.AdmitRequest(
-            context=common_pb2.RequestContext(tenant_id=self.tenant_id, priority=self.priority),
+            context=common_pb2.RequestContext(
+                tenant_id=self.tenant_id, request_id=request_id, priority=self.priority
+            ),
             tier=_TIERS.get(self.tier, common_pb2.MODEL_TIER_UNSPECIFIED),
             estimated_prompt_tokens=self.prompt_tokens,
             max_completion_tokens=self.max_tokens,
@@ -102,30 +117,55 @@ class AdmissionGate:
     async def admit(self, ask: Ask) -> str:
         """Waits for admission (fair queue, up to the call's deadline); returns the lease id.
 
+        The caller owns the lease once this returns and must `release` it. If this
+        raises, or is cancelled, a lease granted meanwhile is released in the background.
+
         Raises:
             SwitchboardError: the refusal as admission gave it (RESOURCE_EXHAUSTED with
                 QuotaFailure and RetryInfo), or UNAVAILABLE `DEPENDENCY_UNAVAILABLE`.
         """
+        request_id = _attempt_id()
         try:
-            reply = await self._stub.Admit(ask.request(), metadata=ask.metadata)
+            reply = await self._stub.Admit(ask.request(request_id), metadata=ask.metadata)
         except grpc.aio.AioRpcError as error:
+            if error.code() not in _REFUSAL_CODES:
+                self._release_attempt(ask.tenant_id, request_id)
             raise relay_error(error) from None
+        except BaseException:  # cancelled, perhaps with the reply already on its way
+            self._release_attempt(ask.tenant_id, request_id)
+            raise
         return reply.lease.lease_id  # type: ignore[no-any-return]
 
     async def admit_stream(self, ask: Ask) -> AsyncIterator[admission_pb2.QueueStatus | str]:
-        """Like `admit`, but yields the queue status while waiting, then the lease id."""
-        request = admission_pb2.AdmitStreamRequest(request=ask.request())
+        """Like `admit`, but yields the queue status while waiting, then the lease id.
+
+        The caller owns the lease once it is yielded. If the iteration ends any other
+        way (an error, a cancellation, the caller closing it), a lease granted meanwhile
+        is released in the background.
+        """
+        request_id = _attempt_id()
+        request = admission_pb2.AdmitStreamRequest(request=ask.request(request_id))
         call = self._stub.AdmitStream(request, metadata=ask.metadata)
+        handed_over = refused = False
         try:
             async for reply in call:
                 if reply.HasField("admitted"):
+                    # let the stream end by itself (its status follows at once): a reset
+                    # here would count as a premature one, and Envoy closes connections
+                    # where most resets are premature
+                    await call.code()
+                    handed_over = True
                     yield reply.admitted.lease.lease_id
                     return
                 yield reply.queued
         except grpc.aio.AioRpcError as error:
+            refused = error.code() in _REFUSAL_CODES
             raise relay_error(error) from None
         finally:
-            call.cancel()  # leaves the queue at once when the caller gives up
+            if not call.done():
+                call.cancel()  # leaves the queue at once when the caller gives up
+            if not handed_over and not refused:
+                self._release_attempt(ask.tenant_id, request_id)
         raise Unavailable(  # the stream ended without a decision
             "the admission service ended the stream without a decision",
             reason="DEPENDENCY_UNAVAILABLE",
@@ -135,17 +175,30 @@ class AdmissionGate:
 
     def release(self, lease_id: str, *, tenant_id: str, prompt: int, completion: int) -> None:
         """Releases the lease with the tokens actually used, in the background."""
-        task = asyncio.create_task(self._release(lease_id, tenant_id, prompt, completion))
-        self._releases.add(task)
-        task.add_done_callback(self._releases.discard)
-
-    async def _release(self, lease_id: str, tenant_id: str, prompt: int, completion: int) -> None:
         request = admission_pb2.ReleaseRequest(
             lease_id=lease_id,
             actual_usage=common_pb2.TokenUsage(
                 prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
             ),
         )
+        self._send_release(request, tenant_id)
+
+    def _release_attempt(self, tenant_id: str, request_id: str) -> None:
+        """Releases, in the background, whatever the abandoned attempt was granted.
+
+        Nothing ran on it, so its whole charge is given back.
+        """
+        request = admission_pb2.ReleaseRequest(
+            request_id=request_id, actual_usage=common_pb2.TokenUsage(total_tokens=0)
+        )
+        self._send_release(request, tenant_id)
+
+    def _send_release(self, request: admission_pb2.ReleaseRequest, tenant_id: str) -> None:
+        task = asyncio.create_task(self._release(request, tenant_id))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release(self, request: admission_pb2.ReleaseRequest, tenant_id: str) -> None:
         metadata = propagated_metadata([(TENANT_HEADER, tenant_id)])
         try:
             await self._release_stub.Release(request, metadata=metadata, timeout=RELEASE_TIMEOUT_S)
@@ -153,11 +206,27 @@ class AdmissionGate:
             logger.warning(
                 "admission release failed: %s",
                 error.code().name,
-                extra={"lease_id": lease_id, "tenant_id": tenant_id},
+                extra={
+                    "lease_id": request.lease_id,
+                    "admission_request_id": request.request_id,
+                    "tenant_id": tenant_id,
+                },
             )
 
     async def close(self) -> None:
+        # a release may be started while the others are awaited
+        while self._releases:
+            await asyncio.gather(*self._releases, return_exceptions=True)
+        await self._channel.close()
+        await self._release_channel.close()
+
+    async def _unused_close(self) -> None:
         if self._releases:
             await asyncio.gather(*self._releases, return_exceptions=True)
         await self._channel.close()
         await self._release_channel.close()
+
+
+def _attempt_id() -> str:
+    """A fresh id for one admission attempt, to release it by if its reply is lost."""
+    return uuid.uuid4().hex

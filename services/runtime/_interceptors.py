@@ -82,7 +82,9 @@ class _Call:
         if isinstance(exc, AbortError):
             self.code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
             raise exc
-        if isinstance(exc, asyncio.CancelledError):
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            # the client cancelled (a stream handler is closed with GeneratorExit): the
+            # call is over, there is nobody to send a status to
             self.code = grpc.StatusCode.CANCELLED
             raise exc
         self.code = grpc.StatusCode.INTERNAL

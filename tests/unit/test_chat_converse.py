@@ -118,3 +118,21 @@ def test_only_allowed_tools_and_code_run():
             check_allowed(request, settings)
         assert err.value.reason == "TOOL_NOT_ALLOWED"
     check_allowed(ToolRequest(RUN_CODE, {"code": "1"}), pb.SessionSettings(code_enabled=True))
+
+
+async def test_retention_is_bounded_in_bytes_but_keeps_what_a_reader_needs():
+    log = EventLog(retain=100, window=50, retain_bytes=1000)
+    slow = log.attach()
+    for _ in range(40):
+        await log.append(token("x" * 100))  # ~105 bytes each
+    first = await slow.next()  # the attached reader still gets everything
+    assert first.event_id == f"{log.incarnation}.1"
+    log.detach(slow)
+    await log.append(token("y" * 100))  # now the budget applies
+    with pytest.raises(Expired):
+        log.attach(first.event_id)
+    kept = log.attach("")
+    texts = []
+    while (frame := await asyncio.wait_for(kept.next(), 1)).token.text != "y" * 100:
+        texts.append(frame)
+    assert 0 < sum(f.ByteSize() for f in texts) <= 1000
