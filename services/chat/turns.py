@@ -47,6 +47,7 @@ from services.runtime import (
     Unavailable,
     channel,
     count_tokens,
+    propagated_metadata,
     status_of,
 )
 
@@ -63,7 +64,11 @@ class Backends:
     """The chat service's clients of the other services (through the mesh)."""
 
     def __init__(self, *, inference: str, rag: str, execution: str) -> None:
-        self._channels = {t: channel(t, default_timeout=None) for t in {inference, rag, execution}}
+        # turns outlive the stream that started them: each call says its tenant itself
+        self._channels = {
+            t: channel(t, default_timeout=None, propagate=False)
+            for t in {inference, rag, execution}
+        }
         self.inference = inference_service_pb2_grpc.InferenceServiceStub(self._channels[inference])
         self.rag = rag_service_pb2_grpc.RagServiceStub(self._channels[rag])
         self.execution = execution_service_pb2_grpc.ExecutionServiceStub(self._channels[execution])
@@ -145,7 +150,8 @@ class Turn:
         self._emit_frame = emit
         self._last_event_id = last_event_id
         self.answer = Answer(assistant_id=str(uuid.uuid4()))
-        self._metadata = ((TENANT_HEADER, tenant_id),)
+        # the tenant, and the request id of the stream that started the turn
+        self._metadata = tuple(propagated_metadata([(TENANT_HEADER, tenant_id)]))
         self._task_id = ""
         self._user: asyncio.Future[pb.Message] | None = None
 

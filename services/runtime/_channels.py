@@ -83,12 +83,22 @@ def channel(
     *,
     default_timeout: timedelta | None = timedelta(seconds=30),
     max_message_bytes: int = 8 * 1024 * 1024,
+    propagate: bool = True,
 ) -> grpc.aio.Channel:
-    """An insecure aio channel to another Switchboard service on the local mesh."""
+    """An insecure aio channel to another Switchboard service on the local mesh.
+
+    With `propagate` (the default), every call forwards the inbound call's request id
+    and tenant and is bounded by its remaining deadline (client interceptors). Without,
+    calls carry only what the caller passes: for work that outlives its inbound call
+    (a chat turn) and for hot paths, since grpc.aio's intercepted calls cost an extra
+    task per call.
+    """
     seconds = default_timeout.total_seconds() if default_timeout else None
-    interceptors = [
-        cls(seconds) for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)
-    ]
+    interceptors = (
+        [cls(seconds) for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
+        if propagate
+        else None
+    )
     return grpc.aio.insecure_channel(
         target,
         interceptors=interceptors,
