@@ -55,6 +55,7 @@ QUEUE_FULL = "QUEUE_FULL"
 CAPACITY_EXHAUSTED = "CAPACITY_EXHAUSTED"
 
 _PRIORITIES = {0: Priority.INTERACTIVE, **{int(p): p for p in Priority}}
+MAX_REQUEST_ID = 128  # characters of a caller's admission attempt id
 _EWMA = 0.1  # weight of the newest lease in the hold-time average
 
 
@@ -74,6 +75,8 @@ class Lease:
     charged_tokens: int
     granted_at: float
     expires_at: float
+    request_id: str = ""
+    """The caller's id for the admission attempt, if it gave one (release by it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +215,7 @@ class Ticket:
         "seq",
         "tenant_id",
         "user_id",
+        "request_id",
         "tier",
         "priority",
         "tokens",
@@ -239,10 +243,12 @@ class Ticket:
         priority: Priority,
         tokens: int,
         now: float,
+        request_id: str = "",
     ) -> None:
         self.seq = seq
         self.tenant_id = tenant_id
         self.user_id = user_id
+        self.request_id = request_id
         self.tier = tier.name if tier is not None else ""
         self.priority = priority
         self.tokens = tokens
@@ -326,6 +332,8 @@ class AdmissionController:
         max_queued_total: int = 100_000,
         typical_hold: timedelta = timedelta(seconds=1),
         wait_observer: Callable[[str, Priority, float], None] | None = None,
+        tombstone_ttl: timedelta = timedelta(seconds=60),
+        max_tombstones: int = 100_000,
     ) -> None:
         """
         Args:
@@ -340,6 +348,10 @@ class AdmissionController:
                 waits behind in-flight ceilings are estimated from observed hold times.
             wait_observer: called with (tenant, class, seconds waited) on every
                 admission, e.g. to feed a Prometheus histogram.
+            tombstone_ttl: how long a release by request id that found nothing refuses
+                an admission attempt with that id arriving after it.
+            max_tombstones: most such releases remembered at once; the oldest are
+                forgotten first.
         """
         for violation in default_policy.validate(prefix="default_policy."):
             raise ValueError(f"{violation.field}: {violation.description}")
@@ -361,6 +373,15 @@ class AdmissionController:
         # Insertion order is expiry order, since every lease lives lease_ttl.
         self._leases: OrderedDict[str, _Held] = OrderedDict()
         self._next_due = math.inf  # no lease or waiter deadline falls due before this
+        # Admission attempts that named themselves, by (tenant, request id): waiting or
+        # holding a lease. Dropped when the lease is released or expires, or the attempt
+        # is refused or cancelled.
+        self._attempts: dict[tuple[str, str], Ticket] = {}
+        # Releases by request id that found no attempt, with when they lapse; insertion
+        # order is expiry order. An attempt arriving with such an id is refused.
+        self._tombstones: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._tombstone_ttl = tombstone_ttl.total_seconds()
+        self._max_tombstones = max_tombstones
         self._seq = 0
         self._lease_prefix = secrets.token_hex(3)
         self._closed = False
@@ -383,6 +404,7 @@ class AdmissionController:
         completion_tokens: int = 0,
         no_wait: bool = False,
         max_wait: timedelta | None = None,
+        request_id: str = "",
     ) -> Ticket:
         """Decides a request: admitted at once, or waiting in the queue; refusals raise.
 
@@ -394,14 +416,19 @@ class AdmissionController:
             no_wait: admit at once or refuse at once (as does a zero max_wait).
             max_wait: longest time to wait in the queue; None = until cancelled (the
                 servicer passes the time left before the caller's deadline).
+            request_id: the caller's id for this attempt, unique within the tenant
+                while it waits or holds its lease, so that a caller that never got
+                the lease can `release_attempt` it; "" = none.
 
         Returns:
             A ticket that is either admitted (`lease` set) or waiting: `wait` for it.
 
         Raises:
-            InvalidArgument: bad tenant, priority, token counts or max_wait.
+            InvalidArgument: bad tenant, priority, token counts, max_wait or request id
+                (too long, or in use by an attempt in progress).
             ResourceExhausted: QUOTA_EXCEEDED, QUEUE_FULL or CAPACITY_EXHAUSTED, with
                 QuotaFailure and, when a retry can succeed, RetryInfo.
+            Cancelled: the attempt was released by its request id before it arrived.
             Unavailable: SHUTTING_DOWN.
         """
         cls = _validate(tenant_id, priority, prompt_tokens, completion_tokens, max_wait)
@@ -410,21 +437,30 @@ class AdmissionController:
         now = self._clock.now()
         if now >= self._next_due:
             self._expire(now)
+        key = (tenant_id, request_id)
+        if request_id:
+            self._check_attempt(key, now)
         tenant = self._tenants.get(tenant_id) or self._tenant_scope(tenant_id, now)
         user = self._users.get((tenant_id, user_id)) if user_id and self._users else None
         tier_state = (self._tiers.get(tier) or self._tier(tier)) if tier else None
         tokens = prompt_tokens + completion_tokens
         self._seq += 1
-        ticket = Ticket(self._seq, tenant, tenant_id, user, user_id, tier_state, cls, tokens, now)
+        ticket = Ticket(
+            self._seq, tenant, tenant_id, user, user_id, tier_state, cls, tokens, now, request_id
+        )
         if (never := self._never(ticket)) is not None:
             raise self._refuse(ticket, never)
         if not self._queue and self._verdict(ticket, now) is Verdict.GRANT:
             self._grant(ticket, now)  # nothing waits, so nobody is overtaken
+            if request_id:
+                self._attempts[key] = ticket
             return ticket
 
         self._enqueue(ticket)
         self._dispatch(now)
         if ticket.lease is not None:
+            if request_id:
+                self._attempts[key] = ticket
             return ticket
         # The request would have to wait.
         if no_wait or max_wait == timedelta(0):
@@ -441,6 +477,8 @@ class AdmissionController:
             self._next_due = min(self._next_due, ticket.deadline)
         ticket.initial_position = self._queue.position(ticket)
         self._counters(ticket).queued += 1
+        if request_id:
+            self._attempts[key] = ticket
         self._wake.set()
         return ticket
 
@@ -459,17 +497,7 @@ class AdmissionController:
             adjustment = charged - actual tokens, credited back to (positive) or further
             charged to (negative) the tenant's and user's token buckets.
         """
-        if actual_tokens is not None and not (
-            isinstance(actual_tokens, int) and 0 <= actual_tokens <= 2 * MAX_REQUEST_TOKENS
-        ):
-            raise invalid(
-                [
-                    FieldViolation(
-                        "actual_usage.total_tokens",
-                        f"must be 0..{2 * MAX_REQUEST_TOKENS:,}, not {actual_tokens}",
-                    )
-                ]
-            )
+        _check_actual(actual_tokens)
         held = self._leases.get(lease_id)
         if held is None or (tenant_id is not None and held.lease.tenant_id != tenant_id):
             return False, 0
@@ -477,6 +505,8 @@ class AdmissionController:
         now = self._clock.now()
         self._free(held)
         lease = held.lease
+        if lease.request_id:
+            self._attempts.pop((lease.tenant_id, lease.request_id), None)
         adjustment = 0 if actual_tokens is None else lease.charged_tokens - actual_tokens
         if adjustment:
             held.tenant.tokens.credit(adjustment, now)
@@ -490,11 +520,38 @@ class AdmissionController:
             self.pump()
         return True, adjustment
 
+    def release_attempt(
+        self, tenant_id: str, request_id: str, *, actual_tokens: int | None = None
+    ) -> tuple[bool, int]:
+        """Ends the admission attempt of `tenant_id` that the caller named `request_id`.
+
+        For a caller that gave up before it learned the lease id: releases the lease
+        granted to the attempt (as `release`), or takes the attempt out of the queue.
+        If no such attempt is known (its submit has not arrived yet, or it already
+        ended), one arriving with that id within `tombstone_ttl` is refused.
+
+        Returns:
+            (released, adjustment) as for `release`; released is also True when the
+            attempt was still waiting and left the queue.
+        """
+        if not tenant_id or not request_id or len(request_id) > MAX_REQUEST_ID:
+            raise invalid([FieldViolation("request_id", f"must be 1..{MAX_REQUEST_ID} characters")])
+        _check_actual(actual_tokens)
+        ticket = self._attempts.get((tenant_id, request_id))
+        if ticket is None:
+            self._bury((tenant_id, request_id), self._clock.now())
+            return False, 0
+        if ticket.state is TicketState.WAITING:
+            return self.cancel(ticket), 0
+        assert ticket.lease is not None
+        return self.release(ticket.lease.lease_id, actual_tokens=actual_tokens)
+
     def cancel(self, ticket: Ticket) -> bool:
         """Takes a waiting request out of the queue at once; False if it was not waiting."""
         if ticket.state is not TicketState.WAITING:
             return False
         self._withdraw(ticket)
+        self._forget(ticket)
         ticket.state = TicketState.CANCELLED
         ticket.error = Cancelled("the request left the admission queue", reason="CANCELLED")
         self._counters(ticket).cancelled += 1
@@ -701,6 +758,7 @@ class AdmissionController:
         completion_tokens: int = 0,
         no_wait: bool = False,
         max_wait: timedelta | None = None,
+        request_id: str = "",
     ) -> Admission:
         """`submit`, then wait until admitted (same arguments and errors).
 
@@ -716,6 +774,7 @@ class AdmissionController:
             completion_tokens=completion_tokens,
             no_wait=no_wait,
             max_wait=max_wait,
+            request_id=request_id,
         )
         admission = await self.wait(ticket)
         assert admission is not None
@@ -782,6 +841,7 @@ class AdmissionController:
         self._closed = True
         for ticket in list(self._queue):
             self._withdraw(ticket)
+            self._forget(ticket)
             ticket.state = TicketState.REFUSED
             ticket.error = Unavailable("admission is shutting down", reason="SHUTTING_DOWN")
             ticket._settle()
@@ -850,6 +910,7 @@ class AdmissionController:
             charged_tokens=tokens,
             granted_at=now,
             expires_at=now + self._lease_ttl,
+            request_id=ticket.request_id,
         )
         self._leases[lease.lease_id] = _Held(lease, tenant, user, tier)
         if lease.expires_at < self._next_due:
@@ -888,6 +949,51 @@ class AdmissionController:
             if ticket._user is not None:
                 ticket._user.queued -= 1
 
+    def _forget(self, ticket: Ticket) -> None:
+        """Drops a waiting attempt that ends without a lease from the request id index."""
+        if ticket.request_id:
+            key = (ticket.tenant_id, ticket.request_id)
+            if self._attempts.get(key) is ticket:
+                del self._attempts[key]
+
+    def _check_attempt(self, key: tuple[str, str], now: float) -> None:
+        """Refuses a request id that is too long, in use, or released before it came."""
+        if len(key[1]) > MAX_REQUEST_ID:
+            raise invalid(
+                [FieldViolation("context.request_id", f"at most {MAX_REQUEST_ID} characters")]
+            )
+        if key in self._attempts:
+            raise invalid(
+                [
+                    FieldViolation(
+                        "context.request_id",
+                        "in use by an admission attempt of the tenant still in progress",
+                    )
+                ]
+            )
+        self._prune_tombstones(now)
+        if key in self._tombstones:
+            raise Cancelled(
+                "the admission attempt was released by its request id before it arrived",
+                reason="CANCELLED",
+            )
+
+    def _bury(self, key: tuple[str, str], now: float) -> None:
+        """Remembers, for tombstone_ttl, a release by request id that found nothing."""
+        self._prune_tombstones(now)
+        self._tombstones.pop(key, None)
+        self._tombstones[key] = now + self._tombstone_ttl
+        while len(self._tombstones) > self._max_tombstones:
+            self._tombstones.popitem(last=False)
+
+    def _prune_tombstones(self, now: float) -> None:
+        tombstones = self._tombstones
+        while tombstones:
+            key, lapses = next(iter(tombstones.items()))
+            if lapses > now:
+                break
+            del tombstones[key]
+
     def _dispatch(self, now: float) -> int:
         granted = 0
         verdict = self._verdict
@@ -910,6 +1016,8 @@ class AdmissionController:
                 break
             self._leases.popitem(last=False)
             self._free(held)
+            if held.lease.request_id:
+                self._attempts.pop((held.lease.tenant_id, held.lease.request_id), None)
             self.leases_expired += 1
             logger.warning(
                 "lease expired without release",
@@ -921,6 +1029,7 @@ class AdmissionController:
                 waited = now - ticket.submitted_at
                 error = self._blocked_error(ticket, now, waited=waited)
                 self._withdraw(ticket)
+                self._forget(ticket)
                 ticket.state = TicketState.REFUSED
                 ticket.error = error
                 counters = self._counters(ticket)
@@ -1090,6 +1199,7 @@ class AdmissionController:
 
     def _refuse(self, ticket: Ticket, error: ResourceExhausted) -> ResourceExhausted:
         self._withdraw(ticket)
+        self._forget(ticket)
         ticket.state = TicketState.REFUSED
         ticket.error = error
         counters = self._counters(ticket)
@@ -1136,6 +1246,20 @@ def _validate(
     if max_wait is not None and max_wait < timedelta(0):
         violations.append(FieldViolation("max_wait", "must not be negative"))
     raise invalid(violations)
+
+
+def _check_actual(actual_tokens: int | None) -> None:
+    if actual_tokens is not None and not (
+        isinstance(actual_tokens, int) and 0 <= actual_tokens <= 2 * MAX_REQUEST_TOKENS
+    ):
+        raise invalid(
+            [
+                FieldViolation(
+                    "actual_usage.total_tokens",
+                    f"must be 0..{2 * MAX_REQUEST_TOKENS:,}, not {actual_tokens}",
+                )
+            ]
+        )
 
 
 def _quota_metadata(scope: _Scope, limit: str) -> dict[str, str]:

@@ -179,6 +179,7 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
             "completion_tokens": request.max_completion_tokens,
             "no_wait": request.no_wait,
             "max_wait": max_wait,
+            "request_id": request.context.request_id,
         }
 
     async def Admit(  # noqa: N802 - gRPC method name
@@ -216,8 +217,9 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
     async def Release(  # noqa: N802 - gRPC method name
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseResponse:
-        if not request.lease_id:
-            raise invalid([FieldViolation("lease_id", "required")])
+        if bool(request.lease_id) == bool(request.request_id):
+            what = "set exactly one of lease_id and request_id"
+            raise invalid([FieldViolation("lease_id", what), FieldViolation("request_id", what)])
         actual = None
         if request.HasField("actual_usage"):
             usage = request.actual_usage
@@ -225,7 +227,19 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
             actual = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
             if min(parts) < 0:
                 actual = min(parts)  # refused by the controller with a field violation
-        released, adjustment = self._controller.release(request.lease_id, actual_tokens=actual)
+        if request.lease_id:
+            released, adjustment = self._controller.release(request.lease_id, actual_tokens=actual)
+        else:
+            # request ids are per tenant, and the header routed the call to its replica
+            tenant = current_tenant()
+            if not tenant:
+                raise Unauthenticated(
+                    "a release by request_id needs the x-tenant-id header",
+                    reason="TENANT_MISSING",
+                )
+            released, adjustment = self._controller.release_attempt(
+                tenant, request.request_id, actual_tokens=actual
+            )
         await context.send_initial_metadata(self._replica)
         return pb.ReleaseResponse(released=released, token_adjustment=adjustment)
 

@@ -220,12 +220,6 @@ class AdmissionGate:
         await self._channel.close()
         await self._release_channel.close()
 
-    async def _unused_close(self) -> None:
-        if self._releases:
-            await asyncio.gather(*self._releases, return_exceptions=True)
-        await self._channel.close()
-        await self._release_channel.close()
-
 
 def _attempt_id() -> str:
     """A fresh id for one admission attempt, to release it by if its reply is lost."""

@@ -95,6 +95,81 @@ async def test_admit_and_release_round_trip(admission):
     assert not (await admission.Release(unknown, metadata=as_tenant(tenant), timeout=5)).released
 
 
+def attempt(request_id: str, **fields) -> pb.AdmitRequest:
+    return pb.AdmitRequest(context=common_pb2.RequestContext(request_id=request_id), **fields)
+
+
+async def test_a_caller_that_lost_the_lease_id_releases_by_its_request_id(admission):
+    tenant = new_tenant()
+    request_id = uuid.uuid4().hex
+    reply = await admission.Admit(
+        attempt(request_id, estimated_prompt_tokens=40), metadata=as_tenant(tenant), timeout=5
+    )
+    assert reply.lease.lease_id and (await quota(admission, tenant)).in_flight == 1
+
+    release = pb.ReleaseRequest(
+        request_id=request_id, actual_usage=common_pb2.TokenUsage(total_tokens=0)
+    )
+    first = await admission.Release(release, metadata=as_tenant(tenant), timeout=5)
+    assert first.released and first.token_adjustment == 40
+    assert (await quota(admission, tenant)).in_flight == 0
+    again = await admission.Release(release, metadata=as_tenant(tenant), timeout=5)
+    assert not again.released and again.token_adjustment == 0
+    by_lease = pb.ReleaseRequest(lease_id=reply.lease.lease_id)
+    assert not (await admission.Release(by_lease, metadata=as_tenant(tenant), timeout=5)).released
+
+
+async def test_a_release_by_request_id_takes_a_waiter_out_of_the_queue(admission):
+    tenant = new_tenant()
+    await set_policy(admission, tenant, max_in_flight=1)
+    first = await admission.Admit(pb.AdmitRequest(), metadata=as_tenant(tenant), timeout=5)
+    request_id = uuid.uuid4().hex
+    waiter = asyncio.ensure_future(
+        admission.Admit(attempt(request_id), metadata=as_tenant(tenant), timeout=10)
+    )
+
+    async def queued() -> bool:
+        return waiting(await quota(admission, tenant)) == 1
+
+    await eventually(queued)
+    release = pb.ReleaseRequest(request_id=request_id)
+    assert (await admission.Release(release, metadata=as_tenant(tenant), timeout=5)).released
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await waiter
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    await admission.Release(
+        pb.ReleaseRequest(lease_id=first.lease.lease_id), metadata=as_tenant(tenant), timeout=5
+    )
+    status = await quota(admission, tenant)
+    assert status.in_flight == 0 and waiting(status) == 0
+
+
+async def test_a_release_that_overtakes_its_admit_refuses_the_admit(admission):
+    tenant = new_tenant()
+    request_id = uuid.uuid4().hex
+    release = pb.ReleaseRequest(request_id=request_id)
+    assert not (await admission.Release(release, metadata=as_tenant(tenant), timeout=5)).released
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admission.Admit(attempt(request_id), metadata=as_tenant(tenant), timeout=5)
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    assert (await quota(admission, tenant)).in_flight == 0
+
+
+@pytest.mark.parametrize(
+    "release",
+    [pb.ReleaseRequest(), pb.ReleaseRequest(lease_id="a-lease", request_id="an-attempt")],
+    ids=["neither", "both"],
+)
+async def test_release_needs_exactly_one_of_lease_and_request_id(admission, release):
+    tenant = new_tenant()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admission.Release(release, metadata=as_tenant(tenant), timeout=5)
+    details = error_details(err.value)
+    assert details.code == grpc.StatusCode.INVALID_ARGUMENT
+    fields = {v.field for v in details.field_violations}
+    assert fields == {"lease_id", "request_id"}
+
+
 async def test_no_wait_refusal_carries_quota_failure_and_an_honest_retry(admission):
     tenant = new_tenant()
     await set_policy(admission, tenant, requests_per_second=0.5, request_burst=1)
@@ -428,6 +503,46 @@ async def test_a_generation_the_client_cancels_releases_its_lease(admission, inf
 
     await eventually(released)
     assert (await quota(admission, tenant)).available_requests < 4.5  # it was admitted
+
+
+@pytest.mark.parametrize("report_queue_position", [False, True], ids=["admit", "stream"])
+async def test_generations_given_up_as_they_are_admitted_leak_no_lease(
+    admission, inference, report_queue_position
+):
+    tenant = new_tenant()
+    await set_policy(admission, tenant, max_in_flight=1)
+    request = inference_pb2.GenerateRequest(
+        prompt="What does Envoy do?",
+        context=CONTEXT,
+        parameters={"max_tokens": 8},
+        report_queue_position=report_queue_position,
+    )
+    for round_ in range(24):
+        held = await admission.Admit(pb.AdmitRequest(), metadata=as_tenant(tenant), timeout=5)
+        call = inference.Generate(request, metadata=as_tenant(tenant), timeout=20)
+
+        async def queued() -> bool:
+            return waiting(await quota(admission, tenant)) == 1
+
+        await eventually(queued)
+        # free the slot and give up on the generation at about the same time, a little
+        # later each round, so that some give up just as the lease is granted
+        release = asyncio.ensure_future(
+            admission.Release(
+                pb.ReleaseRequest(lease_id=held.lease.lease_id),
+                metadata=as_tenant(tenant),
+                timeout=5,
+            )
+        )
+        await asyncio.sleep(0.00025 * round_)
+        call.cancel()
+        await release
+
+        async def released() -> bool:
+            status = await quota(admission, tenant)
+            return status.in_flight == 0 and waiting(status) == 0
+
+        await eventually(released)
 
 
 def admitted(mesh, tenant: str) -> dict[str, float]:

@@ -73,12 +73,14 @@ class Lease(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., charged_tokens: _Optional[int] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("lease_id", "actual_usage")
+    __slots__ = ("lease_id", "actual_usage", "request_id")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     ACTUAL_USAGE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     actual_usage: _common_pb2.TokenUsage
-    def __init__(self, lease_id: _Optional[str] = ..., actual_usage: _Optional[_Union[_common_pb2.TokenUsage, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, lease_id: _Optional[str] = ..., actual_usage: _Optional[_Union[_common_pb2.TokenUsage, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
     __slots__ = ("released", "token_adjustment")

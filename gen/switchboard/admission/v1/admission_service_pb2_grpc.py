@@ -141,7 +141,8 @@ class AdmissionServiceServicer:
     def Release(self, request, context):
         """Releases a lease: frees its in-flight slot and corrects the token bucket with the
         actual usage. Idempotent: releasing an unknown, released or expired lease changes
-        nothing and credits nothing.
+        nothing and credits nothing. A caller that gave up on Admit or AdmitStream before
+        the lease reached it releases by the attempt's request id instead of the lease id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
