@@ -31,6 +31,7 @@ from services.runtime import (
     SwitchboardError,
     Unavailable,
     channel,
+    outbound_timeout,
     propagated_metadata,
     status_of,
 )
@@ -43,6 +44,8 @@ ANONYMOUS_TENANT = "anonymous"
 """The tenant a Generate call without `x-tenant-id` is admitted as."""
 RETRY_AFTER = timedelta(seconds=1)
 RELEASE_TIMEOUT_S = 5.0
+ADMIT_TIMEOUT_S = 10.0
+"""The longest an Admit waits when the Generate call has no deadline."""
 _TIERS = {"small": common_pb2.MODEL_TIER_SMALL, "large": common_pb2.MODEL_TIER_LARGE}
 # Codes that mean "admission could not decide", not "admission said no".
 _DEPENDENCY_CODES = {
@@ -106,7 +109,8 @@ class AdmissionGate:
     """The inference service's client of AdmissionService."""
 
     def __init__(self, target: str) -> None:
-        self._channel = channel(target, default_timeout=timedelta(seconds=10))
+        # calls name their deadline and metadata themselves (no interceptor task per call)
+        self._channel = channel(target, propagate=False)
         self._stub = admission_service_pb2_grpc.AdmissionServiceStub(self._channel)
         # Release must happen even after the caller's deadline or cancellation: it uses
         # a channel without deadline propagation and runs as its own task.
@@ -126,7 +130,11 @@ class AdmissionGate:
         """
         request_id = _attempt_id()
         try:
-            reply = await self._stub.Admit(ask.request(request_id), metadata=ask.metadata)
+            reply = await self._stub.Admit(
+                ask.request(request_id),
+                metadata=propagated_metadata(ask.metadata),
+                timeout=outbound_timeout(ADMIT_TIMEOUT_S),
+            )
         except grpc.aio.AioRpcError as error:
             if error.code() not in _REFUSAL_CODES:
                 self._release_attempt(ask.tenant_id, request_id)
@@ -145,7 +153,11 @@ class AdmissionGate:
         """
         request_id = _attempt_id()
         request = admission_pb2.AdmitStreamRequest(request=ask.request(request_id))
-        call = self._stub.AdmitStream(request, metadata=ask.metadata)
+        # no deadline of its own: the caller watches the queue position, and admission
+        # bounds the wait (its default max wait, or the caller's deadline)
+        call = self._stub.AdmitStream(
+            request, metadata=propagated_metadata(ask.metadata), timeout=outbound_timeout(None)
+        )
         handed_over = refused = False
         try:
             async for reply in call:
