@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -106,6 +107,7 @@ class Engine:
     def __init__(self, store: TaskStore, bus: Bus) -> None:
         self.store = store
         self.bus = bus
+        self._creates = _Batcher(self._create_many)
 
     async def publish(self, event: pb.WatchTaskResponse) -> int:
         """Appends the event to its task's log; returns its sequence."""
@@ -124,10 +126,38 @@ class Engine:
         Returns the task, whether it existed, and the sequence of the last event this
         call published (0 for an existing task)."""
         validate_task(request, tool_exists=tool_exists)
-        task, existing = await self.store.create(tenant_id, request)
-        if existing:
-            return task, True, 0
-        return task, False, await self.announce(task)
+        if request.idempotency_key:
+            task, existing = await self.store.create(tenant_id, request)
+            if existing:
+                return task, True, 0
+            return task, False, await self.announce(task)
+        # shielded: a caller gone while its batch commits must not leave the task unannounced
+        return await asyncio.shield(self._submit_new(tenant_id, request))
+
+    async def _submit_new(
+        self, tenant_id: str, request: pb.SubmitTaskRequest
+    ) -> tuple[TaskRow, bool, int]:
+        created = await self._creates((tenant_id, request))
+        if isinstance(created, BaseException):
+            raise created
+        return created, False, await self.announce(created)
+
+    async def _create_many(
+        self, requests: list[tuple[str, pb.SubmitTaskRequest]]
+    ) -> list[TaskRow | BaseException]:
+        """New tasks without idempotency keys, submitted concurrently: one statement
+        and one commit for all of them; each on its own if that fails (one bad request
+        must not fail the others), then an error is its caller's alone."""
+        if len(requests) > 1:
+            try:
+                return list(await self.store.create_many(requests))
+            except Exception:  # noqa: BLE001 - retried one by one below
+                logger.debug("batched task creation failed; creating one by one", exc_info=True)
+        results = await asyncio.gather(
+            *(self.store.create(tenant, request) for tenant, request in requests),
+            return_exceptions=True,
+        )
+        return [r[0] if isinstance(r, tuple) else r for r in results]
 
     async def announce(self, task: TaskRow) -> int:
         """Publishes a new task's SUBMITTED and QUEUED events and its first work;
@@ -193,6 +223,23 @@ class Engine:
         return len(stale)
 
 
+class _Beat:
+    """A running step's heartbeat state."""
+
+    __slots__ = ("due", "expired", "msg", "step", "task_id")
+
+    def __init__(self, task_id: str, step: str, msg: Msg, due: float) -> None:
+        self.task_id = task_id
+        self.step = step
+        self.msg = msg
+        self.due = due
+        self.expired = False
+
+    def expire(self, run: asyncio.Task[Any]) -> None:
+        self.expired = True
+        run.cancel()
+
+
 _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
 
@@ -256,7 +303,9 @@ class Worker:
         self._concurrency = concurrency
         self._rng = rng or random.Random()
         self._running: dict[str, set[asyncio.Task[Any]]] = {}
+        self._beats: dict[asyncio.Task[Any], _Beat] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        self._beat_task: asyncio.Task[None] | None = None
         self._cancel_sub: Any = None
         self.steps_done = 0
         store, lease = engine.store, engine.bus.settings.ack_wait
@@ -266,6 +315,7 @@ class Worker:
     async def start(self) -> None:
         self._cancel_sub = await self._engine.bus.nc.subscribe("sb.cancel.*", cb=self._on_cancel)
         self._loop_task = asyncio.create_task(self._loop(), name="execution-worker")
+        self._beat_task = asyncio.create_task(self._heartbeats(), name="execution-heartbeats")
 
     @property
     def alive(self) -> bool:
@@ -273,6 +323,7 @@ class Worker:
 
     async def stop(self) -> None:
         await stop_task(self._loop_task)
+        await stop_task(self._beat_task)
         if self._cancel_sub is not None:
             await self._cancel_sub.unsubscribe()
         for tasks in list(self._running.values()):
@@ -288,11 +339,20 @@ class Worker:
         subscription = await self._engine.bus.work()
         gate = asyncio.Semaphore(self._concurrency)
         handlers: set[asyncio.Task[None]] = set()
+        freed = asyncio.Event()
+        # when busy, pull a few steps per request rather than one per finished step
+        least = max(1, self._concurrency // 8)
+
+        def finished(handler: asyncio.Task[None]) -> None:
+            handlers.discard(handler)
+            freed.set()
+
         try:
             while True:
                 free = self._concurrency - len(handlers)
-                if free == 0:
-                    await asyncio.wait(handlers, return_when=asyncio.FIRST_COMPLETED)
+                if free < least:
+                    freed.clear()
+                    await freed.wait()
                     continue
                 try:
                     messages = await subscription.fetch(free, timeout=1.0)
@@ -305,7 +365,7 @@ class Worker:
                 for msg in messages:
                     handler = asyncio.create_task(self._guarded(gate, msg))
                     handlers.add(handler)
-                    handler.add_done_callback(handlers.discard)
+                    handler.add_done_callback(finished)
         finally:
             for handler in handlers:
                 handler.cancel()
@@ -389,8 +449,8 @@ class Worker:
     async def _run(
         self, task: ClaimedTask, step: pb.Step, outputs: Mapping[str, Any], msg: Msg
     ) -> Any:
-        """Runs the step while heartbeating its message and lease; cancellable by a
-        CancelTask broadcast."""
+        """Runs the step while `_heartbeats` renews its message and lease; cancellable by
+        a CancelTask broadcast."""
         timeout = (
             step.timeout.ToTimedelta()
             if step.HasField("timeout")
@@ -407,17 +467,23 @@ class Worker:
             )
         )
         self._running.setdefault(task.task_id, set()).add(run)
-        beat = asyncio.create_task(self._heartbeat(task.task_id, step.name, msg, run))
+        beat = _Beat(task.task_id, step.name, msg, time.monotonic() + self._beat_every)
+        self._beats[run] = beat
+        expiry = asyncio.get_running_loop().call_later(
+            timeout.total_seconds() + 5, beat.expire, run
+        )
         try:
-            return await asyncio.wait_for(asyncio.shield(run), timeout.total_seconds() + 5)
-        except TimeoutError:
-            run.cancel()
-            raise StepFailure(
-                Internal(f"step {step.name!r} ran past its timeout", reason="STEP_TIMEOUT"),
-                retryable=True,
-            ) from None
+            return await run
+        except asyncio.CancelledError:
+            if beat.expired:
+                raise StepFailure(
+                    Internal(f"step {step.name!r} ran past its timeout", reason="STEP_TIMEOUT"),
+                    retryable=True,
+                ) from None
+            raise
         finally:
-            await stop_task(beat)
+            expiry.cancel()
+            del self._beats[run]
             if not run.done():
                 run.cancel()
                 with contextlib.suppress(BaseException):
@@ -427,14 +493,29 @@ class Worker:
             if not running:
                 self._running.pop(task.task_id, None)
 
-    async def _heartbeat(self, task_id: str, step: str, msg: Msg, run: asyncio.Task[Any]) -> None:
+    @property
+    def _beat_every(self) -> float:
+        return self._engine.bus.settings.ack_wait.total_seconds() / 3
+
+    async def _heartbeats(self) -> None:
+        """One loop for every running step: each one that has run a third of the lease
+        since its last beat tells JetStream it is in progress and renews its lease."""
         lease = self._engine.bus.settings.ack_wait
         while True:
-            await asyncio.sleep(lease.total_seconds() / 3)
-            await msg.in_progress()
-            if not await self._engine.store.renew(task_id, step, lease=lease):
+            await asyncio.sleep(self._beat_every / 4)
+            now = time.monotonic()
+            due = [(run, beat) for run, beat in self._beats.items() if beat.due <= now]
+            for _, beat in due:
+                beat.due = now + self._beat_every
+            await asyncio.gather(*(self._beat(run, beat, lease) for run, beat in due))
+
+    async def _beat(self, run: asyncio.Task[Any], beat: _Beat, lease: timedelta) -> None:
+        try:
+            await beat.msg.in_progress()
+            if not await self._engine.store.renew(beat.task_id, beat.step, lease=lease):
                 run.cancel()  # the task ended (cancelled) while this step ran
-                return
+        except Exception as exc:  # noqa: BLE001 - the next beat tries again
+            logger.warning("cannot renew step %s of %s: %s", beat.step, beat.task_id, exc)
 
     async def _failed(
         self, task: ClaimedTask, step: pb.Step, attempt: int, failure: StepFailure, msg: Msg

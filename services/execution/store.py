@@ -201,6 +201,34 @@ def _request(data: bytes) -> pb.SubmitTaskRequest:
     return pb.SubmitTaskRequest.FromString(data)
 
 
+def _new_task(
+    task_id: str,
+    tenant_id: str,
+    request: pb.SubmitTaskRequest,
+    states: Sequence[int],
+    created: datetime,
+) -> TaskRow:
+    """The row of a task just inserted."""
+    steps = tuple(
+        StepRow(task_id, s.name, state, 0, None, None, None, None)
+        for s, state in zip(request.steps, states, strict=True)
+    )
+    return TaskRow(
+        task_id=task_id,
+        tenant_id=tenant_id,
+        idempotency_key=request.idempotency_key,
+        request=request,
+        state=pb.TASK_STATE_RUNNING,
+        error=None,
+        labels=dict(request.labels),
+        priority=request.priority,
+        create_time=created,
+        update_time=created,
+        end_time=None,
+        steps=steps,
+    )
+
+
 def request_hash(request: pb.SubmitTaskRequest) -> str:
     return hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
 
@@ -286,25 +314,60 @@ class TaskStore:
         except psycopg.OperationalError as exc:
             raise _unavailable(exc) from exc
         (created,) = row
-        steps = tuple(
-            StepRow(task_id, s.name, state, 0, None, None, None, None)
-            for s, state in zip(request.steps, states, strict=True)
-        )
-        task = TaskRow(
-            task_id=task_id,
-            tenant_id=tenant_id,
-            idempotency_key=request.idempotency_key,
-            request=request,
-            state=pb.TASK_STATE_RUNNING,
-            error=None,
-            labels=dict(request.labels),
-            priority=request.priority,
-            create_time=created,
-            update_time=created,
-            end_time=None,
-            steps=steps,
-        )
-        return task, False
+        return _new_task(task_id, tenant_id, request, states, created), False
+
+    async def create_many(
+        self, requests: Sequence[tuple[str, pb.SubmitTaskRequest]]
+    ) -> list[TaskRow]:
+        """Stores new tasks of (tenant, request) without idempotency keys (nothing can
+        conflict), in one statement and one commit; returns them in the same order."""
+        assert not any(r.idempotency_key for _, r in requests), "keyed tasks: create()"
+        ids = [str(uuid.uuid4()) for _ in requests]
+        states = [
+            [pb.STEP_STATE_WAITING if s.depends_on else pb.STEP_STATE_QUEUED for s in r.steps]
+            for _, r in requests
+        ]
+        steps = [
+            (task_id, position, step, state)
+            for task_id, (_, request), task_states in zip(ids, requests, states, strict=True)
+            for position, (step, state) in enumerate(zip(request.steps, task_states, strict=True))
+        ]
+        try:
+            async with self._db.connection() as conn:
+                cur = await conn.execute(
+                    "WITH t AS (INSERT INTO exec_tasks (task_id, tenant_id, request_hash,"
+                    " request, state, labels, priority)"
+                    " SELECT * FROM unnest(%(ids)s::uuid[], %(tenants)s::text[],"
+                    " %(hashes)s::text[], %(requests)s::bytea[], %(states)s::smallint[],"
+                    " %(labels)s::jsonb[], %(priorities)s::smallint[])"
+                    " RETURNING task_id, create_time),"
+                    " s AS (INSERT INTO exec_steps (task_id, name, position, depends_on, state)"
+                    " SELECT t.task_id, u.name, u.position,"
+                    " ARRAY(SELECT jsonb_array_elements_text(u.deps)), u.state"
+                    " FROM t JOIN unnest(%(step_tasks)s::uuid[], %(names)s::text[],"
+                    " %(positions)s::int[], %(deps)s::jsonb[], %(step_states)s::int[])"
+                    " AS u(task_id, name, position, deps, state) ON u.task_id = t.task_id)"
+                    " SELECT task_id::text, create_time FROM t",
+                    {"ids": ids, "tenants": [t for t, _ in requests],
+                     "hashes": [request_hash(r) for _, r in requests],
+                     "requests": [r.SerializeToString() for _, r in requests],
+                     "states": [pb.TASK_STATE_RUNNING] * len(requests),
+                     "labels": [Jsonb(dict(r.labels)) for _, r in requests],
+                     "priorities": [r.priority for _, r in requests],
+                     "step_tasks": [task_id for task_id, _, _, _ in steps],
+                     "names": [step.name for _, _, step, _ in steps],
+                     "positions": [position for _, position, _, _ in steps],
+                     "deps": [Jsonb(list(step.depends_on)) for _, _, step, _ in steps],
+                     "step_states": [state for _, _, _, state in steps]},
+                )  # fmt: skip
+                created = dict(await cur.fetchall())
+        except psycopg.OperationalError as exc:
+            raise _unavailable(exc) from exc
+        rows = zip(ids, requests, states, strict=True)
+        return [
+            _new_task(task_id, tenant_id, request, task_states, created[task_id])
+            for task_id, (tenant_id, request), task_states in rows
+        ]
 
     async def _by_key(
         self, conn: psycopg.AsyncConnection, tenant_id: str, key: str

@@ -1,0 +1,92 @@
+"""Engine and worker logic that needs no network: batched task creation, heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from types import SimpleNamespace
+from typing import Any
+
+from switchboard.execution.v1 import execution_pb2 as pb
+
+from services.execution.bus import WorkSettings
+from services.execution.engine import Engine, Worker, _Beat
+
+
+def request(name: str = "one") -> pb.SubmitTaskRequest:
+    return pb.SubmitTaskRequest(steps=[pb.Step(name=name, tool=pb.ToolStep(tool="echo"))])
+
+
+class FakeStore:
+    """Creates tasks; refuses a batch holding a step named `bad`, and that one alone."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.singles = 0
+        self.renewed: list[tuple[str, str]] = []
+        self.renew_result = True
+
+    async def create_many(self, requests: list[tuple[str, pb.SubmitTaskRequest]]) -> list[Any]:
+        self.batches.append(len(requests))
+        if any(r.steps[0].name == "bad" for _, r in requests):
+            raise ValueError("bad row")
+        return [f"task:{tenant}:{r.steps[0].name}" for tenant, r in requests]
+
+    async def create(self, tenant: str, r: pb.SubmitTaskRequest) -> tuple[Any, bool]:
+        self.singles += 1
+        if r.steps[0].name == "bad":
+            raise ValueError("bad row")
+        return f"task:{tenant}:{r.steps[0].name}", False
+
+    async def complete_many(self, steps: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    async def renew(self, task_id: str, step: str, *, lease: timedelta) -> bool:
+        self.renewed.append((task_id, step))
+        return self.renew_result
+
+
+async def test_concurrent_creations_share_one_batch():
+    store = FakeStore()
+    engine = Engine(store, bus=None)  # type: ignore[arg-type]
+    created = await asyncio.gather(*(engine._creates((f"t{i}", request())) for i in range(5)))
+    assert created == [f"task:t{i}:one" for i in range(5)]
+    assert sum(store.batches) == 5 and len(store.batches) < 5
+    assert store.singles == 0
+
+
+async def test_a_failing_batch_is_retried_one_by_one_and_only_the_bad_request_fails():
+    store = FakeStore()
+    engine = Engine(store, bus=None)  # type: ignore[arg-type]
+    names = ["a", "bad", "c"]
+    created = await asyncio.gather(*(engine._creates(("t", request(n))) for n in names))
+    assert created[0] == "task:t:a" and created[2] == "task:t:c"
+    assert isinstance(created[1], ValueError)
+
+
+class FakeMsg:
+    def __init__(self) -> None:
+        self.beats = 0
+
+    async def in_progress(self) -> None:
+        self.beats += 1
+
+
+async def test_one_loop_heartbeats_long_steps_and_cancels_a_step_whose_task_ended():
+    store = FakeStore()
+    bus = SimpleNamespace(settings=WorkSettings(ack_wait=timedelta(seconds=0.3)))
+    worker = Worker(SimpleNamespace(store=store, bus=bus), runner=None)  # type: ignore[arg-type]
+    beats = asyncio.create_task(worker._heartbeats())
+    run = asyncio.create_task(asyncio.sleep(10))
+    msg = FakeMsg()
+    worker._beats[run] = _Beat("task", "step", msg, due=0.0)  # type: ignore[arg-type]
+    try:
+        await asyncio.sleep(0.35)
+        assert msg.beats >= 2 and store.renewed[0] == ("task", "step")
+        store.renew_result = False
+        await asyncio.sleep(0.2)
+        assert run.cancelled()
+    finally:
+        beats.cancel()
+        run.cancel()
+        await asyncio.gather(beats, run, return_exceptions=True)
