@@ -287,6 +287,25 @@ class _Batcher(Generic[_Item, _Result]):
             self._waiting.clear()
 
 
+async def _pull(subscription: Any, most: int) -> list[Msg]:
+    """The work waiting now (up to `most` messages), else the next message to arrive
+    within a second (TimeoutError if none).
+
+    nats-py's `fetch(n)` returns at once what the server has, but once its request has
+    to linger for new work it holds the first message until n have come or the request
+    expires: a lone step would wait a second. So the lingering pull asks for one.
+    """
+    try:
+        return list(await subscription.fetch(most, timeout=_PROBE_S))
+    except TimeoutError:
+        pass
+    return list(await subscription.fetch(1, timeout=1.0))
+
+
+_PROBE_S = 0.01
+"""How long the probe for waiting work may take (the server answers at once)."""
+
+
 class Worker:
     """Pulls steps from the work queue and runs them, `concurrency` at a time."""
 
@@ -355,7 +374,7 @@ class Worker:
                     await freed.wait()
                     continue
                 try:
-                    messages = await subscription.fetch(free, timeout=1.0)
+                    messages = await _pull(subscription, free)
                 except TimeoutError:
                     continue
                 except Exception as exc:  # the bus reconnecting: try again shortly

@@ -48,12 +48,14 @@ class Ledger:
         self.entries: dict[str, dict] = {}
         self.calls: Counter[str] = Counter()
         self.fail_always = 0
+        self.delay = 0.0  # seconds each call takes, like a real payment API
         self.env: dict[str, str] = {}
 
     async def record(self, request: web.Request) -> web.Response:
         key = request.headers.get("Idempotency-Key", "")
         self.calls[key] += 1
         body = await request.json()
+        await asyncio.sleep(self.delay)
         self.entries.setdefault(key, body)
         return web.json_response({"recorded": key, "entries": len(self.entries)})
 
@@ -462,6 +464,7 @@ async def test_kill_9_a_worker_20_times_while_1000_tasks_run(execution, tools, m
     """Each task pays into the ledger, then notifies it; a worker killed mid-step has its
     step redelivered, the ledger sees the same idempotency key, and applies it once."""
     tenant = new_tenant()
+    tools.delay = 0.05  # so that the 2,000 steps outlast the kills: kills land mid-step
     tasks = await submit_many(execution, tenant, 1000)
     rng = random.Random(20261124)
     for _ in range(20):
@@ -470,6 +473,7 @@ async def test_kill_9_a_worker_20_times_while_1000_tasks_run(execution, tools, m
         os.kill(worker.pid, signal.SIGKILL)
         mesh.start_service("worker-0", env=tools.env)
     states = await wait_until_finished(mesh, tenant, 1000, seconds=240)
+    tools.delay = 0.0
     assert states == {pb.TASK_STATE_COMPLETED: 1000}
     for i, task in enumerate(tasks):
         for step in ("pay", "notify"):
