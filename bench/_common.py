@@ -259,3 +259,43 @@ def rotated(items: Sequence[Any], by: int) -> list[Any]:
     """`items` rotated left by `by`: alternates which arm of a comparison goes first."""
     by %= len(items)
     return [*items[by:], *items[:by]]
+
+
+def triton_generate_request(
+    model: str, prompt: str, passages: Sequence[str], max_tokens: int
+) -> Any:
+    """The ModelInferRequest the router sends Triton for a generation (same inputs, same
+    parameters), for benches that call Triton directly beside the mesh."""
+    import struct
+
+    from tritonclient.grpc import service_pb2
+
+    from services.inference.triton import encode_bytes
+
+    request = service_pb2.ModelInferRequest(model_name=model, id="")
+    request.inputs.add(name="PROMPT", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(encode_bytes([prompt.encode()]))
+    if passages:
+        request.inputs.add(name="CONTEXT", datatype="BYTES", shape=[len(passages)])
+        request.raw_input_contents.append(encode_bytes([p.encode() for p in passages]))
+    request.inputs.add(name="MAX_TOKENS", datatype="INT32", shape=[1])
+    request.raw_input_contents.append(struct.pack("<i", max_tokens))
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
+    return request
+
+
+def unlimited_policy(tenant: str, *, in_flight: int) -> Any:
+    """An admission policy whose rates a benchmark never reaches (the default tenant
+    policy allows 10 requests/s), with `in_flight` requests at once."""
+    from switchboard.admission.v1 import admission_pb2
+
+    return admission_pb2.Policy(
+        tenant_id=tenant,
+        requests_per_second=100_000,
+        request_burst=100_000,
+        tokens_per_minute=10_000_000_000,
+        token_burst=1_000_000_000,
+        max_in_flight=in_flight,
+        weight=1,
+        max_queued=in_flight,
+    )

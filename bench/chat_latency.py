@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import struct
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -55,15 +54,17 @@ from switchboard.inference.v1 import inference_pb2
 from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from bench import _common
 from bench._common import (
     api_key_metadata,
     ms,
     percentile,
     print_table,
     running_mesh,
+    unlimited_policy,
     write_result,
 )
-from services.inference.triton import decode_bytes, encode_bytes
+from services.inference.triton import decode_bytes
 
 NAME = "chat-latency"
 WARMUP = 20
@@ -85,17 +86,7 @@ TOP_K = 5
 
 TENANT = "bench-chat"
 Metadata = tuple[tuple[str, str], ...]
-BENCH_POLICY = admission_pb2.Policy(
-    tenant_id=TENANT,
-    requests_per_second=100_000,
-    request_burst=100_000,
-    tokens_per_minute=10_000_000_000,
-    token_burst=1_000_000_000,
-    max_in_flight=4096,
-    weight=1,
-    max_queued=4096,
-)
-"""Limits the benchmarks never reach (the default tenant policy allows 10 requests/s)."""
+BENCH_POLICY = unlimited_policy(TENANT, in_flight=4096)
 
 
 @dataclass
@@ -126,16 +117,7 @@ class Block:
 
 def triton_request(prompt: str, passages: Sequence[str]) -> service_pb2.ModelInferRequest:
     """The request the router sends to Triton for this prompt and context."""
-    request = service_pb2.ModelInferRequest(model_name=MODEL, id="")
-    request.inputs.add(name="PROMPT", datatype="BYTES", shape=[1])
-    request.raw_input_contents.append(encode_bytes([prompt.encode()]))
-    if passages:
-        request.inputs.add(name="CONTEXT", datatype="BYTES", shape=[len(passages)])
-        request.raw_input_contents.append(encode_bytes([p.encode() for p in passages]))
-    request.inputs.add(name="MAX_TOKENS", datatype="INT32", shape=[1])
-    request.raw_input_contents.append(struct.pack("<i", MAX_TOKENS))
-    request.parameters["triton_enable_empty_final_response"].bool_param = True
-    return request
+    return _common.triton_generate_request(MODEL, prompt, passages, MAX_TOKENS)
 
 
 def direct_arm(stub: service_pb2_grpc.GRPCInferenceServiceStub, passages: Sequence[str]) -> Arm:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,16 +37,17 @@ from switchboard.common.v1 import common_pb2
 from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from bench import _common
 from bench._common import (
     api_key_metadata,
     ms,
     percentile,
     print_table,
     running_mesh,
+    unlimited_policy,
     write_result,
 )
 from bench.embed_batching import triton_embed_request
-from services.inference.triton import encode_bytes
 from services.runtime import count_tokens
 
 NAME = "mesh-tax"
@@ -73,17 +73,7 @@ TENANT = "bench"
 TRUSTED = (("x-tenant-id", TENANT),)
 """The tenant as the router's own port and Envoy's internal listener take it."""
 Metadata = tuple[tuple[str, str], ...]
-BENCH_POLICY = admission_pb2.Policy(
-    tenant_id=TENANT,
-    requests_per_second=100_000,
-    request_burst=100_000,
-    tokens_per_minute=10_000_000_000,
-    token_burst=1_000_000_000,
-    max_in_flight=1024,
-    weight=1,
-    max_queued=1024,
-)
-"""Limits the benchmark never reaches (the default tenant policy allows 10 requests/s)."""
+BENCH_POLICY = unlimited_policy(TENANT, in_flight=1024)
 
 Timed = Callable[[], Awaitable[float]]
 """One call; returns the latency measured (seconds)."""
@@ -91,15 +81,7 @@ Timed = Callable[[], Awaitable[float]]
 
 def triton_generate_request() -> service_pb2.ModelInferRequest:
     """The request the router sends for `generator_small` (same inputs, same parameters)."""
-    request = service_pb2.ModelInferRequest(model_name="generator_small", id="")
-    request.inputs.add(name="PROMPT", datatype="BYTES", shape=[1])
-    request.raw_input_contents.append(encode_bytes([PROMPT.encode()]))
-    request.inputs.add(name="CONTEXT", datatype="BYTES", shape=[len(PASSAGES)])
-    request.raw_input_contents.append(encode_bytes([p.encode() for p in PASSAGES]))
-    request.inputs.add(name="MAX_TOKENS", datatype="INT32", shape=[1])
-    request.raw_input_contents.append(struct.pack("<i", MAX_TOKENS))
-    request.parameters["triton_enable_empty_final_response"].bool_param = True
-    return request
+    return _common.triton_generate_request("generator_small", PROMPT, PASSAGES, MAX_TOKENS)
 
 
 def _direct_ttft(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> Timed:
