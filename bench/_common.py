@@ -261,29 +261,6 @@ def rotated(items: Sequence[Any], by: int) -> list[Any]:
     return [*items[by:], *items[:by]]
 
 
-def triton_generate_request(
-    model: str, prompt: str, passages: Sequence[str], max_tokens: int
-) -> Any:
-    """The ModelInferRequest the router sends Triton for a generation (same inputs, same
-    parameters), for benches that call Triton directly beside the mesh."""
-    import struct
-
-    from tritonclient.grpc import service_pb2
-
-    from services.inference.triton import encode_bytes
-
-    request = service_pb2.ModelInferRequest(model_name=model, id="")
-    request.inputs.add(name="PROMPT", datatype="BYTES", shape=[1])
-    request.raw_input_contents.append(encode_bytes([prompt.encode()]))
-    if passages:
-        request.inputs.add(name="CONTEXT", datatype="BYTES", shape=[len(passages)])
-        request.raw_input_contents.append(encode_bytes([p.encode() for p in passages]))
-    request.inputs.add(name="MAX_TOKENS", datatype="INT32", shape=[1])
-    request.raw_input_contents.append(struct.pack("<i", max_tokens))
-    request.parameters["triton_enable_empty_final_response"].bool_param = True
-    return request
-
-
 def unlimited_policy(tenant: str, *, in_flight: int) -> Any:
     """An admission policy whose rates a benchmark never reaches (the default tenant
     policy allows 10 requests/s), with `in_flight` requests at once."""
@@ -299,3 +276,24 @@ def unlimited_policy(tenant: str, *, in_flight: int) -> Any:
         weight=1,
         max_queued=in_flight,
     )
+
+
+async def give_tenant_room(stub: Any, metadata: Sequence[tuple[str, str]], policy: Any) -> None:
+    """Stores `policy` (an admission Policy) for its tenant through `stub` and waits until
+    admission applies it."""
+    from switchboard.admission.v1 import admission_pb2
+
+    await stub.UpdatePolicy(
+        admission_pb2.UpdatePolicyRequest(policy=policy), timeout=10, metadata=metadata
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        reply = await stub.GetPolicy(
+            admission_pb2.GetPolicyRequest(tenant_id=policy.tenant_id),
+            timeout=10,
+            metadata=metadata,
+        )
+        if not reply.is_default and reply.policy.request_burst == policy.request_burst:
+            return
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"admission did not apply the {policy.tenant_id!r} policy within 10s")

@@ -48,15 +48,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from switchboard.admission.v1 import admission_pb2, admission_service_pb2_grpc
+from switchboard.admission.v1 import admission_service_pb2_grpc
 from switchboard.chat.v1 import chat_pb2, chat_service_pb2_grpc
 from switchboard.inference.v1 import inference_pb2
 from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from bench import _common
 from bench._common import (
     api_key_metadata,
+    give_tenant_room,
     ms,
     percentile,
     print_table,
@@ -64,7 +64,7 @@ from bench._common import (
     unlimited_policy,
     write_result,
 )
-from services.inference.triton import decode_bytes
+from services.inference.triton import decode_bytes, generate_request
 
 NAME = "chat-latency"
 WARMUP = 20
@@ -117,7 +117,7 @@ class Block:
 
 def triton_request(prompt: str, passages: Sequence[str]) -> service_pb2.ModelInferRequest:
     """The request the router sends to Triton for this prompt and context."""
-    return _common.triton_generate_request(MODEL, prompt, passages, MAX_TOKENS)
+    return generate_request(MODEL, prompt, passages, MAX_TOKENS)
 
 
 def direct_arm(stub: service_pb2_grpc.GRPCInferenceServiceStub, passages: Sequence[str]) -> Arm:
@@ -227,28 +227,6 @@ def _gaps(stamps: Sequence[float]) -> list[float]:
 # -- set-up ----------------------------------------------------------------------------------
 
 
-async def give_tenant_room(
-    stub: admission_service_pb2_grpc.AdmissionServiceStub,
-    metadata: Metadata,
-    policy: admission_pb2.Policy = BENCH_POLICY,
-) -> None:
-    """Stores `policy` for its tenant and waits until admission applies it."""
-    await stub.UpdatePolicy(
-        admission_pb2.UpdatePolicyRequest(policy=policy), timeout=10, metadata=metadata
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        reply = await stub.GetPolicy(
-            admission_pb2.GetPolicyRequest(tenant_id=policy.tenant_id),
-            timeout=10,
-            metadata=metadata,
-        )
-        if not reply.is_default and reply.policy.max_in_flight == policy.max_in_flight:
-            return
-        await asyncio.sleep(0.2)
-    raise RuntimeError(f"admission did not apply the {policy.tenant_id!r} policy within 10s")
-
-
 async def _ingest(stub: rag_service_pb2_grpc.RagServiceStub, metadata: Metadata) -> None:
     documents = [json.loads(line) for line in HANDBOOK.read_text().splitlines()[:DOCUMENTS]]
     requests = [
@@ -337,7 +315,7 @@ async def _measure(mesh: Any) -> tuple[dict[str, Block], int]:
         chat = chat_service_pb2_grpc.ChatServiceStub(envoy_channel)
         rag = rag_service_pb2_grpc.RagServiceStub(envoy_channel)
         await give_tenant_room(
-            admission_service_pb2_grpc.AdmissionServiceStub(envoy_channel), metadata
+            admission_service_pb2_grpc.AdmissionServiceStub(envoy_channel), metadata, BENCH_POLICY
         )
         await _ingest(rag, metadata)
         plain, with_rag = Stream(chat, metadata), Stream(chat, metadata)

@@ -61,13 +61,14 @@ from switchboard.inference.v1 import inference_pb2
 
 from bench._common import (
     api_key_metadata,
+    give_tenant_room,
     ms,
     percentile,
     print_table,
     running_mesh,
     write_result,
 )
-from bench.chat_latency import BENCH_POLICY, give_tenant_room
+from bench.chat_latency import BENCH_POLICY
 
 NAME = "chat-sessions"
 SESSIONS = 1000
@@ -548,7 +549,7 @@ async def _measure(mesh: Any) -> Outcome:
     try:
         stubs = [chat_service_pb2_grpc.ChatServiceStub(c) for c in channels]
         await give_tenant_room(
-            admission_service_pb2_grpc.AdmissionServiceStub(channels[0]), metadata
+            admission_service_pb2_grpc.AdmissionServiceStub(channels[0]), metadata, BENCH_POLICY
         )
         session_ids = await _create(stubs[0], metadata, SESSIONS + WARMUP_SESSIONS)
         warm, session_ids = session_ids[:WARMUP_SESSIONS], session_ids[WARMUP_SESSIONS:]

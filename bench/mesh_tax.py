@@ -37,9 +37,9 @@ from switchboard.common.v1 import common_pb2
 from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from bench import _common
 from bench._common import (
     api_key_metadata,
+    give_tenant_room,
     ms,
     percentile,
     print_table,
@@ -48,6 +48,7 @@ from bench._common import (
     write_result,
 )
 from bench.embed_batching import triton_embed_request
+from services.inference.triton import generate_request
 from services.runtime import count_tokens
 
 NAME = "mesh-tax"
@@ -81,7 +82,7 @@ Timed = Callable[[], Awaitable[float]]
 
 def triton_generate_request() -> service_pb2.ModelInferRequest:
     """The request the router sends for `generator_small` (same inputs, same parameters)."""
-    return _common.triton_generate_request("generator_small", PROMPT, PASSAGES, MAX_TOKENS)
+    return generate_request("generator_small", PROMPT, PASSAGES, MAX_TOKENS)
 
 
 def _direct_ttft(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> Timed:
@@ -172,24 +173,6 @@ def _mesh_embed(stub: inference_service_pb2_grpc.InferenceServiceStub, metadata:
     return call
 
 
-async def _give_bench_tenant_room(
-    stub: admission_service_pb2_grpc.AdmissionServiceStub, metadata: Metadata
-) -> None:
-    """Stores BENCH_POLICY and waits until admission applies it."""
-    await stub.UpdatePolicy(
-        admission_pb2.UpdatePolicyRequest(policy=BENCH_POLICY), timeout=10, metadata=metadata
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        reply = await stub.GetPolicy(
-            admission_pb2.GetPolicyRequest(tenant_id=TENANT), timeout=10, metadata=metadata
-        )
-        if not reply.is_default and reply.policy.request_burst == BENCH_POLICY.request_burst:
-            return
-        await asyncio.sleep(0.2)
-    raise RuntimeError(f"admission did not apply the {TENANT!r} policy within 10s")
-
-
 @dataclass
 class Block:
     """The calls of one block, per arm, and how long measuring took."""
@@ -232,8 +215,8 @@ async def _measure(
         direct = service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)
         via_router = inference_service_pb2_grpc.InferenceServiceStub(router_channel)
         via_envoy = inference_service_pb2_grpc.InferenceServiceStub(envoy_channel)
-        await _give_bench_tenant_room(
-            admission_service_pb2_grpc.AdmissionServiceStub(envoy_channel), key
+        await give_tenant_room(
+            admission_service_pb2_grpc.AdmissionServiceStub(envoy_channel), key, BENCH_POLICY
         )
         admission = admission_service_pb2_grpc.AdmissionServiceStub(internal_channel)
         arms = {

@@ -24,6 +24,22 @@ from services.runtime import (
 logger = logging.getLogger(__name__)
 
 
+def generate_request(
+    model: str, prompt: str, passages: Sequence[str], max_tokens: int
+) -> service_pb2.ModelInferRequest:
+    """The streaming request for a decoupled generator model."""
+    request = service_pb2.ModelInferRequest(model_name=model, id="")
+    request.inputs.add(name="PROMPT", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(encode_bytes([prompt.encode()]))
+    if passages:
+        request.inputs.add(name="CONTEXT", datatype="BYTES", shape=[len(passages)])
+        request.raw_input_contents.append(encode_bytes([p.encode() for p in passages]))
+    request.inputs.add(name="MAX_TOKENS", datatype="INT32", shape=[1])
+    request.raw_input_contents.append(struct.pack("<i", max_tokens))
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
+    return request
+
+
 class BackendFailure(Unavailable):
     """The backend could not serve the call; another backend may."""
 
@@ -160,16 +176,7 @@ class TritonBackend:
     ) -> AsyncIterator[StreamedToken]:
         """Streams tokens from a decoupled generator; cancelling the iteration cancels the
         Triton request."""
-        request = service_pb2.ModelInferRequest(model_name=model, id="")
-        request.inputs.add(name="PROMPT", datatype="BYTES", shape=[1])
-        request.raw_input_contents.append(encode_bytes([prompt.encode()]))
-        if passages:
-            request.inputs.add(name="CONTEXT", datatype="BYTES", shape=[len(passages)])
-            request.raw_input_contents.append(encode_bytes([p.encode() for p in passages]))
-        request.inputs.add(name="MAX_TOKENS", datatype="INT32", shape=[1])
-        request.raw_input_contents.append(struct.pack("<i", max_tokens))
-        request.parameters["triton_enable_empty_final_response"].bool_param = True
-
+        request = generate_request(model, prompt, passages, max_tokens)
         self.outstanding += 1
         call = self._stub.ModelStreamInfer(iter([request]), timeout=timeout)
         try:
