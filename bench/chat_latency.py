@@ -97,8 +97,8 @@ class Sample:
     gaps: list[float]
     text: str
     started: float = 0.0
-    """Chat arms: from writing the user message to reading TurnStarted (the turn's
-    session read and history append in PostgreSQL come before it)."""
+    """Chat arms: from writing the user message to reading TurnStarted (sent once the
+    turn's first call is on its way: the generation itself, with RAG off)."""
 
 
 Arm = Callable[[], Awaitable[Sample]]
@@ -169,7 +169,9 @@ class Stream:
             raise RuntimeError(f"expected SessionOpened, got {frame.WhichOneof('frame')}")
 
     async def _read(self) -> chat_pb2.ConverseResponse:
-        frame = await asyncio.wait_for(self.call.read(), TIMEOUT_S)
+        # a timeout scope, not wait_for: no extra task per frame read
+        async with asyncio.timeout(TIMEOUT_S):
+            frame = await self.call.read()
         if frame is grpc.aio.EOF:
             raise RuntimeError(f"the Converse stream ended: {await self.call.code()}")
         return frame
@@ -412,8 +414,9 @@ def run() -> dict:
         f"passages retrieval returned, top_k {TOP_K} over {DOCUMENTS} handbook documents), "
         f"max_tokens {MAX_TOKENS}; answers checked identical ({tokens_off} / {tokens_rag} "
         "tokens; the model sleeps 1 ms between tokens). added = chat pXX - direct pXX; "
-        "chat_turn_started = from writing the message to the TurnStarted frame (the chat "
-        "reads the session and appends the user message in PostgreSQL before it); "
+        "chat_turn_started = from writing the message to the TurnStarted frame (sent once "
+        "the turn's first call, Generate or Retrieve, is on its way; the user message is "
+        "stored meanwhile); "
         "ITL = gaps between consecutive tokens of an answer, pooled. retrieve = "
         "RagService.Retrieve through Envoy with the same query (a third arm of the RAG "
         f"block). Tenant {TENANT!r} with an admission policy above any rate reached"

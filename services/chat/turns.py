@@ -174,8 +174,30 @@ class Turn:
         )
 
     async def run(self) -> None:
-        # The user message is stored while the turn goes on (it is in the history before
-        # anything of the answer is): its commit is off the way to the first token.
+        try:
+            await self._answer()
+        except asyncio.CancelledError:
+            await asyncio.shield(self._cancelled())
+            raise
+        except StageFailed as failed:
+            await self._fail(failed.status)
+        except SwitchboardError as error:
+            await self._fail(error.to_rpc_status())
+        except Exception as exc:
+            logger.exception("turn failed", extra={"session_id": self.session_id})
+            await self._fail(Internal(f"the answer failed: {type(exc).__name__}").to_rpc_status())
+        else:
+            await self._finish(pb.MESSAGE_STATUS_COMPLETED)
+
+    async def _begin(self) -> None:
+        """Announces the turn and stores its user message (once per turn).
+
+        The generation call is sent first when the turn goes straight to it, so that
+        neither is on the way to the first token. The user message is stored in the
+        background, and it is in the history before anything of the answer is.
+        """
+        if self._user is not None:
+            return
         user_id = str(uuid.uuid4())
         self._user = asyncio.ensure_future(
             self._append(
@@ -195,24 +217,12 @@ class Turn:
                 assistant_message_id=self.assistant_id,
             )
         )
-        try:
-            await self._answer()
-        except asyncio.CancelledError:
-            await asyncio.shield(self._cancelled())
-            raise
-        except StageFailed as failed:
-            await self._fail(failed.status)
-        except SwitchboardError as error:
-            await self._fail(error.to_rpc_status())
-        except Exception as exc:
-            logger.exception("turn failed", extra={"session_id": self.session_id})
-            await self._fail(Internal(f"the answer failed: {type(exc).__name__}").to_rpc_status())
-        else:
-            await self._finish(pb.MESSAGE_STATUS_COMPLETED)
 
     async def _answer(self) -> None:
         settings = self.settings
         request = parse_tool_request(self.message.text)
+        if request is not None or settings.collection:
+            await self._begin()
         if request is not None:
             check_allowed(request, settings)
             await self._call_tool(request)
@@ -337,6 +347,7 @@ class Turn:
         )
         call = self._backends.inference.Generate(request, metadata=self._metadata)
         try:
+            await self._begin()
             async for reply in call:
                 kind = reply.WhichOneof("event")
                 if kind == "token":
@@ -358,6 +369,7 @@ class Turn:
     async def _finish(
         self, status: int, *, error: status_pb2.Status | None = None, finish: int = 0
     ) -> None:
+        await self._begin()  # when the turn ended before any stage
         answer = self.answer
         complete = answer.complete
         message = pb.Message(
@@ -400,6 +412,7 @@ class Turn:
         )
 
     async def _fail(self, error: status_pb2.Status) -> None:
+        await self._begin()
         await self._emit(
             error=pb.ErrorFrame(status=error, client_message_id=self.message.client_message_id)
         )

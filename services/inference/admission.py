@@ -117,6 +117,7 @@ class AdmissionGate:
         self._release_channel = grpc.aio.insecure_channel(target)
         self._release_stub = admission_service_pb2_grpc.AdmissionServiceStub(self._release_channel)
         self._releases: set[asyncio.Task[None]] = set()
+        self._ending: set[grpc.aio.UnaryStreamCall] = set()
 
     async def admit(self, ask: Ask) -> str:
         """Waits for admission (fair queue, up to the call's deadline); returns the lease id.
@@ -162,10 +163,8 @@ class AdmissionGate:
         try:
             async for reply in call:
                 if reply.HasField("admitted"):
-                    # let the stream end by itself (its status follows at once): a reset
-                    # here would count as a premature one, and Envoy closes connections
-                    # where most resets are premature
-                    await call.code()
+                    # handed over at once; the stream's status follows by itself
+                    self._let_end(call)
                     handed_over = True
                     yield reply.admitted.lease.lease_id
                     return
@@ -174,7 +173,7 @@ class AdmissionGate:
             refused = error.code() in _REFUSAL_CODES
             raise relay_error(error) from None
         finally:
-            if not call.done():
+            if not handed_over and not call.done():
                 call.cancel()  # leaves the queue at once when the caller gives up
             if not handed_over and not refused:
                 self._release_attempt(ask.tenant_id, request_id)
@@ -184,6 +183,17 @@ class AdmissionGate:
             metadata={"dependency": "admission"},
             retry_after=RETRY_AFTER,
         )
+
+    def _let_end(self, call: grpc.aio.UnaryStreamCall) -> None:
+        """Keeps an admitted stream referenced until its status arrives.
+
+        It is not reset: Envoy counts resets of young streams as premature and closes
+        connections where most resets are, and grpc cancels a call that is collected
+        unfinished.
+        """
+        if not call.done():
+            self._ending.add(call)
+            call.add_done_callback(self._ending.discard)
 
     def release(self, lease_id: str, *, tenant_id: str, prompt: int, completion: int) -> None:
         """Releases the lease with the tokens actually used, in the background."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 from collections.abc import AsyncIterator, Sequence
@@ -92,6 +93,14 @@ class StreamedToken:
     passage: int
 
 
+def _token(response: service_pb2.ModelInferResponse) -> StreamedToken:
+    names = [o.name for o in response.outputs]
+    raw = dict(zip(names, response.raw_output_contents, strict=True))
+    text = b"".join(decode_bytes(raw["TEXT"])).decode(errors="replace")
+    passage = struct.unpack("<i", raw["PASSAGE"][:4])[0] if "PASSAGE" in raw else -1
+    return StreamedToken(text, passage)
+
+
 class TritonBackend:
     """One Triton replica: its channel, outstanding-call count, breaker and readiness."""
 
@@ -120,6 +129,7 @@ class TritonBackend:
             ],
         )
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._spare: grpc.aio.StreamStreamCall | None = None
 
     def accepting(self) -> bool:
         """Routing follows the breaker alone: a dead replica fails fast once its circuit
@@ -127,7 +137,25 @@ class TritonBackend:
         return self.breaker.state != "open"
 
     async def close(self) -> None:
+        if self._spare is not None:
+            self._spare.cancel()
         await self._channel.close()
+
+    def _take_stream(self) -> grpc.aio.StreamStreamCall:
+        """A ModelStreamInfer stream for one generation.
+
+        One stream is kept open ahead of need (see `_open_spare`), so that setting it
+        up is off the way to the first token; it carries no request until it is taken.
+        A stream that ended meanwhile (the server restarted) is not used.
+        """
+        stream, self._spare = self._spare, None
+        if stream is None or stream.done():
+            stream = self._stub.ModelStreamInfer()
+        return stream
+
+    def _open_spare(self) -> None:
+        if self._spare is None:
+            self._spare = self._stub.ModelStreamInfer()
 
     async def check_ready(self, models: Sequence[str], timeout: float = 1.0) -> bool:
         """Server live and every model in `models` ready; updates `ready`."""
@@ -178,9 +206,20 @@ class TritonBackend:
         Triton request."""
         request = generate_request(model, prompt, passages, max_tokens)
         self.outstanding += 1
-        call = self._stub.ModelStreamInfer(iter([request]), timeout=timeout)
+        call = self._take_stream()
+        # the deadline bounds each wait, never a yield (the consumer runs in between)
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        replies = aiter(call)
         try:
-            async for reply in call:
+            async with asyncio.timeout_at(deadline):
+                await call.write(request)
+                await call.done_writing()
+            self._open_spare()  # for the next generation, while this one starts
+            while True:
+                async with asyncio.timeout_at(deadline):
+                    reply = await anext(replies, None)
+                if reply is None:
+                    return
                 if reply.error_message:
                     raise BackendFailure(
                         f"backend {self.name}: {reply.error_message}",
@@ -188,14 +227,16 @@ class TritonBackend:
                     )
                 response = reply.infer_response
                 if response.outputs:
-                    names = [o.name for o in response.outputs]
-                    raw = dict(zip(names, response.raw_output_contents, strict=True))
-                    text = b"".join(decode_bytes(raw["TEXT"])).decode(errors="replace")
-                    passage = struct.unpack("<i", raw["PASSAGE"][:4])[0] if "PASSAGE" in raw else -1
-                    yield StreamedToken(text, passage)
+                    yield _token(response)
                 final = response.parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
                     return
+        except TimeoutError:
+            raise DeadlineExceeded(
+                "the model did not finish before the deadline",
+                reason="DEADLINE_EXCEEDED",
+                metadata={"backend": self.name},
+            ) from None
         except grpc.aio.AioRpcError as error:
             raise _translate(error, self.name) from None
         finally:
