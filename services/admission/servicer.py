@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from switchboard.common.v1 import common_pb2
 
 from services.admission.controller import Admission, AdmissionController, QuotaSnapshot
 from services.admission.limits import PolicyLimits
+from services.admission.sessions import AdmitSession, queue_updates
 from services.admission.store import (
     EtagMismatch,
     PolicyStore,
@@ -48,7 +50,6 @@ _TIERS = {
     common_pb2.MODEL_TIER_SMALL: "small",
     common_pb2.MODEL_TIER_LARGE: "large",
 }
-_STREAM_UPDATE_S = 0.25
 
 
 class Aborted(SwitchboardError):
@@ -133,6 +134,21 @@ def _quota_message(snapshot: QuotaSnapshot) -> pb.QuotaStatus:
     return status
 
 
+async def _read_session(
+    frames: AsyncIterator[pb.AdmitSessionRequest],
+    session: AdmitSession,
+    replies: asyncio.Queue[pb.AdmitSessionResponse | None],
+) -> None:
+    """Submits each request of an AdmitSession stream; after the half-close, ends the
+    stream once every request has its outcome."""
+    try:
+        async for frame in frames:
+            session.submit(frame.request)
+        await session.drain()
+    finally:
+        replies.put_nowait(None)
+
+
 class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
     def __init__(
         self,
@@ -197,22 +213,40 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
         delivered = False
         try:
             await context.send_initial_metadata(self._replica)
-            last: tuple[int, float] | None = None
-            while ticket.waiting:
-                status = self._controller.queue_status(ticket)
-                seen = (status.position, round(status.estimated_wait.total_seconds(), 1))
-                if seen != last:
-                    last = seen
-                    update = pb.QueueStatus(position=status.position)
-                    update.estimated_wait.FromTimedelta(status.estimated_wait)
-                    yield pb.AdmitStreamResponse(queued=update)
-                await self._controller.wait(ticket, timeout=_STREAM_UPDATE_S)
+            async for update in queue_updates(self._controller, ticket):
+                yield pb.AdmitStreamResponse(queued=update)
             admission = ticket.result()
             yield pb.AdmitStreamResponse(admitted=_admission_message(admission))
             delivered = True
         finally:
             if not delivered:
                 self._controller.abandon(ticket)
+
+    async def AdmitSession(  # noqa: N802 - gRPC method name
+        self,
+        request_iterator: AsyncIterator[pb.AdmitSessionRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.AdmitSessionResponse]:
+        replies: asyncio.Queue[pb.AdmitSessionResponse | None] = asyncio.Queue()
+        session = AdmitSession(
+            self._controller,
+            args_of=lambda request: self._admit_args(request, context, prefix="request."),
+            reply=replies.put_nowait,
+            admitted=_admission_message,
+        )
+        reader = asyncio.create_task(_read_session(request_iterator, session, replies))
+        try:
+            await context.send_initial_metadata(self._replica)
+            while (reply := await replies.get()) is not None:
+                yield reply
+        finally:
+            reader.cancel()
+            await session.close()
+            # admissions decided but never written: nobody holds their leases
+            while not replies.empty():
+                unsent = replies.get_nowait()
+                if unsent is not None and unsent.HasField("admitted"):
+                    self._controller.release(unsent.admitted.lease.lease_id, actual_tokens=0)
 
     async def Release(  # noqa: N802 - gRPC method name
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext

@@ -1,4 +1,5 @@
-"""Admission around every generation: Admit before routing, Release after the stream.
+"""Admission around every generation: admitted before it reaches Triton, released after
+the stream. Attempts go over a long-lived AdmitSession stream per tenant.
 
 A refusal is relayed to the caller unchanged (its ErrorInfo, QuotaFailure and
 RetryInfo), so a refused request never reaches Triton; an unreachable admission
@@ -15,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 
 import grpc
+from google.rpc import status_pb2
 from switchboard.admission.v1 import admission_pb2, admission_service_pb2_grpc
 from switchboard.common.v1 import common_pb2
 
@@ -36,7 +39,14 @@ from services.runtime import (
     status_of,
 )
 
-__all__ = ["ANONYMOUS_TENANT", "AdmissionGate", "Ask", "RelayedError", "relay_error"]
+__all__ = [
+    "ANONYMOUS_TENANT",
+    "AdmissionGate",
+    "Ask",
+    "RelayedError",
+    "relay_error",
+    "relay_status",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +55,14 @@ ANONYMOUS_TENANT = "anonymous"
 RETRY_AFTER = timedelta(seconds=1)
 RELEASE_TIMEOUT_S = 5.0
 ADMIT_TIMEOUT_S = 10.0
-"""The longest an Admit waits when the Generate call has no deadline."""
+"""The longest an admission waits when the Generate call has no deadline (and does not
+ask for queue updates)."""
+DEADLINE_MARGIN_S = 0.05
+"""An admission stops waiting this long before the call's deadline."""
+SESSION_IDLE_S = 60.0
+"""An AdmitSession stream unused this long is closed (Envoy resets idle streams later)."""
+MAX_SESSIONS = 1024
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 _TIERS = {"small": common_pb2.MODEL_TIER_SMALL, "large": common_pb2.MODEL_TIER_LARGE}
 # Codes that mean "admission could not decide", not "admission said no".
 _DEPENDENCY_CODES = {
@@ -64,20 +81,28 @@ _REFUSAL_CODES = {
 
 
 def relay_error(error: grpc.aio.AioRpcError) -> SwitchboardError:
-    code = error.code()
+    return _relay(error.code(), status_of(error))
+
+
+def relay_status(status: status_pb2.Status) -> SwitchboardError:
+    """A refusal that came as a message (AdmitSession), relayed as if it were an error."""
+    return _relay(_CODES.get(status.code, grpc.StatusCode.UNKNOWN), status)
+
+
+def _relay(code: grpc.StatusCode, status: status_pb2.Status) -> SwitchboardError:
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(
             "the deadline passed while waiting for admission", reason="DEADLINE_EXCEEDED"
         )
     if code in _DEPENDENCY_CODES:
-        logger.warning("admission unavailable: %s %s", code.name, error.details())
+        logger.warning("admission unavailable: %s %s", code.name, status.message)
         return Unavailable(
             "the admission service is unavailable; retry shortly",
             reason="DEPENDENCY_UNAVAILABLE",
             metadata={"dependency": "admission"},
             retry_after=RETRY_AFTER,
         )
-    return RelayedError(code, status_of(error))
+    return RelayedError(code, status)
 
 
 @dataclass(frozen=True)
@@ -100,16 +125,81 @@ class Ask:
             max_completion_tokens=self.max_tokens,
         )
 
+
+class _Session:
+    """One AdmitSession stream of one tenant: attempts go out on it, and its replies are
+    handed to each attempt by request id."""
+
+    def __init__(self, stub: admission_service_pb2_grpc.AdmissionServiceStub, tenant: str) -> None:
+        self.tenant = tenant
+        self.idle_since = time.monotonic()
+        # open for as long as it is used: no deadline
+        self._call = stub.AdmitSession(metadata=((TENANT_HEADER, tenant),))
+        self._attempts: dict[str, asyncio.Queue[admission_pb2.AdmitSessionResponse | None]] = {}
+        self._writing = asyncio.Lock()
+        self._reader = asyncio.create_task(self._read())
+
     @property
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return ((TENANT_HEADER, self.tenant_id),)
+    def alive(self) -> bool:
+        return not self._reader.done()
+
+    @property
+    def idle(self) -> bool:
+        return not self._attempts
+
+    async def _read(self) -> None:
+        try:
+            async for reply in self._call:
+                if (replies := self._attempts.get(reply.request_id)) is not None:
+                    replies.put_nowait(reply)
+        except grpc.aio.AioRpcError as error:
+            if self._attempts:
+                logger.warning(
+                    "admission session ended: %s %s",
+                    error.code().name,
+                    error.details(),
+                    extra={"tenant_id": self.tenant},
+                )
+        finally:
+            for replies in self._attempts.values():
+                replies.put_nowait(None)  # the attempt has no outcome
+
+    async def attempt(
+        self, request: admission_pb2.AdmitRequest
+    ) -> asyncio.Queue[admission_pb2.AdmitSessionResponse | None]:
+        """Sends `request`; returns the queue its replies arrive on (None: the session
+        ended first). The caller must `forget` the attempt when it is done with it."""
+        replies: asyncio.Queue[admission_pb2.AdmitSessionResponse | None] = asyncio.Queue()
+        self._attempts[request.context.request_id] = replies
+        if not self.alive:
+            replies.put_nowait(None)
+            return replies
+        try:
+            async with self._writing:
+                await self._call.write(admission_pb2.AdmitSessionRequest(request=request))
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            replies.put_nowait(None)  # the session ended: it is replaced when next looked up
+        return replies
+
+    def forget(self, request_id: str) -> None:
+        self._attempts.pop(request_id, None)
+        if not self._attempts:
+            self.idle_since = time.monotonic()
+
+    def close(self) -> None:
+        self._call.cancel()
 
 
 class AdmissionGate:
-    """The inference service's client of AdmissionService."""
+    """The inference service's client of AdmissionService.
+
+    Admission attempts go over one AdmitSession stream per tenant (the stream's
+    `x-tenant-id` routes it to the tenant's replica), so that an admission costs a
+    message each way rather than a new call. A session idle for `SESSION_IDLE_S` is
+    closed; at most `MAX_SESSIONS` are kept.
+    """
 
     def __init__(self, target: str) -> None:
-        # calls name their deadline and metadata themselves (no interceptor task per call)
         self._channel = channel(target, propagate=False)
         self._stub = admission_service_pb2_grpc.AdmissionServiceStub(self._channel)
         # Release must happen even after the caller's deadline or cancellation: it uses
@@ -117,10 +207,12 @@ class AdmissionGate:
         self._release_channel = grpc.aio.insecure_channel(target)
         self._release_stub = admission_service_pb2_grpc.AdmissionServiceStub(self._release_channel)
         self._releases: set[asyncio.Task[None]] = set()
-        self._ending: set[grpc.aio.UnaryStreamCall] = set()
+        self._sessions: dict[str, _Session] = {}
+        self._swept = time.monotonic()
 
     async def admit(self, ask: Ask) -> str:
-        """Waits for admission (fair queue, up to the call's deadline); returns the lease id.
+        """Waits for admission (fair queue, up to the call's deadline, else
+        `ADMIT_TIMEOUT_S`); returns the lease id.
 
         The caller owns the lease once this returns and must `release` it. If this
         raises, or is cancelled, a lease granted meanwhile is released in the background.
@@ -129,71 +221,83 @@ class AdmissionGate:
             SwitchboardError: the refusal as admission gave it (RESOURCE_EXHAUSTED with
                 QuotaFailure and RetryInfo), or UNAVAILABLE `DEPENDENCY_UNAVAILABLE`.
         """
-        request_id = _attempt_id()
-        try:
-            reply = await self._stub.Admit(
-                ask.request(request_id),
-                metadata=propagated_metadata(ask.metadata),
-                timeout=outbound_timeout(ADMIT_TIMEOUT_S),
-            )
-        except grpc.aio.AioRpcError as error:
-            if error.code() not in _REFUSAL_CODES:
-                self._release_attempt(ask.tenant_id, request_id)
-            raise relay_error(error) from None
-        except BaseException:  # cancelled, perhaps with the reply already on its way
-            self._release_attempt(ask.tenant_id, request_id)
-            raise
-        return reply.lease.lease_id  # type: ignore[no-any-return]
+        updates = self._attempt(ask, outbound_timeout(ADMIT_TIMEOUT_S))
+        async for update in updates:
+            if isinstance(update, str):
+                await updates.aclose()
+                return update
+        raise AssertionError("an attempt ends with a lease or an error")  # pragma: no cover
 
     async def admit_stream(self, ask: Ask) -> AsyncIterator[admission_pb2.QueueStatus | str]:
         """Like `admit`, but yields the queue status while waiting, then the lease id.
 
-        The caller owns the lease once it is yielded. If the iteration ends any other
-        way (an error, a cancellation, the caller closing it), a lease granted meanwhile
-        is released in the background.
+        It waits as long as admission allows (its default max wait) within the call's
+        deadline. The caller owns the lease once it is yielded. If the iteration ends
+        any other way (an error, a cancellation, the caller closing it), a lease granted
+        meanwhile is released in the background.
         """
+        updates = self._attempt(ask, outbound_timeout(None))
+        try:
+            async for update in updates:
+                yield update
+        finally:
+            await updates.aclose()
+
+    async def _attempt(
+        self, ask: Ask, timeout: float | None
+    ) -> AsyncIterator[admission_pb2.QueueStatus | str]:
         request_id = _attempt_id()
-        request = admission_pb2.AdmitStreamRequest(request=ask.request(request_id))
-        # no deadline of its own: the caller watches the queue position, and admission
-        # bounds the wait (its default max wait, or the caller's deadline)
-        call = self._stub.AdmitStream(
-            request, metadata=propagated_metadata(ask.metadata), timeout=outbound_timeout(None)
-        )
+        request = ask.request(request_id)
+        if timeout is not None:
+            wait = max(timeout - DEADLINE_MARGIN_S, 0.0)
+            request.max_wait.FromTimedelta(timedelta(seconds=wait))
+        session = self._session(ask.tenant_id)
         handed_over = refused = False
         try:
-            async for reply in call:
-                if reply.HasField("admitted"):
-                    # handed over at once; the stream's status follows by itself
-                    self._let_end(call)
+            replies = await session.attempt(request)
+            while (reply := await replies.get()) is not None:
+                kind = reply.WhichOneof("event")
+                if kind == "admitted":
                     handed_over = True
                     yield reply.admitted.lease.lease_id
                     return
+                if kind == "refused":
+                    refused = True
+                    raise relay_status(reply.refused)
                 yield reply.queued
-        except grpc.aio.AioRpcError as error:
-            refused = error.code() in _REFUSAL_CODES
-            raise relay_error(error) from None
         finally:
-            if not handed_over and not call.done():
-                call.cancel()  # leaves the queue at once when the caller gives up
+            session.forget(request_id)
             if not handed_over and not refused:
                 self._release_attempt(ask.tenant_id, request_id)
-        raise Unavailable(  # the stream ended without a decision
+        raise Unavailable(  # the session ended without a decision
             "the admission service ended the stream without a decision",
             reason="DEPENDENCY_UNAVAILABLE",
             metadata={"dependency": "admission"},
             retry_after=RETRY_AFTER,
         )
 
-    def _let_end(self, call: grpc.aio.UnaryStreamCall) -> None:
-        """Keeps an admitted stream referenced until its status arrives.
+    def _session(self, tenant: str) -> _Session:
+        now = time.monotonic()
+        if now - self._swept > SESSION_IDLE_S / 4 or len(self._sessions) >= MAX_SESSIONS:
+            self._sweep(now)
+        session = self._sessions.get(tenant)
+        if session is None or not session.alive:
+            session = self._sessions[tenant] = _Session(self._stub, tenant)
+        return session
 
-        It is not reset: Envoy counts resets of young streams as premature and closes
-        connections where most resets are, and grpc cancels a call that is collected
-        unfinished.
-        """
-        if not call.done():
-            self._ending.add(call)
-            call.add_done_callback(self._ending.discard)
+    def _sweep(self, now: float) -> None:
+        """Closes the sessions idle too long or ended, and the longest idle ones above
+        MAX_SESSIONS."""
+        self._swept = now
+        idle = sorted(
+            (s for s in self._sessions.values() if s.idle or not s.alive),
+            key=lambda s: s.idle_since,
+        )
+        excess = len(self._sessions) - MAX_SESSIONS + 1
+        for rank, session in enumerate(idle):
+            if rank < excess or not session.alive or now - session.idle_since > SESSION_IDLE_S:
+                session.close()
+                del self._sessions[session.tenant]
 
     def release(self, lease_id: str, *, tenant_id: str, prompt: int, completion: int) -> None:
         """Releases the lease with the tokens actually used, in the background."""
@@ -236,6 +340,9 @@ class AdmissionGate:
             )
 
     async def close(self) -> None:
+        for session in self._sessions.values():
+            session.close()
+        self._sessions.clear()
         # a release may be started while the others are awaited
         while self._releases:
             await asyncio.gather(*self._releases, return_exceptions=True)

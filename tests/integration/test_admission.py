@@ -252,6 +252,74 @@ async def test_admit_stream_reports_the_queue_then_admits(admission):
     assert message.admitted.lease.lease_id
 
 
+async def test_admit_session_decides_many_requests_over_one_stream(admission):
+    tenant = new_tenant()
+    await set_policy(admission, tenant, max_in_flight=1)
+    session = admission.AdmitSession(metadata=as_tenant(tenant), timeout=20)
+
+    async def send(request_id: str, **fields) -> None:
+        request = pb.AdmitRequest(**fields)
+        request.context.request_id = request_id
+        await session.write(pb.AdmitSessionRequest(request=request))
+
+    await send("first", estimated_prompt_tokens=10)
+    first = await session.read()
+    assert first.request_id == "first" and first.admitted.lease.lease_id
+    await send("second")  # waits for the first's slot
+    queued = await session.read()
+    assert (queued.request_id, queued.queued.position) == ("second", 0)
+    # a refusal ends that request only, with the details Admit would fail with
+    await send("bad", estimated_prompt_tokens=-5)
+    bad = await session.read()
+    assert bad.request_id == "bad"
+    assert bad.refused.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    await send("foreign", context={"tenant_id": "someone-else", "request_id": "foreign"})
+    foreign = await session.read()
+    assert foreign.refused.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "TENANT_MISMATCH" in str(foreign.refused)
+    await admission.Release(
+        pb.ReleaseRequest(lease_id=first.admitted.lease.lease_id),
+        metadata=as_tenant(tenant),
+        timeout=5,
+    )
+    while (message := await session.read()).HasField("queued"):
+        pass
+    assert message.request_id == "second" and message.admitted.lease.lease_id
+    # half-closed with nothing waiting: the stream ends cleanly
+    await session.done_writing()
+    assert await session.read() is grpc.aio.EOF
+    assert await session.code() == grpc.StatusCode.OK
+    await admission.Release(
+        pb.ReleaseRequest(lease_id=message.admitted.lease.lease_id),
+        metadata=as_tenant(tenant),
+        timeout=5,
+    )
+    assert (await quota(admission, tenant)).in_flight == 0
+
+
+async def test_an_admit_session_that_ends_takes_its_waiters_out_of_the_queue(admission):
+    tenant = new_tenant()
+    await set_policy(admission, tenant, max_in_flight=1)
+    held = await admission.Admit(pb.AdmitRequest(), metadata=as_tenant(tenant), timeout=5)
+    session = admission.AdmitSession(metadata=as_tenant(tenant), timeout=20)
+    for request_id in ("w1", "w2"):
+        request = pb.AdmitRequest()
+        request.context.request_id = request_id
+        await session.write(pb.AdmitSessionRequest(request=request))
+    assert {(await session.read()).request_id for _ in range(2)} == {"w1", "w2"}
+    assert waiting(await quota(admission, tenant)) == 2
+    session.cancel()
+
+    async def left() -> bool:
+        return waiting(await quota(admission, tenant)) == 0
+
+    await eventually(left, timeout=1.0)
+    await admission.Release(
+        pb.ReleaseRequest(lease_id=held.lease.lease_id), metadata=as_tenant(tenant), timeout=5
+    )
+    assert (await quota(admission, tenant)).in_flight == 0
+
+
 async def test_bad_policies_and_requests_get_field_violations(admission):
     tenant = new_tenant()
     with pytest.raises(grpc.aio.AioRpcError) as err:

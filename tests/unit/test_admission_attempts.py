@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import timedelta
 
 import grpc
@@ -12,8 +13,16 @@ from switchboard.admission.v1 import admission_pb2
 from services.admission.clock import FakeClock
 from services.admission.controller import AdmissionController, TicketState
 from services.admission.limits import PolicyLimits
-from services.inference.admission import AdmissionGate, Ask
-from services.runtime import Cancelled, InvalidArgument, SwitchboardError
+from services.inference.admission import SESSION_IDLE_S, AdmissionGate, Ask
+from services.runtime import (
+    Cancelled,
+    InvalidArgument,
+    ResourceExhausted,
+    SwitchboardError,
+    Unavailable,
+)
+
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 POLICY = PolicyLimits(
     requests_per_second=100,
@@ -154,16 +163,57 @@ class _Releases:
         return admission_pb2.ReleaseResponse(released=True)
 
 
-class _Admit:
-    """Stands in for the admission stub's Admit: records the request, then behaves."""
+class _SessionCall:
+    """Stands in for an AdmitSession call: records the requests written and answers
+    each with `respond(call, request)`; replies can also be pushed with `reply`."""
 
-    def __init__(self, outcome) -> None:
-        self.outcome = outcome
+    def __init__(self, respond) -> None:
+        self.respond = respond
         self.requests: list[admission_pb2.AdmitRequest] = []
+        self.cancelled = False
+        self._replies: asyncio.Queue = asyncio.Queue()
 
-    async def Admit(self, request, **kwargs):  # noqa: N802 - gRPC method name
-        self.requests.append(request)
-        return await self.outcome()
+    async def write(self, frame: admission_pb2.AdmitSessionRequest) -> None:
+        self.requests.append(frame.request)
+        self.respond(self, frame.request)
+
+    def reply(self, request_id: str, **event) -> None:
+        self._replies.put_nowait(admission_pb2.AdmitSessionResponse(request_id=request_id, **event))
+
+    def end(self, error: BaseException | None = None) -> None:
+        self._replies.put_nowait(error or StopAsyncIteration())
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.end(_rpc_error(grpc.StatusCode.CANCELLED))
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        item = await self._replies.get()
+        if isinstance(item, BaseException):
+            self._replies.put_nowait(item)  # ended for good
+            raise item
+        return item
+
+
+class _Sessions:
+    """Stands in for the admission stub: AdmitSession calls answered by `respond`."""
+
+    def __init__(self, respond=lambda call, request: None) -> None:
+        self.respond = respond
+        self.calls: list[tuple[object, _SessionCall]] = []
+
+    def AdmitSession(self, metadata=None, **kwargs):  # noqa: N802 - gRPC method name
+        call = _SessionCall(self.respond)
+        self.calls.append((metadata, call))
+        return call
+
+
+def _admit_at_once(call: _SessionCall, request: admission_pb2.AdmitRequest) -> None:
+    lease = admission_pb2.Lease(lease_id="L-" + request.context.request_id)
+    call.reply(request.context.request_id, admitted=admission_pb2.AdmitResponse(lease=lease))
 
 
 def _rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
@@ -181,140 +231,101 @@ async def gate():
 ASK = Ask(tenant_id="acme", tier="small", prompt_tokens=10, max_tokens=20)
 
 
-async def test_the_gate_gives_every_attempt_a_fresh_request_id(gate):
-    async def admitted():
-        return admission_pb2.AdmitResponse(lease=admission_pb2.Lease(lease_id="L"))
-
-    gate._stub = stub = _Admit(admitted)
-    assert await gate.admit(ASK) == "L"
-    assert await gate.admit(ASK) == "L"
-    ids = [r.context.request_id for r in stub.requests]
+async def test_attempts_of_a_tenant_share_one_session_with_fresh_request_ids(gate):
+    gate._stub = stub = _Sessions(_admit_at_once)
+    first, second = await gate.admit(ASK), await gate.admit(ASK)
+    [(metadata, call)] = stub.calls
+    assert metadata == (("x-tenant-id", "acme"),)  # routes the stream to acme's replica
+    ids = [r.context.request_id for r in call.requests]
     assert all(ids) and ids[0] != ids[1]
+    assert (first, second) == (f"L-{ids[0]}", f"L-{ids[1]}")
+    await gate.admit(Ask(tenant_id="other", tier="small", prompt_tokens=1, max_tokens=1))
+    assert len(stub.calls) == 2  # a session per tenant
     await gate.close()
     assert gate._release_stub.requests == []  # the caller owns the leases
 
 
-@pytest.mark.parametrize("code", [grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE])
-async def test_the_gate_releases_an_attempt_that_failed(gate, code):
-    async def failed():
-        raise _rpc_error(code)
+async def test_an_attempt_waits_no_longer_than_the_calls_deadline_allows(gate):
+    gate._stub = stub = _Sessions(_admit_at_once)
+    await gate.admit(ASK)  # no deadline: ADMIT_TIMEOUT_S
+    assert stub.calls[0][1].requests[0].max_wait.ToTimedelta() == timedelta(seconds=9.95)
+    async for _ in gate.admit_stream(ASK):  # no deadline: admission's own max wait
+        pass
+    assert not stub.calls[0][1].requests[1].HasField("max_wait")
 
-    gate._stub = stub = _Admit(failed)
-    with pytest.raises(SwitchboardError):
+
+async def test_a_refusal_is_relayed_and_not_released(gate):
+    refusal = ResourceExhausted("over quota", reason="QUOTA_EXCEEDED").to_rpc_status()
+
+    def refuse(call, request):
+        call.reply(request.context.request_id, refused=refusal)
+
+    gate._stub = _Sessions(refuse)
+    with pytest.raises(SwitchboardError) as refused:
         await gate.admit(ASK)
-    await gate.close()
-    [release] = gate._release_stub.requests
-    assert release.request_id == stub.requests[0].context.request_id
-    assert not release.lease_id and release.actual_usage.total_tokens == 0
-
-
-async def test_the_gate_releases_an_attempt_whose_caller_was_cancelled(gate):
-    async def forever():
-        await asyncio.Event().wait()
-
-    gate._stub = stub = _Admit(forever)
-    task = asyncio.ensure_future(gate.admit(ASK))
-    await asyncio.sleep(0.01)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await gate.close()
-    [release] = gate._release_stub.requests
-    assert release.request_id == stub.requests[0].context.request_id
-
-
-async def test_the_gate_does_not_release_a_refused_attempt(gate):
-    async def refused():
-        raise _rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED)
-
-    gate._stub = _Admit(refused)
-    with pytest.raises(SwitchboardError):
-        await gate.admit(ASK)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.to_rpc_status() == refusal  # exactly as admission gave it
     await gate.close()
     assert gate._release_stub.requests == []
 
 
-class _Stream:
-    """Stands in for an AdmitStream call: replies, then a status that may never come."""
-
-    def __init__(self, replies, *, status_hangs: bool = False, hang: bool = False) -> None:
-        self.replies = replies
-        self.status_hangs = status_hangs
-        self.hang = hang
-        self.cancelled = False
-        self.callbacks = []
-
-    async def __aiter__(self):
-        for reply in self.replies:
-            yield reply
-        if self.hang:
-            await asyncio.Event().wait()
-
-    async def code(self):
-        if self.status_hangs:
-            await asyncio.Event().wait()
-        return grpc.StatusCode.OK
-
-    def done(self) -> bool:
-        return False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def add_done_callback(self, callback) -> None:
-        self.callbacks.append(callback)
-
-    def finish(self) -> None:
-        """The status arrived."""
-        for callback in self.callbacks:
-            callback(self)
-
-
-class _AdmitStream:
-    def __init__(self, call: _Stream) -> None:
-        self.call = call
-        self.requests: list[admission_pb2.AdmitStreamRequest] = []
-
-    def AdmitStream(self, request, **kwargs):  # noqa: N802 - gRPC method name
-        self.requests.append(request)
-        return self.call
-
-
-QUEUED = admission_pb2.AdmitStreamResponse(queued=admission_pb2.QueueStatus(position=0))
-ADMITTED = admission_pb2.AdmitStreamResponse(
-    admitted=admission_pb2.AdmitResponse(lease=admission_pb2.Lease(lease_id="L"))
-)
-
-
-async def test_a_stream_hands_the_lease_over_before_its_status_and_does_not_reset(gate):
-    gate._stub = stub = _AdmitStream(_Stream([QUEUED, ADMITTED], status_hangs=True))
-    updates = gate.admit_stream(ASK)
-    assert (await anext(updates)).position == 0
-    assert await anext(updates) == "L"  # at once, though the status has not come
-    with pytest.raises(StopAsyncIteration):
-        await anext(updates)
-    # the stream is left to end by itself, kept referenced until it does
-    assert not stub.call.cancelled
-    assert stub.call in gate._ending
-    stub.call.finish()
-    assert stub.call not in gate._ending
+async def test_a_session_that_ends_undecided_fails_its_attempts_and_is_replaced(gate):
+    gate._stub = stub = _Sessions(lambda call, request: call.end(_rpc_error(UNAVAILABLE)))
+    with pytest.raises(Unavailable) as failed:
+        await gate.admit(ASK)
+    assert failed.value.reason == "DEPENDENCY_UNAVAILABLE"
+    stub.respond = _admit_at_once
+    assert (await gate.admit(ASK)).startswith("L-")
+    assert len(stub.calls) == 2
     await gate.close()
-    assert gate._release_stub.requests == []  # the caller owns the lease
-
-
-async def test_a_stream_closed_while_queued_is_released(gate):
-    gate._stub = stub = _AdmitStream(_Stream([QUEUED], hang=True))
-    updates = gate.admit_stream(ASK)
-    assert (await anext(updates)).position == 0
-    await updates.aclose()
-    await gate.close()
+    # the undecided attempt may have been granted a lease before the session broke
     [release] = gate._release_stub.requests
-    assert release.request_id == stub.requests[0].request.context.request_id
+    assert release.request_id == stub.calls[0][1].requests[0].context.request_id
+
+
+async def test_a_caller_cancelled_while_queued_releases_its_attempt(gate):
+    def queue(call, request):
+        call.reply(request.context.request_id, queued=admission_pb2.QueueStatus(position=3))
+
+    gate._stub = stub = _Sessions(queue)
+    updates = gate.admit_stream(ASK)
+    assert (await anext(updates)).position == 3
+    waiter = asyncio.ensure_future(anext(updates))
+    await asyncio.sleep(0.01)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await gate.close()
+    [(_, call)] = stub.calls
+    [release] = gate._release_stub.requests
+    assert release.request_id == call.requests[0].context.request_id
+    assert not gate._sessions  # closed with the gate
 
 
 async def test_a_stream_that_hands_over_the_lease_releases_nothing(gate):
-    gate._stub = _AdmitStream(_Stream([QUEUED, ADMITTED]))
+    def queue_then_admit(call, request):
+        rid = request.context.request_id
+        call.reply(rid, queued=admission_pb2.QueueStatus(position=0))
+        _admit_at_once(call, request)
+
+    gate._stub = _Sessions(queue_then_admit)
     updates = [u async for u in gate.admit_stream(ASK)]
-    assert updates[-1] == "L"
+    assert updates[0].position == 0 and updates[-1].startswith("L-")
     await gate.close()
     assert gate._release_stub.requests == []
+
+
+async def test_idle_sessions_are_closed_busy_ones_kept(gate, monkeypatch):
+    gate._stub = stub = _Sessions(_admit_at_once)
+    await gate.admit(ASK)
+    stub.respond = lambda call, request: None  # the next attempt waits
+    busy = asyncio.ensure_future(
+        gate.admit(Ask(tenant_id="busy", tier="small", prompt_tokens=1, max_tokens=1))
+    )
+    await asyncio.sleep(0.01)
+    gate._sweep(time.monotonic() + SESSION_IDLE_S + 1)
+    assert list(gate._sessions) == ["busy"]
+    assert stub.calls[0][1].cancelled and not stub.calls[1][1].cancelled
+    busy.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await busy

@@ -25,56 +25,61 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from switchboard.common.v1 import common_pb2 as switchboard_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(switchboard/admission/v1/admission.proto\x12\x18switchboard.admission.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\"switchboard/common/v1/common.proto\"\xf4\x01\n\x0c\x41\x64mitRequest\x12\x36\n\x07\x63ontext\x18\x01 \x01(\x0b\x32%.switchboard.common.v1.RequestContext\x12.\n\x04tier\x18\x02 \x01(\x0e\x32 .switchboard.common.v1.ModelTier\x12\x1f\n\x17\x65stimated_prompt_tokens\x18\x03 \x01(\x05\x12\x1d\n\x15max_completion_tokens\x18\x04 \x01(\x05\x12\x0f\n\x07no_wait\x18\x05 \x01(\x08\x12+\n\x08max_wait\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x8e\x01\n\rAdmitResponse\x12.\n\x05lease\x18\x01 \x01(\x0b\x32\x1f.switchboard.admission.v1.Lease\x12-\n\nqueue_wait\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1e\n\x16initial_queue_position\x18\x03 \x01(\x05\"M\n\x12\x41\x64mitStreamRequest\x12\x37\n\x07request\x18\x01 \x01(\x0b\x32&.switchboard.admission.v1.AdmitRequest\"\x94\x01\n\x13\x41\x64mitStreamResponse\x12\x37\n\x06queued\x18\x01 \x01(\x0b\x32%.switchboard.admission.v1.QueueStatusH\x00\x12;\n\x08\x61\x64mitted\x18\x02 \x01(\x0b\x32\'.switchboard.admission.v1.AdmitResponseH\x00\x42\x07\n\x05\x65vent\"R\n\x0bQueueStatus\x12\x10\n\x08position\x18\x01 \x01(\x05\x12\x31\n\x0e\x65stimated_wait\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"u\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x16\n\x0e\x63harged_tokens\x18\x03 \x01(\x05\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"o\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x37\n\x0c\x61\x63tual_usage\x18\x02 \x01(\x0b\x32!.switchboard.common.v1.TokenUsage\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"=\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x18\n\x10token_adjustment\x18\x02 \x01(\x05\"5\n\x0fGetQuotaRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"H\n\x10GetQuotaResponse\x12\x34\n\x05quota\x18\x01 \x01(\x0b\x32%.switchboard.admission.v1.QuotaStatus\"\xe2\x01\n\x0bQuotaStatus\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x30\n\x06policy\x18\x03 \x01(\x0b\x32 .switchboard.admission.v1.Policy\x12\x1a\n\x12\x61vailable_requests\x18\x04 \x01(\x01\x12\x18\n\x10\x61vailable_tokens\x18\x05 \x01(\x03\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x34\n\x06queued\x18\x07 \x03(\x0b\x32$.switchboard.admission.v1.QueueDepth\"P\n\nQueueDepth\x12\x31\n\x08priority\x18\x01 \x01(\x0e\x32\x1f.switchboard.common.v1.Priority\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\"\x8a\x02\n\x06Policy\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x1b\n\x13requests_per_second\x18\x03 \x01(\x01\x12\x15\n\rrequest_burst\x18\x04 \x01(\x05\x12\x19\n\x11tokens_per_minute\x18\x05 \x01(\x03\x12\x13\n\x0btoken_burst\x18\x06 \x01(\x03\x12\x15\n\rmax_in_flight\x18\x07 \x01(\x05\x12\x0e\n\x06weight\x18\x08 \x01(\x05\x12\x12\n\nmax_queued\x18\t \x01(\x05\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x0b \x01(\t\"6\n\x10GetPolicyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"Y\n\x11GetPolicyResponse\x12\x30\n\x06policy\x18\x01 \x01(\x0b\x32 .switchboard.admission.v1.Policy\x12\x12\n\nis_default\x18\x02 \x01(\x08\"x\n\x13UpdatePolicyRequest\x12\x30\n\x06policy\x18\x01 \x01(\x0b\x32 .switchboard.admission.v1.Policy\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"H\n\x14UpdatePolicyResponse\x12\x30\n\x06policy\x18\x01 \x01(\x0b\x32 .switchboard.admission.v1.Policy\"O\n\x13ListPoliciesRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"c\n\x14ListPoliciesResponse\x12\x32\n\x08policies\x18\x01 \x03(\x0b\x32 .switchboard.admission.v1.Policy\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x13\x44\x65letePolicyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"\'\n\x14\x44\x65letePolicyResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(switchboard/admission/v1/admission.proto\x12\x18switchboard.admission.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\"switchboard/common/v1/common.proto\"\xf4\x01\n\x0c\x41\x64mitRequest\x12\x36\n\x07\x63ontext\x18\x01 \x01(\x0b\x32%.switchboard.common.v1.RequestContext\x12.\n\x04tier\x18\x02 \x01(\x0e\x32 .switchboard.common.v1.ModelTier\x12\x1f\n\x17\x65stimated_prompt_tokens\x18\x03 \x01(\x05\x12\x1d\n\x15max_completion_tokens\x18\x04 \x01(\x05\x12\x0f\n\x07no_wait\x18\x05 \x01(\x08\x12+\n\x08max_wait\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x8e\x01\n\rAdmitResponse\x12.\n\x05lease\x18\x01 \x01(\x0b\x32\x1f.switchboard.admission.v1.Lease\x12-\n\nqueue_wait\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1e\n\x16initial_queue_position\x18\x03 \x01(\x05\"M\n\x12\x41\x64mitStreamRequest\x12\x37\n\x07request\x18\x01 \x01(\x0b\x32&.switchboard.admission.v1.AdmitRequest\"\x94\x01\n\x13\x41\x64mitStreamResponse\x12\x37\n\x06queued\x18\x01 \x01(\x0b\x32%.switchboard.admission.v1.QueueStatusH\x00\x12;\n\x08\x61\x64mitted\x18\x02 \x01(\x0b\x32\'.switchboard.admission.v1.AdmitResponseH\x00\x42\x07\n\x05\x65vent\"N\n\x13\x41\x64mitSessionRequest\x12\x37\n\x07request\x18\x01 \x01(\x0b\x32&.switchboard.admission.v1.AdmitRequest\"\xd0\x01\n\x14\x41\x64mitSessionResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x37\n\x06queued\x18\x02 \x01(\x0b\x32%.switchboard.admission.v1.QueueStatusH\x00\x12;\n\x08\x61\x64mitted\x18\x03 \x01(\x0b\x32\'.switchboard.admission.v1.AdmitResponseH\x00\x12%\n\x07refused\x18\x04 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x07\n\x05\x65vent\"R\n\x0bQueueStatus\x12\x10\n\x08position\x18\x01 \x01(\x05\x12\x31\n\x0e\x65stimated_wait\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"u\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x16\n\x0e\x63harged_tokens\x18\x03 \x01(\x05\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"o\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x37\n\x0c\x61\x63tual_usage\x18\x02 \x01(\x0b\x32!.switchboard.common.v1.TokenUsage\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"=\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x18\n\x10token_adjustment\x18\x02 \x01(\x05\"5\n\x0fGetQuotaRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"H\n\x10GetQuotaResponse\x12\x34\n\x05quota\x18\x01 \x01(\x0b\x32%.switchboard.admission.v1.QuotaStatus\"\xe2\x01\n\x0bQuotaStatus\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x30\n\x06policy\x18\x03 \x01(\x0b\x32 .switchboard.admission.v1.Policy\x12\x1a\n\x12\x61vailable_requests\x18\x04 \x01(\x01\x12\x18\n\x10\x61vailable_tokens\x18\x05 \x01(\x03\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x34\n\x06queued\x18\x07 \x03(\x0b\x32$.switchboard.admission.v1.QueueDepth\"P\n\nQueueDepth\x12\x31\n\x08priority\x18\x01 \x01(\x0e\x32\x1f.switchboard.common.v1.Priority\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\"\x8a\x02\n\x06Policy\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x1b\n\x13requests_per_second\x18\x03 \x01(\x01\x12\x15\n\rrequest_burst\x18\x04 \x01(\x05\x12\x19\n\x11tokens_per_minute\x18\x05 \x01(\x03\x12\x13\n\x0btoken_burst\x18\x06 \x01(\x03\x12\x15\n\rmax_in_flight\x18\x07 \x01(\x05\x12\x0e\n\x06weight\x18\x08 \x01(\x05\x12\x12\n\nmax_queued\x18\t \x01(\x05\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x0b \x01(\t\"6\n\x10GetPolicyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"Y\n\x11GetPolicyResponse\x12\x30\n\x06policy\x18\x01 \x01(\x0b\x32 .switchboard.admission.v1.Policy\x12\x12\n\nis_default\x18\x02 \x01(\x08\"x\n\x13UpdatePolicyRequest\x12\x30\n\x06policy\x18\x01 \x01(\x0b\x32 .switchboard.admission.v1.Policy\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"H\n\x14UpdatePolicyResponse\x12\x30\n\x06policy\x18\x01 \x01(\x0b\x32 .switchboard.admission.v1.Policy\"O\n\x13ListPoliciesRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"c\n\x14ListPoliciesResponse\x12\x32\n\x08policies\x18\x01 \x03(\x0b\x32 .switchboard.admission.v1.Policy\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x13\x44\x65letePolicyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"\'\n\x14\x44\x65letePolicyResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchboard.admission.v1.admission_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADMITREQUEST']._serialized_start=206
-  _globals['_ADMITREQUEST']._serialized_end=450
-  _globals['_ADMITRESPONSE']._serialized_start=453
-  _globals['_ADMITRESPONSE']._serialized_end=595
-  _globals['_ADMITSTREAMREQUEST']._serialized_start=597
-  _globals['_ADMITSTREAMREQUEST']._serialized_end=674
-  _globals['_ADMITSTREAMRESPONSE']._serialized_start=677
-  _globals['_ADMITSTREAMRESPONSE']._serialized_end=825
-  _globals['_QUEUESTATUS']._serialized_start=827
-  _globals['_QUEUESTATUS']._serialized_end=909
-  _globals['_LEASE']._serialized_start=911
-  _globals['_LEASE']._serialized_end=1028
-  _globals['_RELEASEREQUEST']._serialized_start=1030
-  _globals['_RELEASEREQUEST']._serialized_end=1141
-  _globals['_RELEASERESPONSE']._serialized_start=1143
-  _globals['_RELEASERESPONSE']._serialized_end=1204
-  _globals['_GETQUOTAREQUEST']._serialized_start=1206
-  _globals['_GETQUOTAREQUEST']._serialized_end=1259
-  _globals['_GETQUOTARESPONSE']._serialized_start=1261
-  _globals['_GETQUOTARESPONSE']._serialized_end=1333
-  _globals['_QUOTASTATUS']._serialized_start=1336
-  _globals['_QUOTASTATUS']._serialized_end=1562
-  _globals['_QUEUEDEPTH']._serialized_start=1564
-  _globals['_QUEUEDEPTH']._serialized_end=1644
-  _globals['_POLICY']._serialized_start=1647
-  _globals['_POLICY']._serialized_end=1913
-  _globals['_GETPOLICYREQUEST']._serialized_start=1915
-  _globals['_GETPOLICYREQUEST']._serialized_end=1969
-  _globals['_GETPOLICYRESPONSE']._serialized_start=1971
-  _globals['_GETPOLICYRESPONSE']._serialized_end=2060
-  _globals['_UPDATEPOLICYREQUEST']._serialized_start=2062
-  _globals['_UPDATEPOLICYREQUEST']._serialized_end=2182
-  _globals['_UPDATEPOLICYRESPONSE']._serialized_start=2184
-  _globals['_UPDATEPOLICYRESPONSE']._serialized_end=2256
-  _globals['_LISTPOLICIESREQUEST']._serialized_start=2258
-  _globals['_LISTPOLICIESREQUEST']._serialized_end=2337
-  _globals['_LISTPOLICIESRESPONSE']._serialized_start=2339
-  _globals['_LISTPOLICIESRESPONSE']._serialized_end=2438
-  _globals['_DELETEPOLICYREQUEST']._serialized_start=2440
-  _globals['_DELETEPOLICYREQUEST']._serialized_end=2497
-  _globals['_DELETEPOLICYRESPONSE']._serialized_start=2499
-  _globals['_DELETEPOLICYRESPONSE']._serialized_end=2538
+  _globals['_ADMITREQUEST']._serialized_start=231
+  _globals['_ADMITREQUEST']._serialized_end=475
+  _globals['_ADMITRESPONSE']._serialized_start=478
+  _globals['_ADMITRESPONSE']._serialized_end=620
+  _globals['_ADMITSTREAMREQUEST']._serialized_start=622
+  _globals['_ADMITSTREAMREQUEST']._serialized_end=699
+  _globals['_ADMITSTREAMRESPONSE']._serialized_start=702
+  _globals['_ADMITSTREAMRESPONSE']._serialized_end=850
+  _globals['_ADMITSESSIONREQUEST']._serialized_start=852
+  _globals['_ADMITSESSIONREQUEST']._serialized_end=930
+  _globals['_ADMITSESSIONRESPONSE']._serialized_start=933
+  _globals['_ADMITSESSIONRESPONSE']._serialized_end=1141
+  _globals['_QUEUESTATUS']._serialized_start=1143
+  _globals['_QUEUESTATUS']._serialized_end=1225
+  _globals['_LEASE']._serialized_start=1227
+  _globals['_LEASE']._serialized_end=1344
+  _globals['_RELEASEREQUEST']._serialized_start=1346
+  _globals['_RELEASEREQUEST']._serialized_end=1457
+  _globals['_RELEASERESPONSE']._serialized_start=1459
+  _globals['_RELEASERESPONSE']._serialized_end=1520
+  _globals['_GETQUOTAREQUEST']._serialized_start=1522
+  _globals['_GETQUOTAREQUEST']._serialized_end=1575
+  _globals['_GETQUOTARESPONSE']._serialized_start=1577
+  _globals['_GETQUOTARESPONSE']._serialized_end=1649
+  _globals['_QUOTASTATUS']._serialized_start=1652
+  _globals['_QUOTASTATUS']._serialized_end=1878
+  _globals['_QUEUEDEPTH']._serialized_start=1880
+  _globals['_QUEUEDEPTH']._serialized_end=1960
+  _globals['_POLICY']._serialized_start=1963
+  _globals['_POLICY']._serialized_end=2229
+  _globals['_GETPOLICYREQUEST']._serialized_start=2231
+  _globals['_GETPOLICYREQUEST']._serialized_end=2285
+  _globals['_GETPOLICYRESPONSE']._serialized_start=2287
+  _globals['_GETPOLICYRESPONSE']._serialized_end=2376
+  _globals['_UPDATEPOLICYREQUEST']._serialized_start=2378
+  _globals['_UPDATEPOLICYREQUEST']._serialized_end=2498
+  _globals['_UPDATEPOLICYRESPONSE']._serialized_start=2500
+  _globals['_UPDATEPOLICYRESPONSE']._serialized_end=2572
+  _globals['_LISTPOLICIESREQUEST']._serialized_start=2574
+  _globals['_LISTPOLICIESREQUEST']._serialized_end=2653
+  _globals['_LISTPOLICIESRESPONSE']._serialized_start=2655
+  _globals['_LISTPOLICIESRESPONSE']._serialized_end=2754
+  _globals['_DELETEPOLICYREQUEST']._serialized_start=2756
+  _globals['_DELETEPOLICYREQUEST']._serialized_end=2813
+  _globals['_DELETEPOLICYRESPONSE']._serialized_start=2815
+  _globals['_DELETEPOLICYRESPONSE']._serialized_end=2854
 # @@protoc_insertion_point(module_scope)

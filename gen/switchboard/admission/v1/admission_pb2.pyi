@@ -3,6 +3,7 @@ import datetime
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.rpc import status_pb2 as _status_pb2
 from switchboard.common.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -51,6 +52,24 @@ class AdmitStreamResponse(_message.Message):
     queued: QueueStatus
     admitted: AdmitResponse
     def __init__(self, queued: _Optional[_Union[QueueStatus, _Mapping]] = ..., admitted: _Optional[_Union[AdmitResponse, _Mapping]] = ...) -> None: ...
+
+class AdmitSessionRequest(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: AdmitRequest
+    def __init__(self, request: _Optional[_Union[AdmitRequest, _Mapping]] = ...) -> None: ...
+
+class AdmitSessionResponse(_message.Message):
+    __slots__ = ("request_id", "queued", "admitted", "refused")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    queued: QueueStatus
+    admitted: AdmitResponse
+    refused: _status_pb2.Status
+    def __init__(self, request_id: _Optional[str] = ..., queued: _Optional[_Union[QueueStatus, _Mapping]] = ..., admitted: _Optional[_Union[AdmitResponse, _Mapping]] = ..., refused: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class QueueStatus(_message.Message):
     __slots__ = ("position", "estimated_wait")

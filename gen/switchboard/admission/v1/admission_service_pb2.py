@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from switchboard.admission.v1 import admission_pb2 as switchboard_dot_admission_dot_v1_dot_admission__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0switchboard/admission/v1/admission_service.proto\x12\x18switchboard.admission.v1\x1a(switchboard/admission/v1/admission.proto2\xd0\x06\n\x10\x41\x64missionService\x12X\n\x05\x41\x64mit\x12&.switchboard.admission.v1.AdmitRequest\x1a\'.switchboard.admission.v1.AdmitResponse\x12l\n\x0b\x41\x64mitStream\x12,.switchboard.admission.v1.AdmitStreamRequest\x1a-.switchboard.admission.v1.AdmitStreamResponse0\x01\x12^\n\x07Release\x12(.switchboard.admission.v1.ReleaseRequest\x1a).switchboard.admission.v1.ReleaseResponse\x12\x61\n\x08GetQuota\x12).switchboard.admission.v1.GetQuotaRequest\x1a*.switchboard.admission.v1.GetQuotaResponse\x12\x64\n\tGetPolicy\x12*.switchboard.admission.v1.GetPolicyRequest\x1a+.switchboard.admission.v1.GetPolicyResponse\x12m\n\x0cUpdatePolicy\x12-.switchboard.admission.v1.UpdatePolicyRequest\x1a..switchboard.admission.v1.UpdatePolicyResponse\x12m\n\x0cListPolicies\x12-.switchboard.admission.v1.ListPoliciesRequest\x1a..switchboard.admission.v1.ListPoliciesResponse\x12m\n\x0c\x44\x65letePolicy\x12-.switchboard.admission.v1.DeletePolicyRequest\x1a..switchboard.admission.v1.DeletePolicyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0switchboard/admission/v1/admission_service.proto\x12\x18switchboard.admission.v1\x1a(switchboard/admission/v1/admission.proto2\xc3\x07\n\x10\x41\x64missionService\x12X\n\x05\x41\x64mit\x12&.switchboard.admission.v1.AdmitRequest\x1a\'.switchboard.admission.v1.AdmitResponse\x12l\n\x0b\x41\x64mitStream\x12,.switchboard.admission.v1.AdmitStreamRequest\x1a-.switchboard.admission.v1.AdmitStreamResponse0\x01\x12q\n\x0c\x41\x64mitSession\x12-.switchboard.admission.v1.AdmitSessionRequest\x1a..switchboard.admission.v1.AdmitSessionResponse(\x01\x30\x01\x12^\n\x07Release\x12(.switchboard.admission.v1.ReleaseRequest\x1a).switchboard.admission.v1.ReleaseResponse\x12\x61\n\x08GetQuota\x12).switchboard.admission.v1.GetQuotaRequest\x1a*.switchboard.admission.v1.GetQuotaResponse\x12\x64\n\tGetPolicy\x12*.switchboard.admission.v1.GetPolicyRequest\x1a+.switchboard.admission.v1.GetPolicyResponse\x12m\n\x0cUpdatePolicy\x12-.switchboard.admission.v1.UpdatePolicyRequest\x1a..switchboard.admission.v1.UpdatePolicyResponse\x12m\n\x0cListPolicies\x12-.switchboard.admission.v1.ListPoliciesRequest\x1a..switchboard.admission.v1.ListPoliciesResponse\x12m\n\x0c\x44\x65letePolicy\x12-.switchboard.admission.v1.DeletePolicyRequest\x1a..switchboard.admission.v1.DeletePolicyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchboard.admission.v1.ad
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ADMISSIONSERVICE']._serialized_start=121
-  _globals['_ADMISSIONSERVICE']._serialized_end=969
+  _globals['_ADMISSIONSERVICE']._serialized_end=1084
 # @@protoc_insertion_point(module_scope)

@@ -64,6 +64,11 @@ class AdmissionServiceStub:
                 request_serializer=switchboard_dot_admission_dot_v1_dot_admission__pb2.AdmitStreamRequest.SerializeToString,
                 response_deserializer=switchboard_dot_admission_dot_v1_dot_admission__pb2.AdmitStreamResponse.FromString,
                 _registered_method=True)
+        self.AdmitSession = channel.stream_stream(
+                '/switchboard.admission.v1.AdmissionService/AdmitSession',
+                request_serializer=switchboard_dot_admission_dot_v1_dot_admission__pb2.AdmitSessionRequest.SerializeToString,
+                response_deserializer=switchboard_dot_admission_dot_v1_dot_admission__pb2.AdmitSessionResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/switchboard.admission.v1.AdmissionService/Release',
                 request_serializer=switchboard_dot_admission_dot_v1_dot_admission__pb2.ReleaseRequest.SerializeToString,
@@ -138,6 +143,21 @@ class AdmissionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdmitSession(self, request_iterator, context):
+        """Many admissions over one long-lived stream, for services that admit a request of
+        their own for each call they serve (inference): each AdmitRequest sent is decided
+        as AdmitStream decides it, and its queue updates and outcome come back tagged
+        with its `context.request_id`, without a new call per request. A refusal ends that
+        request only; the stream goes on. Every request on a stream is of the stream's
+        `x-tenant-id` tenant. To give up a request, Release it by its request id (it
+        leaves the queue, or its lease is released). When the caller half-closes, the
+        stream ends once every request on it has its outcome; when the stream ends any
+        other way, its waiting requests leave the queue.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """Releases a lease: frees its in-flight slot and corrects the token bucket with the
         actual usage. Idempotent: releasing an unknown, released or expired lease changes
@@ -198,6 +218,11 @@ def add_AdmissionServiceServicer_to_server(servicer, server):
                     servicer.AdmitStream,
                     request_deserializer=switchboard_dot_admission_dot_v1_dot_admission__pb2.AdmitStreamRequest.FromString,
                     response_serializer=switchboard_dot_admission_dot_v1_dot_admission__pb2.AdmitStreamResponse.SerializeToString,
+            ),
+            'AdmitSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.AdmitSession,
+                    request_deserializer=switchboard_dot_admission_dot_v1_dot_admission__pb2.AdmitSessionRequest.FromString,
+                    response_serializer=switchboard_dot_admission_dot_v1_dot_admission__pb2.AdmitSessionResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -304,6 +329,33 @@ class AdmissionService:
             '/switchboard.admission.v1.AdmissionService/AdmitStream',
             switchboard_dot_admission_dot_v1_dot_admission__pb2.AdmitStreamRequest.SerializeToString,
             switchboard_dot_admission_dot_v1_dot_admission__pb2.AdmitStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdmitSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/switchboard.admission.v1.AdmissionService/AdmitSession',
+            switchboard_dot_admission_dot_v1_dot_admission__pb2.AdmitSessionRequest.SerializeToString,
+            switchboard_dot_admission_dot_v1_dot_admission__pb2.AdmitSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,126 @@
+"""AdmitSession: many admission attempts of one tenant over one stream.
+
+A request admitted at once (the common case) is answered right away, without a task;
+one that has to wait gets a task that sends its queue updates and then its outcome.
+Replies are tagged with the request's id. A refusal ends that request only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from switchboard.admission.v1 import admission_pb2 as pb
+
+from services.admission.controller import Admission, AdmissionController, Ticket
+from services.runtime import FieldViolation, SwitchboardError, invalid
+
+logger = logging.getLogger(__name__)
+
+UPDATE_INTERVAL_S = 0.25
+"""How often a waiting request's position is re-checked (an update is sent if it moved)."""
+
+
+async def queue_updates(
+    controller: AdmissionController, ticket: Ticket
+) -> AsyncIterator[pb.QueueStatus]:
+    """A waiting ticket's position and estimated wait, on entering the queue and whenever
+    they change, until it is decided (its refusal is raised)."""
+    last: tuple[int, float] | None = None
+    while ticket.waiting:
+        status = controller.queue_status(ticket)
+        seen = (status.position, round(status.estimated_wait.total_seconds(), 1))
+        if seen != last:
+            last = seen
+            update = pb.QueueStatus(position=status.position)
+            update.estimated_wait.FromTimedelta(status.estimated_wait)
+            yield update
+        await controller.wait(ticket, timeout=UPDATE_INTERVAL_S)
+
+
+class AdmitSession:
+    """The server side of one AdmitSession stream.
+
+    Args:
+        controller: decides.
+        args_of: the controller's `submit` arguments for an AdmitRequest (raises the
+            refusal of an invalid one).
+        reply: hands a reply to the stream's writer (never blocks).
+        admitted: the AdmitResponse for an admission.
+    """
+
+    def __init__(
+        self,
+        controller: AdmissionController,
+        *,
+        args_of: Callable[[pb.AdmitRequest], dict[str, Any]],
+        reply: Callable[[pb.AdmitSessionResponse], None],
+        admitted: Callable[[Admission], pb.AdmitResponse],
+    ) -> None:
+        self._controller = controller
+        self._args_of = args_of
+        self._reply = reply
+        self._admitted = admitted
+        self._waiting: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, request: pb.AdmitRequest) -> None:
+        """Decides `request`, or starts following it through the queue."""
+        request_id = request.context.request_id
+        try:
+            if not request_id:  # unique among the tenant's attempts: the controller checks
+                field = "request.context.request_id"
+                raise invalid([FieldViolation(field, "required: it tags the request's replies")])
+            ticket = self._controller.submit(**self._args_of(request))
+        except SwitchboardError as refusal:
+            self._refuse(request_id, refusal)
+            return
+        if ticket.waiting:
+            self._waiting[request_id] = asyncio.create_task(self._follow(request_id, ticket))
+        else:
+            self._send(request_id, ticket)
+
+    async def _follow(self, request_id: str, ticket: Ticket) -> None:
+        try:
+            async for update in queue_updates(self._controller, ticket):
+                self._reply(pb.AdmitSessionResponse(request_id=request_id, queued=update))
+            self._send(request_id, ticket)
+        except SwitchboardError as refusal:
+            self._refuse(request_id, refusal)
+        except asyncio.CancelledError:
+            self._controller.abandon(ticket)
+            raise
+        finally:
+            self._waiting.pop(request_id, None)
+
+    def _send(self, request_id: str, ticket: Ticket) -> None:
+        try:
+            admission = ticket.result()
+        except SwitchboardError as refusal:
+            self._refuse(request_id, refusal)
+            return
+        self._reply(
+            pb.AdmitSessionResponse(request_id=request_id, admitted=self._admitted(admission))
+        )
+
+    def _refuse(self, request_id: str, refusal: SwitchboardError) -> None:
+        self._reply(pb.AdmitSessionResponse(request_id=request_id, refused=refusal.to_rpc_status()))
+
+    async def drain(self) -> None:
+        """Waits until every request on the stream has its outcome."""
+        while self._waiting:
+            await asyncio.gather(*self._waiting.values(), return_exceptions=True)
+
+    async def close(self) -> None:
+        """The stream ended: its waiting requests leave the queue."""
+        tasks = list(self._waiting.values())
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,109 @@
+"""AdmitSession's server side: many attempts over one stream, replies tagged by request id."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import grpc
+import pytest
+from switchboard.admission.v1 import admission_pb2 as pb
+
+from services.admission.clock import FakeClock
+from services.admission.controller import AdmissionController
+from services.admission.limits import PolicyLimits
+from services.admission.sessions import AdmitSession
+
+POLICY = PolicyLimits(
+    requests_per_second=100,
+    request_burst=100,
+    tokens_per_minute=60_000,
+    token_burst=10_000,
+    max_in_flight=1,
+    max_queued=5,
+)
+
+
+@pytest.fixture
+def controller() -> AdmissionController:
+    controller = AdmissionController(clock=FakeClock(), lease_ttl=timedelta(seconds=600))
+    controller.set_policy("acme", POLICY)
+    return controller
+
+
+@pytest.fixture
+def replies() -> list[pb.AdmitSessionResponse]:
+    return []
+
+
+@pytest.fixture
+def session(controller, replies) -> AdmitSession:
+    return AdmitSession(
+        controller,
+        args_of=lambda request: {
+            "tenant_id": "acme",
+            "request_id": request.context.request_id,
+            "prompt_tokens": request.estimated_prompt_tokens,
+        },
+        reply=replies.append,
+        admitted=lambda admission: pb.AdmitResponse(
+            lease=pb.Lease(lease_id=admission.lease.lease_id)
+        ),
+    )
+
+
+def _request(request_id: str, prompt_tokens: int = 10) -> pb.AdmitRequest:
+    request = pb.AdmitRequest(estimated_prompt_tokens=prompt_tokens)
+    request.context.request_id = request_id
+    return request
+
+
+def _events(replies) -> list[tuple[str, str]]:
+    return [(r.request_id, r.WhichOneof("event")) for r in replies]
+
+
+async def test_a_request_admitted_at_once_is_answered_at_once(session, replies):
+    session.submit(_request("a"))
+    assert _events(replies) == [("a", "admitted")]  # no task, no wait
+    assert session.waiting == 0
+
+
+async def test_a_waiting_request_gets_its_position_then_its_admission(session, replies, controller):
+    session.submit(_request("a"))
+    session.submit(_request("b"))
+    await asyncio.sleep(0)
+    assert _events(replies) == [("a", "admitted"), ("b", "queued")]
+    assert replies[1].queued.position == 0 and session.waiting == 1
+    controller.release(replies[0].admitted.lease.lease_id)
+    controller.pump()
+    await asyncio.wait_for(session.drain(), 5)
+    assert _events(replies)[-1] == ("b", "admitted")
+    assert session.waiting == 0
+
+
+async def test_a_refusal_ends_that_request_only(session, replies, controller):
+    session.submit(_request(""))  # no id: nothing to tag its replies with
+    session.submit(_request("a"))
+    session.submit(_request("a"))  # the id is in use (its lease is held)
+    assert _events(replies) == [("", "refused"), ("a", "admitted"), ("a", "refused")]
+    for refused in (replies[0], replies[2]):
+        assert refused.refused.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    session.submit(_request("b", prompt_tokens=-1))  # refused by the controller itself
+    assert _events(replies)[-1] == ("b", "refused")
+    assert controller.quota("acme").in_flight == 1
+
+
+async def test_closing_the_session_takes_its_waiting_requests_out_of_the_queue(
+    session, replies, controller
+):
+    session.submit(_request("a"))
+    session.submit(_request("b"))
+    session.submit(_request("c"))
+    await asyncio.sleep(0)
+    assert sum(controller.quota("acme").queued.values()) == 2
+    await session.close()
+    assert sum(controller.quota("acme").queued.values()) == 0
+    assert session.waiting == 0
+    controller.release(replies[0].admitted.lease.lease_id)
+    controller.pump()
+    assert controller.quota("acme").in_flight == 0  # nobody admitted after the close
