@@ -9,8 +9,8 @@ always follows the same call:
 - time to first token, `generator_small`, short prompt and two short passages:
   Triton ModelStreamInfer / InferenceService.Generate (model named explicitly). Generate
   is admitted by the admission service before it is routed, so this block has a fourth
-  arm: AdmissionService.Admit through Envoy's internal listener, as the router calls it
-  (then Release);
+  arm: the router's admission alone (its AdmissionGate, over an AdmitSession stream through
+  Envoy's internal listener; then Release);
 - unary embedding of one short text: Triton ModelInfer on `embedder` / InferenceService.Embed.
 
 The calls act for tenant `bench`, which the benchmark first gives a policy with ample
@@ -32,8 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
-from switchboard.admission.v1 import admission_pb2, admission_service_pb2_grpc
-from switchboard.common.v1 import common_pb2
+from switchboard.admission.v1 import admission_service_pb2_grpc
 from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -48,6 +47,7 @@ from bench._common import (
     write_result,
 )
 from bench.embed_batching import triton_embed_request
+from services.inference.admission import AdmissionGate, Ask
 from services.inference.triton import generate_request
 from services.runtime import count_tokens
 
@@ -129,23 +129,21 @@ def _mesh_ttft(stub: inference_service_pb2_grpc.InferenceServiceStub, metadata: 
     return call
 
 
-def _admit(stub: admission_service_pb2_grpc.AdmissionServiceStub) -> Timed:
-    """Admit as the router asks it for this Generate (timed), then Release (not timed)."""
-    request = admission_pb2.AdmitRequest(
-        context=common_pb2.RequestContext(
-            tenant_id=TENANT, priority=common_pb2.PRIORITY_INTERACTIVE
-        ),
-        tier=common_pb2.MODEL_TIER_SMALL,
-        estimated_prompt_tokens=count_tokens(PROMPT) + sum(map(count_tokens, PASSAGES)),
-        max_completion_tokens=MAX_TOKENS,
+def _admit(gate: AdmissionGate) -> Timed:
+    """An admission as the router makes it for this Generate (timed: its AdmitSession
+    message and reply), then the release (in the background, as the router does)."""
+    ask = Ask(
+        tenant_id=TENANT,
+        tier="small",
+        prompt_tokens=count_tokens(PROMPT) + sum(map(count_tokens, PASSAGES)),
+        max_tokens=MAX_TOKENS,
     )
 
     async def call() -> float:
         started = time.perf_counter()
-        reply = await stub.Admit(request, timeout=TIMEOUT_S, metadata=TRUSTED)
+        lease_id = await gate.admit(ask)
         took = time.perf_counter() - started
-        release = admission_pb2.ReleaseRequest(lease_id=reply.lease.lease_id)
-        await stub.Release(release, timeout=TIMEOUT_S, metadata=TRUSTED)
+        gate.release(lease_id, tenant_id=TENANT, prompt=ask.prompt_tokens, completion=0)
         return took
 
     return call
@@ -210,7 +208,6 @@ async def _measure(
         grpc.aio.insecure_channel(triton) as triton_channel,
         grpc.aio.insecure_channel(router) as router_channel,
         grpc.aio.insecure_channel(envoy) as envoy_channel,
-        grpc.aio.insecure_channel(internal) as internal_channel,
     ):
         direct = service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)
         via_router = inference_service_pb2_grpc.InferenceServiceStub(router_channel)
@@ -218,7 +215,7 @@ async def _measure(
         await give_tenant_room(
             admission_service_pb2_grpc.AdmissionServiceStub(envoy_channel), key, BENCH_POLICY
         )
-        admission = admission_service_pb2_grpc.AdmissionServiceStub(internal_channel)
+        admission = AdmissionGate(internal)  # the router's own client of admission
         arms = {
             "ttft": {
                 "direct": _direct_ttft(direct),
@@ -233,9 +230,12 @@ async def _measure(
             },
         }
         blocks = {}
-        for kind, block_arms in arms.items():
-            blocks[kind] = block = await _block(block_arms, BUDGET_S[kind], rng)
-            print(f"  {kind}: {block.iterations} rounds in {block.seconds:.0f}s", flush=True)
+        try:
+            for kind, block_arms in arms.items():
+                blocks[kind] = block = await _block(block_arms, BUDGET_S[kind], rng)
+                print(f"  {kind}: {block.iterations} rounds in {block.seconds:.0f}s", flush=True)
+        finally:
+            await admission.close()
         return blocks
 
 
@@ -253,7 +253,7 @@ def run() -> dict:
         for arm, values in block.samples.items()
         for q in (50, 99)
     }
-    labels = {"admit": "admission Admit via Envoy (internal)"}
+    labels = {"admit": "admission (AdmitSession) via Envoy (internal)"}
     print_table(
         "latency (ms)",
         ("call", "p50", "p99", "n"),
@@ -285,9 +285,10 @@ def run() -> dict:
         "short text on embedder. direct = raw grpc.aio Triton stub (ModelStreamInfer / "
         "ModelInfer), mesh = Envoy (API key checked by ext_authz) -> router (-> Envoy's "
         "internal listener -> admission for Generate) -> Triton, router_only = the router's "
-        "own port; added = mesh pXX - direct pXX; admit = the router's Admit call alone, "
-        f"through Envoy's internal listener. Tenant {TENANT!r} with a policy above any rate "
-        "the benchmark reaches"
+        "own port; added = mesh pXX - direct pXX; admit = the router's admission alone "
+        "(services.inference.admission.AdmissionGate: a message on its AdmitSession stream "
+        "and the reply), through Envoy's internal listener. "
+        f"Tenant {TENANT!r} with a policy above any rate the benchmark reaches"
     )
     targets = {
         "added_ttft_p50_ms": "<= 1",
