@@ -638,3 +638,40 @@ async def test_generate_is_admitted_in_the_priority_class_it_asks_for(inference,
         async for _ in inference.Generate(request, metadata=as_tenant(tenant), timeout=30):
             pass
     assert admitted(mesh, tenant) == {"batch": 1, "interactive": 1}
+
+
+async def test_generate_fails_closed_while_admission_is_down_and_recovers_after(
+    admission, inference, mesh
+):
+    tenant = new_tenant()
+    request = inference_pb2.GenerateRequest(
+        prompt="What routes gRPC calls?", context=CONTEXT, parameters={"max_tokens": 4}
+    )
+
+    async def generate() -> list[inference_pb2.GenerateResponse]:
+        call = inference.Generate(request, metadata=as_tenant(tenant), timeout=20)
+        return [reply async for reply in call]
+
+    assert (await generate())[-1].HasField("complete")  # the tenant's session is open
+    # (with one replica down, Envoy's ring hash moves its tenants to the other)
+    replicas = sorted(_replica_targets(mesh))
+    for replica in replicas:
+        mesh.stop_component(replica)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as down:
+            await generate()
+        assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_details(down.value).error_info.reason == "DEPENDENCY_UNAVAILABLE"
+    finally:
+        for replica in replicas:
+            await asyncio.to_thread(mesh.start_service, replica)
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:  # a new session reaches a restarted replica
+        try:
+            replies = await generate()
+            break
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            assert asyncio.get_running_loop().time() < deadline, "Generate did not recover"
+            await asyncio.sleep(0.3)
+    assert replies[-1].HasField("complete") and any(r.HasField("token") for r in replies)
