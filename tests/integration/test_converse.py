@@ -10,12 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
+from prometheus_client.parser import text_string_to_metric_families
 from switchboard.admission.v1 import admission_pb2, admission_service_pb2_grpc
 from switchboard.chat.v1 import chat_pb2 as pb
 from switchboard.chat.v1 import chat_service_pb2_grpc
@@ -660,3 +662,62 @@ def test_switchboard_chat_talks_from_the_terminal(envoy_target, auth, tenant):
     assert out.count("assistant> ") == 2 and out.count("[completed: ") == 2
     assert "[tool list_models {} → task " in out
     assert "step call: completed" in out
+
+
+def triton_generations(mesh) -> list[float]:
+    """Generation requests each Triton replica has served, from its own metrics."""
+    served = []
+    for replica in range(mesh.config.triton_replicas):
+        _, _, port = mesh.config.triton_ports(replica)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        served.append(
+            sum(
+                sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "nv_inference_request_success_total"
+                and sample.labels.get("model", "").startswith("generator")
+            )
+        )
+    return served
+
+
+async def test_a_sessions_turns_stay_on_the_triton_replica_it_started_on(chat, auth, tenant, mesh):
+    assert mesh.config.triton_replicas == 2
+    talks = []
+    for _ in range(2):
+        session = await create(chat, auth, tenant)
+        talk = Conversation(chat, auth(tenant), opening(session.session_id))
+        await talk.next()
+        talks.append(talk)
+
+    async def turn(talk: Conversation) -> None:
+        talk.send(say(QUESTION))
+        done = (await talk.until("turn_completed"))[-1].turn_completed
+        assert done.status == pb.MESSAGE_STATUS_COMPLETED
+
+    async def served_by(talk: Conversation, turns: int) -> list[float]:
+        before = await asyncio.to_thread(triton_generations, mesh)
+        for _ in range(turns):
+            await turn(talk)
+        deadline = time.monotonic() + 5
+        while True:  # Triton counts a request once it is released
+            after = await asyncio.to_thread(triton_generations, mesh)
+            served = [a - b for a, b in zip(after, before, strict=True)]
+            if sum(served) >= turns or time.monotonic() > deadline:
+                return served
+            await asyncio.sleep(0.1)
+
+    # both sessions start at once: the least loaded replica differs for the two, so
+    # their homes differ
+    await asyncio.gather(*(turn(t) for t in talks))
+    # one at a time, both replicas are idle: only affinity keeps a session on its home
+    # (the least loaded choice alone would send every turn to the first replica)
+    homes = []
+    for talk in talks:
+        served = await served_by(talk, 3)
+        assert sorted(served) == [0, 3], served
+        homes.append(served.index(3))
+        talk.close()
+    assert sorted(homes) == [0, 1]
