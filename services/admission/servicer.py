@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +15,7 @@ from switchboard.common.v1 import common_pb2
 
 from services.admission.controller import Admission, AdmissionController, QuotaSnapshot
 from services.admission.limits import PolicyLimits
-from services.admission.sessions import AdmitSession, queue_updates
+from services.admission.sessions import queue_updates, serve_session
 from services.admission.store import (
     EtagMismatch,
     PolicyStore,
@@ -134,21 +133,6 @@ def _quota_message(snapshot: QuotaSnapshot) -> pb.QuotaStatus:
     return status
 
 
-async def _read_session(
-    frames: AsyncIterator[pb.AdmitSessionRequest],
-    session: AdmitSession,
-    replies: asyncio.Queue[pb.AdmitSessionResponse | None],
-) -> None:
-    """Submits each request of an AdmitSession stream; after the half-close, ends the
-    stream once every request has its outcome."""
-    try:
-        async for frame in frames:
-            session.submit(frame.request)
-        await session.drain()
-    finally:
-        replies.put_nowait(None)
-
-
 class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
     def __init__(
         self,
@@ -227,26 +211,15 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
         request_iterator: AsyncIterator[pb.AdmitSessionRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.AdmitSessionResponse]:
-        replies: asyncio.Queue[pb.AdmitSessionResponse | None] = asyncio.Queue()
-        session = AdmitSession(
+        await context.send_initial_metadata(self._replica)
+        replies = serve_session(
             self._controller,
+            request_iterator,
             args_of=lambda request: self._admit_args(request, context, prefix="request."),
-            reply=replies.put_nowait,
             admitted=_admission_message,
         )
-        reader = asyncio.create_task(_read_session(request_iterator, session, replies))
-        try:
-            await context.send_initial_metadata(self._replica)
-            while (reply := await replies.get()) is not None:
-                yield reply
-        finally:
-            reader.cancel()
-            await session.close()
-            # admissions decided but never written: nobody holds their leases
-            while not replies.empty():
-                unsent = replies.get_nowait()
-                if unsent is not None and unsent.HasField("admitted"):
-                    self._controller.release(unsent.admitted.lease.lease_id, actual_tokens=0)
+        async for reply in replies:
+            yield reply
 
     async def Release(  # noqa: N802 - gRPC method name
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext

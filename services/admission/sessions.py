@@ -124,3 +124,40 @@ class AdmitSession:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def serve_session(
+    controller: AdmissionController,
+    frames: AsyncIterator[pb.AdmitSessionRequest],
+    *,
+    args_of: Callable[[pb.AdmitRequest], dict[str, Any]],
+    admitted: Callable[[Admission], pb.AdmitResponse],
+) -> AsyncIterator[pb.AdmitSessionResponse]:
+    """Serves one AdmitSession stream: submits its requests as they come and yields the
+    replies; after the half-close, ends once every request has its outcome.
+
+    However it ends, its waiting requests leave the queue, and admissions decided but
+    never sent are released (nobody holds their leases).
+    """
+    replies: asyncio.Queue[pb.AdmitSessionResponse | None] = asyncio.Queue()
+    session = AdmitSession(controller, args_of=args_of, reply=replies.put_nowait, admitted=admitted)
+
+    async def submit_all() -> None:
+        try:
+            async for frame in frames:
+                session.submit(frame.request)
+            await session.drain()
+        finally:
+            replies.put_nowait(None)
+
+    reader = asyncio.create_task(submit_all())
+    try:
+        while (reply := await replies.get()) is not None:
+            yield reply
+    finally:
+        reader.cancel()
+        await session.close()
+        while not replies.empty():
+            unsent = replies.get_nowait()
+            if unsent is not None and unsent.HasField("admitted"):
+                controller.release(unsent.admitted.lease.lease_id, actual_tokens=0)

@@ -71,13 +71,6 @@ _DEPENDENCY_CODES = {
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.UNIMPLEMENTED,
 }
-# Codes with which admission decided against the attempt: no lease was granted.
-_REFUSAL_CODES = {
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.UNAUTHENTICATED,
-    grpc.StatusCode.PERMISSION_DENIED,
-}
 
 
 def relay_error(error: grpc.aio.AioRpcError) -> SwitchboardError:
@@ -228,7 +221,7 @@ class AdmissionGate:
                 return update
         raise AssertionError("an attempt ends with a lease or an error")  # pragma: no cover
 
-    async def admit_stream(self, ask: Ask) -> AsyncIterator[admission_pb2.QueueStatus | str]:
+    def admit_stream(self, ask: Ask) -> AsyncIterator[admission_pb2.QueueStatus | str]:
         """Like `admit`, but yields the queue status while waiting, then the lease id.
 
         It waits as long as admission allows (its default max wait) within the call's
@@ -236,12 +229,7 @@ class AdmissionGate:
         any other way (an error, a cancellation, the caller closing it), a lease granted
         meanwhile is released in the background.
         """
-        updates = self._attempt(ask, outbound_timeout(None))
-        try:
-            async for update in updates:
-                yield update
-        finally:
-            await updates.aclose()
+        return self._attempt(ask, outbound_timeout(None))
 
     async def _attempt(
         self, ask: Ask, timeout: float | None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import timedelta
 
 import grpc
@@ -12,7 +13,7 @@ from switchboard.admission.v1 import admission_pb2 as pb
 from services.admission.clock import FakeClock
 from services.admission.controller import AdmissionController
 from services.admission.limits import PolicyLimits
-from services.admission.sessions import AdmitSession
+from services.admission.sessions import AdmitSession, serve_session
 
 POLICY = PolicyLimits(
     requests_per_second=100,
@@ -107,3 +108,54 @@ async def test_closing_the_session_takes_its_waiting_requests_out_of_the_queue(
     controller.release(replies[0].admitted.lease.lease_id)
     controller.pump()
     assert controller.quota("acme").in_flight == 0  # nobody admitted after the close
+
+
+def _serve(controller, requests, tenant: str = "acme"):
+    async def frames():
+        for request in requests:
+            yield pb.AdmitSessionRequest(request=request)
+
+    return serve_session(
+        controller,
+        frames(),
+        args_of=lambda request: {"tenant_id": tenant, "request_id": request.context.request_id},
+        admitted=lambda admission: pb.AdmitResponse(
+            lease=pb.Lease(lease_id=admission.lease.lease_id)
+        ),
+    )
+
+
+async def test_after_the_half_close_the_stream_ends_once_every_request_has_its_outcome(
+    controller,
+):
+    replies = _serve(controller, [_request("a"), _request("b")])
+    first = await anext(replies)
+    assert (first.request_id, first.WhichOneof("event")) == ("a", "admitted")
+    assert (await anext(replies)).WhichOneof("event") == "queued"  # b waits for a's slot
+    controller.release(first.admitted.lease.lease_id)
+    controller.pump()
+    rest = [reply async for reply in replies]  # ends by itself
+    assert _events(rest) == [("b", "admitted")]
+
+
+async def test_a_stream_closed_early_leaves_no_lease_held_nor_request_queued(controller):
+    replies = _serve(controller, [_request("a"), _request("b")])
+    first = await anext(replies)  # a admitted and sent; b queued, not yet sent
+    await asyncio.sleep(0)
+    await replies.aclose()  # the client went away
+    quota = controller.quota("acme")
+    assert quota.in_flight == 1 and sum(quota.queued.values()) == 0  # only a's lease
+    controller.release(first.admitted.lease.lease_id)
+    assert controller.quota("acme").in_flight == 0
+
+
+async def test_admissions_decided_but_never_sent_are_released(controller):
+    controller.set_policy("roomy", dataclasses.replace(POLICY, max_in_flight=5))
+    replies = _serve(controller, [_request("a"), _request("b"), _request("c")], "roomy")
+    first = await anext(replies)  # all three admitted at once; only a was sent
+    await asyncio.sleep(0)
+    assert controller.quota("roomy").in_flight == 3
+    await replies.aclose()  # the client went away before b and c were written
+    assert controller.quota("roomy").in_flight == 1  # a's lease is the client's
+    controller.release(first.admitted.lease.lease_id)
+    assert controller.quota("roomy").in_flight == 0
