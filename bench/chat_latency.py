@@ -38,13 +38,11 @@ rate the benchmark reaches (the default policy allows 10 requests/s).
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -64,6 +62,7 @@ from bench._common import (
     unlimited_policy,
     write_result,
 )
+from services.demo import handbook
 from services.inference.triton import decode_bytes, generate_request
 
 NAME = "chat-latency"
@@ -79,7 +78,6 @@ TIMEOUT_S = 30.0
 MODEL = "generator_small"
 MAX_TOKENS = 64
 QUESTION = "How long is an on-call shift and when does it hand over?"
-HANDBOOK = Path(__file__).parents[1] / "tests" / "data" / "handbook.jsonl"
 DOCUMENTS = 6
 COLLECTION = "handbook"
 TOP_K = 5
@@ -230,17 +228,9 @@ def _gaps(stamps: Sequence[float]) -> list[float]:
 
 
 async def _ingest(stub: rag_service_pb2_grpc.RagServiceStub, metadata: Metadata) -> None:
-    documents = [json.loads(line) for line in HANDBOOK.read_text().splitlines()[:DOCUMENTS]]
-    requests = [
-        rag_pb2.IngestDocumentsRequest(
-            document=rag_pb2.Document(
-                document_id=d["document_id"], collection=COLLECTION, text=d["text"]
-            )
-        )
-        for d in documents
-    ]
+    requests = handbook(COLLECTION, DOCUMENTS)
     reply = await stub.IngestDocuments(iter(requests), metadata=metadata, timeout=120)
-    if reply.documents_ingested != len(documents) or reply.documents_failed:
+    if reply.documents_ingested != len(requests) or reply.documents_failed:
         raise RuntimeError(f"ingestion failed: {reply}")
 
 

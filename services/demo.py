@@ -110,21 +110,27 @@ async def _show(target: str, key: Metadata) -> None:
         print()
 
 
+def handbook(collection: str, count: int | None = None) -> list[rag_pb2.IngestDocumentsRequest]:
+    """IngestDocuments requests for the handbook's first `count` documents (all of them
+    by default) into `collection`: the demo's, and the tests' and benchmarks' corpus."""
+    lines = HANDBOOK.read_text().splitlines()[:count]
+    return [
+        rag_pb2.IngestDocumentsRequest(
+            document=rag_pb2.Document(
+                document_id=d["document_id"],
+                collection=collection,
+                metadata=d["metadata"],
+                text=d["text"],
+            )
+        )  # fmt: skip
+        for d in map(json.loads, lines)
+    ]
+
+
 async def _ingest(channel: grpc.aio.Channel, key: Metadata) -> None:
     rag = rag_service_pb2_grpc.RagServiceStub(channel)
-    documents = [json.loads(line) for line in HANDBOOK.read_text().splitlines()]
-
-    async def stream():
-        for d in documents:
-            yield rag_pb2.IngestDocumentsRequest(
-                document=rag_pb2.Document(
-                    document_id=d["document_id"], collection="handbook",
-                    metadata=d["metadata"], text=d["text"],
-                )
-            )  # fmt: skip
-
     started = time.perf_counter()
-    reply = await rag.IngestDocuments(stream(), metadata=key, timeout=300)
+    reply = await rag.IngestDocuments(iter(handbook("handbook")), metadata=key, timeout=300)
     print(
         f"\nIngested {reply.documents_ingested} handbook documents as {reply.chunks_ingested} "
         f"chunks in {time.perf_counter() - started:.1f}s (tenant 'demo', collection 'handbook')"

@@ -23,11 +23,11 @@ from switchboard.chat.v1 import chat_pb2 as pb
 from switchboard.chat.v1 import chat_service_pb2_grpc
 from switchboard.events.v1 import events_pb2
 from switchboard.inference.v1 import inference_pb2
-from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
+from switchboard.rag.v1 import rag_service_pb2_grpc
 
+from services.demo import handbook
 from services.runtime import error_details
 
-HANDBOOK = Path(__file__).parents[1] / "data" / "handbook.jsonl"
 COLLECTION = "handbook"
 QUESTION = "How long is an on-call shift and when does it hand over?"
 
@@ -71,17 +71,9 @@ async def collection(envoy_target, tenant, auth) -> str:
 
 
 async def _ingest(rag, metadata) -> None:
-    documents = [json.loads(line) for line in HANDBOOK.read_text().splitlines()[:6]]
-    requests = [
-        rag_pb2.IngestDocumentsRequest(
-            document=rag_pb2.Document(
-                document_id=d["document_id"], collection=COLLECTION, text=d["text"]
-            )
-        )
-        for d in documents
-    ]
+    requests = handbook(COLLECTION, 6)
     reply = await rag.IngestDocuments(iter(requests), metadata=metadata, timeout=120)
-    assert reply.documents_ingested == len(documents) and reply.documents_failed == 0
+    assert reply.documents_ingested == len(requests) and reply.documents_failed == 0
 
 
 async def create(chat, auth, tenant: str, **settings) -> pb.Session:

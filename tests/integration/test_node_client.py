@@ -17,11 +17,12 @@ import pytest
 from google.rpc import status_pb2
 from switchboard.chat.v1 import chat_pb2 as pb
 from switchboard.chat.v1 import chat_service_pb2_grpc
-from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
+from switchboard.rag.v1 import rag_service_pb2_grpc
+
+from services.demo import handbook
 
 ROOT = Path(__file__).parents[2]
 CLIENT = ROOT / "clients" / "node" / "converse.mjs"
-HANDBOOK = ROOT / "tests" / "data" / "handbook.jsonl"
 COLLECTION = "handbook"
 GOOGLEAPIS = Path(status_pb2.__file__).parents[2]
 """Holds google/rpc/*.proto (googleapis-common-protos), as for scripts/gen.sh."""
@@ -54,20 +55,12 @@ def tenant() -> str:
 @pytest.fixture(scope="module")
 async def collection(envoy_target, credentials, tenant) -> str:
     """The handbook's first documents, for the session to retrieve from."""
-    documents = [json.loads(line) for line in HANDBOOK.read_text().splitlines()[:6]]
-    requests = [
-        rag_pb2.IngestDocumentsRequest(
-            document=rag_pb2.Document(
-                document_id=d["document_id"], collection=COLLECTION, text=d["text"]
-            )
-        )
-        for d in documents
-    ]
+    requests = handbook(COLLECTION, 6)
     async with grpc.aio.insecure_channel(envoy_target) as channel:
         reply = await rag_service_pb2_grpc.RagServiceStub(channel).IngestDocuments(
             iter(requests), metadata=credentials.metadata(tenant), timeout=120
         )
-    assert reply.documents_ingested == len(documents) and reply.documents_failed == 0
+    assert reply.documents_ingested == len(requests) and reply.documents_failed == 0
     return COLLECTION
 
 
