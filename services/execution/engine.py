@@ -6,6 +6,12 @@ messages of the steps it unblocked are published (with ids, so repeats are dropp
 then the step's message is acked. A worker that dies before the ack has its message
 redelivered (after `ack_wait`); the claim sees what was committed: a completed step is
 not run again (its follow-ups are re-published), a step whose lease ran out runs again.
+
+A worker that completes a step runs one of the steps it unblocked itself, at once, in
+the same slot (the others go to the queue for any worker): a chain of steps costs no
+work-queue round trip per step. The first step's message stays unacked (and heartbeat)
+until the chain ends, so a worker that dies mid-chain has that message redelivered,
+and its follow-up re-publishes every step the chain had claimed or queued.
 """
 
 from __future__ import annotations
@@ -29,7 +35,14 @@ from switchboard.execution.v1 import execution_pb2 as pb
 from services.execution.bus import Bus
 from services.execution.graph import validate_task
 from services.execution.steps import StepFailure, StepRunner
-from services.execution.store import Claim, ClaimedTask, Progress, TaskRow, TaskStore
+from services.execution.store import (
+    Claim,
+    ClaimedTask,
+    ClaimResult,
+    Progress,
+    TaskRow,
+    TaskStore,
+)
 from services.runtime import Internal, SwitchboardError, stop_task
 
 logger = logging.getLogger(__name__)
@@ -174,13 +187,15 @@ class Engine:
         *,
         before: Sequence[pb.WatchTaskResponse] = (),
         after: Sequence[pb.WatchTaskResponse] = (),
+        keep: str | None = None,
     ) -> int:
         """Publishes `before`, the steps' QUEUED events and `after`, then (once the
         events are stored, so that no STARTED event can precede its QUEUED one) the
-        steps' work messages; returns the last event's sequence."""
+        work messages of the steps other than `keep` (which the caller runs itself);
+        returns the last event's sequence."""
         queued = [step_event(task_id, tenant_id, s, ev.STEP_EVENT_TYPE_QUEUED, 0) for s in steps]
         sequences = await self.publish_all([*before, *queued, *after])
-        await asyncio.gather(*(self.bus.enqueue(task_id, s) for s in steps))
+        await asyncio.gather(*(self.bus.enqueue(task_id, s) for s in steps if s != keep))
         return sequences[-1] if sequences else 0
 
     async def progress(
@@ -190,14 +205,18 @@ class Engine:
         progress: Progress,
         *,
         before: Sequence[pb.WatchTaskResponse] = (),
+        keep: str | None = None,
     ) -> None:
-        """Publishes what a transition changed, after the events `before`."""
+        """Publishes what a transition changed, after the events `before`; the step
+        `keep` gets its QUEUED event but no work message (the caller runs it)."""
         ended = (
             [task_event(task_id, tenant_id, _TASK_EVENTS[progress.task_state])]
             if progress.task_state
             else []
         )
-        await self.queue_all(task_id, tenant_id, progress.queued, before=before, after=ended)
+        await self.queue_all(
+            task_id, tenant_id, progress.queued, before=before, after=ended, keep=keep
+        )
 
     async def cancel(self, task_id: str, tenant_id: str) -> TaskRow:
         task, cancelled = await self.store.cancel(task_id, tenant_id)
@@ -413,29 +432,19 @@ class Worker:
             await msg.nak(delay=claimed.lease_left + 0.1)
             return
         if claimed.claim is Claim.FOLLOW_UP:
-            # the step completed but its worker stopped before publishing everything:
-            # publish it all again (ids drop what did go out)
-            task = await self._engine.store.get(task_id, None)
-            done = next(s for s in task.steps if s.name == name)
-            completed = step_event(task, task.tenant_id, name, ev.STEP_EVENT_TYPE_COMPLETED,
-                                   done.attempt, output=done.output)  # fmt: skip
-            progress = await self._engine.store.follow_up(task_id)
-            await self._engine.progress(task_id, task.tenant_id, progress, before=[completed])
+            await self._follow_up(task_id)
             await msg.ack()
             return
         if claimed.claim is Claim.REPORT:
             task = await self._engine.store.get(task_id, None)
-            failed = next(s for s in task.steps if s.name == name)
+            failed = next(s for s in task.steps if s.state == pb.STEP_STATE_FAILED)
             assert failed.error is not None
             await self._report_failure(
-                task, name, failed.attempt, status_pb2.Status.FromString(failed.error)
+                task, failed.name, failed.attempt, status_pb2.Status.FromString(failed.error)
             )
             await msg.ack()
             return
-        task = claimed.task
-        assert task is not None and claimed.outputs is not None
-        step = next(s for s in task.request.steps if s.name == name)
-        attempt = claimed.attempt
+        assert claimed.task is not None
         if msg.metadata.num_delivered >= settings.max_deliver:
             # this step's worker died every time it ran it: stop feeding it to workers
             error = Internal(
@@ -443,27 +452,71 @@ class Worker:
                 "finishing; it is moved to the dead-letter stream",
                 reason="MAX_DELIVERIES",
             )
-            await self._fail(task, name, attempt, error, msg)
+            await self._fail(claimed.task, name, claimed.attempt, error, msg)
             return
+        # run the step, then the step it unblocked (if any) here too, and so on
+        step: tuple[str, ClaimResult] | None = (name, claimed)
+        while step is not None:
+            step = await self._execute(*step, msg)
+
+    async def _follow_up(self, task_id: str) -> None:
+        """After a crash between a commit and its publishes: publishes again what the
+        task's completed steps changed (ids drop what did go out), and queues again its
+        queued steps and the running ones whose message a dead worker's chain never
+        sent (a live holder keeps them: the message waits for its lease)."""
+        task = await self._engine.store.get(task_id, None)
+        completed = [
+            step_event(
+                task,
+                task.tenant_id,
+                s.name,
+                ev.STEP_EVENT_TYPE_COMPLETED,
+                s.attempt,
+                output=s.output,
+            )  # fmt: skip
+            for s in task.steps
+            if s.state == pb.STEP_STATE_COMPLETED
+        ]
+        progress = await self._engine.store.follow_up(task_id)
+        await self._engine.progress(task_id, task.tenant_id, progress, before=completed)
+
+    async def _execute(
+        self, name: str, claimed: ClaimResult, msg: Msg
+    ) -> tuple[str, ClaimResult] | None:
+        """Runs a claimed step and records its outcome; returns the next step to run here
+        (already claimed), or None once `msg` is settled."""
+        task, outputs, attempt = claimed.task, claimed.outputs, claimed.attempt
+        assert task is not None and outputs is not None
+        step = next(s for s in task.request.steps if s.name == name)
         await self._engine.publish(
             step_event(task, task.tenant_id, name, ev.STEP_EVENT_TYPE_STARTED, attempt)
         )
         try:
-            output = await self._run(task, step, claimed.outputs, msg)
+            output = await self._run(task, step, outputs, msg)
         except StepFailure as failure:
             await self._failed(task, step, attempt, failure, msg)
-            return
+            return None
         except asyncio.CancelledError:
             if not self.alive:
                 raise  # the worker is stopping: the message is redelivered elsewhere
             await msg.ack()  # the task was cancelled: its events are already published
-            return
-        progress = await self._completions((task_id, name, output))
+            return None
+        progress = await self._completions((task.task_id, name, output))
         completed = step_event(task, task.tenant_id, name, ev.STEP_EVENT_TYPE_COMPLETED, attempt,
                                output=output)  # fmt: skip
-        await self._engine.progress(task_id, task.tenant_id, progress, before=[completed])
-        await msg.ack()
+        keep = progress.queued[0] if progress.queued else None
+        await self._engine.progress(
+            task.task_id, task.tenant_id, progress, before=[completed], keep=keep
+        )
         self.steps_done += 1
+        if keep is not None:
+            following = await self._claims((task.task_id, keep))
+            if following.claim is Claim.RUN:
+                return keep, following
+            # cancelled meanwhile, or taken by a follow-up: the queue decides
+            await self._engine.bus.enqueue(task.task_id, keep)
+        await msg.ack()
+        return None
 
     async def _run(
         self, task: ClaimedTask, step: pb.Step, outputs: Mapping[str, Any], msg: Msg

@@ -135,7 +135,8 @@ class Claim(IntEnum):
     FOLLOW_UP = 3
     """The step completed but what follows may not have been published: publish it."""
     REPORT = 5
-    """The step failed its task but the failure may not have been published: publish it."""
+    """The step (or one its worker ran after it) failed the task, and the failure may not
+    have been published: publish it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -550,7 +551,10 @@ class TaskStore:
             pb.TASK_STATE_COMPLETED,
         ):
             return ClaimResult(Claim.FOLLOW_UP)
-        if step_state == pb.STEP_STATE_FAILED and task_state == pb.TASK_STATE_FAILED:
+        if task_state == pb.TASK_STATE_FAILED and step_state in (
+            pb.STEP_STATE_FAILED,
+            pb.STEP_STATE_COMPLETED,  # a later step of its chain failed the task
+        ):
             return ClaimResult(Claim.REPORT)
         if step_state == pb.STEP_STATE_RUNNING and task_state == pb.TASK_STATE_RUNNING:
             return ClaimResult(Claim.BUSY, lease_left=float(lease_left or 0.0))
@@ -598,12 +602,15 @@ class TaskStore:
 
     async def follow_up(self, task_id: str) -> Progress:
         """Re-derives what a completed step unblocked (after a crash before publishing):
-        the steps queued now and those already QUEUED, whose messages may be lost."""
+        the steps queued now, those already QUEUED, whose messages may be lost, and those
+        RUNNING, which a worker may have taken without a message (running the step its
+        last one unblocked) and died with."""
         async with self._db.connection() as conn, conn.transaction():
             await conn.execute("SELECT exec_advance(%s)", (task_id,))
             cur = await conn.execute(
-                "SELECT name FROM exec_steps WHERE task_id = %s AND state = %s",
-                (task_id, pb.STEP_STATE_QUEUED),
+                "SELECT name FROM exec_steps WHERE task_id = %s AND state IN (%s, %s)"
+                " ORDER BY position",
+                (task_id, pb.STEP_STATE_QUEUED, pb.STEP_STATE_RUNNING),
             )
             queued = tuple(r[0] for r in await cur.fetchall())
             cur = await conn.execute("SELECT state FROM exec_tasks WHERE task_id = %s", (task_id,))
