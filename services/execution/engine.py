@@ -38,7 +38,6 @@ from services.execution.steps import StepFailure, StepRunner
 from services.execution.store import (
     Claim,
     ClaimedTask,
-    ClaimResult,
     Progress,
     TaskRow,
     TaskStore,
@@ -61,6 +60,10 @@ _TASK_EVENTS = {
     pb.TASK_STATE_FAILED: ev.TASK_EVENT_TYPE_FAILED,
     pb.TASK_STATE_CANCELLED: ev.TASK_EVENT_TYPE_CANCELLED,
 }
+
+
+Submitted = tuple[TaskRow, bool, int]
+"""A submitted task, whether it existed (same idempotency key), its last event's sequence."""
 
 
 def _now() -> datetime:
@@ -134,7 +137,7 @@ class Engine:
 
     async def submit(
         self, tenant_id: str, request: pb.SubmitTaskRequest, *, tool_exists: Any
-    ) -> tuple[TaskRow, bool, int]:
+    ) -> Submitted:
         """Validates, stores, and queues the task's first steps; idempotent by key.
         Returns the task, whether it existed, and the sequence of the last event this
         call published (0 for an existing task)."""
@@ -146,6 +149,20 @@ class Engine:
             return task, False, await self.announce(task)
         # shielded: a caller gone while its batch commits must not leave the task unannounced
         return await asyncio.shield(self._submit_new(tenant_id, request))
+
+    async def submit_many(
+        self, tenant_id: str, requests: Sequence[pb.SubmitTaskRequest], *, tool_exists: Any
+    ) -> list[Submitted | SwitchboardError]:
+        """`submit` for each request, all at once (new tasks share one commit, their
+        publishes one flush); a request that is refused gets its error as its result."""
+
+        async def one(request: pb.SubmitTaskRequest) -> Submitted | SwitchboardError:
+            try:
+                return await self.submit(tenant_id, request, tool_exists=tool_exists)
+            except SwitchboardError as error:
+                return error
+
+        return list(await asyncio.gather(*(one(r) for r in requests)))
 
     async def _submit_new(
         self, tenant_id: str, request: pb.SubmitTaskRequest
@@ -205,17 +222,18 @@ class Engine:
         progress: Progress,
         *,
         before: Sequence[pb.WatchTaskResponse] = (),
+        after: Sequence[pb.WatchTaskResponse] = (),
         keep: str | None = None,
     ) -> None:
-        """Publishes what a transition changed, after the events `before`; the step
-        `keep` gets its QUEUED event but no work message (the caller runs it)."""
+        """Publishes what a transition changed, between the events `before` and `after`;
+        the step `keep` gets its QUEUED event but no work message (the caller runs it)."""
         ended = (
             [task_event(task_id, tenant_id, _TASK_EVENTS[progress.task_state])]
             if progress.task_state
             else []
         )
         await self.queue_all(
-            task_id, tenant_id, progress.queued, before=before, after=ended, keep=keep
+            task_id, tenant_id, progress.queued, before=before, after=[*ended, *after], keep=keep
         )
 
     async def cancel(self, task_id: str, tenant_id: str) -> TaskRow:
@@ -348,7 +366,7 @@ class Worker:
         self.steps_done = 0
         store, lease = engine.store, engine.bus.settings.ack_wait
         self._claims = _Batcher(lambda steps: store.claim_many(steps, lease=lease))
-        self._completions = _Batcher(store.complete_many)
+        self._completions = _Batcher(lambda steps: store.complete_many(steps, lease=lease))
 
     async def start(self) -> None:
         self._cancel_sub = await self._engine.bus.nc.subscribe("sb.cancel.*", cb=self._on_cancel)
@@ -454,10 +472,18 @@ class Worker:
             )
             await self._fail(claimed.task, name, claimed.attempt, error, msg)
             return
+        await self._engine.publish(
+            step_event(claimed.task, claimed.task.tenant_id, name, ev.STEP_EVENT_TYPE_STARTED,
+                       claimed.attempt)
+        )  # fmt: skip
         # run the step, then the step it unblocked (if any) here too, and so on
-        step: tuple[str, ClaimResult] | None = (name, claimed)
+        step: tuple[str, int, Mapping[str, Any]] | None = (
+            name,
+            claimed.attempt,
+            claimed.outputs or {},
+        )
         while step is not None:
-            step = await self._execute(*step, msg)
+            step = await self._execute(claimed.task, *step, msg)
 
     async def _follow_up(self, task_id: str) -> None:
         """After a crash between a commit and its publishes: publishes again what the
@@ -481,16 +507,12 @@ class Worker:
         await self._engine.progress(task_id, task.tenant_id, progress, before=completed)
 
     async def _execute(
-        self, name: str, claimed: ClaimResult, msg: Msg
-    ) -> tuple[str, ClaimResult] | None:
-        """Runs a claimed step and records its outcome; returns the next step to run here
-        (already claimed), or None once `msg` is settled."""
-        task, outputs, attempt = claimed.task, claimed.outputs, claimed.attempt
-        assert task is not None and outputs is not None
+        self, task: ClaimedTask, name: str, attempt: int, outputs: Mapping[str, Any], msg: Msg
+    ) -> tuple[str, int, Mapping[str, Any]] | None:
+        """Runs a claimed step (its STARTED event published) and records its outcome;
+        returns the step it unblocked that this worker claimed to run next (its STARTED
+        event published), or None once `msg` is settled."""
         step = next(s for s in task.request.steps if s.name == name)
-        await self._engine.publish(
-            step_event(task, task.tenant_id, name, ev.STEP_EVENT_TYPE_STARTED, attempt)
-        )
         try:
             output = await self._run(task, step, outputs, msg)
         except StepFailure as failure:
@@ -501,22 +523,28 @@ class Worker:
                 raise  # the worker is stopping: the message is redelivered elsewhere
             await msg.ack()  # the task was cancelled: its events are already published
             return None
-        progress = await self._completions((task.task_id, name, output))
+        done = await self._completions((task.task_id, name, output))
         completed = step_event(task, task.tenant_id, name, ev.STEP_EVENT_TYPE_COMPLETED, attempt,
                                output=output)  # fmt: skip
-        keep = progress.queued[0] if progress.queued else None
-        await self._engine.progress(
-            task.task_id, task.tenant_id, progress, before=[completed], keep=keep
+        following = done.next_step
+        started = (
+            [
+                step_event(
+                    task, task.tenant_id, following, ev.STEP_EVENT_TYPE_STARTED, done.next_attempt
+                )
+            ]  # fmt: skip
+            if following
+            else []
         )
+        await self._engine.progress(
+            task.task_id, task.tenant_id, done.progress, before=[completed], after=started,
+            keep=following,
+        )  # fmt: skip
         self.steps_done += 1
-        if keep is not None:
-            following = await self._claims((task.task_id, keep))
-            if following.claim is Claim.RUN:
-                return keep, following
-            # cancelled meanwhile, or taken by a follow-up: the queue decides
-            await self._engine.bus.enqueue(task.task_id, keep)
-        await msg.ack()
-        return None
+        if following is None:
+            await msg.ack()
+            return None
+        return following, done.next_attempt, done.next_outputs or {}
 
     async def _run(
         self, task: ClaimedTask, step: pb.Step, outputs: Mapping[str, Any], msg: Msg

@@ -23,6 +23,7 @@ MAX_STEPS = 100
 MAX_TASK_BYTES = 256 * 1024
 MAX_CODE_BYTES = 64 * 1024
 MAX_ATTEMPTS = 10
+MAX_TASKS_PER_CALL = 500
 STEP_NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 REFERENCE = re.compile(r"\{\{\s*steps\.([a-z][a-z0-9_-]{0,62})\.output((?:\.[^.\s}]+)*)\s*\}\}")
 KINDS = ("generate", "retrieve", "code", "tool")
@@ -104,6 +105,19 @@ def _cycle(steps: Mapping[str, pb.Step]) -> list[str] | None:
         if name not in state and (found := visit(name)):
             return found
     return None
+
+
+def validate_batch(request: pb.SubmitTasksRequest) -> None:
+    """A SubmitTasks call's own limits (each task is validated on its own).
+
+    Raises:
+        InvalidArgument: no tasks, or more than `MAX_TASKS_PER_CALL`.
+    """
+    if not 1 <= len(request.tasks) <= MAX_TASKS_PER_CALL:
+        raise invalid(
+            [FieldViolation("tasks", f"a call submits 1..{MAX_TASKS_PER_CALL} tasks")],
+            what="SubmitTasksRequest",
+        )
 
 
 def validate_task(

@@ -14,10 +14,17 @@ from switchboard.execution.v1 import execution_service_pb2_grpc
 
 from services.execution.code import run_request, run_response
 from services.execution.engine import Engine
+from services.execution.graph import validate_batch
 from services.execution.sandbox import SandboxLimits, SandboxPool, run
 from services.execution.store import TaskRow
 from services.execution.tools import ToolExecutor
-from services.runtime import page_size, page_token, read_page_token, require_tenant
+from services.runtime import (
+    SwitchboardError,
+    page_size,
+    page_token,
+    read_page_token,
+    require_tenant,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,15 +84,36 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
     async def _message(self, task: TaskRow) -> pb.Task:
         return task_message(task, await self._engine.bus.last_sequence(task.task_id))
 
-    async def SubmitTask(  # noqa: N802 - gRPC method name
-        self, request: pb.SubmitTaskRequest, context: grpc.aio.ServicerContext
+    async def _submitted(
+        self, task: TaskRow, existing: bool, sequence: int
     ) -> pb.SubmitTaskResponse:
-        task, existing, sequence = await self._engine.submit(
-            require_tenant(), request, tool_exists=self._tools.names.__contains__
-        )
         # a new task's last event is the one just published: no lookup needed
         message = await self._message(task) if existing else task_message(task, sequence)
         return pb.SubmitTaskResponse(task=message, existing=existing)
+
+    async def SubmitTask(  # noqa: N802 - gRPC method name
+        self, request: pb.SubmitTaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SubmitTaskResponse:
+        return await self._submitted(
+            *await self._engine.submit(
+                require_tenant(), request, tool_exists=self._tools.names.__contains__
+            )
+        )
+
+    async def SubmitTasks(  # noqa: N802 - gRPC method name
+        self, request: pb.SubmitTasksRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SubmitTasksResponse:
+        validate_batch(request)
+        outcomes = await self._engine.submit_many(
+            require_tenant(), request.tasks, tool_exists=self._tools.names.__contains__
+        )
+        response = pb.SubmitTasksResponse()
+        for outcome in outcomes:
+            if isinstance(outcome, SwitchboardError):
+                response.results.add(error=outcome.to_rpc_status())
+            else:
+                response.results.add(submitted=await self._submitted(*outcome))
+        return response
 
     async def GetTask(  # noqa: N802 - gRPC method name
         self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext

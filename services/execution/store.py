@@ -118,6 +118,32 @@ MIGRATIONS: dict[int, str] = {
         SELECT a.queued, a.finished INTO queued, finished FROM exec_advance(p_task) a;
     END $$;
     """,
+    # A completion that also claims the first step it unblocked, for its worker to run
+    # next: the claim `claim_many` makes (attempt + 1, RUNNING, lease), in the same
+    # transaction, with the outputs that step's references read.
+    3: """
+    CREATE FUNCTION exec_complete_claim(
+        p_task uuid, p_step text, p_output jsonb, p_lease interval,
+        OUT queued text[], OUT finished boolean,
+        OUT next_step text, OUT next_attempt integer, OUT next_outputs jsonb)
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        SELECT c.queued, c.finished INTO queued, finished
+        FROM exec_complete(p_task, p_step, p_output) c;
+        IF cardinality(queued) = 0 THEN
+            RETURN;
+        END IF;
+        UPDATE exec_steps s SET state = 3, attempt = s.attempt + 1,
+            lease_until = clock_timestamp() + p_lease,
+            start_time = coalesce(s.start_time, now()), error = NULL
+        WHERE s.task_id = p_task AND s.name = queued[1] AND s.state = 2
+        RETURNING s.name, s.attempt INTO next_step, next_attempt;
+        IF FOUND THEN
+            SELECT coalesce(jsonb_object_agg(d.name, d.output), '{}') INTO next_outputs
+            FROM exec_steps d WHERE d.task_id = p_task AND d.state = 4;
+        END IF;
+    END $$;
+    """,
 }
 
 TERMINAL_TASK = {pb.TASK_STATE_COMPLETED, pb.TASK_STATE_FAILED, pb.TASK_STATE_CANCELLED}
@@ -194,6 +220,17 @@ class Progress:
     queued: tuple[str, ...] = ()
     task_state: int = 0
     """The task's new state if this transition ended it, else 0."""
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A completed step: what it changed, and the step it unblocked that its worker
+    now holds (RUNNING, leased) to run next, if any."""
+
+    progress: Progress
+    next_step: str | None = None
+    next_attempt: int = 0
+    next_outputs: Mapping[str, Any] | None = None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -486,17 +523,12 @@ class TaskStore:
 
     # ---- the worker's transitions ----------------------------------------------------
 
-    async def claim(self, task_id: str, step: str, *, lease: timedelta) -> ClaimResult:
-        """Takes a step to run (attempt + 1, RUNNING, lease), or says why not."""
-        (result,) = await self.claim_many([(task_id, step)], lease=lease)
-        return result
-
     async def claim_many(
         self, steps: Sequence[tuple[str, str]], *, lease: timedelta
     ) -> list[ClaimResult]:
-        """`claim` for several (task, step) at once: one statement takes every step that
-        can run; the others are looked at one by one. Of a step named twice, only the
-        first is taken."""
+        """Takes each (task, step) to run (attempt + 1, RUNNING, lease), or says why not:
+        one statement takes every step that can run; the others are looked at one by
+        one. Of a step named twice, only the first is taken."""
         async with self._db.connection() as conn:
             cur = await conn.execute(
                 "UPDATE exec_steps s SET state = %(running)s, attempt = s.attempt + 1,"
@@ -572,33 +604,34 @@ class TaskStore:
             )
             return cur.rowcount == 1
 
-    async def complete(self, task_id: str, step: str, output: Any) -> Progress:
-        """Records the output, queues every step this one unblocked, ends the task when
-        every step completed; one transaction (`exec_complete`)."""
-        (progress,) = await self.complete_many([(task_id, step, output)])
-        return progress
-
-    async def complete_many(self, steps: Sequence[tuple[str, str, Any]]) -> list[Progress]:
-        """`complete` for several (task, step, output) at once: one statement, one
-        transaction, one commit. Taken in task order, so that two of them never wait on
-        each other's task locks."""
+    async def complete_many(
+        self, steps: Sequence[tuple[str, str, Any]], *, lease: timedelta
+    ) -> list[Completion]:
+        """Completes each (task, step, output): records the output, queues every step it
+        unblocked, ends the task when every step completed, and claims the first step it
+        unblocked for the caller to run next (`exec_complete_claim`). One statement, one
+        transaction, one commit for all; taken in task order, so that two of them never
+        wait on each other's task locks."""
         order = sorted(range(len(steps)), key=lambda i: steps[i][:2])
         async with self._db.connection() as conn:
             cur = await conn.execute(
-                "SELECT c.queued, c.finished FROM unnest(%s::uuid[], %s::text[], %s::jsonb[])"
-                " WITH ORDINALITY AS u(task_id, name, output, n),"
-                " LATERAL exec_complete(u.task_id, u.name, u.output) c ORDER BY u.n",
+                "SELECT c.queued, c.finished, c.next_step, c.next_attempt, c.next_outputs"
+                " FROM unnest(%s::uuid[], %s::text[], %s::jsonb[]) WITH ORDINALITY"
+                " AS u(task_id, name, output, n),"
+                " LATERAL exec_complete_claim(u.task_id, u.name, u.output, %s) c ORDER BY u.n",
                 (
                     [steps[i][0] for i in order],
                     [steps[i][1] for i in order],
                     [Jsonb(steps[i][2]) for i in order],
+                    lease,
                 ),
             )
             rows = await cur.fetchall()
-        progress: list[Progress] = [Progress()] * len(steps)
-        for i, (queued, finished) in zip(order, rows, strict=True):
-            progress[i] = Progress(tuple(queued), pb.TASK_STATE_COMPLETED if finished else 0)
-        return progress
+        completions: list[Completion] = [Completion(Progress())] * len(steps)
+        for i, (queued, finished, step, attempt, outputs) in zip(order, rows, strict=True):
+            progress = Progress(tuple(queued), pb.TASK_STATE_COMPLETED if finished else 0)
+            completions[i] = Completion(progress, step, attempt or 0, outputs)
+        return completions
 
     async def follow_up(self, task_id: str) -> Progress:
         """Re-derives what a completed step unblocked (after a crash before publishing):

@@ -237,9 +237,18 @@ def _unpacked(status: status_pb2.Status, kind: type[Any]) -> Iterator[Any]:
             yield message
 
 
-def error_details(error: grpc.RpcError) -> ErrorDetails:
-    """Decodes the rich status of a failed call (sync or asyncio)."""
-    status = status_of(error)
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def error_details(error: grpc.RpcError | status_pb2.Status) -> ErrorDetails:
+    """Decodes a rich status: a failed call's (sync or asyncio), or one carried in a
+    message (a SubmitTasks result, an AdmitSession refusal)."""
+    if isinstance(error, status_pb2.Status):
+        status, code, message = error, _CODES[error.code], error.message
+    else:
+        status = status_of(error)
+        code = error.code()  # type: ignore[attr-defined]
+        message = error.details() or ""  # type: ignore[attr-defined]
     infos, violations = [], []
     quota = retry = None
     for detail in status.details:
@@ -258,8 +267,8 @@ def error_details(error: grpc.RpcError) -> ErrorDetails:
             retry = error_details_pb2.RetryInfo()
             detail.Unpack(retry)
     return ErrorDetails(
-        code=error.code(),  # type: ignore[attr-defined]
-        message=error.details() or "",  # type: ignore[attr-defined]
+        code=code,
+        message=message,
         error_info=infos[0] if infos else None,
         field_violations=tuple(violations),
         quota_failure=quota,

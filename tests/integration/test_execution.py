@@ -384,6 +384,69 @@ async def test_invalid_tasks_are_refused_before_anything_runs(execution, tools):
     assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+async def test_submit_tasks_gives_each_task_its_own_result(execution, tools):
+    tenant = new_tenant()
+    earlier = await submit(execution, tenant, tool_step("once", n=0), key="batch-key")
+    batch = [
+        pb.SubmitTaskRequest(steps=[tool_step("a", n=1), tool_step("b", deps=["a"], n=2)]),
+        pb.SubmitTaskRequest(steps=[tool_step("a", deps=["b"]), tool_step("b", deps=["a"])]),
+        pb.SubmitTaskRequest(steps=[code_step("big", "x = 1\n" * 20_000)]),
+        pb.SubmitTaskRequest(idempotency_key="batch-key", steps=[tool_step("once", n=0)]),
+        pb.SubmitTaskRequest(steps=[tool_step("c", n=3)], labels={"batch": "yes"}),
+    ]
+    reply = await execution.SubmitTasks(
+        pb.SubmitTasksRequest(tasks=batch), metadata=as_tenant(tenant), timeout=10
+    )
+    outcomes = [r.WhichOneof("outcome") for r in reply.results]
+    assert outcomes == ["submitted", "error", "error", "submitted", "submitted"]
+    cyclic = error_details(reply.results[1].error)
+    assert cyclic.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in cyclic.field_violations] == ["steps"]
+    big = error_details(reply.results[2].error)
+    assert big.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert big.error_info.reason == "CODE_TOO_LARGE"
+    again = reply.results[3].submitted
+    assert again.existing and again.task.task_id == earlier.task_id
+    first, last = reply.results[0].submitted.task, reply.results[4].submitted.task
+    assert not reply.results[0].submitted.existing and first.last_sequence > 0
+    assert dict(last.labels) == {"batch": "yes"}
+    for task, steps in ((first, ("a", "b")), (last, ("c",))):
+        events = [describe(e) for e in await watch(execution, tenant, task.task_id)]
+        assert events[-1] == ("task", "TASK_EVENT_TYPE_COMPLETED")
+        for step in steps:
+            assert tools.entries[f"{task.task_id}:{step}"] == {"n": "abc".index(step) + 1}
+    # only the two new tasks and the earlier one exist: nothing of the refused ones
+    listed = await execution.ListTasks(pb.ListTasksRequest(), metadata=as_tenant(tenant))
+    assert {t.task_id for t in listed.tasks} == {earlier.task_id, first.task_id, last.task_id}
+    # another tenant sees none of them
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await execution.GetTask(
+            pb.GetTaskRequest(task_id=first.task_id), metadata=as_tenant(new_tenant())
+        )
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_submit_tasks_refuses_an_empty_too_long_or_oversized_batch(execution, tools):
+    tenant = new_tenant()
+    one = pb.SubmitTaskRequest(steps=[tool_step("a")])
+    for tasks in ([], [one] * 501):
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await execution.SubmitTasks(
+                pb.SubmitTasksRequest(tasks=tasks), metadata=as_tenant(tenant), timeout=10
+            )
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in error_details(exc.value).field_violations] == ["tasks"]
+    # 5 MiB: over the services' 4 MiB message limit
+    huge = pb.SubmitTaskRequest(steps=[code_step("big", "#" * 60_000)])
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await execution.SubmitTasks(
+            pb.SubmitTasksRequest(tasks=[huge] * 90), metadata=as_tenant(tenant), timeout=10
+        )
+    assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    listed = await execution.ListTasks(pb.ListTasksRequest(), metadata=as_tenant(tenant))
+    assert list(listed.tasks) == []
+
+
 async def test_unknown_and_foreign_tasks_are_not_found(execution, tools):
     owner = new_tenant()
     task = await submit(execution, owner, tool_step("a"))

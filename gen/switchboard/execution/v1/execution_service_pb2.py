@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from switchboard.execution.v1 import execution_pb2 as switchboard_dot_execution_dot_v1_dot_execution__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0switchboard/execution/v1/execution_service.proto\x12\x18switchboard.execution.v1\x1a(switchboard/execution/v1/execution.proto2\xf2\x04\n\x10\x45xecutionService\x12g\n\nSubmitTask\x12+.switchboard.execution.v1.SubmitTaskRequest\x1a,.switchboard.execution.v1.SubmitTaskResponse\x12^\n\x07GetTask\x12(.switchboard.execution.v1.GetTaskRequest\x1a).switchboard.execution.v1.GetTaskResponse\x12\x64\n\tListTasks\x12*.switchboard.execution.v1.ListTasksRequest\x1a+.switchboard.execution.v1.ListTasksResponse\x12\x66\n\tWatchTask\x12*.switchboard.execution.v1.WatchTaskRequest\x1a+.switchboard.execution.v1.WatchTaskResponse0\x01\x12g\n\nCancelTask\x12+.switchboard.execution.v1.CancelTaskRequest\x1a,.switchboard.execution.v1.CancelTaskResponse\x12^\n\x07RunCode\x12(.switchboard.execution.v1.RunCodeRequest\x1a).switchboard.execution.v1.RunCodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0switchboard/execution/v1/execution_service.proto\x12\x18switchboard.execution.v1\x1a(switchboard/execution/v1/execution.proto2\xde\x05\n\x10\x45xecutionService\x12g\n\nSubmitTask\x12+.switchboard.execution.v1.SubmitTaskRequest\x1a,.switchboard.execution.v1.SubmitTaskResponse\x12j\n\x0bSubmitTasks\x12,.switchboard.execution.v1.SubmitTasksRequest\x1a-.switchboard.execution.v1.SubmitTasksResponse\x12^\n\x07GetTask\x12(.switchboard.execution.v1.GetTaskRequest\x1a).switchboard.execution.v1.GetTaskResponse\x12\x64\n\tListTasks\x12*.switchboard.execution.v1.ListTasksRequest\x1a+.switchboard.execution.v1.ListTasksResponse\x12\x66\n\tWatchTask\x12*.switchboard.execution.v1.WatchTaskRequest\x1a+.switchboard.execution.v1.WatchTaskResponse0\x01\x12g\n\nCancelTask\x12+.switchboard.execution.v1.CancelTaskRequest\x1a,.switchboard.execution.v1.CancelTaskResponse\x12^\n\x07RunCode\x12(.switchboard.execution.v1.RunCodeRequest\x1a).switchboard.execution.v1.RunCodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchboard.execution.v1.ex
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXECUTIONSERVICE']._serialized_start=121
-  _globals['_EXECUTIONSERVICE']._serialized_end=747
+  _globals['_EXECUTIONSERVICE']._serialized_end=855
 # @@protoc_insertion_point(module_scope)

@@ -54,6 +54,11 @@ class ExecutionServiceStub:
                 request_serializer=switchboard_dot_execution_dot_v1_dot_execution__pb2.SubmitTaskRequest.SerializeToString,
                 response_deserializer=switchboard_dot_execution_dot_v1_dot_execution__pb2.SubmitTaskResponse.FromString,
                 _registered_method=True)
+        self.SubmitTasks = channel.unary_unary(
+                '/switchboard.execution.v1.ExecutionService/SubmitTasks',
+                request_serializer=switchboard_dot_execution_dot_v1_dot_execution__pb2.SubmitTasksRequest.SerializeToString,
+                response_deserializer=switchboard_dot_execution_dot_v1_dot_execution__pb2.SubmitTasksResponse.FromString,
+                _registered_method=True)
         self.GetTask = channel.unary_unary(
                 '/switchboard.execution.v1.ExecutionService/GetTask',
                 request_serializer=switchboard_dot_execution_dot_v1_dot_execution__pb2.GetTaskRequest.SerializeToString,
@@ -107,6 +112,17 @@ class ExecutionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitTasks(self, request, context):
+        """Submits up to 500 tasks in one call, for producers with many to enqueue: each is
+        validated and submitted as SubmitTask would, on its own, and gets its own result
+        (one bad task does not stop the others). The call itself fails only when the
+        batch is empty or too long (INVALID_ARGUMENT) or over the message size limit
+        (RESOURCE_EXHAUSTED). Retry a failed call with idempotency keys on its tasks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetTask(self, request, context):
         """Returns a task with the state and output of each step.
         """
@@ -154,6 +170,11 @@ def add_ExecutionServiceServicer_to_server(servicer, server):
                     servicer.SubmitTask,
                     request_deserializer=switchboard_dot_execution_dot_v1_dot_execution__pb2.SubmitTaskRequest.FromString,
                     response_serializer=switchboard_dot_execution_dot_v1_dot_execution__pb2.SubmitTaskResponse.SerializeToString,
+            ),
+            'SubmitTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitTasks,
+                    request_deserializer=switchboard_dot_execution_dot_v1_dot_execution__pb2.SubmitTasksRequest.FromString,
+                    response_serializer=switchboard_dot_execution_dot_v1_dot_execution__pb2.SubmitTasksResponse.SerializeToString,
             ),
             'GetTask': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTask,
@@ -223,6 +244,33 @@ class ExecutionService:
             '/switchboard.execution.v1.ExecutionService/SubmitTask',
             switchboard_dot_execution_dot_v1_dot_execution__pb2.SubmitTaskRequest.SerializeToString,
             switchboard_dot_execution_dot_v1_dot_execution__pb2.SubmitTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.execution.v1.ExecutionService/SubmitTasks',
+            switchboard_dot_execution_dot_v1_dot_execution__pb2.SubmitTasksRequest.SerializeToString,
+            switchboard_dot_execution_dot_v1_dot_execution__pb2.SubmitTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,
