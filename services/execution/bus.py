@@ -17,9 +17,10 @@ step of that task cancels it (the sandbox process is killed with it).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -40,6 +41,8 @@ WORK_SUBJECT = "sb.work.step"
 EVENT_STREAM = "SB_EVENTS"
 DEAD_STREAM = "SB_DEAD"
 WORKERS = "workers"
+PUBLISH_TIMEOUT_S = 5.0
+"""How long JetStream may take to acknowledge a batch of publishes."""
 DUPLICATE_WINDOW_S = 600.0
 """How long a message id is remembered: longer than any crash-to-redelivery gap."""
 
@@ -85,6 +88,9 @@ class Bus:
             connect_timeout=5,
         )
         self._js = self._nc.jetstream(timeout=5)
+        # the inbox for publish acks: made here, once, as concurrent first publishes
+        # would each make one (nats-py makes it lazily, without a lock)
+        await self._js._init_async_reply()  # noqa: SLF001
         await self._ensure_streams()
 
     async def close(self) -> None:
@@ -143,25 +149,64 @@ class Bus:
     # ---- publishing ------------------------------------------------------------------
 
     async def _publish(self, subject: str, payload: bytes, msg_id: str) -> int:
+        (sequence,) = await self._publish_all([(subject, payload, msg_id)])
+        return sequence
+
+    async def _publish_all(self, messages: Sequence[tuple[str, bytes, str]]) -> list[int]:
+        """Publishes (subject, payload, id) messages in this order (one connection keeps
+        it), their acks awaited together under one timeout; returns their sequences."""
+        acks: list[asyncio.Future[js_api.PubAck]] = []
         try:
-            ack = await self.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
+            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                for subject, payload, msg_id in messages:
+                    acks.append(
+                        await self.js.publish_async(
+                            subject, payload, headers={"Nats-Msg-Id": msg_id}
+                        )
+                    )
+                return [int(ack.seq) for ack in await asyncio.gather(*acks)]
         except (nats.errors.Error, TimeoutError) as exc:
             raise dependency_unavailable("nats", "message bus", exc) from exc
-        return int(ack.seq)
+        finally:
+            for ack in acks:  # on failure: no future left waiting in the client
+                ack.cancel()
 
     async def enqueue(self, task_id: str, step: str, *, again: str = "") -> None:
         """Queues a step to run, once per task and step (the id de-duplicates), or once
         more under the label `again`."""
-        payload = json.dumps({"task_id": task_id, "step": step}).encode()
-        suffix = f":{again}" if again else ""
-        await self._publish(WORK_SUBJECT, payload, f"run:{task_id}:{step}{suffix}")
+        await self.enqueue_all(task_id, [step], again=again)
 
-    async def publish_event(self, event: pb.WatchTaskResponse, msg_id: str) -> int:
-        """Appends a transition to the task's event log; returns its sequence."""
-        task_id = (
-            event.step_event.task_id if event.HasField("step_event") else event.task_event.task_id
+    async def enqueue_all(self, task_id: str, steps: Sequence[str], *, again: str = "") -> None:
+        """`enqueue` for each of a task's steps, their acks awaited together."""
+        suffix = f":{again}" if again else ""
+        await self._publish_all(
+            [
+                (
+                    WORK_SUBJECT,
+                    json.dumps({"task_id": task_id, "step": step}).encode(),
+                    f"run:{task_id}:{step}{suffix}",
+                )
+                for step in steps
+            ]
         )
-        return await self._publish(event_subject(task_id), event.SerializeToString(), msg_id)
+
+    async def publish_events(self, events: Sequence[tuple[pb.WatchTaskResponse, str]]) -> list[int]:
+        """Appends transitions, each with its id, to their tasks' event logs in this
+        order; returns their sequences."""
+        return await self._publish_all(
+            [
+                (
+                    event_subject(
+                        event.step_event.task_id
+                        if event.HasField("step_event")
+                        else event.task_event.task_id
+                    ),
+                    event.SerializeToString(),
+                    msg_id,
+                )
+                for event, msg_id in events
+            ]
+        )
 
     async def last_sequence(self, task_id: str) -> int:
         """The stream sequence of the task's latest event (0 if it has none yet)."""

@@ -127,13 +127,18 @@ class Engine:
 
     async def publish(self, event: pb.WatchTaskResponse) -> int:
         """Appends the event to its task's log; returns its sequence."""
-        which = event.step_event if event.HasField("step_event") else event.task_event
-        return await self.bus.publish_event(event, which.event_id)
+        (sequence,) = await self.publish_all([event])
+        return sequence
 
     async def publish_all(self, events: Sequence[pb.WatchTaskResponse]) -> list[int]:
-        """Appends events in this order (one connection keeps it), their acks awaited
-        together; returns their sequences."""
-        return list(await asyncio.gather(*(self.publish(e) for e in events)))
+        """Appends events in this order, their acks awaited together; returns their
+        sequences."""
+        return await self.bus.publish_events(
+            [
+                (e, (e.step_event if e.HasField("step_event") else e.task_event).event_id)
+                for e in events
+            ]
+        )
 
     async def submit(
         self, tenant_id: str, request: pb.SubmitTaskRequest, *, tool_exists: Any
@@ -212,7 +217,8 @@ class Engine:
         returns the last event's sequence."""
         queued = [step_event(task_id, tenant_id, s, ev.STEP_EVENT_TYPE_QUEUED, 0) for s in steps]
         sequences = await self.publish_all([*before, *queued, *after])
-        await asyncio.gather(*(self.bus.enqueue(task_id, s) for s in steps if s != keep))
+        if work := [s for s in steps if s != keep]:
+            await self.bus.enqueue_all(task_id, work)
         return sequences[-1] if sequences else 0
 
     async def progress(
