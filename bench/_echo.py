@@ -1,6 +1,7 @@
 """`python -m bench._echo`: a local HTTP echo for tool benchmarks; prints its port.
 
-POST /echo answers the JSON body it was sent, and the Idempotency-Key it carried.
+POST /echo answers the JSON body it was sent, and the Idempotency-Key it carried; GET
+/timings says when each call arrived and when its reply left (`timings()`).
 `started()` runs it for a benchmark; `tool_env()` registers it as the `echo` tool of the
 execution processes.
 """
@@ -8,8 +9,11 @@ execution processes.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,14 +24,37 @@ from aiohttp import web
 TOOLS = Path(__file__).parents[1] / "services" / "execution" / "tools.yaml"
 
 
+_TIMINGS: dict[str, tuple[int, int]] = {}
+"""Idempotency key -> (request arrived, reply sent), this process's monotonic ns."""
+_MOST_TIMINGS = 200_000
+
+
 async def _echo(request: web.Request) -> web.Response:
+    arrived = time.monotonic_ns()
     body = await request.json()
-    return web.json_response({"echo": body, "key": request.headers.get("Idempotency-Key", "")})
+    key = request.headers.get("Idempotency-Key", "")
+    response = web.json_response({"echo": body, "key": key})
+    if len(_TIMINGS) >= _MOST_TIMINGS:
+        _TIMINGS.clear()
+    _TIMINGS[key] = (arrived, time.monotonic_ns())
+    return response
+
+
+async def _timings(request: web.Request) -> web.Response:
+    return web.json_response(_TIMINGS)
+
+
+def timings(port: int) -> dict[str, tuple[int, int]]:
+    """When each call (by idempotency key) arrived at the echo and when its reply left,
+    in the echo's monotonic nanoseconds (the last call per key)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/timings", timeout=30) as reply:
+        return {key: (t[0], t[1]) for key, t in json.load(reply).items()}
 
 
 async def _main() -> None:
     app = web.Application()
     app.router.add_post("/echo", _echo)
+    app.router.add_get("/timings", _timings)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)

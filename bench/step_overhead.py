@@ -1,13 +1,12 @@
 """Step overhead: from one step's completion to the next step's start, sequential steps.
 
 Chains of cheap steps (HTTP tool calls to a local echo, `bench._echo`) are submitted
-through Envoy and run by the launcher's worker processes. Each gap is read back from
-the real system: GetTask's `step_statuses`, where `end_time` is when the transaction
-recording the step's completion (which also queues its successor) began, and
-`start_time` when the one claiming the next step began (PostgreSQL's `now()`). In
-between: the COMPLETED and QUEUED events and the work message are published to
-JetStream, a worker pulls the message and claims the step. The timestamps come from
-PostgreSQL's clock, so the figures do not depend on the bench's own timing.
+through Envoy and run by the launcher's worker processes. Each gap is measured where
+the steps run, at the echo (one process, one clock): from the moment step i's reply
+leaves it to the moment step i+1's call arrives. In between, the worker reads the
+reply, commits the completion (which claims the next step, in the same transaction),
+publishes the COMPLETED, QUEUED and STARTED events to JetStream, and sends the next
+call. A gap is thus everything the platform adds between two steps' real work.
 """
 
 from __future__ import annotations
@@ -54,22 +53,18 @@ def _chain() -> pb.SubmitTaskRequest:
     return pb.SubmitTaskRequest(steps=steps)
 
 
-def _gaps(task: pb.Task) -> list[float]:
-    """Seconds from each step's end to its successor's start."""
-    statuses = sorted(task.step_statuses, key=lambda s: s.name)
-    return [
-        (later.start_time.ToNanoseconds() - earlier.end_time.ToNanoseconds()) / 1e9
-        for earlier, later in zip(statuses, statuses[1:], strict=False)
-    ]
+def _gaps(task_id: str, timings: dict[str, tuple[int, int]]) -> list[float]:
+    """Seconds from each step's reply leaving the echo to its successor's call arriving."""
+    calls = [timings[f"{task_id}:s{i:02d}"] for i in range(STEPS)]
+    return [(later[0] - earlier[1]) / 1e9 for earlier, later in zip(calls, calls[1:], strict=False)]
 
 
-async def _round(mesh: Any, chains: int, concurrency: int) -> list[float]:
+async def _round(mesh: Any, echo_port: int, chains: int, concurrency: int) -> list[float]:
     """Runs `chains` chains, `concurrency` at a time; returns every gap."""
     tenant = f"bench-{uuid.uuid4().hex[:8]}"
     metadata = api_key_metadata(mesh, tenant)
     request = _chain()
     gate = asyncio.Semaphore(concurrency)
-    gaps: list[float] = []
     async with grpc.aio.insecure_channel(mesh.envoy_address) as channel:
         stub = execution_service_pb2_grpc.ExecutionServiceStub(channel)
 
@@ -84,10 +79,14 @@ async def _round(mesh: Any, chains: int, concurrency: int) -> list[float]:
                         break
                 if task.state != pb.TASK_STATE_COMPLETED:
                     raise RuntimeError(f"task {task.task_id} ended {task.state}")
-                gaps.extend(_gaps(task))
+                if any(s.attempt != 1 for s in task.step_statuses):
+                    raise RuntimeError(f"task {task.task_id} ran a step twice")
+                done.append(task.task_id)
 
+        done: list[str] = []
         await asyncio.gather(*(one() for _ in range(chains)))
-    return gaps
+    timings = await asyncio.to_thread(_echo.timings, echo_port)
+    return [gap for task_id in done for gap in _gaps(task_id, timings)]
 
 
 def run() -> dict:
@@ -99,9 +98,9 @@ def run() -> dict:
             with running_mesh(triton_replicas=1, workers=WORKER_PROCESSES) as mesh:
                 for name in ("execution", *(f"worker-{i}" for i in range(WORKER_PROCESSES))):
                     mesh.start_service(name, env=env)
-                asyncio.run(_round(mesh, WARMUP_CHAINS, 1))
+                asyncio.run(_round(mesh, echo_port, WARMUP_CHAINS, 1))
                 for concurrency in CONCURRENCY:
-                    results[concurrency] = asyncio.run(_round(mesh, CHAINS, concurrency))
+                    results[concurrency] = asyncio.run(_round(mesh, echo_port, CHAINS, concurrency))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     rows = []
@@ -123,11 +122,9 @@ def run() -> dict:
         f"{CHAINS} chains of {STEPS} sequential HTTP echo tool steps per run, submitted "
         f"through Envoy, {WORKER_PROCESSES} worker processes; p50_ms/p99_ms with one chain "
         f"at a time, the _{CONCURRENCY[-1]}_chains figures with {CONCURRENCY[-1]} at once. "
-        "A gap is GetTask's step_statuses[i+1].start_time - step_statuses[i].end_time: "
-        "PostgreSQL's now() of the transaction recording the step's completion (which "
-        "queues its successor) and of the one claiming the successor; in between, the "
-        "COMPLETED and QUEUED events and the work message go to JetStream and a worker "
-        "pulls and claims it"
+        "A gap is measured at the echo: step i's reply leaving it to step i+1's call "
+        "arriving (the worker reads the reply, commits the completion, which claims the "
+        "next step, publishes COMPLETED, QUEUED and STARTED to JetStream, sends the call)"
     )
     return write_result(NAME, metrics, {"p50_ms": "<= 5"}, notes)
 

@@ -23,7 +23,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, Generic, TypeVar
 
 from google.protobuf import json_format, struct_pb2
@@ -66,10 +66,6 @@ Submitted = tuple[TaskRow, bool, int]
 """A submitted task, whether it existed (same idempotency key), its last event's sequence."""
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 def step_event(
     task: TaskRow | ClaimedTask | str,
     tenant_id: str,
@@ -93,7 +89,7 @@ def step_event(
         json_format.ParseDict(output, event.output)
     if error is not None:
         event.error.CopyFrom(error)
-    event.time.FromDatetime(_now())
+    event.time.FromNanoseconds(time.time_ns())
     return pb.WatchTaskResponse(step_event=event)
 
 
@@ -108,7 +104,7 @@ def task_event(
     )
     if error is not None:
         event.error.CopyFrom(error)
-    event.time.FromDatetime(_now())
+    event.time.FromNanoseconds(time.time_ns())
     return pb.WatchTaskResponse(task_event=event)
 
 
