@@ -68,6 +68,8 @@ class Bus:
         self.settings = settings or WorkSettings()
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._first_publish = asyncio.Lock()
+        self._acks_ready = False
 
     @property
     def js(self) -> JetStreamContext:
@@ -88,9 +90,6 @@ class Bus:
             connect_timeout=5,
         )
         self._js = self._nc.jetstream(timeout=5)
-        # the inbox for publish acks: made here, once, as concurrent first publishes
-        # would each make one (nats-py makes it lazily, without a lock)
-        await self._js._init_async_reply()  # noqa: SLF001
         await self._ensure_streams()
 
     async def close(self) -> None:
@@ -159,17 +158,26 @@ class Bus:
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT_S):
                 for subject, payload, msg_id in messages:
-                    acks.append(
-                        await self.js.publish_async(
-                            subject, payload, headers={"Nats-Msg-Id": msg_id}
-                        )
-                    )
+                    acks.append(await self._publish_async(subject, payload, msg_id))
                 return [int(ack.seq) for ack in await asyncio.gather(*acks)]
         except (nats.errors.Error, TimeoutError) as exc:
             raise dependency_unavailable("nats", "message bus", exc) from exc
         finally:
             for ack in acks:  # on failure: no future left waiting in the client
                 ack.cancel()
+
+    async def _publish_async(
+        self, subject: str, payload: bytes, msg_id: str
+    ) -> asyncio.Future[js_api.PubAck]:
+        headers = {"Nats-Msg-Id": msg_id}
+        if self._acks_ready:
+            return await self.js.publish_async(subject, payload, headers=headers)
+        # nats-py makes its inbox for acks on the first publish, without a lock: two
+        # first publishes at once would make two, and lose one's ack
+        async with self._first_publish:
+            ack = await self.js.publish_async(subject, payload, headers=headers)
+            self._acks_ready = True
+            return ack
 
     async def enqueue(self, task_id: str, step: str, *, again: str = "") -> None:
         """Queues a step to run, once per task and step (the id de-duplicates), or once
