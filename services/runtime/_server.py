@@ -12,6 +12,7 @@ from datetime import timedelta
 from typing import Protocol
 
 import grpc
+import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -167,5 +168,5 @@ async def serve(service: Service, config: ServerConfig | None = None) -> None:
 
 
 def main(service: Service) -> None:
-    """Entry point for `python -m services.<name>`."""
-    asyncio.run(serve(service))
+    """Entry point for `python -m services.<name>`: serves on uvloop's event loop."""
+    uvloop.run(serve(service))
