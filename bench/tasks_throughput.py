@@ -43,7 +43,7 @@ BATCH = 100
 """Tasks per SubmitTasks call in the batched round."""
 BATCH_SUBMITTERS = 4
 WORKER_PROCESSES = 2
-STEPS_PER_WORKER = 64
+STEPS_PER_WORKER = 128
 CELERY_CONCURRENCY = 8
 """Prefork processes: the steps wait on HTTP, so more than the 2 cores."""
 BUDGET_S = 300.0
@@ -119,10 +119,10 @@ def _switchboard(echo_port: int, run_dir: Path) -> tuple[float, float]:
     with running_mesh(triton_replicas=1, workers=WORKER_PROCESSES) as mesh:
         for name in ("execution", *(f"worker-{i}" for i in range(WORKER_PROCESSES))):
             mesh.start_service(name, env=env)
-        asyncio.run(_switchboard_round(mesh, WARMUP_TASKS, batch=1))
-        single = asyncio.run(_switchboard_round(mesh, TASKS, batch=1))
         asyncio.run(_switchboard_round(mesh, WARMUP_TASKS, batch=BATCH))
-        return single, asyncio.run(_switchboard_round(mesh, TASKS, batch=BATCH))
+        batched = asyncio.run(_switchboard_round(mesh, TASKS, batch=BATCH))
+        asyncio.run(_switchboard_round(mesh, WARMUP_TASKS, batch=1))
+        return asyncio.run(_switchboard_round(mesh, TASKS, batch=1)), batched
 
 
 # ---- Celery --------------------------------------------------------------------------------
