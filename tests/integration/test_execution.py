@@ -200,6 +200,32 @@ async def test_a_task_runs_its_steps_in_order_with_references(execution, tools):
     assert tools.entries[key] == {"text": answer}
 
 
+async def test_a_chain_runs_from_step_to_step_without_the_work_queue(execution, tools, mesh):
+    """The worker that completes a step runs the step it unblocked itself: a chain of
+    five puts one message (its first step's) on the work queue, and every transition
+    is still published, in order."""
+    tenant = new_tenant()
+    nc = await nats.connect(mesh.nats_url)
+    try:
+        js = nc.jetstream()
+        before = (await js.stream_info("SB_WORK")).state.last_seq
+        steps = [tool_step(f"s{i}", deps=[f"s{i - 1}"] if i else [], n=i) for i in range(5)]
+        task = await submit(execution, tenant, *steps)
+        events = [describe(e) for e in await watch(execution, tenant, task.task_id)]
+        after = (await js.stream_info("SB_WORK")).state.last_seq
+    finally:
+        await nc.close()
+    assert after - before == 1
+    expected = [("task", "TASK_EVENT_TYPE_SUBMITTED")]
+    for i in range(5):
+        expected += [(f"s{i}", f"STEP_EVENT_TYPE_{kind}", 0 if kind == "QUEUED" else 1)
+                     for kind in ("QUEUED", "STARTED", "COMPLETED")]  # fmt: skip
+    expected.append(("task", "TASK_EVENT_TYPE_COMPLETED"))
+    assert events == expected
+    for i in range(5):
+        assert tools.calls[f"{task.task_id}:s{i}"] == 1
+
+
 async def test_independent_steps_run_in_parallel(execution, tools):
     tenant = new_tenant()
     nap = "import time\ntime.sleep(1.5)\n'done'"
