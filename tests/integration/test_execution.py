@@ -491,6 +491,23 @@ async def test_unknown_and_foreign_tasks_are_not_found(execution, tools):
             assert error_details(exc.value).error_info.reason == "TASK_NOT_FOUND"
 
 
+async def test_run_code_under_load_starts_every_sandbox(execution):
+    """60 runs, 4 at a time: the warm pool refills while the service serves gRPC, and
+    every sandbox must start (a fork in the gRPC process could abort the child)."""
+    tenant = new_tenant()
+    gate = asyncio.Semaphore(4)
+
+    async def one(i: int) -> pb.RunCodeResponse:
+        async with gate:
+            return await execution.RunCode(
+                pb.RunCodeRequest(code=f"print({i})"), metadata=as_tenant(tenant), timeout=30
+            )
+
+    replies = await asyncio.gather(*(one(i) for i in range(60)))
+    assert [r.stdout for r in replies] == [f"{i}\n" for i in range(60)]
+    assert all(r.termination == pb.TERMINATION_EXITED and r.exit_code == 0 for r in replies)
+
+
 async def test_run_code_returns_errors_as_results(execution):
     tenant = new_tenant()
     reply = await execution.RunCode(

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
 from collections.abc import Callable
 from datetime import timedelta
@@ -152,12 +153,84 @@ class SandboxPool:
         self._ready.append(sandbox)
 
 
+class _Process:
+    """The sandbox's launcher process, its pipes as asyncio streams.
+
+    Started by `subprocess.Popen`, which spawns with vfork (no fork handlers run in the
+    child), not by the event loop: uvloop's spawn forks, and a fork runs gRPC's
+    handlers in the child of a process serving gRPC, which can abort it before exec.
+    Its exit is watched through a pidfd, so no child watcher is involved either.
+    """
+
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        pidfd: int,
+        stdin: asyncio.StreamWriter,
+        stdout: asyncio.StreamReader,
+        stderr: asyncio.StreamReader,
+    ) -> None:
+        self._popen = popen
+        self._pidfd: int | None = pidfd
+        self.pid = popen.pid
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+
+    @classmethod
+    async def start(cls, args: list[str], *, pass_fd: int) -> _Process:
+        # a vfork and exec, as quick as asyncio's own spawn (which calls Popen in the loop too)
+        popen = subprocess.Popen(  # noqa: S603, ASYNC220 - our own launcher, by absolute path
+            args,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(pass_fd,),
+            env={},
+            cwd="/",
+            start_new_session=True,
+            bufsize=0,
+        )
+        pidfd = os.pidfd_open(popen.pid)
+        loop = asyncio.get_running_loop()
+        try:
+            readers = []
+            for pipe in (popen.stdout, popen.stderr):
+                reader = asyncio.StreamReader(limit=_READ_SIZE)
+                await loop.connect_read_pipe(lambda r=reader: asyncio.StreamReaderProtocol(r), pipe)
+                readers.append(reader)
+            transport, protocol = await loop.connect_write_pipe(
+                asyncio.streams.FlowControlMixin, popen.stdin
+            )
+        except BaseException:
+            popen.kill()
+            popen.wait()
+            os.close(pidfd)
+            raise
+        stdin = asyncio.StreamWriter(transport, protocol, None, loop)
+        return cls(popen, pidfd, stdin, *readers)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    def kill(self) -> None:
+        self._popen.kill()
+
+    async def wait(self) -> int:
+        if self._pidfd is not None:
+            await _readable(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        return self._popen.wait()
+
+
 class _Sandbox:
     """One started launcher: namespaces and root built, the runner waiting for code."""
 
     def __init__(
         self,
-        process: asyncio.subprocess.Process,
+        process: _Process,
         control: tuple[asyncio.StreamReader, asyncio.StreamWriter],
         limits: SandboxLimits,
     ) -> None:
@@ -171,16 +244,9 @@ class _Sandbox:
     async def start(cls, limits: SandboxLimits) -> _Sandbox:
         ours, theirs = socket.socketpair()
         try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                *("-I", "-S", "-B", str(_LAUNCHER), str(theirs.fileno())),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                pass_fds=(theirs.fileno(),),
-                env={},
-                cwd="/",
-                start_new_session=True,
+            process = await _Process.start(
+                [sys.executable, "-I", "-S", "-B", str(_LAUNCHER), str(theirs.fileno())],
+                pass_fd=theirs.fileno(),
             )
         except BaseException:
             ours.close()
