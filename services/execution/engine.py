@@ -263,7 +263,7 @@ class Engine:
 
 
 class _Beat:
-    """A running step's heartbeat state."""
+    """A chain's heartbeat state: its message, the step running now, when to beat next."""
 
     __slots__ = ("due", "expired", "msg", "step", "task_id")
 
@@ -478,14 +478,16 @@ class Worker:
             step_event(claimed.task, claimed.task.tenant_id, name, ev.STEP_EVENT_TYPE_STARTED,
                        claimed.attempt)
         )  # fmt: skip
-        # run the step, then the step it unblocked (if any) here too, and so on
+        # run the step, then the step it unblocked (if any) here too, and so on; one
+        # heartbeat schedule for the chain, as one message stands for all of it
+        beat = _Beat(task_id, name, msg, time.monotonic() + self._beat_every)
         step: tuple[str, int, Mapping[str, Any]] | None = (
             name,
             claimed.attempt,
             claimed.outputs or {},
         )
         while step is not None:
-            step = await self._execute(claimed.task, *step, msg)
+            step = await self._execute(claimed.task, *step, beat)
 
     async def _follow_up(self, task_id: str) -> None:
         """After a crash between a commit and its publishes: publishes again what the
@@ -509,14 +511,15 @@ class Worker:
         await self._engine.progress(task_id, task.tenant_id, progress, before=completed)
 
     async def _execute(
-        self, task: ClaimedTask, name: str, attempt: int, outputs: Mapping[str, Any], msg: Msg
+        self, task: ClaimedTask, name: str, attempt: int, outputs: Mapping[str, Any], beat: _Beat
     ) -> tuple[str, int, Mapping[str, Any]] | None:
         """Runs a claimed step (its STARTED event published) and records its outcome;
         returns the step it unblocked that this worker claimed to run next (its STARTED
-        event published), or None once `msg` is settled."""
+        event published), or None once the chain's message is settled."""
+        msg = beat.msg
         step = next(s for s in task.request.steps if s.name == name)
         try:
-            output = await self._run(task, step, outputs, msg)
+            output = await self._run(task, step, outputs, beat)
         except StepFailure as failure:
             await self._failed(task, step, attempt, failure, msg)
             return None
@@ -549,7 +552,7 @@ class Worker:
         return following, done.next_attempt, done.next_outputs or {}
 
     async def _run(
-        self, task: ClaimedTask, step: pb.Step, outputs: Mapping[str, Any], msg: Msg
+        self, task: ClaimedTask, step: pb.Step, outputs: Mapping[str, Any], beat: _Beat
     ) -> Any:
         """Runs the step while `_heartbeats` renews its message and lease; cancellable by
         a CancelTask broadcast."""
@@ -569,7 +572,7 @@ class Worker:
             )
         )
         self._running.setdefault(task.task_id, set()).add(run)
-        beat = _Beat(task.task_id, step.name, msg, time.monotonic() + self._beat_every)
+        beat.step, beat.expired = step.name, False
         self._beats[run] = beat
         expiry = asyncio.get_running_loop().call_later(
             timeout.total_seconds() + 5, beat.expire, run

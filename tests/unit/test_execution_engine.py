@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -11,6 +12,7 @@ from switchboard.execution.v1 import execution_pb2 as pb
 
 from services.execution.bus import WorkSettings
 from services.execution.engine import Engine, Worker, _Beat
+from services.execution.store import ClaimedTask
 
 
 def request(name: str = "one") -> pb.SubmitTaskRequest:
@@ -90,3 +92,34 @@ async def test_one_loop_heartbeats_long_steps_and_cancels_a_step_whose_task_ende
         beats.cancel()
         run.cancel()
         await asyncio.gather(beats, run, return_exceptions=True)
+
+
+class ShortSteps:
+    """Each step takes 0.1 s: less than a beat interval."""
+
+    async def run(self, step: pb.Step, outputs: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.1)
+        return {"step": step.name}
+
+
+async def test_a_chain_of_short_steps_beats_its_one_message_on_schedule():
+    """A worker runs a chain under its first step's message: ten 0.1 s steps outlast the
+    0.6 s ack wait, so the message must be beaten though no single step lasts a beat
+    interval (0.2 s)."""
+    store = FakeStore()
+    bus = SimpleNamespace(settings=WorkSettings(ack_wait=timedelta(seconds=0.6)))
+    worker = Worker(SimpleNamespace(store=store, bus=bus), runner=ShortSteps())  # type: ignore[arg-type]
+    beats = asyncio.create_task(worker._heartbeats())
+    msg = FakeMsg()
+    task = ClaimedTask("task", "tenant", pb.SubmitTaskRequest())
+    beat = _Beat("task", "s0", msg, due=time.monotonic() + worker._beat_every)  # type: ignore[arg-type]
+    try:
+        for i in range(10):
+            step = pb.Step(name=f"s{i}", tool=pb.ToolStep(tool="echo"))
+            assert await worker._run(task, step, {}, beat) == {"step": f"s{i}"}
+    finally:
+        beats.cancel()
+        await asyncio.gather(beats, return_exceptions=True)
+    assert msg.beats >= 3
+    assert len(store.renewed) == msg.beats
+    assert all(task_id == "task" and step.startswith("s") for task_id, step in store.renewed)
