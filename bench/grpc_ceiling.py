@@ -3,8 +3,9 @@
 The echo server runs in its own process (`python -m bench.grpc_ceiling serve MODE PORT`),
 started and stopped here; one client process keeps a fixed number of unary calls in flight
 for a fixed time. As a reference in the same run, the same echo served by the Switchboard
-runtime (`services.runtime.serve`: its interceptor, metrics and JSON access log, as every
-service runs) and by the runtime with the access log off (log level WARNING). The servers
+runtime (`services.runtime.serve` on uvloop: its interceptor, metrics and JSON access log,
+as every service runs) and by the runtime with the access log off (log level WARNING).
+The bare server runs on asyncio's own loop. The servers
 take turns in short slices.
 """
 
@@ -23,6 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import grpc
+import uvloop
 
 from bench._common import (
     Window,
@@ -112,7 +114,7 @@ def serve(mode: str, port: int) -> None:
         drain=timedelta(0),
         grace=timedelta(seconds=1),
     )
-    asyncio.run(runtime_serve(EchoService(), config))
+    uvloop.run(runtime_serve(EchoService(), config))  # the loop every service runs on
 
 
 # -- the client (runs in its own process) ----------------------------------------------------
@@ -218,9 +220,9 @@ def run() -> dict:
         f"unary echo of {len(PAYLOAD)} bytes, {CONCURRENCY} calls in flight from one grpc.aio "
         f"client process; the servers take turns in {SLICE_S:g}s slices, {ROUNDS} each "
         f"({ROUNDS * SLICE_S:g}s per server); servers in their own processes: echo = bare "
-        "grpc.aio server, runtime_echo = services.runtime.serve (interceptor, metrics, JSON "
-        "access log to a file), runtime_quiet_echo = the same at log level WARNING; client "
-        f"and server share the machine's {os.cpu_count()} cores"
+        "grpc.aio server on asyncio's loop, runtime_echo = services.runtime.serve on uvloop "
+        "(interceptor, metrics, JSON access log to a file), runtime_quiet_echo = the same at "
+        f"log level WARNING; client and server share the machine's {os.cpu_count()} cores"
     )
     return write_result(NAME, metrics, {}, notes)
 
