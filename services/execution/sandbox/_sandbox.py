@@ -171,7 +171,8 @@ class _Process:
         stderr: asyncio.StreamReader,
     ) -> None:
         self._popen = popen
-        self._pidfd: int | None = pidfd
+        self._pidfd = pidfd
+        self._exit: asyncio.Future[int] | None = None
         self.pid = popen.pid
         self.stdin = stdin
         self.stdout = stdout
@@ -218,10 +219,17 @@ class _Process:
         self._popen.kill()
 
     async def wait(self) -> int:
-        if self._pidfd is not None:
+        """The exit status, once the launcher has exited; any number may wait at once."""
+        if self._exit is None:
+            self._exit = asyncio.ensure_future(self._reap())
+        # shielded: a waiter that gives up (a timeout) leaves the reaping to the others
+        return await asyncio.shield(self._exit)
+
+    async def _reap(self) -> int:
+        try:
             await _readable(self._pidfd)
+        finally:
             os.close(self._pidfd)
-            self._pidfd = None
         return self._popen.wait()
 
 
