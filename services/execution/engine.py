@@ -35,13 +35,7 @@ from switchboard.execution.v1 import execution_pb2 as pb
 from services.execution.bus import Bus
 from services.execution.graph import validate_task
 from services.execution.steps import StepFailure, StepRunner
-from services.execution.store import (
-    Claim,
-    ClaimedTask,
-    Progress,
-    TaskRow,
-    TaskStore,
-)
+from services.execution.store import Claim, ClaimedTask, Progress, TaskRow, TaskStore
 from services.runtime import Internal, SwitchboardError, stop_task
 
 logger = logging.getLogger(__name__)
@@ -165,9 +159,7 @@ class Engine:
 
         return list(await asyncio.gather(*(one(r) for r in requests)))
 
-    async def _submit_new(
-        self, tenant_id: str, request: pb.SubmitTaskRequest
-    ) -> tuple[TaskRow, bool, int]:
+    async def _submit_new(self, tenant_id: str, request: pb.SubmitTaskRequest) -> Submitted:
         created = await self._creates((tenant_id, request))
         if isinstance(created, BaseException):
             raise created
