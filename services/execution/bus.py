@@ -198,23 +198,16 @@ class Bus:
             ]
         )
 
-    async def publish_events(self, events: Sequence[tuple[pb.WatchTaskResponse, str]]) -> list[int]:
-        """Appends transitions, each with its id, to their tasks' event logs in this
-        order; returns their sequences."""
-        return await self._publish_all(
-            [
-                (
-                    event_subject(
-                        event.step_event.task_id
-                        if event.HasField("step_event")
-                        else event.task_event.task_id
-                    ),
-                    event.SerializeToString(),
-                    msg_id,
-                )
-                for event, msg_id in events
-            ]
-        )
+    async def publish_events(self, events: Sequence[pb.WatchTaskResponse]) -> list[int]:
+        """Appends transitions to their tasks' event logs in this order, each under its
+        `event_id` as message id; returns their sequences."""
+        messages = []
+        for event in events:
+            which = event.step_event if event.HasField("step_event") else event.task_event
+            messages.append(
+                (event_subject(which.task_id), event.SerializeToString(), which.event_id)
+            )
+        return await self._publish_all(messages)
 
     async def last_sequence(self, task_id: str) -> int:
         """The stream sequence of the task's latest event (0 if it has none yet)."""

@@ -123,12 +123,7 @@ class Engine:
     async def publish_all(self, events: Sequence[pb.WatchTaskResponse]) -> list[int]:
         """Appends events in this order, their acks awaited together; returns their
         sequences."""
-        return await self.bus.publish_events(
-            [
-                (e, (e.step_event if e.HasField("step_event") else e.task_event).event_id)
-                for e in events
-            ]
-        )
+        return await self.bus.publish_events(events)
 
     async def submit(
         self, tenant_id: str, request: pb.SubmitTaskRequest, *, tool_exists: Any
