@@ -375,11 +375,19 @@ async def test_a_worker_killed_mid_task_resumes_from_the_last_completed_step(
         await asyncio.sleep(0.05)
         assert not watcher.done()
     (worker,) = [r for r in mesh.state.load() if r.name == "worker-0"]
+    killed = time.time()
     os.kill(worker.pid, signal.SIGKILL)
     mesh.start_service("worker-0", env=tools.env)
     await asyncio.wait_for(watcher, 60)
     described = [describe(e) for e in events]
     assert ("slow", "STEP_EVENT_TYPE_STARTED", 2) in described
+    # "slow" ran in first's chain, without a message of its own: the redelivered message
+    # (after the 3 s ack wait) queues it again, and it runs once its lease ends; the
+    # sweeper, which re-sends steps stuck for 30 s, would be far later
+    (again,) = [
+        e.step_event for e in events if describe(e) == ("slow", "STEP_EVENT_TYPE_STARTED", 2)
+    ]
+    assert again.time.ToNanoseconds() / 1e9 - killed < 15
     assert described.count(("first", "STEP_EVENT_TYPE_STARTED", 1)) == 1
     assert described[-1] == ("task", "TASK_EVENT_TYPE_COMPLETED")
     assert tools.calls[f"{task.task_id}:first"] == 1 and tools.calls[f"{task.task_id}:last"] == 1
