@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
+from google.rpc import status_pb2
 from switchboard.execution.v1 import execution_pb2 as pb
 
 from services.execution.bus import WorkSettings
 from services.execution.engine import Engine, Worker, _Beat
-from services.execution.store import ClaimedTask
+from services.execution.store import Claim, ClaimedTask, ClaimResult, StepRow, TaskRow
 
 
 def request(name: str = "one") -> pb.SubmitTaskRequest:
@@ -123,3 +125,71 @@ async def test_a_chain_of_short_steps_beats_its_one_message_on_schedule():
     assert msg.beats >= 3
     assert len(store.renewed) == msg.beats
     assert all(task_id == "task" and step.startswith("s") for task_id, step in store.renewed)
+
+
+class ReportingStore(FakeStore):
+    """A task that failed at `b`, a step `a`'s worker ran in `a`'s chain and died before
+    publishing the failure; `c` was cancelled by it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        error = status_pb2.Status(code=14, message="b broke").SerializeToString()
+        now = datetime.now(UTC)
+        self.task = TaskRow(
+            task_id="task", tenant_id="tenant", idempotency_key="",
+            request=pb.SubmitTaskRequest(), state=pb.TASK_STATE_FAILED, error=error,
+            labels={}, priority=0, create_time=now, update_time=now, end_time=now,
+            steps=(
+                StepRow("task", "a", pb.STEP_STATE_COMPLETED, 1, {"ok": 1}, None, now, now),
+                StepRow("task", "b", pb.STEP_STATE_FAILED, 2, None, error, now, now),
+                StepRow("task", "c", pb.STEP_STATE_CANCELLED, 0, None, None, None, now),
+            ),
+        )  # fmt: skip
+
+    async def claim_many(self, steps: list[Any], *, lease: timedelta) -> list[ClaimResult]:
+        return [ClaimResult(Claim.REPORT) for _ in steps]
+
+    async def get(self, task_id: str, tenant_id: str | None) -> TaskRow:
+        return self.task
+
+
+class RecordingBus:
+    settings = WorkSettings()
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str]] = []
+
+    async def publish_events(self, events: list[pb.WatchTaskResponse]) -> list[int]:
+        for e in events:
+            which = e.step_event if e.HasField("step_event") else e.task_event
+            self.sent.append(("event", which.event_id))
+        return list(range(len(events)))
+
+    async def dead_letter(self, task_id: str, step: str, payload: bytes, attempt: int) -> None:
+        self.sent.append(("dead", f"{task_id}:{step}:{attempt}"))
+
+
+class AckedMsg(FakeMsg):
+    def __init__(self, data: bytes) -> None:
+        super().__init__()
+        self.data = data
+        self.acked = False
+
+    async def ack(self) -> None:
+        self.acked = True
+
+
+async def test_a_redelivered_chain_message_reports_the_step_that_failed_the_task():
+    """The message is `a`'s, but `b` (run in its chain) failed the task: the failure
+    published again is `b`'s, with `c` cancelled, its dead letter, and the task's end."""
+    bus = RecordingBus()
+    worker = Worker(Engine(ReportingStore(), bus), runner=None)  # type: ignore[arg-type]
+    msg = AckedMsg(json.dumps({"task_id": "task", "step": "a"}).encode())
+    await worker.handle(msg)  # type: ignore[arg-type]
+    assert bus.sent == [
+        ("event", "task:b:STEP_EVENT_TYPE_FAILED:2"),
+        ("event", "task:c:STEP_EVENT_TYPE_CANCELLED:0"),
+        ("dead", "task:b:2"),
+        ("event", "task:TASK_EVENT_TYPE_FAILED"),
+    ]
+    assert msg.acked
