@@ -13,11 +13,13 @@ from services.runtime import load_config
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+ENV_PREFIX = "SWITCHBOARD_"
 
 
 @dataclass(frozen=True)
 class LauncherConfig:
-    """Read from `SWITCHBOARD_*` variables; every port can be moved.
+    """Read from `SWITCHBOARD_*` variables; every port can be moved (`switchboard up`
+    refuses one inside the machine's ephemeral port range).
 
     `DATABASE_URL`, `NATS_URL` and `TRITON_URL` (comma-separated `host:port` gRPC
     addresses) point at external servers instead of starting embedded ones.
@@ -38,18 +40,20 @@ class LauncherConfig:
     triton_base_port: int = 8100
     """Triton replica i listens on http base+3i, grpc base+3i+1, metrics base+3i+2."""
     triton_replicas: int = 2
-    inference_port: int = 50051
-    admission_port: int = 50052
+    # The services' ports lie below the kernel's ephemeral range (32768 and up on Linux),
+    # from which outgoing connections take their local ports: one could hold them.
+    inference_port: int = 7051
+    admission_port: int = 7052
     """Admission replica i listens on admission_port + 10i."""
     admission_replicas: int = 2
-    rag_port: int = 50054
-    execution_port: int = 50055
-    worker_port: int = 50056
+    rag_port: int = 7054
+    execution_port: int = 7055
+    worker_port: int = 7056
     """Execution worker i serves health on worker_port + 10i."""
     workers: int = 1
     """Execution worker processes (each runs SWITCHBOARD_EXECUTION_WORKERS steps at once)."""
-    chat_port: int = 50057
-    auth_port: int = 50058
+    chat_port: int = 7057
+    auth_port: int = 7058
     """The auth service, asked by Envoy about every public call (ext_authz)."""
     auth_cache_ttl: timedelta = timedelta(seconds=30)
     """How long the auth service trusts a key it has checked: a revoked key stops
@@ -118,7 +122,7 @@ def isolated_config(
 
 
 def load_launcher_config() -> LauncherConfig:
-    config = load_config(LauncherConfig, prefix="SWITCHBOARD_")
+    config = load_config(LauncherConfig, prefix=ENV_PREFIX)
     external = {
         "database_url": os.environ.get("DATABASE_URL", ""),
         "nats_url": os.environ.get("NATS_URL", ""),

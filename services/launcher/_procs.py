@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -152,8 +153,22 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         pass
 
 
+class Connection(Protocol):
+    """What `describe_port_holder` reads of a `psutil.net_connections()` record."""
+
+    laddr: Any
+    raddr: Any
+    status: str
+    pid: int | None
+
+
+# States of a connection on its way out: its process may have closed it already.
+_CLOSING = frozenset({"TIME_WAIT", "FIN_WAIT1", "FIN_WAIT2", "CLOSING", "LAST_ACK"})
+_WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+
+
 def port_owner(host: str, port: int) -> str | None:
-    """A description of who listens on `host:port`, or None when it is free."""
+    """Who holds `host:port` (see `describe_port_holder`), or None when it is free."""
     import socket
 
     with socket.socket() as probe:
@@ -164,24 +179,115 @@ def port_owner(host: str, port: int) -> str | None:
         except OSError:
             pass
     try:
-        for conn in psutil.net_connections(kind="inet"):
-            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
-                if conn.pid:
-                    try:
-                        return f"pid {conn.pid} ({psutil.Process(conn.pid).name()})"
-                    except psutil.Error:
-                        return f"pid {conn.pid}"
+        connections: Iterable[Connection] = psutil.net_connections(kind="tcp")
     except psutil.Error:
-        pass
-    return "another process"
+        connections = ()
+    return describe_port_holder(host, port, connections)
 
 
-def _ephemeral_start() -> int:
-    """Where the kernel starts picking ports for outgoing connections."""
+def describe_port_holder(
+    host: str,
+    port: int,
+    connections: Iterable[Connection],
+    *,
+    name_of: Callable[[int], str | None] | None = None,
+) -> str:
+    """What holds `host:port`, whose bind failed, from psutil-like connection records.
+
+    A listener is named by its PID; a connection that is not a listener (an outgoing
+    one, or one closing in TIME_WAIT that no process owns any more) is described as
+    such. A PID is given only where a record carries one.
+    """
+    name_of = name_of or _process_name
+    held = [
+        c for c in connections if c.laddr and c.laddr.port == port and _may_clash(c.laddr.ip, host)
+    ]
+    if not held:
+        return "something this user cannot see (no listener or connection on it is visible)"
+    conn = min(held, key=_importance)
+    more = f" (and {len(held) - 1} more socket(s) on this port)" if len(held) > 1 else ""
+    peer = f" to {conn.raddr.ip}:{conn.raddr.port}" if conn.raddr else ""
+    if conn.pid:
+        name = name_of(conn.pid)
+        who = f"pid {conn.pid} ({name})" if name else f"pid {conn.pid}"
+        if conn.status == psutil.CONN_LISTEN:
+            return f"{who}, listening on it{more}"
+        return f"a connection (not a listener) of {who}{peer}, state {conn.status}{more}"
+    if conn.status == psutil.CONN_LISTEN:
+        return (
+            "a listener whose process this user cannot see"
+            f" (`sudo ss -ltnp 'sport = :{port}'` names it){more}"
+        )
+    if conn.status == psutil.CONN_TIME_WAIT:
+        return (
+            f"a connection{peer} in state TIME_WAIT (no process owns it;"
+            f" the kernel frees it within 60 s){more}"
+        )
+    if conn.status in _CLOSING:
+        return (
+            f"a closing connection{peer} in state {conn.status} (no process this user can"
+            f" see owns it; the kernel frees it once the close completes){more}"
+        )
+    return f"a connection{peer}, state {conn.status}, of a process this user cannot see{more}"
+
+
+def _importance(conn: Connection) -> int:
+    """Listeners first, then connections with a known process, then orphans."""
+    if conn.status == psutil.CONN_LISTEN:
+        return 0 if conn.pid else 1
+    if conn.pid:
+        return 2
+    return 3 if conn.status in _CLOSING else 4
+
+
+def _may_clash(ip: str, host: str) -> bool:
+    """Whether a socket bound to `ip` can keep a bind to `host` (same port) from working."""
+    ip, host = ip.removeprefix("::ffff:"), host.removeprefix("::ffff:")
+    if ip in _WILDCARDS or host in _WILDCARDS:
+        return True
     try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32_768
+        ipaddress.ip_address(host)
+    except ValueError:
+        return True  # a host name: it may resolve to any address
+    return ip == host
+
+
+def _process_name(pid: int) -> str | None:
+    try:
+        return psutil.Process(pid).name()
+    except psutil.Error:
+        return None
+
+
+def ephemeral_port_range() -> tuple[int, int] | None:
+    """The ports the kernel picks from for the local end of outgoing connections
+    (`net.ipv4.ip_local_port_range`), or None where it cannot be read."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return None
+
+
+def reserved_ports() -> frozenset[int]:
+    """Ports the kernel never picks for outgoing connections
+    (`net.ipv4.ip_local_reserved_ports`), even inside the ephemeral range."""
+    try:
+        return parse_port_list(Path("/proc/sys/net/ipv4/ip_local_reserved_ports").read_text())
+    except (OSError, ValueError):
+        return frozenset()
+
+
+def parse_port_list(text: str) -> frozenset[int]:
+    """`8080,50000-50010` as the set of ports it names."""
+    ports: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        ports.update(range(int(low), int(high or low) + 1))
+    return frozenset(ports)
 
 
 def free_port_base(*, host: str, span: int) -> int:
@@ -189,7 +295,8 @@ def free_port_base(*, host: str, span: int) -> int:
     (an outgoing connection could otherwise take one of them before it is bound)."""
     import random
 
-    top = min(45_000, _ephemeral_start()) - span
+    ephemeral_start = (ephemeral_port_range() or (32_768, 60_999))[0]
+    top = min(45_000, ephemeral_start) - span
     for _ in range(200):
         base = random.randrange(10_000, top, 100)
         if all(port_owner(host, base + i) is None for i in range(span)):

@@ -63,14 +63,14 @@ def test_admission_replicas_get_their_own_ports_and_names(tmp_path: Path) -> Non
         for spec, i in service_processes(config)
     ]
     assert processes == [
-        ("inference", 50051),
-        ("admission-0", 50052),
-        ("admission-1", 50062),
-        ("rag", 50054),
-        ("execution", 50055),
-        ("worker-0", 50056),
-        ("chat", 50057),
-        ("auth", 50058),
+        ("inference", 7051),
+        ("admission-0", 7052),
+        ("admission-1", 7062),
+        ("rag", 7054),
+        ("execution", 7055),
+        ("worker-0", 7056),
+        ("chat", 7057),
+        ("auth", 7058),
     ]
 
 

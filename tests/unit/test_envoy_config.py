@@ -29,22 +29,22 @@ ADMISSION = "switchboard.admission.v1.AdmissionService"
 RAG = "switchboard.rag.v1.RagService"
 
 UPSTREAMS = (
-    Upstream(name="inference", services=(INFERENCE,), endpoints=(("127.0.0.1", 50051),)),
+    Upstream(name="inference", services=(INFERENCE,), endpoints=(("127.0.0.1", 7051),)),
     Upstream(
         name="admission",
         services=(ADMISSION,),
-        endpoints=(("127.0.0.1", 50061), ("127.0.0.1", 50062)),
+        endpoints=(("127.0.0.1", 7061), ("127.0.0.1", 7062)),
         hash_header="x-tenant-id",
     ),
     # shares a process with inference: its endpoint appears once in the reflection cluster
-    Upstream(name="rag", services=(RAG,), endpoints=(("127.0.0.1", 50051),)),
+    Upstream(name="rag", services=(RAG,), endpoints=(("127.0.0.1", 7051),)),
 )
 
 
 AUTHZ = Upstream(
     name="auth",
     services=("envoy.service.auth.v3.Authorization",),
-    endpoints=(("127.0.0.1", 50058),),
+    endpoints=(("127.0.0.1", 7058),),
 )
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 SKIPPING = (
@@ -121,9 +121,9 @@ def test_reflection_and_health_reach_a_cluster_of_every_endpoint() -> None:
         assert route_for(config, service)["route"]["cluster"] == REFLECTION_CLUSTER
     reflection = clusters(config)[REFLECTION_CLUSTER]
     assert endpoints(reflection) == [
-        ("127.0.0.1", 50051),
-        ("127.0.0.1", 50061),
-        ("127.0.0.1", 50062),
+        ("127.0.0.1", 7051),
+        ("127.0.0.1", 7061),
+        ("127.0.0.1", 7062),
     ]
     assert reflection["health_checks"][0]["grpc_health_check"] == {"service_name": ""}
 
@@ -380,13 +380,13 @@ def test_ext_authz_asks_the_auth_cluster_before_the_router_and_fails_closed() ->
     }
     assert "with_request_body" not in authz  # streams are never buffered for the check
     cluster = clusters(config)[AUTHZ_CLUSTER]
-    assert endpoints(cluster) == [("127.0.0.1", 50058)]
+    assert endpoints(cluster) == [("127.0.0.1", 7058)]
     assert cluster["health_checks"][0]["grpc_health_check"] == {
         "service_name": "envoy.service.auth.v3.Authorization"
     }
     # the auth service is asked by Envoy, never routed to or reflected
     assert not [r for r in routes(config) if r.get("route", {}).get("cluster") == AUTHZ_CLUSTER]
-    assert ("127.0.0.1", 50058) not in endpoints(clusters(config)[REFLECTION_CLUSTER])
+    assert ("127.0.0.1", 7058) not in endpoints(clusters(config)[REFLECTION_CLUSTER])
 
 
 def test_extra_filters_go_after_ext_authz() -> None:
