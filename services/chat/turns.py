@@ -98,11 +98,16 @@ def _failure(error: grpc.aio.AioRpcError, dependency: str) -> StageFailed:
     return StageFailed(status)
 
 
-def _text_of(output: struct_pb2.Value, tool: str) -> str:
-    """A tool's output as passage text the model can quote."""
+def tool_passage_text(output: struct_pb2.Value, tool: str) -> str:
+    """A tool's output as passage text the model can quote.
+
+    For code, its output and the value of its final expression; a value of None (that of
+    a final `print(...)`) is left out, as the interactive interpreter leaves it out.
+    """
     value = json_format.MessageToDict(output)
     if tool == RUN_CODE and isinstance(value, dict):
-        parts = [value.get("stdout"), value.get("result")]
+        result = value.get("result")
+        parts = [value.get("stdout"), None if result == repr(None) else result]
         return "\n".join(str(p).strip() for p in parts if p not in (None, "")) or "(no output)"
     return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
@@ -288,7 +293,7 @@ class Turn:
             rag_pb2.RetrievedChunk(
                 chunk_id=call_id,
                 document_id=f"tool:{request.tool}",
-                text=_text_of(result.output, request.tool),
+                text=tool_passage_text(result.output, request.tool),
             )
         )
 

@@ -58,9 +58,17 @@ def render(frame: pb.ConverseResponse) -> str:
         name = events_pb2.StepEventType.Name(event.type).removeprefix("STEP_EVENT_TYPE_")
         return f"[  step {event.step_name}: {name.lower()} (attempt {event.attempt})]\n"
     if kind == "citations":
-        lines = [f"  [{i + 1}] {p.document_id}" for i, p in enumerate(frame.citations.passages)]
-        cited = {c.passage_index for c in frame.citations.citations}
-        lines = [line + (" (cited)" if i in cited else "") for i, line in enumerate(lines)]
+        # the passages are chunks, and one document may give several: a source is a document
+        passages = frame.citations.passages
+        documents = list(dict.fromkeys(p.document_id for p in passages))
+        cited = {
+            passages[c.passage_index].document_id
+            for c in frame.citations.citations
+            if 0 <= c.passage_index < len(passages)
+        }
+        lines = [
+            f"  [{i + 1}] {d}" + (" (cited)" if d in cited else "") for i, d in enumerate(documents)
+        ]
         return "\nsources:\n" + "\n".join(lines) + "\n"
     if kind == "turn_completed":
         done = frame.turn_completed
