@@ -3,8 +3,11 @@
 #
 # Offline and deterministic: the protoc and plugins bundled in grpcio-tools (pinned in
 # pyproject.toml), the well-known types bundled with it, and google/rpc/*.proto from the
-# installed googleapis-common-protos. gen/ is a source root: put it on sys.path and
-# import `switchboard.<domain>.v1`. Running it twice leaves gen/ unchanged.
+# installed googleapis-common-protos, and buf/validate/validate.proto vendored under
+# third_party/protovalidate (the protovalidate rules the contracts are annotated with;
+# its Python module is generated here too, as the protovalidate package expects
+# `buf.validate.validate_pb2` to be importable). gen/ is a source root: put it on
+# sys.path and import `switchboard.<domain>.v1`. Running it twice leaves gen/ unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,20 +20,27 @@ fi
 googleapis_root="$("$PYTHON" -c 'import pathlib, google.rpc.status_pb2 as m; print(pathlib.Path(m.__file__).parents[2])')"
 
 mapfile -t protos < <(find proto -name '*.proto' | LC_ALL=C sort)
+validate_root=third_party/protovalidate
 
-rm -rf gen/switchboard
+rm -rf gen/switchboard gen/buf
 mkdir -p gen
 # Run as a module, grpc_tools adds its own include for google/protobuf/*.proto.
 "$PYTHON" -m grpc_tools.protoc \
   -I proto \
+  -I "$validate_root" \
   -I "$googleapis_root" \
   --python_out=gen \
   --pyi_out=gen \
   --grpc_python_out=gen \
   "${protos[@]}"
+"$PYTHON" -m grpc_tools.protoc \
+  -I "$validate_root" \
+  --python_out=gen \
+  --pyi_out=gen \
+  "$validate_root/buf/validate/validate.proto"
 
 # Every generated directory is a regular package.
-find gen/switchboard -type d -print0 | while IFS= read -r -d '' dir; do
+find gen/switchboard gen/buf -type d -print0 | while IFS= read -r -d '' dir; do
   : >"$dir/__init__.py"
 done
 

@@ -17,8 +17,11 @@ with the tokens actually used.
 from __future__ import annotations
 
 import asyncio
+import base64
 import enum
+import hashlib
 import heapq
+import hmac
 import logging
 import math
 import secrets
@@ -41,6 +44,7 @@ from services.admission.scheduler import FairQueue, Verdict
 from services.runtime import (
     Cancelled,
     FieldViolation,
+    NotFound,
     QuotaViolation,
     ResourceExhausted,
     SwitchboardError,
@@ -384,6 +388,10 @@ class AdmissionController:
         self._max_tombstones = max_tombstones
         self._seq = 0
         self._lease_prefix = secrets.token_hex(3)
+        # Signs each lease id with its tenant, so that an id names a lease of one tenant
+        # only: another tenant's id (or a forged one) is unknown to the caller, whether
+        # or not that lease is live, and reveals nothing.
+        self._lease_key = secrets.token_bytes(32)
         self._closed = False
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
@@ -489,17 +497,30 @@ class AdmissionController:
 
         Args:
             actual_tokens: tokens the request really used; None keeps the charge as it was.
-            tenant_id: if given, a lease of another tenant is treated as unknown.
+            tenant_id: the caller's tenant, when the caller is a tenant: the lease must
+                have been issued to it.
 
         Returns:
             (released, adjustment): released is False, and nothing is credited, for an
-            unknown, already released or expired lease (release is idempotent);
+            already released or expired lease (release is idempotent);
             adjustment = charged - actual tokens, credited back to (positive) or further
             charged to (negative) the tenant's and user's token buckets.
+
+        Raises:
+            NotFound: `LEASE_NOT_FOUND`, `tenant_id` was given and this controller never
+                issued `lease_id` to it (another tenant's lease, live or not, is the same
+                to the caller as an id that never existed).
         """
         _check_actual(actual_tokens)
+        if tenant_id is not None and not self.issued_to(tenant_id, lease_id):
+            raise NotFound(
+                "no such lease of this tenant (leases are released on the replica that "
+                "granted them, by the tenant they were granted to)",
+                reason="LEASE_NOT_FOUND",
+                metadata={"lease_id": lease_id},
+            )
         held = self._leases.get(lease_id)
-        if held is None or (tenant_id is not None and held.lease.tenant_id != tenant_id):
+        if held is None:
             return False, 0
         del self._leases[lease_id]
         now = self._clock.now()
@@ -902,7 +923,7 @@ class AdmissionController:
             tier.in_flight += 1
             tier.tokens_in_flight += tokens
         lease = Lease(
-            lease_id=f"{self._lease_prefix}{secrets.token_urlsafe(12)}",
+            lease_id=self._lease_id(ticket.tenant_id),
             tenant_id=ticket.tenant_id,
             user_id=ticket.user_id,
             tier=ticket.tier,
@@ -928,6 +949,19 @@ class AdmissionController:
         if self._wait_observer is not None:
             self._wait_observer(ticket.tenant_id, ticket.priority, waited)
         ticket._settle()
+
+    def _lease_id(self, tenant_id: str) -> str:
+        nonce = f"{self._lease_prefix}{secrets.token_urlsafe(12)}"
+        return f"{nonce}.{self._lease_tag(tenant_id, nonce)}"
+
+    def _lease_tag(self, tenant_id: str, nonce: str) -> str:
+        digest = hmac.digest(self._lease_key, f"{tenant_id}\0{nonce}".encode(), hashlib.sha256)
+        return base64.urlsafe_b64encode(digest[:12]).decode()
+
+    def issued_to(self, tenant_id: str, lease_id: str) -> bool:
+        """True if this controller issued `lease_id` to `tenant_id` (live or not)."""
+        nonce, dot, tag = lease_id.rpartition(".")
+        return bool(dot) and hmac.compare_digest(tag, self._lease_tag(tenant_id, nonce))
 
     def _free(self, held: _Held) -> None:
         held.tenant.in_flight -= 1

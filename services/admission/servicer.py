@@ -25,9 +25,11 @@ from services.admission.store import (
 )
 from services.runtime import (
     FieldViolation,
-    InvalidArgument,
+    PermissionDenied,
+    Principal,
     SwitchboardError,
     Unauthenticated,
+    current_principal,
     current_tenant,
     invalid,
 )
@@ -57,19 +59,33 @@ class Aborted(SwitchboardError):
 
 
 def resolve_tenant(requested: str, *, field: str, owned: bool) -> str:
-    """The call's tenant: the request's, else `x-tenant-id`'s.
+    """The tenant a call acts on: the request's, else `x-tenant-id`'s.
+
+    A tenant acts on its own tenant only: a request naming another one is refused. An
+    operator names any tenant.
 
     Args:
-        owned: the call reads or changes state the tenant's replica holds; then the
-            request and the header must agree, since the header chose the replica.
+        owned: the call reads or changes state the tenant's replica holds; the header
+            chose the replica, so an operator must send it too, naming the same tenant.
     """
     header = current_tenant()
-    if owned and requested and header and requested != header:
-        raise InvalidArgument(
-            f"{field} {requested!r} differs from the x-tenant-id header {header!r}, which "
-            "routes the call to the replica holding the tenant's state",
+    operator = current_principal() is Principal.OPERATOR
+    if requested and header and requested != header and (owned or not operator):
+        raise PermissionDenied(
+            f"{field} names another tenant than the call's x-tenant-id"
+            + ("" if operator else ": a tenant key acts on its own tenant only"),
             reason="TENANT_MISMATCH",
-            field_violations=[FieldViolation(field, "must match the x-tenant-id header")],
+            metadata={"field": field},
+        )
+    if operator and owned and requested and not header:
+        raise invalid(
+            [
+                FieldViolation(
+                    field,
+                    "an operator reading a tenant's live state also sends the x-tenant-id "
+                    "header naming it: it routes the call to the tenant's replica",
+                )
+            ]
         )
     tenant = requested or header
     if not tenant:
@@ -234,16 +250,16 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
             actual = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
             if min(parts) < 0:
                 actual = min(parts)  # refused by the controller with a field violation
+        # leases and request ids are the tenant's, and the header routed the call to its
+        # replica
+        tenant = current_tenant()
+        if not tenant:
+            raise Unauthenticated("a release needs the x-tenant-id header", reason="TENANT_MISSING")
         if request.lease_id:
-            released, adjustment = self._controller.release(request.lease_id, actual_tokens=actual)
+            released, adjustment = self._controller.release(
+                request.lease_id, actual_tokens=actual, tenant_id=tenant
+            )
         else:
-            # request ids are per tenant, and the header routed the call to its replica
-            tenant = current_tenant()
-            if not tenant:
-                raise Unauthenticated(
-                    "a release by request_id needs the x-tenant-id header",
-                    reason="TENANT_MISSING",
-                )
             released, adjustment = self._controller.release_attempt(
                 tenant, request.request_id, actual_tokens=actual
             )

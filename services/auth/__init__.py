@@ -15,12 +15,12 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from services.auth.authz import AuthorizationServicer
-from services.auth.store import KeyStore
-from services.runtime import load_config
+from services.auth.store import Caller, KeyStore
+from services.runtime import load_config, public_services
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AuthConfig", "AuthService", "KeyStore"]
+__all__ = ["AuthConfig", "AuthService", "Caller", "KeyStore"]
 
 SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 
@@ -47,6 +47,7 @@ class AuthService:
         self.store = KeyStore(self._config.database_url, cache_ttl=self._config.auth_cache_ttl)
 
     async def start(self) -> None:
+        public_services()  # loads every contract, whose authority the checks read
         await self.store.open()
 
     def register(self, server: grpc.aio.Server) -> None:

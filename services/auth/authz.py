@@ -1,11 +1,17 @@
 """Envoy's external authorization (`envoy.service.auth.v3.Authorization/Check`).
 
-Envoy asks before routing any public call. A call with a valid key is let through with
-`x-tenant-id` set to the key's tenant (replacing whatever the client sent, so a tenant
-cannot be spoofed) and the key removed (services never see it). A call without one is
-answered by Envoy itself with UNAUTHENTICATED and never reaches a service; the refusal
-carries the usual `google.rpc.Status` (`grpc-status-details-bin`) with one `ErrorInfo`:
-`API_KEY_MISSING` or `API_KEY_INVALID`.
+Envoy asks before routing any public call. The credential decides the caller: a tenant
+key, or an operator credential. The RPC's contract (`(switchboard.common.v1.authority)`)
+decides whether that kind of caller may call it; if not, the call is refused here with
+PERMISSION_DENIED `PRINCIPAL_NOT_ALLOWED` and never reaches a service (whose runtime
+checks the same again).
+
+A call let through carries `x-switchboard-principal` (`tenant` or `operator`) and, for a
+tenant key, `x-tenant-id` set to the key's tenant, both replacing whatever the client
+sent, so neither can be spoofed; an operator names the tenant it acts on itself. The
+key is removed (services never see it). A call without a valid key is answered by Envoy
+itself with UNAUTHENTICATED; every refusal carries the usual `google.rpc.Status`
+(`grpc-status-details-bin`) with one `ErrorInfo`.
 """
 
 from __future__ import annotations
@@ -20,23 +26,34 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
 from services.auth import keys
-from services.auth.store import KeyStore
-from services.runtime import TENANT_HEADER, SwitchboardError, Unauthenticated
+from services.auth.store import Caller, KeyStore
+from services.runtime import (
+    PRINCIPAL_HEADER,
+    TENANT_HEADER,
+    Principal,
+    SwitchboardError,
+    Unauthenticated,
+    method_contract,
+)
 
 logger = logging.getLogger(__name__)
 
 KEY_HEADERS = ("authorization", "x-api-key")
 
 
-def allowed(tenant_id: str) -> external_auth_pb2.CheckResponse:
+def allowed(caller: Caller) -> external_auth_pb2.CheckResponse:
+    headers = {PRINCIPAL_HEADER: caller.principal.header_value}
+    if caller.principal is Principal.TENANT:
+        headers[TENANT_HEADER] = caller.tenant_id
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),
         ok_response=external_auth_pb2.OkHttpResponse(
             headers=[
                 base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key=TENANT_HEADER, value=tenant_id),
+                    header=base_pb2.HeaderValue(key=key, value=value),
                     append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
                 )
+                for key, value in headers.items()
             ],
             headers_to_remove=list(KEY_HEADERS),
         ),
@@ -86,11 +103,11 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                 http_status_pb2.Unauthorized,
             )
         try:
-            tenant = await self._store.verify(token)
+            caller = await self._store.verify(token)
         except SwitchboardError as error:  # the key store is down: fail closed
             error.metadata = {**metadata, **error.metadata}
             return denied(error, http_status_pb2.ServiceUnavailable)
-        if tenant is None:
+        if caller is None:
             return denied(
                 Unauthenticated(
                     "the API key is not valid (unknown, malformed or revoked)",
@@ -99,4 +116,13 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                 ),
                 http_status_pb2.Unauthorized,
             )
-        return allowed(tenant)
+        # A method no contract defines goes on as its caller; the service answers
+        # UNIMPLEMENTED, or checks its own newer contract.
+        contract = method_contract(request.attributes.request.http.path.partition("?")[0])
+        if contract is not None:
+            try:
+                contract.check_caller(caller.principal)
+            except SwitchboardError as error:
+                error.metadata = {**metadata, **error.metadata}
+                return denied(error, http_status_pb2.Forbidden)
+        return allowed(caller)

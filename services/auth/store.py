@@ -1,4 +1,9 @@
-"""API keys in PostgreSQL (hashed), with a short cache of verified keys."""
+"""API keys in PostgreSQL (hashed), with a short cache of verified keys.
+
+Two kinds of credential share the table and the format: tenant keys (acting for their
+tenant only) and operator credentials (managing the platform; no tenant). Each row says
+which it is, and `verify` answers with the caller it identifies.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from datetime import datetime, timedelta
 import psycopg
 
 from services.auth import keys
-from services.runtime import Database, dependency_unavailable
+from services.runtime import Database, Principal, dependency_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +33,24 @@ MIGRATIONS = {
     );
     CREATE INDEX auth_api_keys_tenant ON auth_api_keys (tenant_id);
     """,
+    2: """
+    ALTER TABLE auth_api_keys
+        ADD COLUMN kind text NOT NULL DEFAULT 'tenant'
+            CHECK (kind IN ('tenant', 'operator'));
+    ALTER TABLE auth_api_keys
+        ADD CONSTRAINT auth_api_keys_tenant_of_kind
+            CHECK ((kind = 'operator') = (tenant_id = ''));
+    """,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who a verified credential is: a tenant's key (with its tenant) or an operator's."""
+
+    principal: Principal
+    tenant_id: str = ""
+    """The key's tenant; empty for an operator credential."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +60,8 @@ class KeyInfo:
     name: str
     create_time: datetime
     revoke_time: datetime | None
+    kind: str
+    """`tenant` or `operator`."""
 
 
 class KeyStore:
@@ -53,7 +77,7 @@ class KeyStore:
         self._db = Database(database_url, max_size=4)
         self._ttl = cache_ttl.total_seconds()
         self._size = cache_size
-        self._cache: OrderedDict[bytes, tuple[float, str | None]] = OrderedDict()
+        self._cache: OrderedDict[bytes, tuple[float, Caller | None]] = OrderedDict()
 
     async def open(self) -> None:
         await self._db.open(prefix="auth", lock=_MIGRATION_LOCK, migrations=MIGRATIONS)
@@ -68,12 +92,21 @@ class KeyStore:
         """A new key for the tenant: (key_id, the whole key, shown only now)."""
         if not keys.TENANT_ID.fullmatch(tenant_id):
             raise ValueError("a tenant id is 1..63 of [A-Za-z0-9_.-], starting alphanumeric")
+        return await self._insert(Principal.TENANT, tenant_id, name)
+
+    async def create_operator(self, name: str = "") -> tuple[str, str]:
+        """A new operator credential: (key_id, the whole key, shown only now)."""
+        return await self._insert(Principal.OPERATOR, "", name)
+
+    async def _insert(self, principal: Principal, tenant_id: str, name: str) -> tuple[str, str]:
+        if len(name) > 200:
+            raise ValueError("a key's name is at most 200 characters")
         key = keys.new_key()
         async with self._db.connection() as conn:
             await conn.execute(
-                "INSERT INTO auth_api_keys (key_id, tenant_id, name, secret_hash)"
-                " VALUES (%s, %s, %s, %s)",
-                (key.key_id, tenant_id, name, key.secret_hash),
+                "INSERT INTO auth_api_keys (key_id, tenant_id, name, secret_hash, kind)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                (key.key_id, tenant_id, name, key.secret_hash, principal.header_value),
             )
         return key.key_id, key.token
 
@@ -89,14 +122,14 @@ class KeyStore:
     async def list(self, tenant_id: str = "") -> list[KeyInfo]:
         async with self._db.connection() as conn:
             cur = await conn.execute(
-                "SELECT key_id, tenant_id, name, create_time, revoke_time FROM auth_api_keys"
+                "SELECT key_id, tenant_id, name, create_time, revoke_time, kind FROM auth_api_keys"
                 " WHERE %s = '' OR tenant_id = %s ORDER BY tenant_id, create_time",
                 (tenant_id, tenant_id),
             )
             return [KeyInfo(*row) for row in await cur.fetchall()]
 
-    async def verify(self, token: str) -> str | None:
-        """The tenant a valid, unrevoked key belongs to, else None.
+    async def verify(self, token: str) -> Caller | None:
+        """Who a valid, unrevoked key identifies, else None.
 
         Raises:
             Unavailable: the database cannot be reached (and the key is not cached).
@@ -107,14 +140,14 @@ class KeyStore:
         if cached is not None and cached[0] > now:
             self._cache.move_to_end(slot)
             return cached[1]
-        tenant = await self._lookup(token)
-        self._cache[slot] = (now + self._ttl, tenant)
+        caller = await self._lookup(token)
+        self._cache[slot] = (now + self._ttl, caller)
         self._cache.move_to_end(slot)
         while len(self._cache) > self._size:
             self._cache.popitem(last=False)
-        return tenant
+        return caller
 
-    async def _lookup(self, token: str) -> str | None:
+    async def _lookup(self, token: str) -> Caller | None:
         parsed = keys.parse(token)
         if parsed is None:
             return None
@@ -122,7 +155,7 @@ class KeyStore:
         try:
             async with self._db.connection() as conn:
                 cur = await conn.execute(
-                    "SELECT tenant_id, secret_hash FROM auth_api_keys"
+                    "SELECT tenant_id, secret_hash, kind FROM auth_api_keys"
                     " WHERE key_id = %s AND revoke_time IS NULL",
                     (key_id,),
                 )
@@ -131,4 +164,6 @@ class KeyStore:
             raise dependency_unavailable("postgresql", "key store", exc) from exc
         if row is None or not keys.matches(secret, bytes(row[1])):
             return None
-        return str(row[0])
+        if row[2] == Principal.OPERATOR.header_value:
+            return Caller(Principal.OPERATOR)
+        return Caller(Principal.TENANT, str(row[0]))

@@ -360,4 +360,8 @@ class Hub:
     def close(self) -> None:
         """Ends every stream and turn (the service is stopping)."""
         for live in self._sessions.values():
-            live.close(Unavailable("the chat service is restarting; resume shortly"))
+            live.close(
+                Unavailable(
+                    "the chat service is restarting; resume shortly", reason="SHUTTING_DOWN"
+                )
+            )

@@ -72,6 +72,8 @@ AUTHZ_CLUSTER = "auth"
 """The launcher's name for the auth service's cluster."""
 TENANT_HEADER = "x-tenant-id"
 """Set by ext_authz on the public listener; trusted as sent on the internal one."""
+PRINCIPAL_HEADER = "x-switchboard-principal"
+"""Likewise: the kind of credential (`tenant`, `operator`), set by ext_authz."""
 KEY_HEADERS = ("authorization", "x-api-key")
 REFLECTION_CLUSTER = "reflection"
 REFLECTION_SERVICES: tuple[str, ...] = (
@@ -469,11 +471,13 @@ def check_consistency(config: Mapping[str, Any]) -> None:
                 for route in vhost.get("routes", []):
                     problems += _route_problems(route, by_name)
                     if guarded and _skips_authz(route) and "route" in route:
-                        if TENANT_HEADER not in route.get("request_headers_to_remove", []):
-                            problems.append(
-                                f"route {route.get('name')!r} skips ext_authz but passes a "
-                                f"client's {TENANT_HEADER} on"
-                            )
+                        removed = route.get("request_headers_to_remove", [])
+                        for header in (TENANT_HEADER, PRINCIPAL_HEADER):
+                            if header not in removed:
+                                problems.append(
+                                    f"route {route.get('name')!r} skips ext_authz but passes "
+                                    f"a client's {header} on"
+                                )
 
     if problems:
         raise ValueError("inconsistent Envoy config: " + "; ".join(problems))
@@ -704,7 +708,7 @@ def _skip_authz(route: dict[str, Any]) -> None:
         _EXT_AUTHZ: {"@type": _EXT_AUTHZ_PER_ROUTE_TYPE, "disabled": True}
     }
     if "route" in route:
-        route["request_headers_to_remove"] = [TENANT_HEADER, *KEY_HEADERS]
+        route["request_headers_to_remove"] = [TENANT_HEADER, PRINCIPAL_HEADER, *KEY_HEADERS]
 
 
 def _skips_authz(route: Mapping[str, Any]) -> bool:

@@ -32,10 +32,20 @@ def main(argv: list[str] | None = None) -> int:
     logs = commands.add_parser("logs", help="show a component's log")
     logs.add_argument("name", nargs="?", help="component (postgres, nats, triton-0, envoy, ...)")
     logs.add_argument("-n", "--lines", type=int, default=40)
-    keys = commands.add_parser("keys", help="create, list or revoke tenants' API keys")
+    keys = commands.add_parser(
+        "keys", help="create, list or revoke tenants' API keys and operator credentials"
+    )
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
-    create = key_commands.add_parser("create", help="a new key for a tenant (shown once)")
-    create.add_argument("--tenant", required=True)
+    create = key_commands.add_parser(
+        "create", help="a new key for a tenant, or an operator credential (shown once)"
+    )
+    whose = create.add_mutually_exclusive_group(required=True)
+    whose.add_argument("--tenant", help="the tenant the key acts for (its own data only)")
+    whose.add_argument(
+        "--operator",
+        action="store_true",
+        help="an operator credential: admission policies of any tenant, no tenant's data",
+    )
     create.add_argument("--name", default="", help="what the key is for")
     listing = key_commands.add_parser("list", help="keys (never their secrets)")
     listing.add_argument("--tenant", default="")
@@ -106,15 +116,21 @@ async def _keys(args: argparse.Namespace, database_url: str) -> int:
     try:
         if args.keys_command == "create":
             try:
-                key_id, token = await store.create(args.tenant, args.name)
+                if args.operator:
+                    key_id, token = await store.create_operator(args.name)
+                    whose = "an operator"
+                else:
+                    key_id, token = await store.create(args.tenant, args.name)
+                    whose = f"tenant {args.tenant!r}"
             except ValueError as exc:
                 print(f"switchboard: {exc}", file=sys.stderr)
                 return 2
-            print(f"key {key_id} for tenant {args.tenant!r} (shown only now):\n{token}")
+            print(f"key {key_id} for {whose} (shown only now):\n{token}")
         elif args.keys_command == "list":
             for key in await store.list(args.tenant):
                 state = f"revoked {key.revoke_time:%Y-%m-%d}" if key.revoke_time else "active"
-                print(f"{key.key_id}  {key.tenant_id:<20} {state:<18} {key.name}")
+                who = key.tenant_id or "(operator)"
+                print(f"{key.key_id}  {key.kind:<8} {who:<20} {state:<18} {key.name}")
         elif not await store.revoke(args.key_id):
             print(f"switchboard: no active key {args.key_id!r}", file=sys.stderr)
             return 1

@@ -3,14 +3,24 @@
 from services.runtime._channels import channel, outbound_timeout, propagated_metadata
 from services.runtime._config import ConfigError, load_config, parse_duration
 from services.runtime._context import (
+    PRINCIPAL_HEADER,
     TENANT_HEADER,
+    Principal,
     clear_deadline,
+    current_principal,
     current_tenant,
     time_remaining,
+)
+from services.runtime._contract import (
+    MethodContract,
+    method_contract,
+    request_violations,
+    validate_request,
 )
 from services.runtime._database import Database, apply_migrations, dependency_unavailable
 from services.runtime._errors import (
     ERROR_DOMAIN,
+    REASONS,
     AlreadyExists,
     Cancelled,
     DeadlineExceeded,
@@ -27,6 +37,7 @@ from services.runtime._errors import (
     SwitchboardError,
     Unauthenticated,
     Unavailable,
+    bounded,
     error_details,
     invalid,
     require_tenant,
@@ -47,7 +58,16 @@ from services.runtime._tokens import count_tokens, token_spans
 
 __all__ = [
     "ERROR_DOMAIN",
+    "REASONS",
+    "bounded",
     "TENANT_HEADER",
+    "PRINCIPAL_HEADER",
+    "Principal",
+    "MethodContract",
+    "current_principal",
+    "method_contract",
+    "request_violations",
+    "validate_request",
     "RelayedError",
     "clear_deadline",
     "current_tenant",

@@ -25,7 +25,7 @@ def outbound_timeout(requested: float | None, *, default: float | None = None) -
     remaining = _context.time_remaining()
     if remaining is not None and remaining <= 0:
         raise DeadlineExceeded(
-            "deadline expired before the downstream call", reason="DEADLINE_EXPIRED"
+            "deadline expired before the downstream call", reason="DEADLINE_EXCEEDED"
         )
     options = [t for t in (requested, remaining) if t is not None]
     return min(options) if options else default

@@ -12,13 +12,31 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from switchboard.common.v1 import common_pb2
 
 from services.runtime import _context
 
 logger = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "switchboard.dev"
+_REASON_PREFIX = "ERROR_REASON_"
+REASONS = frozenset(
+    name.removeprefix(_REASON_PREFIX)
+    for name in common_pb2.ErrorReason.keys()
+    if name != f"{_REASON_PREFIX}UNSPECIFIED"
+)
+"""Every `ErrorInfo.reason` a service may send: the catalogue in `common.proto`."""
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
+MAX_MESSAGE_CHARS = 1024
+"""An error message (which may quote what the client sent) is cut to this length, so a
+long id cannot turn a small error into one over the transport's header limits."""
+MAX_DETAIL_CHARS = 256
+"""Each ErrorInfo metadata value and field-violation text is cut to this length."""
+
+
+def bounded(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    """`text`, cut to at most `limit` characters (the cut marked with `…`)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -38,7 +56,9 @@ class QuotaViolation:
 
 
 class SwitchboardError(Exception):
-    """Root of the tree: each class knows its gRPC code and default `ErrorInfo` reason."""
+    """Root of the tree: each class knows its gRPC code and, where one fits every case,
+    its default `ErrorInfo` reason; the others need one given (a reason from
+    `REASONS`)."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: str = "INTERNAL"
@@ -57,6 +77,8 @@ class SwitchboardError(Exception):
         self.message = message
         if reason is not None:
             self.reason = reason
+        if not self.reason:
+            raise TypeError(f"{type(self).__name__} needs a reason from the catalogue")
         self.metadata = dict(metadata or {})
         self.field_violations = tuple(field_violations)
         self.quota_violations = tuple(quota_violations)
@@ -65,7 +87,7 @@ class SwitchboardError(Exception):
     def to_rpc_status(self) -> status_pb2.Status:
         """A `google.rpc.Status` with exactly one `ErrorInfo` and the details that apply."""
         details: list[any_pb2.Any] = []
-        metadata = dict(self.metadata)
+        metadata = {bounded(k, 64): bounded(str(v)) for k, v in self.metadata.items()}
         if rid := _context.request_id.get():
             metadata.setdefault("request_id", rid)
         info = error_details_pb2.ErrorInfo(
@@ -78,7 +100,7 @@ class SwitchboardError(Exception):
                     error_details_pb2.BadRequest(
                         field_violations=[
                             error_details_pb2.BadRequest.FieldViolation(
-                                field=v.field, description=v.description
+                                field=bounded(v.field), description=bounded(v.description)
                             )
                             for v in self.field_violations
                         ]
@@ -102,7 +124,11 @@ class SwitchboardError(Exception):
             delay = duration_pb2.Duration()
             delay.FromTimedelta(self.retry_after)
             details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-        return status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
+        return status_pb2.Status(
+            code=self.code.value[0],
+            message=bounded(self.message, MAX_MESSAGE_CHARS),
+            details=details,
+        )
 
     def to_grpc_status(self) -> grpc.Status:
         return rpc_status.to_status(self.to_rpc_status())
@@ -115,27 +141,27 @@ class InvalidArgument(SwitchboardError):
 
 class NotFound(SwitchboardError):
     code = grpc.StatusCode.NOT_FOUND
-    reason = "NOT_FOUND"
+    reason = ""
 
 
 class AlreadyExists(SwitchboardError):
     code = grpc.StatusCode.ALREADY_EXISTS
-    reason = "ALREADY_EXISTS"
+    reason = ""
 
 
 class FailedPrecondition(SwitchboardError):
     code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = "FAILED_PRECONDITION"
+    reason = ""
 
 
 class ResourceExhausted(SwitchboardError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    reason = "RESOURCE_EXHAUSTED"
+    reason = ""
 
 
 class Unavailable(SwitchboardError):
     code = grpc.StatusCode.UNAVAILABLE
-    reason = "UNAVAILABLE"
+    reason = ""
 
 
 class DeadlineExceeded(SwitchboardError):
@@ -150,12 +176,12 @@ class Cancelled(SwitchboardError):
 
 class Unauthenticated(SwitchboardError):
     code = grpc.StatusCode.UNAUTHENTICATED
-    reason = "UNAUTHENTICATED"
+    reason = ""
 
 
 class PermissionDenied(SwitchboardError):
     code = grpc.StatusCode.PERMISSION_DENIED
-    reason = "PERMISSION_DENIED"
+    reason = ""
 
 
 class Internal(SwitchboardError):

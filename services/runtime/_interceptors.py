@@ -1,5 +1,6 @@
-"""The server-side interceptor: request id, tenant and deadline context, access log,
-metrics, exception → status mapping.
+"""The server-side interceptor: request id, tenant, principal and deadline context, the
+contract's checks (who may call, which requests are valid), access log, metrics,
+exception → status mapping.
 
 It is applied when servicers are registered (each method handler wrapped once), not
 as a `grpc.aio.ServerInterceptor`: the effect is the same, without grpc's per-call
@@ -19,6 +20,7 @@ import grpc
 from grpc.aio import AbortError
 
 from services.runtime import _context, _metrics
+from services.runtime._contract import MethodContract, method_contract, validate_request
 from services.runtime._errors import SwitchboardError
 
 logger = logging.getLogger(__name__)
@@ -32,18 +34,38 @@ _HANDLER_FACTORIES = {
 }
 
 
-class _Method:
-    """Per-method constants, resolved once: names and the labelled metric children."""
+_CONTRACTED = "/switchboard."
+"""Methods of these services are checked against their contract: an RPC whose contract
+names no caller is refused to everyone."""
 
-    __slots__ = ("service", "method", "started", "in_flight", "latency", "_handled")
+
+class _Method:
+    """Per-method constants, resolved once: names, the contract and the labelled metric
+    children."""
+
+    __slots__ = ("service", "method", "contract", "started", "in_flight", "latency", "_handled")
 
     def __init__(self, full_method: str) -> None:
         _, _, rest = full_method.partition("/")
         self.service, _, self.method = rest.partition("/")
+        self.contract: MethodContract | None = None
+        if full_method.startswith(_CONTRACTED):
+            self.contract = method_contract(full_method)
+            if self.contract is None:
+                raise LookupError(f"{full_method} is served but defined by no loaded contract")
         self.started = _metrics.RPC_STARTED.labels(self.service, self.method)
         self.in_flight = _metrics.RPC_IN_FLIGHT.labels(self.service)
         self.latency = _metrics.RPC_LATENCY.labels(self.service, self.method)
         self._handled: dict[grpc.StatusCode, Any] = {}
+
+    def admit(self, request: Any) -> None:
+        """The contract's checks, before the handler runs: the caller's principal, then
+        (for a single request message) its constraints. A streamed request's messages
+        are checked by the handler, which answers each on its own."""
+        if self.contract is not None:
+            self.contract.check_caller(_context.principal.get())
+            if not self.contract.client_streaming:
+                validate_request(request)
 
     def handled(self, code: grpc.StatusCode) -> Any:
         child = self._handled.get(code)
@@ -64,11 +86,18 @@ class _Call:
         self.started = time.perf_counter()
         self.code = grpc.StatusCode.OK
         metadata = dict(context.invocation_metadata() or ())
-        rid = metadata.get(_context.REQUEST_ID_HEADER) or uuid.uuid4().hex
+        # the caller's request id, bounded: it is echoed into logs and error details
+        rid = (
+            metadata.get(_context.REQUEST_ID_HEADER, "")[: _context.MAX_REQUEST_ID]
+            or uuid.uuid4().hex
+        )
         remaining = context.time_remaining()
         self._tokens = (
             _context.request_id.set(rid),
             _context.tenant_id.set(metadata.get(_context.TENANT_HEADER, "")),
+            _context.principal.set(
+                _context.Principal.from_header(metadata.get(_context.PRINCIPAL_HEADER))
+            ),
             _context.deadline.set(None if remaining is None else time.monotonic() + remaining),
         )
         m.started.inc()
@@ -106,9 +135,8 @@ class _Call:
                     "ms": round(elapsed * 1000, 3),
                 },
             )
-        for var, token in zip(
-            (_context.request_id, _context.tenant_id, _context.deadline), self._tokens, strict=True
-        ):
+        variables = (_context.request_id, _context.tenant_id, _context.principal, _context.deadline)
+        for var, token in zip(variables, self._tokens, strict=True):
             try:
                 var.reset(token)
             except ValueError:  # finished from another context (a closed stream)
@@ -123,6 +151,7 @@ def _wrap_unary_response(
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = _Call(m, context)
         try:
+            m.admit(request)
             return await behavior(request, context)
         except BaseException as exc:  # noqa: BLE001 - mapped to a status, or re-raised
             await call.fail(exc, context)
@@ -141,6 +170,7 @@ def _wrap_stream_response(
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         call = _Call(m, context)
         try:
+            m.admit(request)
             if is_generator:
                 async for response in behavior(request, context):
                     yield response

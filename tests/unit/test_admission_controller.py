@@ -13,7 +13,7 @@ from google.rpc import error_details_pb2
 from services.admission.clock import FakeClock, MonotonicClock
 from services.admission.controller import AdmissionController, TicketState
 from services.admission.limits import DEFAULT_POLICY, PolicyLimits, Priority
-from services.runtime import Cancelled, InvalidArgument, ResourceExhausted, Unavailable
+from services.runtime import Cancelled, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
 POLICY = PolicyLimits(
     requests_per_second=2,
@@ -249,8 +249,25 @@ def test_overuse_is_charged_and_repaid_before_anything_else(controller, clock):
 
 def test_another_tenant_cannot_release_a_lease(controller):
     ticket = controller.submit(tenant_id="acme")
-    assert controller.release(ticket.lease.lease_id, tenant_id="intruder") == (False, 0)
-    assert controller.release(ticket.lease.lease_id, tenant_id="acme") == (True, 0)
+    lease_id = ticket.lease.lease_id
+    for forged in (lease_id, lease_id.rpartition(".")[0], f"{lease_id}x", "", "." * 3):
+        with pytest.raises(NotFound) as refused:
+            controller.release(forged, tenant_id="intruder", actual_tokens=0)
+        assert refused.value.reason == "LEASE_NOT_FOUND"
+    assert controller.in_flight() == 1  # nothing changed
+    assert controller.quota("acme").in_flight == 1
+    assert controller.release(lease_id, tenant_id="acme") == (True, 0)
+    # released: the tenant's own id stays known, and releasing it again changes nothing
+    assert controller.release(lease_id, tenant_id="acme") == (False, 0)
+    with pytest.raises(NotFound):
+        controller.release(lease_id, tenant_id="intruder")
+
+
+def test_a_lease_id_is_bound_to_its_tenant(controller):
+    acme = controller.submit(tenant_id="acme").lease.lease_id
+    other = controller.submit(tenant_id="other").lease.lease_id
+    assert controller.issued_to("acme", acme) and controller.issued_to("other", other)
+    assert not controller.issued_to("acme", other) and not controller.issued_to("other", acme)
 
 
 def test_bad_actual_usage_is_an_invalid_argument(controller):

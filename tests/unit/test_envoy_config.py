@@ -402,7 +402,12 @@ def test_health_and_reflection_skip_ext_authz_and_strip_the_tenant_header() -> N
         per_route = route["typed_per_filter_config"][EXT_AUTHZ]
         assert per_route["@type"].endswith("ext_authz.v3.ExtAuthzPerRoute")
         assert per_route["disabled"] is True
-        assert route["request_headers_to_remove"] == ["x-tenant-id", "authorization", "x-api-key"]
+        assert route["request_headers_to_remove"] == [
+            "x-tenant-id",
+            "x-switchboard-principal",
+            "authorization",
+            "x-api-key",
+        ]
     unknown = routes(config)[-1]
     assert unknown["typed_per_filter_config"][EXT_AUTHZ]["disabled"] is True
 
@@ -459,6 +464,12 @@ def test_consistency_refuses_a_skipping_route_that_passes_the_tenant_on() -> Non
     config = copy.deepcopy(guarded())
     del route_for(config, "grpc.health.v1.Health")["request_headers_to_remove"]
     with pytest.raises(ValueError, match="skips ext_authz but passes a client's x-tenant-id"):
+        check_consistency(config)
+    config = copy.deepcopy(guarded())
+    route_for(config, "grpc.health.v1.Health")["request_headers_to_remove"].remove(
+        "x-switchboard-principal"
+    )
+    with pytest.raises(ValueError, match="passes a client's x-switchboard-principal"):
         check_consistency(config)
 
 

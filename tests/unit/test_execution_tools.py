@@ -522,7 +522,10 @@ async def test_grpc_call_builds_the_request_and_returns_proto_json(rag):
 
 
 async def test_grpc_unavailable_is_retried_with_the_same_key(rag):
-    rag.script = [Unavailable("warming up"), Unavailable("warming up")]
+    rag.script = [
+        Unavailable("warming up", reason="DEPENDENCY_UNAVAILABLE"),
+        Unavailable("warming up", reason="DEPENDENCY_UNAVAILABLE"),
+    ]
     sleeps = Sleeps()
     async with executor(grpc_config(target=f"127.0.0.1:{rag.port}"), sleeps) as tools:
         result = await call(tools, {"query": "q"})
@@ -548,8 +551,10 @@ async def test_grpc_invalid_argument_is_relayed_at_once(rag):
 
 async def test_grpc_resource_exhausted_is_retried_only_with_retry_info(rag):
     rag.script = [
-        ResourceExhausted("busy", retry_after=timedelta(milliseconds=1500)),
-        ResourceExhausted("quota spent"),
+        ResourceExhausted(
+            "busy", reason="QUOTA_EXCEEDED", retry_after=timedelta(milliseconds=1500)
+        ),
+        ResourceExhausted("quota spent", reason="QUOTA_EXCEEDED"),
     ]
     sleeps = Sleeps()
     async with executor(grpc_config(target=f"127.0.0.1:{rag.port}"), sleeps) as tools:

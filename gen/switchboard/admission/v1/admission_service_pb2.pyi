@@ -1,4 +1,5 @@
 from switchboard.admission.v1 import admission_pb2 as _admission_pb2
+from switchboard.common.v1 import authority_pb2 as _authority_pb2
 from google.protobuf import descriptor as _descriptor
 from typing import ClassVar as _ClassVar
 

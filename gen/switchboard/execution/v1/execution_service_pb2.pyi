@@ -1,3 +1,4 @@
+from switchboard.common.v1 import authority_pb2 as _authority_pb2
 from switchboard.execution.v1 import execution_pb2 as _execution_pb2
 from google.protobuf import descriptor as _descriptor
 from typing import ClassVar as _ClassVar

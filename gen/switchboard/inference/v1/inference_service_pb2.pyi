@@ -1,3 +1,4 @@
+from switchboard.common.v1 import authority_pb2 as _authority_pb2
 from switchboard.inference.v1 import inference_pb2 as _inference_pb2
 from google.protobuf import descriptor as _descriptor
 from typing import ClassVar as _ClassVar

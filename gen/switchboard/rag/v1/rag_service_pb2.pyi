@@ -1,3 +1,4 @@
+from switchboard.common.v1 import authority_pb2 as _authority_pb2
 from switchboard.rag.v1 import rag_pb2 as _rag_pb2
 from google.protobuf import descriptor as _descriptor
 from typing import ClassVar as _ClassVar
