@@ -32,6 +32,7 @@ from services.runtime import (
     current_principal,
     current_tenant,
     invalid,
+    validate_request,
 )
 
 logger = logging.getLogger(__name__)
@@ -175,9 +176,7 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
         tenant = resolve_tenant(
             request.context.tenant_id, field=f"{prefix}context.tenant_id", owned=True
         )
-        tier = _TIERS.get(request.tier)
-        if tier is None:
-            raise invalid([FieldViolation(f"{prefix}tier", f"unknown model tier {request.tier}")])
+        tier = _TIERS[request.tier]  # a defined value: the contract's rules were checked
         remaining = context.time_remaining()
         budget = None if remaining is None else max(remaining - self._margin, 0.0)
         if request.HasField("max_wait"):
@@ -228,11 +227,14 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.AdmitSessionResponse]:
         await context.send_initial_metadata(self._replica)
+
+        def args_of(request: pb.AdmitRequest) -> dict[str, Any]:
+            # a streamed request is checked here, each refused on its own
+            validate_request(request, prefix="request.")
+            return self._admit_args(request, context, prefix="request.")
+
         replies = serve_session(
-            self._controller,
-            request_iterator,
-            args_of=lambda request: self._admit_args(request, context, prefix="request."),
-            admitted=_admission_message,
+            self._controller, request_iterator, args_of=args_of, admitted=_admission_message
         )
         async for reply in replies:
             yield reply
@@ -334,17 +336,14 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
     async def ListPolicies(  # noqa: N802 - gRPC method name
         self, request: pb.ListPoliciesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListPoliciesResponse:
-        violations = []
-        if not 0 <= request.page_size <= 1000:
-            violations.append(FieldViolation("page_size", "must be within 0..1000 (0 = 100)"))
         after = None
         if request.page_token:
             try:
                 after = decode_page_token(request.page_token)
             except ValueError:
-                violations.append(FieldViolation("page_token", "not a token this API gave out"))
-        if violations:
-            raise invalid(violations)
+                raise invalid(
+                    [FieldViolation("page_token", "not a token this API gave out")]
+                ) from None
         size = request.page_size or 100
         rows = await self._store.list(tenant_id=request.tenant_id, after=after, limit=size + 1)
         page = rows[:size]

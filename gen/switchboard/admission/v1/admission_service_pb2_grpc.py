@@ -39,13 +39,19 @@ class AdmissionServiceStub:
     State is sharded by tenant: the edge routes each tenant to one replica by a
     consistent hash of `x-tenant-id`, so every call must carry that header.
 
-    Policy writes (UpdatePolicy, DeletePolicy) and reads of another tenant's state are
-    operator actions, not offered to tenant API keys at the edge.
+    Who may call (the `authority` option of each RPC): admissions, releases and the
+    caller's own quota and policy are for tenant keys, which act on their own tenant only
+    (a request naming another tenant is PERMISSION_DENIED `TENANT_MISMATCH`, another
+    tenant's lease is NOT_FOUND `LEASE_NOT_FOUND`). Policy writes and listings are for
+    operator credentials, which may also read any tenant's quota and policy; an operator
+    reading a tenant's live quota also sends `x-tenant-id` naming it (it routes the call).
 
     Errors (see switchboard.common.v1): INVALID_ARGUMENT `INVALID_REQUEST` with field
     violations (negative or absurd token counts, unknown priority, non-positive rates);
-    RESOURCE_EXHAUSTED `QUOTA_EXCEEDED` / `QUEUE_FULL` / `CAPACITY_EXHAUSTED` with
-    QuotaFailure and RetryInfo; ABORTED `ETAG_MISMATCH`.
+    PERMISSION_DENIED `PRINCIPAL_NOT_ALLOWED` / `TENANT_MISMATCH`; NOT_FOUND
+    `LEASE_NOT_FOUND`; RESOURCE_EXHAUSTED `QUOTA_EXCEEDED` / `QUEUE_FULL` /
+    `CAPACITY_EXHAUSTED` with QuotaFailure and RetryInfo; ABORTED `ETAG_MISMATCH`;
+    CANCELLED `CANCELLED` for an attempt released by its request id before it was decided.
     """
 
     def __init__(self, channel):
@@ -115,13 +121,19 @@ class AdmissionServiceServicer:
     State is sharded by tenant: the edge routes each tenant to one replica by a
     consistent hash of `x-tenant-id`, so every call must carry that header.
 
-    Policy writes (UpdatePolicy, DeletePolicy) and reads of another tenant's state are
-    operator actions, not offered to tenant API keys at the edge.
+    Who may call (the `authority` option of each RPC): admissions, releases and the
+    caller's own quota and policy are for tenant keys, which act on their own tenant only
+    (a request naming another tenant is PERMISSION_DENIED `TENANT_MISMATCH`, another
+    tenant's lease is NOT_FOUND `LEASE_NOT_FOUND`). Policy writes and listings are for
+    operator credentials, which may also read any tenant's quota and policy; an operator
+    reading a tenant's live quota also sends `x-tenant-id` naming it (it routes the call).
 
     Errors (see switchboard.common.v1): INVALID_ARGUMENT `INVALID_REQUEST` with field
     violations (negative or absurd token counts, unknown priority, non-positive rates);
-    RESOURCE_EXHAUSTED `QUOTA_EXCEEDED` / `QUEUE_FULL` / `CAPACITY_EXHAUSTED` with
-    QuotaFailure and RetryInfo; ABORTED `ETAG_MISMATCH`.
+    PERMISSION_DENIED `PRINCIPAL_NOT_ALLOWED` / `TENANT_MISMATCH`; NOT_FOUND
+    `LEASE_NOT_FOUND`; RESOURCE_EXHAUSTED `QUOTA_EXCEEDED` / `QUEUE_FULL` /
+    `CAPACITY_EXHAUSTED` with QuotaFailure and RetryInfo; ABORTED `ETAG_MISMATCH`;
+    CANCELLED `CANCELLED` for an attempt released by its request id before it was decided.
     """
 
     def Admit(self, request, context):
@@ -160,9 +172,12 @@ class AdmissionServiceServicer:
 
     def Release(self, request, context):
         """Releases a lease: frees its in-flight slot and corrects the token bucket with the
-        actual usage. Idempotent: releasing an unknown, released or expired lease changes
-        nothing and credits nothing. A caller that gave up on Admit or AdmitStream before
-        the lease reached it releases by the attempt's request id instead of the lease id.
+        actual usage. Idempotent: releasing a lease of the caller's tenant that is already
+        released or expired changes nothing and credits nothing (`released` false). A lease
+        id this replica never issued to the caller's tenant (another tenant's, live or not,
+        or a made-up one) is NOT_FOUND `LEASE_NOT_FOUND` and changes nothing. A caller that
+        gave up on Admit or AdmitStream before the lease reached it releases by the
+        attempt's request id instead of the lease id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,7 +185,7 @@ class AdmissionServiceServicer:
 
     def GetQuota(self, request, context):
         """Returns the live quota state of a tenant or user: bucket levels, leases in flight
-        and queue depth.
+        and queue depth. A tenant key reads its own tenant's; an operator any tenant's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -178,7 +193,7 @@ class AdmissionServiceServicer:
 
     def GetPolicy(self, request, context):
         """Returns the policy in force for a tenant or user (the default one if none is
-        stored).
+        stored). A tenant key reads its own tenant's; an operator any tenant's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -186,14 +201,15 @@ class AdmissionServiceServicer:
 
     def UpdatePolicy(self, request, context):
         """Creates or updates a tenant's or user's policy. Stored durably and applied by the
-        owning replica without a restart.
+        owning replica without a restart. Operators only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListPolicies(self, request, context):
-        """Lists stored policies.
+        """Lists stored policies, which is also the list of tenants with a policy of their
+        own. Operators only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -201,6 +217,7 @@ class AdmissionServiceServicer:
 
     def DeletePolicy(self, request, context):
         """Deletes a stored policy; the tenant (or user) falls back to the default policy.
+        Operators only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -276,13 +293,19 @@ class AdmissionService:
     State is sharded by tenant: the edge routes each tenant to one replica by a
     consistent hash of `x-tenant-id`, so every call must carry that header.
 
-    Policy writes (UpdatePolicy, DeletePolicy) and reads of another tenant's state are
-    operator actions, not offered to tenant API keys at the edge.
+    Who may call (the `authority` option of each RPC): admissions, releases and the
+    caller's own quota and policy are for tenant keys, which act on their own tenant only
+    (a request naming another tenant is PERMISSION_DENIED `TENANT_MISMATCH`, another
+    tenant's lease is NOT_FOUND `LEASE_NOT_FOUND`). Policy writes and listings are for
+    operator credentials, which may also read any tenant's quota and policy; an operator
+    reading a tenant's live quota also sends `x-tenant-id` naming it (it routes the call).
 
     Errors (see switchboard.common.v1): INVALID_ARGUMENT `INVALID_REQUEST` with field
     violations (negative or absurd token counts, unknown priority, non-positive rates);
-    RESOURCE_EXHAUSTED `QUOTA_EXCEEDED` / `QUEUE_FULL` / `CAPACITY_EXHAUSTED` with
-    QuotaFailure and RetryInfo; ABORTED `ETAG_MISMATCH`.
+    PERMISSION_DENIED `PRINCIPAL_NOT_ALLOWED` / `TENANT_MISMATCH`; NOT_FOUND
+    `LEASE_NOT_FOUND`; RESOURCE_EXHAUSTED `QUOTA_EXCEEDED` / `QUEUE_FULL` /
+    `CAPACITY_EXHAUSTED` with QuotaFailure and RetryInfo; ABORTED `ETAG_MISMATCH`;
+    CANCELLED `CANCELLED` for an attempt released by its request id before it was decided.
     """
 
     @staticmethod

@@ -22,27 +22,36 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"switchboard/common/v1/common.proto\x12\x15switchboard.common.v1\"T\n\nTokenUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"H\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x04tier\x18\x02 \x01(\x0e\x32 .switchboard.common.v1.ModelTier\"{\n\x0eRequestContext\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x31\n\x08priority\x18\x04 \x01(\x0e\x32\x1f.switchboard.common.v1.Priority\"h\n\x08\x43itation\x12\x15\n\rpassage_index\x18\x01 \x01(\x05\x12\x11\n\tsource_id\x18\x02 \x01(\t\x12\x12\n\nstart_char\x18\x03 \x01(\x05\x12\x10\n\x08\x65nd_char\x18\x04 \x01(\x05\x12\x0c\n\x04text\x18\x05 \x01(\t*S\n\tModelTier\x12\x1a\n\x16MODEL_TIER_UNSPECIFIED\x10\x00\x12\x14\n\x10MODEL_TIER_SMALL\x10\x01\x12\x14\n\x10MODEL_TIER_LARGE\x10\x02*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02*\xf5\r\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12 \n\x1c\x45RROR_REASON_INVALID_REQUEST\x10\x01\x12#\n\x1f\x45RROR_REASON_FRAME_OUT_OF_ORDER\x10\x02\x12\x1d\n\x19\x45RROR_REASON_INVALID_UTF8\x10\x03\x12\x1f\n\x1b\x45RROR_REASON_BINARY_CONTENT\x10\x04\x12\x1f\n\x1b\x45RROR_REASON_EMPTY_DOCUMENT\x10\x05\x12 \n\x1c\x45RROR_REASON_API_KEY_MISSING\x10\x06\x12 \n\x1c\x45RROR_REASON_API_KEY_INVALID\x10\x07\x12\x1f\n\x1b\x45RROR_REASON_TENANT_MISSING\x10\x08\x12&\n\"ERROR_REASON_PRINCIPAL_NOT_ALLOWED\x10\t\x12 \n\x1c\x45RROR_REASON_TENANT_MISMATCH\x10\n\x12!\n\x1d\x45RROR_REASON_TOOL_NOT_ALLOWED\x10\x0b\x12 \n\x1c\x45RROR_REASON_MODEL_NOT_FOUND\x10\x0c\x12%\n!ERROR_REASON_COLLECTION_NOT_FOUND\x10\r\x12#\n\x1f\x45RROR_REASON_DOCUMENT_NOT_FOUND\x10\x0e\x12\x1f\n\x1b\x45RROR_REASON_TASK_NOT_FOUND\x10\x0f\x12\"\n\x1e\x45RROR_REASON_SESSION_NOT_FOUND\x10\x10\x12 \n\x1c\x45RROR_REASON_LEASE_NOT_FOUND\x10\x11\x12\'\n#ERROR_REASON_IDEMPOTENCY_KEY_REUSED\x10\x12\x12 \n\x1c\x45RROR_REASON_PROMPT_TOO_LONG\x10\x13\x12&\n\"ERROR_REASON_EVENT_HISTORY_EXPIRED\x10\x14\x12#\n\x1f\x45RROR_REASON_EMBEDDING_MISMATCH\x10\x15\x12\x1e\n\x1a\x45RROR_REASON_ETAG_MISMATCH\x10\x16\x12\x1a\n\x16\x45RROR_REASON_CANCELLED\x10\x17\x12\"\n\x1e\x45RROR_REASON_MESSAGE_TOO_LARGE\x10\x18\x12\x1f\n\x1b\x45RROR_REASON_QUOTA_EXCEEDED\x10\x19\x12\x1b\n\x17\x45RROR_REASON_QUEUE_FULL\x10\x1a\x12#\n\x1f\x45RROR_REASON_CAPACITY_EXHAUSTED\x10\x1b\x12*\n&ERROR_REASON_TOO_MANY_PENDING_MESSAGES\x10\x1c\x12#\n\x1f\x45RROR_REASON_DOCUMENT_TOO_LARGE\x10\x1d\x12\x1f\n\x1b\x45RROR_REASON_TASK_TOO_LARGE\x10\x1e\x12\x1f\n\x1b\x45RROR_REASON_CODE_TOO_LARGE\x10\x1f\x12 \n\x1c\x45RROR_REASON_FILES_TOO_LARGE\x10 \x12%\n!ERROR_REASON_BACKENDS_UNAVAILABLE\x10!\x12$\n ERROR_REASON_BACKEND_UNAVAILABLE\x10\"\x12\'\n#ERROR_REASON_DEPENDENCY_UNAVAILABLE\x10#\x12\x1e\n\x1a\x45RROR_REASON_SHUTTING_DOWN\x10$\x12\"\n\x1e\x45RROR_REASON_DEADLINE_EXCEEDED\x10%\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10&\x12\x1f\n\x1b\x45RROR_REASON_SANDBOX_FAILED\x10\'\x12\x1c\n\x18\x45RROR_REASON_CODE_FAILED\x10(\x12\x1e\n\x1a\x45RROR_REASON_MISSING_INPUT\x10)\x12\x1d\n\x19\x45RROR_REASON_STEP_TIMEOUT\x10*\x12\x1f\n\x1b\x45RROR_REASON_MAX_DELIVERIES\x10+\x12\x1f\n\x1b\x45RROR_REASON_TOOL_NOT_FOUND\x10,\x12\'\n#ERROR_REASON_TOOL_ARGUMENTS_INVALID\x10-\x12&\n\"ERROR_REASON_TOOL_HOST_NOT_ALLOWED\x10.\x12\"\n\x1e\x45RROR_REASON_TOOL_CIRCUIT_OPEN\x10/\x12!\n\x1d\x45RROR_REASON_TOOL_UNAVAILABLE\x10\x30\x12\x1e\n\x1a\x45RROR_REASON_TOOL_REJECTED\x10\x31\x12\x1c\n\x18\x45RROR_REASON_TOOL_FAILED\x10\x32\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"switchboard/common/v1/common.proto\x12\x15switchboard.common.v1\x1a\x1b\x62uf/validate/validate.proto\"T\n\nTokenUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"H\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x04tier\x18\x02 \x01(\x0e\x32 .switchboard.common.v1.ModelTier\"\xc6\x01\n\x0eRequestContext\x12>\n\ttenant_id\x18\x01 \x01(\tB+\xbaH(r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$\xd8\x01\x01\x12\x19\n\x07user_id\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12\x1c\n\nrequest_id\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12;\n\x08priority\x18\x04 \x01(\x0e\x32\x1f.switchboard.common.v1.PriorityB\x08\xbaH\x05\x82\x01\x02\x10\x01\"h\n\x08\x43itation\x12\x15\n\rpassage_index\x18\x01 \x01(\x05\x12\x11\n\tsource_id\x18\x02 \x01(\t\x12\x12\n\nstart_char\x18\x03 \x01(\x05\x12\x10\n\x08\x65nd_char\x18\x04 \x01(\x05\x12\x0c\n\x04text\x18\x05 \x01(\t*S\n\tModelTier\x12\x1a\n\x16MODEL_TIER_UNSPECIFIED\x10\x00\x12\x14\n\x10MODEL_TIER_SMALL\x10\x01\x12\x14\n\x10MODEL_TIER_LARGE\x10\x02*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02*\xf5\r\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12 \n\x1c\x45RROR_REASON_INVALID_REQUEST\x10\x01\x12#\n\x1f\x45RROR_REASON_FRAME_OUT_OF_ORDER\x10\x02\x12\x1d\n\x19\x45RROR_REASON_INVALID_UTF8\x10\x03\x12\x1f\n\x1b\x45RROR_REASON_BINARY_CONTENT\x10\x04\x12\x1f\n\x1b\x45RROR_REASON_EMPTY_DOCUMENT\x10\x05\x12 \n\x1c\x45RROR_REASON_API_KEY_MISSING\x10\x06\x12 \n\x1c\x45RROR_REASON_API_KEY_INVALID\x10\x07\x12\x1f\n\x1b\x45RROR_REASON_TENANT_MISSING\x10\x08\x12&\n\"ERROR_REASON_PRINCIPAL_NOT_ALLOWED\x10\t\x12 \n\x1c\x45RROR_REASON_TENANT_MISMATCH\x10\n\x12!\n\x1d\x45RROR_REASON_TOOL_NOT_ALLOWED\x10\x0b\x12 \n\x1c\x45RROR_REASON_MODEL_NOT_FOUND\x10\x0c\x12%\n!ERROR_REASON_COLLECTION_NOT_FOUND\x10\r\x12#\n\x1f\x45RROR_REASON_DOCUMENT_NOT_FOUND\x10\x0e\x12\x1f\n\x1b\x45RROR_REASON_TASK_NOT_FOUND\x10\x0f\x12\"\n\x1e\x45RROR_REASON_SESSION_NOT_FOUND\x10\x10\x12 \n\x1c\x45RROR_REASON_LEASE_NOT_FOUND\x10\x11\x12\'\n#ERROR_REASON_IDEMPOTENCY_KEY_REUSED\x10\x12\x12 \n\x1c\x45RROR_REASON_PROMPT_TOO_LONG\x10\x13\x12&\n\"ERROR_REASON_EVENT_HISTORY_EXPIRED\x10\x14\x12#\n\x1f\x45RROR_REASON_EMBEDDING_MISMATCH\x10\x15\x12\x1e\n\x1a\x45RROR_REASON_ETAG_MISMATCH\x10\x16\x12\x1a\n\x16\x45RROR_REASON_CANCELLED\x10\x17\x12\"\n\x1e\x45RROR_REASON_MESSAGE_TOO_LARGE\x10\x18\x12\x1f\n\x1b\x45RROR_REASON_QUOTA_EXCEEDED\x10\x19\x12\x1b\n\x17\x45RROR_REASON_QUEUE_FULL\x10\x1a\x12#\n\x1f\x45RROR_REASON_CAPACITY_EXHAUSTED\x10\x1b\x12*\n&ERROR_REASON_TOO_MANY_PENDING_MESSAGES\x10\x1c\x12#\n\x1f\x45RROR_REASON_DOCUMENT_TOO_LARGE\x10\x1d\x12\x1f\n\x1b\x45RROR_REASON_TASK_TOO_LARGE\x10\x1e\x12\x1f\n\x1b\x45RROR_REASON_CODE_TOO_LARGE\x10\x1f\x12 \n\x1c\x45RROR_REASON_FILES_TOO_LARGE\x10 \x12%\n!ERROR_REASON_BACKENDS_UNAVAILABLE\x10!\x12$\n ERROR_REASON_BACKEND_UNAVAILABLE\x10\"\x12\'\n#ERROR_REASON_DEPENDENCY_UNAVAILABLE\x10#\x12\x1e\n\x1a\x45RROR_REASON_SHUTTING_DOWN\x10$\x12\"\n\x1e\x45RROR_REASON_DEADLINE_EXCEEDED\x10%\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10&\x12\x1f\n\x1b\x45RROR_REASON_SANDBOX_FAILED\x10\'\x12\x1c\n\x18\x45RROR_REASON_CODE_FAILED\x10(\x12\x1e\n\x1a\x45RROR_REASON_MISSING_INPUT\x10)\x12\x1d\n\x19\x45RROR_REASON_STEP_TIMEOUT\x10*\x12\x1f\n\x1b\x45RROR_REASON_MAX_DELIVERIES\x10+\x12\x1f\n\x1b\x45RROR_REASON_TOOL_NOT_FOUND\x10,\x12\'\n#ERROR_REASON_TOOL_ARGUMENTS_INVALID\x10-\x12&\n\"ERROR_REASON_TOOL_HOST_NOT_ALLOWED\x10.\x12\"\n\x1e\x45RROR_REASON_TOOL_CIRCUIT_OPEN\x10/\x12!\n\x1d\x45RROR_REASON_TOOL_UNAVAILABLE\x10\x30\x12\x1e\n\x1a\x45RROR_REASON_TOOL_REJECTED\x10\x31\x12\x1c\n\x18\x45RROR_REASON_TOOL_FAILED\x10\x32\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchboard.common.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELTIER']._serialized_start=452
-  _globals['_MODELTIER']._serialized_end=535
-  _globals['_PRIORITY']._serialized_start=537
-  _globals['_PRIORITY']._serialized_end=619
-  _globals['_ERRORREASON']._serialized_start=622
-  _globals['_ERRORREASON']._serialized_end=2403
-  _globals['_TOKENUSAGE']._serialized_start=61
-  _globals['_TOKENUSAGE']._serialized_end=145
-  _globals['_MODELREF']._serialized_start=147
-  _globals['_MODELREF']._serialized_end=219
-  _globals['_REQUESTCONTEXT']._serialized_start=221
-  _globals['_REQUESTCONTEXT']._serialized_end=344
-  _globals['_CITATION']._serialized_start=346
-  _globals['_CITATION']._serialized_end=450
+  _globals['_REQUESTCONTEXT'].fields_by_name['tenant_id']._loaded_options = None
+  _globals['_REQUESTCONTEXT'].fields_by_name['tenant_id']._serialized_options = b'\272H(r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$\330\001\001'
+  _globals['_REQUESTCONTEXT'].fields_by_name['user_id']._loaded_options = None
+  _globals['_REQUESTCONTEXT'].fields_by_name['user_id']._serialized_options = b'\272H\005r\003\030\200\001'
+  _globals['_REQUESTCONTEXT'].fields_by_name['request_id']._loaded_options = None
+  _globals['_REQUESTCONTEXT'].fields_by_name['request_id']._serialized_options = b'\272H\005r\003\030\200\001'
+  _globals['_REQUESTCONTEXT'].fields_by_name['priority']._loaded_options = None
+  _globals['_REQUESTCONTEXT'].fields_by_name['priority']._serialized_options = b'\272H\005\202\001\002\020\001'
+  _globals['_MODELTIER']._serialized_start=557
+  _globals['_MODELTIER']._serialized_end=640
+  _globals['_PRIORITY']._serialized_start=642
+  _globals['_PRIORITY']._serialized_end=724
+  _globals['_ERRORREASON']._serialized_start=727
+  _globals['_ERRORREASON']._serialized_end=2508
+  _globals['_TOKENUSAGE']._serialized_start=90
+  _globals['_TOKENUSAGE']._serialized_end=174
+  _globals['_MODELREF']._serialized_start=176
+  _globals['_MODELREF']._serialized_end=248
+  _globals['_REQUESTCONTEXT']._serialized_start=251
+  _globals['_REQUESTCONTEXT']._serialized_end=449
+  _globals['_CITATION']._serialized_start=451
+  _globals['_CITATION']._serialized_end=555
 # @@protoc_insertion_point(module_scope)
