@@ -180,13 +180,27 @@ def api_key_metadata(mesh: Any, tenant: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
+def operator_metadata(mesh: Any) -> tuple[tuple[str, str], ...]:
+    """Call metadata of an operator through Envoy (policy writes are operators' only): an
+    operator credential, created on first use as `switchboard keys create --operator`
+    does."""
+    return api_key_metadata(mesh, OPERATOR)
+
+
+OPERATOR = ""
+"""The `api_key_metadata` tenant that stands for an operator credential."""
+
+
 async def _create_api_key(database_url: str, tenant: str) -> str:
     from services.auth import KeyStore
 
     store = KeyStore(database_url)
     await store.open()
     try:
-        _, token = await store.create(tenant, "bench")
+        if tenant == OPERATOR:
+            _, token = await store.create_operator("bench")
+        else:
+            _, token = await store.create(tenant, "bench")
         return token
     finally:
         await store.close()
@@ -279,8 +293,9 @@ def unlimited_policy(tenant: str, *, in_flight: int) -> Any:
 
 
 async def give_tenant_room(stub: Any, metadata: Sequence[tuple[str, str]], policy: Any) -> None:
-    """Stores `policy` (an admission Policy) for its tenant through `stub` and waits until
-    admission applies it."""
+    """Stores `policy` (an admission Policy) for its tenant through `stub`, as the operator
+    whose `metadata` (`operator_metadata`) is given, and waits until admission applies
+    it."""
     from switchboard.admission.v1 import admission_pb2
 
     await stub.UpdatePolicy(

@@ -35,8 +35,8 @@ from switchboard.admission.v1 import admission_pb2, admission_service_pb2_grpc
 from switchboard.common.v1 import common_pb2
 
 from bench._common import (
-    api_key_metadata,
     ms,
+    operator_metadata,
     percentile,
     print_table,
     rotated,
@@ -142,8 +142,8 @@ def _decision_rate() -> tuple[float, float, int]:
 
 
 async def set_policies(mesh: Any, replica: str, tenants: list[str], **fields: float) -> None:
-    """Stores a policy with `fields` for each tenant (through Envoy with the tenant's API
-    key, as a user would) and waits until the admission replica at `replica` has it in
+    """Stores a policy with `fields` for each tenant (through Envoy with an operator
+    credential, as an operator would) and waits until the admission replica at `replica` has it in
     force."""
     async with (
         grpc.aio.insecure_channel(mesh.envoy_address) as via_envoy,
@@ -156,7 +156,7 @@ async def set_policies(mesh: Any, replica: str, tenants: list[str], **fields: fl
                     policy=admission_pb2.Policy(tenant_id=tenant, **fields),
                     update_mask=field_mask_pb2.FieldMask(paths=list(fields)),
                 ),
-                metadata=api_key_metadata(mesh, tenant),
+                metadata=operator_metadata(mesh),
                 timeout=TIMEOUT_S,
             )
         replica_stub = admission_service_pb2_grpc.AdmissionServiceStub(direct)

@@ -56,6 +56,7 @@ from bench._common import (
     api_key_metadata,
     give_tenant_room,
     ms,
+    operator_metadata,
     percentile,
     print_table,
     running_mesh,
@@ -307,7 +308,9 @@ async def _measure(mesh: Any) -> tuple[dict[str, Block], int]:
         chat = chat_service_pb2_grpc.ChatServiceStub(envoy_channel)
         rag = rag_service_pb2_grpc.RagServiceStub(envoy_channel)
         await give_tenant_room(
-            admission_service_pb2_grpc.AdmissionServiceStub(envoy_channel), metadata, BENCH_POLICY
+            admission_service_pb2_grpc.AdmissionServiceStub(envoy_channel),
+            operator_metadata(mesh),
+            BENCH_POLICY,
         )
         await _ingest(rag, metadata)
         plain, with_rag = Stream(chat, metadata), Stream(chat, metadata)

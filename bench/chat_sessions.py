@@ -63,6 +63,7 @@ from bench._common import (
     api_key_metadata,
     give_tenant_room,
     ms,
+    operator_metadata,
     percentile,
     print_table,
     running_mesh,
@@ -549,7 +550,9 @@ async def _measure(mesh: Any) -> Outcome:
     try:
         stubs = [chat_service_pb2_grpc.ChatServiceStub(c) for c in channels]
         await give_tenant_room(
-            admission_service_pb2_grpc.AdmissionServiceStub(channels[0]), metadata, BENCH_POLICY
+            admission_service_pb2_grpc.AdmissionServiceStub(channels[0]),
+            operator_metadata(mesh),
+            BENCH_POLICY,
         )
         session_ids = await _create(stubs[0], metadata, SESSIONS + WARMUP_SESSIONS)
         warm, session_ids = session_ids[:WARMUP_SESSIONS], session_ids[WARMUP_SESSIONS:]

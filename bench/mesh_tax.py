@@ -40,6 +40,7 @@ from bench._common import (
     api_key_metadata,
     give_tenant_room,
     ms,
+    operator_metadata,
     percentile,
     print_table,
     running_mesh,
@@ -201,7 +202,7 @@ async def _block(arms: dict[str, Timed], budget_s: float, rng: random.Random) ->
 
 
 async def _measure(
-    triton: str, router: str, envoy: str, internal: str, key: Metadata
+    triton: str, router: str, envoy: str, internal: str, key: Metadata, operator: Metadata
 ) -> dict[str, Block]:
     rng = random.Random(SEED)
     async with (
@@ -213,7 +214,9 @@ async def _measure(
         via_router = inference_service_pb2_grpc.InferenceServiceStub(router_channel)
         via_envoy = inference_service_pb2_grpc.InferenceServiceStub(envoy_channel)
         await give_tenant_room(
-            admission_service_pb2_grpc.AdmissionServiceStub(envoy_channel), key, BENCH_POLICY
+            admission_service_pb2_grpc.AdmissionServiceStub(envoy_channel),
+            operator,
+            BENCH_POLICY,
         )
         admission = AdmissionGate(internal)  # the router's own client of admission
         arms = {
@@ -244,7 +247,14 @@ def run() -> dict:
         router = f"{mesh.config.host}:{mesh.config.inference_port}"
         key = api_key_metadata(mesh, TENANT)
         blocks = asyncio.run(
-            _measure(mesh.triton_urls[0], router, mesh.envoy_address, mesh.internal_address, key)
+            _measure(
+                mesh.triton_urls[0],
+                router,
+                mesh.envoy_address,
+                mesh.internal_address,
+                key,
+                operator_metadata(mesh),
+            )
         )
 
     p = {

@@ -22,6 +22,8 @@ T = TypeVar("T")
 
 DEFAULT_TENANT = "tests"
 """The tenant of calls that name none of their own (the `inference` fixture's)."""
+OPERATOR = ""
+"""The slot of the session's operator credential among the tenants' keys."""
 AUTH_CACHE_TTL = timedelta(seconds=2)
 """The auth service's key cache in the test mesh: a revoked key stops working this soon."""
 
@@ -74,6 +76,14 @@ class Credentials:
         """Call metadata acting as `tenant` through Envoy: its key as a bearer token."""
         return (("authorization", f"Bearer {self.key(tenant)}"),)
 
+    def operator(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata of an operator through Envoy: an operator credential, created
+        on first use as `switchboard keys create --operator` does."""
+        with self._lock:
+            if OPERATOR not in self._tokens:
+                _, self._tokens[OPERATOR] = self._run(self._store.create_operator("tests"))
+            return (("authorization", f"Bearer {self._tokens[OPERATOR]}"),)
+
     def interceptors(self, tenant: str) -> list[grpc.aio.ClientInterceptor]:
         """For `grpc.aio.insecure_channel(..., interceptors=...)`: every call on the
         channel carries the tenant's key unless it sends a key of its own."""
@@ -118,6 +128,13 @@ def as_tenant(tenant: str) -> tuple[tuple[str, str], ...]:
     """Metadata of a call through Envoy as `tenant`: its API key (`credentials`)."""
     assert _active is not None, "needs the session's `credentials` fixture"
     return _active.metadata(tenant)
+
+
+def as_operator(tenant: str = "") -> tuple[tuple[str, str], ...]:
+    """Metadata of a call through Envoy as an operator (`credentials`), acting on
+    `tenant` when given (its `x-tenant-id`, which routes calls on a tenant's live state)."""
+    assert _active is not None, "needs the session's `credentials` fixture"
+    return _active.operator() + ((("x-tenant-id", tenant),) if tenant else ())
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from switchboard.common.v1 import common_pb2
 from switchboard.inference.v1 import inference_pb2
 
 from services.runtime import error_details
-from tests.integration.conftest import as_tenant
+from tests.integration.conftest import as_operator, as_tenant
 
 REPLICA_HEADER = "x-admission-replica"
 CONTEXT = [
@@ -47,7 +47,7 @@ async def set_policy(stub, tenant: str, **fields) -> pb.Policy:
             policy=pb.Policy(tenant_id=tenant, **fields),
             update_mask=field_mask_pb2.FieldMask(paths=list(fields)),
         ),
-        metadata=as_tenant(tenant),
+        metadata=as_operator(),
         timeout=5,
     )
     return reply.policy
@@ -92,7 +92,9 @@ async def test_admit_and_release_round_trip(admission):
     again = await admission.Release(release, metadata=as_tenant(tenant), timeout=5)
     assert not again.released and again.token_adjustment == 0
     unknown = pb.ReleaseRequest(lease_id="no-such-lease")
-    assert not (await admission.Release(unknown, metadata=as_tenant(tenant), timeout=5)).released
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admission.Release(unknown, metadata=as_tenant(tenant), timeout=5)
+    assert error_details(err.value).error_info.reason == "LEASE_NOT_FOUND"
 
 
 def attempt(request_id: str, **fields) -> pb.AdmitRequest:
@@ -275,8 +277,8 @@ async def test_admit_session_decides_many_requests_over_one_stream(admission):
     assert bad.refused.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     await send("foreign", context={"tenant_id": "someone-else", "request_id": "foreign"})
     foreign = await session.read()
-    assert foreign.refused.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    assert "TENANT_MISMATCH" in str(foreign.refused)
+    assert foreign.refused.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    assert error_details(foreign.refused).error_info.reason == "TENANT_MISMATCH"
     await admission.Release(
         pb.ReleaseRequest(lease_id=first.admitted.lease.lease_id),
         metadata=as_tenant(tenant),
@@ -337,7 +339,7 @@ async def test_bad_policies_and_requests_get_field_violations(admission):
                 policy=pb.Policy(tenant_id=tenant),
                 update_mask=field_mask_pb2.FieldMask(paths=["color"]),
             ),
-            metadata=as_tenant(tenant),
+            metadata=as_operator(),
             timeout=5,
         )
     assert [v.field for v in error_details(err.value).field_violations] == ["update_mask.paths[0]"]
@@ -380,7 +382,7 @@ async def test_tenant_is_required_and_must_match_the_header(admission, mesh):
             pb.GetQuotaRequest(tenant_id="someone-else"), metadata=as_tenant("me"), timeout=5
         )
     details = error_details(err.value)
-    assert details.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.code == grpc.StatusCode.PERMISSION_DENIED
     assert details.error_info.reason == "TENANT_MISMATCH"
 
 
@@ -397,17 +399,17 @@ async def test_policy_etag_guards_concurrent_updates(admission):
         update_mask=field_mask_pb2.FieldMask(paths=["max_in_flight"]),
     )
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await admission.UpdatePolicy(stale, metadata=as_tenant(tenant), timeout=5)
+        await admission.UpdatePolicy(stale, metadata=as_operator(), timeout=5)
     details = error_details(err.value)
     assert details.code == grpc.StatusCode.ABORTED
     assert details.error_info.reason == "ETAG_MISMATCH"
 
     stale.policy.etag = policy.etag
-    updated = await admission.UpdatePolicy(stale, metadata=as_tenant(tenant), timeout=5)
+    updated = await admission.UpdatePolicy(stale, metadata=as_operator(), timeout=5)
     assert updated.policy.max_in_flight == 6 and updated.policy.etag != policy.etag
 
     deleted = await admission.DeletePolicy(
-        pb.DeletePolicyRequest(), metadata=as_tenant(tenant), timeout=5
+        pb.DeletePolicyRequest(tenant_id=tenant), metadata=as_operator(), timeout=5
     )
     assert deleted.deleted
     after = await admission.GetPolicy(pb.GetPolicyRequest(), metadata=as_tenant(tenant), timeout=5)
@@ -422,18 +424,18 @@ async def test_list_policies_pages_through_a_tenant(admission):
                 policy=pb.Policy(tenant_id=tenant, user_id=user, max_in_flight=2),
                 update_mask=field_mask_pb2.FieldMask(paths=["max_in_flight"]),
             ),
-            metadata=as_tenant(tenant),
+            metadata=as_operator(),
             timeout=5,
         )
     first = await admission.ListPolicies(
         pb.ListPoliciesRequest(tenant_id=tenant, page_size=2),
-        metadata=as_tenant(tenant),
+        metadata=as_operator(),
         timeout=5,
     )
     assert [p.user_id for p in first.policies] == ["u1", "u2"] and first.next_page_token
     rest = await admission.ListPolicies(
         pb.ListPoliciesRequest(tenant_id=tenant, page_size=2, page_token=first.next_page_token),
-        metadata=as_tenant(tenant),
+        metadata=as_operator(),
         timeout=5,
     )
     assert [p.user_id for p in rest.policies] == ["u3"] and not rest.next_page_token

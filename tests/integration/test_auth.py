@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from google.rpc import code_pb2
+from google.rpc import code_pb2, status_pb2
 from prometheus_client.parser import text_string_to_metric_families
 from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
 
@@ -55,12 +55,59 @@ async def test_a_valid_key_sets_the_tenant_and_is_removed(authz):
     tenant = f"tenant-{uuid.uuid4().hex[:8]}"
     _, token = await store.create(tenant, "test")
     for headers in ({"authorization": f"Bearer {token}"}, {"x-api-key": token}):
-        reply = await stub.Check(check({**headers, "x-tenant-id": "someone-else"}), timeout=5)
+        spoofed = {"x-tenant-id": "someone-else", "x-switchboard-principal": "operator"}
+        reply = await stub.Check(check({**headers, **spoofed}), timeout=5)
         assert reply.status.code == code_pb2.OK
-        (header,) = reply.ok_response.headers
-        assert (header.header.key, header.header.value) == ("x-tenant-id", tenant)
-        assert header.append_action == header.OVERWRITE_IF_EXISTS_OR_ADD
+        set_headers = {h.header.key: h.header.value for h in reply.ok_response.headers}
+        assert set_headers == {"x-tenant-id": tenant, "x-switchboard-principal": "tenant"}
+        assert {h.append_action for h in reply.ok_response.headers} == {
+            reply.ok_response.headers[0].OVERWRITE_IF_EXISTS_OR_ADD
+        }
         assert set(reply.ok_response.headers_to_remove) == {"authorization", "x-api-key"}
+
+
+def check_call(headers: dict[str, str], path: str) -> external_auth_pb2.CheckRequest:
+    request = check(headers)
+    request.attributes.request.http.path = path
+    return request
+
+
+async def test_the_contract_decides_which_credential_may_call_a_method(authz):
+    store, stub = authz
+    tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+    _, tenant_key = await store.create(tenant, "test")
+    _, operator_key = await store.create_operator("test")
+    update = "/switchboard.admission.v1.AdmissionService/UpdatePolicy"
+    generate = "/switchboard.inference.v1.InferenceService/Generate"
+    quota = "/switchboard.admission.v1.AdmissionService/GetQuota"
+
+    def bearer(key: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {key}", "x-tenant-id": "acme"}
+
+    for key, path, allowed in (
+        (tenant_key, update, False),
+        (tenant_key, generate, True),
+        (tenant_key, quota, True),
+        (operator_key, update, True),
+        (operator_key, generate, False),
+        (operator_key, quota, True),
+    ):
+        reply = await stub.Check(check_call(bearer(key), path), timeout=5)
+        if not allowed:
+            assert reply.status.code == code_pb2.PERMISSION_DENIED, (key, path)
+            assert reply.denied_response.status.code == 403
+            grpc_status = {h.header.key: h.header.value for h in reply.denied_response.headers}
+            status = status_pb2.Status.FromString(
+                base64.b64decode(grpc_status["grpc-status-details-bin"])
+            )
+            assert error_details(status).error_info.reason == "PRINCIPAL_NOT_ALLOWED"
+            continue
+        assert reply.status.code == code_pb2.OK, (key, path)
+        set_headers = {h.header.key: h.header.value for h in reply.ok_response.headers}
+        if key == operator_key:  # acts on the tenant it names itself
+            assert set_headers == {"x-switchboard-principal": "operator"}
+        else:
+            assert set_headers == {"x-switchboard-principal": "tenant", "x-tenant-id": tenant}
 
 
 async def test_missing_wrong_and_revoked_keys_are_refused(authz):

@@ -27,6 +27,7 @@ from switchboard.rag.v1 import rag_service_pb2_grpc
 
 from services.demo import handbook
 from services.runtime import error_details
+from tests.integration.conftest import as_operator
 
 COLLECTION = "handbook"
 QUESTION = "How long is an on-call shift and when does it hand over?"
@@ -354,7 +355,7 @@ async def test_a_client_gone_while_queued_leaves_the_admission_queue(chat, admis
             policy=admission_pb2.Policy(tenant_id=tenant, max_in_flight=1),
             update_mask=field_mask_pb2.FieldMask(paths=["max_in_flight"]),
         ),
-        metadata=auth(tenant),
+        metadata=as_operator(),
         timeout=5,
     )
     held = await admission.Admit(admission_pb2.AdmitRequest(), metadata=auth(tenant), timeout=5)
@@ -385,7 +386,7 @@ async def test_queue_position_is_shown_and_a_refusal_is_a_frame_with_retry(
             policy=admission_pb2.Policy(tenant_id=tenant, max_in_flight=1, max_queued=1),
             update_mask=field_mask_pb2.FieldMask(paths=["max_in_flight", "max_queued"]),
         ),
-        metadata=auth(tenant),
+        metadata=as_operator(),
         timeout=5,
     )
     held = await admission.Admit(admission_pb2.AdmitRequest(), metadata=auth(tenant), timeout=5)
