@@ -45,6 +45,7 @@ class InferenceService:
             policy=ModelPolicy.load(config.model_policy),
             backends=backends,
             affinity_slack=config.affinity_slack,
+            embed_max_texts=config.embed_max_texts,
         )
         await self.router.refresh()
         if config.admission_target:

@@ -40,7 +40,6 @@ from services.runtime import (
 )
 
 __all__ = [
-    "ANONYMOUS_TENANT",
     "AdmissionGate",
     "Ask",
     "RelayedError",
@@ -50,8 +49,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ANONYMOUS_TENANT = "anonymous"
-"""The tenant a Generate call without `x-tenant-id` is admitted as."""
 RETRY_AFTER = timedelta(seconds=1)
 RELEASE_TIMEOUT_S = 5.0
 ADMIT_TIMEOUT_S = 10.0

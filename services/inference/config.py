@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from services.inference.router import EMBED_TEXTS_HARD_MAX
 from services.runtime import load_config
 
 logger = logging.getLogger(__name__)
@@ -29,12 +30,16 @@ class InferenceConfig:
     admission_target: str = ""
     """Where AdmissionService is reached (Envoy, which routes by tenant); empty = no
     admission control (unit set-ups). The launcher always sets it."""
+    embed_max_texts: int = EMBED_TEXTS_HARD_MAX
+    """Most texts one Embed call may carry, 1..512 (the contract's own bound)."""
 
     def __post_init__(self) -> None:
         if not self.triton_urls:
             raise ValueError("SWITCHBOARD_TRITON_URLS must list at least one host:port")
         if self.breaker_fail_max < 1:
             raise ValueError("SWITCHBOARD_BREAKER_FAIL_MAX must be at least 1")
+        if not 1 <= self.embed_max_texts <= EMBED_TEXTS_HARD_MAX:
+            raise ValueError(f"SWITCHBOARD_EMBED_MAX_TEXTS must be 1..{EMBED_TEXTS_HARD_MAX}")
 
 
 def load_inference_config() -> InferenceConfig:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from services.runtime import FailedPrecondition, NotFound
+from services.runtime import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, invalid
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,11 @@ def complexity(prompt: str) -> float:
         0.40 * reasoning + 0.15 * questions + 0.15 * technical + 0.15 * long_words + 0.15 * length
     )
     return round(min(score, 1.0), 4)
+
+
+def _wrong_model(description: str, *, what: str) -> InvalidArgument:
+    """A model that exists but cannot serve this call: a field violation on `model`."""
+    return invalid([FieldViolation("model", description)], what=what)
 
 
 @dataclass(frozen=True)
@@ -121,22 +126,46 @@ class ModelPolicy:
         """The embedder an Embed call asks for ("" = the default).
 
         Raises:
-            NotFound: `MODEL_NOT_FOUND`, no embedder has that name.
+            InvalidArgument: `INVALID_REQUEST`, `requested` names a generator.
+            NotFound: `MODEL_NOT_FOUND`, no model has that name.
         """
         if not requested:
             return self.embedder.name
         if requested in self.embedder.names:
             return requested
+        if any(g.name == requested for g in self.generators):
+            raise _wrong_model(
+                f"{requested!r} is a generator; Embed takes an embedder "
+                f"({', '.join(self.embedder.names)})",
+                what="EmbedRequest",
+            )
         raise NotFound(
             f"embedder {requested!r} does not exist (embedders: {', '.join(self.embedder.names)})",
             reason="MODEL_NOT_FOUND",
             metadata={"model": requested},
         )
 
-    def generator(self, name: str) -> GeneratorModel:
+    def generator(self, name: str, *, tier: str = "") -> GeneratorModel:
+        """The generator a Generate call names, which must belong to `tier` when one is
+        pinned.
+
+        Raises:
+            InvalidArgument: `INVALID_REQUEST`, `name` is an embedder's, or a generator
+                of another tier than `tier`.
+            NotFound: `MODEL_NOT_FOUND`, no model has that name.
+        """
         for model in self.generators:
             if model.name == name:
+                if tier and model.tier != tier:
+                    raise _wrong_model(
+                        f"{name!r} belongs to tier {model.tier!r}, not to the pinned tier {tier!r}",
+                        what="GenerateRequest",
+                    )
                 return model
+        if name in self.embedder.names:
+            raise _wrong_model(
+                f"{name!r} is an embedder; Generate takes a generator", what="GenerateRequest"
+            )
         raise NotFound(
             f"model {name!r} does not exist; ListModels shows the models served",
             reason="MODEL_NOT_FOUND",
@@ -155,11 +184,12 @@ class ModelPolicy:
         """Picks the generator for a request (explicit model, pinned tier, or automatic).
 
         Raises:
+            InvalidArgument: the named model is not a generator of the pinned tier.
             NotFound: the named model does not exist.
             FailedPrecondition: no candidate's context holds the prompt and completion.
         """
         if model:
-            candidates: Sequence[GeneratorModel] = [self.generator(model)]
+            candidates: Sequence[GeneratorModel] = [self.generator(model, tier=tier)]
         elif tier:
             candidates = [g for g in self.generators if g.tier == tier]
             if not candidates:

@@ -1,10 +1,14 @@
-"""The routing core: validates requests, picks model and backend, falls back on failure."""
+"""The routing core: picks model and backend, falls back on failure.
+
+The requests' static bounds (lengths, ranges, counts, enums) are the contract's
+`buf.validate` annotations, checked by the runtime before a handler runs; what is
+checked here is only what those cannot say (blank text, the configured embed cap).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -25,11 +29,8 @@ from services.runtime import (
 
 logger = logging.getLogger(__name__)
 
-MAX_PROMPT_CHARS = 256 * 1024
-MAX_PASSAGES = 64
-MAX_TOKENS_CAP = 4096
-MAX_EMBED_TEXTS = 512
-MAX_EMBED_TEXT_CHARS = 32 * 1024
+EMBED_TEXTS_HARD_MAX = 512
+"""EmbedRequest.texts' `max_items` in the contract: the configured cap is at most this."""
 RETRY_AFTER = timedelta(seconds=2)
 
 
@@ -72,43 +73,35 @@ class GenerateResult:
 
 
 def validate_generate(request: GenerateInput) -> None:
+    """What the contract's annotations cannot say about a (validated) GenerateRequest:
+    the prompt and the passages must not be blank.
+
+    Raises:
+        InvalidArgument: `INVALID_REQUEST`, with a field violation per blank text.
+    """
     problems = []
     if not request.prompt.strip():
         problems.append(FieldViolation("prompt", "must not be empty"))
-    elif len(request.prompt) > MAX_PROMPT_CHARS:
-        problems.append(FieldViolation("prompt", f"longer than {MAX_PROMPT_CHARS} characters"))
-    if len(request.passages) > MAX_PASSAGES:
-        problems.append(FieldViolation("context", f"more than {MAX_PASSAGES} passages"))
     for i, passage in enumerate(request.passages):
         if not passage.strip():
             problems.append(FieldViolation(f"context[{i}].text", "must not be empty"))
-    if not 0 <= request.max_tokens <= MAX_TOKENS_CAP:
-        problems.append(
-            FieldViolation(
-                "parameters.max_tokens", f"must be within 0..{MAX_TOKENS_CAP} (0: model default)"
-            )
-        )
-    if not (math.isfinite(request.temperature) and 0.0 <= request.temperature <= 2.0):
-        problems.append(FieldViolation("parameters.temperature", "must be within 0..2"))
-    if len(request.session_id) > 256:
-        problems.append(FieldViolation("session_id", "longer than 256 characters"))
     if problems:
         raise invalid(problems, what="GenerateRequest")
 
 
-def validate_embed(texts: Sequence[str]) -> None:
+def validate_embed(texts: Sequence[str], *, max_texts: int = EMBED_TEXTS_HARD_MAX) -> None:
+    """What the contract's annotations cannot say about a (validated) EmbedRequest: no
+    blank text, and at most the configured `max_texts` texts.
+
+    Raises:
+        InvalidArgument: `INVALID_REQUEST`, with a field violation per problem.
+    """
     problems = []
-    if not texts:
-        problems.append(FieldViolation("texts", "at least one text is required"))
-    if len(texts) > MAX_EMBED_TEXTS:
-        problems.append(FieldViolation("texts", f"at most {MAX_EMBED_TEXTS} texts per call"))
+    if len(texts) > max_texts:
+        problems.append(FieldViolation("texts", f"at most {max_texts} texts per call"))
     for i, text in enumerate(texts):
         if not text.strip():
-            problems.append(FieldViolation(f"texts[{i}]", "must not be empty"))
-        elif len(text) > MAX_EMBED_TEXT_CHARS:
-            problems.append(
-                FieldViolation(f"texts[{i}]", f"longer than {MAX_EMBED_TEXT_CHARS} characters")
-            )
+            problems.append(FieldViolation(f"texts[{i}]", "must not be blank"))
     if problems:
         raise invalid(problems[:20], what="EmbedRequest")
 
@@ -126,10 +119,18 @@ class Router:
     """Routes generations and embeddings over a set of Triton backends."""
 
     def __init__(
-        self, *, policy: ModelPolicy, backends: Sequence[TritonBackend], affinity_slack: int = 4
+        self,
+        *,
+        policy: ModelPolicy,
+        backends: Sequence[TritonBackend],
+        affinity_slack: int = 4,
+        embed_max_texts: int = EMBED_TEXTS_HARD_MAX,
     ) -> None:
+        if not 1 <= embed_max_texts <= EMBED_TEXTS_HARD_MAX:
+            raise ValueError(f"embed_max_texts must be 1..{EMBED_TEXTS_HARD_MAX}")
         self.policy = policy
         self.backends = list(backends)
+        self.embed_max_texts = embed_max_texts
         self.balancer = Balancer(self.backends, affinity_slack=affinity_slack)
 
     @property
@@ -214,7 +215,7 @@ class Router:
     async def embed(self, texts: Sequence[str], *, model: str = "") -> np.ndarray:
         """Embeds `texts` in Triton-sized batches, concurrently, on the least loaded backends,
         with `model` (a validated embedder name; "" = the default)."""
-        validate_embed(texts)
+        validate_embed(texts, max_texts=self.embed_max_texts)
         model = model or self.policy.embedder.name
         size = self.policy.embedder.max_batch
         if len(texts) <= size:

@@ -10,9 +10,9 @@ import grpc
 from switchboard.common.v1 import common_pb2
 from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 
-from services.inference.admission import ANONYMOUS_TENANT, AdmissionGate, Ask
+from services.inference.admission import AdmissionGate, Ask
 from services.inference.router import GenerateInput, GenerateResult, Router
-from services.runtime import count_tokens, current_tenant
+from services.runtime import count_tokens, require_tenant
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +57,16 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     async def Generate(  # noqa: N802 - gRPC method name
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        # every generation is admitted and charged to a tenant: none, no generation
+        tenant = require_tenant()
         params = GenerateInput(
             prompt=request.prompt,
             passages=[p.text for p in request.context],
             max_tokens=request.parameters.max_tokens,
             temperature=request.parameters.temperature,
             model=request.model,
-            tier=_TIER_NAMES.get(request.tier, ""),
+            # the contract refuses a tier outside the enum before this runs
+            tier=_TIER_NAMES[request.tier] if request.tier else "",
             session_id=request.session_id,
         )
         result = GenerateResult(choice=self._router.choose(params))
@@ -72,7 +75,6 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 yield reply
             return
         choice = result.choice
-        tenant = current_tenant() or ANONYMOUS_TENANT
         ask = Ask(
             tenant_id=tenant,
             tier=choice.model.tier,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from switchboard.common.v1 import common_pb2
 from switchboard.inference.v1 import inference_pb2 as pb
+from switchboard.inference.v1 import inference_service_pb2_grpc
 
 from services.runtime import ERROR_DOMAIN, error_details
 
@@ -193,11 +194,17 @@ async def test_embedder_variants_are_asked_for_by_name(inference):
     )
     assert unbatched.model == "embedder_unbatched"
     assert np.dot(default.embeddings[0].values, unbatched.embeddings[0].values) > 0.999
-    for name in ("generator_small", "no-such-embedder"):
-        with pytest.raises(grpc.aio.AioRpcError) as exc:
-            await inference.Embed(pb.EmbedRequest(texts=text, model=name), timeout=10)
-        assert exc.value.code() == grpc.StatusCode.NOT_FOUND
-        assert error_details(exc.value).error_info.reason == "MODEL_NOT_FOUND"
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await inference.Embed(pb.EmbedRequest(texts=text, model="no-such-embedder"), timeout=10)
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_details(exc.value).error_info.reason == "MODEL_NOT_FOUND"
+    # a model that exists but is not an embedder is a bad request, as the contract says
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await inference.Embed(pb.EmbedRequest(texts=text, model="generator_small"), timeout=10)
+    details = error_details(exc.value)
+    assert details.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.error_info.reason == "INVALID_REQUEST"
+    assert [v.field for v in details.field_violations] == ["model"]
 
 
 async def test_list_models(inference):
@@ -236,7 +243,7 @@ async def test_empty_prompt_and_bad_parameters_are_field_violations(inference):
     details = await _error(
         inference.Generate(
             pb.GenerateRequest(
-                prompt=" ", parameters=pb.GenerationParameters(max_tokens=99999, temperature=-1)
+                prompt="", parameters=pb.GenerationParameters(max_tokens=99999, temperature=-1)
             ),
             timeout=10,
         )
@@ -249,6 +256,39 @@ async def test_empty_prompt_and_bad_parameters_are_field_violations(inference):
         "parameters.max_tokens",
         "parameters.temperature",
     }
+    # a blank prompt passes the annotations (not empty) but not the service
+    blank = await _error(inference.Generate(pb.GenerateRequest(prompt=" \n "), timeout=10))
+    assert blank.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in blank.field_violations] == ["prompt"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"tier": 99}, "tier"),
+        ({"priority": 7}, "priority"),
+        ({"model": "embedder"}, "model"),
+        ({"model": "generator_small", "tier": common_pb2.MODEL_TIER_LARGE}, "model"),
+    ],
+)
+async def test_unknown_enums_and_the_wrong_model_are_field_violations(inference, fields, field):
+    details = await _error(
+        inference.Generate(pb.GenerateRequest(prompt="hi", **fields), timeout=10)
+    )
+    assert details.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.error_info.reason == "INVALID_REQUEST"
+    assert [v.field for v in details.field_violations] == [field]
+
+
+async def test_generate_without_a_tenant_is_unauthenticated(mesh):
+    """Through Envoy every call has its key's tenant; the service's own port refuses a
+    Generate that names none (it would be admitted and charged to nobody)."""
+    target = f"{mesh.config.host}:{mesh.config.inference_port}"
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        details = await _error(stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=10))
+    assert details.code == grpc.StatusCode.UNAUTHENTICATED
+    assert details.error_info.reason == "TENANT_MISSING"
 
 
 async def test_unknown_model_is_not_found(inference):

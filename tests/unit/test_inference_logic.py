@@ -11,7 +11,12 @@ import pytest
 from services.inference.balancer import Balancer
 from services.inference.breaker import BackendBreaker
 from services.inference.policy import ModelPolicy, complexity
-from services.inference.router import GenerateInput, validate_embed, validate_generate
+from services.inference.router import (
+    EMBED_TEXTS_HARD_MAX,
+    GenerateInput,
+    validate_embed,
+    validate_generate,
+)
 from services.runtime import FailedPrecondition, InvalidArgument, NotFound, count_tokens
 
 POLICY = ModelPolicy.load(Path("services/inference/models.yaml"))
@@ -86,27 +91,23 @@ def test_fallbacks_exclude_the_chosen_model_and_too_small_contexts():
     assert POLICY.fallbacks(large, 4000) == []
 
 
-def test_generate_validation_lists_every_violation():
+def test_generate_validation_refuses_blank_text_the_contract_cannot_see():
     with pytest.raises(InvalidArgument) as err:
-        validate_generate(
-            GenerateInput(prompt="  ", passages=[""], max_tokens=-1, temperature=float("nan"))
-        )
+        validate_generate(GenerateInput(prompt="  \n", passages=["ok", "\t "]))
     fields = {v.field for v in err.value.field_violations}
-    assert fields == {
-        "prompt",
-        "context[0].text",
-        "parameters.max_tokens",
-        "parameters.temperature",
-    }
+    assert fields == {"prompt", "context[1].text"}
+    validate_generate(GenerateInput(prompt="hi", passages=["ok"]))
 
 
-def test_embed_validation():
-    with pytest.raises(InvalidArgument):
-        validate_embed([])
+def test_embed_validation_refuses_blank_texts_and_more_than_the_configured_cap():
     with pytest.raises(InvalidArgument) as err:
-        validate_embed(["ok", ""])
-    assert err.value.field_violations[0].field == "texts[1]"
-    validate_embed(["fine"])
+        validate_embed(["ok", " "])
+    assert [v.field for v in err.value.field_violations] == ["texts[1]"]
+    with pytest.raises(InvalidArgument) as err:
+        validate_embed(["a", "b", "c"], max_texts=2)
+    assert [v.field for v in err.value.field_violations] == ["texts"]
+    assert "at most 2 texts" in err.value.field_violations[0].description
+    validate_embed(["fine"] * EMBED_TEXTS_HARD_MAX)
 
 
 class FakeBackend:

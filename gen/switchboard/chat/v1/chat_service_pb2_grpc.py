@@ -34,12 +34,15 @@ class ChatServiceStub:
     the caller's tenant (`x-tenant-id`), and another tenant's session is NOT_FOUND.
 
     Errors (see switchboard.common.v1): UNAUTHENTICATED `API_KEY_MISSING` /
-    `API_KEY_INVALID`; NOT_FOUND `SESSION_NOT_FOUND`; INVALID_ARGUMENT `INVALID_REQUEST`
-    with field violations, or `FRAME_OUT_OF_ORDER` (a frame before open or resume, or a
-    second open), which ends a Converse stream; FAILED_PRECONDITION
-    `EVENT_HISTORY_EXPIRED` for a resume point no longer retained. Inside Converse,
-    per-message failures (admission refusal, a message over the size limit, a backend
-    down mid-answer) are ErrorFrames and the stream stays open.
+    `API_KEY_INVALID`; NOT_FOUND `SESSION_NOT_FOUND` (also for an id that is not a
+    session id); INVALID_ARGUMENT `INVALID_REQUEST` with field violations (the
+    `buf.validate` constraints of the request or frame, and those its comments state),
+    or `FRAME_OUT_OF_ORDER` (a frame before open or resume, or a second open), which
+    ends a Converse stream; FAILED_PRECONDITION `EVENT_HISTORY_EXPIRED` for a resume
+    point no longer retained; UNAVAILABLE `DEPENDENCY_UNAVAILABLE` while the session
+    store is down. Inside Converse, per-message failures (a frame breaking its
+    constraints, admission refusal, a message over the size limit, a backend down
+    mid-answer) are ErrorFrames and the stream stays open.
     """
 
     def __init__(self, channel):
@@ -94,12 +97,15 @@ class ChatServiceServicer:
     the caller's tenant (`x-tenant-id`), and another tenant's session is NOT_FOUND.
 
     Errors (see switchboard.common.v1): UNAUTHENTICATED `API_KEY_MISSING` /
-    `API_KEY_INVALID`; NOT_FOUND `SESSION_NOT_FOUND`; INVALID_ARGUMENT `INVALID_REQUEST`
-    with field violations, or `FRAME_OUT_OF_ORDER` (a frame before open or resume, or a
-    second open), which ends a Converse stream; FAILED_PRECONDITION
-    `EVENT_HISTORY_EXPIRED` for a resume point no longer retained. Inside Converse,
-    per-message failures (admission refusal, a message over the size limit, a backend
-    down mid-answer) are ErrorFrames and the stream stays open.
+    `API_KEY_INVALID`; NOT_FOUND `SESSION_NOT_FOUND` (also for an id that is not a
+    session id); INVALID_ARGUMENT `INVALID_REQUEST` with field violations (the
+    `buf.validate` constraints of the request or frame, and those its comments state),
+    or `FRAME_OUT_OF_ORDER` (a frame before open or resume, or a second open), which
+    ends a Converse stream; FAILED_PRECONDITION `EVENT_HISTORY_EXPIRED` for a resume
+    point no longer retained; UNAVAILABLE `DEPENDENCY_UNAVAILABLE` while the session
+    store is down. Inside Converse, per-message failures (a frame breaking its
+    constraints, admission refusal, a message over the size limit, a backend down
+    mid-answer) are ErrorFrames and the stream stays open.
     """
 
     def Converse(self, request_iterator, context):
@@ -218,12 +224,15 @@ class ChatService:
     the caller's tenant (`x-tenant-id`), and another tenant's session is NOT_FOUND.
 
     Errors (see switchboard.common.v1): UNAUTHENTICATED `API_KEY_MISSING` /
-    `API_KEY_INVALID`; NOT_FOUND `SESSION_NOT_FOUND`; INVALID_ARGUMENT `INVALID_REQUEST`
-    with field violations, or `FRAME_OUT_OF_ORDER` (a frame before open or resume, or a
-    second open), which ends a Converse stream; FAILED_PRECONDITION
-    `EVENT_HISTORY_EXPIRED` for a resume point no longer retained. Inside Converse,
-    per-message failures (admission refusal, a message over the size limit, a backend
-    down mid-answer) are ErrorFrames and the stream stays open.
+    `API_KEY_INVALID`; NOT_FOUND `SESSION_NOT_FOUND` (also for an id that is not a
+    session id); INVALID_ARGUMENT `INVALID_REQUEST` with field violations (the
+    `buf.validate` constraints of the request or frame, and those its comments state),
+    or `FRAME_OUT_OF_ORDER` (a frame before open or resume, or a second open), which
+    ends a Converse stream; FAILED_PRECONDITION `EVENT_HISTORY_EXPIRED` for a resume
+    point no longer retained; UNAVAILABLE `DEPENDENCY_UNAVAILABLE` while the session
+    store is down. Inside Converse, per-message failures (a frame breaking its
+    constraints, admission refusal, a message over the size limit, a backend down
+    mid-answer) are ErrorFrames and the stream stays open.
     """
 
     @staticmethod

@@ -36,11 +36,13 @@ class ExecutionServiceStub:
     Tasks belong to the caller's tenant (`x-tenant-id`).
 
     Errors (see switchboard.common.v1): INVALID_ARGUMENT `INVALID_REQUEST` with field
-    violations (cyclic or dangling dependencies, missing kind, unknown tool, bad
-    references), before anything runs; RESOURCE_EXHAUSTED `TASK_TOO_LARGE` /
-    `CODE_TOO_LARGE`; NOT_FOUND `TASK_NOT_FOUND`; ALREADY_EXISTS
-    `IDEMPOTENCY_KEY_REUSED`; FAILED_PRECONDITION `EVENT_HISTORY_EXPIRED` for a WatchTask
-    cursor older than the retained events.
+    violations (the `buf.validate` constraints of the request, and those only its
+    comments state: cyclic or dangling dependencies, missing kind, unknown tool, bad
+    references, NUL in labels), before anything runs; RESOURCE_EXHAUSTED
+    `TASK_TOO_LARGE` / `CODE_TOO_LARGE` / `FILES_TOO_LARGE`; NOT_FOUND `TASK_NOT_FOUND`
+    (also for an id that is not a task id); ALREADY_EXISTS `IDEMPOTENCY_KEY_REUSED`;
+    FAILED_PRECONDITION `EVENT_HISTORY_EXPIRED` from WatchTask when the task's events are
+    no longer all retained (they are kept for 7 days).
     """
 
     def __init__(self, channel):
@@ -97,16 +99,19 @@ class ExecutionServiceServicer:
     Tasks belong to the caller's tenant (`x-tenant-id`).
 
     Errors (see switchboard.common.v1): INVALID_ARGUMENT `INVALID_REQUEST` with field
-    violations (cyclic or dangling dependencies, missing kind, unknown tool, bad
-    references), before anything runs; RESOURCE_EXHAUSTED `TASK_TOO_LARGE` /
-    `CODE_TOO_LARGE`; NOT_FOUND `TASK_NOT_FOUND`; ALREADY_EXISTS
-    `IDEMPOTENCY_KEY_REUSED`; FAILED_PRECONDITION `EVENT_HISTORY_EXPIRED` for a WatchTask
-    cursor older than the retained events.
+    violations (the `buf.validate` constraints of the request, and those only its
+    comments state: cyclic or dangling dependencies, missing kind, unknown tool, bad
+    references, NUL in labels), before anything runs; RESOURCE_EXHAUSTED
+    `TASK_TOO_LARGE` / `CODE_TOO_LARGE` / `FILES_TOO_LARGE`; NOT_FOUND `TASK_NOT_FOUND`
+    (also for an id that is not a task id); ALREADY_EXISTS `IDEMPOTENCY_KEY_REUSED`;
+    FAILED_PRECONDITION `EVENT_HISTORY_EXPIRED` from WatchTask when the task's events are
+    no longer all retained (they are kept for 7 days).
     """
 
     def SubmitTask(self, request, context):
-        """Validates and submits a task; returns at once with the task PENDING. With an
-        idempotency key, a repeated submission returns the first task.
+        """Validates and submits a task; returns at once with the task PENDING (it becomes
+        RUNNING when its first step starts). With an idempotency key, a repeated
+        submission returns the first task.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,10 +119,11 @@ class ExecutionServiceServicer:
 
     def SubmitTasks(self, request, context):
         """Submits up to 500 tasks in one call, for producers with many to enqueue: each is
-        validated and submitted as SubmitTask would, on its own, and gets its own result
-        (one bad task does not stop the others). The call itself fails only when the
-        batch is empty or too long (INVALID_ARGUMENT) or over the message size limit
-        (RESOURCE_EXHAUSTED). Retry a failed call with idempotency keys on its tasks.
+        validated (its constraints, then its graph) and submitted as SubmitTask would, on
+        its own, and gets its own result (one bad task does not stop the others). The call
+        itself fails only when the batch is empty or too long (INVALID_ARGUMENT, field
+        `tasks`) or over the message size limit (RESOURCE_EXHAUSTED). Retry a failed call
+        with idempotency keys on its tasks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,7 +146,8 @@ class ExecutionServiceServicer:
     def WatchTask(self, request, context):
         """Streams a task's events in sequence order, from the beginning or after a cursor,
         then live as they happen. Ends after the task's final event (at once if the task
-        had already ended and the cursor is past its last event).
+        had already ended and the cursor is at or past its last event). Sequences count
+        the task's own events only (1, 2, 3, ...).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -220,11 +227,13 @@ class ExecutionService:
     Tasks belong to the caller's tenant (`x-tenant-id`).
 
     Errors (see switchboard.common.v1): INVALID_ARGUMENT `INVALID_REQUEST` with field
-    violations (cyclic or dangling dependencies, missing kind, unknown tool, bad
-    references), before anything runs; RESOURCE_EXHAUSTED `TASK_TOO_LARGE` /
-    `CODE_TOO_LARGE`; NOT_FOUND `TASK_NOT_FOUND`; ALREADY_EXISTS
-    `IDEMPOTENCY_KEY_REUSED`; FAILED_PRECONDITION `EVENT_HISTORY_EXPIRED` for a WatchTask
-    cursor older than the retained events.
+    violations (the `buf.validate` constraints of the request, and those only its
+    comments state: cyclic or dangling dependencies, missing kind, unknown tool, bad
+    references, NUL in labels), before anything runs; RESOURCE_EXHAUSTED
+    `TASK_TOO_LARGE` / `CODE_TOO_LARGE` / `FILES_TOO_LARGE`; NOT_FOUND `TASK_NOT_FOUND`
+    (also for an id that is not a task id); ALREADY_EXISTS `IDEMPOTENCY_KEY_REUSED`;
+    FAILED_PRECONDITION `EVENT_HISTORY_EXPIRED` from WatchTask when the task's events are
+    no longer all retained (they are kept for 7 days).
     """
 
     @staticmethod

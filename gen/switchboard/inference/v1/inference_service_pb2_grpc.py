@@ -33,10 +33,15 @@ class InferenceServiceStub:
 
     Errors (see switchboard.common.v1 for the model; ErrorInfo domain `switchboard.dev`):
 
-    - INVALID_ARGUMENT, reason `INVALID_REQUEST`, with BadRequest field violations: empty
-    prompt, max_tokens or temperature out of range, empty or too many embedding texts,
-    a model that does not belong to the pinned tier, a generator named in Embed or an
-    embedder named in Generate.
+    - UNAUTHENTICATED, reason `TENANT_MISSING`: a Generate call without `x-tenant-id`
+    (possible only on an internal listener or the service's own port; the edge always
+    sets it). Every generation is admitted and charged to a tenant.
+    - INVALID_ARGUMENT, reason `INVALID_REQUEST`, with BadRequest field violations: a
+    field outside the bounds its comment and `buf.validate` annotations state (blank
+    or over-long prompt, max_tokens or temperature out of range, an unknown tier or
+    priority, empty or too many embedding texts, ...), a model that does not belong to
+    the pinned tier, a generator named in Embed or an embedder named in Generate (the
+    violation names `model`).
     - NOT_FOUND, reason `MODEL_NOT_FOUND` (metadata `model`): no model by that name.
     - FAILED_PRECONDITION, reason `PROMPT_TOO_LONG` (metadata `prompt_tokens`,
     `max_context_tokens`): the prompt with its context does not fit the named model,
@@ -44,6 +49,8 @@ class InferenceServiceStub:
     - UNAVAILABLE, reason `BACKENDS_UNAVAILABLE` (metadata `model`, `tier`), with
     RetryInfo: every backend that could serve the request is down or has an open
     circuit, and no fallback was possible.
+    - UNAVAILABLE, reason `BACKEND_UNAVAILABLE` (metadata `backend`): the backend serving
+    a generation failed after the first token was sent (see Generate).
     - RESOURCE_EXHAUSTED: admission refused the request (reasons `QUOTA_EXCEEDED`,
     `QUEUE_FULL`, `CAPACITY_EXHAUSTED`, with QuotaFailure and RetryInfo), or a message
     is over the size limit (`MESSAGE_TOO_LARGE`, or gRPC's own refusal without details).
@@ -82,10 +89,15 @@ class InferenceServiceServicer:
 
     Errors (see switchboard.common.v1 for the model; ErrorInfo domain `switchboard.dev`):
 
-    - INVALID_ARGUMENT, reason `INVALID_REQUEST`, with BadRequest field violations: empty
-    prompt, max_tokens or temperature out of range, empty or too many embedding texts,
-    a model that does not belong to the pinned tier, a generator named in Embed or an
-    embedder named in Generate.
+    - UNAUTHENTICATED, reason `TENANT_MISSING`: a Generate call without `x-tenant-id`
+    (possible only on an internal listener or the service's own port; the edge always
+    sets it). Every generation is admitted and charged to a tenant.
+    - INVALID_ARGUMENT, reason `INVALID_REQUEST`, with BadRequest field violations: a
+    field outside the bounds its comment and `buf.validate` annotations state (blank
+    or over-long prompt, max_tokens or temperature out of range, an unknown tier or
+    priority, empty or too many embedding texts, ...), a model that does not belong to
+    the pinned tier, a generator named in Embed or an embedder named in Generate (the
+    violation names `model`).
     - NOT_FOUND, reason `MODEL_NOT_FOUND` (metadata `model`): no model by that name.
     - FAILED_PRECONDITION, reason `PROMPT_TOO_LONG` (metadata `prompt_tokens`,
     `max_context_tokens`): the prompt with its context does not fit the named model,
@@ -93,6 +105,8 @@ class InferenceServiceServicer:
     - UNAVAILABLE, reason `BACKENDS_UNAVAILABLE` (metadata `model`, `tier`), with
     RetryInfo: every backend that could serve the request is down or has an open
     circuit, and no fallback was possible.
+    - UNAVAILABLE, reason `BACKEND_UNAVAILABLE` (metadata `backend`): the backend serving
+    a generation failed after the first token was sent (see Generate).
     - RESOURCE_EXHAUSTED: admission refused the request (reasons `QUOTA_EXCEEDED`,
     `QUEUE_FULL`, `CAPACITY_EXHAUSTED`, with QuotaFailure and RetryInfo), or a message
     is over the size limit (`MESSAGE_TOO_LARGE`, or gRPC's own refusal without details).
@@ -104,7 +118,8 @@ class InferenceServiceServicer:
         """Generates text for a prompt, streaming tokens as the backend produces them. The
         stream ends with one GenerationComplete carrying usage, citations, and the model
         and backend that served it. Tokens already sent are not repeated on failure: an
-        error after the first token ends the stream with a status.
+        error after the first token ends the stream with a status (UNAVAILABLE
+        `BACKEND_UNAVAILABLE` when the backend failed), and no other backend is tried.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -160,10 +175,15 @@ class InferenceService:
 
     Errors (see switchboard.common.v1 for the model; ErrorInfo domain `switchboard.dev`):
 
-    - INVALID_ARGUMENT, reason `INVALID_REQUEST`, with BadRequest field violations: empty
-    prompt, max_tokens or temperature out of range, empty or too many embedding texts,
-    a model that does not belong to the pinned tier, a generator named in Embed or an
-    embedder named in Generate.
+    - UNAUTHENTICATED, reason `TENANT_MISSING`: a Generate call without `x-tenant-id`
+    (possible only on an internal listener or the service's own port; the edge always
+    sets it). Every generation is admitted and charged to a tenant.
+    - INVALID_ARGUMENT, reason `INVALID_REQUEST`, with BadRequest field violations: a
+    field outside the bounds its comment and `buf.validate` annotations state (blank
+    or over-long prompt, max_tokens or temperature out of range, an unknown tier or
+    priority, empty or too many embedding texts, ...), a model that does not belong to
+    the pinned tier, a generator named in Embed or an embedder named in Generate (the
+    violation names `model`).
     - NOT_FOUND, reason `MODEL_NOT_FOUND` (metadata `model`): no model by that name.
     - FAILED_PRECONDITION, reason `PROMPT_TOO_LONG` (metadata `prompt_tokens`,
     `max_context_tokens`): the prompt with its context does not fit the named model,
@@ -171,6 +191,8 @@ class InferenceService:
     - UNAVAILABLE, reason `BACKENDS_UNAVAILABLE` (metadata `model`, `tier`), with
     RetryInfo: every backend that could serve the request is down or has an open
     circuit, and no fallback was possible.
+    - UNAVAILABLE, reason `BACKEND_UNAVAILABLE` (metadata `backend`): the backend serving
+    a generation failed after the first token was sent (see Generate).
     - RESOURCE_EXHAUSTED: admission refused the request (reasons `QUOTA_EXCEEDED`,
     `QUEUE_FULL`, `CAPACITY_EXHAUSTED`, with QuotaFailure and RetryInfo), or a message
     is over the size limit (`MESSAGE_TOO_LARGE`, or gRPC's own refusal without details).
