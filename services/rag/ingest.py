@@ -1,9 +1,13 @@
 """Ingestion: validate a document, chunk it, embed the chunks, store it atomically.
 
-Each document succeeds or fails on its own: a failure is an outcome carrying the error
-(its `document_id` in the ErrorInfo metadata), never an exception that would end the
-stream. Embedding happens before the transaction opens, so an embedder failure writes
-nothing and an earlier version of the document stays intact.
+Each document succeeds or fails on its own: a failure is an outcome carrying the error,
+never an exception that would end the stream. A streamed message is not validated by
+the runtime, so each one is checked here against the contract (`request_violations`)
+and what its annotations cannot say, first: its `document_id` and `collection` are
+echoed in the error's ErrorInfo metadata only once they are known to be valid (an
+invalid one is named by its field violation, not quoted). Embedding happens before
+the transaction opens, so an embedder failure writes nothing and an earlier version of
+the document stays intact.
 """
 
 from __future__ import annotations
@@ -12,13 +16,13 @@ import asyncio
 import logging
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 from switchboard.rag.v1 import rag_pb2
 
-from services.rag.chunking import MAX_CHUNK_TOKENS, MIN_CHUNK_TOKENS, chunk_text
+from services.rag.chunking import chunk_text
 from services.rag.embedder import Embedder
 from services.rag.store import RagStore, StoredChunk
 from services.runtime import (
@@ -27,15 +31,14 @@ from services.runtime import (
     ResourceExhausted,
     SwitchboardError,
     invalid,
+    request_violations,
 )
 
 logger = logging.getLogger(__name__)
 
 COLLECTION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
-MAX_DOCUMENT_ID_CHARS = 256
-MAX_METADATA_ENTRIES = 32
-MAX_METADATA_KEY_CHARS = 64
-MAX_METADATA_VALUE_CHARS = 1024
+"""A collection name, as the contract's annotations bound it (for names read back from
+a page token, which no annotation sees)."""
 _EMBED_CALLS_PER_DOCUMENT = 4
 """Embed calls one document keeps in flight (Triton batches them with other calls)."""
 
@@ -66,55 +69,56 @@ def validate_collection(name: str, field: str) -> FieldViolation | None:
     return None
 
 
-def validate_metadata(metadata: dict[str, str], field: str) -> list[FieldViolation]:
-    problems = []
-    if len(metadata) > MAX_METADATA_ENTRIES:
-        problems.append(FieldViolation(field, f"at most {MAX_METADATA_ENTRIES} entries"))
-    for key, value in metadata.items():
-        if not 0 < len(key) <= MAX_METADATA_KEY_CHARS or "\x00" in key:
+def without_nul(value: str, field: str) -> FieldViolation | None:
+    """PostgreSQL text holds no NUL character; the annotations do not say so."""
+    return FieldViolation(field, "must not hold a NUL character") if "\x00" in value else None
+
+
+def metadata_nul_violations(metadata: Mapping[str, str], field: str) -> list[FieldViolation]:
+    """The entries of a metadata map (bounded by the annotations) holding a NUL."""
+    return [
+        FieldViolation(f"{field}[{key!r}]", "keys and values must not hold a NUL character")
+        for key, value in metadata.items()
+        if "\x00" in key or "\x00" in value
+    ]
+
+
+def document_violations(
+    request: rag_pb2.IngestDocumentsRequest, settings: IngestSettings
+) -> list[FieldViolation]:
+    """Every way one IngestDocuments message breaks the contract: its annotations, then
+    what they cannot say (NUL characters, the overlap within half the chunk size). The
+    content (empty, binary, too large) is `_document_text`'s."""
+    problems = request_violations(request)
+    doc = request.document
+    if bad := without_nul(doc.document_id, "document.document_id"):
+        problems.append(bad)
+    problems += metadata_nul_violations(doc.metadata, "document.metadata")
+    options = request.chunking
+    chunk_tokens = options.chunk_tokens or settings.chunk_tokens
+    overlap_bounded = not any(p.field == "chunking.overlap_tokens" for p in problems)
+    if overlap_bounded and options.HasField("overlap_tokens"):
+        if options.overlap_tokens > chunk_tokens // 2:
             problems.append(
-                FieldViolation(f"{field}[{key[:40]!r}]", "keys are 1..64 characters, no NUL")
-            )
-        if len(value) > MAX_METADATA_VALUE_CHARS or "\x00" in value:
-            problems.append(
-                FieldViolation(f"{field}[{key[:40]!r}]", "values are 0..1024 characters, no NUL")
+                FieldViolation(
+                    "chunking.overlap_tokens",
+                    f"must be at most half the chunk size ({chunk_tokens // 2})",
+                )
             )
     return problems
 
 
 def _document_text(request: rag_pb2.IngestDocumentsRequest, settings: IngestSettings) -> str:
-    """The document's validated text.
+    """The text of a document whose fields are valid (`document_violations`).
 
     Raises:
-        InvalidArgument: missing fields, bad names, empty, non-UTF-8 or binary text.
+        InvalidArgument: empty, non-UTF-8 or binary text.
         ResourceExhausted: `DOCUMENT_TOO_LARGE`.
     """
     doc = request.document
     meta = {"document_id": doc.document_id, "collection": doc.collection}
-    problems: list[FieldViolation] = []
-    if not 0 < len(doc.document_id) <= MAX_DOCUMENT_ID_CHARS or "\x00" in doc.document_id:
-        problems.append(
-            FieldViolation("document.document_id", "required, 1..256 characters, no NUL")
-        )
-    if bad := validate_collection(doc.collection, "document.collection"):
-        problems.append(bad)
-    problems += validate_metadata(dict(doc.metadata), "document.metadata")
-    options = request.chunking
-    if options.chunk_tokens and not MIN_CHUNK_TOKENS <= options.chunk_tokens <= MAX_CHUNK_TOKENS:
-        problems.append(
-            FieldViolation(
-                "chunking.chunk_tokens", f"must be {MIN_CHUNK_TOKENS}..{MAX_CHUNK_TOKENS} or 0"
-            )
-        )
-    chunk_tokens = options.chunk_tokens or settings.chunk_tokens
-    if options.HasField("overlap_tokens") and not (
-        0 <= options.overlap_tokens <= chunk_tokens // 2
-    ):
-        problems.append(FieldViolation("chunking.overlap_tokens", "must be 0..chunk_tokens/2"))
     kind = doc.WhichOneof("content")
     size = len(doc.text.encode()) if kind == "text" else len(doc.text_utf8)
-    if problems:
-        raise _with_meta(invalid(problems, what="document"), meta)
     if size > settings.max_document_bytes:
         raise ResourceExhausted(
             f"document {doc.document_id!r} is {size} bytes; the limit is "
@@ -167,6 +171,20 @@ class Ingestor:
     async def ingest(self, tenant_id: str, request: rag_pb2.IngestDocumentsRequest) -> Outcome:
         doc = request.document
         outcome = Outcome(doc.document_id, doc.collection)
+        if problems := document_violations(request, self._settings):
+            # the id and the collection are echoed only if they are not what is wrong
+            bad = {p.field for p in problems}
+            echo = {
+                name: value
+                for name, value in (
+                    ("document_id", doc.document_id),
+                    ("collection", doc.collection),
+                )
+                if f"document.{name}" not in bad and "document" not in bad
+            }
+            outcome.error = _with_meta(invalid(problems, what="document"), echo)
+            logger.info("document not ingested", extra={**echo, "reason": outcome.error.reason})
+            return outcome
         try:
             text = _document_text(request, self._settings)
             options = request.chunking

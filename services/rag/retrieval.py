@@ -7,14 +7,12 @@ import logging
 from switchboard.rag.v1 import rag_pb2
 
 from services.rag.embedder import Embedder
-from services.rag.ingest import validate_collection, validate_metadata
+from services.rag.ingest import metadata_nul_violations, without_nul
 from services.rag.store import Hit, Mode, RagStore
 from services.runtime import FieldViolation, invalid
 
 logger = logging.getLogger(__name__)
 
-MAX_TOP_K = 100
-MAX_QUERY_CHARS = 8192
 MODES = {
     rag_pb2.RETRIEVAL_MODE_UNSPECIFIED: Mode.HYBRID,
     rag_pb2.RETRIEVAL_MODE_HYBRID: Mode.HYBRID,
@@ -30,23 +28,18 @@ def hybrid_candidates(top_k: int) -> int:
 
 
 def parse_retrieve(request: rag_pb2.RetrieveRequest) -> Mode:
-    """The request's mode, once every field is valid.
+    """The mode of a request the runtime validated against the contract, once what the
+    annotations cannot say holds too: a query not blank, no NUL character.
 
     Raises:
         InvalidArgument: with a field violation per problem.
     """
     problems: list[FieldViolation] = []
-    if bad := validate_collection(request.collection, "collection"):
-        problems.append(bad)
     if not request.query.strip():
-        problems.append(FieldViolation("query", "required, not blank"))
-    elif len(request.query) > MAX_QUERY_CHARS or "\x00" in request.query:
-        problems.append(FieldViolation("query", f"at most {MAX_QUERY_CHARS} characters, no NUL"))
-    if not 1 <= request.top_k <= MAX_TOP_K:
-        problems.append(FieldViolation("top_k", f"must be 1..{MAX_TOP_K}"))
-    if request.mode not in MODES:
-        problems.append(FieldViolation("mode", "unknown retrieval mode"))
-    problems += validate_metadata(dict(request.metadata_filter), "metadata_filter")
+        problems.append(FieldViolation("query", "must not be blank"))
+    elif bad := without_nul(request.query, "query"):
+        problems.append(bad)
+    problems += metadata_nul_violations(request.metadata_filter, "metadata_filter")
     if problems:
         raise invalid(problems, what="RetrieveRequest")
     return MODES[request.mode]

@@ -9,11 +9,10 @@ import grpc
 from switchboard.common.v1 import common_pb2
 from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
 
-from services.rag.ingest import Ingestor, Outcome, in_order, validate_collection
+from services.rag.ingest import Ingestor, Outcome, in_order, validate_collection, without_nul
 from services.rag.retrieval import Retriever
 from services.rag.store import CollectionInfo, Hit, Mode, RagStore
 from services.runtime import (
-    FieldViolation,
     invalid,
     page_size,
     page_token,
@@ -46,7 +45,7 @@ def _result(outcome: Outcome) -> rag_pb2.DocumentResult:
 
 def _chunk(hit: Hit) -> rag_pb2.RetrievedChunk:
     return rag_pb2.RetrievedChunk(
-        chunk_id=str(hit.chunk_id),
+        chunk_id=hit.public_id,
         document_id=hit.document_id,
         chunk_index=hit.chunk_index,
         text=hit.text,
@@ -130,13 +129,9 @@ class RagServicer(rag_service_pb2_grpc.RagServiceServicer):
         self, request: rag_pb2.DeleteDocumentRequest, context: grpc.aio.ServicerContext
     ) -> rag_pb2.DeleteDocumentResponse:
         tenant = require_tenant()
-        problems = []
-        if bad := validate_collection(request.collection, "collection"):
-            problems.append(bad)
-        if not request.document_id:
-            problems.append(FieldViolation("document_id", "required"))
-        if problems:
-            raise invalid(problems, what="DeleteDocumentRequest")
+        # the runtime checked the contract's bounds; a NUL is the one thing left
+        if bad := without_nul(request.document_id, "document_id"):
+            raise invalid([bad], what="DeleteDocumentRequest")
         deleted = await self._store.delete_document(
             tenant, collection=request.collection, document_id=request.document_id
         )

@@ -75,9 +75,21 @@ class CollectionInfo:
     update_time: datetime
 
 
+def public_chunk_id(document_id: str, chunk_index: int) -> str:
+    """The id a client sees for a chunk (RetrievedChunk.chunk_id): its document's id and
+    its index in the document, unique within the collection.
+
+    The table's own `chunk_id` comes from one sequence shared by every tenant: its
+    values would tell a tenant how many chunks the others ingested, so it never leaves
+    the service.
+    """
+    return f"{document_id}#{chunk_index}"
+
+
 @dataclass(frozen=True, slots=True)
 class Hit:
     chunk_id: int
+    """The row's key, internal (see `public_chunk_id`)."""
     document_id: str
     chunk_index: int
     text: str
@@ -85,6 +97,10 @@ class Hit:
     score: float
     start_char: int
     end_char: int
+
+    @property
+    def public_id(self) -> str:
+        return public_chunk_id(self.document_id, self.chunk_index)
 
 
 def _unavailable(exc: Exception) -> Unavailable:

@@ -31,8 +31,10 @@ class RagServiceStub:
     full-text or hybrid search. Tenant isolation is enforced by the database itself
     (row-level security), from the caller's `x-tenant-id`.
 
-    Errors (see switchboard.common.v1): INVALID_ARGUMENT `INVALID_REQUEST` with field
-    violations (top_k out of range, blank query, bad names); NOT_FOUND
+    Errors (see switchboard.common.v1): UNAUTHENTICATED `TENANT_MISSING` without
+    `x-tenant-id`; INVALID_ARGUMENT `INVALID_REQUEST` with field violations (a field
+    outside the bounds its comment and `buf.validate` annotations state: top_k out of
+    range, blank query, bad names, an unknown retrieval mode, ...); NOT_FOUND
     `COLLECTION_NOT_FOUND` / `DOCUMENT_NOT_FOUND`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE`
     with RetryInfo when the embedder or the database is down (nothing is half-written).
     """
@@ -71,8 +73,10 @@ class RagServiceServicer:
     full-text or hybrid search. Tenant isolation is enforced by the database itself
     (row-level security), from the caller's `x-tenant-id`.
 
-    Errors (see switchboard.common.v1): INVALID_ARGUMENT `INVALID_REQUEST` with field
-    violations (top_k out of range, blank query, bad names); NOT_FOUND
+    Errors (see switchboard.common.v1): UNAUTHENTICATED `TENANT_MISSING` without
+    `x-tenant-id`; INVALID_ARGUMENT `INVALID_REQUEST` with field violations (a field
+    outside the bounds its comment and `buf.validate` annotations state: top_k out of
+    range, blank query, bad names, an unknown retrieval mode, ...); NOT_FOUND
     `COLLECTION_NOT_FOUND` / `DOCUMENT_NOT_FOUND`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE`
     with RetryInfo when the embedder or the database is down (nothing is half-written).
     """
@@ -80,7 +84,9 @@ class RagServiceServicer:
     def IngestDocuments(self, request_iterator, context):
         """Ingests a stream of documents, one per message. Each document is chunked,
         embedded and stored in its own transaction, replacing an earlier version with the
-        same id atomically. A bad document gets an error in its result and the rest of the
+        same id atomically. A bad document (one that breaks its fields' bounds, or has no
+        text) gets an error in its result, INVALID_ARGUMENT `INVALID_REQUEST` with field
+        violations prefixed as in the message (`document.collection`), and the rest of the
         stream is still ingested. The response, sent when the client closes the stream,
         lists one result per document.
         """
@@ -147,8 +153,10 @@ class RagService:
     full-text or hybrid search. Tenant isolation is enforced by the database itself
     (row-level security), from the caller's `x-tenant-id`.
 
-    Errors (see switchboard.common.v1): INVALID_ARGUMENT `INVALID_REQUEST` with field
-    violations (top_k out of range, blank query, bad names); NOT_FOUND
+    Errors (see switchboard.common.v1): UNAUTHENTICATED `TENANT_MISSING` without
+    `x-tenant-id`; INVALID_ARGUMENT `INVALID_REQUEST` with field violations (a field
+    outside the bounds its comment and `buf.validate` annotations state: top_k out of
+    range, blank query, bad names, an unknown retrieval mode, ...); NOT_FOUND
     `COLLECTION_NOT_FOUND` / `DOCUMENT_NOT_FOUND`; UNAVAILABLE `DEPENDENCY_UNAVAILABLE`
     with RetryInfo when the embedder or the database is down (nothing is half-written).
     """
