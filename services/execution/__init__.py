@@ -1,8 +1,9 @@
 """The execution service: durable multi-step tasks and sandboxed Python.
 
-`graph` validates a task; `store` keeps task and step state in PostgreSQL; `bus` is
-NATS JetStream (work queue, event log, dead letters); `engine` submits tasks and runs
-steps; `steps` runs one step by kind; `tools` is the tool executor; `sandbox` runs
+`graph` validates a task (what its contract's annotations cannot say); `store` keeps
+task and step state in PostgreSQL; `bus` is NATS JetStream (work queue, event log, dead
+letters); `engine` submits tasks and runs steps; `watch` numbers a task's events for
+WatchTask; `steps` runs one step by kind; `tools` is the tool executor; `sandbox` runs
 code. The service process answers the API; worker processes
 (`python -m services.execution.worker`) pull steps from the queue.
 """

@@ -6,7 +6,9 @@ Streams (file storage; created or updated at start, idempotently):
   next step), explicit acks, `ack_wait` renewed by `in_progress` heartbeats on long
   steps, `max_deliver` bounding a step that kills its worker every time.
 - `SB_EVENTS` (`sb.events.<task_id>`): every step and task transition, as a serialised
-  `WatchTaskResponse`; its stream sequence is the event's cursor for WatchTask.
+  `WatchTaskResponse`, kept for `EVENT_RETENTION`. Clients never see its stream
+  sequence (it counts every tenant's events): an event's sequence is its place among
+  its subject's messages, counted by WatchTask (see `watch`).
 - `SB_DEAD` (`sb.dead.<task_id>`): steps that exhausted their attempts or deliveries.
 
 Every publish carries `Nats-Msg-Id`, so a republish after a crash (the state in
@@ -26,7 +28,6 @@ from datetime import timedelta
 
 import nats
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
@@ -45,6 +46,8 @@ PUBLISH_TIMEOUT_S = 5.0
 """How long JetStream may take to acknowledge a batch of publishes."""
 DUPLICATE_WINDOW_S = 600.0
 """How long a message id is remembered: longer than any crash-to-redelivery gap."""
+EVENT_RETENTION = timedelta(days=7)
+"""How long the event stream keeps an event after its publication."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,7 @@ class Bus:
                 subjects=["sb.events.>"],
                 retention=js_api.RetentionPolicy.LIMITS,
                 storage=js_api.StorageType.FILE,
-                max_age=7 * 24 * 3600.0,
+                max_age=EVENT_RETENTION.total_seconds(),
                 duplicate_window=window,
             ),
             js_api.StreamConfig(
@@ -198,26 +201,26 @@ class Bus:
             ]
         )
 
-    async def publish_events(self, events: Sequence[pb.WatchTaskResponse]) -> list[int]:
+    async def publish_events(self, events: Sequence[pb.WatchTaskResponse]) -> None:
         """Appends transitions to their tasks' event logs in this order, each under its
-        `event_id` as message id; returns their sequences."""
+        `event_id` as message id."""
         messages = []
         for event in events:
             which = event.step_event if event.HasField("step_event") else event.task_event
             messages.append(
                 (event_subject(which.task_id), event.SerializeToString(), which.event_id)
             )
-        return await self._publish_all(messages)
+        await self._publish_all(messages)
 
-    async def last_sequence(self, task_id: str) -> int:
-        """The stream sequence of the task's latest event (0 if it has none yet)."""
+    async def event_count(self, task_id: str) -> int:
+        """How many of the task's events the stream holds: the per-task sequence of its
+        latest event, while none has expired (0 if it has none)."""
+        subject = event_subject(task_id)
         try:
-            message = await self.js.get_last_msg(EVENT_STREAM, event_subject(task_id))
-        except NotFoundError:
-            return 0
+            info = await self.js.stream_info(EVENT_STREAM, subjects_filter=subject)
         except (nats.errors.Error, TimeoutError) as exc:
             raise dependency_unavailable("nats", "message bus", exc) from exc
-        return int(message.seq)
+        return int((info.state.subjects or {}).get(subject, 0))
 
     async def dead_letter(self, task_id: str, step: str, payload: bytes, attempt: int) -> None:
         await self._publish(f"sb.dead.{task_id}", payload, f"dead:{task_id}:{step}:{attempt}")
@@ -231,19 +234,18 @@ class Bus:
         """The shared pull subscription on the work queue."""
         return await self.js.pull_subscribe_bind(WORKERS, stream=WORK_STREAM)
 
-    async def events(self, task_id: str, *, after: int) -> AsyncIterator[tuple[int, Msg]]:
-        """The task's events after stream sequence `after`, then new ones as they come."""
-        config = js_api.ConsumerConfig(
-            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE
-            if after
-            else js_api.DeliverPolicy.ALL,
-            opt_start_seq=after + 1 if after else None,
-        )
-        sub = await self.js.subscribe(
-            event_subject(task_id), ordered_consumer=True, config=config, stream=EVENT_STREAM
-        )
+    async def events(self, task_id: str) -> AsyncIterator[bytes]:
+        """The task's events (serialised `WatchTaskResponse`s), every retained one in
+        order, then new ones as they come."""
+        config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
+        try:
+            sub = await self.js.subscribe(
+                event_subject(task_id), ordered_consumer=True, config=config, stream=EVENT_STREAM
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise dependency_unavailable("nats", "message bus", exc) from exc
         try:
             async for msg in sub.messages:
-                yield int(msg.metadata.sequence.stream), msg
+                yield msg.data
         finally:
             await sub.unsubscribe()

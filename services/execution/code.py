@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 
 from switchboard.execution.v1 import execution_pb2 as pb
 
@@ -18,11 +17,12 @@ MAX_INPUT_BYTES = 1024 * 1024
 
 
 def run_request(request: pb.RunCodeRequest, limits: SandboxLimits) -> RunRequest:
-    """The sandbox request for a RunCode call.
+    """The sandbox request for a RunCode call whose contract constraints hold (the
+    timeout's bounds, the paths' lengths): what they cannot say is checked here.
 
     Raises:
         ResourceExhausted: `CODE_TOO_LARGE` / `FILES_TOO_LARGE`.
-        InvalidArgument: a bad file path or timeout.
+        InvalidArgument: a file path that is absolute or has `.`, `..` or empty parts.
     """
     if len(request.code.encode()) > MAX_CODE_BYTES:
         raise ResourceExhausted(
@@ -37,21 +37,16 @@ def run_request(request: pb.RunCodeRequest, limits: SandboxLimits) -> RunRequest
             reason="FILES_TOO_LARGE",
             metadata={"limit_bytes": str(MAX_INPUT_BYTES)},
         )
-    problems = []
-    for i, item in enumerate(request.files):
-        parts = item.path.split("/")
-        if not item.path or item.path.startswith("/") or any(p in ("", ".", "..") for p in parts):
-            problems.append(
-                FieldViolation(f"files[{i}].path", "a relative path without '.' or '..' parts")
-            )
-    timeout = None
-    if request.HasField("timeout"):
-        timeout = request.timeout.ToTimedelta()
-        if timeout <= timedelta(0):
-            problems.append(FieldViolation("timeout", "must be positive"))
-        timeout = min(timeout, limits.max_timeout)
+    problems = [
+        FieldViolation(f"files[{i}].path", "a relative path without '.', '..' or empty parts")
+        for i, item in enumerate(request.files)
+        if item.path and any(p in ("", ".", "..") for p in item.path.split("/"))
+    ]
     if problems:
         raise invalid(problems, what="RunCodeRequest")
+    timeout = None
+    if request.HasField("timeout"):
+        timeout = min(request.timeout.ToTimedelta(), limits.max_timeout)
     return RunRequest(
         code=request.code,
         stdin=request.stdin,

@@ -36,7 +36,7 @@ from services.execution.bus import Bus
 from services.execution.graph import validate_task
 from services.execution.steps import StepFailure, StepRunner
 from services.execution.store import Claim, ClaimedTask, Progress, TaskRow, TaskStore
-from services.runtime import Internal, SwitchboardError, stop_task
+from services.runtime import Internal, SwitchboardError, stop_task, validate_request
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ _TASK_EVENTS = {
 
 
 Submitted = tuple[TaskRow, bool, int]
-"""A submitted task, whether it existed (same idempotency key), its last event's sequence."""
+"""A submitted task, whether it existed (same idempotency key), and for a new task the
+sequence of its last event (0 for an existing one: read it from the bus)."""
 
 
 def step_event(
@@ -115,22 +116,21 @@ class Engine:
         self.bus = bus
         self._creates = _Batcher(self._create_many)
 
-    async def publish(self, event: pb.WatchTaskResponse) -> int:
-        """Appends the event to its task's log; returns its sequence."""
-        (sequence,) = await self.publish_all([event])
-        return sequence
+    async def publish(self, event: pb.WatchTaskResponse) -> None:
+        """Appends the event to its task's log."""
+        await self.publish_all([event])
 
-    async def publish_all(self, events: Sequence[pb.WatchTaskResponse]) -> list[int]:
-        """Appends events in this order, their acks awaited together; returns their
-        sequences."""
-        return await self.bus.publish_events(events)
+    async def publish_all(self, events: Sequence[pb.WatchTaskResponse]) -> None:
+        """Appends events in this order, their acks awaited together."""
+        await self.bus.publish_events(events)
 
     async def submit(
         self, tenant_id: str, request: pb.SubmitTaskRequest, *, tool_exists: Any
     ) -> Submitted:
-        """Validates, stores, and queues the task's first steps; idempotent by key.
-        Returns the task, whether it existed, and the sequence of the last event this
-        call published (0 for an existing task)."""
+        """Validates the graph, stores, and queues the task's first steps; idempotent by
+        key. Returns the task, whether it existed, and the sequence of the last event
+        this call published (0 for an existing task). The request's contract
+        constraints must have been checked (the runtime does, for SubmitTask)."""
         validate_task(request, tool_exists=tool_exists)
         if request.idempotency_key:
             task, existing = await self.store.create(tenant_id, request)
@@ -144,13 +144,21 @@ class Engine:
         self, tenant_id: str, requests: Sequence[pb.SubmitTaskRequest], *, tool_exists: Any
     ) -> list[Submitted | SwitchboardError]:
         """`submit` for each request, all at once (new tasks share one commit, their
-        publishes one flush); a request that is refused gets its error as its result."""
+        publishes one flush); a request that is refused gets its error as its result.
+
+        Each request's contract constraints are checked here, with the request: the
+        runtime checks only the batch's size (SubmitTasksRequest.tasks says so), so that
+        one bad task is refused alone, with paths within it (`steps[1].name`)."""
 
         async def one(request: pb.SubmitTaskRequest) -> Submitted | SwitchboardError:
             try:
+                validate_request(request)
                 return await self.submit(tenant_id, request, tool_exists=tool_exists)
             except SwitchboardError as error:
                 return error
+            except Exception:  # a bug: this task's result, not the whole call's
+                logger.exception("submitting a task of a batch failed")
+                return Internal("internal error")
 
         return list(await asyncio.gather(*(one(r) for r in requests)))
 
@@ -179,10 +187,12 @@ class Engine:
 
     async def announce(self, task: TaskRow) -> int:
         """Publishes a new task's SUBMITTED and QUEUED events and its first work;
-        returns the last event's sequence."""
+        returns the last event's sequence (per task: these are its first events, and
+        its work is queued only after them, so nothing else of it precedes them)."""
         queued = [s.name for s in task.steps if s.state == pb.STEP_STATE_QUEUED]
         submitted = task_event(task.task_id, task.tenant_id, ev.TASK_EVENT_TYPE_SUBMITTED)
-        return await self.queue_all(task.task_id, task.tenant_id, queued, before=[submitted])
+        await self.queue_all(task.task_id, task.tenant_id, queued, before=[submitted])
+        return 1 + len(queued)
 
     async def queue_all(
         self,
@@ -193,16 +203,14 @@ class Engine:
         before: Sequence[pb.WatchTaskResponse] = (),
         after: Sequence[pb.WatchTaskResponse] = (),
         keep: str | None = None,
-    ) -> int:
+    ) -> None:
         """Publishes `before`, the steps' QUEUED events and `after`, then (once the
         events are stored, so that no STARTED event can precede its QUEUED one) the
-        work messages of the steps other than `keep` (which the caller runs itself);
-        returns the last event's sequence."""
+        work messages of the steps other than `keep` (which the caller runs itself)."""
         queued = [step_event(task_id, tenant_id, s, ev.STEP_EVENT_TYPE_QUEUED, 0) for s in steps]
-        sequences = await self.publish_all([*before, *queued, *after])
+        await self.publish_all([*before, *queued, *after])
         if work := [s for s in steps if s != keep]:
             await self.bus.enqueue_all(task_id, work)
-        return sequences[-1] if sequences else 0
 
     async def progress(
         self,

@@ -1,10 +1,13 @@
 """A task's step graph: validation before anything runs, and output references.
 
-A submitted task is checked as a whole: unique valid names, a known kind per step,
-dependencies that exist and form no cycle, references (`{{steps.NAME.output.PATH}}`)
-only to the step's own (direct or indirect) dependencies, known tools, and size caps.
-Every problem becomes a field violation of one INVALID_ARGUMENT; oversized tasks or
-code are RESOURCE_EXHAUSTED.
+The contract's `buf.validate` annotations (names, counts, ranges, enums, lengths) are
+checked before this module sees a task: by the runtime for SubmitTask, per task by the
+engine for SubmitTasks. What they cannot say is checked here, on the task as a whole:
+size caps, a kind per step, unique names, dependencies that exist and form no cycle,
+references (`{{steps.NAME.output.PATH}}`) only to the step's own (direct or indirect)
+dependencies, known tools, no NUL in labels (PostgreSQL's jsonb cannot hold it). Every
+problem becomes a field violation of one INVALID_ARGUMENT; oversized tasks or code are
+RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -19,12 +22,8 @@ from switchboard.execution.v1 import execution_pb2 as pb
 
 from services.runtime import FieldViolation, ResourceExhausted, invalid
 
-MAX_STEPS = 100
 MAX_TASK_BYTES = 256 * 1024
 MAX_CODE_BYTES = 64 * 1024
-MAX_ATTEMPTS = 10
-MAX_TASKS_PER_CALL = 500
-STEP_NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 REFERENCE = re.compile(r"\{\{\s*steps\.([a-z][a-z0-9_-]{0,62})\.output((?:\.[^.\s}]+)*)\s*\}\}")
 KINDS = ("generate", "retrieve", "code", "tool")
 
@@ -107,23 +106,20 @@ def _cycle(steps: Mapping[str, pb.Step]) -> list[str] | None:
     return None
 
 
-def validate_batch(request: pb.SubmitTasksRequest) -> None:
-    """A SubmitTasks call's own limits (each task is validated on its own).
-
-    Raises:
-        InvalidArgument: no tasks, or more than `MAX_TASKS_PER_CALL`.
-    """
-    if not 1 <= len(request.tasks) <= MAX_TASKS_PER_CALL:
-        raise invalid(
-            [FieldViolation("tasks", f"a call submits 1..{MAX_TASKS_PER_CALL} tasks")],
-            what="SubmitTasksRequest",
-        )
+def nul_problems(labels: Mapping[str, str], field: str) -> list[FieldViolation]:
+    """A violation per label whose key or value holds NUL (which jsonb cannot store)."""
+    return [
+        FieldViolation(f"{field}[{key[:63]!r}]", "keys and values must not contain NUL")
+        for key, value in labels.items()
+        if "\x00" in key or "\x00" in value
+    ]
 
 
 def validate_task(
     request: pb.SubmitTaskRequest, *, tool_exists: Callable[[str], bool]
 ) -> dict[str, pb.Step]:
-    """The task's steps by name, once the whole request is valid.
+    """The task's steps by name, once the whole request is valid. The request's
+    `buf.validate` constraints must have been checked already (see the module's doc).
 
     Raises:
         InvalidArgument: every problem found, as field violations.
@@ -143,19 +139,11 @@ def validate_task(
                 reason="CODE_TOO_LARGE",
                 metadata={"step": step.name, "limit_bytes": str(MAX_CODE_BYTES)},
             )
-    problems: list[FieldViolation] = []
-    if not 1 <= len(request.steps) <= MAX_STEPS:
-        problems.append(FieldViolation("steps", f"a task has 1..{MAX_STEPS} steps"))
-    if len(request.idempotency_key) > 256:
-        problems.append(FieldViolation("idempotency_key", "at most 256 characters"))
+    problems = nul_problems(request.labels, "labels")
     steps: dict[str, pb.Step] = {}
     for i, step in enumerate(request.steps):
         where = f"steps[{i}]"
-        if not STEP_NAME.fullmatch(step.name):
-            problems.append(
-                FieldViolation(f"{where}.name", "1..63 of [a-z0-9_-], starting with a letter")
-            )
-        elif step.name in steps:
+        if step.name in steps:
             problems.append(FieldViolation(f"{where}.name", f"duplicate step {step.name!r}"))
         else:
             steps[step.name] = step
@@ -192,26 +180,8 @@ def _step_problems(
     kind = step.WhichOneof("kind")
     if kind is None:
         yield FieldViolation(where, f"a step needs a kind: one of {', '.join(KINDS)}")
-    elif kind == "generate" and not step.generate.prompt.strip():
-        yield FieldViolation(f"{where}.generate.prompt", "required")
-    elif kind == "retrieve":
-        if not step.retrieve.collection:
-            yield FieldViolation(f"{where}.retrieve.collection", "required")
-        if not step.retrieve.query.strip():
-            yield FieldViolation(f"{where}.retrieve.query", "required")
-        if not 1 <= step.retrieve.top_k <= 100:
-            yield FieldViolation(f"{where}.retrieve.top_k", "must be 1..100")
-    elif kind == "code" and not step.code.code.strip():
-        yield FieldViolation(f"{where}.code.code", "required")
-    elif kind == "tool":
-        if not step.tool.tool:
-            yield FieldViolation(f"{where}.tool.tool", "required")
-        elif not tool_exists(step.tool.tool):
-            yield FieldViolation(f"{where}.tool.tool", f"unknown tool {step.tool.tool!r}")
-    if not 0 <= step.max_attempts <= MAX_ATTEMPTS:
-        yield FieldViolation(f"{where}.max_attempts", f"must be 0..{MAX_ATTEMPTS}")
-    if step.HasField("timeout") and step.timeout.ToTimedelta().total_seconds() <= 0:
-        yield FieldViolation(f"{where}.timeout", "must be positive")
+    elif kind == "tool" and not tool_exists(step.tool.tool):
+        yield FieldViolation(f"{where}.tool.tool", f"unknown tool {step.tool.tool!r}")
 
 
 # ---- expanding references at run time -----------------------------------------------------

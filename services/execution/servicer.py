@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime
+from contextlib import aclosing
+from datetime import UTC, datetime
 
 import grpc
 from google.protobuf import json_format
@@ -12,14 +15,17 @@ from google.rpc import status_pb2
 from switchboard.execution.v1 import execution_pb2 as pb
 from switchboard.execution.v1 import execution_service_pb2_grpc
 
+from services.execution.bus import EVENT_RETENTION
 from services.execution.code import run_request, run_response
 from services.execution.engine import Engine
-from services.execution.graph import validate_batch
+from services.execution.graph import nul_problems
 from services.execution.sandbox import SandboxLimits, SandboxPool, run
 from services.execution.store import TaskRow
 from services.execution.tools import ToolExecutor
+from services.execution.watch import history_expired, may_have_expired, numbered
 from services.runtime import (
     SwitchboardError,
+    invalid,
     page_size,
     page_token,
     read_page_token,
@@ -27,9 +33,6 @@ from services.runtime import (
 )
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_PAGE_SIZE = 50
-_TERMINAL_EVENTS = {2, 3, 4}  # TaskEventType COMPLETED, FAILED, CANCELLED
 
 
 def task_message(task: TaskRow, last_sequence: int = 0) -> pb.Task:
@@ -62,9 +65,11 @@ def task_message(task: TaskRow, last_sequence: int = 0) -> pb.Task:
     return message
 
 
-def _task_cursor(parts: list[str]) -> tuple[datetime, str]:
+def task_cursor(parts: list[str]) -> tuple[datetime, str]:
+    """Where a ListTasks page token says the next page starts (ValueError for a token
+    no response gave out)."""
     when, task_id = parts
-    return datetime.fromisoformat(when), task_id
+    return datetime.fromisoformat(when), str(uuid.UUID(task_id))
 
 
 class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
@@ -82,7 +87,7 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
         self._limits = sandbox_limits
 
     async def _message(self, task: TaskRow) -> pb.Task:
-        return task_message(task, await self._engine.bus.last_sequence(task.task_id))
+        return task_message(task, await self._engine.bus.event_count(task.task_id))
 
     async def _submitted(
         self, task: TaskRow, existing: bool, sequence: int
@@ -103,7 +108,7 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
     async def SubmitTasks(  # noqa: N802 - gRPC method name
         self, request: pb.SubmitTasksRequest, context: grpc.aio.ServicerContext
     ) -> pb.SubmitTasksResponse:
-        validate_batch(request)
+        # the runtime checked the batch's size; each task is checked on its own
         outcomes = await self._engine.submit_many(
             require_tenant(), request.tasks, tool_exists=self._tools.names.__contains__
         )
@@ -126,15 +131,18 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
     ) -> pb.ListTasksResponse:
         tenant = require_tenant()
         what = "ListTasksRequest"
-        size = page_size(request.page_size, what=what, default=DEFAULT_PAGE_SIZE, maximum=500)
+        if problems := nul_problems(request.labels, "labels"):
+            raise invalid(problems, what=what)
+        size = page_size(request.page_size, what=what)
         tasks = await self._engine.store.list(
             tenant,
             state=request.state,
             labels=dict(request.labels),
-            before=read_page_token(request.page_token, _task_cursor, what=what),
+            before=read_page_token(request.page_token, task_cursor, what=what),
             limit=size + 1,
         )
-        response = pb.ListTasksResponse(tasks=[await self._message(t) for t in tasks[:size]])
+        messages = await asyncio.gather(*(self._message(t) for t in tasks[:size]))
+        response = pb.ListTasksResponse(tasks=messages)
         if len(tasks) > size:
             last = tasks[size - 1]
             response.next_page_token = page_token(last.create_time.isoformat(), last.task_id)
@@ -144,18 +152,15 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
         self, request: pb.WatchTaskRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchTaskResponse]:
         task = await self._engine.store.get(request.task_id, require_tenant())
-        async for sequence, msg in self._engine.bus.events(
-            task.task_id, after=request.after_sequence
-        ):
-            event = pb.WatchTaskResponse.FromString(msg.data)
-            if event.HasField("step_event"):
-                event.step_event.sequence = sequence
+        bus = self._engine.bus
+        old = may_have_expired(task.create_time, datetime.now(UTC), EVENT_RETENTION)
+        if old and await bus.event_count(task.task_id) == 0:
+            raise history_expired(task.task_id)
+        async with aclosing(bus.events(task.task_id)) as payloads:
+            async for event in numbered(
+                task.task_id, payloads, after=request.after_sequence, whole=old
+            ):
                 yield event
-            else:
-                event.task_event.sequence = sequence
-                yield event
-                if event.task_event.type in _TERMINAL_EVENTS:
-                    return
 
     async def CancelTask(  # noqa: N802 - gRPC method name
         self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext

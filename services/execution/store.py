@@ -11,6 +11,12 @@ with its heartbeats. A message for a step whose lease is live is put back until 
 lease ends (the holder may be alive, or may have died an instant before JetStream
 redelivered): if the holder finishes, the message then finds the step completed and is
 dropped; if it died, the step runs again.
+
+A task's stored `state` is RUNNING from its submission until it ends (the transitions
+below and in the SQL functions only tell live tasks from ended ones). What clients see
+is PENDING until its first step starts (no step has an attempt yet), then RUNNING:
+`public_state` derives it when a task is read, and ListTasks filters on the same
+condition, so that no transition has to move a task from PENDING to RUNNING.
 """
 
 from __future__ import annotations
@@ -233,6 +239,20 @@ class Completion:
     next_outputs: Mapping[str, Any] | None = None
 
 
+def public_state(stored: int, attempts: Sequence[int]) -> int:
+    """The state a client sees of a task stored as `stored` whose steps have had
+    `attempts`: a live task none of whose steps has started is PENDING."""
+    if stored == pb.TASK_STATE_RUNNING and not any(attempts):
+        return pb.TASK_STATE_PENDING
+    return stored
+
+
+_STARTED = (
+    "EXISTS (SELECT 1 FROM exec_steps s WHERE s.task_id = exec_tasks.task_id AND s.attempt > 0)"
+)
+"""A task (in a query on exec_tasks) one of whose steps has started."""
+
+
 @functools.lru_cache(maxsize=4096)
 def _request(data: bytes) -> pb.SubmitTaskRequest:
     """A stored request, parsed once per process (callers must not change it)."""
@@ -256,7 +276,7 @@ def _new_task(
         tenant_id=tenant_id,
         idempotency_key=request.idempotency_key,
         request=request,
-        state=pb.TASK_STATE_RUNNING,
+        state=pb.TASK_STATE_PENDING,
         error=None,
         labels=dict(request.labels),
         priority=request.priority,
@@ -269,6 +289,14 @@ def _new_task(
 
 def request_hash(request: pb.SubmitTaskRequest) -> str:
     return hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
+
+
+def key_reused(key: str, task_id: str) -> AlreadyExists:
+    return AlreadyExists(
+        f"idempotency key {key!r} was used for a different task ({task_id})",
+        reason="IDEMPOTENCY_KEY_REUSED",
+        metadata={"idempotency_key": key, "task_id": task_id},
+    )
 
 
 def _unavailable(exc: Exception) -> Unavailable:
@@ -343,11 +371,7 @@ class TaskStore:
                 if row is None:
                     existing, existing_hash = await self._by_key(conn, tenant_id, key or "")
                     if existing_hash != digest:
-                        raise AlreadyExists(
-                            f"idempotency key {key!r} was used for a different task",
-                            reason="IDEMPOTENCY_KEY_REUSED",
-                            metadata={"task_id": existing},
-                        )
+                        raise key_reused(key or "", existing)
                     return await self._load(conn, existing, tenant_id), True
         except psycopg.OperationalError as exc:
             raise _unavailable(exc) from exc
@@ -465,7 +489,7 @@ class TaskStore:
             tenant_id=row["tenant_id"],
             idempotency_key=row["idempotency_key"] or "",
             request=pb.SubmitTaskRequest.FromString(row["request"]),
-            state=row["state"],
+            state=public_state(row["state"], [s.attempt for s in steps]),
             error=row["error"],
             labels=row["labels"],
             priority=row["priority"],
@@ -485,7 +509,13 @@ class TaskStore:
         limit: int,
     ) -> list[TaskRow]:
         clauses, params = ["tenant_id = %s"], [tenant_id]
-        if state:
+        if state == pb.TASK_STATE_PENDING:  # see the module's doc
+            clauses.append(f"state = %s AND NOT {_STARTED}")
+            params.append(pb.TASK_STATE_RUNNING)
+        elif state == pb.TASK_STATE_RUNNING:
+            clauses.append(f"state = %s AND {_STARTED}")
+            params.append(pb.TASK_STATE_RUNNING)
+        elif state:
             clauses.append("state = %s")
             params.append(state)
         if labels:
@@ -494,14 +524,17 @@ class TaskStore:
         if before:
             clauses.append("(create_time, task_id) < (%s, %s::uuid)")
             params.extend(before)
-        async with self._db.connection() as conn:
-            cur = await conn.execute(
-                f"SELECT task_id::text FROM exec_tasks WHERE {' AND '.join(clauses)}"  # noqa: S608
-                " ORDER BY create_time DESC, task_id DESC LIMIT %s",
-                (*params, limit),
-            )
-            ids = [r[0] for r in await cur.fetchall()]
-            return [await self._load(conn, task_id, tenant_id) for task_id in ids]
+        try:
+            async with self._db.connection() as conn:
+                cur = await conn.execute(
+                    f"SELECT task_id::text FROM exec_tasks WHERE {' AND '.join(clauses)}"  # noqa: S608
+                    " ORDER BY create_time DESC, task_id DESC LIMIT %s",
+                    (*params, limit),
+                )
+                ids = [r[0] for r in await cur.fetchall()]
+                return [await self._load(conn, task_id, tenant_id) for task_id in ids]
+        except psycopg.OperationalError as exc:
+            raise _unavailable(exc) from exc
 
     async def stale(
         self, older_than: timedelta, limit: int = 500

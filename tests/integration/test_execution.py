@@ -171,7 +171,7 @@ async def test_a_task_runs_its_steps_in_order_with_references(execution, tools):
         ),
         tool_step("record", deps=["answer"], text="{{steps.answer.output.text}}"),
     )
-    assert task.state == pb.TASK_STATE_RUNNING
+    assert task.state == pb.TASK_STATE_PENDING  # no step has started yet
     events = await watch(execution, tenant, task.task_id)
     assert [describe(e) for e in events] == [
         ("task", "TASK_EVENT_TYPE_SUBMITTED"),
@@ -256,8 +256,10 @@ async def test_watch_resumes_from_a_cursor_without_gaps_or_duplicates(execution,
         tool_step("c", deps=["b"], n=3),
     )
     whole = await watch(execution, tenant, task.task_id)
+    # numbered per task (the event stream's own sequence counts every tenant's events)
+    assert [sequence(e) for e in whole] == list(range(1, len(whole) + 1))
     # the submission's reply points at its own last event: the first step's QUEUED
-    assert task.last_sequence == sequence(whole[1])
+    assert task.last_sequence == sequence(whole[1]) == 2
     assert describe(whole[1]) == ("a", "STEP_EVENT_TYPE_QUEUED", 0)
     done = await execution.GetTask(
         pb.GetTaskRequest(task_id=task.task_id), metadata=as_tenant(tenant)
@@ -266,6 +268,9 @@ async def test_watch_resumes_from_a_cursor_without_gaps_or_duplicates(execution,
     first = await watch(execution, tenant, task.task_id, limit=4)
     rest = await watch(execution, tenant, task.task_id, after=sequence(first[-1]))
     assert [e.SerializeToString() for e in first + rest] == [e.SerializeToString() for e in whole]
+    # a cursor at or past the end of the ended task: the stream ends at once, empty
+    for after in (len(whole), 2**64 - 1):
+        assert await asyncio.wait_for(watch(execution, tenant, task.task_id, after=after), 5) == []
 
 
 async def test_idempotent_submission(execution, tools):
