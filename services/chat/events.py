@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EventLog", "Expired", "Reader"]
 
+_MAX_DIGITS = 18
+"""Digits of the largest event number a log gives out (far more than it ever will)."""
+
 
 class Expired(Exception):
     """The event to resume after is no longer retained (or never existed)."""
@@ -99,15 +102,28 @@ class EventLog:
         elif after_event_id == "":
             start = self._first
         else:
-            incarnation, _, number = after_event_id.partition(".")
-            if incarnation != self.incarnation or not number.isdigit():
-                raise Expired(after_event_id)
-            start = int(number) + 1
+            start = self._after(after_event_id) + 1
             if not self._first <= start <= self._next:
                 raise Expired(after_event_id)
         reader = Reader(self, start)
         self._readers.add(reader)
         return reader
+
+    def _after(self, event_id: str) -> int:
+        """The sequence of one of this log's event ids.
+
+        Raises:
+            Expired: an id of another incarnation, or none this log could give out
+                (its number more than 18 ASCII digits, or not digits at all).
+        """
+        incarnation, _, number = event_id.partition(".")
+        if (
+            incarnation != self.incarnation
+            or not (number.isascii() and number.isdigit())
+            or len(number) > _MAX_DIGITS
+        ):
+            raise Expired(event_id)
+        return int(number)
 
     def detach(self, reader: Reader) -> None:
         self._readers.discard(reader)

@@ -15,6 +15,12 @@ now. Streams attach to it and detach from it; it outlives them:
   messages are dropped;
 - an idle session without streams is forgotten after `idle_ttl`; resuming it later
   gets EVENT_HISTORY_EXPIRED, and its history is still in ListMessages.
+
+Client frames are not checked by the runtime (it checks single requests only): each is
+checked here against its contract's constraints (`request_violations`), the first one
+before the stream is attached (a bad one ends the stream), every later one on its own
+(a bad one is answered with an ErrorFrame). A user message's size limit comes first,
+as its own RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -27,9 +33,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+from buf.validate import validate_pb2
+from google.protobuf.message import Message
 from switchboard.chat.v1 import chat_pb2 as pb
 
 from services.chat.events import EventLog, Expired, Reader
+from services.chat.store import canonical_id
 from services.runtime import (
     FailedPrecondition,
     FieldViolation,
@@ -40,14 +49,21 @@ from services.runtime import (
     SwitchboardError,
     Unavailable,
     invalid,
+    request_violations,
 )
 
 logger = logging.getLogger(__name__)
 
 RunTurn = Callable[["LiveSession", pb.UserMessage], Awaitable[None]]
 ChangeSettings = Callable[["LiveSession", pb.ChangeSettings], Awaitable[pb.Session]]
-MAX_CLIENT_ID_CHARS = 128
 RECENT_CLIENT_IDS = 1000
+MAX_CLIENT_ID_CHARS = (
+    pb.UserMessage.DESCRIPTOR.fields_by_name["client_message_id"]
+    .GetOptions()
+    .Extensions[validate_pb2.field]
+    .string.max_len
+)
+"""UserMessage.client_message_id's bound, as its contract states it."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,18 @@ class Limits:
     """Bytes of events kept per session for resumes (the events' encoded size)."""
     flow_window: int = 256
     """Events an attached stream may fall behind before its session's turn waits."""
+
+
+def frame_error(part: Message, field: str) -> InvalidArgument | None:
+    """The INVALID_ARGUMENT for a frame's `part` (its `field` of ConverseRequest) that
+    breaks its constraints, with paths from the frame (`message.client_message_id`);
+    None if it keeps them."""
+    if violations := request_violations(part):
+        return invalid(
+            [FieldViolation(f"{field}.{v.field}", v.description) for v in violations],
+            what="ConverseRequest",
+        )
+    return None
 
 
 def out_of_order(what: str) -> InvalidArgument:
@@ -148,7 +176,9 @@ class LiveSession:
         await self.emit(
             pb.ConverseResponse(
                 error=pb.ErrorFrame(
-                    status=error.to_rpc_status(), client_message_id=client_message_id
+                    status=error.to_rpc_status(),
+                    # an id over its bound is refused; what is echoed stays within it
+                    client_message_id=client_message_id[:MAX_CLIENT_ID_CHARS],
                 )
             )
         )
@@ -177,15 +207,8 @@ class LiveSession:
                 reason="MESSAGE_TOO_LARGE",
                 metadata={"limit_bytes": str(self._limits.max_message_bytes)},
             )
-        problems = []
-        if not message.text.strip():
-            problems.append(FieldViolation("message.text", "required: the message text"))
-        if len(message.client_message_id) > MAX_CLIENT_ID_CHARS:
-            problems.append(
-                FieldViolation("message.client_message_id", f"at most {MAX_CLIENT_ID_CHARS}")
-            )
-        if problems:
-            return invalid(problems, what="UserMessage")
+        if (problem := frame_error(message, "message")) is not None:
+            return problem
         if len(self._pending) >= self._limits.max_pending:
             return ResourceExhausted(
                 f"{len(self._pending)} messages are already waiting for their turn",
@@ -268,6 +291,8 @@ class Hub:
         kind = frame.WhichOneof("frame")
         if kind not in ("open", "resume"):
             raise out_of_order(f"got `{kind}` before open" if kind else "got an empty frame")
+        if (problem := frame_error(getattr(frame, kind), kind)) is not None:
+            raise problem
         session_id = frame.open.session_id if kind == "open" else frame.resume.session_id
         session, seen = await self._load(tenant_id, session_id)  # NOT_FOUND first
         session_id = session.session_id
@@ -306,7 +331,11 @@ class Hub:
         async for frame in frames:
             kind = frame.WhichOneof("frame")
             if kind == "message":
-                await live.submit(frame.message)
+                await live.submit(frame.message)  # checked after its size limit
+            elif kind in ("cancel", "settings") and (
+                problem := frame_error(getattr(frame, kind), kind)
+            ):
+                await live.error(problem)
             elif kind == "cancel":
                 live.cancel(frame.cancel.assistant_message_id)
             elif kind == "settings":
@@ -333,6 +362,11 @@ class Hub:
             live.settings = session.settings
 
     def delete(self, session_id: str) -> None:
+        """Ends the streams of a deleted session, however its id was spelled."""
+        try:
+            session_id = canonical_id(session_id)
+        except NotFound:
+            return
         live = self._sessions.pop(session_id, None)
         self._locks.pop(session_id, None)
         if live is not None:

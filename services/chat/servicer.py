@@ -11,7 +11,7 @@ from switchboard.chat.v1 import chat_pb2 as pb
 from switchboard.chat.v1 import chat_service_pb2_grpc
 
 from services.chat.live import Hub
-from services.chat.sessions import apply_mask, check_new, session_cursor, session_message
+from services.chat.sessions import apply_mask, message_cursor, session_cursor, session_message
 from services.chat.store import SessionStore
 from services.runtime import (
     page_size,
@@ -21,13 +21,6 @@ from services.runtime import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def _sequence(parts: list[str]) -> int:
-    (value,) = parts
-    if not value.isdigit():
-        raise ValueError(value)
-    return int(value)
 
 
 class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
@@ -61,7 +54,6 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateSessionResponse:
         tenant = require_tenant()
-        check_new(request)
         row = await self._store.create(tenant, request.title, request.settings)
         return pb.CreateSessionResponse(session=session_message(row))
 
@@ -99,8 +91,8 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
     async def DeleteSession(  # noqa: N802 - gRPC method name
         self, request: pb.DeleteSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteSessionResponse:
-        await self._store.delete(require_tenant(), request.session_id)
-        self._hub.delete(request.session_id)
+        session_id = await self._store.delete(require_tenant(), request.session_id)
+        self._hub.delete(session_id)
         return pb.DeleteSessionResponse()
 
     async def ListMessages(  # noqa: N802 - gRPC method name
@@ -109,7 +101,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         tenant = require_tenant()
         what = "ListMessagesRequest"
         size = page_size(request.page_size, what=what)
-        after = read_page_token(request.page_token, _sequence, what=what) or 0
+        after = read_page_token(request.page_token, message_cursor, what=what) or 0
         messages = await self._store.messages(
             tenant, request.session_id, after=after, limit=size + 1
         )

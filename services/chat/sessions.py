@@ -1,8 +1,14 @@
-"""Session requests: validation, field-mask updates, and the Session message."""
+"""Session requests: field-mask updates, the Session message, the session's defaults.
+
+The values themselves (title, settings) are checked by the contract's `buf.validate`
+annotations before they get here: by the runtime for CreateSession and UpdateSession,
+frame by frame for Converse (see `live`).
+"""
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -10,57 +16,28 @@ from switchboard.chat.v1 import chat_pb2 as pb
 from switchboard.common.v1 import common_pb2
 
 from services.chat.store import SessionRow
-from services.rag.ingest import validate_collection
 from services.runtime import FieldViolation, invalid
 
 logger = logging.getLogger(__name__)
 
-MAX_TITLE_CHARS = 200
-MAX_SYSTEM_PROMPT_CHARS = 16_000
-MAX_TOP_K = 20
-MAX_TOOLS = 32
 SETTINGS_FIELDS = tuple(f.name for f in pb.SessionSettings.DESCRIPTOR.fields)
 UPDATABLE = ("title", "settings", *(f"settings.{name}" for name in SETTINGS_FIELDS))
+INT32_MAX = 2**31 - 1
 
 
-def settings_problems(settings: pb.SessionSettings, field: str) -> list[FieldViolation]:
-    problems = []
-    if len(settings.system_prompt) > MAX_SYSTEM_PROMPT_CHARS:
-        problems.append(
-            FieldViolation(f"{field}.system_prompt", f"at most {MAX_SYSTEM_PROMPT_CHARS} chars")
-        )
-    if settings.collection and (bad := validate_collection(settings.collection, "")):
-        problems.append(FieldViolation(f"{field}.collection", bad.description))
-    if not 0 <= settings.retrieval_top_k <= MAX_TOP_K:
-        problems.append(FieldViolation(f"{field}.retrieval_top_k", f"must be 0..{MAX_TOP_K}"))
-    if len(settings.allowed_tools) > MAX_TOOLS or any(
-        not 0 < len(t) <= 64 for t in settings.allowed_tools
-    ):
-        problems.append(
-            FieldViolation(f"{field}.allowed_tools", f"at most {MAX_TOOLS} names of 1..64 chars")
-        )
-    if settings.tier not in common_pb2.ModelTier.values():
-        problems.append(FieldViolation(f"{field}.tier", "unknown tier"))
-    if settings.priority not in common_pb2.Priority.values():
-        problems.append(FieldViolation(f"{field}.priority", "unknown priority"))
-    return problems
-
-
-def check_new(request: pb.CreateSessionRequest) -> None:
-    problems = settings_problems(request.settings, "settings")
-    if len(request.title) > MAX_TITLE_CHARS:
-        problems.insert(0, FieldViolation("title", f"at most {MAX_TITLE_CHARS} characters"))
-    if problems:
-        raise invalid(problems, what="CreateSessionRequest")
+def session_priority(settings: pb.SessionSettings) -> int:
+    """The admission class of the session's requests and tasks: unset = interactive (the
+    execution service's own default, batch, must not apply to a session's tool calls)."""
+    return settings.priority or common_pb2.PRIORITY_INTERACTIVE
 
 
 def apply_mask(
     current: SessionRow, request: pb.UpdateSessionRequest
 ) -> tuple[str, pb.SessionSettings]:
-    """The title and settings after the update.
+    """The title and settings after the update; the new values' constraints hold.
 
     Raises:
-        InvalidArgument: no mask, a path that cannot be updated, or bad new values.
+        InvalidArgument: no mask, or a path that cannot be updated.
     """
     paths: Sequence[str] = request.update_mask.paths
     problems = [
@@ -91,24 +68,25 @@ def apply_mask(
                 getattr(settings, name).extend(getattr(new.settings, name))
             else:
                 setattr(settings, name, getattr(new.settings, name))
-    problems = settings_problems(settings, "session.settings")
-    if len(title) > MAX_TITLE_CHARS:
-        problems.insert(0, FieldViolation("session.title", f"at most {MAX_TITLE_CHARS} chars"))
-    if problems:
-        raise invalid(problems, what="UpdateSessionRequest")
     return title, settings
 
 
+def _int32(count: int) -> int:
+    return max(0, min(count, INT32_MAX))
+
+
 def session_message(row: SessionRow) -> pb.Session:
+    """The Session of a stored row; its usage totals (bigint in the store) are capped at
+    what TokenUsage's int32 counts hold."""
     session = pb.Session(
         session_id=row.session_id,
         title=row.title,
         settings=row.settings,
         message_count=row.message_count,
         usage=common_pb2.TokenUsage(
-            prompt_tokens=row.prompt_tokens,
-            completion_tokens=row.completion_tokens,
-            total_tokens=row.prompt_tokens + row.completion_tokens,
+            prompt_tokens=_int32(row.prompt_tokens),
+            completion_tokens=_int32(row.completion_tokens),
+            total_tokens=_int32(row.prompt_tokens + row.completion_tokens),
         ),
         last_event_id=row.last_event_id,
     )
@@ -118,6 +96,20 @@ def session_message(row: SessionRow) -> pb.Session:
 
 
 def session_cursor(parts: list[str]) -> tuple[datetime, str]:
-    """Where a ListSessions page token says the next page starts."""
+    """Where a ListSessions page token says the next page starts (ValueError for a
+    token no response gave out)."""
     when, session_id = parts
-    return datetime.fromisoformat(when), session_id
+    return datetime.fromisoformat(when), str(uuid.UUID(session_id))
+
+
+MAX_SEQUENCE_DIGITS = 18
+"""A history position in a page token: a bigint, so at most 18 decimal digits."""
+
+
+def message_cursor(parts: list[str]) -> int:
+    """Where a ListMessages page token says the next page starts: the sequence of the
+    last message of the previous page (ValueError for a token no response gave out)."""
+    (value,) = parts
+    if not (value.isascii() and value.isdigit() and len(value) <= MAX_SEQUENCE_DIGITS):
+        raise ValueError(value)
+    return int(value)

@@ -71,12 +71,24 @@ def _not_found(session_id: str) -> NotFound:
     )
 
 
-def _session_id(session_id: str) -> str:
-    """The id as a UUID string; NotFound for anything else (never a database error)."""
+def canonical_id(session_id: str) -> str:
+    """The id as the service spells it (a lowercase, hyphenated UUID), however the
+    client spelled it; NotFound for anything else (never a database error).
+
+    Raises:
+        NotFound: `SESSION_NOT_FOUND`, not a session id.
+    """
     try:
         return str(uuid.UUID(session_id))
     except ValueError:
         raise _not_found(session_id) from None
+
+
+_STORE_DOWN = (psycopg.OperationalError, psycopg.errors.ConnectionTimeout)
+
+
+def _unavailable(exc: Exception) -> Exception:
+    return dependency_unavailable("postgresql", "session store", exc)
 
 
 def _row(row: dict) -> SessionRow:
@@ -116,8 +128,8 @@ class SessionStore:
                 cur = conn.cursor(row_factory=dict_row)
                 await cur.execute(sql, params)
                 return await cur.fetchone()
-        except (psycopg.OperationalError, psycopg.errors.ConnectionTimeout) as exc:
-            raise dependency_unavailable("postgresql", "session store", exc) from exc
+        except _STORE_DOWN as exc:
+            raise _unavailable(exc) from exc
 
     async def create(self, tenant_id: str, title: str, settings: pb.SessionSettings) -> SessionRow:
         row = await self._one(
@@ -131,7 +143,7 @@ class SessionStore:
     async def get(self, tenant_id: str, session_id: str) -> SessionRow:
         row = await self._one(
             "SELECT * FROM chat_sessions WHERE session_id = %s AND tenant_id = %s",
-            (_session_id(session_id), tenant_id),
+            (canonical_id(session_id), tenant_id),
         )
         if row is None:
             raise _not_found(session_id)
@@ -146,14 +158,17 @@ class SessionStore:
         if after is not None:
             where += " AND (update_time, session_id) < (%s, %s::uuid)"
             params.extend(after)
-        async with self._db.connection() as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(
-                f"SELECT * FROM chat_sessions WHERE {where}"  # noqa: S608 - fixed clauses
-                " ORDER BY update_time DESC, session_id DESC LIMIT %s",
-                (*params, limit),
-            )
-            return [_row(r) for r in await cur.fetchall()]
+        try:
+            async with self._db.connection() as conn:
+                cur = conn.cursor(row_factory=dict_row)
+                await cur.execute(
+                    f"SELECT * FROM chat_sessions WHERE {where}"  # noqa: S608 - fixed clauses
+                    " ORDER BY update_time DESC, session_id DESC LIMIT %s",
+                    (*params, limit),
+                )
+                return [_row(r) for r in await cur.fetchall()]
+        except _STORE_DOWN as exc:
+            raise _unavailable(exc) from exc
 
     async def update(
         self, tenant_id: str, session_id: str, *, title: str, settings: pb.SessionSettings
@@ -161,20 +176,22 @@ class SessionStore:
         row = await self._one(
             "UPDATE chat_sessions SET title = %s, settings = %s, update_time = clock_timestamp()"
             " WHERE session_id = %s AND tenant_id = %s RETURNING *",
-            (title, settings.SerializeToString(), _session_id(session_id), tenant_id),
+            (title, settings.SerializeToString(), canonical_id(session_id), tenant_id),
         )
         if row is None:
             raise _not_found(session_id)
         return _row(row)
 
-    async def delete(self, tenant_id: str, session_id: str) -> None:
+    async def delete(self, tenant_id: str, session_id: str) -> str:
+        """Deletes the session; returns its id as the service spells it."""
         row = await self._one(
             "DELETE FROM chat_sessions WHERE session_id = %s AND tenant_id = %s"
             " RETURNING session_id",
-            (_session_id(session_id), tenant_id),
+            (canonical_id(session_id), tenant_id),
         )
         if row is None:
             raise _not_found(session_id)
+        return str(row["session_id"])
 
     async def append(
         self, tenant_id: str, session_id: str, message: pb.Message, *, last_event_id: str = ""
@@ -182,7 +199,7 @@ class SessionStore:
         """Stores `message` as the session's next one; returns it with its id, sequence
         and time, and adds its usage to the session's totals. `last_event_id`, if given,
         is the session's latest Converse event when the message was stored."""
-        sid = _session_id(session_id)
+        sid = canonical_id(session_id)
         try:
             async with self._db.connection() as conn, conn.transaction():
                 cur = await conn.execute(
@@ -215,8 +232,8 @@ class SessionStore:
                     "INSERT INTO chat_messages (session_id, sequence, message) VALUES (%s, %s, %s)",
                     (sid, sequence, stored.SerializeToString()),
                 )
-        except (psycopg.OperationalError, psycopg.errors.ConnectionTimeout) as exc:
-            raise dependency_unavailable("postgresql", "session store", exc) from exc
+        except _STORE_DOWN as exc:
+            raise _unavailable(exc) from exc
         return stored
 
     async def messages(
@@ -224,22 +241,28 @@ class SessionStore:
     ) -> list[pb.Message]:
         """The session's messages with sequence > `after`, oldest first."""
         await self.get(tenant_id, session_id)  # NOT_FOUND, also for another tenant's
-        async with self._db.connection() as conn:
-            cur = await conn.execute(
-                "SELECT message FROM chat_messages WHERE session_id = %s AND sequence > %s"
-                " ORDER BY sequence LIMIT %s",
-                (_session_id(session_id), after, limit),
-            )
-            return [pb.Message.FromString(r[0]) for r in await cur.fetchall()]
+        try:
+            async with self._db.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT message FROM chat_messages WHERE session_id = %s AND sequence > %s"
+                    " ORDER BY sequence LIMIT %s",
+                    (canonical_id(session_id), after, limit),
+                )
+                return [pb.Message.FromString(r[0]) for r in await cur.fetchall()]
+        except _STORE_DOWN as exc:
+            raise _unavailable(exc) from exc
 
     async def client_message_ids(self, tenant_id: str, session_id: str, *, limit: int) -> set[str]:
         """The client ids of the session's latest `limit` messages (for de-duplication)."""
         await self.get(tenant_id, session_id)
-        async with self._db.connection() as conn:
-            cur = await conn.execute(
-                "SELECT message FROM chat_messages WHERE session_id = %s"
-                " ORDER BY sequence DESC LIMIT %s",
-                (_session_id(session_id), limit),
-            )
-            messages = [pb.Message.FromString(r[0]) for r in await cur.fetchall()]
+        try:
+            async with self._db.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT message FROM chat_messages WHERE session_id = %s"
+                    " ORDER BY sequence DESC LIMIT %s",
+                    (canonical_id(session_id), limit),
+                )
+                messages = [pb.Message.FromString(r[0]) for r in await cur.fetchall()]
+        except _STORE_DOWN as exc:
+            raise _unavailable(exc) from exc
         return {m.client_message_id for m in messages if m.client_message_id}

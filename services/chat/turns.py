@@ -39,6 +39,7 @@ from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
 
 from services.chat.commands import RUN_CODE, ToolRequest, check_allowed, parse_tool_request
+from services.chat.sessions import session_priority
 from services.chat.store import SessionStore
 from services.runtime import (
     TENANT_HEADER,
@@ -253,7 +254,7 @@ class Turn:
                     idempotency_key=f"chat:{self.session_id}:{self.assistant_id}",
                     steps=[step],
                     labels={"session_id": self.session_id},
-                    priority=self.settings.priority,
+                    priority=session_priority(self.settings),
                 ),
                 metadata=self._metadata,
             )
@@ -344,7 +345,7 @@ class Turn:
             ],
             parameters=settings.parameters,
             session_id=self.session_id,
-            priority=settings.priority,
+            priority=session_priority(settings),
             report_queue_position=True,
         )
         answer.prompt_tokens = count_tokens(request.prompt) + sum(

@@ -1,15 +1,24 @@
-"""Session request logic: field-mask updates and validation (pure)."""
+"""Session request logic: field-mask updates, the Session message, page cursors, the
+session's defaults (pure). The values' own rules are in test_chat_contract."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 
 import pytest
 from google.protobuf import field_mask_pb2
 from switchboard.chat.v1 import chat_pb2 as pb
+from switchboard.common.v1 import common_pb2
 from switchboard.inference.v1 import inference_pb2
 
-from services.chat.sessions import apply_mask, check_new
+from services.chat.sessions import (
+    apply_mask,
+    message_cursor,
+    session_cursor,
+    session_message,
+    session_priority,
+)
 from services.chat.store import SessionRow
 from services.runtime import InvalidArgument
 
@@ -78,25 +87,33 @@ def test_paths_that_cannot_be_updated_are_refused(paths, fields):
     assert [v.field for v in exc.value.field_violations] == fields
 
 
-def test_new_values_are_validated_after_the_mask():
-    with pytest.raises(InvalidArgument) as exc:
-        apply_mask(
-            CURRENT,
-            update(["settings.retrieval_top_k"], settings=pb.SessionSettings(retrieval_top_k=50)),
-        )
-    assert [v.field for v in exc.value.field_violations] == ["session.settings.retrieval_top_k"]
+def test_usage_totals_beyond_int32_are_capped_not_wrapped():
+    row = dataclasses.replace(CURRENT, prompt_tokens=3_000_000_000, completion_tokens=5)
+    usage = session_message(row).usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
+        2**31 - 1,
+        5,
+        2**31 - 1,
+    )
+    row = dataclasses.replace(CURRENT, prompt_tokens=2**31 - 10, completion_tokens=20)
+    assert session_message(row).usage.total_tokens == 2**31 - 1
+    assert session_message(CURRENT).usage.total_tokens == 0
 
 
-def test_new_sessions_are_validated():
-    check_new(pb.CreateSessionRequest(title="ok", settings=pb.SessionSettings(collection="docs")))
-    with pytest.raises(InvalidArgument) as exc:
-        check_new(
-            pb.CreateSessionRequest(
-                settings=pb.SessionSettings(allowed_tools=["x" * 65], tier=99, priority=42)
-            )
-        )
-    assert [v.field for v in exc.value.field_violations] == [
-        "settings.allowed_tools",
-        "settings.tier",
-        "settings.priority",
-    ]
+def test_a_session_s_tasks_and_generations_are_interactive_unless_it_says_otherwise():
+    assert session_priority(pb.SessionSettings()) == common_pb2.PRIORITY_INTERACTIVE
+    batch = pb.SessionSettings(priority=common_pb2.PRIORITY_BATCH)
+    assert session_priority(batch) == common_pb2.PRIORITY_BATCH
+
+
+def test_page_cursors_refuse_what_no_response_gave_out():
+    sid = "00000000-0000-0000-0000-0000000000AB"
+    assert session_cursor([NOW.isoformat(), sid]) == (NOW, sid.lower())
+    assert message_cursor(["42"]) == 42
+    for parts in ([NOW.isoformat(), "not-a-uuid"], ["soon", sid], [sid]):
+        with pytest.raises(ValueError):
+            session_cursor(parts)
+    # non-ASCII digits, more digits than int() takes, more than a bigint holds
+    for value in ("\u0663", "\u00b2", "1" * 5000, "9" * 19, "-1", ""):
+        with pytest.raises(ValueError):
+            message_cursor([value])
