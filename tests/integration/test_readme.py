@@ -103,6 +103,13 @@ SHOWS = {
         "grpcurl exited with 67",
     ),
     "stub.Generate(": ("completion_tokens", "generator_"),
+    "keys create --operator": (
+        '"weight": 2',
+        '"max_in_flight": 64',
+        '"tenant_id": "acme"',
+        "may be called by operator credentials",
+        "refused, grpcurl exited with 71",
+    ),
 }
 """What a block's output must contain, by a fragment of the block's text."""
 
