@@ -242,17 +242,29 @@ def status_of(error: grpc.RpcError) -> status_pb2.Status:
     )
 
 
+_BARE_STATUS_REASONS = {
+    grpc.StatusCode.DEADLINE_EXCEEDED: "DEADLINE_EXCEEDED",
+    grpc.StatusCode.CANCELLED: "CANCELLED",
+    grpc.StatusCode.UNAVAILABLE: "DEPENDENCY_UNAVAILABLE",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "MESSAGE_TOO_LARGE",
+}
+"""The reason of a status gRPC raised itself, without details (a deadline, a cancel, a
+peer gone, a message over the transport's limit); any other is a bug: INTERNAL."""
+
+
 class RelayedError(SwitchboardError):
-    """A downstream service's error, passed on to the caller exactly as it came."""
+    """A downstream service's error, passed on to the caller as it came; one that gRPC
+    raised without details gets the single `ErrorInfo` every error carries."""
 
     def __init__(self, code: grpc.StatusCode, status: status_pb2.Status) -> None:
         info = next(_unpacked(status, error_details_pb2.ErrorInfo), None)
-        super().__init__(status.message, reason=info.reason if info else "UNKNOWN")
+        reason = info.reason if info else _BARE_STATUS_REASONS.get(code, "INTERNAL")
+        super().__init__(status.message, reason=reason)
         self.code = code
-        self._status = status
+        self._status = status if info else None
 
     def to_rpc_status(self) -> status_pb2.Status:
-        return self._status
+        return self._status if self._status is not None else super().to_rpc_status()
 
 
 def _unpacked(status: status_pb2.Status, kind: type[Any]) -> Iterator[Any]:

@@ -163,3 +163,23 @@ def test_request_id_and_tenant_propagate():
         _context.request_id.reset(t1)
         _context.tenant_id.reset(t2)
     assert md == {"x-extra": "1", "x-request-id": "rid-1", "x-tenant-id": "acme"}
+
+
+def test_a_relayed_status_keeps_its_details_or_gets_the_one_error_info_it_lacks():
+    import grpc
+    from google.rpc import status_pb2
+
+    from services import runtime
+
+    downstream = runtime.NotFound("gone", reason="TASK_NOT_FOUND").to_rpc_status()
+    relayed = runtime.RelayedError(grpc.StatusCode.NOT_FOUND, downstream)
+    assert relayed.to_rpc_status() == downstream and relayed.reason == "TASK_NOT_FOUND"
+    for code, reason in (
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "MESSAGE_TOO_LARGE"),
+        (grpc.StatusCode.UNKNOWN, "INTERNAL"),
+    ):
+        bare = status_pb2.Status(code=code.value[0], message="from grpc itself")
+        details = runtime.error_details(runtime.RelayedError(code, bare).to_rpc_status())
+        assert (details.code, details.error_info.reason) == (code, reason)
+        assert details.error_info_count == 1 and details.error_info.reason in runtime.REASONS
