@@ -16,7 +16,8 @@ Route-level header removal runs in the router, after ext_authz, which is why it 
 used on the routes that skip the check: elsewhere it would remove the tenant ext_authz set.
 
 A second, internal listener (loopback only) has the same routes and clusters but no
-ext_authz: it trusts the `x-tenant-id` it is sent. The services use it for their calls
+ext_authz: it trusts the `x-tenant-id` it is sent, and removes `x-switchboard-principal`
+(a call on it is a tenant's, never an operator's). The services use it for their calls
 to each other (the tenant of the call they are handling travels with them); clients
 never do.
 
@@ -361,7 +362,14 @@ def render_envoy_config(
         inner["http_filters"] = copy.deepcopy(router)
         inner["route_config"]["name"] = f"switchboard-{INTERNAL_LISTENER}"
         inner["route_config"]["virtual_hosts"] = [
-            {"name": "switchboard", "domains": ["*"], "routes": routes(edge_auth=False)}
+            {
+                "name": "switchboard",
+                "domains": ["*"],
+                "routes": routes(edge_auth=False),
+                # a service's call is a tenant's, whatever it says: no operator authority
+                # travels inward
+                "request_headers_to_remove": [PRINCIPAL_HEADER],
+            }
         ]
         _access_log_field(inner, "listener", INTERNAL_LISTENER)
         config["static_resources"]["listeners"].append(internal)
@@ -454,6 +462,12 @@ def check_consistency(config: Mapping[str, Any]) -> None:
                     f"the internal listener trusts {TENANT_HEADER} and must listen on "
                     f"loopback, not {address!r}"
                 )
+            for hcm in _hcms(listener):
+                for vhost in hcm.get("route_config", {}).get("virtual_hosts", []):
+                    if PRINCIPAL_HEADER not in vhost.get("request_headers_to_remove", []):
+                        problems.append(
+                            f"the internal listener passes a caller's {PRINCIPAL_HEADER} on"
+                        )
         for hcm in _hcms(listener):
             filters = [f.get("name") for f in hcm.get("http_filters", [])]
             guarded = _EXT_AUTHZ in filters

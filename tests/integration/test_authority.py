@@ -572,3 +572,18 @@ async def test_an_operator_manages_any_tenants_policy_and_reads_its_quota(world)
         adm.DeletePolicyRequest(tenant_id=tenant), metadata=as_operator()
     )
     assert deleted.deleted
+
+
+async def test_no_operator_authority_travels_through_the_internal_listener(mesh):
+    """The services' listener trusts `x-tenant-id` but drops a claimed principal: a call
+    there is a tenant's, so an operator RPC is refused even when the caller says
+    `operator`."""
+    async with grpc.aio.insecure_channel(mesh.internal_address) as channel:
+        stub = admission_service_pb2_grpc.AdmissionServiceStub(channel)
+        request = adm.UpdatePolicyRequest(policy=adm.Policy(tenant_id="anyone", weight=9))
+        claims = (("x-tenant-id", "anyone"), ("x-switchboard-principal", "operator"))
+        await refused(
+            stub.UpdatePolicy(request, metadata=claims, timeout=TIMEOUT),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "PRINCIPAL_NOT_ALLOWED",
+        )

@@ -446,6 +446,16 @@ def test_the_internal_listener_has_the_same_routes_on_loopback_without_ext_authz
     assert route_for(config, ADMISSION, "internal")["route"]["hash_policy"] == [
         {"header": {"header_name": "x-tenant-id"}}
     ]
+    # no operator authority travels inward: the principal header is dropped
+    (vhost,) = manager["route_config"]["virtual_hosts"]
+    assert vhost["request_headers_to_remove"] == ["x-switchboard-principal"]
+
+
+def test_consistency_refuses_an_internal_listener_passing_the_principal_on() -> None:
+    config = copy.deepcopy(guarded())
+    del hcm(config, "internal")["route_config"]["virtual_hosts"][0]["request_headers_to_remove"]
+    with pytest.raises(ValueError, match="internal listener passes a caller's x-switchboard"):
+        check_consistency(config)
 
 
 def test_the_internal_listener_needs_its_own_port() -> None:
