@@ -52,12 +52,36 @@ class Violation:
     """Which rule it breaks, e.g. `string.max_len`."""
     request: message.Message
     """The whole request, breaking only this rule."""
+    site: str
+    """Where the rule is written: `package.Message.field`."""
 
 
 def violations(request: message.Message) -> Iterator[Violation]:
     """One Violation per rule of `request`'s type (and its set or required sub-messages)
     that can be broken."""
     yield from _walk(request, request, ())
+
+
+def rule_sites(root: descriptor.Descriptor) -> set[str]:
+    """`package.Message.field` of every field with rules reachable from `root` (through
+    message fields, but not into elements a service checks on their own)."""
+    sites: set[str] = set()
+    seen: set[str] = set()
+
+    def visit(msg: descriptor.Descriptor) -> None:
+        if msg.full_name in seen or msg.full_name.startswith("google."):
+            return
+        seen.add(msg.full_name)
+        for field in msg.fields:
+            rules = _rules(field)
+            if rules is not None and (rules.WhichOneof("type") or rules.required):
+                sites.add(f"{msg.full_name}.{field.name}")
+            sub = field.message_type
+            if sub is not None and not sub.GetOptions().map_entry and not _items_ignored(rules):
+                visit(sub)
+
+    visit(root)
+    return sites
 
 
 def unbreakable_rules(root: descriptor.Descriptor) -> list[str]:
@@ -125,13 +149,14 @@ def _walk(root: message.Message, node: message.Message, path: Path) -> Iterator[
                 copy.CopyFrom(root)
                 target = _at(copy, path)
                 mutate(target)
-                yield Violation(_path_text(here), rule, copy)
+                site = f"{node.DESCRIPTOR.full_name}.{field.name}"
+                yield Violation(_path_text(here), rule, copy, site)
         if field.message_type is None or field.message_type.full_name.startswith("google."):
             continue
         if field.is_repeated:
             if field.message_type.GetOptions().map_entry or _items_ignored(rules):
                 continue
-            for index in range(min(1, len(getattr(node, field.name)))):
+            for index in range(len(getattr(node, field.name))):
                 yield from _walk(
                     root, getattr(node, field.name)[index], (*path, (field.name, index))
                 )
@@ -178,8 +203,10 @@ def _bad_scalars(kind: str, typed: Any, field: Any) -> Iterator[tuple[str, Any]]
             yield "max_len", "x" * (typed.max_len + 1)
         if typed.HasField("pattern"):
             pattern = re.compile(typed.pattern)
-            bad = next(s for s in _NOT_MATCHING if not pattern.search(s))
-            yield "pattern", bad
+            # the empty string, and a non-empty one (for fields where empty = unset)
+            if not pattern.search(""):
+                yield "pattern", ""
+            yield "pattern", next(s for s in _NOT_MATCHING if s and not pattern.search(s))
     elif kind == "enum":
         if typed.defined_only:
             defined = {v.number for v in field.enum_type.values}

@@ -228,10 +228,9 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
     ) -> AsyncIterator[pb.AdmitSessionResponse]:
         await context.send_initial_metadata(self._replica)
 
-        def args_of(request: pb.AdmitRequest) -> dict[str, Any]:
-            # a streamed request is checked here, each refused on its own
-            validate_request(request, prefix="request.")
-            return self._admit_args(request, context, prefix="request.")
+        def args_of(frame: pb.AdmitSessionRequest) -> dict[str, Any]:
+            validate_request(frame)  # a streamed frame is checked here, refused on its own
+            return self._admit_args(frame.request, context, prefix="request.")
 
         replies = serve_session(
             self._controller, request_iterator, args_of=args_of, admitted=_admission_message

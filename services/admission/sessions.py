@@ -46,8 +46,8 @@ class AdmitSession:
 
     Args:
         controller: decides.
-        args_of: the controller's `submit` arguments for an AdmitRequest (raises the
-            refusal of an invalid one).
+        args_of: the controller's `submit` arguments for a frame's AdmitRequest (raises
+            the refusal of an invalid frame).
         reply: hands a reply to the stream's writer (never blocks).
         admitted: the AdmitResponse for an admission.
     """
@@ -56,7 +56,7 @@ class AdmitSession:
         self,
         controller: AdmissionController,
         *,
-        args_of: Callable[[pb.AdmitRequest], dict[str, Any]],
+        args_of: Callable[[pb.AdmitSessionRequest], dict[str, Any]],
         reply: Callable[[pb.AdmitSessionResponse], None],
         admitted: Callable[[Admission], pb.AdmitResponse],
     ) -> None:
@@ -70,14 +70,15 @@ class AdmitSession:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def submit(self, request: pb.AdmitRequest) -> None:
-        """Decides `request`, or starts following it through the queue."""
-        request_id = request.context.request_id
+    def submit(self, frame: pb.AdmitSessionRequest) -> None:
+        """Decides the frame's request, or starts following it through the queue."""
+        request_id = frame.request.context.request_id
         try:
+            args = self._args_of(frame)
             if not request_id:  # unique among the tenant's attempts: the controller checks
                 field = "request.context.request_id"
                 raise invalid([FieldViolation(field, "required: it tags the request's replies")])
-            ticket = self._controller.submit(**self._args_of(request))
+            ticket = self._controller.submit(**args)
         except SwitchboardError as refusal:
             self._refuse(request_id, refusal)
             return
@@ -130,7 +131,7 @@ async def serve_session(
     controller: AdmissionController,
     frames: AsyncIterator[pb.AdmitSessionRequest],
     *,
-    args_of: Callable[[pb.AdmitRequest], dict[str, Any]],
+    args_of: Callable[[pb.AdmitSessionRequest], dict[str, Any]],
     admitted: Callable[[Admission], pb.AdmitResponse],
 ) -> AsyncIterator[pb.AdmitSessionResponse]:
     """Serves one AdmitSession stream: submits its requests as they come and yields the
@@ -145,7 +146,7 @@ async def serve_session(
     async def submit_all() -> None:
         try:
             async for frame in frames:
-                session.submit(frame.request)
+                session.submit(frame)
             await session.drain()
         finally:
             replies.put_nowait(None)

@@ -27,16 +27,26 @@ REASONS = frozenset(
 )
 """Every `ErrorInfo.reason` a service may send: the catalogue in `common.proto`."""
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
-MAX_MESSAGE_CHARS = 1024
-"""An error message (which may quote what the client sent) is cut to this length, so a
-long id cannot turn a small error into one over the transport's header limits."""
-MAX_DETAIL_CHARS = 256
-"""Each ErrorInfo metadata value and field-violation text is cut to this length."""
+MAX_MESSAGE_BYTES = 384
+"""An error message (which may quote what the client sent) is cut to this many bytes of
+UTF-8."""
+MAX_DETAIL_BYTES = 128
+"""Each ErrorInfo metadata value and field-violation path and text is cut to this many
+bytes of UTF-8."""
+MAX_FIELD_VIOLATIONS = 8
+"""At most this many field violations are sent (the message counts the rest).
+
+The bounds keep a whole error, which travels in trailing metadata, well inside gRPC
+clients' default 8 KiB metadata limit: a request breaking a thousand rules, or quoting a
+megabyte id, still gets its INVALID_ARGUMENT and not a transport error."""
 
 
-def bounded(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
-    """`text`, cut to at most `limit` characters (the cut marked with `…`)."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def bounded(text: str, limit: int = MAX_DETAIL_BYTES) -> str:
+    """`text`, cut to at most `limit` bytes of UTF-8 (the cut marked with `…`)."""
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - 3].decode(errors="ignore") + "…"
 
 
 @dataclass(frozen=True)
@@ -102,7 +112,7 @@ class SwitchboardError(Exception):
                             error_details_pb2.BadRequest.FieldViolation(
                                 field=bounded(v.field), description=bounded(v.description)
                             )
-                            for v in self.field_violations
+                            for v in self.field_violations[:MAX_FIELD_VIOLATIONS]
                         ]
                     )
                 )
@@ -126,9 +136,14 @@ class SwitchboardError(Exception):
             details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
         return status_pb2.Status(
             code=self.code.value[0],
-            message=bounded(self.message, MAX_MESSAGE_CHARS),
+            message=self._bounded_message(),
             details=details,
         )
+
+    def _bounded_message(self) -> str:
+        left_out = len(self.field_violations) - MAX_FIELD_VIOLATIONS
+        suffix = f" ({left_out} more field violations not listed)" if left_out > 0 else ""
+        return bounded(self.message, MAX_MESSAGE_BYTES - len(suffix)) + suffix
 
     def to_grpc_status(self) -> grpc.Status:
         return rpc_status.to_status(self.to_rpc_status())

@@ -41,10 +41,10 @@ def replies() -> list[pb.AdmitSessionResponse]:
 def session(controller, replies) -> AdmitSession:
     return AdmitSession(
         controller,
-        args_of=lambda request: {
+        args_of=lambda frame: {
             "tenant_id": "acme",
-            "request_id": request.context.request_id,
-            "prompt_tokens": request.estimated_prompt_tokens,
+            "request_id": frame.request.context.request_id,
+            "prompt_tokens": frame.request.estimated_prompt_tokens,
         },
         reply=replies.append,
         admitted=lambda admission: pb.AdmitResponse(
@@ -53,10 +53,10 @@ def session(controller, replies) -> AdmitSession:
     )
 
 
-def _request(request_id: str, prompt_tokens: int = 10) -> pb.AdmitRequest:
+def _request(request_id: str, prompt_tokens: int = 10) -> pb.AdmitSessionRequest:
     request = pb.AdmitRequest(estimated_prompt_tokens=prompt_tokens)
     request.context.request_id = request_id
-    return request
+    return pb.AdmitSessionRequest(request=request)
 
 
 def _events(replies) -> list[tuple[str, str]]:
@@ -113,12 +113,12 @@ async def test_closing_the_session_takes_its_waiting_requests_out_of_the_queue(
 def _serve(controller, requests, tenant: str = "acme"):
     async def frames():
         for request in requests:
-            yield pb.AdmitSessionRequest(request=request)
+            yield request
 
     return serve_session(
         controller,
         frames(),
-        args_of=lambda request: {"tenant_id": tenant, "request_id": request.context.request_id},
+        args_of=lambda frame: {"tenant_id": tenant, "request_id": frame.request.context.request_id},
         admitted=lambda admission: pb.AdmitResponse(
             lease=pb.Lease(lease_id=admission.lease.lease_id)
         ),

@@ -8,11 +8,21 @@ reason, or one that gives none where its class has no default, fails here.
 from __future__ import annotations
 
 import ast
+import base64
+import urllib.parse
 from pathlib import Path
 
 import pytest
 
-from services.runtime import REASONS, InvalidArgument, NotFound, SwitchboardError, bounded
+from services.runtime import (
+    REASONS,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    SwitchboardError,
+    bounded,
+    error_details,
+)
 
 SERVICES = Path(__file__).resolve().parents[2] / "services"
 ROOT_ERRORS = {"SwitchboardError"}
@@ -99,7 +109,20 @@ def test_an_error_class_without_a_default_needs_a_reason():
 def test_echoed_values_are_bounded():
     error = InvalidArgument("bad id " + "x" * 100_000, metadata={"task_id": "y" * 100_000})
     status = error.to_rpc_status()
-    assert len(status.message) <= 1024
+    assert len(status.message.encode()) <= 384
     assert status.message.endswith("…")
     assert bounded("short") == "short"
-    assert len(status.SerializeToString()) < 4096
+    assert len(status.SerializeToString()) < 2048
+
+
+def test_an_error_fits_the_default_metadata_limit_however_much_was_wrong():
+    violations = [
+        FieldViolation(f"steps[{i}].depends_on[{i}]" + "x" * 500, "ü" * 500) for i in range(1000)
+    ]
+    error = InvalidArgument("ä" * 10_000, field_violations=violations, metadata={"k": "v" * 999})
+    status = error.to_rpc_status()
+    blob = base64.b64encode(status.SerializeToString())
+    header = urllib.parse.quote(status.message)  # grpc-message is percent-encoded
+    assert len(blob) + len(header) < 5 * 1024
+    assert status.message.endswith("(992 more field violations not listed)")
+    assert error_details(status).field_violations[0].field.startswith("steps[0]")
