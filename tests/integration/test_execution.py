@@ -319,6 +319,16 @@ async def test_cancel_stops_running_steps_and_kills_the_sandbox(execution, tools
         await asyncio.sleep(0.1)
     else:
         pytest.fail("the spinning step never ran")
+    # a step has started: the task is RUNNING, and listed as such (no longer PENDING)
+    got = await execution.GetTask(
+        pb.GetTaskRequest(task_id=task.task_id), metadata=as_tenant(tenant)
+    )
+    assert got.task.state == pb.TASK_STATE_RUNNING
+    for state, expected in ((pb.TASK_STATE_RUNNING, [task.task_id]), (pb.TASK_STATE_PENDING, [])):
+        listed = await execution.ListTasks(
+            pb.ListTasksRequest(state=state), metadata=as_tenant(tenant)
+        )
+        assert [t.task_id for t in listed.tasks] == expected
     reply = await execution.CancelTask(
         pb.CancelTaskRequest(task_id=task.task_id), metadata=as_tenant(tenant)
     )
