@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from google.protobuf import field_mask_pb2
 from switchboard.chat.v1 import chat_pb2 as pb
+from switchboard.inference.v1 import inference_pb2
 
 from services.runtime import request_violations
 
@@ -92,6 +93,17 @@ def frame(**kind) -> pb.ConverseRequest:
                 )
             ),
             ["settings.settings.priority", "settings.settings.retrieval_top_k"],
+        ),
+        (  # GenerationParameters' own rules (inference.proto) apply in a frame too
+            frame(
+                settings=pb.ChangeSettings(
+                    settings=pb.SessionSettings(
+                        parameters=inference_pb2.GenerationParameters(max_tokens=5000)
+                    ),
+                    update_mask=field_mask_pb2.FieldMask(paths=["parameters"]),
+                )
+            ),
+            ["settings.settings.parameters.max_tokens"],
         ),
     ],
 )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from google.protobuf import duration_pb2
 from switchboard.execution.v1 import execution_pb2 as pb
+from switchboard.inference.v1 import inference_pb2
 
 from services.runtime import request_violations
 
@@ -82,6 +83,14 @@ def test_task_rules(request_, expected):
         (step(generate=pb.GenerateStep(prompt=" \n\t")), ["steps[0].generate.prompt"]),
         (step(generate=pb.GenerateStep(prompt="p", model="m" * 129)), ["steps[0].generate.model"]),
         (step(generate=pb.GenerateStep(prompt="p", tier=7)), ["steps[0].generate.tier"]),
+        (
+            step(
+                generate=pb.GenerateStep(
+                    prompt="p", parameters=inference_pb2.GenerationParameters(temperature=3)
+                )
+            ),
+            ["steps[0].generate.parameters.temperature"],
+        ),
         (
             step(generate=pb.GenerateStep(prompt="p", context_steps=["x" * 64])),
             ["steps[0].generate.context_steps[0]"],
