@@ -1,9 +1,11 @@
 """The chat service: sessions with durable, gapless history in PostgreSQL, and the
 bidirectional Converse stream.
 
-`store` owns the tables; `sessions` validates requests and applies field masks; `live`
-holds the sessions with open streams (event logs, turn queues, cancellation, resume);
-`turns` runs one turn through the other services; `commands` reads tool requests.
+`store` owns the tables; `sessions` applies field masks and builds the Session message
+(the requests' values are checked by their contract's annotations, in the runtime or,
+for Converse frames, in `live`); `live` holds the sessions with open streams (event
+logs, turn queues, cancellation, resume); `turns` runs one turn through the other
+services; `commands` reads tool requests.
 """
 
 from __future__ import annotations
