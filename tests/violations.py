@@ -62,6 +62,14 @@ def violations(request: message.Message) -> Iterator[Violation]:
     yield from _walk(request, request, ())
 
 
+def at_bounds(request: message.Message) -> Iterator[Violation]:
+    """Copies of `request` with one field at the edge of what its rules allow (a number
+    at its bound, a string or list of exactly the longest or shortest length), and every
+    integer field without rules at its type's extremes. Each `Violation` here names a
+    field the service must not refuse (nor fail on)."""
+    yield from _walk(request, request, (), edges=True)
+
+
 def rule_sites(root: descriptor.Descriptor) -> set[str]:
     """`package.Message.field` of every field with rules reachable from `root` (through
     message fields, but not into elements a service checks on their own)."""
@@ -139,12 +147,15 @@ def _at(root: message.Message, path: Path) -> message.Message:
     return node
 
 
-def _walk(root: message.Message, node: message.Message, path: Path) -> Iterator[Violation]:
+def _walk(
+    root: message.Message, node: message.Message, path: Path, *, edges: bool = False
+) -> Iterator[Violation]:
     for field in node.DESCRIPTOR.fields:
         here = (*path, (field.name, None))
         rules = _rules(field)
-        if rules is not None:
-            for rule, mutate in _breakers(field, rules, getattr(node, field.name)):
+        makers = _edges(field, rules) if edges else _breakers(field, rules, None) if rules else ()
+        if makers:
+            for rule, mutate in makers:
                 copy = type(root)()
                 copy.CopyFrom(root)
                 target = _at(copy, path)
@@ -158,10 +169,50 @@ def _walk(root: message.Message, node: message.Message, path: Path) -> Iterator[
                 continue
             for index in range(len(getattr(node, field.name))):
                 yield from _walk(
-                    root, getattr(node, field.name)[index], (*path, (field.name, index))
+                    root,
+                    getattr(node, field.name)[index],
+                    (*path, (field.name, index)),
+                    edges=edges,
                 )
         elif node.HasField(field.name):
-            yield from _walk(root, getattr(node, field.name), here)
+            yield from _walk(root, getattr(node, field.name), here, edges=edges)
+
+
+def _edges(field: descriptor.FieldDescriptor, rules: Any) -> list[tuple[str, Any]]:
+    kind = rules.WhichOneof("type") if rules is not None else None
+    scalar = _SCALAR_KINDS.get(field.type)
+    if kind is None and scalar in _INT_RANGES and not field.is_repeated:
+        low, high = _INT_RANGES[scalar]
+        return [(f"{scalar} extreme", _setter(field, v)) for v in (low, high) if v]
+    if kind is None or field.is_repeated and kind != "repeated":
+        return []
+    typed = getattr(rules, kind)
+    found: list[tuple[str, Any]] = []
+    if kind in _INT_RANGES or kind in ("float", "double"):
+        for rule in ("gte", "lte"):
+            if typed.HasField(rule):
+                found.append((f"{kind}.{rule} (at)", _setter(field, getattr(typed, rule))))
+    elif kind == "string":
+        for rule in ("min_len", "max_len"):
+            if typed.HasField(rule) and getattr(typed, rule) > 0 and not typed.HasField("pattern"):
+                value = "x" * getattr(typed, rule)
+                found.append((f"string.{rule} (at)", _setter(field, value)))
+    elif kind == "duration":
+        for rule in ("gte", "lte"):
+            if typed.HasField(rule):
+                bound = getattr(typed, rule).ToNanoseconds()
+                found.append((f"duration.{rule} (at)", _setter(field, bound)))
+    return found
+
+
+_SCALAR_KINDS = {
+    descriptor.FieldDescriptor.TYPE_INT32: "int32",
+    descriptor.FieldDescriptor.TYPE_INT64: "int64",
+    descriptor.FieldDescriptor.TYPE_UINT32: "uint32",
+    descriptor.FieldDescriptor.TYPE_UINT64: "uint64",
+    descriptor.FieldDescriptor.TYPE_SINT32: "sint32",
+    descriptor.FieldDescriptor.TYPE_SINT64: "sint64",
+}
 
 
 def _items_ignored(rules: Any) -> bool:

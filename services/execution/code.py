@@ -14,6 +14,15 @@ logger = logging.getLogger(__name__)
 
 MAX_INPUT_FILES = 32
 MAX_INPUT_BYTES = 1024 * 1024
+MAX_PATH_PART_BYTES = 255
+"""The longest file name Linux takes (NAME_MAX)."""
+
+
+def _good_path(path: str) -> bool:
+    parts = path.split("/")
+    return "\0" not in path and all(
+        p not in ("", ".", "..") and len(p.encode()) <= MAX_PATH_PART_BYTES for p in parts
+    )
 
 
 def run_request(request: pb.RunCodeRequest, limits: SandboxLimits) -> RunRequest:
@@ -22,7 +31,8 @@ def run_request(request: pb.RunCodeRequest, limits: SandboxLimits) -> RunRequest
 
     Raises:
         ResourceExhausted: `CODE_TOO_LARGE` / `FILES_TOO_LARGE`.
-        InvalidArgument: a file path that is absolute or has `.`, `..` or empty parts.
+        InvalidArgument: a file path that is absolute, has `.`, `..` or empty parts, a NUL,
+            or a part longer than a file name may be.
     """
     if len(request.code.encode()) > MAX_CODE_BYTES:
         raise ResourceExhausted(
@@ -38,9 +48,13 @@ def run_request(request: pb.RunCodeRequest, limits: SandboxLimits) -> RunRequest
             metadata={"limit_bytes": str(MAX_INPUT_BYTES)},
         )
     problems = [
-        FieldViolation(f"files[{i}].path", "a relative path without '.', '..' or empty parts")
+        FieldViolation(
+            f"files[{i}].path",
+            f"a relative path without '.', '..' or empty parts, NUL, or a part over "
+            f"{MAX_PATH_PART_BYTES} bytes",
+        )
         for i, item in enumerate(request.files)
-        if item.path and any(p in ("", ".", "..") for p in item.path.split("/"))
+        if item.path and not _good_path(item.path)
     ]
     if problems:
         raise invalid(problems, what="RunCodeRequest")

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-import pytest
 from google.protobuf import descriptor_pool, duration_pb2, field_mask_pb2, message_factory
 from switchboard.admission.v1 import admission_pb2 as adm
 from switchboard.admission.v1 import admission_service_pb2_grpc
@@ -40,7 +39,7 @@ from services.runtime import (
     request_violations,
 )
 from tests.integration.conftest import as_operator, as_tenant
-from tests.violations import Violation, reported, rule_sites, violations
+from tests.violations import Violation, at_bounds, reported, rule_sites, violations
 
 TIMEOUT = 30
 TENANT = f"conformance-{uuid.uuid4().hex[:8]}"
@@ -293,9 +292,9 @@ def test_every_rule_is_reached_from_a_valid_request():
 # -- sending one broken request, and reading its refusal --------------------------------
 
 
-async def refusal(channel: grpc.aio.Channel, method: Any, request: Any) -> ErrorDetails:
-    """How the service answered `request` (which breaks a rule): a call's status, or the
-    status of the item the request carried."""
+async def outcome(channel: grpc.aio.Channel, method: Any, request: Any) -> ErrorDetails | None:
+    """How the service answered `request`: a call's status, or the status of the item the
+    request carried; None when it was accepted."""
     metadata = metadata_for(method)
     name = method.full_name
     if name == "switchboard.rag.v1.RagService.IngestDocuments":
@@ -309,17 +308,16 @@ async def refusal(channel: grpc.aio.Channel, method: Any, request: Any) -> Error
         except grpc.aio.AioRpcError as err:  # a rule of the stream as a whole
             return error_details(err)
         (result,) = reply.results
-        return error_details(result.error)
+        return error_details(result.error) if result.error.code else None
     if name == "switchboard.admission.v1.AdmissionService.AdmitSession":
         stub = admission_service_pb2_grpc.AdmissionServiceStub(channel)
         session = stub.AdmitSession(metadata=metadata, timeout=TIMEOUT)
         await session.write(request)
         reply = await session.read()
         session.cancel()
-        assert reply.HasField("refused"), reply
-        return error_details(reply.refused)
+        return error_details(reply.refused) if reply.HasField("refused") else None
     if name == "switchboard.chat.v1.ChatService.Converse":
-        return await _converse_refusal(channel, request, metadata)
+        return await _converse_outcome(channel, request, metadata)
     if name == "switchboard.execution.v1.ExecutionService.SubmitTasks":
         stub = execution_service_pb2_grpc.ExecutionServiceStub(channel)
         try:
@@ -327,29 +325,32 @@ async def refusal(channel: grpc.aio.Channel, method: Any, request: Any) -> Error
         except grpc.aio.AioRpcError as err:  # a rule of the batch as a whole
             return error_details(err)
         (result,) = reply.results
-        assert result.HasField("error"), result
-        return error_details(result.error)
-    return await _call_refusal(channel, method, request, metadata)
+        return error_details(result.error) if result.HasField("error") else None
+    return await _call_outcome(channel, method, request, metadata)
 
 
-async def _call_refusal(channel: Any, method: Any, request: Any, metadata: Any) -> ErrorDetails:
+async def _call_outcome(
+    channel: Any, method: Any, request: Any, metadata: Any
+) -> ErrorDetails | None:
     path = f"/{method.containing_service.full_name}/{method.name}"
     response = message_factory.GetMessageClass(method.output_type)
     options = {
         "request_serializer": type(request).SerializeToString,
         "response_deserializer": response.FromString,
     }
-    with pytest.raises(grpc.aio.AioRpcError) as err:
+    try:
         if method.server_streaming:
             call = channel.unary_stream(path, **options)
             async for _ in call(request, metadata=metadata, timeout=TIMEOUT):
                 pass
         else:
             await channel.unary_unary(path, **options)(request, metadata=metadata, timeout=TIMEOUT)
-    return error_details(err.value)
+    except grpc.aio.AioRpcError as err:
+        return error_details(err)
+    return None
 
 
-async def _converse_refusal(channel: Any, frame: Any, metadata: Any) -> ErrorDetails:
+async def _converse_outcome(channel: Any, frame: Any, metadata: Any) -> ErrorDetails | None:
     stub = chat_service_pb2_grpc.ChatServiceStub(channel)
     first = frame.WhichOneof("frame") in ("open", "resume")
     stream = stub.Converse(metadata=metadata, timeout=TIMEOUT)
@@ -362,35 +363,69 @@ async def _converse_refusal(channel: Any, frame: Any, metadata: Any) -> ErrorDet
                 chat.ConverseRequest(open=chat.OpenSession(session_id=session.session.session_id))
             )
         await stream.write(frame)
+        if not first:  # a frame with an answer of its own: the frame before it was taken
+            await stream.write(SENTINEL)
         while True:
             try:
                 reply = await stream.read()
             except grpc.aio.AioRpcError as err:
                 return error_details(err)
-            assert reply is not grpc.aio.EOF, "the stream ended without refusing the frame"
+            if reply is grpc.aio.EOF:
+                return None
             if reply.HasField("error"):
                 return error_details(reply.error.status)
+            if reply.WhichOneof("frame") in ACCEPTED_FRAME_REPLIES:
+                return None
     finally:
         stream.cancel()
 
 
-def _cases() -> list[tuple[str, Violation]]:
+ACCEPTED_FRAME_REPLIES = {"turn_started", "settings_changed", "turn_completed"}
+"""Replies that show a frame after the opening one was taken."""
+SENTINEL = chat.ConverseRequest(
+    settings=chat.ChangeSettings(
+        settings=chat.SessionSettings(system_prompt="Be brief."),
+        update_mask=field_mask_pb2.FieldMask(paths=["system_prompt"]),
+    )
+)
+"""Sent after the frame under test: its `settings_changed` comes after any error frame
+of the one before (a cancel of an unknown answer, for one, has no reply of its own)."""
+
+CHECKED_BY_MEANING = {
+    "page_token": "an opaque token: one of the right length that no response gave out is "
+    "INVALID_ARGUMENT on page_token all the same",
+    "tool.tool": "a tool name of the right length that is not registered is refused",
+    "chunking.overlap_tokens": "at most half the chunk size actually used",
+    "files[0].path": "each part of a sandbox file's path is a file name, at most 255 bytes "
+    "(the longest path is made of several)",
+    "request_id": "Release takes exactly one of lease_id and request_id (the valid "
+    "request sets lease_id)",
+}
+"""Fields whose value at the edge of its length or range can still be refused, naming
+the field, for what the value means (each documented in its field's comment)."""
+
+
+def by_meaning(field: str) -> str | None:
+    return next((k for k in CHECKED_BY_MEANING if field.endswith(k)), None)
+
+
+def _cases(make_cases: Callable[[Any], Any]) -> list[tuple[str, Violation]]:
     cases = []
     for name, make in VALID.items():
-        cases += [(name, v) for v in violations(make())]
+        cases += [(name, v) for v in make_cases(make())]
     submit_tasks = "switchboard.execution.v1.ExecutionService.SubmitTasks"
-    for v in violations(task()):  # each task of a batch is checked on its own
+    for v in make_cases(task()):  # each task of a batch is checked on its own
         batch = exe.SubmitTasksRequest(tasks=[v.request])
         cases.append((submit_tasks, Violation(v.field, v.rule, batch, v.site)))
     converse = "switchboard.chat.v1.ChatService.Converse"
     for make in CONVERSE_FRAMES:
-        cases += [(converse, v) for v in violations(make())]
+        cases += [(converse, v) for v in make_cases(make())]
     return cases
 
 
 async def test_every_broken_rule_is_refused_with_its_field(envoy_target):
     pool = descriptor_pool.Default()
-    cases = _cases()
+    cases = _cases(violations)
     assert len(cases) >= 150
     problems: list[str] = []
     reasons: set[str] = set()
@@ -400,10 +435,9 @@ async def test_every_broken_rule_is_refused_with_its_field(envoy_target):
         for name, violation in cases:
             method = pool.FindMethodByName(name)
             where = f"{name} {violation.field} ({violation.rule})"
-            try:
-                details = await refusal(channel, method, violation.request)
-            except AssertionError as exc:
-                problems.append(f"{where}: {exc}")
+            details = await outcome(channel, method, violation.request)
+            if details is None:
+                problems.append(f"{where}: accepted")
                 continue
             fields = [v.field for v in details.field_violations]
             if details.error_info is not None:
@@ -418,3 +452,37 @@ async def test_every_broken_rule_is_refused_with_its_field(envoy_target):
                 problems.append(f"{where}: {details.code.name} {reason} {fields}")
     assert not problems, "\n".join(problems)
     assert reasons <= REASONS
+
+
+async def test_values_at_the_edges_are_taken_and_never_fail(envoy_target):
+    """A value at the edge of its rule (and an integer without rules at its type's
+    extremes: a cursor at 2^64-1, a page size of -2^31) is not refused for that field,
+    and nothing answers INTERNAL or UNKNOWN: whatever else the service says about it
+    (not found, over a quota, too long for a model) is a documented refusal."""
+    pool = descriptor_pool.Default()
+    cases = _cases(at_bounds)
+    assert len(cases) >= 60
+    problems: list[str] = []
+    meant: set[str] = set()
+    async with grpc.aio.insecure_channel(
+        envoy_target, options=[("grpc.max_send_message_length", 16 << 20)]
+    ) as channel:
+        for name, edge in cases:
+            method = pool.FindMethodByName(name)
+            details = await outcome(channel, method, edge.request)
+            if details is None:
+                continue
+            where = f"{name} {edge.field} ({edge.rule}): {details.code.name}"
+            if details.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+                problems.append(f"{where} {details.message}")
+            elif details.error_info is None or details.error_info.reason not in REASONS:
+                problems.append(f"{where} without a catalogued reason: {details.message}")
+            elif "extreme" not in edge.rule and reported(
+                edge.field, [v.field for v in details.field_violations]
+            ):
+                if by_meaning(edge.field):
+                    meant.add(by_meaning(edge.field))
+                    continue
+                problems.append(f"{where} refuses a value its rule allows: {details.message}")
+    assert not problems, "\n".join(problems)
+    assert meant == set(CHECKED_BY_MEANING), "an entry of CHECKED_BY_MEANING is stale"

@@ -319,7 +319,19 @@ def test_run_code_caps_its_timeout_and_refuses_paths_out_of_its_directory():
     request = pb.RunCodeRequest(code="1", timeout=duration_pb2.Duration(seconds=3600))
     assert run_request(request, limits).timeout == limits.max_timeout
     bad = pb.RunCodeRequest(
-        files=[pb.SandboxFile(path=p) for p in ("ok/file", "../x", "/etc/x", "a//b", "a/./b")]
+        files=[
+            pb.SandboxFile(path=p)
+            for p in (
+                "ok/file",
+                "../x",
+                "/etc/x",
+                "a//b",
+                "a/./b",
+                "x" * 256,  # a file name longer than Linux takes (it failed the sandbox)
+                "a/\0b",
+                f"{'d' * 255}/{'f' * 255}",  # long, but every part fits
+            )
+        ]
     )
     with pytest.raises(InvalidArgument) as exc:
         run_request(bad, limits)
@@ -328,4 +340,6 @@ def test_run_code_caps_its_timeout_and_refuses_paths_out_of_its_directory():
         "files[2].path",
         "files[3].path",
         "files[4].path",
+        "files[5].path",
+        "files[6].path",
     ]
