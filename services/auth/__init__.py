@@ -1,7 +1,9 @@
-"""The auth service: API keys (hashed in PostgreSQL) checked for Envoy at the edge.
+"""The auth service: API keys (hashed in PostgreSQL) checked for Envoy at the edge, and
+managed by operators.
 
 `keys` is the key format and hashing; `store` keeps keys and caches verified ones;
-`authz` answers Envoy's external authorization checks.
+`authz` answers Envoy's external authorization checks; `servicer` is the operators'
+KeyService.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from datetime import timedelta
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from switchboard.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 
 from services.auth.authz import AuthorizationServicer
+from services.auth.servicer import KeyServicer
 from services.auth.store import Caller, KeyStore
 from services.runtime import load_config, public_services
 
@@ -23,6 +27,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["AuthConfig", "AuthService", "Caller", "KeyStore"]
 
 SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+KEY_SERVICE = auth_service_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,7 @@ class AuthConfig:
 
 class AuthService:
     name = "auth"
-    service_names: Sequence[str] = (SERVICE_NAME,)
+    service_names: Sequence[str] = (KEY_SERVICE, SERVICE_NAME)
 
     def __init__(self, config: AuthConfig | None = None) -> None:
         self._config = config or load_config(AuthConfig, prefix="SWITCHBOARD_")
@@ -54,6 +59,7 @@ class AuthService:
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
             AuthorizationServicer(self.store), server
         )
+        auth_service_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(self.store), server)
 
     async def ready(self) -> bool:
         return await self.store.healthy()

@@ -54,6 +54,14 @@ class Caller:
 
 
 @dataclass(frozen=True, slots=True)
+class TenantInfo:
+    tenant_id: str
+    active_keys: int
+    create_time: datetime
+    """When its first key was created."""
+
+
+@dataclass(frozen=True, slots=True)
 class KeyInfo:
     key_id: str
     tenant_id: str
@@ -110,23 +118,66 @@ class KeyStore:
             )
         return key.key_id, key.token
 
-    async def revoke(self, key_id: str) -> bool:
-        async with self._db.connection() as conn:
-            cur = await conn.execute(
-                "UPDATE auth_api_keys SET revoke_time = now()"
-                " WHERE key_id = %s AND revoke_time IS NULL",
-                (key_id,),
-            )
-        return cur.rowcount == 1
-
-    async def list(self, tenant_id: str = "") -> list[KeyInfo]:
+    async def get(self, key_id: str) -> KeyInfo | None:
         async with self._db.connection() as conn:
             cur = await conn.execute(
                 "SELECT key_id, tenant_id, name, create_time, revoke_time, kind FROM auth_api_keys"
-                " WHERE %s = '' OR tenant_id = %s ORDER BY tenant_id, create_time",
-                (tenant_id, tenant_id),
+                " WHERE key_id = %s",
+                (key_id,),
+            )
+            row = await cur.fetchone()
+        return None if row is None else KeyInfo(*row)
+
+    async def revoke(self, key_id: str) -> bool | None:
+        """Revokes a key: True if this call did, False if it was revoked already, None if
+        there is no such key."""
+        async with self._db.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE auth_api_keys SET revoke_time = coalesce(revoke_time, now())"
+                " WHERE key_id = %s RETURNING revoke_time = now()",
+                (key_id,),
+            )
+            row = await cur.fetchone()
+        return None if row is None else bool(row[0])
+
+    async def list(
+        self,
+        tenant_id: str = "",
+        *,
+        after: tuple[str, datetime, str] | None = None,
+        limit: int | None = None,
+    ) -> list[KeyInfo]:
+        """Keys by tenant (operators' first), then creation; those after `after`, a
+        (tenant_id, create_time, key_id) of the last key of a previous page."""
+        async with self._db.connection() as conn:
+            cur = await conn.execute(
+                "SELECT key_id, tenant_id, name, create_time, revoke_time, kind FROM auth_api_keys"
+                " WHERE (%(tenant)s = '' OR tenant_id = %(tenant)s)"
+                " AND (%(after)s::boolean IS NOT TRUE"
+                "      OR (tenant_id, create_time, key_id) > (%(t)s, %(c)s, %(k)s))"
+                " ORDER BY tenant_id, create_time, key_id LIMIT %(limit)s",
+                {
+                    "tenant": tenant_id,
+                    "after": after is not None,
+                    "t": after[0] if after else "",
+                    "c": after[1] if after else None,
+                    "k": after[2] if after else "",
+                    "limit": limit,
+                },
             )
             return [KeyInfo(*row) for row in await cur.fetchall()]
+
+    async def tenants(self, *, after: str = "", limit: int = 100) -> list[TenantInfo]:
+        """Tenant ids that have or had a key, by id, those after `after`."""
+        async with self._db.connection() as conn:
+            cur = await conn.execute(
+                "SELECT tenant_id, count(*) FILTER (WHERE revoke_time IS NULL),"
+                " min(create_time) FROM auth_api_keys"
+                " WHERE kind = 'tenant' AND tenant_id > %s"
+                " GROUP BY tenant_id ORDER BY tenant_id LIMIT %s",
+                (after, limit),
+            )
+            return [TenantInfo(*row) for row in await cur.fetchall()]
 
     async def verify(self, token: str) -> Caller | None:
         """Who a valid, unrevoked key identifies, else None.

@@ -69,7 +69,7 @@ BASE_CONFIG = Path(__file__).resolve().parents[2] / "envoy" / "base.yaml"
 
 LISTENER = "public"
 INTERNAL_LISTENER = "internal"
-AUTHZ_CLUSTER = "auth"
+AUTHZ_CLUSTER = "ext-authz"
 """The launcher's name for the auth service's cluster."""
 TENANT_HEADER = "x-tenant-id"
 """Set by ext_authz on the public listener; trusted as sent on the internal one."""

@@ -57,18 +57,23 @@ class ServiceSpec:
     """Envoy spreads calls over the replicas by a consistent hash of this header."""
     entry: str = ""
     """The module run with `python -m`; empty = `services.<name>`."""
-    routed: bool = True
-    """Whether Envoy routes clients' calls to its gRPC services; False for the auth
-    service, which Envoy itself calls (ext_authz) and clients never reach."""
+    routed: tuple[str, ...] | None = None
+    """The gRPC services Envoy routes clients' calls to; None = all of grpc_services
+    (the auth service serves Envoy's own ext_authz too, which clients never reach)."""
 
     @property
     def module(self) -> str:
         return self.entry or f"services.{self.name}"
 
     @property
+    def public_services(self) -> tuple[str, ...]:
+        """The gRPC services Envoy routes clients' calls to."""
+        return self.grpc_services if self.routed is None else self.routed
+
+    @property
     def public(self) -> bool:
-        """Whether Envoy routes to it (a worker serves only health, auth only Envoy)."""
-        return bool(self.grpc_services) and self.routed
+        """Whether Envoy routes to it (a worker serves only health)."""
+        return bool(self.public_services)
 
     @property
     def health_service(self) -> str:
@@ -108,7 +113,12 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ),
     ServiceSpec("chat", "chat_port", ("switchboard.chat.v1.ChatService",)),
     # Last, so the other processes keep their metrics ports; Envoy starts after it.
-    ServiceSpec("auth", "auth_port", ("envoy.service.auth.v3.Authorization",), routed=False),
+    ServiceSpec(
+        "auth",
+        "auth_port",
+        ("switchboard.auth.v1.KeyService", "envoy.service.auth.v3.Authorization"),
+        routed=("switchboard.auth.v1.KeyService",),
+    ),
 )
 AUTH = next(spec for spec in SERVICES if spec.name == "auth")
 
@@ -580,7 +590,7 @@ class Mesh:
         upstreams = [
             _envoy.Upstream(
                 name=spec.name,
-                services=spec.grpc_services,
+                services=spec.public_services,
                 endpoints=tuple(
                     (self.config.host, spec.port(self.config, i))
                     for i in range(spec.replicas(self.config))
@@ -592,7 +602,7 @@ class Mesh:
         ]
         authz = _envoy.Upstream(
             name=_envoy.AUTHZ_CLUSTER,
-            services=AUTH.grpc_services,
+            services=("envoy.service.auth.v3.Authorization",),
             endpoints=((self.config.host, AUTH.port(self.config, 0)),),
         )
         config = _envoy.render_envoy_config(

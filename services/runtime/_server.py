@@ -24,7 +24,7 @@ from services.runtime._metrics import serve_metrics
 
 logger = logging.getLogger(__name__)
 
-_DOMAINS = ("inference", "admission", "rag", "execution", "chat")
+_DOMAINS = ("inference", "admission", "rag", "execution", "chat", "auth")
 
 
 def public_services() -> tuple[str, ...]:

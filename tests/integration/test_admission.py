@@ -47,7 +47,7 @@ async def set_policy(stub, tenant: str, **fields) -> pb.Policy:
             policy=pb.Policy(tenant_id=tenant, **fields),
             update_mask=field_mask_pb2.FieldMask(paths=list(fields)),
         ),
-        metadata=as_operator(),
+        metadata=as_operator(tenant),
         timeout=5,
     )
     return reply.policy
@@ -324,14 +324,17 @@ async def test_an_admit_session_that_ends_takes_its_waiters_out_of_the_queue(adm
 
 async def test_bad_policies_and_requests_get_field_violations(admission):
     tenant = new_tenant()
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await set_policy(admission, tenant, requests_per_second=-1.0, max_in_flight=0)
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # the contract's rules
+        await set_policy(admission, tenant, requests_per_second=-1.0, max_in_flight=-3)
     details = error_details(err.value)
     assert details.code == grpc.StatusCode.INVALID_ARGUMENT
     assert {v.field for v in details.field_violations} == {
         "policy.requests_per_second",
         "policy.max_in_flight",
     }
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # 0 stands for "unset", not in the mask
+        await set_policy(admission, tenant, weight=0)
+    assert [v.field for v in error_details(err.value).field_violations] == ["policy.weight"]
 
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await admission.UpdatePolicy(
@@ -339,7 +342,7 @@ async def test_bad_policies_and_requests_get_field_violations(admission):
                 policy=pb.Policy(tenant_id=tenant),
                 update_mask=field_mask_pb2.FieldMask(paths=["color"]),
             ),
-            metadata=as_operator(),
+            metadata=as_operator(tenant),
             timeout=5,
         )
     assert [v.field for v in error_details(err.value).field_violations] == ["update_mask.paths[0]"]
@@ -399,17 +402,17 @@ async def test_policy_etag_guards_concurrent_updates(admission):
         update_mask=field_mask_pb2.FieldMask(paths=["max_in_flight"]),
     )
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await admission.UpdatePolicy(stale, metadata=as_operator(), timeout=5)
+        await admission.UpdatePolicy(stale, metadata=as_operator(tenant), timeout=5)
     details = error_details(err.value)
     assert details.code == grpc.StatusCode.ABORTED
     assert details.error_info.reason == "ETAG_MISMATCH"
 
     stale.policy.etag = policy.etag
-    updated = await admission.UpdatePolicy(stale, metadata=as_operator(), timeout=5)
+    updated = await admission.UpdatePolicy(stale, metadata=as_operator(tenant), timeout=5)
     assert updated.policy.max_in_flight == 6 and updated.policy.etag != policy.etag
 
     deleted = await admission.DeletePolicy(
-        pb.DeletePolicyRequest(tenant_id=tenant), metadata=as_operator(), timeout=5
+        pb.DeletePolicyRequest(tenant_id=tenant), metadata=as_operator(tenant), timeout=5
     )
     assert deleted.deleted
     after = await admission.GetPolicy(pb.GetPolicyRequest(), metadata=as_tenant(tenant), timeout=5)
@@ -424,7 +427,7 @@ async def test_list_policies_pages_through_a_tenant(admission):
                 policy=pb.Policy(tenant_id=tenant, user_id=user, max_in_flight=2),
                 update_mask=field_mask_pb2.FieldMask(paths=["max_in_flight"]),
             ),
-            metadata=as_operator(),
+            metadata=as_operator(tenant),
             timeout=5,
         )
     first = await admission.ListPolicies(

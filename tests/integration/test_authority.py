@@ -14,6 +14,7 @@ For each RPC:
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -24,9 +25,11 @@ import pytest
 from google.protobuf import descriptor_pool, field_mask_pb2, message_factory
 from switchboard.admission.v1 import admission_pb2 as adm
 from switchboard.admission.v1 import admission_service_pb2_grpc
+from switchboard.auth.v1 import auth_pb2 as keys
+from switchboard.auth.v1 import auth_service_pb2_grpc
 from switchboard.chat.v1 import chat_pb2 as chat
 from switchboard.chat.v1 import chat_service_pb2_grpc
-from switchboard.common.v1 import common_pb2
+from switchboard.common.v1 import authority_pb2, common_pb2
 from switchboard.execution.v1 import execution_pb2 as exe
 from switchboard.execution.v1 import execution_service_pb2_grpc
 from switchboard.inference.v1 import inference_pb2 as inf
@@ -55,8 +58,7 @@ class World:
     rag: rag_service_pb2_grpc.RagServiceStub
     execution: execution_service_pb2_grpc.ExecutionServiceStub
     chat: chat_service_pb2_grpc.ChatServiceStub
-    lease_id: str = ""
-    attempt_id: str = ""
+    keys: auth_service_pb2_grpc.KeyServiceStub
     session_id: str = ""
     task_id: str = ""
     idempotency_key: str = ""
@@ -82,23 +84,17 @@ async def world(envoy_target: str) -> AsyncIterator[World]:
             rag=rag_service_pb2_grpc.RagServiceStub(channel),
             execution=execution_service_pb2_grpc.ExecutionServiceStub(channel),
             chat=chat_service_pb2_grpc.ChatServiceStub(channel),
+            keys=auth_service_pb2_grpc.KeyServiceStub(channel),
         )
-        # B's stored policy (an operator's doing), a lease B holds, and an attempt id
+        # B's stored policy (an operator's doing)
         await w.admission.UpdatePolicy(
             adm.UpdatePolicyRequest(
                 policy=adm.Policy(tenant_id=w.b, max_in_flight=7),
                 update_mask=field_mask_pb2.FieldMask(paths=["max_in_flight"]),
             ),
-            metadata=as_operator(),
+            metadata=as_operator(w.b),
             timeout=TIMEOUT,
         )
-        w.attempt_id = f"b-attempt-{suffix}"
-        admitted = await w.admission.Admit(
-            adm.AdmitRequest(context=common_pb2.RequestContext(request_id=w.attempt_id)),
-            metadata=w.as_b(),
-            timeout=TIMEOUT,
-        )
-        w.lease_id = admitted.lease.lease_id
         # B's chat session, task, collection and document
         w.session_id = (
             await w.chat.CreateSession(
@@ -126,9 +122,6 @@ async def world(envoy_target: str) -> AsyncIterator[World]:
         try:
             yield w
         finally:
-            await w.admission.Release(
-                adm.ReleaseRequest(lease_id=w.lease_id), metadata=w.as_b(), timeout=TIMEOUT
-            )
             await w.execution.CancelTask(
                 exe.CancelTaskRequest(task_id=w.task_id), metadata=w.as_b(), timeout=TIMEOUT
             )
@@ -160,7 +153,6 @@ async def b_in_flight(w: World) -> int:
 
 async def b_still_has_everything(w: World) -> None:
     """B's resources as B sees them: unchanged by whatever A tried."""
-    assert await b_in_flight(w) == 1
     policy = await w.admission.GetPolicy(adm.GetPolicyRequest(), metadata=w.as_b())
     assert not policy.is_default and policy.policy.max_in_flight == 7
     session = await w.chat.GetSession(
@@ -237,15 +229,26 @@ async def admit_session(w: World) -> None:
 
 
 async def release(w: World) -> None:
-    by_lease = adm.ReleaseRequest(lease_id=w.lease_id)
-    await refused(
-        w.admission.Release(by_lease, metadata=w.as_a()),
-        grpc.StatusCode.NOT_FOUND,
-        "LEASE_NOT_FOUND",
+    attempt_id = f"b-attempt-{uuid.uuid4().hex[:8]}"
+    admitted = await w.admission.Admit(
+        adm.AdmitRequest(context=common_pb2.RequestContext(request_id=attempt_id)),
+        metadata=w.as_b(),
+        timeout=TIMEOUT,
     )
-    # attempt ids are per tenant: B's means nothing among A's
-    by_attempt = adm.ReleaseRequest(request_id=w.attempt_id)
-    assert not (await w.admission.Release(by_attempt, metadata=w.as_a())).released
+    lease_id = admitted.lease.lease_id
+    try:
+        await refused(
+            w.admission.Release(adm.ReleaseRequest(lease_id=lease_id), metadata=w.as_a()),
+            grpc.StatusCode.NOT_FOUND,
+            "LEASE_NOT_FOUND",
+        )
+        # attempt ids are per tenant: B's means nothing among A's
+        by_attempt = adm.ReleaseRequest(request_id=attempt_id)
+        assert not (await w.admission.Release(by_attempt, metadata=w.as_a())).released
+        assert await b_in_flight(w) == 1
+    finally:
+        mine = await w.admission.Release(adm.ReleaseRequest(lease_id=lease_id), metadata=w.as_b())
+    assert mine.released
 
 
 async def get_quota(w: World) -> None:
@@ -450,6 +453,39 @@ async def list_messages(w: World) -> None:
     )
 
 
+async def create_key(w: World) -> None:  # a key for B would let A act as B
+    await refused(
+        w.keys.CreateKey(keys.CreateKeyRequest(tenant_id=w.b), metadata=w.as_a()),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "PRINCIPAL_NOT_ALLOWED",
+    )
+
+
+async def list_keys(w: World) -> None:
+    await refused(
+        w.keys.ListKeys(keys.ListKeysRequest(tenant_id=w.b), metadata=w.as_a()),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "PRINCIPAL_NOT_ALLOWED",
+    )
+
+
+async def revoke_key(w: World) -> None:
+    b_key_id = w.as_b()[0][1].split("_")[1]  # B's own key: A must not revoke it
+    await refused(
+        w.keys.RevokeKey(keys.RevokeKeyRequest(key_id=b_key_id), metadata=w.as_a()),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "PRINCIPAL_NOT_ALLOWED",
+    )
+
+
+async def list_tenants(w: World) -> None:
+    await refused(
+        w.keys.ListTenants(keys.ListTenantsRequest(), metadata=w.as_a()),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "PRINCIPAL_NOT_ALLOWED",
+    )
+
+
 CASES: dict[str, Callable[[World], Awaitable[None]]] = {
     "switchboard.inference.v1.InferenceService.Generate": generate,
     "switchboard.inference.v1.InferenceService.Embed": embed,
@@ -482,6 +518,10 @@ CASES: dict[str, Callable[[World], Awaitable[None]]] = {
     "switchboard.chat.v1.ChatService.UpdateSession": update_session,
     "switchboard.chat.v1.ChatService.DeleteSession": delete_session,
     "switchboard.chat.v1.ChatService.ListMessages": list_messages,
+    "switchboard.auth.v1.KeyService.CreateKey": create_key,
+    "switchboard.auth.v1.KeyService.ListKeys": list_keys,
+    "switchboard.auth.v1.KeyService.RevokeKey": revoke_key,
+    "switchboard.auth.v1.KeyService.ListTenants": list_tenants,
 }
 
 
@@ -564,9 +604,11 @@ async def test_an_operator_manages_any_tenants_policy_and_reads_its_quota(world)
     own = await w.admission.GetPolicy(adm.GetPolicyRequest(), metadata=as_tenant(tenant))
     assert own.policy.weight == 3
     # an operator reads a tenant's live quota, routed by the x-tenant-id it sends
+    held = await w.admission.Admit(adm.AdmitRequest(), metadata=w.as_b(), timeout=TIMEOUT)
     quota = await w.admission.GetQuota(
         adm.GetQuotaRequest(tenant_id=w.b), metadata=as_operator(w.b)
     )
+    await w.admission.Release(adm.ReleaseRequest(lease_id=held.lease.lease_id), metadata=w.as_b())
     assert quota.quota.tenant_id == w.b and quota.quota.in_flight == 1
     deleted = await w.admission.DeletePolicy(
         adm.DeletePolicyRequest(tenant_id=tenant), metadata=as_operator()
@@ -587,3 +629,57 @@ async def test_no_operator_authority_travels_through_the_internal_listener(mesh)
             grpc.StatusCode.PERMISSION_DENIED,
             "PRINCIPAL_NOT_ALLOWED",
         )
+
+
+async def test_an_operator_manages_keys_and_lists_tenants(world):
+    w, tenant = world, f"onboarded-{uuid.uuid4().hex[:8]}"
+    created = await w.keys.CreateKey(
+        keys.CreateKeyRequest(tenant_id=tenant, name="first key"), metadata=as_operator()
+    )
+    assert created.key.tenant_id == tenant and created.token.startswith("sb_")
+    assert created.key.principal == authority_pb2.PRINCIPAL_TENANT
+    as_new = (("authorization", f"Bearer {created.token}"),)
+    # the key works, for its tenant alone
+    quota = await w.admission.GetQuota(adm.GetQuotaRequest(), metadata=as_new, timeout=TIMEOUT)
+    assert quota.quota.tenant_id == tenant
+
+    listed = await w.keys.ListKeys(keys.ListKeysRequest(tenant_id=tenant), metadata=as_operator())
+    assert [k.key_id for k in listed.keys] == [created.key.key_id]
+    assert not listed.keys[0].HasField("revoke_time")
+    assert "sb_" not in str(listed)  # never a secret
+
+    tenants, token = [], ""
+    while True:
+        page = await w.keys.ListTenants(
+            keys.ListTenantsRequest(page_size=50, page_token=token), metadata=as_operator()
+        )
+        tenants += [t.tenant_id for t in page.tenants]
+        if not (token := page.next_page_token):
+            break
+    assert {tenant, w.a, w.b} <= set(tenants) and tenants == sorted(tenants)
+
+    revoked = await w.keys.RevokeKey(
+        keys.RevokeKeyRequest(key_id=created.key.key_id), metadata=as_operator()
+    )
+    assert revoked.revoked
+    again = await w.keys.RevokeKey(
+        keys.RevokeKeyRequest(key_id=created.key.key_id), metadata=as_operator()
+    )
+    assert not again.revoked
+    await refused(
+        w.keys.RevokeKey(keys.RevokeKeyRequest(key_id="0" * 12), metadata=as_operator()),
+        grpc.StatusCode.NOT_FOUND,
+        "KEY_NOT_FOUND",
+    )
+
+    async def refused_at_the_edge() -> bool:
+        try:
+            await w.admission.GetQuota(adm.GetQuotaRequest(), metadata=as_new, timeout=TIMEOUT)
+        except grpc.aio.AioRpcError as err:
+            return error_details(err).error_info.reason == "API_KEY_INVALID"
+        return False
+
+    deadline = asyncio.get_running_loop().time() + 10  # the test mesh caches keys for 2 s
+    while not await refused_at_the_edge():
+        assert asyncio.get_running_loop().time() < deadline, "the revoked key still works"
+        await asyncio.sleep(0.2)  # polling the edge until the cache lets the revocation in

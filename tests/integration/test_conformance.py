@@ -21,6 +21,7 @@ import grpc
 from google.protobuf import descriptor_pool, duration_pb2, field_mask_pb2, message_factory
 from switchboard.admission.v1 import admission_pb2 as adm
 from switchboard.admission.v1 import admission_service_pb2_grpc
+from switchboard.auth.v1 import auth_pb2 as keys
 from switchboard.chat.v1 import chat_pb2 as chat
 from switchboard.chat.v1 import chat_service_pb2_grpc
 from switchboard.common.v1 import common_pb2
@@ -244,6 +245,16 @@ VALID: dict[str, Callable[[], Any]] = {
     "switchboard.chat.v1.ChatService.ListMessages": lambda: chat.ListMessagesRequest(
         session_id=SOME_ID, page_size=10
     ),
+    "switchboard.auth.v1.KeyService.CreateKey": lambda: keys.CreateKeyRequest(
+        tenant_id=TENANT, name="conformance"
+    ),
+    "switchboard.auth.v1.KeyService.ListKeys": lambda: keys.ListKeysRequest(
+        tenant_id=TENANT, page_size=10
+    ),
+    "switchboard.auth.v1.KeyService.RevokeKey": lambda: keys.RevokeKeyRequest(
+        key_id="0123456789ab"
+    ),
+    "switchboard.auth.v1.KeyService.ListTenants": lambda: keys.ListTenantsRequest(page_size=10),
 }
 """A request each RPC accepts as valid (it need not succeed: only its broken copies are
 sent), with every field that has rules set."""

@@ -355,7 +355,7 @@ async def test_a_client_gone_while_queued_leaves_the_admission_queue(chat, admis
             policy=admission_pb2.Policy(tenant_id=tenant, max_in_flight=1),
             update_mask=field_mask_pb2.FieldMask(paths=["max_in_flight"]),
         ),
-        metadata=as_operator(),
+        metadata=as_operator(tenant),
         timeout=5,
     )
     held = await admission.Admit(admission_pb2.AdmitRequest(), metadata=auth(tenant), timeout=5)
@@ -386,7 +386,7 @@ async def test_queue_position_is_shown_and_a_refusal_is_a_frame_with_retry(
             policy=admission_pb2.Policy(tenant_id=tenant, max_in_flight=1, max_queued=1),
             update_mask=field_mask_pb2.FieldMask(paths=["max_in_flight", "max_queued"]),
         ),
-        metadata=as_operator(),
+        metadata=as_operator(tenant),
         timeout=5,
     )
     held = await admission.Admit(admission_pb2.AdmitRequest(), metadata=auth(tenant), timeout=5)

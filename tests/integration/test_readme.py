@@ -108,6 +108,8 @@ SHOWS = {
         '"max_in_flight": 64',
         '"tenant_id": "acme"',
         "may be called by operator credentials",
+        '"tenant_id": "globex"',
+        '"token": "sb_',
         "refused, grpcurl exited with 71",
     ),
 }

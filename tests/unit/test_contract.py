@@ -24,6 +24,10 @@ OPERATOR_ONLY = {
     "switchboard.admission.v1.AdmissionService.UpdatePolicy",
     "switchboard.admission.v1.AdmissionService.ListPolicies",
     "switchboard.admission.v1.AdmissionService.DeletePolicy",
+    "switchboard.auth.v1.KeyService.CreateKey",
+    "switchboard.auth.v1.KeyService.ListKeys",
+    "switchboard.auth.v1.KeyService.RevokeKey",
+    "switchboard.auth.v1.KeyService.ListTenants",
 }
 TENANT_AND_OPERATOR = {
     "switchboard.admission.v1.AdmissionService.GetQuota",

@@ -42,7 +42,7 @@ UPSTREAMS = (
 
 
 AUTHZ = Upstream(
-    name="auth",
+    name=AUTHZ_CLUSTER,
     services=("envoy.service.auth.v3.Authorization",),
     endpoints=(("127.0.0.1", 7058),),
 )
@@ -492,4 +492,4 @@ def test_consistency_refuses_ext_authz_after_the_router_or_without_its_cluster()
     with pytest.raises(ValueError) as error:
         check_consistency(config)
     assert "ext_authz must come before the router" in str(error.value)
-    assert "ext_authz names unknown cluster 'auth'" in str(error.value)
+    assert "ext_authz names unknown cluster 'ext-authz'" in str(error.value)

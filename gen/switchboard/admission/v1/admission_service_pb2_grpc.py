@@ -201,7 +201,9 @@ class AdmissionServiceServicer:
 
     def UpdatePolicy(self, request, context):
         """Creates or updates a tenant's or user's policy. Stored durably and applied by the
-        owning replica without a restart. Operators only.
+        owning replica without a restart: at once when the call carries `x-tenant-id`
+        naming the tenant (which routes it to that replica), else within about a second.
+        Operators only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
