@@ -13,5 +13,6 @@ BENCHMARKS = {
     "sandbox": "bench.sandbox",
     "chat-latency": "bench.chat_latency",
     "chat-sessions": "bench.chat_sessions",
+    "contract-checks": "bench.contract_checks",
 }
 """Benchmark name -> module with a `run()` that prints its table and writes its JSON."""
