@@ -76,8 +76,10 @@ function options() {
     process.exit(0);
   }
   const fromEnv = (process.env.SWITCHBOARD_PROTO_PATH || "").split(":").filter(Boolean);
-  const includes = [path.join(REPO, "proto"), ...values["proto-path"], ...fromEnv];
-  if (includes.length === 1) includes.push(path.join(REPO, ".tools", "googleapis"));
+  // the contracts, and the protovalidate rules they are annotated with (vendored)
+  const own = [path.join(REPO, "proto"), path.join(REPO, "third_party", "protovalidate")];
+  const includes = [...own, ...values["proto-path"], ...fromEnv];
+  if (includes.length === own.length) includes.push(path.join(REPO, ".tools", "googleapis"));
   const opts = {
     target: values.target,
     apiKey: values["api-key"],
