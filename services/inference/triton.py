@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -12,6 +11,7 @@ from datetime import timedelta
 import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from services.inference.breaker import BackendBreaker
 from services.runtime import (
@@ -36,7 +36,7 @@ def generate_request(
         request.inputs.add(name="CONTEXT", datatype="BYTES", shape=[len(passages)])
         request.raw_input_contents.append(encode_bytes([p.encode() for p in passages]))
     request.inputs.add(name="MAX_TOKENS", datatype="INT32", shape=[1])
-    request.raw_input_contents.append(struct.pack("<i", max_tokens))
+    request.raw_input_contents.append(encode_int32(max_tokens))
     request.parameters["triton_enable_empty_final_response"].bool_param = True
     return request
 
@@ -48,18 +48,24 @@ class BackendFailure(Unavailable):
 
 
 def encode_bytes(items: Sequence[bytes]) -> bytes:
-    """Triton's raw BYTES tensor layout: each element as uint32 LE length + bytes."""
-    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+    """A BYTES tensor's raw contents (tritonclient's layout: each element as its uint32
+    little-endian length, then its bytes)."""
+    return bytes(serialize_byte_tensor(np.array(items, dtype=np.object_)).item())
 
 
 def decode_bytes(raw: bytes) -> list[bytes]:
-    items, offset = [], 0
-    while offset < len(raw):
-        (size,) = struct.unpack_from("<I", raw, offset)
-        offset += 4
-        items.append(raw[offset : offset + size])
-        offset += size
-    return items
+    """The elements of a BYTES tensor's raw contents."""
+    return list(deserialize_bytes_tensor(raw))
+
+
+def encode_int32(value: int) -> bytes:
+    """An INT32 tensor of one element's raw contents."""
+    return np.array([value], dtype="<i4").tobytes()
+
+
+def decode_int32(raw: bytes) -> int:
+    """The first element of an INT32 tensor's raw contents."""
+    return int(np.frombuffer(raw, dtype="<i4", count=1)[0])
 
 
 def _translate(error: grpc.aio.AioRpcError, backend: str) -> SwitchboardError:
@@ -97,7 +103,7 @@ def _token(response: service_pb2.ModelInferResponse) -> StreamedToken:
     names = [o.name for o in response.outputs]
     raw = dict(zip(names, response.raw_output_contents, strict=True))
     text = b"".join(decode_bytes(raw["TEXT"])).decode(errors="replace")
-    passage = struct.unpack("<i", raw["PASSAGE"][:4])[0] if "PASSAGE" in raw else -1
+    passage = decode_int32(raw["PASSAGE"]) if "PASSAGE" in raw else -1
     return StreamedToken(text, passage)
 
 

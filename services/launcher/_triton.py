@@ -25,13 +25,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
 import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +43,9 @@ MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "triton-models"
 _BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 _STUB = "triton_python_backend_stub"
 _REPO_MARKER = ".switchboard-model-repository"
-_KIND_CPU = re.compile(r"\bKIND_CPU\b")
-# A model parameter whose key ends in "_model" names another model it calls through BLS,
-# e.g. generator_large's `embedder_model: "embedder"`; that model is loaded along with it.
-_BLS_PARAMETER = re.compile(
-    r'key:\s*"[A-Za-z0-9_]*_model"\s*,?\s*value:\s*\{\s*string_value:\s*"([^"]+)"'
-)
+_BLS_SUFFIX = "_model"
+"""A model parameter whose key ends in this names another model it calls through BLS,
+e.g. generator_large's `embedder_model: "embedder"`; that model is loaded along with it."""
 
 
 class TritonSetupError(RuntimeError):
@@ -130,10 +129,28 @@ def available_models(repo: Path) -> list[str]:
     return sorted(p.parent.name for p in Path(repo).glob("*/config.pbtxt"))
 
 
+def read_model_config(path: Path) -> model_config_pb2.ModelConfig:
+    """A `config.pbtxt`, parsed into Triton's own `ModelConfig` message.
+
+    Raises:
+        TritonSetupError: the file is not a valid model configuration.
+    """
+    try:
+        return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise TritonSetupError(f"{path}: not a Triton model configuration: {exc}") from exc
+
+
 def model_dependencies(repo: Path, model: str) -> list[str]:
     """Models that `model` calls through BLS, as named by its `*_model` parameters."""
-    config = (Path(repo) / model / "config.pbtxt").read_text()
-    return list(dict.fromkeys(_BLS_PARAMETER.findall(_strip_comments(config))))
+    config = read_model_config(Path(repo) / model / "config.pbtxt")
+    return list(
+        dict.fromkeys(
+            config.parameters[key].string_value
+            for key in sorted(config.parameters)
+            if key.endswith(_BLS_SUFFIX)
+        )
+    )
 
 
 def resolve_models(repo: Path, models: Sequence[str] | None) -> list[str]:
@@ -181,8 +198,7 @@ def prepare_model_repository(
     for name in names:
         shutil.copytree(src / name, dst / name, symlinks=False, ignore=ignore)
         if gpu:
-            config = dst / name / "config.pbtxt"
-            config.write_text(_KIND_CPU.sub("KIND_GPU", config.read_text()))
+            _use_gpus(dst / name / "config.pbtxt")
     (dst / _REPO_MARKER).write_text(f"prepared from {src}\n")
     logger.debug("model repository %s prepared in %s (gpu=%s)", names, dst, gpu)
     return dst
@@ -300,5 +316,10 @@ def _join_paths(*parts: Path | str | None) -> str:
     return os.pathsep.join(seen)
 
 
-def _strip_comments(pbtxt: str) -> str:
-    return re.sub(r"#[^\n]*", "", pbtxt)
+def _use_gpus(path: Path) -> None:
+    """Rewrites a prepared model's configuration so its CPU instances run on GPUs."""
+    config = read_model_config(path)
+    for group in config.instance_group:
+        if group.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU:
+            group.kind = model_config_pb2.ModelInstanceGroup.KIND_GPU
+    path.write_text(text_format.MessageToString(config))

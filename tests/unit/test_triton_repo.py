@@ -15,6 +15,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from tritonclient.grpc import model_config_pb2
 
 from services.launcher import _triton
 
@@ -169,6 +170,9 @@ def test_prepare_model_repository_cpu_keeps_kind(tmp_path: Path) -> None:
         assert (dst / model / "config.pbtxt").read_text() == config(model)
 
 
+KIND_GPU = model_config_pb2.ModelInstanceGroup.KIND_GPU
+
+
 def test_prepare_model_repository_gpu_rewrites_kind(tmp_path: Path) -> None:
     dst = _triton.prepare_model_repository(REPO, tmp_path / "repo", gpu=True)
     for model in MODELS:
@@ -177,6 +181,20 @@ def test_prepare_model_repository_gpu_rewrites_kind(tmp_path: Path) -> None:
         assert "kind: KIND_GPU" in text
     # the source is untouched
     assert "KIND_GPU" not in code("embedder")
+    # the rest of each configuration is kept: it is rewritten as Triton's ModelConfig
+    for model in MODELS:
+        source = _triton.read_model_config(REPO / model / "config.pbtxt")
+        prepared = _triton.read_model_config(dst / model / "config.pbtxt")
+        assert {g.kind for g in prepared.instance_group} == {KIND_GPU}
+        del source.instance_group[:], prepared.instance_group[:]
+        assert prepared == source
+
+
+def test_a_config_that_is_not_a_model_configuration_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "config.pbtxt"
+    bad.write_text('name: "x"\ninstance_group [ { kind: KIND_TPU_OR_WHATEVER } ]\n')
+    with pytest.raises(_triton.TritonSetupError, match="not a Triton model configuration"):
+        _triton.read_model_config(bad)
 
 
 def test_prepared_models_stand_alone(tmp_path: Path) -> None:
