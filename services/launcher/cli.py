@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _keys(args: argparse.Namespace, database_url: str) -> int:
-    from services.auth.store import KeyStore
+    from services.auth import KeyStore
 
     store = KeyStore(database_url)
     try:
