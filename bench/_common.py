@@ -140,8 +140,7 @@ def ms(seconds: float) -> float:
 @contextmanager
 def running_mesh(*, triton_replicas: int = 1, workers: int = 1) -> Iterator[Any]:
     """The real mesh on free ports in its own run directory, stopped (by PID) on exit."""
-    from services.launcher._config import isolated_config
-    from services.launcher._mesh import Mesh
+    from services.launcher import Mesh, isolated_config
 
     run_dir = Path(tempfile.mkdtemp(prefix="switchboard-bench-"))
     config = isolated_config(run_dir, triton_replicas=triton_replicas, workers=workers, gpu="off")

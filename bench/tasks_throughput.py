@@ -33,7 +33,7 @@ from switchboard.execution.v1 import execution_service_pb2_grpc
 
 from bench import _echo
 from bench._common import api_key_metadata, print_table, running_mesh, write_result
-from services.launcher._procs import free_port_base
+from services.launcher import free_port_base
 
 NAME = "tasks-throughput"
 TASKS = 3000

@@ -25,9 +25,7 @@ from switchboard.inference.v1 import inference_service_pb2_grpc
 from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
 
 from services.auth import KeyStore
-from services.launcher import chat
-from services.launcher._config import load_launcher_config
-from services.launcher._mesh import LaunchError, Mesh
+from services.launcher import LaunchError, Mesh, chat, load_launcher_config
 
 logger = logging.getLogger(__name__)
 

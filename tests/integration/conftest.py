@@ -15,8 +15,7 @@ import pytest
 from switchboard.inference.v1 import inference_service_pb2_grpc
 
 from services.auth import KeyStore, keys
-from services.launcher._config import isolated_config
-from services.launcher._mesh import Mesh
+from services.launcher import Mesh, isolated_config
 
 T = TypeVar("T")
 

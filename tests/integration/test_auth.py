@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
 
 from services.auth import AuthConfig, AuthService
-from services.launcher._mesh import service_processes
+from services.launcher import service_processes
 from services.runtime import ERROR_DOMAIN, ServerConfig, create_server, error_details
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")

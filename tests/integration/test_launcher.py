@@ -11,9 +11,7 @@ from dataclasses import replace
 import psutil
 import pytest
 
-from services.launcher._config import isolated_config
-from services.launcher._mesh import LaunchError, Mesh
-from services.launcher._procs import StateFile, port_owner, spawn, stop
+from services.launcher import LaunchError, Mesh, StateFile, isolated_config, port_owner, spawn, stop
 
 
 def test_stop_ends_the_process_and_its_children(tmp_path):

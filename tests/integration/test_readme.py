@@ -42,8 +42,7 @@ from pathlib import Path
 
 import pytest
 
-from services.launcher._config import LauncherConfig
-from services.launcher._mesh import Mesh
+from services.launcher import LauncherConfig, Mesh
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
