@@ -14,13 +14,13 @@ import asyncio
 import json
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import grpc
 from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
 
 from bench._common import api_key_metadata, print_table, running_mesh, write_result
+from services.demo import HANDBOOK
 
 NAME = "rag-ingest"
 STREAMS = 2
@@ -29,7 +29,6 @@ DOCUMENTS_PER_STREAM = 60
 ROUNDS = 3
 """Rounds per arm; the arms alternate, the first arm changing each round."""
 ARMS = {"batched": "embedder", "unbatched": "embedder_unbatched"}
-HANDBOOK = Path(__file__).parents[1] / "tests" / "data" / "handbook.jsonl"
 
 
 def _documents(round_: int, stream: int, count: int) -> list[rag_pb2.IngestDocumentsRequest]:

@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
+from importlib import resources
 
 import grpc
 import numpy as np
@@ -29,8 +29,9 @@ from services.launcher import LaunchError, Mesh, chat, load_launcher_config
 
 logger = logging.getLogger(__name__)
 
-HANDBOOK = Path(__file__).parents[1] / "tests" / "data" / "handbook.jsonl"
-"""The sample corpus: a fictional company's handbook (also the retrieval quality set)."""
+HANDBOOK = resources.files("services") / "demo_data" / "handbook.jsonl"
+"""The sample corpus, shipped with the package: a fictional company's handbook (also the
+tests' retrieval quality set, whose labelled questions live in `tests/data/`)."""
 TENANT = "demo"
 Metadata = tuple[tuple[str, str], ...]
 HANDBOOK_QUESTIONS = [

@@ -17,13 +17,16 @@ import pytest
 from google.rpc import error_details_pb2
 from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
 
+from services.demo import HANDBOOK
 from services.rag.schema import APP_ROLE, TENANT_TABLES
 from services.rag.store import Mode, RagStore
 from services.runtime import error_details
 from tests.integration.conftest import as_tenant
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
-DATA = Path(__file__).parents[1] / "data"
+QUESTIONS = Path(__file__).parents[1] / "data" / "handbook_questions.jsonl"
+"""The labelled questions on the demo's handbook (`services.demo.HANDBOOK`), each with the
+document and the passage that answers it."""
 MODES = (
     rag_pb2.RETRIEVAL_MODE_VECTOR,
     rag_pb2.RETRIEVAL_MODE_FULL_TEXT,
@@ -641,10 +644,8 @@ def test_the_catalog_shows_forced_rls_and_an_unprivileged_role(mesh):
 async def test_recall_at_5_on_the_labelled_handbook(rag):
     """Questions with the passage that answers them: hybrid retrieval must be at least as
     good as the better of vector and full-text search."""
-    documents = [json.loads(line) for line in (DATA / "handbook.jsonl").read_text().splitlines()]
-    questions = [
-        json.loads(line) for line in (DATA / "handbook_questions.jsonl").read_text().splitlines()
-    ]
+    documents = [json.loads(line) for line in HANDBOOK.read_text().splitlines()]
+    questions = [json.loads(line) for line in QUESTIONS.read_text().splitlines()]
     tenant = new_tenant()
     reply = await ingest(
         rag,
