@@ -32,6 +32,7 @@ from services.launcher._procs import (
     stop,
     tail,
 )
+from services.runtime import TENANT_HEADER, MeshService, catalogue
 
 logger = logging.getLogger(__name__)
 
@@ -46,34 +47,34 @@ class LaunchError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """A Switchboard service process the launcher runs."""
+    """How the launcher runs one kind of the mesh's processes (`catalogue.MESH`)."""
 
-    name: str
+    service: MeshService
     port_field: str
-    grpc_services: tuple[str, ...]
     replicas_field: str | None = None
     """The LauncherConfig field holding the replica count; None = one process."""
     hash_header: str | None = None
     """Envoy spreads calls over the replicas by a consistent hash of this header."""
     entry: str = ""
     """The module run with `python -m`; empty = `services.<name>`."""
-    routed: tuple[str, ...] | None = None
-    """The gRPC services Envoy routes clients' calls to; None = all of grpc_services
-    (the auth service serves Envoy's own ext_authz too, which clients never reach)."""
+
+    @property
+    def name(self) -> str:
+        return self.service.name
+
+    @property
+    def grpc_services(self) -> tuple[str, ...]:
+        """The public gRPC services it serves, which Envoy routes to it."""
+        return self.service.grpc_services
 
     @property
     def module(self) -> str:
         return self.entry or f"services.{self.name}"
 
     @property
-    def public_services(self) -> tuple[str, ...]:
-        """The gRPC services Envoy routes clients' calls to."""
-        return self.grpc_services if self.routed is None else self.routed
-
-    @property
     def public(self) -> bool:
         """Whether Envoy routes to it (a worker serves only health)."""
-        return bool(self.public_services)
+        return bool(self.grpc_services)
 
     @property
     def health_service(self) -> str:
@@ -94,32 +95,29 @@ class ServiceSpec:
 
 REPLICA_PORT_STRIDE = 10
 SERVICES: tuple[ServiceSpec, ...] = (
-    ServiceSpec("inference", "inference_port", ("switchboard.inference.v1.InferenceService",)),
+    ServiceSpec(catalogue.INFERENCE, "inference_port"),
     ServiceSpec(
-        "admission",
+        catalogue.ADMISSION,
         "admission_port",
-        ("switchboard.admission.v1.AdmissionService",),
         replicas_field="admission_replicas",
-        hash_header="x-tenant-id",
+        hash_header=TENANT_HEADER,
     ),
-    ServiceSpec("rag", "rag_port", ("switchboard.rag.v1.RagService",)),
-    ServiceSpec("execution", "execution_port", ("switchboard.execution.v1.ExecutionService",)),
+    ServiceSpec(catalogue.RAG, "rag_port"),
+    ServiceSpec(catalogue.EXECUTION, "execution_port"),
     ServiceSpec(
-        "worker",
+        catalogue.WORKER,
         "worker_port",
-        (),
         replicas_field="workers",
         entry="services.execution.worker",
     ),
-    ServiceSpec("chat", "chat_port", ("switchboard.chat.v1.ChatService",)),
+    ServiceSpec(catalogue.CHAT, "chat_port"),
     # Last, so the other processes keep their metrics ports; Envoy starts after it.
-    ServiceSpec(
-        "auth",
-        "auth_port",
-        ("switchboard.auth.v1.KeyService", "envoy.service.auth.v3.Authorization"),
-        routed=("switchboard.auth.v1.KeyService",),
-    ),
+    ServiceSpec(catalogue.AUTH, "auth_port"),
 )
+assert tuple(spec.service for spec in SERVICES) == catalogue.MESH, "one spec per kind"
+AUTHORIZATION = "envoy.service.auth.v3.Authorization"
+"""Envoy's external authorization, which the auth process also serves; Envoy asks it
+about every public call, and clients never reach it."""
 AUTH = next(spec for spec in SERVICES if spec.name == "auth")
 
 
@@ -590,7 +588,7 @@ class Mesh:
         upstreams = [
             _envoy.Upstream(
                 name=spec.name,
-                services=spec.public_services,
+                services=spec.grpc_services,
                 endpoints=tuple(
                     (self.config.host, spec.port(self.config, i))
                     for i in range(spec.replicas(self.config))
@@ -602,7 +600,7 @@ class Mesh:
         ]
         authz = _envoy.Upstream(
             name=_envoy.AUTHZ_CLUSTER,
-            services=("envoy.service.auth.v3.Authorization",),
+            services=(AUTHORIZATION,),
             endpoints=((self.config.host, AUTH.port(self.config, 0)),),
         )
         config = _envoy.render_envoy_config(

@@ -1,5 +1,8 @@
 """The shared runtime every Switchboard service is built on."""
 
+import services.runtime._catalogue as catalogue
+from services.runtime._catalogue import MESH, TIER_VALUES, TIERS, MeshService, public_services
+from services.runtime._breaker import CircuitBreaker, CircuitOpenError, CircuitState
 from services.runtime._channels import channel, outbound_timeout, propagated_metadata
 from services.runtime._config import ConfigError, load_config, parse_duration
 from services.runtime._context import (
@@ -44,19 +47,24 @@ from services.runtime._errors import (
     status_of,
 )
 from services.runtime._pages import page_size, page_token, read_page_token
+from services.runtime._retry import RetriesExhausted, RetryPolicy
 from services.runtime._server import (
     ServerConfig,
     Service,
     create_server,
     load_server_config,
     main,
-    public_services,
     serve,
 )
 from services.runtime._tasks import stop_task
 from services.runtime._tokens import count_tokens, token_spans
 
 __all__ = [
+    "MESH",
+    "TIERS",
+    "TIER_VALUES",
+    "MeshService",
+    "catalogue",
     "ERROR_DOMAIN",
     "REASONS",
     "bounded",
@@ -113,4 +121,9 @@ __all__ = [
     "serve",
     "stop_task",
     "time_remaining",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "CircuitState",
+    "RetriesExhausted",
+    "RetryPolicy",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import signal
 from collections.abc import Sequence
@@ -17,23 +16,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from services.runtime._catalogue import public_services
 from services.runtime._config import load_config
 from services.runtime._interceptors import InstrumentingRegistry
 from services.runtime._logging import configure_logging, flush_logs
 from services.runtime._metrics import serve_metrics
 
 logger = logging.getLogger(__name__)
-
-_DOMAINS = ("inference", "admission", "rag", "execution", "chat", "auth")
-
-
-def public_services() -> tuple[str, ...]:
-    """Full names of every public Switchboard service (the catalogue reflection shows)."""
-    names: list[str] = []
-    for domain in _DOMAINS:
-        module = importlib.import_module(f"switchboard.{domain}.v1.{domain}_service_pb2")
-        names.extend(s.full_name for s in module.DESCRIPTOR.services_by_name.values())
-    return tuple(names)
 
 
 @dataclass(frozen=True)
