@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -28,6 +27,7 @@ from switchboard.rag.v1 import rag_service_pb2_grpc
 from services.demo import handbook
 from services.runtime import error_details
 from tests.integration.conftest import as_operator
+from tests.polling import eventually
 
 COLLECTION = "handbook"
 QUESTION = "How long is an on-call shift and when does it hand over?"
@@ -224,15 +224,6 @@ def _cancelled_in_triton(mesh) -> int:
     return sum(p.read_text(errors="replace").count("tokens: cancelled") for p in logs)
 
 
-async def _wait_for(check, timeout: float = 5.0) -> float:
-    """Waits until `check()` is true; returns the seconds it took."""
-    start = time.monotonic()
-    while not await check():
-        assert time.monotonic() - start < timeout, "condition not met in time"
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
-
-
 LONG = {
     "model": "generator_large",
     "parameters": inference_pb2.GenerationParameters(max_tokens=4000),
@@ -258,7 +249,7 @@ async def test_cancel_stops_generation_and_keeps_the_partial_answer(
     async def triton_cancelled() -> bool:
         return _cancelled_in_triton(mesh) > before
 
-    await _wait_for(triton_cancelled)
+    await eventually(triton_cancelled)
     answer = (await history(chat, auth, tenant, session.session_id))[-1]
     assert answer.status == pb.MESSAGE_STATUS_CANCELLED
     assert answer.text == text_of(frames) and answer.text
@@ -310,7 +301,9 @@ async def test_a_client_that_goes_away_frees_generation_and_admission_within_a_s
 ):
     # The demo answers last well under the default resume grace (0.5 s), so this runs
     # the chat service without one, to catch the answer while it is generating.
-    mesh.start_service("chat", env={"SWITCHBOARD_CHAT_RESUME_GRACE_S": "0"})
+    await asyncio.to_thread(
+        mesh.start_service, "chat", env={"SWITCHBOARD_CHAT_RESUME_GRACE_S": "0"}
+    )
     try:
         session = await create(
             chat, auth, tenant, collection=collection, retrieval_top_k=20, **LONG
@@ -331,21 +324,21 @@ async def test_a_client_that_goes_away_frees_generation_and_admission_within_a_s
         async def released() -> bool:
             return await in_flight() == 0
 
-        took = await _wait_for(released, timeout=5)
+        took = await eventually(released, timeout=5)
         assert took <= 1.0, f"admission freed {took:.2f}s after the client left"
 
         async def triton_cancelled() -> bool:
             return _cancelled_in_triton(mesh) > before
 
-        await _wait_for(triton_cancelled)
+        await eventually(triton_cancelled)
 
         async def stored() -> bool:
             messages = await history(chat, auth, tenant, session.session_id)
             return messages[-1].status == pb.MESSAGE_STATUS_CANCELLED
 
-        await _wait_for(stored)
+        await eventually(stored)
     finally:
-        mesh.start_service("chat")
+        await asyncio.to_thread(mesh.start_service, "chat")
 
 
 async def test_a_client_gone_while_queued_leaves_the_admission_queue(chat, admission, auth):
@@ -370,7 +363,7 @@ async def test_a_client_gone_while_queued_leaves_the_admission_queue(chat, admis
         reply = await admission.GetQuota(admission_pb2.GetQuotaRequest(), metadata=auth(tenant))
         return sum(q.waiting for q in reply.quota.queued) == 0
 
-    took = await _wait_for(left_queue, timeout=5)
+    took = await eventually(left_queue, timeout=5)
     assert took <= 1.0, f"the queue place was freed {took:.2f}s after the client left"
     await admission.Release(
         admission_pb2.ReleaseRequest(lease_id=held.lease.lease_id), metadata=auth(tenant)
@@ -537,12 +530,12 @@ async def test_rag_down_is_an_error_frame_and_the_session_stays_usable(
     session = await create(chat, auth, tenant, collection=collection)
     talk = Conversation(chat, auth(tenant), opening(session.session_id))
     await talk.next()
-    mesh.stop_component("rag")
+    await asyncio.to_thread(mesh.stop_component, "rag")
     try:
         talk.send(say(QUESTION, "down"))
         frames = await talk.until("turn_completed")
     finally:
-        mesh.start_service("rag")
+        await asyncio.to_thread(mesh.start_service, "rag")
     assert kinds(frames) == ["turn_started", "error", "turn_completed"]
     error = frames[1].error.status
     assert error.code == grpc.StatusCode.UNAVAILABLE.value[0]
@@ -582,7 +575,7 @@ async def test_inference_dying_mid_answer_keeps_the_partial_answer_and_the_sessi
     try:
         frames += await talk.until("turn_completed")
     finally:
-        mesh.start_service("inference")
+        await asyncio.to_thread(mesh.start_service, "inference")
     assert "error" in kinds(frames)
     error = next(f.error for f in frames if f.HasField("error"))
     assert error.client_message_id == "m"
@@ -694,13 +687,16 @@ async def test_a_sessions_turns_stay_on_the_triton_replica_it_started_on(chat, a
         before = await asyncio.to_thread(triton_generations, mesh)
         for _ in range(turns):
             await turn(talk)
-        deadline = time.monotonic() + 5
-        while True:  # Triton counts a request once it is released
+        served: list[float] = []
+
+        async def counted() -> bool:  # Triton counts a request once it is released
+            nonlocal served
             after = await asyncio.to_thread(triton_generations, mesh)
             served = [a - b for a, b in zip(after, before, strict=True)]
-            if sum(served) >= turns or time.monotonic() > deadline:
-                return served
-            await asyncio.sleep(0.1)
+            return sum(served) >= turns
+
+        await eventually(counted, interval=0.1, what=f"Triton counted the {turns} turns")
+        return served
 
     # both sessions start at once: the least loaded replica differs for the two, so
     # their homes differ

@@ -12,6 +12,7 @@ from switchboard.inference.v1 import inference_pb2 as pb
 from switchboard.inference.v1 import inference_service_pb2_grpc
 
 from services.runtime import ERROR_DOMAIN, error_details
+from tests.polling import eventually
 
 CONTEXT = [
     pb.Passage(
@@ -329,11 +330,12 @@ def _cancelled_in_triton(mesh) -> int:
 
 
 async def _wait_for_triton_cancel(mesh, before: int) -> None:
-    for _ in range(50):
-        if _cancelled_in_triton(mesh) > before:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("Triton never saw the request cancelled")
+    await eventually(
+        lambda: _cancelled_in_triton(mesh) > before,
+        timeout=5,
+        interval=0.1,
+        what="Triton saw the request cancelled",
+    )
 
 
 async def test_expired_deadline_cancels_the_triton_request(mesh, inference):

@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import psutil
 import pytest
 
 from services.launcher import LaunchError, Mesh, StateFile, isolated_config, port_owner, spawn, stop
+from tests.polling import eventually
 
 
-def test_stop_ends_the_process_and_its_children(tmp_path):
+async def test_stop_ends_the_process_and_its_children(tmp_path):
     script = "import subprocess, time; subprocess.Popen(['sleep', '60']); time.sleep(60)"
     record = spawn("sleeper", [sys.executable, "-c", script], log=tmp_path / "s.log")
-    deadline = time.monotonic() + 10
-    while not psutil.Process(record.pid).children() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    await eventually(
+        lambda: psutil.Process(record.pid).children(), timeout=10, what="the child started"
+    )
     (child,) = psutil.Process(record.pid).children()
-    assert stop(record, timeout=5)
+    assert await asyncio.to_thread(stop, record, timeout=5)
     assert record.process() is None
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
     assert not stop(record), "stopping twice is a no-op"

@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -15,13 +16,16 @@ import numpy as np
 import psycopg
 import pytest
 from google.rpc import error_details_pb2
+from prometheus_client.parser import text_string_to_metric_families
 from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
 
 from services.demo import HANDBOOK
+from services.launcher import service_processes
 from services.rag.schema import APP_ROLE, TENANT_TABLES
 from services.rag.store import Mode, RagStore
 from services.runtime import error_details
 from tests.integration.conftest import as_tenant
+from tests.polling import eventually
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 QUESTIONS = Path(__file__).parents[1] / "data" / "handbook_questions.jsonl"
@@ -416,14 +420,48 @@ async def test_expired_deadlines_and_cancelled_ingests_leave_whole_documents_onl
     call = rag.IngestDocuments(
         long_documents(sent, pause_after=6), metadata=as_tenant(cancelled), timeout=60
     )
-    await asyncio.sleep(1.5)
+
+    async def partly_stored() -> bool:  # so the cancel lands in the middle of the stream
+        return await asyncio.to_thread(stored_documents, mesh, cancelled) > 0
+
+    await eventually(partly_stored, timeout=30, what="the first documents were stored")
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
     assert 0 < len(sent) < 200
-    await asyncio.sleep(1.0)  # the server notices and rolls back what was in flight
+
+    async def server_done() -> bool:  # it rolls back what was in flight, then ends the call
+        return await asyncio.to_thread(rag_calls_in_flight, mesh) == 0
+
+    await eventually(server_done, what="the RAG service finished the cancelled call")
     for tenant in (expiring, cancelled):
         assert assert_whole_documents(mesh, tenant) < 200
+
+
+def stored_documents(mesh, tenant: str) -> int:
+    with psycopg.connect(mesh.database_url) as conn:  # the owner: sees every tenant
+        (count,) = conn.execute(
+            "SELECT count(*) FROM rag_documents WHERE tenant_id = %s", (tenant,)
+        ).fetchone()
+    return count
+
+
+def rag_calls_in_flight(mesh) -> float:
+    """RPCs the RAG service is handling now (its Prometheus gauge)."""
+    (index,) = [
+        i
+        for i, (spec, replica) in enumerate(service_processes(mesh.config))
+        if spec.process_name(mesh.config, replica) == "rag"
+    ]
+    url = f"http://127.0.0.1:{mesh.config.metrics_base_port + index}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        for family in text_string_to_metric_families(reply.read().decode()):
+            for sample in family.samples:
+                if sample.name == "switchboard_rpc_in_flight" and sample.labels == {
+                    "service": "switchboard.rag.v1.RagService"
+                }:
+                    return sample.value
+    raise AssertionError(f"{url} has no in-flight gauge for the RAG service")
 
 
 def run_grpcurl(target: str, key: str, method: str, data: str, *, check: bool = True):
@@ -457,7 +495,9 @@ async def test_embedder_down_is_unavailable_and_keeps_the_old_version(rag, mesh)
     tenant = new_tenant()
     await ingest(rag, tenant, doc("kept", FACTS["battery"]))
     # RAG's only way to the embedder is InferenceService: point it at a closed port
-    mesh.start_service("rag", env={"SWITCHBOARD_INFERENCE_TARGET": "127.0.0.1:9"})
+    await asyncio.to_thread(
+        mesh.start_service, "rag", env={"SWITCHBOARD_INFERENCE_TARGET": "127.0.0.1:9"}
+    )
     try:
         reply = await ingest(rag, tenant, doc("kept", FACTS["vpn"]), doc("fresh", FACTS["badge"]))
         for result in reply.results:
@@ -476,7 +516,7 @@ async def test_embedder_down_is_unavailable_and_keeps_the_old_version(rag, mesh)
         )
         assert [(c.document_id, c.text) for c in found.chunks] == [("kept", FACTS["battery"])]
     finally:
-        mesh.start_service("rag")
+        await asyncio.to_thread(mesh.start_service, "rag")
     listed = await rag.ListCollections(rag_pb2.ListCollectionsRequest(), metadata=as_tenant(tenant))
     assert [(c.document_count, c.chunk_count) for c in listed.collections] == [(1, 1)]
 
