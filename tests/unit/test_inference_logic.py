@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -160,14 +159,23 @@ def test_affinity_table_is_bounded():
     assert len(balancer._affinity) == 10
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_breaker_opens_after_fail_max_and_recovers_after_a_good_probe():
-    breaker = BackendBreaker("b", fail_max=2, reset=timedelta(milliseconds=50))
+    clock = Clock()
+    breaker = BackendBreaker("b", fail_max=2, reset=timedelta(seconds=5), clock=clock)
     assert breaker.allow() and breaker.state == "closed"
     breaker.record_failure()
     assert breaker.state == "closed"
     breaker.record_failure()
     assert breaker.state == "open" and not breaker.allow()
-    time.sleep(0.06)
+    clock.now += 5
     assert breaker.state == "half-open"
     assert breaker.allow()  # the probe
     assert not breaker.allow()  # only one probe at a time
@@ -176,16 +184,17 @@ def test_breaker_opens_after_fail_max_and_recovers_after_a_good_probe():
 
 
 def test_breaker_failed_probe_reopens():
-    breaker = BackendBreaker("b", fail_max=1, reset=timedelta(milliseconds=30))
+    clock = Clock()
+    breaker = BackendBreaker("b", fail_max=1, reset=timedelta(seconds=5), clock=clock)
     breaker.record_failure()
-    time.sleep(0.04)
+    clock.now += 5
     assert breaker.allow()
     breaker.record_failure()
     assert breaker.state == "open"
 
 
 def test_success_resets_the_failure_count():
-    breaker = BackendBreaker("b", fail_max=2)
+    breaker = BackendBreaker("b", fail_max=2, reset=timedelta(seconds=5))
     breaker.record_failure()
     breaker.record_success()
     breaker.record_failure()
