@@ -1,8 +1,8 @@
 """The shared runtime every Switchboard service is built on."""
 
 import services.runtime._catalogue as catalogue
-from services.runtime._catalogue import MESH, TIER_VALUES, TIERS, MeshService, public_services
 from services.runtime._breaker import CircuitBreaker, CircuitOpenError, CircuitState
+from services.runtime._catalogue import MESH, TIER_VALUES, TIERS, MeshService, public_services
 from services.runtime._channels import channel, outbound_timeout, propagated_metadata
 from services.runtime._config import ConfigError, load_config, parse_duration
 from services.runtime._context import (
