@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import nats
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
@@ -42,6 +44,8 @@ WORK_SUBJECT = "sb.work.step"
 EVENT_STREAM = "SB_EVENTS"
 DEAD_STREAM = "SB_DEAD"
 WORKERS = "workers"
+CANCEL_SUBJECT = "sb.cancel"
+"""Core-NATS subject of CancelTask's broadcast, `sb.cancel.<task_id>` (not a stream)."""
 PUBLISH_TIMEOUT_S = 5.0
 """How long JetStream may take to acknowledge a batch of publishes."""
 DUPLICATE_WINDOW_S = 600.0
@@ -226,9 +230,18 @@ class Bus:
         await self._publish(f"sb.dead.{task_id}", payload, f"dead:{task_id}:{step}:{attempt}")
 
     async def broadcast_cancel(self, task_id: str) -> None:
-        await self.nc.publish(f"sb.cancel.{task_id}", b"")
+        await self.nc.publish(f"{CANCEL_SUBJECT}.{task_id}", b"")
 
     # ---- consuming -------------------------------------------------------------------
+
+    async def on_cancel(self, cancelled: Callable[[str], Awaitable[None]]) -> Any:
+        """Calls `cancelled` with the task id of every cancellation broadcast; returns the
+        subscription (`unsubscribe()` ends it)."""
+
+        async def received(msg: Msg) -> None:
+            await cancelled(msg.subject.rsplit(".", 1)[-1])
+
+        return await self.nc.subscribe(f"{CANCEL_SUBJECT}.*", cb=received)
 
     async def work(self) -> JetStreamContext.PullSubscription:
         """The shared pull subscription on the work queue."""

@@ -7,6 +7,7 @@ earlier outputs. A failure says whether another attempt may succeed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -30,12 +31,25 @@ from services.runtime import (
     FailedPrecondition,
     InvalidArgument,
     RelayedError,
+    RetryPolicy,
     SwitchboardError,
     status_of,
 )
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_TIMEOUTS = {
+    "generate": timedelta(seconds=60),
+    "retrieve": timedelta(seconds=15),
+    "code": timedelta(seconds=30),
+    "tool": timedelta(seconds=30),
+}
+"""A step's time limit by kind, when it sets none."""
+STEP_RETRY = RetryPolicy(
+    max_attempts=3, backoff=timedelta(seconds=0.5), max_backoff=timedelta(seconds=30)
+)
+"""Attempts of a step that sets no `max_attempts`, and the backoff between them (the
+work message comes back after it: JetStream's redelivery is the retry loop)."""
 RETRYABLE_CODES = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -53,6 +67,20 @@ class StepFailure(Exception):
         super().__init__(error.message)
         self.error = error
         self.retryable = retryable
+
+
+def step_timeout(step: pb.Step) -> timedelta:
+    """The step's time limit: its own, or its kind's default."""
+    if step.HasField("timeout"):
+        return step.timeout.ToTimedelta()
+    return DEFAULT_TIMEOUTS[step.WhichOneof("kind")]
+
+
+def retry_policy(step: pb.Step) -> RetryPolicy:
+    """The step's attempts (its own `max_attempts`, or the default) and backoff."""
+    if not step.max_attempts:
+        return STEP_RETRY
+    return dataclasses.replace(STEP_RETRY, max_attempts=step.max_attempts)
 
 
 def _relayed(error: grpc.aio.AioRpcError) -> StepFailure:

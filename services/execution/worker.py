@@ -13,10 +13,10 @@ from datetime import timedelta
 
 import grpc
 
-from services.execution import Parts
 from services.execution.config import ExecutionConfig, load_execution_config
-from services.execution.engine import Worker
+from services.execution.service import Parts
 from services.execution.steps import StepRunner
+from services.execution.worker_loop import Worker
 from services.runtime import channel, main
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,8 @@ from switchboard.execution.v1 import execution_pb2 as pb
 
 from services.execution.bus import EVENT_RETENTION, Bus
 from services.execution.code import run_request
-from services.execution.engine import Engine, step_event, task_event
+from services.execution.engine import Engine
+from services.execution.events import step_event, task_event
 from services.execution.sandbox import SandboxLimits
 from services.execution.servicer import ExecutionServicer, task_cursor
 from services.execution.store import TaskRow, _new_task, key_reused, public_state
@@ -228,9 +229,22 @@ async def finished_task(api: ExecutionServicer, bus: FakeBus) -> str:
     task_id = reply.task.task_id
     await bus.publish_events(
         [
-            step_event(task_id, TENANT, "a", ev.STEP_EVENT_TYPE_STARTED, 1),
-            step_event(task_id, TENANT, "a", ev.STEP_EVENT_TYPE_COMPLETED, 1, output={"x": 1}),
-            task_event(task_id, TENANT, ev.TASK_EVENT_TYPE_COMPLETED),
+            step_event(
+                task_id=task_id,
+                tenant_id=TENANT,
+                step="a",
+                kind=ev.STEP_EVENT_TYPE_STARTED,
+                attempt=1,
+            ),
+            step_event(
+                task_id=task_id,
+                tenant_id=TENANT,
+                step="a",
+                kind=ev.STEP_EVENT_TYPE_COMPLETED,
+                attempt=1,
+                output={"x": 1},
+            ),
+            task_event(task_id=task_id, tenant_id=TENANT, kind=ev.TASK_EVENT_TYPE_COMPLETED),
         ]
     )
     return task_id

@@ -1,20 +1,26 @@
-"""Engine and worker logic that needs no network: batched task creation, heartbeats."""
+"""Engine and worker logic that needs no network: batched task creation, heartbeats on a
+fake clock, failure reporting, step retries."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
+import random
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from google.rpc import status_pb2
 from switchboard.execution.v1 import execution_pb2 as pb
 
 from services.execution.bus import WorkSettings
-from services.execution.engine import Engine, Worker, _Beat
+from services.execution.engine import Engine
+from services.execution.heartbeats import Heartbeats
+from services.execution.steps import StepFailure
 from services.execution.store import Claim, ClaimedTask, ClaimResult, StepRow, TaskRow
+from services.execution.worker_loop import Worker
+from services.runtime import Unavailable
 
 
 def request(name: str = "one") -> pb.SubmitTaskRequest:
@@ -68,6 +74,19 @@ async def test_a_failing_batch_is_retried_one_by_one_and_only_the_bad_request_fa
     assert isinstance(created[1], ValueError)
 
 
+class Clock:
+    """Monotonic seconds that move only when the test says."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 class FakeMsg:
     def __init__(self) -> None:
         self.beats = 0
@@ -76,55 +95,85 @@ class FakeMsg:
         self.beats += 1
 
 
-async def test_one_loop_heartbeats_long_steps_and_cancels_a_step_whose_task_ended():
-    store = FakeStore()
-    bus = SimpleNamespace(settings=WorkSettings(ack_wait=timedelta(seconds=0.3)))
-    worker = Worker(SimpleNamespace(store=store, bus=bus), runner=None)  # type: ignore[arg-type]
-    beats = asyncio.create_task(worker._heartbeats())
-    run = asyncio.create_task(asyncio.sleep(10))
+async def test_heartbeats_beat_due_steps_and_cancel_a_step_whose_task_ended():
+    store, clock = FakeStore(), Clock()
+    lease = timedelta(seconds=3)
+    heartbeats = Heartbeats(
+        lease=lease, renew=lambda t, s: store.renew(t, s, lease=lease), clock=clock
+    )
+    run = asyncio.create_task(asyncio.Event().wait())
     msg = FakeMsg()
-    worker._beats[run] = _Beat("task", "step", msg, due=0.0)  # type: ignore[arg-type]
-    try:
-        await asyncio.sleep(0.35)
-        assert msg.beats >= 2 and store.renewed[0] == ("task", "step")
-        store.renew_result = False
-        await asyncio.sleep(0.2)
-        assert run.cancelled()
-    finally:
-        beats.cancel()
-        run.cancel()
-        await asyncio.gather(beats, run, return_exceptions=True)
+    heartbeats.track(run, heartbeats.chain(task_id="task", step="step", msg=msg))
+    await heartbeats.beat_due()
+    assert msg.beats == 0  # due a third of the lease after the chain began
+    clock.advance(1)
+    await heartbeats.beat_due()
+    await heartbeats.beat_due()
+    assert msg.beats == 1 and store.renewed == [("task", "step")]
+    store.renew_result = False  # the task was cancelled meanwhile
+    clock.advance(1)
+    await heartbeats.beat_due()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert msg.beats == 2
+
+
+async def test_the_heartbeat_loop_looks_four_times_per_interval():
+    store, clock = FakeStore(), Clock()
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        if len(waits) == 8:
+            raise asyncio.CancelledError
+        waits.append(seconds)
+        clock.advance(seconds)
+
+    lease = timedelta(seconds=3)
+    heartbeats = Heartbeats(
+        lease=lease, renew=lambda t, s: store.renew(t, s, lease=lease), clock=clock, sleep=sleep
+    )
+    run = asyncio.create_task(asyncio.Event().wait())
+    msg = FakeMsg()
+    heartbeats.track(run, heartbeats.chain(task_id="task", step="step", msg=msg))
+    with pytest.raises(asyncio.CancelledError):
+        await heartbeats.run()
+    run.cancel()
+    assert waits == [0.25] * 8  # two intervals of a second
+    assert msg.beats == 2
 
 
 class ShortSteps:
-    """Each step takes 0.1 s: less than a beat interval."""
+    """Each step takes 0.25 s of the fake clock, less than a beat interval; the
+    heartbeat loop looks while it runs."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.heartbeats: Heartbeats | None = None
 
     async def run(self, step: pb.Step, outputs: Any, **kwargs: Any) -> Any:
-        await asyncio.sleep(0.1)
+        assert self.heartbeats is not None
+        self.clock.advance(0.25)
+        await self.heartbeats.beat_due()
         return {"step": step.name}
 
 
 async def test_a_chain_of_short_steps_beats_its_one_message_on_schedule():
-    """A worker runs a chain under its first step's message: ten 0.1 s steps outlast the
-    0.6 s ack wait, so the message must be beaten though no single step lasts a beat
-    interval (0.2 s)."""
-    store = FakeStore()
-    bus = SimpleNamespace(settings=WorkSettings(ack_wait=timedelta(seconds=0.6)))
-    worker = Worker(SimpleNamespace(store=store, bus=bus), runner=ShortSteps())  # type: ignore[arg-type]
-    beats = asyncio.create_task(worker._heartbeats())
+    """A worker runs a chain under its first step's message: ten 0.25 s steps outlast
+    the 1.5 s ack wait, so the message must be beaten though no single step lasts a beat
+    interval (0.5 s)."""
+    store, clock = FakeStore(), Clock()
+    steps = ShortSteps(clock)
+    bus = SimpleNamespace(settings=WorkSettings(ack_wait=timedelta(seconds=1.5)))
+    worker = Worker(SimpleNamespace(store=store, bus=bus), runner=steps, clock=clock)  # type: ignore[arg-type]
+    steps.heartbeats = worker.heartbeats
     msg = FakeMsg()
     task = ClaimedTask("task", "tenant", pb.SubmitTaskRequest())
-    beat = _Beat("task", "s0", msg, due=time.monotonic() + worker._beat_every)  # type: ignore[arg-type]
-    try:
-        for i in range(10):
-            step = pb.Step(name=f"s{i}", tool=pb.ToolStep(tool="echo"))
-            assert await worker._run(task, step, {}, beat) == {"step": f"s{i}"}
-    finally:
-        beats.cancel()
-        await asyncio.gather(beats, return_exceptions=True)
-    assert msg.beats >= 3
-    assert len(store.renewed) == msg.beats
-    assert all(task_id == "task" and step.startswith("s") for task_id, step in store.renewed)
+    beat = worker.heartbeats.chain(task_id="task", step="s0", msg=msg)  # type: ignore[arg-type]
+    for i in range(10):
+        step = pb.Step(name=f"s{i}", tool=pb.ToolStep(tool="echo"))
+        assert await worker._run(task, step, {}, beat) == {"step": f"s{i}"}
+    assert msg.beats == 5  # at 0.5, 1, 1.5, 2 and 2.5 s
+    assert store.renewed == [("task", f"s{i}") for i in (1, 3, 5, 7, 9)]
 
 
 class ReportingStore(FakeStore):
@@ -193,3 +242,47 @@ async def test_a_redelivered_chain_message_reports_the_step_that_failed_the_task
         ("event", "task:TASK_EVENT_TYPE_FAILED"),
     ]
     assert msg.acked
+
+
+class RetryingStore(FakeStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.retried: list[int] = []
+        self.failed: list[str] = []
+
+    async def retry(self, task_id: str, step: str, error: bytes) -> bool:
+        self.retried.append(len(error))
+        return True
+
+    async def fail(self, task_id: str, step: str, error: bytes) -> bool:
+        self.failed.append(step)
+        return False  # reported already
+
+
+class NakedMsg(AckedMsg):
+    def __init__(self) -> None:
+        super().__init__(b"")
+        self.delays: list[float] = []
+
+    async def nak(self, delay: float) -> None:
+        self.delays.append(delay)
+
+
+async def test_a_retryable_failure_comes_back_after_a_full_jitter_backoff():
+    """Attempt n's message comes back after a draw in [0, min(30, 0.5 * 2**(n-1))] s; the
+    step's own max_attempts ends the retries."""
+    store, bus = RetryingStore(), RecordingBus()
+    worker = Worker(Engine(store, bus), runner=None, rng=random.Random(7))  # type: ignore[arg-type]
+    task = ClaimedTask("task", "tenant", pb.SubmitTaskRequest())
+    step = pb.Step(name="s", tool=pb.ToolStep(tool="echo"), max_attempts=3)
+    failure = StepFailure(Unavailable("down", reason="DEPENDENCY_UNAVAILABLE"), retryable=True)
+    msg = NakedMsg()
+    for attempt in (1, 2, 3):
+        await worker._failed(task, step, attempt, failure, msg)  # type: ignore[arg-type]
+    expected = random.Random(7)
+    assert msg.delays == [expected.uniform(0, 0.5), expected.uniform(0, 1.0)]
+    assert [event for _, event in bus.sent] == [
+        "task:s:STEP_EVENT_TYPE_RETRIED:1",
+        "task:s:STEP_EVENT_TYPE_RETRIED:2",
+    ]
+    assert store.failed == ["s"] and msg.acked
