@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from services.execution.sandbox import RunRequest, RunResult, SandboxLimits, Termination, run
-from tests.unit.test_sandbox import sandbox_processes, sandbox_running
+from tests.system.test_sandbox import code_sleeping, sandbox_processes
 
 LIMITS = SandboxLimits(timeout=timedelta(seconds=5))
 SHORT = timedelta(seconds=1)
@@ -232,8 +232,7 @@ async def test_cannot_read_another_run_files() -> None:
         "import time\ntime.sleep(3)"
     )
     victim = asyncio.create_task(attack(victim_code))
-    await sandbox_running()
-    await asyncio.sleep(0.3)  # the victim has written its files and sleeps
+    await code_sleeping()  # the victim has written its files and sleeps
     thief_code = (
         "import os\n"
         "places = ['/work', '/tmp', '/dev/shm']\n"
