@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from services.launcher._config import LauncherConfig, isolated_config, load_launcher_config
-from services.launcher._mesh import LaunchError, Mesh, ServiceSpec, service_processes
+from services.launcher._mesh import LaunchError, Mesh
 from services.launcher._procs import (
     ProcessRecord,
     StateFile,
@@ -21,6 +21,7 @@ from services.launcher._procs import (
     spawn,
     stop,
 )
+from services.launcher._services import ServiceSpec, service_processes
 
 logger = logging.getLogger(__name__)
 

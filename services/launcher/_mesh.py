@@ -14,14 +14,14 @@ import time
 import urllib.request
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.launcher import _envoy, _triton
-from services.launcher._config import ENV_PREFIX, REPO_ROOT, LauncherConfig
+from services.launcher._config import REPO_ROOT, LauncherConfig
+from services.launcher._ports import ephemeral_ports_message, planned_ports, ports_inside
 from services.launcher._procs import (
     ProcessRecord,
     StateFile,
@@ -32,7 +32,13 @@ from services.launcher._procs import (
     stop,
     tail,
 )
-from services.runtime import TENANT_HEADER, MeshService, catalogue
+from services.launcher._services import (
+    AUTH,
+    AUTHORIZATION,
+    SERVICES,
+    ServiceSpec,
+    service_processes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,176 +49,6 @@ TRITON_MODELS = ("embedder", "embedder_unbatched", "generator_small", "generator
 
 class LaunchError(RuntimeError):
     """The mesh could not start; the message says what is wrong and where to look."""
-
-
-@dataclass(frozen=True)
-class ServiceSpec:
-    """How the launcher runs one kind of the mesh's processes (`catalogue.MESH`)."""
-
-    service: MeshService
-    port_field: str
-    replicas_field: str | None = None
-    """The LauncherConfig field holding the replica count; None = one process."""
-    hash_header: str | None = None
-    """Envoy spreads calls over the replicas by a consistent hash of this header."""
-    entry: str = ""
-    """The module run with `python -m`; empty = `services.<name>`."""
-
-    @property
-    def name(self) -> str:
-        return self.service.name
-
-    @property
-    def grpc_services(self) -> tuple[str, ...]:
-        """The public gRPC services it serves, which Envoy routes to it."""
-        return self.service.grpc_services
-
-    @property
-    def module(self) -> str:
-        return self.entry or f"services.{self.name}"
-
-    @property
-    def public(self) -> bool:
-        """Whether Envoy routes to it (a worker serves only health)."""
-        return bool(self.grpc_services)
-
-    @property
-    def health_service(self) -> str:
-        """The grpc.health.v1 name it reports SERVING under when ready ("" = the server)."""
-        return self.grpc_services[0] if self.grpc_services else ""
-
-    def replicas(self, config: LauncherConfig) -> int:
-        return getattr(config, self.replicas_field) if self.replicas_field else 1
-
-    def process_name(self, config: LauncherConfig, replica: int) -> str:
-        """`inference` for a single process, `admission-0`, `admission-1` for replicas."""
-        return f"{self.name}-{replica}" if self.replicas_field else self.name
-
-    def port(self, config: LauncherConfig, replica: int) -> int:
-        """Replica i listens on the configured port + 10·i."""
-        return getattr(config, self.port_field) + REPLICA_PORT_STRIDE * replica
-
-
-REPLICA_PORT_STRIDE = 10
-SERVICES: tuple[ServiceSpec, ...] = (
-    ServiceSpec(catalogue.INFERENCE, "inference_port"),
-    ServiceSpec(
-        catalogue.ADMISSION,
-        "admission_port",
-        replicas_field="admission_replicas",
-        hash_header=TENANT_HEADER,
-    ),
-    ServiceSpec(catalogue.RAG, "rag_port"),
-    ServiceSpec(catalogue.EXECUTION, "execution_port"),
-    ServiceSpec(
-        catalogue.WORKER,
-        "worker_port",
-        replicas_field="workers",
-        entry="services.execution.worker",
-    ),
-    ServiceSpec(catalogue.CHAT, "chat_port"),
-    # Last, so the other processes keep their metrics ports; Envoy starts after it.
-    ServiceSpec(catalogue.AUTH, "auth_port"),
-)
-assert tuple(spec.service for spec in SERVICES) == catalogue.MESH, "one spec per kind"
-AUTHORIZATION = "envoy.service.auth.v3.Authorization"
-"""Envoy's external authorization, which the auth process also serves; Envoy asks it
-about every public call, and clients never reach it."""
-AUTH = next(spec for spec in SERVICES if spec.name == "auth")
-
-
-def service_processes(config: LauncherConfig) -> list[tuple[ServiceSpec, int]]:
-    """Every service process as (spec, replica); process k's metrics port is base + k."""
-    return [(spec, i) for spec in SERVICES for i in range(spec.replicas(config))]
-
-
-@dataclass(frozen=True)
-class PlannedPort:
-    """A port the mesh will listen on, and the variable that places it."""
-
-    what: str
-    """The listener: `envoy`, `admission-1`, `rag metrics`, `triton-0 grpc`."""
-    port: int
-    field: str
-    """The LauncherConfig field (`SWITCHBOARD_<FIELD>`) the port is derived from."""
-    offset: int = 0
-    """port = the field's value + offset (replicas, metrics, Triton's three ports)."""
-
-    @property
-    def variable(self) -> str:
-        return ENV_PREFIX + self.field.upper()
-
-
-def planned_ports(config: LauncherConfig) -> list[PlannedPort]:
-    """Every port `up` binds (none for infrastructure given by URL)."""
-    ports = [
-        PlannedPort("envoy", config.envoy_port, "envoy_port"),
-        PlannedPort("envoy internal", config.envoy_internal_port, "envoy_internal_port"),
-        PlannedPort("envoy admin", config.envoy_admin_port, "envoy_admin_port"),
-    ]
-    if not config.database_url:
-        ports.append(PlannedPort("postgres", config.postgres_port, "postgres_port"))
-    if not config.nats_url:
-        ports += [
-            PlannedPort("nats", config.nats_port, "nats_port"),
-            PlannedPort("nats monitor", config.nats_monitor_port, "nats_monitor_port"),
-        ]
-    if not config.triton_url:
-        for i in range(config.triton_replicas):
-            kinds = ("http", "grpc", "metrics")
-            for kind, port in zip(kinds, config.triton_ports(i), strict=True):
-                offset = port - config.triton_base_port
-                ports.append(PlannedPort(f"triton-{i} {kind}", port, "triton_base_port", offset))
-    for index, (spec, replica) in enumerate(service_processes(config)):
-        name = spec.process_name(config, replica)
-        port = spec.port(config, replica)
-        ports.append(
-            PlannedPort(name, port, spec.port_field, port - getattr(config, spec.port_field))
-        )
-        metrics = config.metrics_base_port + index
-        ports.append(PlannedPort(f"{name} metrics", metrics, "metrics_base_port", index))
-    return ports
-
-
-def ports_inside(
-    planned: list[PlannedPort], port_range: tuple[int, int], *, reserved: frozenset[int]
-) -> list[PlannedPort]:
-    """The planned ports inside the ephemeral `port_range` and not reserved from it: an
-    outgoing connection may hold one of them when `up` binds it."""
-    low, high = port_range
-    return [p for p in planned if low <= p.port <= high and p.port not in reserved]
-
-
-def ephemeral_ports_message(inside: list[PlannedPort], port_range: tuple[int, int]) -> str:
-    """Why `up` refuses `inside`, each with the variable that places it, and the way out."""
-    low, high = port_range
-    lines = [
-        f"cannot start: ports inside this machine's ephemeral port range {low}-{high}"
-        " (net.ipv4.ip_local_port_range): the kernel gives the local end of outgoing"
-        " connections a port from it, so any of these may be held when `up` binds it:"
-    ]
-    by_variable: dict[tuple[str, int], list[PlannedPort]] = {}
-    for p in inside:
-        by_variable.setdefault((p.variable, p.port - p.offset), []).append(p)
-    for (variable, value), ports in by_variable.items():
-        lines.append(f"  {variable}={value}: " + ", ".join(f"{p.what} on {p.port}" for p in ports))
-    lines.append(
-        f"move them below {low} with these variables (see README), or reserve them from"
-        " the range by adding"
-        f" {_port_list(sorted(p.port for p in inside))} to net.ipv4.ip_local_reserved_ports"
-    )
-    return "\n".join(lines)
-
-
-def _port_list(ports: list[int]) -> str:
-    """Sorted ports as the kernel writes a port list: `7051,7062-7065`."""
-    runs: list[list[int]] = []
-    for port in ports:
-        if runs and port == runs[-1][1] + 1:
-            runs[-1][1] = port
-        else:
-            runs.append([port, port])
-    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
 
 
 class Mesh:

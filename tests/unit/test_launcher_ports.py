@@ -9,7 +9,7 @@ from typing import NamedTuple
 import pytest
 
 from services.launcher import LauncherConfig, LaunchError, Mesh, _mesh
-from services.launcher._mesh import planned_ports, ports_inside
+from services.launcher._ports import planned_ports, ports_inside
 from services.launcher._procs import describe_port_holder, parse_port_list
 
 LINUX_RANGE = (32_768, 60_999)
