@@ -207,7 +207,9 @@ class Worker:
             await self._fail(claimed.task, name, claimed.attempt, error, msg)
             return
         await self._engine.publish(
-            self._step_event(claimed.task, name, ev.STEP_EVENT_TYPE_STARTED, claimed.attempt)
+            self._step_event(
+                claimed.task, step=name, kind=ev.STEP_EVENT_TYPE_STARTED, attempt=claimed.attempt
+            )
         )
         # run the step, then the step it unblocked (if any) here too, and so on; one
         # heartbeat schedule for the chain, as one message stands for all of it
@@ -219,13 +221,14 @@ class Worker:
     @staticmethod
     def _step_event(
         task: ClaimedTask | TaskRow,
+        *,
         step: str,
         kind: ev.StepEventType.ValueType,
         attempt: int,
-        *,
         output: Any = None,
         error: status_pb2.Status | None = None,
     ) -> pb.WatchTaskResponse:
+        """`step_event` for a step of `task`."""
         return step_event(
             task_id=task.task_id,
             tenant_id=task.tenant_id,
@@ -243,7 +246,13 @@ class Worker:
         sent (a live holder keeps them: the message waits for its lease)."""
         task = await self._engine.store.get(task_id, None)
         completed = [
-            self._step_event(task, s.name, ev.STEP_EVENT_TYPE_COMPLETED, s.attempt, output=s.output)
+            self._step_event(
+                task,
+                step=s.name,
+                kind=ev.STEP_EVENT_TYPE_COMPLETED,
+                attempt=s.attempt,
+                output=s.output,
+            )
             for s in task.steps
             if s.state == pb.STEP_STATE_COMPLETED
         ]
@@ -275,11 +284,15 @@ class Worker:
             return None
         done = await self._completions((task.task_id, name, output))
         completed = self._step_event(
-            task, name, ev.STEP_EVENT_TYPE_COMPLETED, attempt, output=output
+            task, step=name, kind=ev.STEP_EVENT_TYPE_COMPLETED, attempt=attempt, output=output
         )
         following = done.next_step
         started = (
-            [self._step_event(task, following, ev.STEP_EVENT_TYPE_STARTED, done.next_attempt)]
+            [
+                self._step_event(
+                    task, step=following, kind=ev.STEP_EVENT_TYPE_STARTED, attempt=done.next_attempt
+                )
+            ]
             if following
             else []
         )
@@ -351,7 +364,11 @@ class Worker:
             if await self._engine.store.retry(task.task_id, step.name, status.SerializeToString()):
                 await self._engine.publish(
                     self._step_event(
-                        task, step.name, ev.STEP_EVENT_TYPE_RETRIED, attempt, error=status
+                        task,
+                        step=step.name,
+                        kind=ev.STEP_EVENT_TYPE_RETRIED,
+                        attempt=attempt,
+                        error=status,
                     )
                 )
                 await msg.nak(delay=policy.delay(attempt, rng=self._rng))
@@ -375,12 +392,19 @@ class Worker:
         step's FAILED event, its cancelled successors, the step in the dead-letter
         stream, and the task's FAILED event."""
         await self._engine.publish(
-            self._step_event(task, name, ev.STEP_EVENT_TYPE_FAILED, attempt, error=status)
+            self._step_event(
+                task, step=name, kind=ev.STEP_EVENT_TYPE_FAILED, attempt=attempt, error=status
+            )
         )
         for other in (await self._engine.store.get(task.task_id, None)).steps:
             if other.name != name and other.state == pb.STEP_STATE_CANCELLED:
                 await self._engine.publish(
-                    self._step_event(task, other.name, ev.STEP_EVENT_TYPE_CANCELLED, other.attempt)
+                    self._step_event(
+                        task,
+                        step=other.name,
+                        kind=ev.STEP_EVENT_TYPE_CANCELLED,
+                        attempt=other.attempt,
+                    )
                 )
         dead = struct_pb2.Struct()
         dead.update(
