@@ -4,6 +4,7 @@ workers started by the launcher, steps calling the mesh, the sandbox and tools."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -26,6 +27,7 @@ from switchboard.execution.v1 import execution_service_pb2_grpc
 
 from services.runtime import error_details
 from tests.integration.conftest import as_tenant
+from tests.polling import eventually
 
 TOOLS = Path(__file__).parents[2] / "services" / "execution" / "tools.yaml"
 
@@ -90,12 +92,12 @@ async def tools(mesh, tmp_path_factory):
     path.write_text(yaml.safe_dump(config))
     ledger.env = {"SWITCHBOARD_EXECUTION_TOOLS": str(path), "SWITCHBOARD_EXECUTION_ACK_WAIT": "3s"}
     for name in ("execution", "worker-0"):
-        mesh.start_service(name, env=ledger.env)
+        await asyncio.to_thread(mesh.start_service, name, env=ledger.env)
     try:
         yield ledger
     finally:
         for name in ("execution", "worker-0"):
-            mesh.start_service(name)
+            await asyncio.to_thread(mesh.start_service, name)
         await runner.cleanup()
 
 
@@ -313,12 +315,12 @@ async def test_cancel_stops_running_steps_and_kills_the_sandbox(execution, tools
     )
     events: list[pb.WatchTaskResponse] = []
     watcher = asyncio.create_task(watch(execution, tenant, task.task_id, into=events))
-    for _ in range(100):
-        if any(c >= 2 for c in sandbox_cpu_seconds()):
-            break
-        await asyncio.sleep(0.1)
-    else:
-        pytest.fail("the spinning step never ran")
+    await eventually(
+        lambda: any(c >= 2 for c in sandbox_cpu_seconds()),
+        timeout=10,
+        interval=0.1,
+        what="the spinning step runs",
+    )
     # a step has started: the task is RUNNING, and listed as such (no longer PENDING)
     got = await execution.GetTask(
         pb.GetTaskRequest(task_id=task.task_id), metadata=as_tenant(tenant)
@@ -339,8 +341,12 @@ async def test_cancel_stops_running_steps_and_kills_the_sandbox(execution, tools
     }
     await asyncio.wait_for(watcher, 10)
     assert describe(events[-1]) == ("task", "TASK_EVENT_TYPE_CANCELLED")
-    await asyncio.sleep(1.5)
-    assert not any(c >= 2 for c in sandbox_cpu_seconds()), "the sandbox still runs"
+    await eventually(
+        lambda: not any(c >= 2 for c in sandbox_cpu_seconds()),
+        timeout=5,
+        interval=0.1,
+        what="the cancelled step's sandbox is killed",
+    )
     assert f"{task.task_id}:after" not in tools.calls
 
 
@@ -386,13 +392,16 @@ async def test_a_worker_killed_mid_task_resumes_from_the_last_completed_step(
     )
     events: list[pb.WatchTaskResponse] = []
     watcher = asyncio.create_task(watch(execution, tenant, task.task_id, into=events))
-    while not any(describe(e) == ("slow", "STEP_EVENT_TYPE_STARTED", 1) for e in events):
-        await asyncio.sleep(0.05)
+
+    def slow_started() -> bool:
         assert not watcher.done()
+        return any(describe(e) == ("slow", "STEP_EVENT_TYPE_STARTED", 1) for e in events)
+
+    await eventually(slow_started, timeout=30, what="the slow step starts")
     (worker,) = [r for r in mesh.state.load() if r.name == "worker-0"]
     killed = time.time()
     os.kill(worker.pid, signal.SIGKILL)
-    mesh.start_service("worker-0", env=tools.env)
+    await asyncio.to_thread(mesh.start_service, "worker-0", env=tools.env)
     await asyncio.wait_for(watcher, 60)
     described = [describe(e) for e in events]
     assert ("slow", "STEP_EVENT_TYPE_STARTED", 2) in described
@@ -567,12 +576,15 @@ def task_states(mesh, tenant: str) -> dict[int, int]:
 
 
 async def wait_until_finished(mesh, tenant: str, total: int, *, seconds: float) -> dict[int, int]:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        states = task_states(mesh, tenant)
-        if states.get(pb.TASK_STATE_RUNNING, 0) == 0 and sum(states.values()) == total:
-            return states
-        await asyncio.sleep(0.5)
+    """The tenant's task count by state once all `total` tasks have ended (or, after
+    `seconds`, as they are: the caller's assertion says what did not end)."""
+
+    async def finished() -> bool:
+        states = await asyncio.to_thread(task_states, mesh, tenant)
+        return states.get(pb.TASK_STATE_RUNNING, 0) == 0 and sum(states.values()) == total
+
+    with contextlib.suppress(AssertionError):
+        await eventually(finished, timeout=seconds, interval=0.5)
     return task_states(mesh, tenant)
 
 
@@ -600,7 +612,7 @@ async def test_kill_9_a_worker_20_times_while_1000_tasks_run(execution, tools, m
         await asyncio.sleep(rng.uniform(0.2, 0.8))
         (worker,) = [r for r in mesh.state.load() if r.name == "worker-0"]
         os.kill(worker.pid, signal.SIGKILL)
-        mesh.start_service("worker-0", env=tools.env)
+        await asyncio.to_thread(mesh.start_service, "worker-0", env=tools.env)
     states = await wait_until_finished(mesh, tenant, 1000, seconds=240)
     tools.delay = 0.0
     assert states == {pb.TASK_STATE_COMPLETED: 1000}
@@ -642,10 +654,10 @@ async def test_restarting_nats_loses_no_acknowledged_task(execution, tools, mesh
             await asyncio.sleep(0.02)
 
     submitting = asyncio.create_task(keep_submitting())
-    await asyncio.sleep(0.5)
-    mesh.stop_component("nats")
-    await asyncio.sleep(1.0)
-    mesh.start_nats()
+    await eventually(lambda: len(accepted) >= 10, what="tasks accepted before NATS stops")
+    await asyncio.to_thread(mesh.stop_component, "nats")
+    await asyncio.sleep(1.0)  # the outage: submissions meanwhile are refused
+    await asyncio.to_thread(mesh.start_nats)
     await submitting
     states = await wait_until_finished(mesh, tenant, len(accepted), seconds=120)
     with psycopg.connect(mesh.database_url) as conn:
