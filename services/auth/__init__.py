@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import timedelta
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from switchboard.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 
 from services.auth.authz import AuthorizationServicer
+from services.auth.config import AuthConfig
 from services.auth.servicer import KeyServicer
 from services.auth.store import Caller, KeyStore
 from services.runtime import load_config, public_services
@@ -28,19 +27,6 @@ __all__ = ["AuthConfig", "AuthService", "Caller", "KeyStore"]
 
 SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 KEY_SERVICE = auth_service_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
-
-
-@dataclass(frozen=True)
-class AuthConfig:
-    database_url: str
-    """PostgreSQL holding the keys (`SWITCHBOARD_DATABASE_URL`)."""
-    auth_cache_ttl: timedelta = timedelta(seconds=30)
-    """How long a verified (or refused) key is remembered: a revoked key stops working
-    within this long."""
-
-    def __post_init__(self) -> None:
-        if not self.database_url:
-            raise ValueError("SWITCHBOARD_DATABASE_URL must name the key database")
 
 
 class AuthService:

@@ -14,13 +14,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import grpc
 from switchboard.chat.v1 import chat_pb2 as pb
 from switchboard.chat.v1 import chat_service_pb2, chat_service_pb2_grpc
 
-from services.chat.live import Hub, Limits, LiveSession
+from services.chat.config import ChatConfig
+from services.chat.live import Hub, LiveSession
 from services.chat.servicer import ChatServicer
 from services.chat.sessions import apply_mask, session_message
 from services.chat.store import SessionStore
@@ -33,50 +33,6 @@ __all__ = ["ChatConfig", "ChatService"]
 
 SERVICE_NAME = chat_service_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 _COLLECT_EVERY_S = 30.0
-
-
-@dataclass(frozen=True)
-class ChatConfig:
-    """Read from `SWITCHBOARD_*`; the launcher sets the database URL and the targets."""
-
-    database_url: str
-    """PostgreSQL holding sessions and history (`SWITCHBOARD_DATABASE_URL`)."""
-    inference_target: str = ""
-    """Where InferenceService is reached (the mesh)."""
-    rag_target: str = ""
-    """Where RagService is reached (the mesh)."""
-    execution_target: str = ""
-    """Where ExecutionService is reached (the mesh)."""
-    chat_max_message_bytes: int = 32 * 1024
-    """Largest user message, in UTF-8 bytes; a larger one gets an ErrorFrame."""
-    chat_resume_grace_s: float = 0.5
-    """Seconds an answer keeps generating after its client dropped, for a resume."""
-    chat_idle_ttl_s: float = 120.0
-    """Seconds an idle session keeps its events for a resume after its streams end."""
-    chat_flow_window: int = 256
-    """Events a stream may fall behind before its session's generation waits."""
-
-    def __post_init__(self) -> None:
-        if not self.database_url:
-            raise ValueError("SWITCHBOARD_DATABASE_URL must name the chat database")
-        if not (self.inference_target and self.rag_target and self.execution_target):
-            raise ValueError(
-                "SWITCHBOARD_INFERENCE_TARGET, SWITCHBOARD_RAG_TARGET and"
-                " SWITCHBOARD_EXECUTION_TARGET must say where the other services are"
-            )
-        if self.chat_max_message_bytes < 1 or self.chat_flow_window < 1:
-            raise ValueError("the message limit and the flow window must be positive")
-        if not 0 <= self.chat_resume_grace_s <= 60:
-            raise ValueError("SWITCHBOARD_CHAT_RESUME_GRACE_S must be 0..60")
-
-    @property
-    def limits(self) -> Limits:
-        return Limits(
-            max_message_bytes=self.chat_max_message_bytes,
-            resume_grace=self.chat_resume_grace_s,
-            idle_ttl=self.chat_idle_ttl_s,
-            flow_window=self.chat_flow_window,
-        )
 
 
 class ChatService:

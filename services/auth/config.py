@@ -1,0 +1,22 @@
+"""The auth service's configuration, read from `SWITCHBOARD_*`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    database_url: str
+    """PostgreSQL holding the keys (`SWITCHBOARD_DATABASE_URL`)."""
+    auth_cache_ttl: timedelta = timedelta(seconds=30)
+    """How long a verified (or refused) key is remembered: a revoked key stops working
+    within this long."""
+
+    def __post_init__(self) -> None:
+        if not self.database_url:
+            raise ValueError("SWITCHBOARD_DATABASE_URL must name the key database")

@@ -1,0 +1,54 @@
+"""The chat service's configuration, read from `SWITCHBOARD_*`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from services.chat.live import Limits
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    """Read from `SWITCHBOARD_*`; the launcher sets the database URL and the targets."""
+
+    database_url: str
+    """PostgreSQL holding sessions and history (`SWITCHBOARD_DATABASE_URL`)."""
+    inference_target: str = ""
+    """Where InferenceService is reached (the mesh)."""
+    rag_target: str = ""
+    """Where RagService is reached (the mesh)."""
+    execution_target: str = ""
+    """Where ExecutionService is reached (the mesh)."""
+    chat_max_message_bytes: int = 32 * 1024
+    """Largest user message, in UTF-8 bytes; a larger one gets an ErrorFrame."""
+    chat_resume_grace_s: float = 0.5
+    """Seconds an answer keeps generating after its client dropped, for a resume."""
+    chat_idle_ttl_s: float = 120.0
+    """Seconds an idle session keeps its events for a resume after its streams end."""
+    chat_flow_window: int = 256
+    """Events a stream may fall behind before its session's generation waits."""
+
+    def __post_init__(self) -> None:
+        if not self.database_url:
+            raise ValueError("SWITCHBOARD_DATABASE_URL must name the chat database")
+        if not (self.inference_target and self.rag_target and self.execution_target):
+            raise ValueError(
+                "SWITCHBOARD_INFERENCE_TARGET, SWITCHBOARD_RAG_TARGET and"
+                " SWITCHBOARD_EXECUTION_TARGET must say where the other services are"
+            )
+        if self.chat_max_message_bytes < 1 or self.chat_flow_window < 1:
+            raise ValueError("the message limit and the flow window must be positive")
+        if not 0 <= self.chat_resume_grace_s <= 60:
+            raise ValueError("SWITCHBOARD_CHAT_RESUME_GRACE_S must be 0..60")
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            max_message_bytes=self.chat_max_message_bytes,
+            resume_grace=self.chat_resume_grace_s,
+            idle_ttl=self.chat_idle_ttl_s,
+            flow_window=self.chat_flow_window,
+        )
