@@ -92,9 +92,7 @@ def tenant_metadata(tenant: str) -> tuple[tuple[str, str], ...]:
 
 def _decision_rate() -> tuple[float, float, int]:
     """(median decisions per CPU-second, median per wall-second, refusals)."""
-    from services.admission import metrics
-    from services.admission.controller import AdmissionController
-    from services.admission.limits import DEFAULT_POLICY
+    from services.admission import DEFAULT_POLICY, AdmissionController, AdmissionRequest, metrics
     from services.runtime import ResourceExhausted
 
     controller = AdmissionController(wait_observer=metrics.observe_wait)
@@ -112,11 +110,13 @@ def _decision_rate() -> tuple[float, float, int]:
         for i in range(offset, offset + n):
             try:
                 ticket = submit(
-                    tenant_id=tenants[i % TENANTS],
-                    tier="small",
-                    prompt_tokens=PROMPT_TOKENS,
-                    completion_tokens=COMPLETION_TOKENS,
-                    no_wait=True,
+                    AdmissionRequest(  # built per decision, as the servicer does per call
+                        tenant_id=tenants[i % TENANTS],
+                        tier="small",
+                        prompt_tokens=PROMPT_TOKENS,
+                        completion_tokens=COMPLETION_TOKENS,
+                        no_wait=True,
+                    )
                 )
             except ResourceExhausted:
                 refused += 1

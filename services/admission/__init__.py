@@ -1,9 +1,20 @@
 """The admission service: token-aware quotas, priority classes and fair queueing.
 
-The decision core is plain, network-free Python (`clock`, `bucket`, `limits`,
-`scheduler`, `controller`); the gRPC servicer and the PostgreSQL policy store sit on
-top of `AdmissionController`, and Envoy routes each tenant to one replica by a
-consistent hash of `x-tenant-id`, so replicas share no counters.
+The decision core is plain, network-free Python, one job per module:
+
+- `request`: the `AdmissionRequest` value a caller submits;
+- `limits`, `bucket`, `clock`: policies and tier ceilings, token buckets, clocks;
+- `policies`: the registry of tenant and user scopes with their policies, and tiers;
+- `ledger`: leases (under tenant-bound ids), named attempts, tombstones;
+- `scheduler`: the fair queue; `tickets`: one request's way through it;
+- `refusals`: why a request cannot run, and the refusal that says so;
+- `controller`: `AdmissionController`, the decisions, on an injected clock;
+- `dispatcher`: `Dispatcher`, the asyncio loop and the callers waiting on it.
+
+The gRPC servicer (`servicer`, `sessions`) maps proto to that core and back, and the
+PostgreSQL policy store (`store`) keeps every replica's policies in step. Envoy routes
+each tenant to one replica by a consistent hash of `x-tenant-id`, so replicas share no
+counters.
 """
 
 from __future__ import annotations
@@ -17,20 +28,47 @@ from switchboard.admission.v1 import admission_service_pb2, admission_service_pb
 
 from services.admission import metrics
 from services.admission.capacity import CapacityFeed
+from services.admission.clock import Clock, FakeClock, MonotonicClock
 from services.admission.config import AdmissionConfig, load_admission_config
 from services.admission.controller import AdmissionController
+from services.admission.dispatcher import Dispatcher
+from services.admission.ledger import Lease
+from services.admission.limits import DEFAULT_POLICY, PolicyLimits, Priority, TierCapacity
+from services.admission.policies import QuotaSnapshot
+from services.admission.request import AdmissionRequest
 from services.admission.servicer import AdmissionServicer
 from services.admission.store import PolicyStore
+from services.admission.tickets import Admission, QueuePosition, Ticket, TicketState
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AdmissionConfig", "AdmissionService"]
+__all__ = [
+    "DEFAULT_POLICY",
+    "Admission",
+    "AdmissionConfig",
+    "AdmissionController",
+    "AdmissionRequest",
+    "AdmissionService",
+    "Clock",
+    "Dispatcher",
+    "FakeClock",
+    "Lease",
+    "MonotonicClock",
+    "PolicyLimits",
+    "Priority",
+    "QueuePosition",
+    "QuotaSnapshot",
+    "Ticket",
+    "TicketState",
+    "TierCapacity",
+]
 
 SERVICE_NAME = admission_service_pb2.DESCRIPTOR.services_by_name["AdmissionService"].full_name
 
 
 class AdmissionService:
-    """The runtime's view of the service: the controller's dispatcher, the policy store."""
+    """The runtime's view of the service: the controller and its dispatcher, the policy
+    store, the tier ceilings' feed."""
 
     name = "admission"
     service_names: Sequence[str] = (SERVICE_NAME,)
@@ -38,8 +76,9 @@ class AdmissionService:
     def __init__(self, config: AdmissionConfig | None = None) -> None:
         self._config = config or load_admission_config()
         self.controller: AdmissionController | None = None
+        self.dispatcher: Dispatcher | None = None
         self.store: PolicyStore | None = None
-        self._dispatcher: asyncio.Task[None] | None = None
+        self._running: asyncio.Task[None] | None = None
         self._collector: metrics.Collector | None = None
         self.capacity: CapacityFeed | None = None
 
@@ -59,7 +98,8 @@ class AdmissionService:
             poll_interval=config.admission_policy_poll,
         )
         await self.store.start()
-        self._dispatcher = asyncio.create_task(self.controller.run(), name="admission-dispatcher")
+        self.dispatcher = Dispatcher(self.controller)
+        self._running = asyncio.create_task(self.dispatcher.run(), name="admission-dispatcher")
         self._collector = metrics.register(self.controller)
         if config.inference_target:
             self.capacity = CapacityFeed(
@@ -73,10 +113,10 @@ class AdmissionService:
             self.capacity.start()
 
     def register(self, server: grpc.aio.Server) -> None:
-        assert self.controller is not None and self.store is not None, "start() first"
+        assert self.dispatcher is not None and self.store is not None, "start() first"
         admission_service_pb2_grpc.add_AdmissionServiceServicer_to_server(
             AdmissionServicer(
-                self.controller,
+                self.dispatcher,
                 self.store,
                 replica_id=self._config.admission_replica_id,
                 default_policy=self._config.default_policy,
@@ -88,16 +128,16 @@ class AdmissionService:
 
     async def ready(self) -> bool:
         """Serving while the dispatcher runs; policies stay in force if the store is down."""
-        return self._dispatcher is not None and not self._dispatcher.done()
+        return self._running is not None and not self._running.done()
 
     async def shutdown(self) -> None:
         if self.capacity is not None:
             await self.capacity.close()
-        if self.controller is not None:
-            await self.controller.shutdown()
-        if self._dispatcher is not None:
-            await self._dispatcher
-            self._dispatcher = None
+        if self.dispatcher is not None:
+            await self.dispatcher.shutdown()
+        if self._running is not None:
+            await self._running
+            self._running = None
         if self.store is not None:
             await self.store.close()
         if self._collector is not None:

@@ -1,9 +1,12 @@
-"""Injectable monotonic clocks: the real one, and a fake one that tests move by hand."""
+"""Injectable monotonic clocks (the real one, and a fake one that tests move by hand),
+and the durations callers are told, read from them."""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from datetime import timedelta
 from typing import Protocol
 
 logger = logging.getLogger(__name__)
@@ -37,3 +40,13 @@ class FakeClock:
             raise ValueError(f"a monotonic clock cannot go back ({seconds} s)")
         self._now += seconds
         return self._now
+
+
+def duration(seconds: float) -> timedelta:
+    """A timedelta never shorter than `seconds` (rounded up to the microsecond); zero for
+    none, `timedelta.max` for an endless one."""
+    if seconds <= 0:
+        return timedelta(0)
+    if not math.isfinite(seconds):
+        return timedelta.max
+    return timedelta(microseconds=math.ceil(seconds * 1_000_000))

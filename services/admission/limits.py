@@ -55,8 +55,9 @@ class PolicyLimits:
     def tokens_per_second(self) -> float:
         return self.tokens_per_minute / 60.0
 
-    def validate(self, *, prefix: str = "policy.") -> list[FieldViolation]:
-        """Every field that is out of range, named by its path in `UpdatePolicyRequest`."""
+    def validate(self, *, prefix: str = "") -> list[FieldViolation]:
+        """Every field that is out of range, named by its attribute after `prefix` (the
+        servicer passes `policy.`, its path in `UpdatePolicyRequest`)."""
         violations: list[FieldViolation] = []
         rps = self.requests_per_second
         if not isinstance(rps, int | float) or not math.isfinite(rps) or rps <= 0:

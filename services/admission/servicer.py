@@ -13,18 +13,16 @@ from switchboard.admission.v1 import admission_pb2 as pb
 from switchboard.admission.v1 import admission_service_pb2_grpc
 from switchboard.common.v1 import common_pb2
 
-from services.admission.controller import Admission, AdmissionController, QuotaSnapshot
+from services.admission.dispatcher import Dispatcher
 from services.admission.limits import PolicyLimits
+from services.admission.policies import QuotaSnapshot
+from services.admission.request import AdmissionRequest
 from services.admission.sessions import queue_updates, serve_session
-from services.admission.store import (
-    EtagMismatch,
-    PolicyStore,
-    StoredPolicy,
-    decode_page_token,
-    encode_page_token,
-)
+from services.admission.store import EtagMismatch, PolicyStore, StoredPolicy
+from services.admission.tickets import Admission, Ticket
 from services.runtime import (
     FieldViolation,
+    InvalidArgument,
     PermissionDenied,
     Principal,
     SwitchboardError,
@@ -32,6 +30,9 @@ from services.runtime import (
     current_principal,
     current_tenant,
     invalid,
+    page_size,
+    page_token,
+    read_page_token,
     validate_request,
 )
 
@@ -52,6 +53,20 @@ _TIERS = {
     common_pb2.MODEL_TIER_SMALL: "small",
     common_pb2.MODEL_TIER_LARGE: "large",
 }
+ADMIT_FIELDS = {
+    "tenant_id": "context.tenant_id",
+    "user_id": "context.user_id",
+    "priority": "context.priority",
+    "request_id": "context.request_id",
+    "tier": "tier",
+    "prompt_tokens": "estimated_prompt_tokens",
+    "completion_tokens": "max_completion_tokens",
+    "no_wait": "no_wait",
+    "max_wait": "max_wait",
+}
+"""The path in AdmitRequest of each AdmissionRequest attribute."""
+RELEASE_FIELDS = {"actual_tokens": "actual_usage.total_tokens", "request_id": "request_id"}
+"""The path in ReleaseRequest of each `release` argument."""
 
 
 class Aborted(SwitchboardError):
@@ -94,6 +109,26 @@ def resolve_tenant(requested: str, *, field: str, owned: bool) -> str:
             f"no tenant: set {field} or the x-tenant-id header", reason="TENANT_MISSING"
         )
     return tenant
+
+
+def named_fields(
+    error: InvalidArgument, paths: dict[str, str], prefix: str = ""
+) -> InvalidArgument:
+    """The admission core's refusal, with each field violation named by its path in the
+    proto request (`paths`, under `prefix`) instead of by the core's attribute name."""
+    return invalid(
+        FieldViolation(f"{prefix}{paths.get(v.field, v.field)}", v.description)
+        for v in error.field_violations
+    )
+
+
+def policy_cursor(parts: list[str]) -> tuple[str, str]:
+    """Where a ListPolicies page starts, from its page token: (tenant, user) of the last
+    policy before it. A tenant id never holds the separator, so the rest is the user."""
+    tenant_id, *user = parts
+    if not user:
+        raise ValueError("not a policy cursor")
+    return tenant_id, "\x1f".join(user)
 
 
 def _timestamp(at: datetime) -> Any:
@@ -153,7 +188,7 @@ def _quota_message(snapshot: QuotaSnapshot) -> pb.QuotaStatus:
 class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
     def __init__(
         self,
-        controller: AdmissionController,
+        dispatcher: Dispatcher,
         store: PolicyStore,
         *,
         replica_id: str,
@@ -161,7 +196,8 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
         default_max_wait: timedelta,
         deadline_margin: timedelta,
     ) -> None:
-        self._controller = controller
+        self._dispatcher = dispatcher
+        self._controller = dispatcher.controller
         self._store = store
         self._replica = ((REPLICA_HEADER, replica_id),)
         self._default = default_policy
@@ -170,13 +206,15 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
 
     # ---- decisions ---------------------------------------------------------------------
 
-    def _admit_args(
+    def _request(
         self, request: pb.AdmitRequest, context: grpc.aio.ServicerContext, *, prefix: str = ""
-    ) -> dict[str, Any]:
+    ) -> AdmissionRequest:
+        """The request to admit. The contract's rules were checked (defined enum values,
+        token counts and max_wait in range); the tenant is the call's; the wait is cut to
+        the caller's deadline."""
         tenant = resolve_tenant(
             request.context.tenant_id, field=f"{prefix}context.tenant_id", owned=True
         )
-        tier = _TIERS[request.tier]  # a defined value: the contract's rules were checked
         remaining = context.time_remaining()
         budget = None if remaining is None else max(remaining - self._margin, 0.0)
         if request.HasField("max_wait"):
@@ -185,34 +223,45 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
                 max_wait = timedelta(seconds=budget)
         else:
             max_wait = self._default_max_wait if budget is None else timedelta(seconds=budget)
-        return {
-            "tenant_id": tenant,
-            "user_id": request.context.user_id,
-            "priority": request.context.priority,
-            "tier": tier,
-            "prompt_tokens": request.estimated_prompt_tokens,
-            "completion_tokens": request.max_completion_tokens,
-            "no_wait": request.no_wait,
-            "max_wait": max_wait,
-            "request_id": request.context.request_id,
-        }
+        try:
+            return AdmissionRequest(
+                tenant_id=tenant,
+                user_id=request.context.user_id,
+                priority=request.context.priority,  # Priority's values are the proto's
+                tier=_TIERS[request.tier],
+                prompt_tokens=request.estimated_prompt_tokens,
+                completion_tokens=request.max_completion_tokens,
+                no_wait=request.no_wait,
+                max_wait=max_wait,
+                request_id=request.context.request_id,
+            )
+        except InvalidArgument as error:
+            raise named_fields(error, ADMIT_FIELDS, prefix) from None
+
+    def _submit(self, request: AdmissionRequest, *, prefix: str = "") -> Ticket:
+        try:
+            return self._controller.submit(request)
+        except InvalidArgument as error:
+            raise named_fields(error, ADMIT_FIELDS, prefix) from None
 
     async def Admit(  # noqa: N802 - gRPC method name
         self, request: pb.AdmitRequest, context: grpc.aio.ServicerContext
     ) -> pb.AdmitResponse:
-        admission = await self._controller.admit(**self._admit_args(request, context))
+        ticket = self._submit(self._request(request, context))
+        admission = await self._dispatcher.wait(ticket)
+        assert admission is not None
         await context.send_initial_metadata(self._replica)
         return _admission_message(admission)
 
     async def AdmitStream(  # noqa: N802 - gRPC method name
         self, request: pb.AdmitStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AdmitStreamResponse]:
-        args = self._admit_args(request.request, context, prefix="request.")
-        ticket = self._controller.submit(**args)
+        prefix = "request."
+        ticket = self._submit(self._request(request.request, context, prefix=prefix), prefix=prefix)
         delivered = False
         try:
             await context.send_initial_metadata(self._replica)
-            async for update in queue_updates(self._controller, ticket):
+            async for update in queue_updates(self._dispatcher, ticket):
                 yield pb.AdmitStreamResponse(queued=update)
             admission = ticket.result()
             yield pb.AdmitStreamResponse(admitted=_admission_message(admission))
@@ -227,13 +276,18 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.AdmitSessionResponse]:
         await context.send_initial_metadata(self._replica)
+        prefix = "request."
 
-        def args_of(frame: pb.AdmitSessionRequest) -> dict[str, Any]:
+        def request_of(frame: pb.AdmitSessionRequest) -> AdmissionRequest:
             validate_request(frame)  # a streamed frame is checked here, refused on its own
-            return self._admit_args(frame.request, context, prefix="request.")
+            return self._request(frame.request, context, prefix=prefix)
 
         replies = serve_session(
-            self._controller, request_iterator, args_of=args_of, admitted=_admission_message
+            self._dispatcher,
+            request_iterator,
+            request_of=request_of,
+            submit=lambda request: self._submit(request, prefix=prefix),
+            admitted=_admission_message,
         )
         async for reply in replies:
             yield reply
@@ -256,14 +310,17 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
         tenant = current_tenant()
         if not tenant:
             raise Unauthenticated("a release needs the x-tenant-id header", reason="TENANT_MISSING")
-        if request.lease_id:
-            released, adjustment = self._controller.release(
-                request.lease_id, actual_tokens=actual, tenant_id=tenant
-            )
-        else:
-            released, adjustment = self._controller.release_attempt(
-                tenant, request.request_id, actual_tokens=actual
-            )
+        try:
+            if request.lease_id:
+                released, adjustment = self._controller.release(
+                    request.lease_id, actual_tokens=actual, tenant_id=tenant
+                )
+            else:
+                released, adjustment = self._controller.release_attempt(
+                    tenant, request.request_id, actual_tokens=actual
+                )
+        except InvalidArgument as error:
+            raise named_fields(error, RELEASE_FIELDS) from None
         await context.send_initial_metadata(self._replica)
         return pb.ReleaseResponse(released=released, token_adjustment=adjustment)
 
@@ -335,22 +392,16 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
     async def ListPolicies(  # noqa: N802 - gRPC method name
         self, request: pb.ListPoliciesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListPoliciesResponse:
-        after = None
-        if request.page_token:
-            try:
-                after = decode_page_token(request.page_token)
-            except ValueError:
-                raise invalid(
-                    [FieldViolation("page_token", "not a token this API gave out")]
-                ) from None
-        size = request.page_size or 100
+        what = "ListPoliciesRequest"
+        size = page_size(request.page_size, what=what)
+        after = read_page_token(request.page_token, policy_cursor, what=what)
         rows = await self._store.list(tenant_id=request.tenant_id, after=after, limit=size + 1)
         page = rows[:size]
         reply = pb.ListPoliciesResponse(
             policies=[policy_message(p.tenant_id, p.user_id, p.limits, p) for p in page]
         )
         if len(rows) > size:
-            reply.next_page_token = encode_page_token(page[-1].tenant_id, page[-1].user_id)
+            reply.next_page_token = page_token(page[-1].tenant_id, page[-1].user_id)
         return reply
 
     async def DeletePolicy(  # noqa: N802 - gRPC method name

@@ -11,11 +11,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 from switchboard.admission.v1 import admission_pb2 as pb
 
-from services.admission.controller import Admission, AdmissionController, Ticket
+from services.admission.dispatcher import Dispatcher
+from services.admission.request import AdmissionRequest
+from services.admission.tickets import Admission, Ticket
 from services.runtime import FieldViolation, SwitchboardError, invalid
 
 logger = logging.getLogger(__name__)
@@ -24,44 +25,45 @@ UPDATE_INTERVAL_S = 0.25
 """How often a waiting request's position is re-checked (an update is sent if it moved)."""
 
 
-async def queue_updates(
-    controller: AdmissionController, ticket: Ticket
-) -> AsyncIterator[pb.QueueStatus]:
+async def queue_updates(dispatcher: Dispatcher, ticket: Ticket) -> AsyncIterator[pb.QueueStatus]:
     """A waiting ticket's position and estimated wait, on entering the queue and whenever
     they change, until it is decided (its refusal is raised)."""
     last: tuple[int, float] | None = None
     while ticket.waiting:
-        status = controller.queue_status(ticket)
-        seen = (status.position, round(status.estimated_wait.total_seconds(), 1))
+        where = dispatcher.controller.queue_position(ticket)
+        seen = (where.position, round(where.estimated_wait.total_seconds(), 1))
         if seen != last:
             last = seen
-            update = pb.QueueStatus(position=status.position)
-            update.estimated_wait.FromTimedelta(status.estimated_wait)
+            update = pb.QueueStatus(position=where.position)
+            update.estimated_wait.FromTimedelta(where.estimated_wait)
             yield update
-        await controller.wait(ticket, timeout=UPDATE_INTERVAL_S)
+        await dispatcher.wait(ticket, timeout=UPDATE_INTERVAL_S)
 
 
 class AdmitSession:
     """The server side of one AdmitSession stream.
 
     Args:
-        controller: decides.
-        args_of: the controller's `submit` arguments for a frame's AdmitRequest (raises
-            the refusal of an invalid frame).
+        dispatcher: waits for the tickets.
+        request_of: the request a frame asks to admit (raises the refusal of an invalid
+            frame).
+        submit: submits a request to the dispatcher's controller (raises its refusal).
         reply: hands a reply to the stream's writer (never blocks).
         admitted: the AdmitResponse for an admission.
     """
 
     def __init__(
         self,
-        controller: AdmissionController,
+        dispatcher: Dispatcher,
         *,
-        args_of: Callable[[pb.AdmitSessionRequest], dict[str, Any]],
+        request_of: Callable[[pb.AdmitSessionRequest], AdmissionRequest],
+        submit: Callable[[AdmissionRequest], Ticket],
         reply: Callable[[pb.AdmitSessionResponse], None],
         admitted: Callable[[Admission], pb.AdmitResponse],
     ) -> None:
-        self._controller = controller
-        self._args_of = args_of
+        self._dispatcher = dispatcher
+        self._request_of = request_of
+        self._submit = submit
         self._reply = reply
         self._admitted = admitted
         self._waiting: dict[str, asyncio.Task[None]] = {}
@@ -74,11 +76,11 @@ class AdmitSession:
         """Decides the frame's request, or starts following it through the queue."""
         request_id = frame.request.context.request_id
         try:
-            args = self._args_of(frame)
+            request = self._request_of(frame)
             if not request_id:  # unique among the tenant's attempts: the controller checks
                 field = "request.context.request_id"
                 raise invalid([FieldViolation(field, "required: it tags the request's replies")])
-            ticket = self._controller.submit(**args)
+            ticket = self._submit(request)
         except SwitchboardError as refusal:
             self._refuse(request_id, refusal)
             return
@@ -89,13 +91,13 @@ class AdmitSession:
 
     async def _follow(self, request_id: str, ticket: Ticket) -> None:
         try:
-            async for update in queue_updates(self._controller, ticket):
+            async for update in queue_updates(self._dispatcher, ticket):
                 self._reply(pb.AdmitSessionResponse(request_id=request_id, queued=update))
             self._send(request_id, ticket)
         except SwitchboardError as refusal:
             self._refuse(request_id, refusal)
         except asyncio.CancelledError:
-            self._controller.abandon(ticket)
+            self._dispatcher.controller.abandon(ticket)
             raise
         finally:
             self._waiting.pop(request_id, None)
@@ -128,10 +130,11 @@ class AdmitSession:
 
 
 async def serve_session(
-    controller: AdmissionController,
+    dispatcher: Dispatcher,
     frames: AsyncIterator[pb.AdmitSessionRequest],
     *,
-    args_of: Callable[[pb.AdmitSessionRequest], dict[str, Any]],
+    request_of: Callable[[pb.AdmitSessionRequest], AdmissionRequest],
+    submit: Callable[[AdmissionRequest], Ticket],
     admitted: Callable[[Admission], pb.AdmitResponse],
 ) -> AsyncIterator[pb.AdmitSessionResponse]:
     """Serves one AdmitSession stream: submits its requests as they come and yields the
@@ -141,7 +144,13 @@ async def serve_session(
     never sent are released (nobody holds their leases).
     """
     replies: asyncio.Queue[pb.AdmitSessionResponse | None] = asyncio.Queue()
-    session = AdmitSession(controller, args_of=args_of, reply=replies.put_nowait, admitted=admitted)
+    session = AdmitSession(
+        dispatcher,
+        request_of=request_of,
+        submit=submit,
+        reply=replies.put_nowait,
+        admitted=admitted,
+    )
 
     async def submit_all() -> None:
         try:
@@ -161,4 +170,4 @@ async def serve_session(
         while not replies.empty():
             unsent = replies.get_nowait()
             if unsent is not None and unsent.HasField("admitted"):
-                controller.release(unsent.admitted.lease.lease_id, actual_tokens=0)
+                dispatcher.controller.release(unsent.admitted.lease.lease_id, actual_tokens=0)

@@ -9,7 +9,6 @@ force on all of them within one poll interval.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import secrets
 from collections.abc import Mapping
@@ -73,18 +72,6 @@ def _row(row: Mapping[str, Any]) -> StoredPolicy:
         etag=row["etag"],
         update_time=row["update_time"],
     )
-
-
-def encode_page_token(tenant_id: str, user_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{tenant_id}\x00{user_id}".encode()).decode()
-
-
-def decode_page_token(token: str) -> tuple[str, str]:
-    """Raises ValueError for a token no response gave out."""
-    tenant_id, sep, user_id = base64.urlsafe_b64decode(token.encode()).decode().partition("\x00")
-    if not sep:
-        raise ValueError("malformed page token")
-    return tenant_id, user_id
 
 
 class PolicyStore:

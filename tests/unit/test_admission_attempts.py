@@ -10,9 +10,14 @@ import grpc
 import pytest
 from switchboard.admission.v1 import admission_pb2
 
-from services.admission.clock import FakeClock
-from services.admission.controller import AdmissionController, TicketState
-from services.admission.limits import PolicyLimits
+from services.admission import (
+    AdmissionController,
+    AdmissionRequest,
+    Dispatcher,
+    FakeClock,
+    PolicyLimits,
+    TicketState,
+)
 from services.inference.admission import SESSION_IDLE_S, AdmissionGate, Ask
 from services.runtime import (
     Cancelled,
@@ -52,7 +57,9 @@ def controller(clock: FakeClock) -> AdmissionController:
 
 
 def test_release_by_request_id_frees_the_granted_lease(controller):
-    ticket = controller.submit(tenant_id="acme", prompt_tokens=300, request_id="r1")
+    ticket = controller.submit(
+        AdmissionRequest(tenant_id="acme", prompt_tokens=300, request_id="r1")
+    )
     assert ticket.lease is not None and ticket.lease.request_id == "r1"
     assert controller.release_attempt("acme", "r1", actual_tokens=0) == (True, 300)
     quota = controller.quota("acme")
@@ -64,15 +71,15 @@ def test_release_by_request_id_frees_the_granted_lease(controller):
 
 
 def test_release_by_lease_id_forgets_the_request_id(controller):
-    ticket = controller.submit(tenant_id="acme", request_id="r1")
+    ticket = controller.submit(AdmissionRequest(tenant_id="acme", request_id="r1"))
     assert controller.release(ticket.lease.lease_id) == (True, 0)
     assert controller.release_attempt("acme", "r1") == (False, 0)
     assert controller.in_flight() == 0
 
 
 def test_request_ids_are_per_tenant(controller):
-    controller.submit(tenant_id="acme", request_id="r1")
-    other = controller.submit(tenant_id="globex", request_id="r1")
+    controller.submit(AdmissionRequest(tenant_id="acme", request_id="r1"))
+    other = controller.submit(AdmissionRequest(tenant_id="globex", request_id="r1"))
     assert controller.release_attempt("globex", "r1") == (True, 0)
     assert other.lease is not None
     assert controller.quota("acme").in_flight == 1
@@ -80,8 +87,8 @@ def test_request_ids_are_per_tenant(controller):
 
 
 def test_release_by_request_id_of_a_waiting_attempt_leaves_the_queue(controller):
-    running = [controller.submit(tenant_id="acme") for _ in range(2)]
-    waiting = controller.submit(tenant_id="acme", request_id="queued")
+    running = [controller.submit(AdmissionRequest(tenant_id="acme")) for _ in range(2)]
+    waiting = controller.submit(AdmissionRequest(tenant_id="acme", request_id="queued"))
     assert waiting.waiting
     assert controller.release_attempt("acme", "queued") == (True, 0)
     assert waiting.state is TicketState.CANCELLED
@@ -95,8 +102,11 @@ def test_release_by_request_id_of_a_waiting_attempt_leaves_the_queue(controller)
 
 
 async def test_release_by_request_id_ends_the_wait_of_admit(controller):
-    [controller.submit(tenant_id="acme") for _ in range(2)]
-    waiter = asyncio.ensure_future(controller.admit(tenant_id="acme", request_id="w"))
+    [controller.submit(AdmissionRequest(tenant_id="acme")) for _ in range(2)]
+    dispatcher = Dispatcher(controller)
+    waiter = asyncio.ensure_future(
+        dispatcher.admit(AdmissionRequest(tenant_id="acme", request_id="w"))
+    )
     await asyncio.sleep(0)
     assert controller.release_attempt("acme", "w") == (True, 0)
     with pytest.raises(Cancelled):
@@ -106,26 +116,34 @@ async def test_release_by_request_id_ends_the_wait_of_admit(controller):
 def test_a_release_that_races_ahead_of_its_admit_refuses_the_admit(controller, clock):
     assert controller.release_attempt("acme", "late") == (False, 0)
     with pytest.raises(Cancelled):
-        controller.submit(tenant_id="acme", request_id="late")
+        controller.submit(AdmissionRequest(tenant_id="acme", request_id="late"))
     assert controller.quota("acme").in_flight == 0
-    assert controller.submit(tenant_id="acme", request_id="other").lease is not None
+    assert (
+        controller.submit(AdmissionRequest(tenant_id="acme", request_id="other")).lease is not None
+    )
     clock.advance(60)  # the tombstone lapses: the id may be used again
-    assert controller.submit(tenant_id="acme", request_id="late").lease is not None
+    assert (
+        controller.submit(AdmissionRequest(tenant_id="acme", request_id="late")).lease is not None
+    )
 
 
 def test_tombstones_are_bounded_oldest_first(controller):
     for n in range(5):
         controller.release_attempt("acme", f"gone-{n}")
-    assert len(controller._tombstones) == 3
-    assert controller.submit(tenant_id="acme", request_id="gone-0").lease is not None
+    assert controller._ledger.tombstones == 3
+    assert (
+        controller.submit(AdmissionRequest(tenant_id="acme", request_id="gone-0")).lease is not None
+    )
     with pytest.raises(Cancelled):
-        controller.submit(tenant_id="acme", request_id="gone-4")
+        controller.submit(AdmissionRequest(tenant_id="acme", request_id="gone-4"))
 
 
 def test_attempts_are_forgotten_when_they_end(controller, clock):
-    first = controller.submit(tenant_id="acme", request_id="a")
-    controller.submit(tenant_id="acme", request_id="b")
-    refused = controller.submit(tenant_id="acme", request_id="c", max_wait=timedelta(seconds=1))
+    first = controller.submit(AdmissionRequest(tenant_id="acme", request_id="a"))
+    controller.submit(AdmissionRequest(tenant_id="acme", request_id="b"))
+    refused = controller.submit(
+        AdmissionRequest(tenant_id="acme", request_id="c", max_wait=timedelta(seconds=1))
+    )
     assert refused.waiting
     clock.advance(1)
     controller.pump()
@@ -133,17 +151,17 @@ def test_attempts_are_forgotten_when_they_end(controller, clock):
     controller.release(first.lease.lease_id)
     clock.advance(600)  # "b" expires
     controller.pump()
-    assert controller._attempts == {}
+    assert controller._ledger.attempts == 0
     assert controller.quota("acme").in_flight == 0
 
 
 def test_a_request_id_in_use_or_too_long_is_invalid(controller):
-    controller.submit(tenant_id="acme", request_id="dup")
+    controller.submit(AdmissionRequest(tenant_id="acme", request_id="dup"))
     with pytest.raises(InvalidArgument) as invalid:
-        controller.submit(tenant_id="acme", request_id="dup")
-    assert [v.field for v in invalid.value.field_violations] == ["context.request_id"]
+        controller.submit(AdmissionRequest(tenant_id="acme", request_id="dup"))
+    assert [v.field for v in invalid.value.field_violations] == ["request_id"]
     with pytest.raises(InvalidArgument):
-        controller.submit(tenant_id="acme", request_id="x" * 129)
+        controller.submit(AdmissionRequest(tenant_id="acme", request_id="x" * 129))
     with pytest.raises(InvalidArgument):
         controller.release_attempt("acme", "")
     assert controller.quota("acme").in_flight == 1

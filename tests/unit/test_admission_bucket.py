@@ -8,10 +8,14 @@ from datetime import timedelta
 
 import pytest
 
+from services.admission import (
+    AdmissionController,
+    AdmissionRequest,
+    FakeClock,
+    PolicyLimits,
+    Priority,
+)
 from services.admission.bucket import TokenBucket
-from services.admission.clock import FakeClock
-from services.admission.controller import AdmissionController
-from services.admission.limits import PolicyLimits, Priority
 from services.runtime import ResourceExhausted
 
 SEEDS = range(200)
@@ -142,10 +146,12 @@ def test_controller_never_admits_more_than_burst_plus_rate_times_window():
             try:
                 tickets.append(
                     controller.submit(
-                        tenant_id="t",
-                        prompt_tokens=tokens,
-                        no_wait=rng.random() < 0.5,
-                        max_wait=timedelta(seconds=rng.uniform(0, 3)),
+                        AdmissionRequest(
+                            tenant_id="t",
+                            prompt_tokens=tokens,
+                            no_wait=rng.random() < 0.5,
+                            max_wait=timedelta(seconds=rng.uniform(0, 3)),
+                        )
                     )
                 )
             except ResourceExhausted:
@@ -192,7 +198,7 @@ def test_controller_never_under_admits_when_demand_exceeds_the_rate():
         for _ in range(200):
             waiting = [t for t in waiting if t.waiting]
             while len(waiting) < policy.request_burst + 5:  # keep a backlog
-                ticket = controller.submit(tenant_id="t")
+                ticket = controller.submit(AdmissionRequest(tenant_id="t"))
                 if ticket.waiting:
                     waiting.append(ticket)
             # The dispatcher wakes when the next token arrives, or earlier.

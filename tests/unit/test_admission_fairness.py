@@ -14,9 +14,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from services.admission.clock import FakeClock
-from services.admission.controller import AdmissionController, Ticket
-from services.admission.limits import PolicyLimits, Priority
+from services.admission import (
+    AdmissionController,
+    AdmissionRequest,
+    FakeClock,
+    PolicyLimits,
+    Priority,
+    Ticket,
+)
 from services.admission.scheduler import FairQueue, Verdict
 from services.runtime import ResourceExhausted
 
@@ -91,7 +96,9 @@ class Simulation:
     def _submit(self, tenant: str, priority: Priority) -> None:
         try:
             self._pending.append(
-                self.controller.submit(tenant_id=tenant, priority=priority, tier="small")
+                self.controller.submit(
+                    AdmissionRequest(tenant_id=tenant, priority=priority, tier="small")
+                )
             )
         except ResourceExhausted as refusal:
             self.refused[tenant] += 1
@@ -194,12 +201,16 @@ def test_interactive_goes_first_while_batch_waits():
     clock = FakeClock()
     controller = AdmissionController(clock=clock, default_policy=GENEROUS)
     controller.set_tier_capacity("small", max_in_flight=1)
-    first = controller.submit(tenant_id="a", tier="small")
-    batch = controller.submit(tenant_id="b", tier="small", priority=Priority.BATCH)
-    chat = controller.submit(tenant_id="c", tier="small", priority=Priority.INTERACTIVE)
+    first = controller.submit(AdmissionRequest(tenant_id="a", tier="small"))
+    batch = controller.submit(
+        AdmissionRequest(tenant_id="b", tier="small", priority=Priority.BATCH)
+    )
+    chat = controller.submit(
+        AdmissionRequest(tenant_id="c", tier="small", priority=Priority.INTERACTIVE)
+    )
     assert batch.waiting and chat.waiting
-    assert controller.queue_status(chat).position == 0
-    assert controller.queue_status(batch).position == 1
+    assert controller.queue_position(chat).position == 0
+    assert controller.queue_position(batch).position == 1
     assert first.lease is not None
     controller.release(first.lease.lease_id)
     assert chat.lease is not None and batch.waiting

@@ -11,16 +11,20 @@ from google.rpc import error_details_pb2, status_pb2
 from switchboard.common.v1 import common_pb2
 from switchboard.inference.v1 import inference_pb2
 
+from services.admission import AdmissionConfig, AdmissionController, AdmissionRequest, PolicyLimits
 from services.admission.capacity import size_tiers
-from services.admission.config import AdmissionConfig
-from services.admission.controller import AdmissionController
-from services.admission.limits import PolicyLimits
 from services.admission.metrics import ControllerCollector
-from services.admission.store import decode_page_token, encode_page_token
+from services.admission.servicer import policy_cursor
 from services.inference.admission import RelayedError, relay_error
 from services.launcher._config import LauncherConfig, isolated_config
 from services.launcher._mesh import Mesh, service_processes
-from services.runtime import QuotaViolation, ResourceExhausted
+from services.runtime import (
+    InvalidArgument,
+    QuotaViolation,
+    ResourceExhausted,
+    page_token,
+    read_page_token,
+)
 
 
 def test_tier_ceilings_parse_and_bad_entries_fail_at_start() -> None:
@@ -36,11 +40,14 @@ def test_tier_ceilings_parse_and_bad_entries_fail_at_start() -> None:
         AdmissionConfig(database_url="postgresql://x", admission_default_max_in_flight=0)
 
 
-def test_page_tokens_round_trip_and_foreign_ones_are_refused() -> None:
-    token = encode_page_token("acme", "bob")
-    assert decode_page_token(token) == ("acme", "bob")
-    with pytest.raises(ValueError):
-        decode_page_token("bm90LWEtdG9rZW4=")
+@pytest.mark.parametrize("user", ["bob", "", "b\x1fo\x00b"])
+def test_page_tokens_round_trip_and_foreign_ones_are_refused(user: str) -> None:
+    token = page_token("acme", user)
+    assert read_page_token(token, policy_cursor, what="ListPoliciesRequest") == ("acme", user)
+    assert read_page_token("", policy_cursor, what="ListPoliciesRequest") is None
+    with pytest.raises(InvalidArgument) as refused:
+        read_page_token("bm90LWEtdG9rZW4=", policy_cursor, what="ListPoliciesRequest")
+    assert [v.field for v in refused.value.field_violations] == ["page_token"]
 
 
 def test_a_relayed_refusal_keeps_every_detail() -> None:
@@ -118,9 +125,9 @@ def test_metrics_count_decisions_per_tenant_and_class() -> None:
             max_in_flight=10,
         )
     )
-    controller.submit(tenant_id="acme")
+    controller.submit(AdmissionRequest(tenant_id="acme"))
     with pytest.raises(ResourceExhausted):
-        controller.submit(tenant_id="acme", no_wait=True)
+        controller.submit(AdmissionRequest(tenant_id="acme", no_wait=True))
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in ControllerCollector(controller).collect()

@@ -10,9 +10,13 @@ import grpc
 import pytest
 from switchboard.admission.v1 import admission_pb2 as pb
 
-from services.admission.clock import FakeClock
-from services.admission.controller import AdmissionController
-from services.admission.limits import PolicyLimits
+from services.admission import (
+    AdmissionController,
+    AdmissionRequest,
+    Dispatcher,
+    FakeClock,
+    PolicyLimits,
+)
 from services.admission.sessions import AdmitSession, serve_session
 
 POLICY = PolicyLimits(
@@ -40,12 +44,13 @@ def replies() -> list[pb.AdmitSessionResponse]:
 @pytest.fixture
 def session(controller, replies) -> AdmitSession:
     return AdmitSession(
-        controller,
-        args_of=lambda frame: {
-            "tenant_id": "acme",
-            "request_id": frame.request.context.request_id,
-            "prompt_tokens": frame.request.estimated_prompt_tokens,
-        },
+        Dispatcher(controller),
+        request_of=lambda frame: AdmissionRequest(
+            tenant_id="acme",
+            request_id=frame.request.context.request_id,
+            prompt_tokens=frame.request.estimated_prompt_tokens,
+        ),
+        submit=controller.submit,
         reply=replies.append,
         admitted=lambda admission: pb.AdmitResponse(
             lease=pb.Lease(lease_id=admission.lease.lease_id)
@@ -89,7 +94,7 @@ async def test_a_refusal_ends_that_request_only(session, replies, controller):
     assert _events(replies) == [("", "refused"), ("a", "admitted"), ("a", "refused")]
     for refused in (replies[0], replies[2]):
         assert refused.refused.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    session.submit(_request("b", prompt_tokens=-1))  # refused by the controller itself
+    session.submit(_request("b", prompt_tokens=-1))  # refused by the request value itself
     assert _events(replies)[-1] == ("b", "refused")
     assert controller.quota("acme").in_flight == 1
 
@@ -116,9 +121,12 @@ def _serve(controller, requests, tenant: str = "acme"):
             yield request
 
     return serve_session(
-        controller,
+        Dispatcher(controller),
         frames(),
-        args_of=lambda frame: {"tenant_id": tenant, "request_id": frame.request.context.request_id},
+        request_of=lambda frame: AdmissionRequest(
+            tenant_id=tenant, request_id=frame.request.context.request_id
+        ),
+        submit=controller.submit,
         admitted=lambda admission: pb.AdmitResponse(
             lease=pb.Lease(lease_id=admission.lease.lease_id)
         ),
