@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from switchboard.admission.v1 import admission_pb2 as pb
+from switchboard.common.v1 import common_pb2
 
 from services.admission.dispatcher import Dispatcher
 from services.admission.request import AdmissionRequest
@@ -25,7 +26,9 @@ UPDATE_INTERVAL_S = 0.25
 """How often a waiting request's position is re-checked (an update is sent if it moved)."""
 
 
-async def queue_updates(dispatcher: Dispatcher, ticket: Ticket) -> AsyncIterator[pb.QueueStatus]:
+async def queue_updates(
+    dispatcher: Dispatcher, ticket: Ticket
+) -> AsyncIterator[common_pb2.QueuePosition]:
     """A waiting ticket's position and estimated wait, on entering the queue and whenever
     they change, until it is decided (its refusal is raised)."""
     last: tuple[int, float] | None = None
@@ -34,7 +37,7 @@ async def queue_updates(dispatcher: Dispatcher, ticket: Ticket) -> AsyncIterator
         seen = (where.position, round(where.estimated_wait.total_seconds(), 1))
         if seen != last:
             last = seen
-            update = pb.QueueStatus(position=where.position)
+            update = common_pb2.QueuePosition(position=where.position)
             update.estimated_wait.FromTimedelta(where.estimated_wait)
             yield update
         await dispatcher.wait(ticket, timeout=UPDATE_INTERVAL_S)

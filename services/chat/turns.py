@@ -360,9 +360,7 @@ class Turn:
                     answer.text.append(reply.token.text)
                     await self._emit(token=reply.token)
                 elif kind == "queued":
-                    queued = pb.QueuePosition(position=reply.queued.position)
-                    queued.estimated_wait.CopyFrom(reply.queued.estimated_wait)
-                    await self._emit(queued=queued)
+                    await self._emit(queued=reply.queued)
                 elif kind == "complete":
                     answer.complete = reply.complete
         except grpc.aio.AioRpcError as error:

@@ -218,7 +218,7 @@ class AdmissionGate:
                 return update
         raise AssertionError("an attempt ends with a lease or an error")  # pragma: no cover
 
-    def admit_stream(self, ask: Ask) -> AsyncIterator[admission_pb2.QueueStatus | str]:
+    def admit_stream(self, ask: Ask) -> AsyncIterator[common_pb2.QueuePosition | str]:
         """Like `admit`, but yields the queue status while waiting, then the lease id.
 
         It waits as long as admission allows (its default max wait) within the call's
@@ -230,7 +230,7 @@ class AdmissionGate:
 
     async def _attempt(
         self, ask: Ask, timeout: float | None
-    ) -> AsyncIterator[admission_pb2.QueueStatus | str]:
+    ) -> AsyncIterator[common_pb2.QueuePosition | str]:
         request_id = _attempt_id()
         request = ask.request(request_id)
         if timeout is not None:

@@ -88,11 +88,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 if isinstance(update, str):
                     lease_id = update
                 else:
-                    yield inference_pb2.GenerateResponse(
-                        queued=inference_pb2.QueueStatus(
-                            position=update.position, estimated_wait=update.estimated_wait
-                        )
-                    )
+                    yield inference_pb2.GenerateResponse(queued=update)
         else:
             lease_id = await self._admission.admit(ask)
         try:

@@ -9,6 +9,7 @@ from datetime import timedelta
 import grpc
 import pytest
 from switchboard.admission.v1 import admission_pb2
+from switchboard.common.v1 import common_pb2
 
 from services.admission import (
     AdmissionController,
@@ -303,7 +304,7 @@ async def test_a_session_that_ends_undecided_fails_its_attempts_and_is_replaced(
 
 async def test_a_caller_cancelled_while_queued_releases_its_attempt(gate):
     def queue(call, request):
-        call.reply(request.context.request_id, queued=admission_pb2.QueueStatus(position=3))
+        call.reply(request.context.request_id, queued=common_pb2.QueuePosition(position=3))
 
     gate._stub = stub = _Sessions(queue)
     updates = gate.admit_stream(ASK)
@@ -323,7 +324,7 @@ async def test_a_caller_cancelled_while_queued_releases_its_attempt(gate):
 async def test_a_stream_that_hands_over_the_lease_releases_nothing(gate):
     def queue_then_admit(call, request):
         rid = request.context.request_id
-        call.reply(rid, queued=admission_pb2.QueueStatus(position=0))
+        call.reply(rid, queued=common_pb2.QueuePosition(position=0))
         _admit_at_once(call, request)
 
     gate._stub = _Sessions(queue_then_admit)

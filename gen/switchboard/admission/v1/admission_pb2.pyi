@@ -50,9 +50,9 @@ class AdmitStreamResponse(_message.Message):
     __slots__ = ("queued", "admitted")
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     ADMITTED_FIELD_NUMBER: _ClassVar[int]
-    queued: QueueStatus
+    queued: _common_pb2.QueuePosition
     admitted: AdmitResponse
-    def __init__(self, queued: _Optional[_Union[QueueStatus, _Mapping]] = ..., admitted: _Optional[_Union[AdmitResponse, _Mapping]] = ...) -> None: ...
+    def __init__(self, queued: _Optional[_Union[_common_pb2.QueuePosition, _Mapping]] = ..., admitted: _Optional[_Union[AdmitResponse, _Mapping]] = ...) -> None: ...
 
 class AdmitSessionRequest(_message.Message):
     __slots__ = ("request",)
@@ -67,18 +67,10 @@ class AdmitSessionResponse(_message.Message):
     ADMITTED_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    queued: QueueStatus
+    queued: _common_pb2.QueuePosition
     admitted: AdmitResponse
     refused: _status_pb2.Status
-    def __init__(self, request_id: _Optional[str] = ..., queued: _Optional[_Union[QueueStatus, _Mapping]] = ..., admitted: _Optional[_Union[AdmitResponse, _Mapping]] = ..., refused: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
-
-class QueueStatus(_message.Message):
-    __slots__ = ("position", "estimated_wait")
-    POSITION_FIELD_NUMBER: _ClassVar[int]
-    ESTIMATED_WAIT_FIELD_NUMBER: _ClassVar[int]
-    position: int
-    estimated_wait: _duration_pb2.Duration
-    def __init__(self, position: _Optional[int] = ..., estimated_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., queued: _Optional[_Union[_common_pb2.QueuePosition, _Mapping]] = ..., admitted: _Optional[_Union[AdmitResponse, _Mapping]] = ..., refused: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class Lease(_message.Message):
     __slots__ = ("lease_id", "tenant_id", "charged_tokens", "expire_time")

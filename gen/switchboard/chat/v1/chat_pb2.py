@@ -23,7 +23,6 @@ _sym_db = _symbol_database.Default()
 
 
 from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
-from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
@@ -34,7 +33,7 @@ from switchboard.inference.v1 import inference_pb2 as switchboard_dot_inference_
 from switchboard.rag.v1 import rag_pb2 as switchboard_dot_rag_dot_v1_dot_rag__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eswitchboard/chat/v1/chat.proto\x12\x13switchboard.chat.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\"switchboard/common/v1/common.proto\x1a\"switchboard/events/v1/events.proto\x1a(switchboard/inference/v1/inference.proto\x1a\x1cswitchboard/rag/v1/rag.proto\"\x9d\x03\n\x0fSessionSettings\x12\x1f\n\rsystem_prompt\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\x18\x80}\x12\x32\n\ncollection\x18\x02 \x01(\tB\x1e\xbaH\x1br\x16\x18\x80\x01\x32\x11^[A-Za-z0-9_.-]+$\xd8\x01\x01\x12\"\n\x0fretrieval_top_k\x18\x03 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x14(\x00\x12\'\n\rallowed_tools\x18\x04 \x03(\tB\x10\xbaH\r\x92\x01\n\x10 \"\x06r\x04\x10\x01\x18@\x12\x14\n\x0c\x63ode_enabled\x18\x05 \x01(\x08\x12\x17\n\x05model\x18\x06 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12\x38\n\x04tier\x18\x07 \x01(\x0e\x32 .switchboard.common.v1.ModelTierB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x42\n\nparameters\x18\x08 \x01(\x0b\x32..switchboard.inference.v1.GenerationParameters\x12;\n\x08priority\x18\t \x01(\x0e\x32\x1f.switchboard.common.v1.PriorityB\x08\xbaH\x05\x82\x01\x02\x10\x01\"\xc5\x02\n\x07Session\x12\x1b\n\nsession_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x18@\x12#\n\x05title\x18\x02 \x01(\tB\x14\xbaH\x11r\x0f\x18\xc8\x01\x32\n^[^\\x00]*$\x12\x36\n\x08settings\x18\x03 \x01(\x0b\x32$.switchboard.chat.v1.SessionSettings\x12\x15\n\rmessage_count\x18\x04 \x01(\x03\x12\x30\n\x05usage\x18\x05 \x01(\x0b\x32!.switchboard.common.v1.TokenUsage\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rlast_event_id\x18\x08 \x01(\t\"k\n\x08ToolCall\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12*\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07task_id\x18\x04 \x01(\t\"m\n\nToolResult\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12&\n\x06output\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\"\xd8\x04\n\x07Message\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12.\n\x04role\x18\x04 \x01(\x0e\x32 .switchboard.chat.v1.MessageRole\x12\x32\n\x06status\x18\x05 \x01(\x0e\x32\".switchboard.chat.v1.MessageStatus\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x30\n\ttool_call\x18\x07 \x01(\x0b\x32\x1d.switchboard.chat.v1.ToolCall\x12\x34\n\x0btool_result\x18\x08 \x01(\x0b\x32\x1f.switchboard.chat.v1.ToolResult\x12\x32\n\tcitations\x18\t \x03(\x0b\x32\x1f.switchboard.common.v1.Citation\x12\x34\n\x08passages\x18\n \x03(\x0b\x32\".switchboard.rag.v1.RetrievedChunk\x12\x30\n\x05usage\x18\x0b \x01(\x0b\x32!.switchboard.common.v1.TokenUsage\x12.\n\x05model\x18\x0c \x01(\x0b\x32\x1f.switchboard.common.v1.ModelRef\x12!\n\x05\x65rror\x18\r \x01(\x0b\x32\x12.google.rpc.Status\x12\x19\n\x11\x63lient_message_id\x18\x0e \x01(\t\x12/\n\x0b\x63reate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"s\n\x14\x43reateSessionRequest\x12#\n\x05title\x18\x01 \x01(\tB\x14\xbaH\x11r\x0f\x18\xc8\x01\x32\n^[^\\x00]*$\x12\x36\n\x08settings\x18\x02 \x01(\x0b\x32$.switchboard.chat.v1.SessionSettings\"F\n\x15\x43reateSessionResponse\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.switchboard.chat.v1.Session\"0\n\x11GetSessionRequest\x12\x1b\n\nsession_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x18@\"C\n\x12GetSessionResponse\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.switchboard.chat.v1.Session\"R\n\x13ListSessionsRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"_\n\x14ListSessionsResponse\x12.\n\x08sessions\x18\x01 \x03(\x0b\x32\x1c.switchboard.chat.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x86\x01\n\x14UpdateSessionRequest\x12\x35\n\x07session\x18\x01 \x01(\x0b\x32\x1c.switchboard.chat.v1.SessionB\x06\xbaH\x03\xc8\x01\x01\x12\x37\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x06\xbaH\x03\xc8\x01\x01\"F\n\x15UpdateSessionResponse\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.switchboard.chat.v1.Session\"3\n\x14\x44\x65leteSessionRequest\x12\x1b\n\nsession_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x18@\"\x17\n\x15\x44\x65leteSessionResponse\"o\n\x13ListMessagesRequest\x12\x1b\n\nsession_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x18@\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"_\n\x14ListMessagesResponse\x12.\n\x08messages\x18\x01 \x03(\x0b\x32\x1c.switchboard.chat.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xa3\x02\n\x0f\x43onverseRequest\x12\x30\n\x04open\x18\x01 \x01(\x0b\x32 .switchboard.chat.v1.OpenSessionH\x00\x12\x34\n\x06resume\x18\x02 \x01(\x0b\x32\".switchboard.chat.v1.ResumeSessionH\x00\x12\x33\n\x07message\x18\x03 \x01(\x0b\x32 .switchboard.chat.v1.UserMessageH\x00\x12\x31\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32\x1f.switchboard.chat.v1.CancelTurnH\x00\x12\x37\n\x08settings\x18\x05 \x01(\x0b\x32#.switchboard.chat.v1.ChangeSettingsH\x00\x42\x07\n\x05\x66rame\"*\n\x0bOpenSession\x12\x1b\n\nsession_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x18@\"L\n\rResumeSession\x12\x1b\n\nsession_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x18@\x12\x1e\n\rlast_event_id\x18\x02 \x01(\tB\x07\xbaH\x04r\x02\x18@\"K\n\x0bUserMessage\x12#\n\x11\x63lient_message_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12\x17\n\x04text\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x32\x02\\S\"3\n\nCancelTurn\x12%\n\x14\x61ssistant_message_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x18@\"\x81\x01\n\x0e\x43hangeSettings\x12\x36\n\x08settings\x18\x01 \x01(\x0b\x32$.switchboard.chat.v1.SessionSettings\x12\x37\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x06\xbaH\x03\xc8\x01\x01\"\xf5\x04\n\x10\x43onverseResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x34\n\x06opened\x18\x03 \x01(\x0b\x32\".switchboard.chat.v1.SessionOpenedH\x00\x12\x38\n\x0cturn_started\x18\x04 \x01(\x0b\x32 .switchboard.chat.v1.TurnStartedH\x00\x12\x34\n\x06queued\x18\x05 \x01(\x0b\x32\".switchboard.chat.v1.QueuePositionH\x00\x12\x35\n\x05token\x18\x06 \x01(\x0b\x32$.switchboard.inference.v1.TokenDeltaH\x00\x12\x33\n\tcitations\x18\x07 \x01(\x0b\x32\x1e.switchboard.chat.v1.CitationsH\x00\x12\x32\n\ttool_call\x18\x08 \x01(\x0b\x32\x1d.switchboard.chat.v1.ToolCallH\x00\x12:\n\rtool_progress\x18\t \x01(\x0b\x32!.switchboard.chat.v1.ToolProgressH\x00\x12<\n\x0eturn_completed\x18\n \x01(\x0b\x32\".switchboard.chat.v1.TurnCompletedH\x00\x12\x30\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x1f.switchboard.chat.v1.ErrorFrameH\x00\x12@\n\x10settings_changed\x18\x0c \x01(\x0b\x32$.switchboard.chat.v1.SettingsChangedH\x00\x42\x07\n\x05\x66rame\"O\n\rSessionOpened\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.switchboard.chat.v1.Session\x12\x0f\n\x07resumed\x18\x02 \x01(\x08\"_\n\x0bTurnStarted\x12\x19\n\x11\x63lient_message_id\x18\x01 \x01(\t\x12\x17\n\x0fuser_message_id\x18\x02 \x01(\t\x12\x1c\n\x14\x61ssistant_message_id\x18\x03 \x01(\t\"T\n\rQueuePosition\x12\x10\n\x08position\x18\x01 \x01(\x05\x12\x31\n\x0e\x65stimated_wait\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"u\n\tCitations\x12\x32\n\tcitations\x18\x01 \x03(\x0b\x32\x1f.switchboard.common.v1.Citation\x12\x34\n\x08passages\x18\x02 \x03(\x0b\x32\".switchboard.rag.v1.RetrievedChunk\"U\n\x0cToolProgress\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12/\n\x05\x65vent\x18\x02 \x01(\x0b\x32 .switchboard.events.v1.StepEvent\"\x82\x02\n\rTurnCompleted\x12\x1c\n\x14\x61ssistant_message_id\x18\x01 \x01(\t\x12\x32\n\x06status\x18\x02 \x01(\x0e\x32\".switchboard.chat.v1.MessageStatus\x12=\n\rfinish_reason\x18\x03 \x01(\x0e\x32&.switchboard.inference.v1.FinishReason\x12\x30\n\x05usage\x18\x04 \x01(\x0b\x32!.switchboard.common.v1.TokenUsage\x12.\n\x05model\x18\x05 \x01(\x0b\x32\x1f.switchboard.common.v1.ModelRef\"K\n\nErrorFrame\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\x12\x19\n\x11\x63lient_message_id\x18\x02 \x01(\t\"@\n\x0fSettingsChanged\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.switchboard.chat.v1.Session*\x98\x01\n\x0bMessageRole\x12\x1c\n\x18MESSAGE_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11MESSAGE_ROLE_USER\x10\x01\x12\x1a\n\x16MESSAGE_ROLE_ASSISTANT\x10\x02\x12\x1a\n\x16MESSAGE_ROLE_TOOL_CALL\x10\x03\x12\x1c\n\x18MESSAGE_ROLE_TOOL_RESULT\x10\x04*\xa6\x01\n\rMessageStatus\x12\x1e\n\x1aMESSAGE_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMESSAGE_STATUS_IN_PROGRESS\x10\x01\x12\x1c\n\x18MESSAGE_STATUS_COMPLETED\x10\x02\x12\x1c\n\x18MESSAGE_STATUS_CANCELLED\x10\x03\x12\x19\n\x15MESSAGE_STATUS_FAILED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eswitchboard/chat/v1/chat.proto\x12\x13switchboard.chat.v1\x1a\x1b\x62uf/validate/validate.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\"switchboard/common/v1/common.proto\x1a\"switchboard/events/v1/events.proto\x1a(switchboard/inference/v1/inference.proto\x1a\x1cswitchboard/rag/v1/rag.proto\"\x9d\x03\n\x0fSessionSettings\x12\x1f\n\rsystem_prompt\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\x18\x80}\x12\x32\n\ncollection\x18\x02 \x01(\tB\x1e\xbaH\x1br\x16\x18\x80\x01\x32\x11^[A-Za-z0-9_.-]+$\xd8\x01\x01\x12\"\n\x0fretrieval_top_k\x18\x03 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x14(\x00\x12\'\n\rallowed_tools\x18\x04 \x03(\tB\x10\xbaH\r\x92\x01\n\x10 \"\x06r\x04\x10\x01\x18@\x12\x14\n\x0c\x63ode_enabled\x18\x05 \x01(\x08\x12\x17\n\x05model\x18\x06 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12\x38\n\x04tier\x18\x07 \x01(\x0e\x32 .switchboard.common.v1.ModelTierB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x42\n\nparameters\x18\x08 \x01(\x0b\x32..switchboard.inference.v1.GenerationParameters\x12;\n\x08priority\x18\t \x01(\x0e\x32\x1f.switchboard.common.v1.PriorityB\x08\xbaH\x05\x82\x01\x02\x10\x01\"\xc5\x02\n\x07Session\x12\x1b\n\nsession_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x18@\x12#\n\x05title\x18\x02 \x01(\tB\x14\xbaH\x11r\x0f\x18\xc8\x01\x32\n^[^\\x00]*$\x12\x36\n\x08settings\x18\x03 \x01(\x0b\x32$.switchboard.chat.v1.SessionSettings\x12\x15\n\rmessage_count\x18\x04 \x01(\x03\x12\x30\n\x05usage\x18\x05 \x01(\x0b\x32!.switchboard.common.v1.TokenUsage\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rlast_event_id\x18\x08 \x01(\t\"k\n\x08ToolCall\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12*\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07task_id\x18\x04 \x01(\t\"m\n\nToolResult\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12&\n\x06output\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\"\xd8\x04\n\x07Message\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12.\n\x04role\x18\x04 \x01(\x0e\x32 .switchboard.chat.v1.MessageRole\x12\x32\n\x06status\x18\x05 \x01(\x0e\x32\".switchboard.chat.v1.MessageStatus\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x30\n\ttool_call\x18\x07 \x01(\x0b\x32\x1d.switchboard.chat.v1.ToolCall\x12\x34\n\x0btool_result\x18\x08 \x01(\x0b\x32\x1f.switchboard.chat.v1.ToolResult\x12\x32\n\tcitations\x18\t \x03(\x0b\x32\x1f.switchboard.common.v1.Citation\x12\x34\n\x08passages\x18\n \x03(\x0b\x32\".switchboard.rag.v1.RetrievedChunk\x12\x30\n\x05usage\x18\x0b \x01(\x0b\x32!.switchboard.common.v1.TokenUsage\x12.\n\x05model\x18\x0c \x01(\x0b\x32\x1f.switchboard.common.v1.ModelRef\x12!\n\x05\x65rror\x18\r \x01(\x0b\x32\x12.google.rpc.Status\x12\x19\n\x11\x63lient_message_id\x18\x0e \x01(\t\x12/\n\x0b\x63reate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"s\n\x14\x43reateSessionRequest\x12#\n\x05title\x18\x01 \x01(\tB\x14\xbaH\x11r\x0f\x18\xc8\x01\x32\n^[^\\x00]*$\x12\x36\n\x08settings\x18\x02 \x01(\x0b\x32$.switchboard.chat.v1.SessionSettings\"F\n\x15\x43reateSessionResponse\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.switchboard.chat.v1.Session\"0\n\x11GetSessionRequest\x12\x1b\n\nsession_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x18@\"C\n\x12GetSessionResponse\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.switchboard.chat.v1.Session\"R\n\x13ListSessionsRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"_\n\x14ListSessionsResponse\x12.\n\x08sessions\x18\x01 \x03(\x0b\x32\x1c.switchboard.chat.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x86\x01\n\x14UpdateSessionRequest\x12\x35\n\x07session\x18\x01 \x01(\x0b\x32\x1c.switchboard.chat.v1.SessionB\x06\xbaH\x03\xc8\x01\x01\x12\x37\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x06\xbaH\x03\xc8\x01\x01\"F\n\x15UpdateSessionResponse\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.switchboard.chat.v1.Session\"3\n\x14\x44\x65leteSessionRequest\x12\x1b\n\nsession_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x18@\"\x17\n\x15\x44\x65leteSessionResponse\"o\n\x13ListMessagesRequest\x12\x1b\n\nsession_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x18@\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"_\n\x14ListMessagesResponse\x12.\n\x08messages\x18\x01 \x03(\x0b\x32\x1c.switchboard.chat.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xa3\x02\n\x0f\x43onverseRequest\x12\x30\n\x04open\x18\x01 \x01(\x0b\x32 .switchboard.chat.v1.OpenSessionH\x00\x12\x34\n\x06resume\x18\x02 \x01(\x0b\x32\".switchboard.chat.v1.ResumeSessionH\x00\x12\x33\n\x07message\x18\x03 \x01(\x0b\x32 .switchboard.chat.v1.UserMessageH\x00\x12\x31\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32\x1f.switchboard.chat.v1.CancelTurnH\x00\x12\x37\n\x08settings\x18\x05 \x01(\x0b\x32#.switchboard.chat.v1.ChangeSettingsH\x00\x42\x07\n\x05\x66rame\"*\n\x0bOpenSession\x12\x1b\n\nsession_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x18@\"L\n\rResumeSession\x12\x1b\n\nsession_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x18@\x12\x1e\n\rlast_event_id\x18\x02 \x01(\tB\x07\xbaH\x04r\x02\x18@\"K\n\x0bUserMessage\x12#\n\x11\x63lient_message_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12\x17\n\x04text\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x32\x02\\S\"3\n\nCancelTurn\x12%\n\x14\x61ssistant_message_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x18@\"\x81\x01\n\x0e\x43hangeSettings\x12\x36\n\x08settings\x18\x01 \x01(\x0b\x32$.switchboard.chat.v1.SessionSettings\x12\x37\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x06\xbaH\x03\xc8\x01\x01\"\xf7\x04\n\x10\x43onverseResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x34\n\x06opened\x18\x03 \x01(\x0b\x32\".switchboard.chat.v1.SessionOpenedH\x00\x12\x38\n\x0cturn_started\x18\x04 \x01(\x0b\x32 .switchboard.chat.v1.TurnStartedH\x00\x12\x36\n\x06queued\x18\x05 \x01(\x0b\x32$.switchboard.common.v1.QueuePositionH\x00\x12\x35\n\x05token\x18\x06 \x01(\x0b\x32$.switchboard.inference.v1.TokenDeltaH\x00\x12\x33\n\tcitations\x18\x07 \x01(\x0b\x32\x1e.switchboard.chat.v1.CitationsH\x00\x12\x32\n\ttool_call\x18\x08 \x01(\x0b\x32\x1d.switchboard.chat.v1.ToolCallH\x00\x12:\n\rtool_progress\x18\t \x01(\x0b\x32!.switchboard.chat.v1.ToolProgressH\x00\x12<\n\x0eturn_completed\x18\n \x01(\x0b\x32\".switchboard.chat.v1.TurnCompletedH\x00\x12\x30\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x1f.switchboard.chat.v1.ErrorFrameH\x00\x12@\n\x10settings_changed\x18\x0c \x01(\x0b\x32$.switchboard.chat.v1.SettingsChangedH\x00\x42\x07\n\x05\x66rame\"O\n\rSessionOpened\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.switchboard.chat.v1.Session\x12\x0f\n\x07resumed\x18\x02 \x01(\x08\"_\n\x0bTurnStarted\x12\x19\n\x11\x63lient_message_id\x18\x01 \x01(\t\x12\x17\n\x0fuser_message_id\x18\x02 \x01(\t\x12\x1c\n\x14\x61ssistant_message_id\x18\x03 \x01(\t\"u\n\tCitations\x12\x32\n\tcitations\x18\x01 \x03(\x0b\x32\x1f.switchboard.common.v1.Citation\x12\x34\n\x08passages\x18\x02 \x03(\x0b\x32\".switchboard.rag.v1.RetrievedChunk\"U\n\x0cToolProgress\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12/\n\x05\x65vent\x18\x02 \x01(\x0b\x32 .switchboard.events.v1.StepEvent\"\x82\x02\n\rTurnCompleted\x12\x1c\n\x14\x61ssistant_message_id\x18\x01 \x01(\t\x12\x32\n\x06status\x18\x02 \x01(\x0e\x32\".switchboard.chat.v1.MessageStatus\x12=\n\rfinish_reason\x18\x03 \x01(\x0e\x32&.switchboard.inference.v1.FinishReason\x12\x30\n\x05usage\x18\x04 \x01(\x0b\x32!.switchboard.common.v1.TokenUsage\x12.\n\x05model\x18\x05 \x01(\x0b\x32\x1f.switchboard.common.v1.ModelRef\"K\n\nErrorFrame\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\x12\x19\n\x11\x63lient_message_id\x18\x02 \x01(\t\"@\n\x0fSettingsChanged\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.switchboard.chat.v1.Session*\x98\x01\n\x0bMessageRole\x12\x1c\n\x18MESSAGE_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11MESSAGE_ROLE_USER\x10\x01\x12\x1a\n\x16MESSAGE_ROLE_ASSISTANT\x10\x02\x12\x1a\n\x16MESSAGE_ROLE_TOOL_CALL\x10\x03\x12\x1c\n\x18MESSAGE_ROLE_TOOL_RESULT\x10\x04*\xa6\x01\n\rMessageStatus\x12\x1e\n\x1aMESSAGE_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMESSAGE_STATUS_IN_PROGRESS\x10\x01\x12\x1c\n\x18MESSAGE_STATUS_COMPLETED\x10\x02\x12\x1c\n\x18MESSAGE_STATUS_CANCELLED\x10\x03\x12\x19\n\x15MESSAGE_STATUS_FAILED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -93,72 +92,70 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANCELTURN'].fields_by_name['assistant_message_id']._serialized_options = b'\272H\004r\002\030@'
   _globals['_CHANGESETTINGS'].fields_by_name['update_mask']._loaded_options = None
   _globals['_CHANGESETTINGS'].fields_by_name['update_mask']._serialized_options = b'\272H\003\310\001\001'
-  _globals['_MESSAGEROLE']._serialized_start=5120
-  _globals['_MESSAGEROLE']._serialized_end=5272
-  _globals['_MESSAGESTATUS']._serialized_start=5275
-  _globals['_MESSAGESTATUS']._serialized_end=5441
-  _globals['_SESSIONSETTINGS']._serialized_start=383
-  _globals['_SESSIONSETTINGS']._serialized_end=796
-  _globals['_SESSION']._serialized_start=799
-  _globals['_SESSION']._serialized_end=1124
-  _globals['_TOOLCALL']._serialized_start=1126
-  _globals['_TOOLCALL']._serialized_end=1233
-  _globals['_TOOLRESULT']._serialized_start=1235
-  _globals['_TOOLRESULT']._serialized_end=1344
-  _globals['_MESSAGE']._serialized_start=1347
-  _globals['_MESSAGE']._serialized_end=1947
-  _globals['_CREATESESSIONREQUEST']._serialized_start=1949
-  _globals['_CREATESESSIONREQUEST']._serialized_end=2064
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=2066
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=2136
-  _globals['_GETSESSIONREQUEST']._serialized_start=2138
-  _globals['_GETSESSIONREQUEST']._serialized_end=2186
-  _globals['_GETSESSIONRESPONSE']._serialized_start=2188
-  _globals['_GETSESSIONRESPONSE']._serialized_end=2255
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=2257
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=2339
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=2341
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=2436
-  _globals['_UPDATESESSIONREQUEST']._serialized_start=2439
-  _globals['_UPDATESESSIONREQUEST']._serialized_end=2573
-  _globals['_UPDATESESSIONRESPONSE']._serialized_start=2575
-  _globals['_UPDATESESSIONRESPONSE']._serialized_end=2645
-  _globals['_DELETESESSIONREQUEST']._serialized_start=2647
-  _globals['_DELETESESSIONREQUEST']._serialized_end=2698
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=2700
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=2723
-  _globals['_LISTMESSAGESREQUEST']._serialized_start=2725
-  _globals['_LISTMESSAGESREQUEST']._serialized_end=2836
-  _globals['_LISTMESSAGESRESPONSE']._serialized_start=2838
-  _globals['_LISTMESSAGESRESPONSE']._serialized_end=2933
-  _globals['_CONVERSEREQUEST']._serialized_start=2936
-  _globals['_CONVERSEREQUEST']._serialized_end=3227
-  _globals['_OPENSESSION']._serialized_start=3229
-  _globals['_OPENSESSION']._serialized_end=3271
-  _globals['_RESUMESESSION']._serialized_start=3273
-  _globals['_RESUMESESSION']._serialized_end=3349
-  _globals['_USERMESSAGE']._serialized_start=3351
-  _globals['_USERMESSAGE']._serialized_end=3426
-  _globals['_CANCELTURN']._serialized_start=3428
-  _globals['_CANCELTURN']._serialized_end=3479
-  _globals['_CHANGESETTINGS']._serialized_start=3482
-  _globals['_CHANGESETTINGS']._serialized_end=3611
-  _globals['_CONVERSERESPONSE']._serialized_start=3614
-  _globals['_CONVERSERESPONSE']._serialized_end=4243
-  _globals['_SESSIONOPENED']._serialized_start=4245
-  _globals['_SESSIONOPENED']._serialized_end=4324
-  _globals['_TURNSTARTED']._serialized_start=4326
-  _globals['_TURNSTARTED']._serialized_end=4421
-  _globals['_QUEUEPOSITION']._serialized_start=4423
-  _globals['_QUEUEPOSITION']._serialized_end=4507
-  _globals['_CITATIONS']._serialized_start=4509
-  _globals['_CITATIONS']._serialized_end=4626
-  _globals['_TOOLPROGRESS']._serialized_start=4628
-  _globals['_TOOLPROGRESS']._serialized_end=4713
-  _globals['_TURNCOMPLETED']._serialized_start=4716
-  _globals['_TURNCOMPLETED']._serialized_end=4974
-  _globals['_ERRORFRAME']._serialized_start=4976
-  _globals['_ERRORFRAME']._serialized_end=5051
-  _globals['_SETTINGSCHANGED']._serialized_start=5053
-  _globals['_SETTINGSCHANGED']._serialized_end=5117
+  _globals['_MESSAGEROLE']._serialized_start=5004
+  _globals['_MESSAGEROLE']._serialized_end=5156
+  _globals['_MESSAGESTATUS']._serialized_start=5159
+  _globals['_MESSAGESTATUS']._serialized_end=5325
+  _globals['_SESSIONSETTINGS']._serialized_start=351
+  _globals['_SESSIONSETTINGS']._serialized_end=764
+  _globals['_SESSION']._serialized_start=767
+  _globals['_SESSION']._serialized_end=1092
+  _globals['_TOOLCALL']._serialized_start=1094
+  _globals['_TOOLCALL']._serialized_end=1201
+  _globals['_TOOLRESULT']._serialized_start=1203
+  _globals['_TOOLRESULT']._serialized_end=1312
+  _globals['_MESSAGE']._serialized_start=1315
+  _globals['_MESSAGE']._serialized_end=1915
+  _globals['_CREATESESSIONREQUEST']._serialized_start=1917
+  _globals['_CREATESESSIONREQUEST']._serialized_end=2032
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=2034
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=2104
+  _globals['_GETSESSIONREQUEST']._serialized_start=2106
+  _globals['_GETSESSIONREQUEST']._serialized_end=2154
+  _globals['_GETSESSIONRESPONSE']._serialized_start=2156
+  _globals['_GETSESSIONRESPONSE']._serialized_end=2223
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=2225
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=2307
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=2309
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=2404
+  _globals['_UPDATESESSIONREQUEST']._serialized_start=2407
+  _globals['_UPDATESESSIONREQUEST']._serialized_end=2541
+  _globals['_UPDATESESSIONRESPONSE']._serialized_start=2543
+  _globals['_UPDATESESSIONRESPONSE']._serialized_end=2613
+  _globals['_DELETESESSIONREQUEST']._serialized_start=2615
+  _globals['_DELETESESSIONREQUEST']._serialized_end=2666
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=2668
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=2691
+  _globals['_LISTMESSAGESREQUEST']._serialized_start=2693
+  _globals['_LISTMESSAGESREQUEST']._serialized_end=2804
+  _globals['_LISTMESSAGESRESPONSE']._serialized_start=2806
+  _globals['_LISTMESSAGESRESPONSE']._serialized_end=2901
+  _globals['_CONVERSEREQUEST']._serialized_start=2904
+  _globals['_CONVERSEREQUEST']._serialized_end=3195
+  _globals['_OPENSESSION']._serialized_start=3197
+  _globals['_OPENSESSION']._serialized_end=3239
+  _globals['_RESUMESESSION']._serialized_start=3241
+  _globals['_RESUMESESSION']._serialized_end=3317
+  _globals['_USERMESSAGE']._serialized_start=3319
+  _globals['_USERMESSAGE']._serialized_end=3394
+  _globals['_CANCELTURN']._serialized_start=3396
+  _globals['_CANCELTURN']._serialized_end=3447
+  _globals['_CHANGESETTINGS']._serialized_start=3450
+  _globals['_CHANGESETTINGS']._serialized_end=3579
+  _globals['_CONVERSERESPONSE']._serialized_start=3582
+  _globals['_CONVERSERESPONSE']._serialized_end=4213
+  _globals['_SESSIONOPENED']._serialized_start=4215
+  _globals['_SESSIONOPENED']._serialized_end=4294
+  _globals['_TURNSTARTED']._serialized_start=4296
+  _globals['_TURNSTARTED']._serialized_end=4391
+  _globals['_CITATIONS']._serialized_start=4393
+  _globals['_CITATIONS']._serialized_end=4510
+  _globals['_TOOLPROGRESS']._serialized_start=4512
+  _globals['_TOOLPROGRESS']._serialized_end=4597
+  _globals['_TURNCOMPLETED']._serialized_start=4600
+  _globals['_TURNCOMPLETED']._serialized_end=4858
+  _globals['_ERRORFRAME']._serialized_start=4860
+  _globals['_ERRORFRAME']._serialized_end=4935
+  _globals['_SETTINGSCHANGED']._serialized_start=4937
+  _globals['_SETTINGSCHANGED']._serialized_end=5001
 # @@protoc_insertion_point(module_scope)

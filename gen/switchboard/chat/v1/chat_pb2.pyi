@@ -1,7 +1,6 @@
 import datetime
 
 from buf.validate import validate_pb2 as _validate_pb2
-from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -295,7 +294,7 @@ class ConverseResponse(_message.Message):
     message_id: str
     opened: SessionOpened
     turn_started: TurnStarted
-    queued: QueuePosition
+    queued: _common_pb2.QueuePosition
     token: _inference_pb2.TokenDelta
     citations: Citations
     tool_call: ToolCall
@@ -303,7 +302,7 @@ class ConverseResponse(_message.Message):
     turn_completed: TurnCompleted
     error: ErrorFrame
     settings_changed: SettingsChanged
-    def __init__(self, event_id: _Optional[str] = ..., message_id: _Optional[str] = ..., opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., turn_started: _Optional[_Union[TurnStarted, _Mapping]] = ..., queued: _Optional[_Union[QueuePosition, _Mapping]] = ..., token: _Optional[_Union[_inference_pb2.TokenDelta, _Mapping]] = ..., citations: _Optional[_Union[Citations, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_progress: _Optional[_Union[ToolProgress, _Mapping]] = ..., turn_completed: _Optional[_Union[TurnCompleted, _Mapping]] = ..., error: _Optional[_Union[ErrorFrame, _Mapping]] = ..., settings_changed: _Optional[_Union[SettingsChanged, _Mapping]] = ...) -> None: ...
+    def __init__(self, event_id: _Optional[str] = ..., message_id: _Optional[str] = ..., opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., turn_started: _Optional[_Union[TurnStarted, _Mapping]] = ..., queued: _Optional[_Union[_common_pb2.QueuePosition, _Mapping]] = ..., token: _Optional[_Union[_inference_pb2.TokenDelta, _Mapping]] = ..., citations: _Optional[_Union[Citations, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_progress: _Optional[_Union[ToolProgress, _Mapping]] = ..., turn_completed: _Optional[_Union[TurnCompleted, _Mapping]] = ..., error: _Optional[_Union[ErrorFrame, _Mapping]] = ..., settings_changed: _Optional[_Union[SettingsChanged, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
     __slots__ = ("session", "resumed")
@@ -322,14 +321,6 @@ class TurnStarted(_message.Message):
     user_message_id: str
     assistant_message_id: str
     def __init__(self, client_message_id: _Optional[str] = ..., user_message_id: _Optional[str] = ..., assistant_message_id: _Optional[str] = ...) -> None: ...
-
-class QueuePosition(_message.Message):
-    __slots__ = ("position", "estimated_wait")
-    POSITION_FIELD_NUMBER: _ClassVar[int]
-    ESTIMATED_WAIT_FIELD_NUMBER: _ClassVar[int]
-    position: int
-    estimated_wait: _duration_pb2.Duration
-    def __init__(self, position: _Optional[int] = ..., estimated_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class Citations(_message.Message):
     __slots__ = ("citations", "passages")

@@ -86,16 +86,8 @@ class GenerateResponse(_message.Message):
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     token: TokenDelta
     complete: GenerationComplete
-    queued: QueueStatus
-    def __init__(self, token: _Optional[_Union[TokenDelta, _Mapping]] = ..., complete: _Optional[_Union[GenerationComplete, _Mapping]] = ..., queued: _Optional[_Union[QueueStatus, _Mapping]] = ...) -> None: ...
-
-class QueueStatus(_message.Message):
-    __slots__ = ("position", "estimated_wait")
-    POSITION_FIELD_NUMBER: _ClassVar[int]
-    ESTIMATED_WAIT_FIELD_NUMBER: _ClassVar[int]
-    position: int
-    estimated_wait: _duration_pb2.Duration
-    def __init__(self, position: _Optional[int] = ..., estimated_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    queued: _common_pb2.QueuePosition
+    def __init__(self, token: _Optional[_Union[TokenDelta, _Mapping]] = ..., complete: _Optional[_Union[GenerationComplete, _Mapping]] = ..., queued: _Optional[_Union[_common_pb2.QueuePosition, _Mapping]] = ...) -> None: ...
 
 class TokenDelta(_message.Message):
     __slots__ = ("text", "index", "passage_index")
