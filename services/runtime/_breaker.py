@@ -86,6 +86,7 @@ class CircuitBreaker:
 
     @property
     def is_closed(self) -> bool:
+        """Whether calls go freely (neither open nor half-open)."""
         return self._opened_at is None
 
     def allow(self) -> bool:
