@@ -16,15 +16,12 @@ from collections.abc import Mapping
 from datetime import timedelta
 
 import grpc
-from switchboard.common.v1 import common_pb2
 from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 
 from services.admission.controller import AdmissionController
-from services.runtime import channel, stop_task
+from services.runtime import TIERS, channel, stop_task
 
 logger = logging.getLogger(__name__)
-
-_TIERS = {common_pb2.MODEL_TIER_SMALL: "small", common_pb2.MODEL_TIER_LARGE: "large"}
 
 
 def size_tiers(
@@ -33,7 +30,7 @@ def size_tiers(
     """{tier: most requests in flight on this replica}, None = no ceiling."""
     totals: dict[str, int] = {}
     for model in models.models:
-        tier = _TIERS.get(model.tier)
+        tier = TIERS.get(model.tier)
         if model.kind != inference_pb2.MODEL_KIND_GENERATOR or tier is None:
             continue
         healthy = sum(b.state == inference_pb2.BACKEND_STATE_HEALTHY for b in model.backends)

@@ -11,7 +11,6 @@ from typing import Any
 import grpc
 from switchboard.admission.v1 import admission_pb2 as pb
 from switchboard.admission.v1 import admission_service_pb2_grpc
-from switchboard.common.v1 import common_pb2
 
 from services.admission.dispatcher import Dispatcher
 from services.admission.limits import PolicyLimits
@@ -21,6 +20,7 @@ from services.admission.sessions import queue_updates, serve_session
 from services.admission.store import EtagMismatch, PolicyStore, StoredPolicy
 from services.admission.tickets import Admission, Ticket
 from services.runtime import (
+    TIERS,
     FieldViolation,
     InvalidArgument,
     PermissionDenied,
@@ -48,11 +48,6 @@ POLICY_FIELDS = (
     "weight",
     "max_queued",
 )
-_TIERS = {
-    common_pb2.MODEL_TIER_UNSPECIFIED: "",
-    common_pb2.MODEL_TIER_SMALL: "small",
-    common_pb2.MODEL_TIER_LARGE: "large",
-}
 ADMIT_FIELDS = {
     "tenant_id": "context.tenant_id",
     "user_id": "context.user_id",
@@ -228,7 +223,7 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
                 tenant_id=tenant,
                 user_id=request.context.user_id,
                 priority=request.context.priority,  # Priority's values are the proto's
-                tier=_TIERS[request.tier],
+                tier=TIERS.get(request.tier, ""),
                 prompt_tokens=request.estimated_prompt_tokens,
                 completion_tokens=request.max_completion_tokens,
                 no_wait=request.no_wait,

@@ -29,6 +29,7 @@ from switchboard.common.v1 import common_pb2
 
 from services.runtime import (
     TENANT_HEADER,
+    TIER_VALUES,
     DeadlineExceeded,
     RelayedError,
     SwitchboardError,
@@ -60,7 +61,6 @@ SESSION_IDLE_S = 60.0
 """An AdmitSession stream unused this long is closed (Envoy resets idle streams later)."""
 MAX_SESSIONS = 1024
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
-_TIERS = {"small": common_pb2.MODEL_TIER_SMALL, "large": common_pb2.MODEL_TIER_LARGE}
 # Codes that mean "admission could not decide", not "admission said no".
 _DEPENDENCY_CODES = {
     grpc.StatusCode.UNAVAILABLE,
@@ -110,7 +110,7 @@ class Ask:
             context=common_pb2.RequestContext(
                 tenant_id=self.tenant_id, request_id=request_id, priority=self.priority
             ),
-            tier=_TIERS.get(self.tier, common_pb2.MODEL_TIER_UNSPECIFIED),
+            tier=TIER_VALUES.get(self.tier, common_pb2.MODEL_TIER_UNSPECIFIED),
             estimated_prompt_tokens=self.prompt_tokens,
             max_completion_tokens=self.max_tokens,
         )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from services.runtime import TIERS as TIER_NAMES
 from services.runtime import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, invalid
 
 logger = logging.getLogger(__name__)
@@ -21,7 +22,8 @@ _HARD_WORDS = re.compile(
     re.IGNORECASE,
 )
 _CODE_OR_MATH = re.compile(r"[{}();=<>^∑∫√]|```|\bdef\b|\bclass\b|\d+\s*[-+*/]\s*\d+")
-TIERS = ("small", "large")
+TIERS = tuple(TIER_NAMES.values())
+"""The tiers' names, cheapest first (the catalogue's)."""
 
 
 def complexity(prompt: str) -> float:

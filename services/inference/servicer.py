@@ -12,12 +12,10 @@ from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 
 from services.inference.admission import AdmissionGate, Ask
 from services.inference.router import GenerateInput, GenerateResult, Router
-from services.runtime import count_tokens, require_tenant
+from services.runtime import TIER_VALUES, TIERS, count_tokens, require_tenant
 
 logger = logging.getLogger(__name__)
 
-_TIER_NAMES = {common_pb2.MODEL_TIER_SMALL: "small", common_pb2.MODEL_TIER_LARGE: "large"}
-_TIER_ENUMS = {v: k for k, v in _TIER_NAMES.items()}
 _BREAKER_STATES = {
     "closed": inference_pb2.BACKEND_STATE_HEALTHY,
     "open": inference_pb2.BACKEND_STATE_OPEN,
@@ -66,7 +64,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             temperature=request.parameters.temperature,
             model=request.model,
             # the contract refuses a tier outside the enum before this runs
-            tier=_TIER_NAMES[request.tier] if request.tier else "",
+            tier=TIERS[request.tier] if request.tier else "",
             session_id=request.session_id,
         )
         result = GenerateResult(choice=self._router.choose(params))
@@ -126,7 +124,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 completion_tokens=result.completion_tokens,
                 total_tokens=result.choice.prompt_tokens + result.completion_tokens,
             ),
-            model=common_pb2.ModelRef(name=model.name, tier=_TIER_ENUMS[model.tier]),
+            model=common_pb2.ModelRef(name=model.name, tier=TIER_VALUES[model.tier]),
             backend=result.backend,
             finish_reason=finish,
             citations=_citations(params, result, [p.source_id for p in request.context]),
@@ -165,7 +163,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         models = [
             inference_pb2.ModelInfo(
                 name=g.name,
-                tier=_TIER_ENUMS[g.tier],
+                tier=TIER_VALUES[g.tier],
                 context_tokens=g.context_tokens,
                 relative_cost=g.relative_cost,
                 kind=inference_pb2.MODEL_KIND_GENERATOR,
