@@ -44,7 +44,8 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 PG_SYSTEM_USER = "switchboard-pg"
-TRITON_MODELS = ("embedder", "embedder_unbatched", "generator_small", "generator_large")
+TRITON_MODELS = tuple(_triton.available_models(_triton.MODEL_REPOSITORY))
+"""Every model of the repository in `triton-models/` (its directories are the names)."""
 
 
 class LaunchError(RuntimeError):
@@ -308,7 +309,7 @@ class Mesh:
         backend_dir = self.config.run_dir / "triton-backends"
         if not repo.exists():
             repo = _triton.prepare_model_repository(
-                REPO_ROOT / "triton-models", repo, gpu=gpu, models=TRITON_MODELS
+                _triton.MODEL_REPOSITORY, repo, gpu=gpu, models=TRITON_MODELS
             )
         if not backend_dir.exists():
             backend_dir = _triton.prepare_backend_dir(self.config.run_dir)
