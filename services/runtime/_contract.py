@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import lru_cache
 
 import protovalidate
 from google.protobuf import descriptor, descriptor_pool, message
@@ -71,7 +71,7 @@ def validate_request(request: message.Message, *, prefix: str = "") -> None:
         raise invalid(violations)
 
 
-@cache
+@lru_cache(maxsize=1024)  # bounded: the edge asks about whatever path a client sends
 def method_contract(path: str) -> MethodContract | None:
     """The contract of `/package.Service/Method` (or `package.Service.Method`), or None
     when no loaded contract defines that method."""
