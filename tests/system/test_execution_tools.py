@@ -35,6 +35,7 @@ from services.runtime import (
     SwitchboardError,
     Unavailable,
 )
+from tests.fakes import Clock, Sleeps
 
 KEY = "task-7/fetch"
 RETRIEVE = "switchboard.rag.v1.RagService/Retrieve"
@@ -106,29 +107,6 @@ class FakeRag(rag_service_pb2_grpc.RagServiceServicer):
             await asyncio.sleep(step)
         chunk = rag_pb2.RetrievedChunk(chunk_id="c1", text=request.query, score=0.5)
         return rag_pb2.RetrieveResponse(chunks=[chunk])
-
-
-class Clock:
-    """Monotonic seconds for the tools' circuits, moved by the test."""
-
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-class Sleeps:
-    """An injected sleep that records the backoff instead of waiting."""
-
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
 
 
 @pytest.fixture

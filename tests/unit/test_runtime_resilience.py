@@ -14,32 +14,7 @@ from services.runtime import (
     RetriesExhausted,
     RetryPolicy,
 )
-
-
-class Clock:
-    """Monotonic seconds that move only when the test says."""
-
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-class Sleeps:
-    """A sleep that records the wait and moves the clock instead of waiting."""
-
-    def __init__(self, clock: Clock | None = None) -> None:
-        self.delays: list[float] = []
-        self._clock = clock
-
-    async def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
-        if self._clock is not None:
-            self._clock.advance(seconds)
+from tests.fakes import Clock, Sleeps
 
 
 def breaker(clock: Clock, fail_max: int = 2, reset: float = 5.0, **options) -> CircuitBreaker:
