@@ -22,7 +22,7 @@ from switchboard.chat.v1 import chat_service_pb2, chat_service_pb2_grpc
 from services.chat.config import ChatConfig
 from services.chat.live import Hub, LiveSession
 from services.chat.servicer import ChatServicer
-from services.chat.sessions import apply_mask, session_message
+from services.chat.sessions import session_message, update_session
 from services.chat.store import SessionStore
 from services.chat.turns import Backends, Turn
 from services.runtime import clear_deadline, load_config, stop_task
@@ -111,15 +111,10 @@ class ChatService:
         await turn.run()
 
     async def _change_settings(self, live: LiveSession, change: pb.ChangeSettings) -> pb.Session:
-        current = await self.store.get(live.tenant_id, live.session_id)
         request = pb.UpdateSessionRequest(
             session=pb.Session(session_id=live.session_id, settings=change.settings),
         )
         request.update_mask.paths.extend(
             p if p.startswith("settings") else f"settings.{p}" for p in change.update_mask.paths
         )
-        title, settings = apply_mask(current, request)
-        row = await self.store.update(
-            live.tenant_id, live.session_id, title=title, settings=settings
-        )
-        return session_message(row)
+        return await update_session(self.store, live.tenant_id, request)

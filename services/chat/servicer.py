@@ -11,7 +11,7 @@ from switchboard.chat.v1 import chat_pb2 as pb
 from switchboard.chat.v1 import chat_service_pb2_grpc
 
 from services.chat.live import Hub
-from services.chat.sessions import apply_mask, message_cursor, session_cursor, session_message
+from services.chat.sessions import message_cursor, session_cursor, session_message, update_session
 from services.chat.store import SessionStore
 from services.runtime import (
     page_size,
@@ -80,11 +80,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
     async def UpdateSession(  # noqa: N802 - gRPC method name
         self, request: pb.UpdateSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpdateSessionResponse:
-        tenant = require_tenant()
-        current = await self._store.get(tenant, request.session.session_id)
-        title, settings = apply_mask(current, request)
-        row = await self._store.update(tenant, current.session_id, title=title, settings=settings)
-        session = session_message(row)
+        session = await update_session(self._store, require_tenant(), request)
         self._hub.updated(session)
         return pb.UpdateSessionResponse(session=session)
 

@@ -15,7 +15,7 @@ from datetime import datetime
 from switchboard.chat.v1 import chat_pb2 as pb
 from switchboard.common.v1 import common_pb2
 
-from services.chat.store import SessionRow
+from services.chat.store import SessionRow, SessionStore
 from services.runtime import FieldViolation, invalid
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,22 @@ def apply_mask(
             else:
                 setattr(settings, name, getattr(new.settings, name))
     return title, settings
+
+
+async def update_session(
+    store: SessionStore, tenant_id: str, request: pb.UpdateSessionRequest
+) -> pb.Session:
+    """Applies an UpdateSession request (its field mask over the stored session) and
+    stores the result: what UpdateSession and a Converse settings frame both do.
+
+    Raises:
+        NotFound: `SESSION_NOT_FOUND`, no such session of the tenant.
+        InvalidArgument: a mask path that cannot be updated.
+    """
+    current = await store.get(tenant_id, request.session.session_id)
+    title, settings = apply_mask(current, request)
+    row = await store.update(tenant_id, current.session_id, title=title, settings=settings)
+    return session_message(row)
 
 
 def _int32(count: int) -> int:
