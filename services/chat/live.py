@@ -30,7 +30,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from buf.validate import validate_pb2
@@ -38,7 +38,9 @@ from google.protobuf.message import Message
 from switchboard.chat.v1 import chat_pb2 as pb
 
 from services.chat.events import EventLog, Expired, Reader
-from services.chat.store import canonical_id
+from services.chat.sessions import load_session, settings_update, update_session
+from services.chat.store import SessionStore, canonical_id
+from services.chat.turns import Turns
 from services.runtime import (
     FailedPrecondition,
     FieldViolation,
@@ -54,8 +56,6 @@ from services.runtime import (
 
 logger = logging.getLogger(__name__)
 
-RunTurn = Callable[["LiveSession", pb.UserMessage], Awaitable[None]]
-ChangeSettings = Callable[["LiveSession", pb.ChangeSettings], Awaitable[pb.Session]]
 RECENT_CLIENT_IDS = 1000
 MAX_CLIENT_ID_CHARS = (
     pb.UserMessage.DESCRIPTOR.fields_by_name["client_message_id"]
@@ -104,9 +104,7 @@ def out_of_order(what: str) -> InvalidArgument:
 
 
 class LiveSession:
-    def __init__(
-        self, tenant_id: str, session_id: str, *, run_turn: RunTurn, limits: Limits
-    ) -> None:
+    def __init__(self, tenant_id: str, session_id: str, *, turns: Turns, limits: Limits) -> None:
         self.tenant_id = tenant_id
         self.session_id = session_id
         self.log = EventLog(
@@ -119,7 +117,7 @@ class LiveSession:
         """The session's settings as of the last change through this process (turns read
         them here instead of from the database)."""
         self._limits = limits
-        self._run_turn = run_turn
+        self._turns = turns
         self._pending: deque[pb.UserMessage] = deque()
         self._worker: asyncio.Task[None] | None = None
         self._turn: asyncio.Task[None] | None = None
@@ -229,7 +227,16 @@ class LiveSession:
         try:
             while self._pending and self.closed is None:
                 message = self._pending.popleft()
-                self._turn = asyncio.create_task(self._run_turn(self, message))
+                turn = self._turns.turn(
+                    self.tenant_id,
+                    self.session_id,
+                    self.settings,
+                    message,
+                    emit=self.emit,
+                    last_event_id=lambda: self.log.last_event_id,
+                )
+                self.turn_message_id = turn.assistant_id
+                self._turn = asyncio.create_task(turn.run())
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait({self._turn})
                 if not self._turn.cancelled() and (exc := self._turn.exception()) is not None:
@@ -259,17 +266,9 @@ class LiveSession:
 class Hub:
     """The live sessions of this process."""
 
-    def __init__(
-        self,
-        *,
-        load: Callable[[str, str], Awaitable[tuple[pb.Session, set[str]]]],
-        run_turn: RunTurn,
-        change_settings: ChangeSettings,
-        limits: Limits,
-    ) -> None:
-        self._load = load
-        self._run_turn = run_turn
-        self._change = change_settings
+    def __init__(self, store: SessionStore, turns: Turns, limits: Limits) -> None:
+        self._store = store
+        self._turns = turns
         self.limits = limits
         self._sessions: dict[str, LiveSession] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -294,15 +293,15 @@ class Hub:
         if (problem := frame_error(getattr(frame, kind), kind)) is not None:
             raise problem
         session_id = frame.open.session_id if kind == "open" else frame.resume.session_id
-        session, seen = await self._load(tenant_id, session_id)  # NOT_FOUND first
+        session, seen = await load_session(  # NOT_FOUND first
+            self._store, tenant_id, session_id, recent_ids=RECENT_CLIENT_IDS
+        )
         session_id = session.session_id
         lock = self._locks.setdefault(session_id, asyncio.Lock())
         async with lock:
             live = self._sessions.get(session_id)
             if live is None or live.closed is not None:
-                live = LiveSession(
-                    tenant_id, session_id, run_turn=self._run_turn, limits=self.limits
-                )
+                live = LiveSession(tenant_id, session_id, turns=self._turns, limits=self.limits)
                 live.seen = seen
                 live.settings = session.settings
                 self._sessions[session_id] = live
@@ -349,7 +348,8 @@ class Hub:
 
     async def _change_settings(self, live: LiveSession, change: pb.ChangeSettings) -> None:
         try:
-            session = await self._change(live, change)
+            request = settings_update(live.session_id, change)
+            session = await update_session(self._store, live.tenant_id, request)
         except SwitchboardError as error:
             await live.error(error)
             return

@@ -87,6 +87,32 @@ async def update_session(
     return session_message(row)
 
 
+async def load_session(
+    store: SessionStore, tenant_id: str, session_id: str, *, recent_ids: int
+) -> tuple[pb.Session, set[str]]:
+    """The session a stream attaches to, and the client message ids of its `recent_ids`
+    latest messages (a message sent again under one of them is not answered twice).
+
+    Raises:
+        NotFound: `SESSION_NOT_FOUND`, no such session of the tenant.
+    """
+    row = await store.get(tenant_id, session_id)
+    seen = await store.client_message_ids(tenant_id, row.session_id, limit=recent_ids)
+    return session_message(row), seen
+
+
+def settings_update(session_id: str, change: pb.ChangeSettings) -> pb.UpdateSessionRequest:
+    """A Converse settings frame as the UpdateSession request it stands for (its mask's
+    paths are relative to the settings)."""
+    request = pb.UpdateSessionRequest(
+        session=pb.Session(session_id=session_id, settings=change.settings),
+    )
+    request.update_mask.paths.extend(
+        p if p.startswith("settings") else f"settings.{p}" for p in change.update_mask.paths
+    )
+    return request
+
+
 def _int32(count: int) -> int:
     return max(0, min(count, INT32_MAX))
 

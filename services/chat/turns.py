@@ -47,6 +47,7 @@ from services.runtime import (
     SwitchboardError,
     Unavailable,
     channel,
+    clear_deadline,
     count_tokens,
     propagated_metadata,
     status_of,
@@ -180,6 +181,7 @@ class Turn:
         )
 
     async def run(self) -> None:
+        clear_deadline()  # a turn outlives the stream that started it
         try:
             await self._answer()
         except asyncio.CancelledError:
@@ -434,4 +436,44 @@ class Turn:
                 logger.warning("cancelling task %s failed: %s", self._task_id, error.code().name)
         await self._finish(
             pb.MESSAGE_STATUS_CANCELLED, finish=inference_pb2.FINISH_REASON_CANCELLED
+        )
+
+
+class Turns:
+    """Makes the turns of this process's sessions: the store, and the clients of the
+    other services, which `open` creates on the serving event loop."""
+
+    def __init__(self, store: SessionStore, *, inference: str, rag: str, execution: str) -> None:
+        self._store = store
+        self._targets = {"inference": inference, "rag": rag, "execution": execution}
+        self._backends: Backends | None = None
+
+    def open(self) -> None:
+        self._backends = Backends(**self._targets)
+
+    async def close(self) -> None:
+        if self._backends is not None:
+            await self._backends.close()
+
+    def turn(
+        self,
+        tenant_id: str,
+        session_id: str,
+        settings: pb.SessionSettings,
+        message: pb.UserMessage,
+        *,
+        emit: Emit,
+        last_event_id: Callable[[], str],
+    ) -> Turn:
+        """The turn answering `message`; `emit` sends its frames to the session's log."""
+        assert self._backends is not None, "open() first"
+        return Turn(
+            tenant_id=tenant_id,
+            session_id=session_id,
+            settings=settings,
+            message=message,
+            store=self._store,
+            backends=self._backends,
+            emit=emit,
+            last_event_id=last_event_id,
         )

@@ -5,6 +5,8 @@ points that were never given out, and deletion by any spelling of a session id."
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import grpc
 import pytest
@@ -12,30 +14,80 @@ from google.protobuf import field_mask_pb2
 from switchboard.chat.v1 import chat_pb2 as pb
 
 from services.chat.events import EventLog, Expired
-from services.chat.live import Hub, Limits, LiveSession, Reader
-from services.chat.store import canonical_id
+from services.chat.live import Hub, Limits, Reader
+from services.chat.store import SessionRow, canonical_id
 from services.runtime import FailedPrecondition, InvalidArgument, NotFound, error_details
 
 SID = "0f0e0d0c-0b0a-4908-8706-050403020100"
+
+
+class Store:
+    """A session store holding every session id, in memory."""
+
+    def __init__(self) -> None:
+        self.settings: dict[str, pb.SessionSettings] = {}
+
+    async def get(self, tenant_id: str, session_id: str) -> SessionRow:
+        session_id = canonical_id(session_id)
+        return self._row(tenant_id, session_id, self.settings.get(session_id))
+
+    async def client_message_ids(self, tenant_id: str, session_id: str, *, limit: int) -> set[str]:
+        return set()
+
+    async def update(
+        self, tenant_id: str, session_id: str, *, title: str, settings: pb.SessionSettings
+    ) -> SessionRow:
+        self.settings[session_id] = settings
+        return self._row(tenant_id, session_id, settings)
+
+    @staticmethod
+    def _row(tenant_id: str, session_id: str, settings: pb.SessionSettings | None) -> SessionRow:
+        now = datetime.now(UTC)
+        return SessionRow(
+            session_id=session_id,
+            tenant_id=tenant_id,
+            title="",
+            settings=settings or pb.SessionSettings(),
+            message_count=0,
+            prompt_tokens=0,
+            completion_tokens=0,
+            last_event_id="",
+            create_time=now,
+            update_time=now,
+        )
+
+
+@dataclass
+class RecordedTurn:
+    """A turn that only records its message."""
+
+    text: str
+    record: list[str]
+    assistant_id: str = "a-1"
+
+    async def run(self) -> None:
+        self.record.append(self.text)
+
+
+class Turns:
+    def __init__(self) -> None:
+        self.answered: list[str] = []
+
+    def turn(self, tenant_id, session_id, settings, message, **_: object) -> RecordedTurn:
+        return RecordedTurn(message.text, self.answered)
 
 
 class Session:
     """A hub over sessions that always load, and turns that only record their message."""
 
     def __init__(self) -> None:
-        self.turns: list[str] = []
-        self.hub = Hub(
-            load=self._load, run_turn=self._run, change_settings=self._change, limits=Limits()
-        )
+        self.store = Store()
+        self.made = Turns()
+        self.hub = Hub(self.store, self.made, Limits())  # type: ignore[arg-type]
 
-    async def _load(self, tenant: str, session_id: str) -> tuple[pb.Session, set[str]]:
-        return pb.Session(session_id=canonical_id(session_id)), set()
-
-    async def _run(self, live: LiveSession, message: pb.UserMessage) -> None:
-        self.turns.append(message.text)
-
-    async def _change(self, live: LiveSession, change: pb.ChangeSettings) -> pb.Session:
-        return pb.Session(session_id=live.session_id, settings=change.settings)
+    @property
+    def turns(self) -> list[str]:
+        return self.made.answered
 
 
 def opening(session_id: str = SID) -> pb.ConverseRequest:

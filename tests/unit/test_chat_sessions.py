@@ -18,6 +18,7 @@ from services.chat.sessions import (
     session_cursor,
     session_message,
     session_priority,
+    settings_update,
 )
 from services.chat.store import SessionRow
 from services.runtime import InvalidArgument
@@ -85,6 +86,19 @@ def test_paths_that_cannot_be_updated_are_refused(paths, fields):
     with pytest.raises(InvalidArgument) as exc:
         apply_mask(CURRENT, update(paths))
     assert [v.field for v in exc.value.field_violations] == fields
+
+
+def test_a_settings_frame_is_the_update_session_request_it_stands_for():
+    change = pb.ChangeSettings(
+        settings=pb.SessionSettings(retrieval_top_k=9, system_prompt="new"),
+        update_mask=field_mask_pb2.FieldMask(paths=["retrieval_top_k", "settings.system_prompt"]),
+    )
+    request = settings_update(CURRENT.session_id, change)
+    assert list(request.update_mask.paths) == ["settings.retrieval_top_k", "settings.system_prompt"]
+    assert request.session.session_id == CURRENT.session_id
+    _, settings = apply_mask(CURRENT, request)
+    assert (settings.retrieval_top_k, settings.system_prompt) == (9, "new")
+    assert list(settings.allowed_tools) == ["a", "b"]  # outside the mask: kept
 
 
 def test_usage_totals_beyond_int32_are_capped_not_wrapped():
