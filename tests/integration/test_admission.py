@@ -17,6 +17,7 @@ from switchboard.inference.v1 import inference_pb2
 
 from services.runtime import error_details
 from tests.integration.conftest import as_operator, as_tenant
+from tests.polling import eventually
 
 REPLICA_HEADER = "x-admission-replica"
 CONTEXT = [
@@ -61,14 +62,6 @@ async def quota(stub, tenant: str, metadata=None) -> pb.QuotaStatus:
 
 def waiting(status: pb.QuotaStatus) -> int:
     return sum(q.waiting for q in status.queued)
-
-
-async def eventually(check, *, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 async def test_admit_and_release_round_trip(admission):
@@ -670,13 +663,15 @@ async def test_generate_fails_closed_while_admission_is_down_and_recovers_after(
     finally:
         for replica in replicas:
             await asyncio.to_thread(mesh.start_service, replica)
-    deadline = asyncio.get_running_loop().time() + 20
-    while True:  # a new session reaches a restarted replica
+    replies: list = []
+
+    async def recovered() -> bool:  # a new session reaches a restarted replica
         try:
-            replies = await generate()
-            break
+            replies[:] = await generate()
         except grpc.aio.AioRpcError as error:
             assert error.code() == grpc.StatusCode.UNAVAILABLE
-            assert asyncio.get_running_loop().time() < deadline, "Generate did not recover"
-            await asyncio.sleep(0.3)
+            return False
+        return True
+
+    await eventually(recovered, timeout=20, interval=0.3, what="Generate recovers")
     assert replies[-1].HasField("complete") and any(r.HasField("token") for r in replies)
