@@ -11,7 +11,8 @@ tenant key, `x-tenant-id` set to the key's tenant, both replacing whatever the c
 sent, so neither can be spoofed; an operator names the tenant it acts on itself. The
 key is removed (services never see it). A call without a valid key is answered by Envoy
 itself with UNAUTHENTICATED; every refusal carries the usual `google.rpc.Status`
-(`grpc-status-details-bin`) with one `ErrorInfo`.
+(`grpc-status-details-bin`) with one `ErrorInfo`, except on the mesh's HTTP API paths
+(`/v1/`, OpenAI-compatible), where it is that API's JSON error with the same reason.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from services.runtime import (
     Principal,
     SwitchboardError,
     Unauthenticated,
+    http_error,
+    http_prefixes,
     method_contract,
 )
 
@@ -60,11 +63,24 @@ def allowed(caller: Caller) -> external_auth_pb2.CheckResponse:
     )
 
 
-def denied(error: SwitchboardError, http: int) -> external_auth_pb2.CheckResponse:
+def denied(error: SwitchboardError, http: int, path: str = "") -> external_auth_pb2.CheckResponse:
     """A refusal Envoy sends as a trailers-only gRPC response: the error's status code,
     message and `google.rpc.Status` (with its `ErrorInfo`), and HTTP status `http` for
-    clients that are not gRPC."""
+    clients that are not gRPC. On an HTTP API path (`path`), the API's JSON error."""
     status = error.to_rpc_status()
+    if path.startswith(http_prefixes()):
+        answer = http_error(status)
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=status.code, message=status.message),
+            denied_response=external_auth_pb2.DeniedHttpResponse(
+                status=http_status_pb2.HttpStatus(code=answer.status),
+                headers=[
+                    base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v))
+                    for k, v in {**answer.headers, "content-type": "application/json"}.items()
+                ],
+                body=answer.json_bytes().decode(),
+            ),
+        )
     details = base64.b64encode(status.SerializeToString()).decode()
     headers = {
         "grpc-status": str(status.code),
@@ -91,6 +107,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
         headers = dict(request.attributes.request.http.headers)
+        path = request.attributes.request.http.path
         metadata = {"request_id": rid} if (rid := headers.get("x-request-id")) else {}
         token = keys.presented_key(headers)
         if not token:
@@ -101,12 +118,13 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                     metadata=metadata,
                 ),
                 http_status_pb2.Unauthorized,
+                path,
             )
         try:
             caller = await self._store.verify(token)
         except SwitchboardError as error:  # the key store is down: fail closed
             error.metadata = {**metadata, **error.metadata}
-            return denied(error, http_status_pb2.ServiceUnavailable)
+            return denied(error, http_status_pb2.ServiceUnavailable, path)
         if caller is None:
             return denied(
                 Unauthenticated(
@@ -115,14 +133,15 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                     metadata=metadata,
                 ),
                 http_status_pb2.Unauthorized,
+                path,
             )
         # A method no contract defines goes on as its caller; the service answers
         # UNIMPLEMENTED, or checks its own newer contract.
-        contract = method_contract(request.attributes.request.http.path.partition("?")[0])
+        contract = method_contract(path.partition("?")[0])
         if contract is not None:
             try:
                 contract.check_caller(caller.principal)
             except SwitchboardError as error:
                 error.metadata = {**metadata, **error.metadata}
-                return denied(error, http_status_pb2.Forbidden)
+                return denied(error, http_status_pb2.Forbidden, path)
         return allowed(caller)

@@ -55,6 +55,8 @@ class LauncherConfig:
     chat_port: int = 7057
     auth_port: int = 7058
     """The auth service, asked by Envoy about every public call (ext_authz)."""
+    gateway_port: int = 7059
+    """The OpenAI-compatible HTTP API (Envoy routes `/v1/` on the public port to it)."""
     auth_cache_ttl: timedelta = timedelta(seconds=30)
     """How long the auth service trusts a key it has checked: a revoked key stops
     working within this long."""
@@ -114,6 +116,7 @@ def isolated_config(
         chat_port=base + 11,
         auth_port=base + 12,
         envoy_internal_port=base + 13,
+        gateway_port=base + 14,
         metrics_base_port=base + 40,  # one per service process: base+40..base+49
         triton_base_port=base + 30,
         triton_replicas=triton_replicas,

@@ -62,6 +62,13 @@ from typing import Any
 
 import yaml
 
+from services.launcher._envoy_http import (
+    HttpUpstream,
+    as_http_cluster,
+    http_routes,
+    local_reply_mappers,
+)
+
 logger = logging.getLogger(__name__)
 
 BASE_CONFIG = Path(__file__).resolve().parents[2] / "envoy" / "base.yaml"
@@ -216,6 +223,7 @@ def render_envoy_config(
     upstreams: Sequence[Upstream],
     authz: Upstream | None = None,
     internal_port: int | None = None,
+    http_upstreams: Sequence[HttpUpstream] = (),
     reflection_services: Sequence[str] = REFLECTION_SERVICES,
     stream_idle_timeout: timedelta = timedelta(minutes=5),
     buffer_limit_bytes: int = 1 << 20,
@@ -240,6 +248,9 @@ def render_envoy_config(
         internal_port: when given, a second listener on 127.0.0.1 with the same routes
             and no ext_authz, for the services' calls to each other. It trusts the
             `x-tenant-id` it is sent, so it is on loopback only, always.
+        http_upstreams: plain-HTTP processes (the OpenAI-compatible API), routed by path
+            prefix on the public listener only, behind ext_authz like every service
+            (`_envoy_http`).
         reflection_services: reflection service names routed to the reflection cluster.
         stream_idle_timeout: a stream with no traffic for this long is reset; there is
             no timeout on a stream's whole duration (clients' gRPC deadlines are honoured).
@@ -286,6 +297,10 @@ def render_envoy_config(
         raise ValueError(f"{sorted(clash)} are routed to the reflection cluster already")
     if internal_port is not None and internal_port == listen_port:
         raise ValueError("the internal listener needs a port of its own")
+    for http_upstream in http_upstreams:
+        for prefix in http_upstream.prefixes:
+            if any(prefix.startswith(f"/{service}/") for service in owner) or prefix == "/":
+                raise ValueError(f"HTTP prefix {prefix!r} would shadow gRPC routes")
 
     config: dict[str, Any] = yaml.safe_load(base_path.read_text())
     config["admin"]["address"]["socket_address"] = {
@@ -300,8 +315,10 @@ def render_envoy_config(
     router = [f for f in hcm["http_filters"] if f["name"] == _ROUTER]
     every_endpoint = tuple(dict.fromkeys(e for u in upstreams for e in u.endpoints))
 
-    def routes(*, edge_auth: bool) -> list[dict[str, Any]]:
+    def routes(*, edge_auth: bool, http: bool = False) -> list[dict[str, Any]]:
         table: list[dict[str, Any]] = []
+        if http:
+            table += http_routes(http_upstreams, idle_timeout=idle, retries=_SAFE_RETRIES)
         for upstream in upstreams:
             for service in upstream.services:
                 table.append(
@@ -347,8 +364,14 @@ def render_envoy_config(
         *router,
     ]
     hcm["route_config"]["virtual_hosts"] = [
-        {"name": "switchboard", "domains": ["*"], "routes": routes(edge_auth=bool(authz))}
+        {
+            "name": "switchboard",
+            "domains": ["*"],
+            "routes": routes(edge_auth=bool(authz), http=True),
+        }
     ]
+    if http_upstreams:
+        hcm["local_reply_config"] = {"mappers": local_reply_mappers(http_upstreams)}
     _access_log_field(hcm, "listener", LISTENER)
 
     if internal_port is not None:
@@ -407,6 +430,20 @@ def render_envoy_config(
                 buffer_limit_bytes=buffer_limit_bytes,
             )
         )
+    clusters += [
+        as_http_cluster(
+            _cluster(
+                u.name,
+                u.endpoints,
+                health_service="",
+                ring_hash=False,
+                interval=interval,
+                buffer_limit_bytes=buffer_limit_bytes,
+            ),
+            u,
+        )
+        for u in http_upstreams
+    ]
     config["static_resources"]["clusters"] = clusters
 
     check_consistency(config)

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.launcher import _envoy, _triton
+from services.launcher import _envoy, _envoy_http, _triton
 from services.launcher._config import REPO_ROOT, LauncherConfig
 from services.launcher._ports import ephemeral_ports_message, planned_ports, ports_inside
 from services.launcher._procs import (
@@ -39,6 +39,7 @@ from services.launcher._services import (
     ServiceSpec,
     service_processes,
 )
+from services.runtime import HTTP_HEALTH_PATH
 
 logger = logging.getLogger(__name__)
 
@@ -414,6 +415,10 @@ class Mesh:
         self._say(f"starting {name} service on {self.config.host}:{port}")
         record = self._spawn(name, [sys.executable, "-m", spec.module], env=env, cwd=REPO_ROOT)
         target = f"{self.config.host}:{port}"
+        if spec.http:
+            url = f"http://{target}{HTTP_HEALTH_PATH}"
+            self._wait(record, lambda: _http_ok(url), what="healthy", timeout=60)
+            return
         self._wait(
             record,
             lambda: grpc_serving(target, spec.health_service),
@@ -440,6 +445,19 @@ class Mesh:
             services=(AUTHORIZATION,),
             endpoints=((self.config.host, AUTH.port(self.config, 0)),),
         )
+        http_upstreams = [
+            _envoy_http.HttpUpstream(
+                name=spec.name,
+                prefixes=spec.service.http_prefixes,
+                endpoints=tuple(
+                    (self.config.host, spec.port(self.config, i))
+                    for i in range(spec.replicas(self.config))
+                ),
+                health_path=HTTP_HEALTH_PATH,
+            )
+            for spec in SERVICES
+            if spec.http
+        ]
         config = _envoy.render_envoy_config(
             listen_host=self.config.host,
             listen_port=self.config.envoy_port,
@@ -447,6 +465,7 @@ class Mesh:
             upstreams=upstreams,
             authz=authz,
             internal_port=self.config.envoy_internal_port,
+            http_upstreams=http_upstreams,
         )
         path = self.config.run_dir / "envoy.yaml"
         _envoy.write_envoy_config(path, config)
@@ -457,7 +476,9 @@ class Mesh:
                 config_path=path, base_id=self.config.envoy_base_id, log_path=None
             ),
         )
-        wanted = {spec.name: spec.replicas(self.config) for spec in SERVICES if spec.public}
+        wanted = {
+            spec.name: spec.replicas(self.config) for spec in SERVICES if spec.public or spec.http
+        }
         wanted[authz.name] = 1
         self._wait(
             record,

@@ -39,8 +39,13 @@ class ServiceSpec:
 
     @property
     def public(self) -> bool:
-        """Whether Envoy routes to it (a worker serves only health)."""
+        """Whether Envoy routes gRPC calls to it (a worker serves only health)."""
         return bool(self.grpc_services)
+
+    @property
+    def http(self) -> bool:
+        """Whether it is an HTTP server: health at HTTP_HEALTH_PATH, routed by path."""
+        return self.service.http
 
     @property
     def health_service(self) -> str:
@@ -77,8 +82,9 @@ SERVICES: tuple[ServiceSpec, ...] = (
         entry="services.execution.worker",
     ),
     ServiceSpec(catalogue.CHAT, "chat_port"),
-    # Last, so the other processes keep their metrics ports; Envoy starts after it.
+    # Late, so the other processes keep their metrics ports; Envoy starts after them.
     ServiceSpec(catalogue.AUTH, "auth_port"),
+    ServiceSpec(catalogue.GATEWAY, "gateway_port"),
 )
 assert tuple(spec.service for spec in SERVICES) == catalogue.MESH, "one spec per kind"
 AUTHORIZATION = "envoy.service.auth.v3.Authorization"

@@ -2,11 +2,20 @@
 
 import services.runtime._catalogue as catalogue
 from services.runtime._breaker import CircuitBreaker, CircuitOpenError, CircuitState
-from services.runtime._catalogue import MESH, TIER_VALUES, TIERS, MeshService, public_services
+from services.runtime._catalogue import (
+    HTTP_HEALTH_PATH,
+    MESH,
+    TIER_VALUES,
+    TIERS,
+    MeshService,
+    http_prefixes,
+    public_services,
+)
 from services.runtime._channels import channel, outbound_timeout, propagated_metadata
 from services.runtime._config import ConfigError, load_config, parse_duration
 from services.runtime._context import (
     PRINCIPAL_HEADER,
+    REQUEST_ID_HEADER,
     TENANT_HEADER,
     Principal,
     clear_deadline,
@@ -46,6 +55,9 @@ from services.runtime._errors import (
     require_tenant,
     status_of,
 )
+from services.runtime._http_errors import HTTP_STATUS, HttpError, http_error
+from services.runtime._logging import configure_logging, flush_logs
+from services.runtime._metrics import serve_metrics
 from services.runtime._pages import page_size, page_token, read_page_token
 from services.runtime._retry import RetriesExhausted, RetryPolicy
 from services.runtime._server import (
@@ -61,6 +73,14 @@ from services.runtime._tokens import count_tokens, token_spans
 
 __all__ = [
     "MESH",
+    "HTTP_STATUS",
+    "HttpError",
+    "http_error",
+    "configure_logging",
+    "flush_logs",
+    "serve_metrics",
+    "HTTP_HEALTH_PATH",
+    "http_prefixes",
     "TIERS",
     "TIER_VALUES",
     "MeshService",
@@ -69,6 +89,7 @@ __all__ = [
     "REASONS",
     "bounded",
     "TENANT_HEADER",
+    "REQUEST_ID_HEADER",
     "PRINCIPAL_HEADER",
     "Principal",
     "MethodContract",

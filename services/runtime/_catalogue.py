@@ -32,6 +32,14 @@ class MeshService:
     """The process kind: the package `services.<name>` and the launcher's name for it."""
     grpc_services: tuple[str, ...]
     """Fully-qualified names of the public gRPC services it serves (none for a worker)."""
+    http_prefixes: tuple[str, ...] = ()
+    """Path prefixes of the public HTTP API it serves (plain HTTP/1.1, not gRPC), which
+    the edge routes to it after the same API-key check as every gRPC call."""
+
+    @property
+    def http(self) -> bool:
+        """Whether it is an HTTP server (health at HTTP_HEALTH_PATH) rather than gRPC."""
+        return bool(self.http_prefixes)
 
 
 INFERENCE = MeshService("inference", (_full_name(inference_service_pb2, "InferenceService"),))
@@ -41,9 +49,20 @@ EXECUTION = MeshService("execution", (_full_name(execution_service_pb2, "Executi
 WORKER = MeshService("worker", ())
 CHAT = MeshService("chat", (_full_name(chat_service_pb2, "ChatService"),))
 AUTH = MeshService("auth", (_full_name(auth_service_pb2, "KeyService"),))
+GATEWAY = MeshService("gateway", (), http_prefixes=("/v1/",))
+"""The OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/embeddings`, ...), a
+client of InferenceService's public contract."""
 
-MESH: tuple[MeshService, ...] = (INFERENCE, ADMISSION, RAG, EXECUTION, WORKER, CHAT, AUTH)
+MESH: tuple[MeshService, ...] = (INFERENCE, ADMISSION, RAG, EXECUTION, WORKER, CHAT, AUTH, GATEWAY)
 """Every kind of process of the mesh, in the order the launcher starts them."""
+
+HTTP_HEALTH_PATH = "/healthz"
+"""Where an HTTP process of the mesh answers 200 while it is ready, 503 otherwise."""
+
+
+def http_prefixes() -> tuple[str, ...]:
+    """Path prefixes of every public HTTP API of the mesh (the edge routes them)."""
+    return tuple(prefix for service in MESH for prefix in service.http_prefixes)
 
 
 def public_services() -> tuple[str, ...]:

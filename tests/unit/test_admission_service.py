@@ -78,6 +78,7 @@ def test_admission_replicas_get_their_own_ports_and_names(tmp_path: Path) -> Non
         ("worker-0", 7056),
         ("chat", 7057),
         ("auth", 7058),
+        ("gateway", 7059),
     ]
 
 

@@ -1,0 +1,171 @@
+"""The gateway's HTTP server: the API's routes, its error shape, health, metrics, and a
+graceful stop on SIGTERM (unhealthy first, then the requests in flight finish)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import grpc
+import uvloop
+from aiohttp import web
+from prometheus_client import Counter, Histogram
+from switchboard.inference.v1 import inference_service_pb2_grpc
+
+from services.gateway.config import GatewayConfig, load_gateway_config
+from services.gateway.handlers import Api, HttpFailure, error_response
+from services.runtime import (
+    HTTP_HEALTH_PATH,
+    HttpError,
+    Internal,
+    SwitchboardError,
+    channel,
+    configure_logging,
+    flush_logs,
+    http_error,
+    serve_metrics,
+)
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "gateway"
+HTTP_REQUESTS = Counter(
+    "switchboard_http_requests_total",
+    "HTTP requests answered, by route and status.",
+    ["route", "status"],
+)
+HTTP_LATENCY = Histogram(
+    "switchboard_http_request_duration_seconds",
+    "Time from an HTTP request's arrival to its handler's return (a stream's whole length).",
+    ["route"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
+)
+
+
+def _unrouted(error: web.HTTPException, request: web.Request) -> HttpError:
+    """OpenAI's answer to a path or method it does not serve."""
+    message = f"Invalid URL ({request.method} {request.path})"
+    if isinstance(error, web.HTTPMethodNotAllowed):
+        message = f"{request.method} is not allowed on {request.path}"
+    body = {
+        "error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+    }
+    return HttpError(status=error.status, body=body)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    """Every failure as OpenAI's JSON error, with the status and ErrorInfo reason the
+    same failure has over gRPC."""
+    route = (
+        request.match_info.route.resource.canonical if request.match_info.route.resource else "-"
+    )
+    started = time.monotonic()
+    try:
+        response = await handler(request)
+    except HttpFailure as failure:
+        response = error_response(failure.error)
+    except SwitchboardError as error:
+        response = error_response(http_error(error.to_rpc_status()))
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        response = error_response(_unrouted(error, request))
+    except Exception:  # noqa: BLE001 - a bug: answered as INTERNAL, logged in full
+        logger.exception("request failed", extra={"path": request.path})
+        response = error_response(http_error(Internal("internal error").to_rpc_status()))
+    HTTP_REQUESTS.labels(route, str(response.status)).inc()
+    HTTP_LATENCY.labels(route).observe(time.monotonic() - started)
+    return response
+
+
+class Gateway:
+    """The server on one InferenceService channel: `start()` binds, `shutdown()` stops
+    (idempotent); `async with` does both."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self._config = config
+        self._channel: grpc.aio.Channel | None = None
+        self._runner: web.AppRunner | None = None
+        self.serving = False
+        self.port = 0
+
+    def app(self, stub: inference_service_pb2_grpc.InferenceServiceStub) -> web.Application:
+        app = web.Application(middlewares=[_errors], client_max_size=self._config.max_body_bytes)
+        app.add_routes(Api(stub, self._config).routes())
+        app.router.add_get(HTTP_HEALTH_PATH, self._health)
+        return app
+
+    async def start(self) -> int:
+        """Binds the port (0 picks a free one) and serves; returns the port."""
+        self._channel = channel(
+            self._config.inference_target, default_timeout=None, propagate=False
+        )
+        stub = inference_service_pb2_grpc.InferenceServiceStub(self._channel)
+        self._runner = web.AppRunner(
+            self.app(stub),
+            handler_cancellation=True,  # a client gone cancels its handler and its call
+            access_log=None,
+            shutdown_timeout=self._config.grace.total_seconds(),
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._config.host, self._config.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        self.serving = True
+        logger.info("listening", extra={"address": f"{self._config.host}:{self.port}"})
+        return self.port
+
+    async def shutdown(self) -> None:
+        self.serving = False
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        grpc_channel, self._channel = self._channel, None
+        if grpc_channel is not None:
+            await grpc_channel.close()
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    async def _health(self, request: web.Request) -> web.Response:
+        if self.serving:
+            return web.json_response({"status": "SERVING"})
+        return web.json_response({"status": "NOT_SERVING"}, status=503)
+
+
+async def serve(config: GatewayConfig | None = None) -> None:
+    """Runs the gateway until SIGTERM/SIGINT, then drains and stops gracefully."""
+    config = config or load_gateway_config()
+    configure_logging(service=SERVICE, level=config.log_level)
+    if config.metrics_port:
+        serve_metrics(config.metrics_port, config.host)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    gateway = Gateway(config)
+    await gateway.start()
+    while not stopping.is_set():
+        flush_logs()
+        try:
+            await asyncio.wait_for(stopping.wait(), 1.0)
+        except TimeoutError:
+            pass
+    logger.info("stopping: draining", extra={"drain_s": config.drain.total_seconds()})
+    gateway.serving = False  # health says so; the edge stops sending
+    await asyncio.sleep(config.drain.total_seconds())
+    await gateway.shutdown()
+    logger.info("stopped")
+    flush_logs()
+
+
+def main() -> None:
+    """Entry point for `python -m services.gateway`: serves on uvloop's event loop."""
+    uvloop.run(serve())
