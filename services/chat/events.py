@@ -10,6 +10,11 @@ own session's generation instead of growing a buffer. Detached readers hold noth
 back; what they miss stays retained (the last `retain` events, at most `retain_bytes`
 of them) for a resume.
 
+A turn in progress can be held (`append(..., hold=True)` on its first frame, `release`
+when it ends): its events are retained until it ends, however many there are, so a
+reader can always start at the turn in progress (`attach_held`), as a browser that
+reloads mid-answer does.
+
 Event ids are `<incarnation>.<sequence>`: the incarnation changes whenever a session is
 loaded afresh (after a restart of the chat service or an idle eviction), so an id from
 an earlier incarnation is recognised as no longer retained instead of being confused
@@ -81,6 +86,7 @@ class EventLog:
         self._first = 1  # sequence of self._events[0]
         self._next = 1  # sequence the next event gets
         self._readers: set[Reader] = set()
+        self._held: int | None = None  # first sequence of the turn in progress
         self._changed = asyncio.Condition()
 
     @property
@@ -89,6 +95,27 @@ class EventLog:
 
     def _id(self, sequence: int) -> str:
         return f"{self.incarnation}.{sequence}"
+
+    def id_before(self, reader: Reader) -> str:
+        """The id a reader starts after: resuming from it reads what the reader reads
+        (`<incarnation>.0` before the first event)."""
+        return self._id(reader.position - 1)
+
+    @property
+    def next_id_before(self) -> str:
+        """The id the next event comes after (`<incarnation>.0` before the first)."""
+        return self._id(self._next - 1)
+
+    def attach_held(self) -> Reader:
+        """A reader from the first event of the held turn (see `append`), or of new
+        events only when none is held."""
+        reader = Reader(self, self._next if self._held is None else self._held)
+        self._readers.add(reader)
+        return reader
+
+    def release(self) -> None:
+        """The held turn ended: its events are retained as any others from now on."""
+        self._held = None
 
     def attach(self, after_event_id: str | None = None) -> Reader:
         """A reader of every event after `after_event_id`; None = only new events,
@@ -142,11 +169,16 @@ class EventLog:
         """Events the slowest attached reader has still to read."""
         return max((self._next - r.position for r in self._readers), default=0)
 
-    async def append(self, frame: pb.ConverseResponse) -> pb.ConverseResponse:
+    async def append(
+        self, frame: pb.ConverseResponse, *, hold: bool = False
+    ) -> pb.ConverseResponse:
         """Numbers `frame` (sets its event_id), retains it and wakes the readers; waits
-        first while an attached reader is `window` events behind."""
+        first while an attached reader is `window` events behind. `hold`: the frame
+        starts a turn, whose events are all retained until `release`."""
         async with self._changed:
             await self._changed.wait_for(lambda: self.lag() < self._window)
+            if hold:
+                self._held = self._next
             frame.event_id = self._id(self._next)
             size = frame.ByteSize()
             self._events.append(frame)
@@ -155,6 +187,8 @@ class EventLog:
             self._next += 1
             # forget the oldest events beyond the budget, never one a reader still needs
             needed = min((r.position for r in self._readers), default=self._next)
+            if self._held is not None:
+                needed = min(needed, self._held)
             while self._first < needed and (
                 len(self._events) > self._retain or self._bytes > self._retain_bytes
             ):

@@ -13,6 +13,13 @@ now. Streams attach to it and detach from it; it outlives them:
   no stream attached, the running turn is cancelled (its partial answer stored as
   CANCELLED, its admission lease released by the inference service) and the waiting
   messages are dropped;
+- a message sent with SendMessage (the browser's contract) is *detached* from streams:
+  its turn runs to its end whether or not anyone watches, since a page that reloads or
+  loses its connection takes longer than any grace period to come back, and the
+  answer is what the unary call asked for. Only CancelTurn (either form), deleting the
+  session or a failure stops it; the grace period's cancellation above spares it, and
+  the messages waiting after it. StreamEvents readers are watchers: their leaving
+  never cancels anything;
 - an idle session without streams is forgotten after `idle_ttl`; resuming it later
   gets EVENT_HISTORY_EXPIRED, and its history is still in ListMessages.
 
@@ -31,7 +38,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from buf.validate import validate_pb2
 from google.protobuf.message import Message
@@ -84,13 +91,22 @@ class Limits:
     """Events an attached stream may fall behind before its session's turn waits."""
 
 
-def frame_error(part: Message, field: str) -> InvalidArgument | None:
-    """The INVALID_ARGUMENT for a frame's `part` (its `field` of ConverseRequest) that
-    breaks its constraints, with paths from the frame (`message.client_message_id`);
+@dataclass(frozen=True)
+class Queued:
+    """A user message waiting for its turn."""
+
+    message: pb.UserMessage
+    detached: bool = field(default=False)
+    """Sent with SendMessage: its turn runs whether or not a stream watches."""
+
+
+def frame_error(part: Message, where: str) -> InvalidArgument | None:
+    """The INVALID_ARGUMENT for a frame's `part` (its `where` field of ConverseRequest)
+    that breaks its constraints, with paths from the frame (`message.client_message_id`);
     None if it keeps them."""
     if violations := request_violations(part):
         return invalid(
-            [FieldViolation(f"{field}.{v.field}", v.description) for v in violations],
+            [FieldViolation(f"{where}.{v.field}", v.description) for v in violations],
             what="ConverseRequest",
         )
     return None
@@ -118,9 +134,10 @@ class LiveSession:
         them here instead of from the database)."""
         self._limits = limits
         self._turns = turns
-        self._pending: deque[pb.UserMessage] = deque()
+        self._pending: deque[Queued] = deque()
         self._worker: asyncio.Task[None] | None = None
         self._turn: asyncio.Task[None] | None = None
+        self._turn_detached = False
         self.turn_message_id = ""  # the assistant message being generated
         self._idle = asyncio.Event()
         self._idle.set()
@@ -131,10 +148,18 @@ class LiveSession:
     # ---- streams -----------------------------------------------------------------------
 
     def attach(self, after_event_id: str | None) -> Reader:
+        self._stop_grace()
+        return self.log.attach(after_event_id)
+
+    def attach_held(self) -> Reader:
+        """A reader from the turn in progress's first event (new events if none)."""
+        self._stop_grace()
+        return self.log.attach_held()
+
+    def _stop_grace(self) -> None:
         if self._grace is not None:
             self._grace.cancel()
             self._grace = None
-        return self.log.attach(after_event_id)
 
     def detach(self, reader: Reader, *, clean: bool) -> None:
         self.log.detach(reader)
@@ -145,17 +170,20 @@ class LiveSession:
         self._grace = loop.call_later(self._limits.resume_grace, self.abandon)
 
     def abandon(self) -> None:
-        """No stream came back: drop the waiting messages, cancel the running turn."""
+        """No stream came back: drop the waiting Converse messages, cancel the running
+        turn if a Converse stream started it (detached ones go on)."""
         self._grace = None
         if self.log.readers:
             return
-        if self._pending or self._turn is not None:
+        kept = deque(q for q in self._pending if q.detached)
+        running = self._turn is not None and not self._turn_detached
+        if running or len(kept) < len(self._pending):
             logger.info(
                 "client gone, cancelling the answer",
-                extra={"session_id": self.session_id, "pending": len(self._pending)},
+                extra={"session_id": self.session_id, "pending": len(self._pending) - len(kept)},
             )
-        self._pending.clear()
-        if self._turn is not None:
+        self._pending = kept
+        if running and self._turn is not None:
             self._turn.cancel()
 
     async def wait_idle(self) -> None:
@@ -168,7 +196,8 @@ class LiveSession:
     # ---- frames ------------------------------------------------------------------------
 
     async def emit(self, frame: pb.ConverseResponse) -> pb.ConverseResponse:
-        return await self.log.append(frame)
+        # a turn's events are kept while it runs, for a watcher starting at its start
+        return await self.log.append(frame, hold=frame.HasField("turn_started"))
 
     async def error(self, error: SwitchboardError, client_message_id: str = "") -> None:
         await self.emit(
@@ -182,20 +211,33 @@ class LiveSession:
         )
 
     async def submit(self, message: pb.UserMessage) -> None:
-        """Queues a user message for its turn, or answers it with an ErrorFrame."""
+        """Queues a Converse user message for its turn, or answers it with an ErrorFrame."""
+        try:
+            self.accept(message)
+        except SwitchboardError as problem:
+            await self.error(problem, message.client_message_id)
+
+    def accept(self, message: pb.UserMessage, *, detached: bool = False) -> bool:
+        """Queues a user message for its turn; False for one whose client_message_id was
+        already accepted (it is not answered again).
+
+        Raises:
+            ResourceExhausted: `MESSAGE_TOO_LARGE`, `TOO_MANY_PENDING_MESSAGES`.
+            InvalidArgument: the message breaks its constraints.
+        """
         problem = self._check(message)
         if problem is not None:
-            await self.error(problem, message.client_message_id)
-            return
+            raise problem
         if message.client_message_id:
             if message.client_message_id in self.seen:
                 logger.debug("duplicate message %s ignored", message.client_message_id)
-                return
+                return False
             self.seen.add(message.client_message_id)
-        self._pending.append(message)
+        self._pending.append(Queued(message, detached))
         self._idle.clear()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._work())
+        return True
 
     def _check(self, message: pb.UserMessage) -> SwitchboardError | None:
         size = len(message.text.encode())
@@ -215,18 +257,22 @@ class LiveSession:
             )
         return None
 
-    def cancel(self, assistant_message_id: str) -> None:
-        """Stops the answer being generated (if it is the one named)."""
-        if self._turn is None:
-            return
+    def cancel(self, assistant_message_id: str) -> bool:
+        """Stops the answer being generated (if it is the one named); whether there was
+        one to stop."""
+        if self._turn is None or self._turn.done():
+            return False
         if assistant_message_id and assistant_message_id != self.turn_message_id:
-            return
+            return False
         self._turn.cancel()
+        return True
 
     async def _work(self) -> None:
         try:
             while self._pending and self.closed is None:
-                message = self._pending.popleft()
+                queued = self._pending.popleft()
+                message = queued.message
+                self._turn_detached = queued.detached
                 turn = self._turns.turn(
                     self.tenant_id,
                     self.session_id,
@@ -249,7 +295,9 @@ class LiveSession:
                         self.close(exc)
                 self._turn = None
                 self.turn_message_id = ""
+                self.log.release()
         finally:
+            self.log.release()
             self._turn = None
             self.idle_since = time.monotonic()
             self._idle.set()
@@ -293,6 +341,67 @@ class Hub:
         if (problem := frame_error(getattr(frame, kind), kind)) is not None:
             raise problem
         session_id = frame.open.session_id if kind == "open" else frame.resume.session_id
+        live, session = await self._live(tenant_id, session_id)
+        after = None if kind == "open" else frame.resume.last_event_id
+        reader = _attach(live, after)
+        session.last_event_id = live.log.last_event_id
+        opened = pb.ConverseResponse(
+            event_id=live.log.last_event_id if kind == "open" else (after or ""),
+            opened=pb.SessionOpened(session=session, resumed=kind == "resume"),
+        )
+        return live, reader, opened
+
+    async def watch(
+        self, tenant_id: str, session_id: str, after_event_id: str
+    ) -> tuple[LiveSession, Reader, pb.ConverseResponse]:
+        """Attaches a watcher (StreamEvents): after `after_event_id`, or from the turn in
+        progress when it is empty. Returns the session, the reader and the SessionOpened
+        frame, whose event_id is where the reader starts.
+
+        Raises:
+            NotFound: `SESSION_NOT_FOUND` (also another tenant's session).
+            FailedPrecondition: `EVENT_HISTORY_EXPIRED`.
+        """
+        live, session = await self._live(tenant_id, session_id)
+        if after_event_id:
+            reader = _attach(live, after_event_id)
+        else:
+            reader = live.attach_held()
+        session.last_event_id = live.log.last_event_id
+        opened = pb.ConverseResponse(
+            event_id=live.log.id_before(reader),
+            opened=pb.SessionOpened(session=session, resumed=bool(after_event_id)),
+        )
+        return live, reader, opened
+
+    async def send(self, tenant_id: str, request: pb.SendMessageRequest) -> pb.SendMessageResponse:
+        """Queues a SendMessage's message, detached from streams (see the module).
+
+        Raises:
+            NotFound: `SESSION_NOT_FOUND` (also another tenant's session).
+            ResourceExhausted, InvalidArgument: as `LiveSession.accept`.
+        """
+        live, _ = await self._live(tenant_id, request.session_id)
+        last = live.log.next_id_before
+        accepted = live.accept(request.message, detached=True)
+        return pb.SendMessageResponse(accepted=accepted, last_event_id=last)
+
+    async def cancel(self, tenant_id: str, request: pb.CancelTurnRequest) -> bool:
+        """CancelTurn: whether an answer was being generated and is being stopped.
+
+        Raises:
+            NotFound: `SESSION_NOT_FOUND` (also another tenant's session).
+        """
+        row = await self._store.get(tenant_id, request.session_id)  # NOT_FOUND first
+        live = self._sessions.get(row.session_id)
+        return live is not None and live.cancel(request.assistant_message_id)
+
+    async def _live(self, tenant_id: str, session_id: str) -> tuple[LiveSession, pb.Session]:
+        """The tenant's session, live in this process (loaded if it was not).
+
+        Raises:
+            NotFound: `SESSION_NOT_FOUND` (also another tenant's session).
+        """
         session, seen = await load_session(  # NOT_FOUND first
             self._store, tenant_id, session_id, recent_ids=RECENT_CLIENT_IDS
         )
@@ -305,22 +414,7 @@ class Hub:
                 live.seen = seen
                 live.settings = session.settings
                 self._sessions[session_id] = live
-        after = None if kind == "open" else frame.resume.last_event_id
-        try:
-            reader = live.attach(after)
-        except Expired:
-            raise FailedPrecondition(
-                f"event {after!r} is no longer retained; read the history with ListMessages"
-                " and open the session",
-                reason="EVENT_HISTORY_EXPIRED",
-                metadata={"session_id": session_id, "last_event_id": after or ""},
-            ) from None
-        session.last_event_id = live.log.last_event_id
-        opened = pb.ConverseResponse(
-            event_id=live.log.last_event_id if kind == "open" else (after or ""),
-            opened=pb.SessionOpened(session=session, resumed=kind == "resume"),
-        )
-        return live, reader, opened
+        return live, session
 
     async def serve(
         self, live: LiveSession, reader: Reader, frames: AsyncIterator[pb.ConverseRequest]
@@ -399,3 +493,20 @@ class Hub:
                     "the chat service is restarting; resume shortly", reason="SHUTTING_DOWN"
                 )
             )
+
+
+def _attach(live: LiveSession, after: str | None) -> Reader:
+    """A reader of `live`'s events after `after` (None: new events only).
+
+    Raises:
+        FailedPrecondition: `EVENT_HISTORY_EXPIRED`.
+    """
+    try:
+        return live.attach(after)
+    except Expired:
+        raise FailedPrecondition(
+            f"event {after!r} is no longer retained; read the history with ListMessages"
+            " and open the session",
+            reason="EVENT_HISTORY_EXPIRED",
+            metadata={"session_id": live.session_id, "last_event_id": after or ""},
+        ) from None

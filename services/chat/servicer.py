@@ -50,6 +50,30 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
             serving.cancel()
             live.detach(reader, clean=clean)
 
+    async def SendMessage(  # noqa: N802 - gRPC method name
+        self, request: pb.SendMessageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SendMessageResponse:
+        return await self._hub.send(require_tenant(), request)
+
+    async def CancelTurn(  # noqa: N802 - gRPC method name
+        self, request: pb.CancelTurnRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelTurnResponse:
+        return pb.CancelTurnResponse(cancelled=await self._hub.cancel(require_tenant(), request))
+
+    async def StreamEvents(  # noqa: N802 - gRPC method name
+        self, request: pb.StreamEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamEventsResponse]:
+        tenant = require_tenant()
+        live, reader, opened = await self._hub.watch(
+            tenant, request.session_id, request.after_event_id
+        )
+        try:
+            yield pb.StreamEventsResponse(event=opened)
+            while (event := await reader.next()) is not None:
+                yield pb.StreamEventsResponse(event=event)
+        finally:
+            live.detach(reader, clean=True)  # a watcher leaving cancels nothing
+
     async def CreateSession(  # noqa: N802 - gRPC method name
         self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateSessionResponse:

@@ -452,6 +452,32 @@ async def list_messages(w: World) -> None:
     )
 
 
+async def send_message(w: World) -> None:
+    request = chat.SendMessageRequest(
+        session_id=w.session_id, message=chat.UserMessage(client_message_id="a-1", text="hi")
+    )
+    await refused(
+        w.chat.SendMessage(request, metadata=w.as_a()),
+        grpc.StatusCode.NOT_FOUND,
+        "SESSION_NOT_FOUND",
+    )
+
+
+async def cancel_turn(w: World) -> None:
+    await refused(
+        w.chat.CancelTurn(chat.CancelTurnRequest(session_id=w.session_id), metadata=w.as_a()),
+        grpc.StatusCode.NOT_FOUND,
+        "SESSION_NOT_FOUND",
+    )
+
+
+async def stream_events(w: World) -> None:
+    stream = w.chat.StreamEvents(
+        chat.StreamEventsRequest(session_id=w.session_id), metadata=w.as_a(), timeout=TIMEOUT
+    )
+    await refused(stream.read(), grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+
+
 async def create_key(w: World) -> None:  # a key for B would let A act as B
     await not_allowed(w.keys.CreateKey(keys.CreateKeyRequest(tenant_id=w.b), metadata=w.as_a()))
 
@@ -504,6 +530,9 @@ CASES: dict[str, Callable[[World], Awaitable[None]]] = {
     "switchboard.chat.v1.ChatService.UpdateSession": update_session,
     "switchboard.chat.v1.ChatService.DeleteSession": delete_session,
     "switchboard.chat.v1.ChatService.ListMessages": list_messages,
+    "switchboard.chat.v1.ChatService.SendMessage": send_message,
+    "switchboard.chat.v1.ChatService.CancelTurn": cancel_turn,
+    "switchboard.chat.v1.ChatService.StreamEvents": stream_events,
     "switchboard.auth.v1.KeyService.CreateKey": create_key,
     "switchboard.auth.v1.KeyService.ListKeys": list_keys,
     "switchboard.auth.v1.KeyService.RevokeKey": revoke_key,

@@ -245,6 +245,15 @@ VALID: dict[str, Callable[[], Any]] = {
     "switchboard.chat.v1.ChatService.ListMessages": lambda: chat.ListMessagesRequest(
         session_id=SOME_ID, page_size=10
     ),
+    "switchboard.chat.v1.ChatService.SendMessage": lambda: chat.SendMessageRequest(
+        session_id=SOME_ID, message=chat.UserMessage(client_message_id="m-1", text="Hello")
+    ),
+    "switchboard.chat.v1.ChatService.CancelTurn": lambda: chat.CancelTurnRequest(
+        session_id=SOME_ID, assistant_message_id="a-1"
+    ),
+    "switchboard.chat.v1.ChatService.StreamEvents": lambda: chat.StreamEventsRequest(
+        session_id=SOME_ID, after_event_id="e-1"
+    ),
     "switchboard.auth.v1.KeyService.CreateKey": lambda: keys.CreateKeyRequest(
         tenant_id=TENANT, name="conformance"
     ),

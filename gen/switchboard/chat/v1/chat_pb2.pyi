@@ -365,3 +365,47 @@ class SettingsChanged(_message.Message):
     SESSION_FIELD_NUMBER: _ClassVar[int]
     session: Session
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class SendMessageRequest(_message.Message):
+    __slots__ = ("session_id", "message")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    message: UserMessage
+    def __init__(self, session_id: _Optional[str] = ..., message: _Optional[_Union[UserMessage, _Mapping]] = ...) -> None: ...
+
+class SendMessageResponse(_message.Message):
+    __slots__ = ("accepted", "last_event_id")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    last_event_id: str
+    def __init__(self, accepted: _Optional[bool] = ..., last_event_id: _Optional[str] = ...) -> None: ...
+
+class CancelTurnRequest(_message.Message):
+    __slots__ = ("session_id", "assistant_message_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ASSISTANT_MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    assistant_message_id: str
+    def __init__(self, session_id: _Optional[str] = ..., assistant_message_id: _Optional[str] = ...) -> None: ...
+
+class CancelTurnResponse(_message.Message):
+    __slots__ = ("cancelled",)
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    cancelled: bool
+    def __init__(self, cancelled: _Optional[bool] = ...) -> None: ...
+
+class StreamEventsRequest(_message.Message):
+    __slots__ = ("session_id", "after_event_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    after_event_id: str
+    def __init__(self, session_id: _Optional[str] = ..., after_event_id: _Optional[str] = ...) -> None: ...
+
+class StreamEventsResponse(_message.Message):
+    __slots__ = ("event",)
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    event: ConverseResponse
+    def __init__(self, event: _Optional[_Union[ConverseResponse, _Mapping]] = ...) -> None: ...

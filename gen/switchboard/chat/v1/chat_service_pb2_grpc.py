@@ -86,6 +86,21 @@ class ChatServiceStub:
                 request_serializer=switchboard_dot_chat_dot_v1_dot_chat__pb2.ListMessagesRequest.SerializeToString,
                 response_deserializer=switchboard_dot_chat_dot_v1_dot_chat__pb2.ListMessagesResponse.FromString,
                 _registered_method=True)
+        self.SendMessage = channel.unary_unary(
+                '/switchboard.chat.v1.ChatService/SendMessage',
+                request_serializer=switchboard_dot_chat_dot_v1_dot_chat__pb2.SendMessageRequest.SerializeToString,
+                response_deserializer=switchboard_dot_chat_dot_v1_dot_chat__pb2.SendMessageResponse.FromString,
+                _registered_method=True)
+        self.CancelTurn = channel.unary_unary(
+                '/switchboard.chat.v1.ChatService/CancelTurn',
+                request_serializer=switchboard_dot_chat_dot_v1_dot_chat__pb2.CancelTurnRequest.SerializeToString,
+                response_deserializer=switchboard_dot_chat_dot_v1_dot_chat__pb2.CancelTurnResponse.FromString,
+                _registered_method=True)
+        self.StreamEvents = channel.unary_stream(
+                '/switchboard.chat.v1.ChatService/StreamEvents',
+                request_serializer=switchboard_dot_chat_dot_v1_dot_chat__pb2.StreamEventsRequest.SerializeToString,
+                response_deserializer=switchboard_dot_chat_dot_v1_dot_chat__pb2.StreamEventsResponse.FromString,
+                _registered_method=True)
 
 
 class ChatServiceServicer:
@@ -169,6 +184,49 @@ class ChatServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendMessage(self, request, context):
+        """The browser's contract (gRPC-Web cannot stream from the client): SendMessage,
+        CancelTurn and StreamEvents together do what one Converse stream does, over the
+        same session and the same events, and may be mixed with Converse streams.
+
+        Sends a user message: queues it for its turn and returns at once; the turn's
+        frames (TurnStarted, queue positions, tokens, tool progress, citations,
+        TurnCompleted, or an ErrorFrame) go to the session's event streams (StreamEvents,
+        Converse) and the answer to its history. A turn started here runs to its end
+        whether or not a stream watches it (a browser may reload or reconnect meanwhile);
+        only CancelTurn, deleting the session or a failure stops it. A message whose
+        client_message_id the session has already accepted is not answered again.
+        Refusals are this call's status: INVALID_ARGUMENT `INVALID_REQUEST` (field paths
+        from this request, such as `message.text`), RESOURCE_EXHAUSTED `MESSAGE_TOO_LARGE`
+        or `TOO_MANY_PENDING_MESSAGES`, NOT_FOUND `SESSION_NOT_FOUND`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTurn(self, request, context):
+        """Stops the answer being generated, as Converse's CancelTurn frame does: the
+        partial answer is stored, marked CANCELLED, and the turn ends with TurnCompleted
+        CANCELLED on the session's event streams.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamEvents(self, request, context):
+        """The session's events, the frames a Converse stream receives, from a point the
+        caller chooses, then live, until the caller leaves (or the session is deleted:
+        NOT_FOUND; or the service stops: UNAVAILABLE `SHUTTING_DOWN`). The first response
+        is a SessionOpened frame whose event_id is where the stream starts. A caller that
+        drops calls again with the last event_id it received and gets every later event
+        once, in order; an id no longer retained, or one this service never gave out, is
+        FAILED_PRECONDITION `EVENT_HISTORY_EXPIRED` (read ListMessages, then stream from
+        the turn in progress). Leaving never cancels a turn.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -206,6 +264,21 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     servicer.ListMessages,
                     request_deserializer=switchboard_dot_chat_dot_v1_dot_chat__pb2.ListMessagesRequest.FromString,
                     response_serializer=switchboard_dot_chat_dot_v1_dot_chat__pb2.ListMessagesResponse.SerializeToString,
+            ),
+            'SendMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendMessage,
+                    request_deserializer=switchboard_dot_chat_dot_v1_dot_chat__pb2.SendMessageRequest.FromString,
+                    response_serializer=switchboard_dot_chat_dot_v1_dot_chat__pb2.SendMessageResponse.SerializeToString,
+            ),
+            'CancelTurn': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTurn,
+                    request_deserializer=switchboard_dot_chat_dot_v1_dot_chat__pb2.CancelTurnRequest.FromString,
+                    response_serializer=switchboard_dot_chat_dot_v1_dot_chat__pb2.CancelTurnResponse.SerializeToString,
+            ),
+            'StreamEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamEvents,
+                    request_deserializer=switchboard_dot_chat_dot_v1_dot_chat__pb2.StreamEventsRequest.FromString,
+                    response_serializer=switchboard_dot_chat_dot_v1_dot_chat__pb2.StreamEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -414,6 +487,87 @@ class ChatService:
             '/switchboard.chat.v1.ChatService/ListMessages',
             switchboard_dot_chat_dot_v1_dot_chat__pb2.ListMessagesRequest.SerializeToString,
             switchboard_dot_chat_dot_v1_dot_chat__pb2.ListMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.chat.v1.ChatService/SendMessage',
+            switchboard_dot_chat_dot_v1_dot_chat__pb2.SendMessageRequest.SerializeToString,
+            switchboard_dot_chat_dot_v1_dot_chat__pb2.SendMessageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTurn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.chat.v1.ChatService/CancelTurn',
+            switchboard_dot_chat_dot_v1_dot_chat__pb2.CancelTurnRequest.SerializeToString,
+            switchboard_dot_chat_dot_v1_dot_chat__pb2.CancelTurnResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/switchboard.chat.v1.ChatService/StreamEvents',
+            switchboard_dot_chat_dot_v1_dot_chat__pb2.StreamEventsRequest.SerializeToString,
+            switchboard_dot_chat_dot_v1_dot_chat__pb2.StreamEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
