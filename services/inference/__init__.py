@@ -14,6 +14,7 @@ from services.inference.policy import ModelPolicy
 from services.inference.router import Router
 from services.inference.servicer import InferenceServicer
 from services.inference.triton import TritonBackend
+from services.inference.upstream import OpenAIBackend
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +42,22 @@ class InferenceService:
             )
             for url in config.triton_urls
         ]
+        policy = ModelPolicy.load(config.model_policy)
+        upstreams = {
+            g.name: [
+                OpenAIBackend(
+                    g.upstream,
+                    breaker_fail_max=config.breaker_fail_max,
+                    breaker_reset=config.breaker_reset,
+                )
+            ]
+            for g in policy.generators
+            if g.upstream is not None
+        }
         self.router = Router(
-            policy=ModelPolicy.load(config.model_policy),
+            policy=policy,
             backends=backends,
+            upstreams=upstreams,
             affinity_slack=config.affinity_slack,
             embed_max_texts=config.embed_max_texts,
         )
@@ -65,5 +79,5 @@ class InferenceService:
         if self.admission is not None:
             await self.admission.close()
         if self.router is not None:
-            for backend in self.router.backends:
+            for backend in self.router.every_backend:
                 await backend.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from services.inference.upstream import Upstream
 from services.runtime import TIERS as TIER_NAMES
 from services.runtime import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, invalid
 
@@ -61,6 +62,8 @@ class GeneratorModel:
     default_max_tokens: int
     auto_max_prompt_tokens: int | None
     auto_max_complexity: float | None
+    upstream: Upstream | None = None
+    """Served by this OpenAI-compatible endpoint instead of Triton."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,11 @@ class ModelPolicy:
                     default_max_tokens=int(item.get("default_max_tokens", 128)),
                     auto_max_prompt_tokens=auto.get("max_prompt_tokens"),
                     auto_max_complexity=auto.get("max_complexity"),
+                    upstream=(
+                        Upstream.parse(item["upstream"], generator=item["name"])
+                        if item.get("upstream")
+                        else None
+                    ),
                 )
             )
         if not generators:
@@ -123,6 +131,12 @@ class ModelPolicy:
                 tuple(emb.get("variants") or ()),
             ),
         )
+
+    @property
+    def triton_models(self) -> tuple[str, ...]:
+        """The models every Triton replica must serve: the embedder and the generators
+        without an upstream of their own."""
+        return (self.embedder.name, *(g.name for g in self.generators if g.upstream is None))
 
     def embedder_name(self, requested: str) -> str:
         """The embedder an Embed call asks for ("" = the default).

@@ -10,15 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import numpy as np
 
 from services.inference.balancer import Balancer
-from services.inference.policy import Choice, ModelPolicy, complexity
+from services.inference.policy import Choice, GeneratorModel, ModelPolicy, complexity
 from services.inference.triton import BackendFailure, StreamedToken, TritonBackend
+from services.inference.upstream import OpenAIBackend
 from services.runtime import (
     FieldViolation,
     Unavailable,
@@ -116,13 +117,15 @@ def _all_down(model: str, tier: str = "") -> Unavailable:
 
 
 class Router:
-    """Routes generations and embeddings over a set of Triton backends."""
+    """Routes generations and embeddings over a set of Triton backends, and the
+    generators that have an OpenAI-compatible upstream of their own over theirs."""
 
     def __init__(
         self,
         *,
         policy: ModelPolicy,
         backends: Sequence[TritonBackend],
+        upstreams: Mapping[str, Sequence[OpenAIBackend]] | None = None,
         affinity_slack: int = 4,
         embed_max_texts: int = EMBED_TEXTS_HARD_MAX,
     ) -> None:
@@ -130,19 +133,35 @@ class Router:
             raise ValueError(f"embed_max_texts must be 1..{EMBED_TEXTS_HARD_MAX}")
         self.policy = policy
         self.backends = list(backends)
+        self.upstreams = {name: list(served) for name, served in (upstreams or {}).items()}
         self.embed_max_texts = embed_max_texts
         self.balancer = Balancer(self.backends, affinity_slack=affinity_slack)
+        self._upstream_balancers = {
+            name: Balancer(served, affinity_slack=affinity_slack)
+            for name, served in self.upstreams.items()
+        }
+
+    def backends_of(self, model: str) -> list[TritonBackend] | list[OpenAIBackend]:
+        """The backends serving `model`: its upstream's, or the Triton replicas."""
+        return self.upstreams.get(model, self.backends)
 
     @property
-    def required_models(self) -> tuple[str, ...]:
-        return (self.policy.embedder.name, *(g.name for g in self.policy.generators))
+    def every_backend(self) -> list[TritonBackend | OpenAIBackend]:
+        return [*self.backends, *(b for served in self.upstreams.values() for b in served)]
 
     async def refresh(self) -> bool:
-        """Re-checks every backend's readiness; True when at least one is ready."""
+        """Re-checks every backend's readiness; True when at least one Triton replica
+        (which the embedder needs) is ready."""
+        models = self.policy.triton_models
         results = await asyncio.gather(
-            *(b.check_ready(self.required_models) for b in self.backends)
+            *(b.check_ready(models) for b in self.backends),
+            *(b.check_ready() for served in self.upstreams.values() for b in served),
         )
-        return any(results)
+        return any(results[: len(self.backends)])
+
+    def _order(self, model: GeneratorModel, session_id: str) -> list:
+        balancer = self._upstream_balancers.get(model.name, self.balancer)
+        return balancer.order(session_id)
 
     def choose(self, request: GenerateInput) -> Choice:
         validate_generate(request)
@@ -167,7 +186,7 @@ class Router:
         total = result.choice.prompt_tokens + result.choice.max_tokens
         models = [result.choice.model, *self.policy.fallbacks(result.choice.model, total)]
         for model in models:
-            for backend in self.balancer.order(request.session_id):
+            for backend in self._order(model, request.session_id):
                 if not backend.breaker.allow():
                     continue
                 stream = backend.generate(

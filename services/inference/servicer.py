@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 
 import grpc
@@ -12,6 +12,8 @@ from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 
 from services.inference.admission import AdmissionGate, Ask
 from services.inference.router import GenerateInput, GenerateResult, Router
+from services.inference.triton import TritonBackend
+from services.inference.upstream import OpenAIBackend
 from services.runtime import TIER_VALUES, TIERS, count_tokens, require_tenant
 
 logger = logging.getLogger(__name__)
@@ -149,16 +151,6 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     async def ListModels(  # noqa: N802 - gRPC method name
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ListModelsResponse:
-        backends = [
-            inference_pb2.BackendInfo(
-                name=b.name,
-                address=b.address,
-                outstanding=b.outstanding,
-                state=_BREAKER_STATES[b.breaker.state],
-            )
-            for b in self._router.backends
-        ]
-        healthy = any(b.ready and b.accepting() for b in self._router.backends)
         policy = self._router.policy
         models = [
             inference_pb2.ModelInfo(
@@ -167,8 +159,8 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 context_tokens=g.context_tokens,
                 relative_cost=g.relative_cost,
                 kind=inference_pb2.MODEL_KIND_GENERATOR,
-                healthy=healthy,
-                backends=backends,
+                healthy=_healthy(self._router.backends_of(g.name)),
+                backends=_backend_infos(self._router.backends_of(g.name)),
             )
             for g in policy.generators
         ]
@@ -178,9 +170,27 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 kind=inference_pb2.MODEL_KIND_EMBEDDER,
                 context_tokens=256,
                 relative_cost=0.1,
-                healthy=healthy,
-                backends=backends,
+                healthy=_healthy(self._router.backends),
+                backends=_backend_infos(self._router.backends),
             )
             for name in policy.embedder.names
         )
         return inference_pb2.ListModelsResponse(models=models)
+
+
+def _healthy(backends: Sequence[TritonBackend | OpenAIBackend]) -> bool:
+    return any(b.ready and b.accepting() for b in backends)
+
+
+def _backend_infos(
+    backends: Sequence[TritonBackend | OpenAIBackend],
+) -> list[inference_pb2.BackendInfo]:
+    return [
+        inference_pb2.BackendInfo(
+            name=b.name,
+            address=b.address,
+            outstanding=b.outstanding,
+            state=_BREAKER_STATES[b.breaker.state],
+        )
+        for b in backends
+    ]
