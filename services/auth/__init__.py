@@ -35,7 +35,11 @@ class AuthService:
 
     def __init__(self, config: AuthConfig | None = None) -> None:
         self._config = config or load_config(AuthConfig, prefix="SWITCHBOARD_")
-        self.store = KeyStore(self._config.database_url, cache_ttl=self._config.auth_cache_ttl)
+        self.store = KeyStore(
+            self._config.database_url,
+            cache_ttl=self._config.auth_cache_ttl,
+            stale_grace=self._config.auth_stale_grace,
+        )
 
     async def start(self) -> None:
         public_services()  # loads every contract, whose authority the checks read

@@ -16,6 +16,9 @@ class AuthConfig:
     auth_cache_ttl: timedelta = timedelta(seconds=30)
     """How long a verified (or refused) key is remembered: a revoked key stops working
     within this long."""
+    auth_stale_grace: timedelta = timedelta(minutes=10)
+    """While the key database is down, a key verified less than this long ago keeps
+    working (keys never verified, or verified earlier, are refused: UNAVAILABLE)."""
 
     def __post_init__(self) -> None:
         if not self.database_url:

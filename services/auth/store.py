@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import psycopg
 
 from services.auth import keys
-from services.runtime import Database, Principal, dependency_unavailable
+from services.auth.cache import VerificationCache
+from services.runtime import Database, Principal, Unavailable, dependency_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -73,19 +74,25 @@ class KeyInfo:
 
 
 class KeyStore:
-    """Keys of every tenant; `verify` answers from a cache for `cache_ttl`."""
+    """Keys of every tenant; `verify` answers from a cache for `cache_ttl`, and for
+    `stale_grace` while the database is down."""
 
     def __init__(
         self,
         database_url: str,
         *,
         cache_ttl: timedelta = timedelta(seconds=30),
+        stale_grace: timedelta = timedelta(minutes=10),
         cache_size: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._db = Database(database_url, max_size=4)
-        self._ttl = cache_ttl.total_seconds()
-        self._size = cache_size
-        self._cache: OrderedDict[bytes, tuple[float, Caller | None]] = OrderedDict()
+        self._cache: VerificationCache[Caller | None] = VerificationCache(
+            ttl=cache_ttl.total_seconds(),
+            stale_grace=max(stale_grace, cache_ttl).total_seconds(),
+            size=cache_size,
+        )
+        self._clock = clock
 
     async def open(self) -> None:
         await self._db.open(prefix="auth", lock=_MIGRATION_LOCK, migrations=MIGRATIONS)
@@ -180,22 +187,29 @@ class KeyStore:
             return [TenantInfo(*row) for row in await cur.fetchall()]
 
     async def verify(self, token: str) -> Caller | None:
-        """Who a valid, unrevoked key identifies, else None.
+        """Who a valid, unrevoked key identifies, else None; from the cache while its
+        answer is fresh, and from an older answer while the database is down (see
+        `cache`).
 
         Raises:
-            Unavailable: the database cannot be reached (and the key is not cached).
+            Unavailable: the database cannot be reached and has not verified the key
+                within the stale grace.
         """
-        now = time.monotonic()
         slot = keys.hash_secret(token)  # the cache holds no key in clear
-        cached = self._cache.get(slot)
-        if cached is not None and cached[0] > now:
-            self._cache.move_to_end(slot)
-            return cached[1]
-        caller = await self._lookup(token)
-        self._cache[slot] = (now + self._ttl, caller)
-        self._cache.move_to_end(slot)
-        while len(self._cache) > self._size:
-            self._cache.popitem(last=False)
+        if (entry := self._cache.fresh(slot, self._clock())) is not None:
+            return entry.value
+        try:
+            caller = await self._lookup(token)
+        except Unavailable:
+            now = self._clock()
+            if (entry := self._cache.stale(slot, now)) is None:
+                raise
+            logger.warning(
+                "key store unavailable: answering from a verification %.0f s old",
+                now - entry.read_at,
+            )
+            return entry.value
+        self._cache.put(slot, caller, self._clock())
         return caller
 
     async def _lookup(self, token: str) -> Caller | None:

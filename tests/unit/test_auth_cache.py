@@ -1,0 +1,91 @@
+"""The key store's verification cache on a fake clock: fresh answers for the ttl, known
+keys through a database outage for the stale grace, and nothing else (fail closed)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from services.auth import KeyStore
+from services.auth.cache import VerificationCache
+from services.auth.store import Caller
+from services.runtime import Principal, Unavailable
+from tests.fakes import Clock
+
+KEY = "sb_0123456789abcdef_secret"
+ACME = Caller(Principal.TENANT, "acme")
+
+
+class Database:
+    """What `_lookup` would read: who each key is, or an outage."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, Caller] = {KEY: ACME}
+        self.down = False
+        self.reads = 0
+
+    async def lookup(self, token: str) -> Caller | None:
+        if self.down:
+            raise Unavailable("the key store is unavailable", reason="DEPENDENCY_UNAVAILABLE")
+        self.reads += 1
+        return self.keys.get(token)
+
+
+@pytest.fixture
+def world():
+    clock, database = Clock(), Database()
+    store = KeyStore(
+        "postgresql://unused",  # the pool is never opened
+        cache_ttl=timedelta(seconds=30),
+        stale_grace=timedelta(minutes=10),
+        clock=clock,
+    )
+    store._lookup = database.lookup  # type: ignore[method-assign]
+    return store, clock, database
+
+
+async def test_a_fresh_answer_is_not_read_again_and_a_stale_one_is(world):
+    store, clock, database = world
+    assert await store.verify(KEY) == ACME
+    clock.advance(29)
+    assert await store.verify(KEY) == ACME
+    assert database.reads == 1
+    del database.keys[KEY]  # revoked: seen once the answer is 30 s old
+    clock.advance(1)
+    assert await store.verify(KEY) is None
+    assert database.reads == 2
+
+
+async def test_a_known_key_keeps_working_through_an_outage_for_the_grace(world):
+    store, clock, database = world
+    assert await store.verify(KEY) == ACME
+    database.down = True
+    clock.advance(9 * 60)
+    assert await store.verify(KEY) == ACME
+    clock.advance(60)  # read 10 minutes ago: too old to vouch for the key
+    with pytest.raises(Unavailable):
+        await store.verify(KEY)
+    database.down = False
+    assert await store.verify(KEY) == ACME
+
+
+async def test_an_outage_never_lets_an_unknown_or_refused_key_in(world):
+    store, clock, database = world
+    assert await store.verify("sb_ffffffffffffffff_guess") is None
+    database.down = True
+    clock.advance(60)
+    assert await store.verify("sb_ffffffffffffffff_guess") is None  # still refused
+    with pytest.raises(Unavailable):
+        await store.verify("sb_eeeeeeeeeeeeeeee_never_seen")
+
+
+def test_the_cache_is_bounded_and_the_grace_covers_the_ttl():
+    cache: VerificationCache[str] = VerificationCache(ttl=1, stale_grace=5, size=2)
+    for i, slot in enumerate((b"a", b"b", b"c")):
+        cache.put(slot, slot.decode(), now=i)
+    assert len(cache) == 2 and cache.stale(b"a", now=3) is None
+    assert cache.fresh(b"c", now=2.5).value == "c"  # type: ignore[union-attr]
+    assert cache.fresh(b"c", now=3) is None and cache.stale(b"c", now=3) is not None
+    with pytest.raises(ValueError):
+        VerificationCache(ttl=5, stale_grace=1)
