@@ -351,6 +351,11 @@ class Mesh:
         url = f"http://{self.config.host}:{self.config.triton_ports(replica)[0]}/v2/health/ready"
         self._wait(record, lambda: _http_ok(url), what="ready", timeout=self.config.start_timeout_s)
 
+    def start_postgres(self) -> None:
+        """(Re)starts the embedded PostgreSQL on its data directory (its data is kept)."""
+        self._records = self.state.load()
+        self._start_postgres()
+
     def start_nats(self) -> None:
         """(Re)starts the embedded NATS server (its JetStream store is kept)."""
         self._records = self.state.load()
