@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from services.launcher._envoy_web import parse_origins
 from services.runtime import load_config
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,10 @@ class LauncherConfig:
     """The auth service, asked by Envoy about every public call (ext_authz)."""
     gateway_port: int = 7059
     """The OpenAI-compatible HTTP API (Envoy routes `/v1/` on the public port to it)."""
+    web_origins: str = ""
+    """Browser origins other than the public port's own (comma-separated, such as
+    `https://app.example.com`) whose pages may call the public port with gRPC-Web
+    (CORS); the chat page served on the port needs none."""
     auth_cache_ttl: timedelta = timedelta(seconds=30)
     """How long the auth service trusts a key it has checked: a revoked key stops
     working within this long."""
@@ -79,6 +84,7 @@ class LauncherConfig:
             raise ValueError("SWITCHBOARD_WORKERS must be 1..3")
         if self.gpu not in ("auto", "on", "off"):
             raise ValueError("SWITCHBOARD_GPU must be auto, on or off")
+        parse_origins(self.web_origins)  # a bad SWITCHBOARD_WEB_ORIGINS fails at start
 
     def triton_ports(self, replica: int) -> tuple[int, int, int]:
         base = self.triton_base_port + 3 * replica

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.launcher import _envoy, _envoy_http, _triton
+from services.launcher import _envoy, _envoy_http, _envoy_web, _triton
 from services.launcher._config import REPO_ROOT, LauncherConfig
 from services.launcher._ports import ephemeral_ports_message, planned_ports, ports_inside
 from services.launcher._procs import (
@@ -471,6 +471,9 @@ class Mesh:
             authz=authz,
             internal_port=self.config.envoy_internal_port,
             http_upstreams=http_upstreams,
+        )
+        config = _envoy_web.add_browser_access(
+            config, origins=_envoy_web.parse_origins(self.config.web_origins)
         )
         path = self.config.run_dir / "envoy.yaml"
         _envoy.write_envoy_config(path, config)

@@ -25,12 +25,15 @@ OPERATOR = ""
 """The slot of the session's operator credential among the tenants' keys."""
 AUTH_CACHE_TTL = timedelta(seconds=2)
 """The auth service's key cache in the test mesh: a revoked key stops working this soon."""
+WEB_ORIGIN = "http://allowed.example"
+"""A browser origin the test mesh lets call the public port with gRPC-Web (CORS)."""
 
 
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     config = isolated_config(tmp_path_factory.mktemp("run"))
-    mesh = Mesh(dataclasses.replace(config, auth_cache_ttl=AUTH_CACHE_TTL), progress=print)
+    config = dataclasses.replace(config, auth_cache_ttl=AUTH_CACHE_TTL, web_origins=WEB_ORIGIN)
+    mesh = Mesh(config, progress=print)
     try:
         mesh.up()
         yield mesh
