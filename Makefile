@@ -7,8 +7,11 @@ PYTEST_ARGS ?=
 # the Node.js client (tests/integration/test_node_client.py runs it)
 NODE_CLIENT := clients/node
 NODE_STAMP  := $(NODE_CLIENT)/node_modules/.installed
+# the chat page Envoy serves on the public port (tests/integration/test_browser_chat.py)
+WEB         := clients/web
+WEB_STAMP   := $(WEB)/node_modules/.installed
 
-.PHONY: install gen check-gen lint test test-unit test-integration demo up down status bench redis-server
+.PHONY: install gen check-gen lint test test-unit test-integration demo up down status bench redis-server web chromium
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +27,14 @@ $(NODE_STAMP): $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json
 	npm ci --prefix $(NODE_CLIENT) --ignore-scripts --no-audit --no-fund
 	@touch $@
 
+$(WEB_STAMP): $(WEB)/package.json $(WEB)/package-lock.json
+	npm ci --prefix $(WEB) --ignore-scripts --no-audit --no-fund
+	@touch $@
+
+# TypeScript from proto/ (protoc-gen-es), type-checked, bundled by esbuild into $(WEB)/dist/
+web: $(STAMP) $(WEB_STAMP)
+	npm run --silent --prefix $(WEB) build
+
 gen: $(STAMP)
 	scripts/gen.sh
 
@@ -37,19 +48,19 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: $(STAMP) $(NODE_STAMP) check-gen lint
+test: $(STAMP) $(NODE_STAMP) web chromium check-gen lint
 	$(BIN)/pytest $(PYTEST_ARGS) tests
 
 test-unit: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS) tests/unit
 
-test-integration: $(STAMP) $(NODE_STAMP)
+test-integration: $(STAMP) $(NODE_STAMP) web chromium
 	$(BIN)/pytest $(PYTEST_ARGS) tests/integration
 
-demo: $(STAMP)
+demo: $(STAMP) web
 	$(BIN)/python -m services.demo
 
-up: $(STAMP)
+up: $(STAMP) web
 	$(BIN)/switchboard up
 
 down: $(STAMP)
@@ -68,3 +79,9 @@ bench-%: $(STAMP) redis-server
 redis-server:
 	@command -v redis-server >/dev/null || apt-get install -y -q redis-server >/dev/null \
 	  || (apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null)
+
+# the browser test drives Debian's Chromium through its chromedriver (selenium)
+chromium:
+	@(command -v chromium && command -v chromedriver) >/dev/null \
+	  || apt-get install -y -q chromium chromium-driver >/dev/null \
+	  || (apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null)

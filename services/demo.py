@@ -2,7 +2,8 @@
 `demo`; then through Envoy with that key: list the models, compare a few embeddings, ingest
 the sample handbook, hold a chat session over one Converse stream (answers streamed with
 their sources, a sandboxed code step with its progress), print the session's stored
-transcript, submit and watch a multi-step task; and stop everything the demo started."""
+transcript, submit and watch a multi-step task; print the chat page's address; and stop
+everything the demo started."""
 
 from __future__ import annotations
 
@@ -240,6 +241,10 @@ def main() -> int:
         key_id, token = asyncio.run(_create_key(mesh.database_url))
         _say(f"created API key {key_id} for tenant {TENANT!r}; the calls below send it")
         asyncio.run(_show(mesh.envoy_address, (("authorization", f"Bearer {token}"),)))
+        _say(
+            f"the chat page: http://{mesh.envoy_address}/ (gRPC-Web on the same port; keep the"
+            " mesh up with `make up` and paste a key from `switchboard keys create --tenant T`)"
+        )
     except LaunchError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
