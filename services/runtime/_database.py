@@ -1,11 +1,19 @@
 """What every PostgreSQL-backed service shares: a connection pool with readiness,
-versioned migrations, and the error a caller gets while the database is down."""
+versioned migrations, and the error a caller gets while the database is down.
+
+Waiting for a pooled connection never outlasts the call it serves: the wait ends a
+moment before the inbound deadline, so the caller hears UNAVAILABLE with RetryInfo (its
+store's `dependency_unavailable`) rather than DEADLINE_EXCEEDED. Once the database has
+been seen down (a connection failed, or no connection came in time), every wait is
+short (`DOWN_WAIT_S`) until a connection is had again: while PostgreSQL restarts or
+stalls, calls fail fast instead of queueing for the pool.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -13,9 +21,29 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
+from services.runtime._context import time_remaining
 from services.runtime._errors import Unavailable
 
 logger = logging.getLogger(__name__)
+
+POOL_WAIT_S = 10.0
+"""The longest wait for a pooled connection (a call without a deadline)."""
+DOWN_WAIT_S = 0.5
+"""The longest wait while the database is seen down."""
+ANSWER_RESERVE_S = 0.05
+"""Time kept before the inbound deadline to answer UNAVAILABLE."""
+
+
+def pool_wait(requested: float | None, remaining: float | None, *, down: bool) -> float:
+    """How long to wait for a pooled connection: what the caller asked (or
+    `POOL_WAIT_S`), at most `DOWN_WAIT_S` while the database is seen down, and ending
+    `ANSWER_RESERVE_S` before the inbound deadline (`remaining` seconds away)."""
+    wait = POOL_WAIT_S if requested is None else requested
+    if down:
+        wait = min(wait, DOWN_WAIT_S)
+    if remaining is not None:
+        wait = min(wait, remaining - ANSWER_RESERVE_S)
+    return max(wait, 0.001)
 
 
 def dependency_unavailable(dependency: str, what: str, exc: BaseException) -> Unavailable:
@@ -80,8 +108,9 @@ class Database:
             open=False,
             kwargs={"autocommit": True} if autocommit else {},
             configure=configure,
-            timeout=10,
+            timeout=POOL_WAIT_S,
         )
+        self._down = False
 
     async def open(
         self, *, prefix: str = "", lock: int = 0, migrations: Mapping[int, str] | None = None
@@ -92,14 +121,35 @@ class Database:
             async with self.pool.connection() as conn:
                 await apply_migrations(conn, prefix=prefix, lock=lock, migrations=migrations)
 
-    def connection(
+    @contextlib.asynccontextmanager
+    async def connection(
         self, timeout: float | None = None
-    ) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
-        return self.pool.connection(timeout=timeout)
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection, waited for as `pool_wait` says.
+
+        Raises:
+            psycopg_pool.PoolTimeout: none came in time (a psycopg.OperationalError,
+                which the stores answer as UNAVAILABLE).
+        """
+        wait = pool_wait(timeout, time_remaining(), down=self._down)
+        try:
+            async with self.pool.connection(timeout=wait) as conn:
+                self._down = False
+                yield conn
+        except psycopg.errors.QueryCanceled:
+            raise  # a statement cancelled or timed out: the database is up
+        except psycopg.OperationalError:
+            self._down = True
+            raise
+
+    @property
+    def down(self) -> bool:
+        """The last attempt to use the database failed (a connection, or the wait)."""
+        return self._down
 
     async def healthy(self) -> bool:
         try:
-            async with self.pool.connection(timeout=2) as conn:
+            async with self.connection(timeout=2) as conn:
                 await conn.execute("SELECT 1")
         except (psycopg.Error, OSError):
             return False

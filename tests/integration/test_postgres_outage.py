@@ -1,0 +1,102 @@
+"""PostgreSQL stopped under the running mesh, then started again.
+
+While it is down: calls that need it fail with UNAVAILABLE `DEPENDENCY_UNAVAILABLE` and
+RetryInfo before their deadline (never DEADLINE_EXCEEDED, never INTERNAL); calls that do
+not need it keep working for keys the edge verified before the outage; a key the edge
+never verified is refused (fail closed). Once it is back, every service reconnects by
+itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import grpc
+import pytest
+from switchboard.chat.v1 import chat_pb2, chat_service_pb2_grpc
+from switchboard.execution.v1 import execution_pb2, execution_service_pb2_grpc
+from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
+from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
+
+from services.runtime import error_details
+from tests.integration.conftest import AUTH_CACHE_TTL, as_tenant
+from tests.polling import eventually
+
+DEADLINE_S = 3.0
+
+
+@pytest.fixture
+async def stubs(envoy_target):
+    async with grpc.aio.insecure_channel(envoy_target) as channel:
+        yield (
+            chat_service_pb2_grpc.ChatServiceStub(channel),
+            rag_service_pb2_grpc.RagServiceStub(channel),
+            execution_service_pb2_grpc.ExecutionServiceStub(channel),
+            inference_service_pb2_grpc.InferenceServiceStub(channel),
+        )
+
+
+def database_calls(stubs, metadata):
+    """One call per PostgreSQL-backed service reached through the edge."""
+    chat, rag, execution, _ = stubs
+    return {
+        "chat": lambda: chat.ListSessions(
+            chat_pb2.ListSessionsRequest(page_size=1), metadata=metadata, timeout=DEADLINE_S
+        ),
+        "rag": lambda: rag.ListCollections(
+            rag_pb2.ListCollectionsRequest(page_size=1), metadata=metadata, timeout=DEADLINE_S
+        ),
+        "execution": lambda: execution.ListTasks(
+            execution_pb2.ListTasksRequest(page_size=1), metadata=metadata, timeout=DEADLINE_S
+        ),
+    }
+
+
+async def test_a_postgres_outage_fails_fast_keeps_known_keys_and_heals(mesh, stubs, credentials):
+    tenant = f"outage-{uuid.uuid4().hex[:8]}"
+    known = as_tenant(tenant)
+    stranger = credentials.metadata(f"stranger-{uuid.uuid4().hex[:8]}")  # never used
+    inference = stubs[3]
+    calls = database_calls(stubs, known)
+    for call in calls.values():
+        await call()  # the edge has verified the key; every service answers
+    await asyncio.to_thread(mesh.stop_component, "postgres")
+    try:
+        for name, call in calls.items():
+            for _ in range(2):  # the first call finds the database down, the next fails fast
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await call()
+                assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, name
+                details = error_details(failed.value)
+                assert details.error_info.reason == "DEPENDENCY_UNAVAILABLE", name
+                assert details.retry_info is not None, name
+
+        # the edge's cache of the known key has expired: it answers from the stale grace
+        outage_started = time.monotonic()
+        while time.monotonic() - outage_started < 2 * AUTH_CACHE_TTL.total_seconds():
+            listed = await inference.ListModels(
+                inference_pb2.ListModelsRequest(), metadata=known, timeout=DEADLINE_S
+            )
+            assert listed.models
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await inference.ListModels(
+                inference_pb2.ListModelsRequest(), metadata=stranger, timeout=DEADLINE_S
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await asyncio.to_thread(mesh.start_postgres)
+
+    async def healed() -> bool:
+        for call in calls.values():
+            try:
+                await call()
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE
+                return False
+        return True
+
+    took = await eventually(healed, timeout=30, interval=0.2, what="every service reconnects")
+    print(f"recovered {took:.1f} s after PostgreSQL accepted connections again")
+    await inference.ListModels(inference_pb2.ListModelsRequest(), metadata=stranger, timeout=5)
