@@ -102,6 +102,7 @@ SHOWS = {
         "grpcurl exited with 67",
     ),
     "stub.Generate(": ("completion_tokens", "generator_"),
+    "chat.completions.create(": ("Envoy is a proxy.", "completion_tokens="),
     "keys create --operator": (
         '"weight": 2',
         '"max_in_flight": 64',
