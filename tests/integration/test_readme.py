@@ -66,6 +66,7 @@ EXCLUDED = {
 
 SHOWS = {
     "keys revoke": ("sb_", "my laptop", "active"),
+    "make web": ("<title>Switchboard chat</title>",),
     "make status": ("envoy", "running", "inference.log <=="),
     "grpc.health.v1.Health/Check": (
         "switchboard.inference.v1.InferenceService",

@@ -62,10 +62,11 @@ export class SessionView {
         this.sources(bubble, m.citations, m.passages);
         if (m.status !== MessageStatus.IN_PROGRESS) this.stored.add(m.messageId);
       } else if (m.role === MessageRole.TOOL_CALL && m.toolCall) {
-        this.add("tool", m.messageId, `tool ${m.toolCall.tool} (task ${m.toolCall.taskId})`);
+        const call = this.add("tool", m.messageId, `tool ${m.toolCall.tool} (task ${m.toolCall.taskId})`);
+        call.dataset.toolCallId = m.toolCall.toolCallId;
       } else if (m.role === MessageRole.TOOL_RESULT && m.toolResult) {
         const result = m.toolResult.error ? `error: ${m.toolResult.error.message}` : JSON.stringify(m.toolResult.output);
-        this.add("tool", m.messageId, `result: ${result}`);
+        this.add("tool", m.messageId, `result: ${result}`).dataset.toolCallId = m.toolResult.toolCallId;
       }
     }
     this.scroll();
@@ -102,12 +103,17 @@ export class SessionView {
         break;
       }
       case "toolCall":
+        // a turn in progress when the page loaded: its stored call shows here instead
+        for (const stored of this.list.querySelectorAll(`.msg.tool[data-tool-call-id="${CSS.escape(frame.value.toolCallId)}"]`)) {
+          stored.remove();
+        }
         this.part(this.assistant(id), "tool", true).textContent =
           `▶ ${frame.value.tool} ${JSON.stringify(frame.value.arguments ?? {})} (task ${frame.value.taskId})`;
         break;
       case "toolProgress": {
         const step = frame.value.event;
-        const tool = this.assistant(id).querySelector(".tool:last-of-type") ?? this.part(this.assistant(id), "tool", true);
+        const tools = this.assistant(id).querySelectorAll<HTMLElement>(".tool");
+        const tool = tools.length ? tools[tools.length - 1] : this.part(this.assistant(id), "tool", true);
         const what = step ? StepEventType[step.type].toLowerCase() : "progress";
         tool.append(`\n  step ${step?.stepName ?? ""}: ${what}${step?.error ? ` (${step.error.message})` : ""}`);
         break;
