@@ -11,7 +11,7 @@ NODE_STAMP  := $(NODE_CLIENT)/node_modules/.installed
 WEB         := clients/web
 WEB_STAMP   := $(WEB)/node_modules/.installed
 
-.PHONY: install gen check-gen lint test test-unit test-integration demo up down status bench redis-server web chromium
+.PHONY: install gen check-gen lint test test-unit test-integration demo up down status bench redis-server web chromium litellm
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -74,6 +74,21 @@ bench: $(STAMP) redis-server
 
 bench-%: $(STAMP) redis-server
 	$(BIN)/python -m bench $*
+
+# bench-http compares the gateway with LiteLLM's proxy, installed into a venv of its own:
+# its proxy extras pin packages (openai among them) that the project's venv holds at
+# other versions. Pinned: a later release (1.107.0) was a compromised upload. Without
+# it the benchmark records no comparison and says why.
+LITELLM_VERSION := 1.106.12
+LITELLM_VENV    := .tools/litellm
+LITELLM_STAMP   := $(LITELLM_VENV)/.installed-$(LITELLM_VERSION)
+
+bench bench-http: litellm
+
+litellm:
+	@test -f $(LITELLM_STAMP) || { rm -rf $(LITELLM_VENV) && $(PYTHON) -m venv $(LITELLM_VENV) \
+	  && $(LITELLM_VENV)/bin/pip install -q 'litellm[proxy]==$(LITELLM_VERSION)' \
+	  && touch $(LITELLM_STAMP); } || echo "litellm: not installed; bench-http compares with nothing"
 
 # the Celery side of bench-tasks-throughput needs a Redis server (Debian's package)
 redis-server:

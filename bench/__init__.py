@@ -14,5 +14,6 @@ BENCHMARKS = {
     "chat-latency": "bench.chat_latency",
     "chat-sessions": "bench.chat_sessions",
     "contract-checks": "bench.contract_checks",
+    "http": "bench.http_api",
 }
 """Benchmark name -> module with a `run()` that prints its table and writes its JSON."""

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -70,11 +70,12 @@ def _rounded(value: Any) -> Any:
 
 def write_result(
     name: str,
-    metrics: Mapping[str, float],
+    metrics: Mapping[str, float | None],
     targets: Mapping[str, str],
     notes: str,
 ) -> dict[str, Any]:
-    """Prints the metrics against their targets and writes `bench/results/<name>.json`."""
+    """Prints the metrics against their targets and writes `bench/results/<name>.json`
+    (a metric that could not be measured is None: `null`, its reason in `notes`)."""
     result = {
         "name": name,
         "when": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -90,7 +91,8 @@ def write_result(
     for key, value in result["metrics"].items():
         target = targets.get(key, "")
         verdict = ("ok" if meets(value, target) else "MISSED") if target else ""
-        rows.append((key, f"{value:g}", target, verdict)[: 4 if targets else 2])
+        shown = "null" if value is None else f"{value:g}"
+        rows.append((key, shown, target, verdict)[: 4 if targets else 2])
     headers = ("metric", "value", "target", "")[: 4 if targets else 2]
     print_table(f"{name} ({result['machine']})", headers, rows)
     print(f"  {notes}")
@@ -138,12 +140,17 @@ def ms(seconds: float) -> float:
 
 
 @contextmanager
-def running_mesh(*, triton_replicas: int = 1, workers: int = 1) -> Iterator[Any]:
-    """The real mesh on free ports in its own run directory, stopped (by PID) on exit."""
+def running_mesh(
+    *, triton_replicas: int = 1, workers: int = 1, model_policy: Path | None = None
+) -> Iterator[Any]:
+    """The real mesh on free ports in its own run directory, stopped (by PID) on exit;
+    `model_policy` replaces `services/inference/models.yaml`."""
     from services.launcher import Mesh, isolated_config
 
     run_dir = Path(tempfile.mkdtemp(prefix="switchboard-bench-"))
     config = isolated_config(run_dir, triton_replicas=triton_replicas, workers=workers, gpu="off")
+    if model_policy is not None:
+        config = replace(config, model_policy=model_policy)
     mesh = Mesh(config, progress=lambda msg: print(f"  [mesh] {msg}", flush=True))
     try:
         started = time.monotonic()
