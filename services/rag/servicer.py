@@ -119,6 +119,18 @@ class RagServicer(rag_service_pb2_grpc.RagServiceServicer):
         )
         return response
 
+    async def IngestDocument(  # noqa: N802 - gRPC method name
+        self, request: rag_pb2.IngestDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> rag_pb2.IngestDocumentResponse:
+        one = rag_pb2.IngestDocumentsRequest(document=request.document, chunking=request.chunking)
+        outcome = await self._ingestor.ingest(require_tenant(), one)
+        if outcome.error is not None:
+            raise outcome.error
+        return rag_pb2.IngestDocumentResponse(
+            result=_result(outcome),
+            usage=common_pb2.TokenUsage(prompt_tokens=outcome.tokens, total_tokens=outcome.tokens),
+        )
+
     async def Retrieve(  # noqa: N802 - gRPC method name
         self, request: rag_pb2.RetrieveRequest, context: grpc.aio.ServicerContext
     ) -> rag_pb2.RetrieveResponse:

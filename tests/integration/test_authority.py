@@ -315,6 +315,26 @@ async def ingest_documents(w: World) -> None:
     )
 
 
+async def ingest_document(w: World) -> None:
+    # one document, unary: the same collection and id again land in A's own namespace
+    document = rag_pb2.Document(
+        document_id=w.document_id, collection=w.collection, text="A's note on gardening."
+    )
+    reply = await w.rag.IngestDocument(
+        rag_pb2.IngestDocumentRequest(document=document), metadata=w.as_a(), timeout=TIMEOUT
+    )
+    assert reply.result.chunks == 1
+    request = rag_pb2.RetrieveRequest(collection=w.collection, query="secret plan", top_k=5)
+    mine = await w.rag.Retrieve(request, metadata=w.as_a(), timeout=TIMEOUT)
+    assert mine.chunks and all("Tuesday" not in c.text for c in mine.chunks)
+    theirs = await w.rag.Retrieve(request, metadata=w.as_b(), timeout=TIMEOUT)
+    assert any("Tuesday" in c.text for c in theirs.chunks)  # B's document is untouched
+    await w.rag.DeleteDocument(
+        rag_pb2.DeleteDocumentRequest(collection=w.collection, document_id=w.document_id),
+        metadata=w.as_a(),
+    )
+
+
 async def retrieve(w: World) -> None:
     request = rag_pb2.RetrieveRequest(collection=w.collection, query="secret plan", top_k=5)
     await refused(
@@ -516,6 +536,7 @@ CASES: dict[str, Callable[[World], Awaitable[None]]] = {
     "switchboard.rag.v1.RagService.DeleteDocument": delete_document,
     "switchboard.rag.v1.RagService.ListCollections": list_collections,
     "switchboard.rag.v1.RagService.IngestDocuments": ingest_documents,
+    "switchboard.rag.v1.RagService.IngestDocument": ingest_document,
     "switchboard.execution.v1.ExecutionService.SubmitTask": submit_task,
     "switchboard.execution.v1.ExecutionService.SubmitTasks": submit_tasks,
     "switchboard.execution.v1.ExecutionService.GetTask": get_task,

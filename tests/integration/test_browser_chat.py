@@ -1,5 +1,6 @@
 """The chat page in a real headless browser (Debian's Chromium, driven by selenium),
-through Envoy's public port with gRPC-Web: a key pasted in, a session created, an answer
+through Envoy's public port with gRPC-Web: a key pasted in, a session created, documents
+uploaded into its collection, an answer
 shown token by token before its turn ends, its sources opened, a turn in progress (a
 sandboxed code step) resumed after a reload, a cancel, and a page of another origin
 refused by CORS. A screenshot of the page goes to
@@ -23,7 +24,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 from switchboard.chat.v1 import chat_pb2 as pb
 from switchboard.chat.v1 import chat_service_pb2_grpc
-from switchboard.rag.v1 import rag_service_pb2_grpc
+from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
 
 from services.demo import handbook
 from tests.integration.test_converse import COLLECTION, QUESTION
@@ -54,14 +55,15 @@ def key(credentials, tenant) -> str:
 
 
 @pytest.fixture(scope="module")
-async def collection(envoy_target, credentials, tenant) -> str:
-    async with grpc.aio.insecure_channel(envoy_target) as channel:
-        rag = rag_service_pb2_grpc.RagServiceStub(channel)
-        requests = handbook(COLLECTION, 6)
-        metadata = credentials.metadata(tenant)
-        reply = await rag.IngestDocuments(iter(requests), metadata=metadata, timeout=120)
-        assert reply.documents_failed == 0
-    return COLLECTION
+def documents(tmp_path_factory) -> list[Path]:
+    """The first handbook documents as files to upload, each named by its document id."""
+    folder = tmp_path_factory.mktemp("handbook")
+    paths = []
+    for request in handbook(COLLECTION, 6):
+        path = folder / request.document.document_id
+        path.write_text(request.document.text)
+        paths.append(path)
+    return paths
 
 
 @pytest.fixture
@@ -152,7 +154,7 @@ async def stored(chat, metadata, session_id: str) -> list[pb.Message]:
 
 
 async def test_a_whole_chat_session_in_the_browser(
-    browser, envoy_target, key, tenant, collection, chat, credentials
+    browser, envoy_target, key, tenant, documents, chat, credentials
 ):
     page = f"http://{envoy_target}/"
     browser.get(page)
@@ -162,9 +164,21 @@ async def test_a_whole_chat_session_in_the_browser(
 
     # a session made on the page, a question, its answer with sources to open
     browser.find_element(By.ID, "title").send_keys("Handbook questions")
-    browser.find_element(By.ID, "collection").send_keys(collection)
+    browser.find_element(By.ID, "collection").send_keys(COLLECTION)
     browser.find_element(By.ID, "create").click()
     wait(browser, lambda d: "live" in d.find_element(By.ID, "status").text, "the stream is live")
+    # the documents uploaded from the page into the session's collection
+    browser.find_element(By.ID, "files").send_keys("\n".join(map(str, documents)))
+    browser.find_element(By.ID, "upload-button").click()
+    uploaded = f"{len(documents)} document(s) in {COLLECTION}"
+    wait(browser, lambda d: uploaded in d.find_element(By.ID, "status").text, "uploaded")
+    async with grpc.aio.insecure_channel(envoy_target) as channel:
+        listed = await rag_service_pb2_grpc.RagServiceStub(channel).ListCollections(
+            rag_pb2.ListCollectionsRequest(), metadata=credentials.metadata(tenant), timeout=30
+        )
+    assert [(c.name, c.document_count) for c in listed.collections] == [
+        (COLLECTION, len(documents))
+    ]
     browser.execute_script(WATCH_TOKENS)
     ask(browser, QUESTION)
     done = ".msg.assistant[data-state='completed']"

@@ -190,6 +190,10 @@ VALID: dict[str, Callable[[], Any]] = {
         document=document(),
         chunking=rag_pb2.ChunkingOptions(chunk_tokens=64, overlap_tokens=8),
     ),
+    "switchboard.rag.v1.RagService.IngestDocument": lambda: rag_pb2.IngestDocumentRequest(
+        document=document(),
+        chunking=rag_pb2.ChunkingOptions(chunk_tokens=64, overlap_tokens=8),
+    ),
     "switchboard.rag.v1.RagService.Retrieve": lambda: rag_pb2.RetrieveRequest(
         collection="conformance",
         query="hi",

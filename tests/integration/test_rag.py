@@ -251,6 +251,49 @@ async def test_delete_and_list_collections_with_counts_and_pages(rag):
 # ---- bad input -------------------------------------------------------------------------
 
 
+async def test_one_document_unary_is_stored_and_its_failures_are_the_call_s_status(rag):
+    tenant = new_tenant()
+    reply = await rag.IngestDocument(
+        rag_pb2.IngestDocumentRequest(document=doc("leave", FACTS["leave"]).document),
+        metadata=as_tenant(tenant),
+        timeout=60,
+    )
+    assert (reply.result.document_id, reply.result.chunks, reply.result.replaced) == (
+        "leave",
+        1,
+        False,
+    )
+    assert not reply.result.HasField("error") and reply.usage.prompt_tokens > 0
+    found = await retrieve(rag, tenant, "docs", "how long is parental leave")
+    assert found.chunks[0].document_id == "leave"
+    bad = {
+        "empty": (doc("e", "").document, grpc.StatusCode.INVALID_ARGUMENT, "EMPTY_DOCUMENT"),
+        "huge": (
+            doc("h", "word " * 300_000).document,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "DOCUMENT_TOO_LARGE",
+        ),
+        "collection": (
+            doc("c", "text", collection="no/slashes").document,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_REQUEST",
+        ),
+    }
+    for name, (document, code, reason) in bad.items():
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await rag.IngestDocument(
+                rag_pb2.IngestDocumentRequest(document=document),
+                metadata=as_tenant(tenant),
+                timeout=60,
+            )
+        assert failed.value.code() == code, name
+        assert error_details(failed.value).error_info.reason == reason, name
+    (collection,) = (
+        await rag.ListCollections(rag_pb2.ListCollectionsRequest(), metadata=as_tenant(tenant))
+    ).collections
+    assert collection.document_count == 1  # nothing of the refused documents was stored
+
+
 async def test_bad_documents_fail_alone_and_the_rest_of_the_stream_is_ingested(rag):
     tenant = new_tenant()
     reply = await ingest(

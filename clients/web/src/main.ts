@@ -3,7 +3,7 @@
 // arrives on StreamEvents, which the page re-opens after a dropped connection from the
 // last event it saw (no gap, no repeat) and, after a reload, from the turn in progress.
 import { Code } from "@connectrpc/connect";
-import { chatClient, code, describe, reason, type Chat } from "./api.js";
+import { chatClient, code, describe, ragClient, reason, type Chat, type Rag } from "./api.js";
 import type { Session } from "./gen/switchboard/chat/v1/chat_pb.js";
 import { SessionView } from "./view.js";
 
@@ -14,6 +14,8 @@ let key = store.getItem("switchboard.key") ?? "";
 let current = "";
 let watching: AbortController | null = null;
 const chat: Chat = chatClient(() => key);
+const rag: Rag = ragClient(() => key);
+const collections = new Map<string, string>(); // session id -> its collection ("" = none)
 const view = new SessionView($("messages"), () => buttons());
 
 function status(text: string, error = false): void {
@@ -25,6 +27,7 @@ function status(text: string, error = false): void {
 function buttons(): void {
   ($("send") as HTMLButtonElement).disabled = !current;
   ($("cancel") as HTMLButtonElement).disabled = !current || !view.generating;
+  ($("upload-button") as HTMLButtonElement).disabled = !collections.get(current);
 }
 
 async function listSessions(): Promise<void> {
@@ -32,6 +35,7 @@ async function listSessions(): Promise<void> {
   const list = $("sessions");
   list.replaceChildren(
     ...reply.sessions.map((s: Session) => {
+      collections.set(s.sessionId, s.settings?.collection ?? "");
       const item = document.createElement("li");
       item.textContent = s.title || s.sessionId.slice(0, 8);
       item.title = `${s.sessionId}${s.settings?.collection ? ` · ${s.settings.collection}` : ""}`;
@@ -146,6 +150,31 @@ $("new-session").addEventListener(
   }),
 );
 
+/** Uploads the chosen files, one IngestDocument each, into the session's collection
+ * (a file's name is its document id: uploading it again replaces it). */
+async function upload(): Promise<void> {
+  const collection = collections.get(current);
+  const input = $("files") as HTMLInputElement;
+  if (!collection || !input.files?.length) return;
+  let chunks = 0;
+  const files = [...input.files];
+  for (const [i, file] of files.entries()) {
+    status(`uploading ${file.name} (${i + 1} of ${files.length})`);
+    const reply = await rag.ingestDocument({
+      document: {
+        documentId: file.name,
+        collection,
+        // the bytes as they are: the service refuses text that is not UTF-8
+        content: { case: "textUtf8", value: new Uint8Array(await file.arrayBuffer()) },
+      },
+    });
+    chunks += reply.result?.chunks ?? 0;
+  }
+  input.value = "";
+  status(`${files.length} document(s) in ${collection}: ${chunks} chunks`);
+}
+
+$("upload").addEventListener("submit", guard(upload));
 $("composer").addEventListener("submit", guard(send));
 $("text").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) guard(send)(e);

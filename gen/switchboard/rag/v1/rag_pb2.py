@@ -28,7 +28,7 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from switchboard.common.v1 import common_pb2 as switchboard_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cswitchboard/rag/v1/rag.proto\x12\x12switchboard.rag.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\"switchboard/common/v1/common.proto\"\x96\x02\n\x08\x44ocument\x12\x1f\n\x0b\x64ocument_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x02\x12\x31\n\ncollection\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18\x80\x01\x32\x11^[A-Za-z0-9_.-]*$\x12U\n\x08metadata\x18\x03 \x03(\x0b\x32*.switchboard.rag.v1.Document.MetadataEntryB\x17\xbaH\x14\x9a\x01\x11\x10 \"\x06r\x04\x10\x01\x18@*\x05r\x03\x18\x80\x08\x12\x0e\n\x04text\x18\x04 \x01(\tH\x00\x12\x13\n\ttext_utf8\x18\x05 \x01(\x0cH\x00\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07\x63ontent\"r\n\x0f\x43hunkingOptions\x12#\n\x0c\x63hunk_tokens\x18\x01 \x01(\x05\x42\r\xbaH\n\x1a\x05\x18\x80\x10(\x10\xd8\x01\x01\x12\'\n\x0eoverlap_tokens\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\x80\x08(\x00H\x00\x88\x01\x01\x42\x11\n\x0f_overlap_tokens\"\x87\x01\n\x16IngestDocumentsRequest\x12\x36\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x1c.switchboard.rag.v1.DocumentB\x06\xbaH\x03\xc8\x01\x01\x12\x35\n\x08\x63hunking\x18\x02 \x01(\x0b\x32#.switchboard.rag.v1.ChunkingOptions\"\x8e\x01\n\x0e\x44ocumentResult\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\x05\x12\x0e\n\x06tokens\x18\x04 \x01(\x05\x12\x10\n\x08replaced\x18\x05 \x01(\x08\x12!\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.google.rpc.Status\"\xcf\x01\n\x17IngestDocumentsResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".switchboard.rag.v1.DocumentResult\x12\x1a\n\x12\x64ocuments_ingested\x18\x02 \x01(\x05\x12\x18\n\x10\x64ocuments_failed\x18\x03 \x01(\x05\x12\x17\n\x0f\x63hunks_ingested\x18\x04 \x01(\x03\x12\x30\n\x05usage\x18\x05 \x01(\x0b\x32!.switchboard.common.v1.TokenUsage\"\xd6\x02\n\x0fRetrieveRequest\x12\x31\n\ncollection\x18\x01 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18\x80\x01\x32\x11^[A-Za-z0-9_.-]*$\x12\x19\n\x05query\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80@\x12\x18\n\x05top_k\x18\x03 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x64(\x01\x12\x39\n\x04mode\x18\x04 \x01(\x0e\x32!.switchboard.rag.v1.RetrievalModeB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12i\n\x0fmetadata_filter\x18\x05 \x03(\x0b\x32\x37.switchboard.rag.v1.RetrieveRequest.MetadataFilterEntryB\x17\xbaH\x14\x9a\x01\x11\x10 \"\x06r\x04\x10\x01\x18@*\x05r\x03\x18\x80\x08\x1a\x35\n\x13MetadataFilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x84\x02\n\x0eRetrievedChunk\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x03 \x01(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x42\n\x08metadata\x18\x05 \x03(\x0b\x32\x30.switchboard.rag.v1.RetrievedChunk.MetadataEntry\x12\r\n\x05score\x18\x06 \x01(\x01\x12\x12\n\nstart_char\x18\x07 \x01(\x05\x12\x10\n\x08\x65nd_char\x18\x08 \x01(\x05\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"w\n\x10RetrieveResponse\x12\x32\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\".switchboard.rag.v1.RetrievedChunk\x12/\n\x04mode\x18\x02 \x01(\x0e\x32!.switchboard.rag.v1.RetrievalMode\"k\n\x15\x44\x65leteDocumentRequest\x12\x31\n\ncollection\x18\x01 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18\x80\x01\x32\x11^[A-Za-z0-9_.-]*$\x12\x1f\n\x0b\x64ocument_id\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x02\"0\n\x16\x44\x65leteDocumentResponse\x12\x16\n\x0e\x63hunks_deleted\x18\x01 \x01(\x05\"\xd6\x01\n\nCollection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x64ocument_count\x18\x02 \x01(\x03\x12\x13\n\x0b\x63hunk_count\x18\x03 \x01(\x03\x12\x17\n\x0f\x65mbedding_model\x18\x04 \x01(\t\x12\x12\n\ndimensions\x18\x05 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"U\n\x16ListCollectionsRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"g\n\x17ListCollectionsResponse\x12\x33\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1e.switchboard.rag.v1.Collection\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x83\x01\n\rRetrievalMode\x12\x1e\n\x1aRETRIEVAL_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15RETRIEVAL_MODE_VECTOR\x10\x01\x12\x1c\n\x18RETRIEVAL_MODE_FULL_TEXT\x10\x02\x12\x19\n\x15RETRIEVAL_MODE_HYBRID\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cswitchboard/rag/v1/rag.proto\x12\x12switchboard.rag.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\"switchboard/common/v1/common.proto\"\x96\x02\n\x08\x44ocument\x12\x1f\n\x0b\x64ocument_id\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x02\x12\x31\n\ncollection\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18\x80\x01\x32\x11^[A-Za-z0-9_.-]*$\x12U\n\x08metadata\x18\x03 \x03(\x0b\x32*.switchboard.rag.v1.Document.MetadataEntryB\x17\xbaH\x14\x9a\x01\x11\x10 \"\x06r\x04\x10\x01\x18@*\x05r\x03\x18\x80\x08\x12\x0e\n\x04text\x18\x04 \x01(\tH\x00\x12\x13\n\ttext_utf8\x18\x05 \x01(\x0cH\x00\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07\x63ontent\"r\n\x0f\x43hunkingOptions\x12#\n\x0c\x63hunk_tokens\x18\x01 \x01(\x05\x42\r\xbaH\n\x1a\x05\x18\x80\x10(\x10\xd8\x01\x01\x12\'\n\x0eoverlap_tokens\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\x80\x08(\x00H\x00\x88\x01\x01\x42\x11\n\x0f_overlap_tokens\"\x87\x01\n\x16IngestDocumentsRequest\x12\x36\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x1c.switchboard.rag.v1.DocumentB\x06\xbaH\x03\xc8\x01\x01\x12\x35\n\x08\x63hunking\x18\x02 \x01(\x0b\x32#.switchboard.rag.v1.ChunkingOptions\"\x8e\x01\n\x0e\x44ocumentResult\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\x05\x12\x0e\n\x06tokens\x18\x04 \x01(\x05\x12\x10\n\x08replaced\x18\x05 \x01(\x08\x12!\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.google.rpc.Status\"\xcf\x01\n\x17IngestDocumentsResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".switchboard.rag.v1.DocumentResult\x12\x1a\n\x12\x64ocuments_ingested\x18\x02 \x01(\x05\x12\x18\n\x10\x64ocuments_failed\x18\x03 \x01(\x05\x12\x17\n\x0f\x63hunks_ingested\x18\x04 \x01(\x03\x12\x30\n\x05usage\x18\x05 \x01(\x0b\x32!.switchboard.common.v1.TokenUsage\"\x86\x01\n\x15IngestDocumentRequest\x12\x36\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x1c.switchboard.rag.v1.DocumentB\x06\xbaH\x03\xc8\x01\x01\x12\x35\n\x08\x63hunking\x18\x02 \x01(\x0b\x32#.switchboard.rag.v1.ChunkingOptions\"~\n\x16IngestDocumentResponse\x12\x32\n\x06result\x18\x01 \x01(\x0b\x32\".switchboard.rag.v1.DocumentResult\x12\x30\n\x05usage\x18\x02 \x01(\x0b\x32!.switchboard.common.v1.TokenUsage\"\xd6\x02\n\x0fRetrieveRequest\x12\x31\n\ncollection\x18\x01 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18\x80\x01\x32\x11^[A-Za-z0-9_.-]*$\x12\x19\n\x05query\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80@\x12\x18\n\x05top_k\x18\x03 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x64(\x01\x12\x39\n\x04mode\x18\x04 \x01(\x0e\x32!.switchboard.rag.v1.RetrievalModeB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12i\n\x0fmetadata_filter\x18\x05 \x03(\x0b\x32\x37.switchboard.rag.v1.RetrieveRequest.MetadataFilterEntryB\x17\xbaH\x14\x9a\x01\x11\x10 \"\x06r\x04\x10\x01\x18@*\x05r\x03\x18\x80\x08\x1a\x35\n\x13MetadataFilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x84\x02\n\x0eRetrievedChunk\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x03 \x01(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x42\n\x08metadata\x18\x05 \x03(\x0b\x32\x30.switchboard.rag.v1.RetrievedChunk.MetadataEntry\x12\r\n\x05score\x18\x06 \x01(\x01\x12\x12\n\nstart_char\x18\x07 \x01(\x05\x12\x10\n\x08\x65nd_char\x18\x08 \x01(\x05\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"w\n\x10RetrieveResponse\x12\x32\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\".switchboard.rag.v1.RetrievedChunk\x12/\n\x04mode\x18\x02 \x01(\x0e\x32!.switchboard.rag.v1.RetrievalMode\"k\n\x15\x44\x65leteDocumentRequest\x12\x31\n\ncollection\x18\x01 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18\x80\x01\x32\x11^[A-Za-z0-9_.-]*$\x12\x1f\n\x0b\x64ocument_id\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x02\"0\n\x16\x44\x65leteDocumentResponse\x12\x16\n\x0e\x63hunks_deleted\x18\x01 \x01(\x05\"\xd6\x01\n\nCollection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x64ocument_count\x18\x02 \x01(\x03\x12\x13\n\x0b\x63hunk_count\x18\x03 \x01(\x03\x12\x17\n\x0f\x65mbedding_model\x18\x04 \x01(\t\x12\x12\n\ndimensions\x18\x05 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"U\n\x16ListCollectionsRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"g\n\x17ListCollectionsResponse\x12\x33\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1e.switchboard.rag.v1.Collection\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x83\x01\n\rRetrievalMode\x12\x1e\n\x1aRETRIEVAL_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15RETRIEVAL_MODE_VECTOR\x10\x01\x12\x1c\n\x18RETRIEVAL_MODE_FULL_TEXT\x10\x02\x12\x19\n\x15RETRIEVAL_MODE_HYBRID\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,6 +49,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHUNKINGOPTIONS'].fields_by_name['overlap_tokens']._serialized_options = b'\272H\007\032\005\030\200\010(\000'
   _globals['_INGESTDOCUMENTSREQUEST'].fields_by_name['document']._loaded_options = None
   _globals['_INGESTDOCUMENTSREQUEST'].fields_by_name['document']._serialized_options = b'\272H\003\310\001\001'
+  _globals['_INGESTDOCUMENTREQUEST'].fields_by_name['document']._loaded_options = None
+  _globals['_INGESTDOCUMENTREQUEST'].fields_by_name['document']._serialized_options = b'\272H\003\310\001\001'
   _globals['_RETRIEVEREQUEST_METADATAFILTERENTRY']._loaded_options = None
   _globals['_RETRIEVEREQUEST_METADATAFILTERENTRY']._serialized_options = b'8\001'
   _globals['_RETRIEVEREQUEST'].fields_by_name['collection']._loaded_options = None
@@ -71,8 +73,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTCOLLECTIONSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\007\032\005\030\350\007(\000'
   _globals['_LISTCOLLECTIONSREQUEST'].fields_by_name['page_token']._loaded_options = None
   _globals['_LISTCOLLECTIONSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200\004'
-  _globals['_RETRIEVALMODE']._serialized_start=2363
-  _globals['_RETRIEVALMODE']._serialized_end=2494
+  _globals['_RETRIEVALMODE']._serialized_start=2628
+  _globals['_RETRIEVALMODE']._serialized_end=2759
   _globals['_DOCUMENT']._serialized_start=176
   _globals['_DOCUMENT']._serialized_end=454
   _globals['_DOCUMENT_METADATAENTRY']._serialized_start=396
@@ -85,24 +87,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DOCUMENTRESULT']._serialized_end=853
   _globals['_INGESTDOCUMENTSRESPONSE']._serialized_start=856
   _globals['_INGESTDOCUMENTSRESPONSE']._serialized_end=1063
-  _globals['_RETRIEVEREQUEST']._serialized_start=1066
-  _globals['_RETRIEVEREQUEST']._serialized_end=1408
-  _globals['_RETRIEVEREQUEST_METADATAFILTERENTRY']._serialized_start=1355
-  _globals['_RETRIEVEREQUEST_METADATAFILTERENTRY']._serialized_end=1408
-  _globals['_RETRIEVEDCHUNK']._serialized_start=1411
-  _globals['_RETRIEVEDCHUNK']._serialized_end=1671
+  _globals['_INGESTDOCUMENTREQUEST']._serialized_start=1066
+  _globals['_INGESTDOCUMENTREQUEST']._serialized_end=1200
+  _globals['_INGESTDOCUMENTRESPONSE']._serialized_start=1202
+  _globals['_INGESTDOCUMENTRESPONSE']._serialized_end=1328
+  _globals['_RETRIEVEREQUEST']._serialized_start=1331
+  _globals['_RETRIEVEREQUEST']._serialized_end=1673
+  _globals['_RETRIEVEREQUEST_METADATAFILTERENTRY']._serialized_start=1620
+  _globals['_RETRIEVEREQUEST_METADATAFILTERENTRY']._serialized_end=1673
+  _globals['_RETRIEVEDCHUNK']._serialized_start=1676
+  _globals['_RETRIEVEDCHUNK']._serialized_end=1936
   _globals['_RETRIEVEDCHUNK_METADATAENTRY']._serialized_start=396
   _globals['_RETRIEVEDCHUNK_METADATAENTRY']._serialized_end=443
-  _globals['_RETRIEVERESPONSE']._serialized_start=1673
-  _globals['_RETRIEVERESPONSE']._serialized_end=1792
-  _globals['_DELETEDOCUMENTREQUEST']._serialized_start=1794
-  _globals['_DELETEDOCUMENTREQUEST']._serialized_end=1901
-  _globals['_DELETEDOCUMENTRESPONSE']._serialized_start=1903
-  _globals['_DELETEDOCUMENTRESPONSE']._serialized_end=1951
-  _globals['_COLLECTION']._serialized_start=1954
-  _globals['_COLLECTION']._serialized_end=2168
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=2170
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=2255
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=2257
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=2360
+  _globals['_RETRIEVERESPONSE']._serialized_start=1938
+  _globals['_RETRIEVERESPONSE']._serialized_end=2057
+  _globals['_DELETEDOCUMENTREQUEST']._serialized_start=2059
+  _globals['_DELETEDOCUMENTREQUEST']._serialized_end=2166
+  _globals['_DELETEDOCUMENTRESPONSE']._serialized_start=2168
+  _globals['_DELETEDOCUMENTRESPONSE']._serialized_end=2216
+  _globals['_COLLECTION']._serialized_start=2219
+  _globals['_COLLECTION']._serialized_end=2433
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=2435
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=2520
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=2522
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=2625
 # @@protoc_insertion_point(module_scope)

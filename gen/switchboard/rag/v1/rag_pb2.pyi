@@ -91,6 +91,22 @@ class IngestDocumentsResponse(_message.Message):
     usage: _common_pb2.TokenUsage
     def __init__(self, results: _Optional[_Iterable[_Union[DocumentResult, _Mapping]]] = ..., documents_ingested: _Optional[int] = ..., documents_failed: _Optional[int] = ..., chunks_ingested: _Optional[int] = ..., usage: _Optional[_Union[_common_pb2.TokenUsage, _Mapping]] = ...) -> None: ...
 
+class IngestDocumentRequest(_message.Message):
+    __slots__ = ("document", "chunking")
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    CHUNKING_FIELD_NUMBER: _ClassVar[int]
+    document: Document
+    chunking: ChunkingOptions
+    def __init__(self, document: _Optional[_Union[Document, _Mapping]] = ..., chunking: _Optional[_Union[ChunkingOptions, _Mapping]] = ...) -> None: ...
+
+class IngestDocumentResponse(_message.Message):
+    __slots__ = ("result", "usage")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    result: DocumentResult
+    usage: _common_pb2.TokenUsage
+    def __init__(self, result: _Optional[_Union[DocumentResult, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.TokenUsage, _Mapping]] = ...) -> None: ...
+
 class RetrieveRequest(_message.Message):
     __slots__ = ("collection", "query", "top_k", "mode", "metadata_filter")
     class MetadataFilterEntry(_message.Message):

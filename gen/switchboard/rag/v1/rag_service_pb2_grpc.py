@@ -50,6 +50,11 @@ class RagServiceStub:
                 request_serializer=switchboard_dot_rag_dot_v1_dot_rag__pb2.IngestDocumentsRequest.SerializeToString,
                 response_deserializer=switchboard_dot_rag_dot_v1_dot_rag__pb2.IngestDocumentsResponse.FromString,
                 _registered_method=True)
+        self.IngestDocument = channel.unary_unary(
+                '/switchboard.rag.v1.RagService/IngestDocument',
+                request_serializer=switchboard_dot_rag_dot_v1_dot_rag__pb2.IngestDocumentRequest.SerializeToString,
+                response_deserializer=switchboard_dot_rag_dot_v1_dot_rag__pb2.IngestDocumentResponse.FromString,
+                _registered_method=True)
         self.Retrieve = channel.unary_unary(
                 '/switchboard.rag.v1.RagService/Retrieve',
                 request_serializer=switchboard_dot_rag_dot_v1_dot_rag__pb2.RetrieveRequest.SerializeToString,
@@ -94,6 +99,17 @@ class RagServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IngestDocument(self, request, context):
+        """Ingests one document, as one document of IngestDocuments: for clients that cannot
+        stream requests (browsers over gRPC-Web). A bad document is the call's
+        INVALID_ARGUMENT `INVALID_REQUEST` (field violations `document.text`, ...), a
+        document over the size limit RESOURCE_EXHAUSTED `DOCUMENT_TOO_LARGE`; nothing of it
+        is written, and an earlier version is kept intact.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Retrieve(self, request, context):
         """Returns the chunks of a collection most relevant to a query, with scores, document
         ids, metadata and the text to cite.
@@ -123,6 +139,11 @@ def add_RagServiceServicer_to_server(servicer, server):
                     servicer.IngestDocuments,
                     request_deserializer=switchboard_dot_rag_dot_v1_dot_rag__pb2.IngestDocumentsRequest.FromString,
                     response_serializer=switchboard_dot_rag_dot_v1_dot_rag__pb2.IngestDocumentsResponse.SerializeToString,
+            ),
+            'IngestDocument': grpc.unary_unary_rpc_method_handler(
+                    servicer.IngestDocument,
+                    request_deserializer=switchboard_dot_rag_dot_v1_dot_rag__pb2.IngestDocumentRequest.FromString,
+                    response_serializer=switchboard_dot_rag_dot_v1_dot_rag__pb2.IngestDocumentResponse.SerializeToString,
             ),
             'Retrieve': grpc.unary_unary_rpc_method_handler(
                     servicer.Retrieve,
@@ -178,6 +199,33 @@ class RagService:
             '/switchboard.rag.v1.RagService/IngestDocuments',
             switchboard_dot_rag_dot_v1_dot_rag__pb2.IngestDocumentsRequest.SerializeToString,
             switchboard_dot_rag_dot_v1_dot_rag__pb2.IngestDocumentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IngestDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.rag.v1.RagService/IngestDocument',
+            switchboard_dot_rag_dot_v1_dot_rag__pb2.IngestDocumentRequest.SerializeToString,
+            switchboard_dot_rag_dot_v1_dot_rag__pb2.IngestDocumentResponse.FromString,
             options,
             channel_credentials,
             insecure,
