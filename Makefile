@@ -11,7 +11,7 @@ NODE_STAMP  := $(NODE_CLIENT)/node_modules/.installed
 WEB         := clients/web
 WEB_STAMP   := $(WEB)/node_modules/.installed
 
-.PHONY: install gen check-gen lint test test-unit test-integration demo up down status bench redis-server web chromium litellm
+.PHONY: install gen check-gen lint test test-unit test-integration demo up down status bench redis-server web chromium litellm prometheus
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,13 +48,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: $(STAMP) $(NODE_STAMP) web chromium check-gen lint
+test: $(STAMP) $(NODE_STAMP) web chromium prometheus check-gen lint
 	$(BIN)/pytest $(PYTEST_ARGS) tests
 
 test-unit: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS) tests/unit
 
-test-integration: $(STAMP) $(NODE_STAMP) web chromium
+test-integration: $(STAMP) $(NODE_STAMP) web chromium prometheus
 	$(BIN)/pytest $(PYTEST_ARGS) tests/integration
 
 demo: $(STAMP) web
@@ -100,3 +100,8 @@ chromium:
 	@(command -v chromium && command -v chromedriver) >/dev/null \
 	  || apt-get install -y -q chromium chromium-driver >/dev/null \
 	  || (apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null)
+
+# `switchboard up --prometheus` and the SLO rules' tests run Debian's prometheus binaries
+# (never its service: see the script)
+prometheus:
+	@scripts/install-prometheus.sh

@@ -35,6 +35,7 @@ from services.execution.batcher import Batcher
 from services.execution.engine import Engine
 from services.execution.events import step_event, task_event
 from services.execution.heartbeats import Beat, Heartbeats
+from services.execution.metrics import REDELIVERIES
 from services.execution.steps import StepFailure, StepRunner, retry_policy, step_timeout
 from services.execution.store import Claim, ClaimedTask, TaskRow
 from services.runtime import Internal, SwitchboardError, stop_task
@@ -160,6 +161,8 @@ class Worker:
             await asyncio.gather(*handlers, return_exceptions=True)
 
     async def _guarded(self, gate: asyncio.Semaphore, msg: Msg) -> None:
+        if msg.metadata.num_delivered > 1:
+            REDELIVERIES.inc()
         async with gate:
             try:
                 await self.handle(msg)

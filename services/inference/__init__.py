@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import grpc
 from switchboard.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 
+from services.inference import metrics
 from services.inference.admission import AdmissionGate
 from services.inference.config import InferenceConfig, load_inference_config
 from services.inference.policy import ModelPolicy
@@ -33,6 +34,7 @@ class InferenceService:
         self._config = config or load_inference_config()
         self.router: Router | None = None
         self.admission: AdmissionGate | None = None
+        self._collector: metrics.Collector | None = None
 
     async def start(self) -> None:
         config = self._config
@@ -62,6 +64,10 @@ class InferenceService:
             embed_max_texts=config.embed_max_texts,
         )
         await self.router.refresh()
+        router = self.router
+        self._collector = metrics.register(
+            lambda: [(b.name, b.breaker) for b in router.every_backend]
+        )
         if config.admission_target:
             self.admission = AdmissionGate(config.admission_target)
 
@@ -76,6 +82,9 @@ class InferenceService:
         return await self.router.refresh()
 
     async def shutdown(self) -> None:
+        if self._collector is not None:
+            metrics.unregister(self._collector)
+            self._collector = None
         if self.admission is not None:
             await self.admission.close()
         if self.router is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 
@@ -10,6 +12,7 @@ import grpc
 from switchboard.common.v1 import common_pb2
 from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 
+from services.inference import metrics
 from services.inference.admission import AdmissionGate, Ask
 from services.inference.router import GenerateInput, GenerateResult, Router
 from services.inference.triton import TritonBackend
@@ -108,32 +111,51 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         params: GenerateInput,
         result: GenerateResult,
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        index = 0
-        finish = inference_pb2.FINISH_REASON_STOP
-        async for token in self._router.generate(params, result):
-            yield inference_pb2.GenerateResponse(
-                token=inference_pb2.TokenDelta(
-                    text=token.text, index=index, passage_index=token.passage
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            index = 0
+            finish = inference_pb2.FINISH_REASON_STOP
+            async for token in self._router.generate(params, result):
+                yield inference_pb2.GenerateResponse(
+                    token=inference_pb2.TokenDelta(
+                        text=token.text, index=index, passage_index=token.passage
+                    )
                 )
+                index += 1
+            outcome = "stop"
+            if result.finished_by_length:
+                finish = inference_pb2.FINISH_REASON_LENGTH
+                outcome = "length"
+            model = result.choice.model
+            complete = inference_pb2.GenerationComplete(
+                usage=common_pb2.TokenUsage(
+                    prompt_tokens=result.choice.prompt_tokens,
+                    completion_tokens=result.completion_tokens,
+                    total_tokens=result.choice.prompt_tokens + result.completion_tokens,
+                ),
+                model=common_pb2.ModelRef(name=model.name, tier=TIER_VALUES[model.tier]),
+                backend=result.backend,
+                finish_reason=finish,
+                citations=_citations(params, result, [p.source_id for p in request.context]),
             )
-            index += 1
-        if result.finished_by_length:
-            finish = inference_pb2.FINISH_REASON_LENGTH
-        model = result.choice.model
-        complete = inference_pb2.GenerationComplete(
-            usage=common_pb2.TokenUsage(
-                prompt_tokens=result.choice.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                total_tokens=result.choice.prompt_tokens + result.completion_tokens,
-            ),
-            model=common_pb2.ModelRef(name=model.name, tier=TIER_VALUES[model.tier]),
-            backend=result.backend,
-            finish_reason=finish,
-            citations=_citations(params, result, [p.source_id for p in request.context]),
-        )
-        if result.first_token_s is not None:
-            complete.time_to_first_token.FromTimedelta(timedelta(seconds=result.first_token_s))
-        yield inference_pb2.GenerateResponse(complete=complete)
+            if result.first_token_s is not None:
+                complete.time_to_first_token.FromTimedelta(timedelta(seconds=result.first_token_s))
+            yield inference_pb2.GenerateResponse(complete=complete)
+        except (asyncio.CancelledError, GeneratorExit):
+            if outcome == "error":  # not once the answer is complete
+                outcome = "cancelled"
+            raise
+        finally:
+            metrics.record_generation(
+                model=result.choice.model.name,
+                tier=result.choice.model.tier,
+                reason=outcome,
+                input_tokens=result.choice.prompt_tokens,
+                output_tokens=result.completion_tokens,
+                first_token_s=result.first_token_s,
+                duration_s=time.perf_counter() - started,
+            )
 
     async def Embed(  # noqa: N802 - gRPC method name
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext

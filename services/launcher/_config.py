@@ -67,6 +67,11 @@ class LauncherConfig:
     working within this long."""
     metrics_base_port: int = 9100
     """Service k's Prometheus endpoint is on metrics_base_port + k."""
+    prometheus: bool = False
+    """Also start a Prometheus server scraping every process, with the SLO rules
+    (`switchboard up --prometheus`; Debian's `prometheus` package, `make prometheus`)."""
+    prometheus_port: int = 9090
+    """That Prometheus server's port (on 127.0.0.1): its UI and HTTP API."""
     model_policy: Path = REPO_ROOT / "services" / "inference" / "models.yaml"
     gpu: str = "auto"
     """`auto` uses KIND_GPU Triton instances when nvidia-smi sees a GPU; `on`/`off` force."""
@@ -124,6 +129,7 @@ def isolated_config(
         envoy_internal_port=base + 13,
         gateway_port=base + 14,
         metrics_base_port=base + 40,  # one per service process: base+40..base+49
+        prometheus_port=base + 50,
         triton_base_port=base + 30,
         triton_replicas=triton_replicas,
         gpu=gpu,

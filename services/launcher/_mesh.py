@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.launcher import _envoy, _envoy_http, _envoy_web, _triton
+from services.launcher import _envoy, _envoy_http, _envoy_web, _prometheus, _triton
 from services.launcher._config import REPO_ROOT, LauncherConfig
 from services.launcher._ports import ephemeral_ports_message, planned_ports, ports_inside
 from services.launcher._procs import (
@@ -94,6 +94,11 @@ class Mesh:
             for i in range(self.config.triton_replicas)
         )
 
+    @property
+    def prometheus_url(self) -> str:
+        """The Prometheus server's UI and HTTP API (`switchboard up --prometheus`)."""
+        return f"http://127.0.0.1:{self.config.prometheus_port}"
+
     def up(self) -> bool:
         """Starts everything not given externally, in order, each waited for.
 
@@ -102,6 +107,10 @@ class Mesh:
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
         if self._recover():
             self._say(f"the mesh is already running: grpcurl -plaintext {self.envoy_address} list")
+            if self.config.prometheus and not any(
+                r.name == "prometheus" for r in self.state.load()
+            ):
+                self.start_prometheus()
             return False
         self._check_ports()
         try:
@@ -114,12 +123,16 @@ class Mesh:
             for index, (spec, replica) in enumerate(service_processes(self.config)):
                 self._start_service(index, spec, replica)
             self._start_envoy()
+            if self.config.prometheus:
+                self._start_prometheus()
         except BaseException:
             self._say("start failed; stopping what was started")
             self.down()
             raise
         self._say(f"mesh is up: grpcurl -plaintext {self.envoy_address} list")
         self._say("calls need an API key: switchboard keys create --tenant <tenant>")
+        if self.config.prometheus:
+            self._say(f"metrics and SLO alerts: {self.prometheus_url}/alerts")
         return True
 
     def down(self) -> int:
@@ -376,6 +389,14 @@ class Mesh:
         self.state.save(self._records)
         return bool(found)
 
+    def start_prometheus(self) -> None:
+        """Starts a Prometheus server scraping the running mesh (as `up --prometheus`
+        does), with the SLO rules, and waits until it is ready; a running one is stopped
+        first."""
+        self.stop_component("prometheus")
+        self._records = self.state.load()
+        self._start_prometheus()
+
     def start_service(self, name: str, *, env: Mapping[str, str] | None = None) -> None:
         """(Re)starts one service process (e.g. `rag`, `admission-1`) with extra
         environment variables, and waits until it serves; a running one is stopped first."""
@@ -497,6 +518,31 @@ class Mesh:
             what="routing to every service",
             timeout=60,
         )
+
+    def _start_prometheus(self) -> None:
+        binary = _prometheus.prometheus_binary()
+        if binary is None:
+            raise LaunchError(
+                "--prometheus needs the prometheus binary (Debian's package): run"
+                " `make prometheus`, or `apt-get install prometheus`"
+            )
+        path = self.config.run_dir / "prometheus.yml"
+        _prometheus.write_config(
+            path, _prometheus.render_config(_prometheus.scrape_targets(self.config))
+        )
+        self._say(f"starting Prometheus on {self.prometheus_url}")
+        record = self._spawn(
+            "prometheus",
+            _prometheus.prometheus_command(
+                binary=binary,
+                config_path=path,
+                data_dir=self.config.run_dir / "prometheus",
+                host="127.0.0.1",
+                port=self.config.prometheus_port,
+            ),
+        )
+        url = f"{self.prometheus_url}/-/ready"
+        self._wait(record, lambda: _http_ok(url), what="ready", timeout=60)
 
 
 def _as_user(user: str | None) -> dict[str, object]:

@@ -57,6 +57,8 @@ def planned_ports(config: LauncherConfig) -> list[PlannedPort]:
         )
         metrics = config.metrics_base_port + index
         ports.append(PlannedPort(f"{name} metrics", metrics, "metrics_base_port", index))
+    if config.prometheus:
+        ports.append(PlannedPort("prometheus", config.prometheus_port, "prometheus_port"))
     return ports
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 import time
@@ -26,7 +27,13 @@ def _progress(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="switchboard", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("up", help="start the mesh and wait until every part is healthy")
+    up = commands.add_parser("up", help="start the mesh and wait until every part is healthy")
+    up.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also start a Prometheus server scraping every process, with the SLO rules"
+        " (SWITCHBOARD_PROMETHEUS=1 does the same)",
+    )
     commands.add_parser("down", help="stop everything `up` started")
     commands.add_parser("status", help="what is running")
     logs = commands.add_parser("logs", help="show a component's log")
@@ -60,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"switchboard: {exc}", file=sys.stderr)
         return 2
+    if args.command == "up" and args.prometheus:
+        config = dataclasses.replace(config, prometheus=True)
     mesh = Mesh(config, progress=_progress)
     if args.command == "keys":
         return asyncio.run(_keys(args, mesh.database_url))
@@ -90,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{record.name:<12} pid {record.pid:<8} {'running' if alive else 'DEAD':<8} "
                 f"{record.log}"
             )
+            if record.name == "prometheus":
+                print(f"{'':<12} {mesh.prometheus_url}")
         return 0 if all(alive for _, alive in rows) else 1
     # logs
     log_dir = config.run_dir / "logs"

@@ -196,7 +196,11 @@ class RagStore:
     ) -> None:
         # not autocommit: every use is a tenant transaction
         self._db = Database(
-            app_url, max_size=pool_size, autocommit=False, configure=register_vector_async
+            app_url,
+            max_size=pool_size,
+            autocommit=False,
+            configure=register_vector_async,
+            name="rag",
         )
         self._ef_search = ef_search
         self._exact_scan_max = exact_scan_max

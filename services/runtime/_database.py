@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from datetime import timedelta
 from typing import Any
 
 import psycopg
+from prometheus_client import REGISTRY
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
@@ -91,7 +95,11 @@ async def apply_migrations(
 
 class Database:
     """A service's connection pool: opened (and its schema migrated) at start, probed
-    for readiness, closed at shutdown. Every PostgreSQL-backed store is built on one."""
+    for readiness, closed at shutdown. Every PostgreSQL-backed store is built on one.
+
+    `name` labels the pool's metrics (`switchboard_db_pool_*{pool}`); by default the
+    schema prefix given to `open`.
+    """
 
     def __init__(
         self,
@@ -100,6 +108,7 @@ class Database:
         max_size: int = 8,
         autocommit: bool = True,
         configure: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]] | None = None,
+        name: str = "",
     ) -> None:
         self.pool = AsyncConnectionPool(
             url,
@@ -110,12 +119,15 @@ class Database:
             configure=configure,
             timeout=POOL_WAIT_S,
         )
+        self.name = name
         self._down = False
+        _pools.add(self)
 
     async def open(
         self, *, prefix: str = "", lock: int = 0, migrations: Mapping[int, str] | None = None
     ) -> None:
         """Opens the pool, then applies `migrations` (if any) as `apply_migrations` does."""
+        self.name = self.name or prefix
         await self.pool.open(wait=True, timeout=30)
         if migrations:
             async with self.pool.connection() as conn:
@@ -157,3 +169,81 @@ class Database:
 
     async def close(self) -> None:
         await self.pool.close()
+
+
+_pools: weakref.WeakSet[Database] = weakref.WeakSet()
+"""Every Database of this process, for the metrics collector."""
+
+_POOL_GAUGES = (
+    ("pool_size", "switchboard_db_pool_connections", "Connections the pool holds."),
+    ("pool_available", "switchboard_db_pool_idle", "Connections idle in the pool."),
+    ("pool_max", "switchboard_db_pool_max", "The most connections the pool may hold."),
+    (
+        "requests_waiting",
+        "switchboard_db_pool_requests_waiting",
+        "Requests waiting for a connection now.",
+    ),
+)
+_POOL_COUNTERS = (
+    ("requests_num", "switchboard_db_pool_requests", "Connections asked of the pool.", 1.0),
+    (
+        "requests_queued",
+        "switchboard_db_pool_requests_queued",
+        "Requests that had to wait for a connection.",
+        1.0,
+    ),
+    (
+        "requests_wait_ms",
+        "switchboard_db_pool_wait_seconds",
+        "Time requests spent waiting for a connection.",
+        0.001,
+    ),
+    (
+        "requests_errors",
+        "switchboard_db_pool_request_errors",
+        "Requests that got no connection (timed out, or the pool was closing).",
+        1.0,
+    ),
+    (
+        "connections_errors",
+        "switchboard_db_pool_connection_errors",
+        "Failed attempts to connect to PostgreSQL.",
+        1.0,
+    ),
+    (
+        "connections_lost",
+        "switchboard_db_pool_connections_lost",
+        "Connections found broken when checked.",
+        1.0,
+    ),
+)
+
+
+class PoolCollector(Collector):
+    """`switchboard_db_pool_*{pool}` of every open pool, from psycopg_pool's `get_stats()`
+    at scrape time."""
+
+    def collect(self) -> Iterator[Metric]:
+        gauges = {k: GaugeMetricFamily(n, h, labels=["pool"]) for k, n, h in _POOL_GAUGES}
+        counters = {
+            k: (CounterMetricFamily(n, h, labels=["pool"]), scale)
+            for k, n, h, scale in _POOL_COUNTERS
+        }
+        try:
+            databases = list(_pools)
+        except RuntimeError:  # a pool was made while this (scrape) thread copied the set
+            databases = []
+        for db in databases:
+            if db.pool.closed:
+                continue
+            stats = db.pool.get_stats()
+            label = [db.name or db.pool.name]
+            for key, family in gauges.items():
+                family.add_metric(label, stats.get(key, 0))
+            for key, (family, scale) in counters.items():
+                family.add_metric(label, stats.get(key, 0) * scale)
+        yield from gauges.values()
+        yield from (family for family, _ in counters.values())
+
+
+REGISTRY.register(PoolCollector())

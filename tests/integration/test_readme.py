@@ -61,6 +61,9 @@ EXCLUDED = {
     "make up": "the session's mesh is up already, started by the same `Mesh.up` (see make"
     " demo for what `up` does to a partly dead mesh)",
     "make down": "would stop the session's mesh, which the tests after this one use",
+    ".venv/bin/switchboard up --prometheus": "as make up (its Mesh.up acts on the session's"
+    " mesh); tests/integration/test_prometheus.py starts Prometheus on the session's mesh"
+    " with the launcher code it runs (Mesh.start_prometheus)",
 }
 """Commands of the README not run here (a whole line of a block, comment aside)."""
 
@@ -103,6 +106,7 @@ SHOWS = {
         "grpcurl exited with 67",
     ),
     "stub.Generate(": ("completion_tokens", "generator_"),
+    "promtool test rules": ("rules found", "rules_test.yml\n  SUCCESS"),
     "chat.completions.create(": ("Envoy is a proxy.", "completion_tokens="),
     "keys create --operator": (
         '"weight": 2',

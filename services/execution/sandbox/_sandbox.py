@@ -15,10 +15,12 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+from prometheus_client import Counter
 
 from services.execution.sandbox import _launcher, _seccomp
 from services.execution.sandbox._types import (
@@ -42,6 +44,29 @@ _REPORT_GRACE = timedelta(seconds=10)
 _STOP_GRACE = timedelta(seconds=5)
 _READ_SIZE = 64 * KiB
 
+RUNS = Counter(
+    "switchboard_sandbox_runs",
+    "Runs that returned a result, by how the code ended (exited, timeout, cpu_limit, ...).",
+    ["termination"],
+)
+FAILURES = Counter(
+    "switchboard_sandbox_failures",
+    "Sandboxes that failed themselves (SandboxError), by stage: `start` (a pool's warm"
+    " sandbox), `run` (a run got no result).",
+    ["stage"],
+)
+
+
+async def _counted(result: Awaitable[RunResult]) -> RunResult:
+    """`result`, counted in RUNS, or its SandboxError in FAILURES."""
+    try:
+        done = await result
+    except SandboxError:
+        FAILURES.labels("run").inc()
+        raise
+    RUNS.labels(done.termination.name.lower()).inc()
+    return done
+
 
 async def run(request: RunRequest, limits: SandboxLimits | None = None) -> RunResult:
     """Runs `request` in a sandbox started for it alone, destroyed afterwards.
@@ -55,6 +80,12 @@ async def run(request: RunRequest, limits: SandboxLimits | None = None) -> RunRe
     """
     limits = limits or SandboxLimits()
     timeout = _checked_timeout(request, limits)
+    return await _counted(_start_and_execute(request, limits, timeout))
+
+
+async def _start_and_execute(
+    request: RunRequest, limits: SandboxLimits, timeout: float
+) -> RunResult:
     sandbox = await _Sandbox.start(limits)
     return await sandbox.execute(request, timeout)
 
@@ -108,6 +139,9 @@ class SandboxPool:
         if self._closed:
             raise RuntimeError("the sandbox pool is closed")
         timeout = _checked_timeout(request, self.limits)
+        return await _counted(self._take_and_execute(request, timeout))
+
+    async def _take_and_execute(self, request: RunRequest, timeout: float) -> RunResult:
         sandbox = await self._take()
         self._replenish()
         return await sandbox.execute(request, timeout, destroy=self._destroy_later)
@@ -148,6 +182,7 @@ class SandboxPool:
         try:
             sandbox = await _Sandbox.start(self.limits)
         except SandboxError:
+            FAILURES.labels("start").inc()
             logger.exception("a sandbox for the pool did not start")
             return
         self._ready.append(sandbox)
