@@ -5,7 +5,9 @@ Modules, each with one job:
 - `store` keeps task and step state in PostgreSQL; `bus` is NATS JetStream (work
   queue, event log, dead letters, cancel broadcasts);
 - `engine` submits tasks, publishes what their transitions changed, cancels them;
-  `events` builds their events; `watch` numbers them for WatchTask;
+  `events` builds their events; `watch` numbers them for WatchTask; `feed` fans one
+  live read of every task's events out to their watchers, `tail` reads the stream for
+  it (one live consumer per process, bounded history reads);
 - `worker_loop` pulls steps and runs them in chains (the order of effects crash safety
   rests on is stated there); `heartbeats` keeps running steps' messages and leases
   alive; `batcher` coalesces the store's round trips;

@@ -8,7 +8,8 @@ Streams (file storage; created or updated at start, idempotently):
 - `SB_EVENTS` (`sb.events.<task_id>`): every step and task transition, as a serialised
   `WatchTaskResponse`, kept for `EVENT_RETENTION`. Clients never see its stream
   sequence (it counts every tenant's events): an event's sequence is its place among
-  its subject's messages, counted by WatchTask (see `watch`).
+  its subject's messages, counted by WatchTask (see `watch`). WatchTask reads it
+  through one live consumer per API process (see `tail`), not one per watcher.
 - `SB_DEAD` (`sb.dead.<task_id>`): steps that exhausted their attempts or deliveries.
 
 Every publish carries `Nats-Msg-Id`, so a republish after a crash (the state in
@@ -22,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 WORK_STREAM = "SB_WORK"
 WORK_SUBJECT = "sb.work.step"
 EVENT_STREAM = "SB_EVENTS"
+EVENT_SUBJECTS = "sb.events.>"
 DEAD_STREAM = "SB_DEAD"
 WORKERS = "workers"
 CANCEL_SUBJECT = "sb.cancel"
@@ -77,6 +79,7 @@ class Bus:
         self._js: JetStreamContext | None = None
         self._first_publish = asyncio.Lock()
         self._acks_ready = False
+        self._connection_listeners: list[Callable[[], object]] = []
 
     @property
     def js(self) -> JetStreamContext:
@@ -95,6 +98,8 @@ class Bus:
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
             connect_timeout=5,
+            disconnected_cb=self._connection_changed,
+            reconnected_cb=self._connection_changed,
         )
         self._js = self._nc.jetstream(timeout=5)
         await self._ensure_streams()
@@ -109,6 +114,15 @@ class Bus:
     def connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
 
+    def on_connection_change(self, changed: Callable[[], object]) -> None:
+        """Calls `changed` whenever the connection is lost or made again (subscriptions
+        survive a reconnection; the consumers they read may not)."""
+        self._connection_listeners.append(changed)
+
+    async def _connection_changed(self) -> None:
+        for changed in self._connection_listeners:
+            changed()
+
     async def _ensure_streams(self) -> None:
         window = DUPLICATE_WINDOW_S
         streams = [
@@ -121,7 +135,7 @@ class Bus:
             ),
             js_api.StreamConfig(
                 name=EVENT_STREAM,
-                subjects=["sb.events.>"],
+                subjects=[EVENT_SUBJECTS],
                 retention=js_api.RetentionPolicy.LIMITS,
                 storage=js_api.StorageType.FILE,
                 max_age=EVENT_RETENTION.total_seconds(),
@@ -246,19 +260,3 @@ class Bus:
     async def work(self) -> JetStreamContext.PullSubscription:
         """The shared pull subscription on the work queue."""
         return await self.js.pull_subscribe_bind(WORKERS, stream=WORK_STREAM)
-
-    async def events(self, task_id: str) -> AsyncIterator[bytes]:
-        """The task's events (serialised `WatchTaskResponse`s), every retained one in
-        order, then new ones as they come."""
-        config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
-        try:
-            sub = await self.js.subscribe(
-                event_subject(task_id), ordered_consumer=True, config=config, stream=EVENT_STREAM
-            )
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise dependency_unavailable("nats", "message bus", exc) from exc
-        try:
-            async for msg in sub.messages:
-                yield msg.data
-        finally:
-            await sub.unsubscribe()

@@ -9,13 +9,13 @@ from collections.abc import Sequence
 import grpc
 from switchboard.execution.v1 import execution_service_pb2, execution_service_pb2_grpc
 
-from services.execution import metrics
 from services.execution.bus import Bus, WorkSettings
 from services.execution.config import ExecutionConfig, load_execution_config
 from services.execution.engine import Engine
 from services.execution.sandbox import SandboxLimits, SandboxPool
 from services.execution.servicer import ExecutionServicer
 from services.execution.store import TaskStore
+from services.execution.tail import EventTail
 from services.execution.tools import ToolExecutor, load_tools
 from services.runtime import stop_task
 
@@ -63,28 +63,31 @@ class Parts:
 
 class ExecutionService:
     """The API process: SubmitTask, GetTask, ListTasks, WatchTask, CancelTask, RunCode;
-    it also re-sends work whose message a crash may have lost."""
+    it also re-sends work whose message a crash may have lost. WatchTask reads the event
+    stream through one live consumer of this process (`tail`)."""
 
     name = "execution"
     service_names: Sequence[str] = (SERVICE_NAME,)
 
     def __init__(self, config: ExecutionConfig | None = None) -> None:
         self.parts = Parts(config or load_execution_config())
+        self.tail = EventTail(self.parts.bus)
         self._sweeper: asyncio.Task[None] | None = None
-        self._backlog: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.parts.start()
+        await self.tail.start()
         self._sweeper = asyncio.create_task(self._sweep(), name="execution-sweeper")
-        self._backlog = asyncio.create_task(
-            metrics.watch_consumer(self.parts.bus), name="execution-backlog"
-        )
 
     def register(self, server: grpc.aio.Server) -> None:
         parts = self.parts
         execution_service_pb2_grpc.add_ExecutionServiceServicer_to_server(
             ExecutionServicer(
-                parts.engine, parts.tools, sandbox=parts.sandbox, sandbox_limits=parts.limits
+                parts.engine,
+                parts.tools,
+                sandbox=parts.sandbox,
+                sandbox_limits=parts.limits,
+                task_events=self.tail.feed.events,
             ),
             server,
         )
@@ -94,7 +97,7 @@ class ExecutionService:
 
     async def shutdown(self) -> None:
         await stop_task(self._sweeper)
-        await stop_task(self._backlog)
+        await self.tail.shutdown()
         await self.parts.close()
 
     async def _sweep(self) -> None:

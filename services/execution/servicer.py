@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from datetime import UTC, datetime
 
@@ -33,6 +33,10 @@ from services.runtime import (
 )
 
 logger = logging.getLogger(__name__)
+
+TaskEvents = Callable[[str], AsyncIterator[bytes]]
+"""A task's events (serialised `WatchTaskResponse`s), every retained one in order, then
+new ones as they come (`feed.EventFeed.events`)."""
 
 
 def task_message(task: TaskRow, last_sequence: int = 0) -> pb.Task:
@@ -80,8 +84,10 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
         *,
         sandbox: SandboxPool | None,
         sandbox_limits: SandboxLimits,
+        task_events: TaskEvents,
     ) -> None:
         self._engine = engine
+        self._task_events = task_events
         self._tools = tools
         self._sandbox = sandbox
         self._limits = sandbox_limits
@@ -156,7 +162,7 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
         old = may_have_expired(task.create_time, datetime.now(UTC), EVENT_RETENTION)
         if old and await bus.event_count(task.task_id) == 0:
             raise history_expired(task.task_id)
-        async with aclosing(bus.events(task.task_id)) as payloads:
+        async with aclosing(self._task_events(task.task_id)) as payloads:
             async for event in numbered(
                 task.task_id, payloads, after=request.after_sequence, whole=old
             ):

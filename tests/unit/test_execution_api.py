@@ -106,7 +106,13 @@ def servicer() -> tuple[ExecutionServicer, FakeStore, FakeBus]:
     store, bus = FakeStore(), FakeBus()
     engine = Engine(store, bus)  # type: ignore[arg-type]
     tools = SimpleNamespace(names=frozenset({"echo"}))
-    api = ExecutionServicer(engine, tools, sandbox=None, sandbox_limits=SandboxLimits())  # type: ignore[arg-type]
+    api = ExecutionServicer(
+        engine,  # type: ignore[arg-type]
+        tools,  # type: ignore[arg-type]
+        sandbox=None,
+        sandbox_limits=SandboxLimits(),
+        task_events=bus.events,
+    )
     return api, store, bus
 
 
