@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import grpc
 from switchboard.execution.v1 import execution_service_pb2, execution_service_pb2_grpc
 
+from services.execution import metrics
 from services.execution.bus import Bus, WorkSettings
 from services.execution.config import ExecutionConfig, load_execution_config
 from services.execution.engine import Engine
@@ -73,11 +74,15 @@ class ExecutionService:
         self.parts = Parts(config or load_execution_config())
         self.tail = EventTail(self.parts.bus)
         self._sweeper: asyncio.Task[None] | None = None
+        self._backlog: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.parts.start()
         await self.tail.start()
         self._sweeper = asyncio.create_task(self._sweep(), name="execution-sweeper")
+        self._backlog = asyncio.create_task(
+            metrics.watch_consumer(self.parts.bus), name="execution-backlog"
+        )
 
     def register(self, server: grpc.aio.Server) -> None:
         parts = self.parts
@@ -97,6 +102,7 @@ class ExecutionService:
 
     async def shutdown(self) -> None:
         await stop_task(self._sweeper)
+        await stop_task(self._backlog)
         await self.tail.shutdown()
         await self.parts.close()
 
