@@ -16,6 +16,11 @@ the session's tenant:
 A failure at any stage becomes an ErrorFrame and a FAILED answer holding what was
 generated so far; a cancellation (CancelTurn, or the client gone) stores the partial
 answer as CANCELLED. Either way the session stays usable.
+
+The history shows what became of every stored user message: when the answer cannot be
+stored as the turn ends (the session store is down), the client is told (an ErrorFrame,
+the turn FAILED), and the turn keeps trying to store the answer, as FAILED with that
+error, for a while (`LATE_STORE`), before the session's next turn starts.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import grpc
 from google.protobuf import json_format, struct_pb2
@@ -44,6 +51,8 @@ from services.chat.store import SessionStore
 from services.runtime import (
     TENANT_HEADER,
     Internal,
+    RetriesExhausted,
+    RetryPolicy,
     SwitchboardError,
     Unavailable,
     channel,
@@ -60,6 +69,11 @@ DEFAULT_TOP_K = 5
 # What a failing backend is called in errors without details of their own (Envoy's
 # "no healthy upstream", a connection refused).
 _BARE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+LATE_STORE = RetryPolicy(
+    max_attempts=40, backoff=timedelta(milliseconds=500), max_backoff=timedelta(seconds=15)
+)
+"""How an answer that could not be stored when its turn ended is tried again: for up to
+about eight minutes of a store outage."""
 
 
 class Backends:
@@ -147,6 +161,7 @@ class Turn:
         backends: Backends,
         emit: Emit,
         last_event_id: Callable[[], str],
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
         self.tenant_id = tenant_id
         self.session_id = session_id
@@ -161,6 +176,8 @@ class Turn:
         self._metadata = tuple(propagated_metadata([(TENANT_HEADER, tenant_id)]))
         self._task_id = ""
         self._user: asyncio.Future[pb.Message] | None = None
+        self._finished = False
+        self._sleep = sleep
 
     @property
     def assistant_id(self) -> str:
@@ -375,6 +392,8 @@ class Turn:
     async def _finish(
         self, status: int, *, error: status_pb2.Status | None = None, finish: int = 0
     ) -> None:
+        if self._finished:  # cancelled after its answer was stored (or refused)
+            return
         await self._begin()  # when the turn ended before any stage
         answer = self.answer
         complete = answer.complete
@@ -396,6 +415,7 @@ class Turn:
             await self._emit(
                 citations=pb.Citations(citations=message.citations, passages=answer.passages)
             )
+        lost: SwitchboardError | None = None
         try:
             await self._store_message(message)
         except Exception as exc:  # the history is unavailable: say so, and end the turn
@@ -407,6 +427,7 @@ class Turn:
                 )
             )
             status = pb.MESSAGE_STATUS_FAILED
+        self._finished = True
         await self._emit(
             turn_completed=pb.TurnCompleted(
                 assistant_message_id=self.assistant_id,
@@ -416,6 +437,35 @@ class Turn:
                 model=message.model,
             )
         )
+        if lost is not None and self._user_stored():
+            message.status = pb.MESSAGE_STATUS_FAILED
+            message.error.CopyFrom(lost.to_rpc_status())
+            await asyncio.shield(self._store_late(message))
+
+    def _user_stored(self) -> bool:
+        user = self._user
+        return user is not None and user.done() and not user.cancelled() and not user.exception()
+
+    async def _store_late(self, message: pb.Message) -> None:
+        """Stores an answer the store refused when its turn ended, trying again while the
+        store is unavailable (`LATE_STORE`), so that its user message is not left
+        unanswered in the history."""
+        try:
+            await LATE_STORE.call(
+                lambda _: self._append(message),
+                retry_on=Unavailable,
+                rng=random.Random(),
+                sleep=self._sleep,
+            )
+        except RetriesExhausted:
+            logger.error("answer lost: the store stayed unavailable", extra=self._where())
+        except SwitchboardError as error:  # the session was deleted meanwhile
+            logger.info("answer not stored: %s", error.reason, extra=self._where())
+        else:
+            logger.info("answer stored late", extra=self._where())
+
+    def _where(self) -> dict[str, str]:
+        return {"session_id": self.session_id, "message_id": self.assistant_id}
 
     async def _fail(self, error: status_pb2.Status) -> None:
         await self._begin()
