@@ -1,6 +1,11 @@
 """What every PostgreSQL-backed service shares: a connection pool with readiness,
 versioned migrations, and the error a caller gets while the database is down.
 
+A connection that sat idle in the pool for a while (`IDLE_CHECK_S`) is checked with a
+round trip before it is handed out, so the first calls after a PostgreSQL restart get
+live connections, not the dead ones the pool held through the outage; one just
+returned is handed out as it is (the hot path pays nothing).
+
 Waiting for a pooled connection never outlasts the call it serves: the wait ends a
 moment before the inbound deadline, so the caller hears UNAVAILABLE with RetryInfo (its
 store's `dependency_unavailable`) rather than DEADLINE_EXCEEDED. Once the database has
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from datetime import timedelta
@@ -36,6 +42,8 @@ DOWN_WAIT_S = 0.5
 """The longest wait while the database is seen down."""
 ANSWER_RESERVE_S = 0.05
 """Time kept before the inbound deadline to answer UNAVAILABLE."""
+IDLE_CHECK_S = 1.0
+"""A connection idle in the pool this long is checked before it is handed out."""
 
 
 def pool_wait(requested: float | None, remaining: float | None, *, down: bool) -> float:
@@ -119,6 +127,9 @@ class Database:
             configure=configure,
             timeout=POOL_WAIT_S,
         )
+        self._returned_at: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
+            weakref.WeakKeyDictionary()
+        )
         self.name = name
         self._down = False
         _pools.add(self)
@@ -137,22 +148,45 @@ class Database:
     async def connection(
         self, timeout: float | None = None
     ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """A pooled connection, waited for as `pool_wait` says.
+        """A live pooled connection, waited for as `pool_wait` says (see the module).
 
         Raises:
             psycopg_pool.PoolTimeout: none came in time (a psycopg.OperationalError,
                 which the stores answer as UNAVAILABLE).
         """
-        wait = pool_wait(timeout, time_remaining(), down=self._down)
         try:
-            async with self.pool.connection(timeout=wait) as conn:
-                self._down = False
-                yield conn
+            conn = await self._live(pool_wait(timeout, time_remaining(), down=self._down))
+            try:
+                async with conn:
+                    yield conn
+            finally:
+                await self.pool.putconn(conn)
+                self._returned_at[conn] = time.monotonic()
         except psycopg.errors.QueryCanceled:
             raise  # a statement cancelled or timed out: the database is up
         except psycopg.OperationalError:
             self._down = True
             raise
+
+    async def _live(self, wait: float) -> psycopg.AsyncConnection[Any]:
+        """A connection from the pool within `wait` seconds: one just returned as it is,
+        any other checked first; a dead one is dropped (the pool replaces it) and the
+        next is waited for briefly, the database having been seen down."""
+        deadline = time.monotonic() + wait
+        while True:
+            left = max(deadline - time.monotonic(), 0.001)
+            conn = await self.pool.getconn(timeout=min(left, DOWN_WAIT_S) if self._down else left)
+            returned = self._returned_at.get(conn)
+            if returned is not None and time.monotonic() - returned < IDLE_CHECK_S:
+                return conn
+            try:
+                await AsyncConnectionPool.check_connection(conn)
+            except psycopg.Error:
+                self._down = True
+                await self.pool.putconn(conn)  # broken: dropped
+                continue
+            self._down = False
+            return conn
 
     @property
     def down(self) -> bool:
