@@ -3,7 +3,10 @@ history reads; together they feed `feed.EventFeed`.
 
 JetStream consumers never grow with watchers:
 - live: one ephemeral push consumer on every task's events (`EVENT_SUBJECTS`), made
-  by this process and read in order. It is checked as an ordered consumer is: each
+  by this process while it has watchers (the first one's history is read only once it
+  exists, so nothing falls between the two; `linger` after the last one leaves it is
+  dropped: a process nobody watches through does not read every event), and read in
+  order. It is checked as an ordered consumer is: each
   message must carry the next consumer sequence, idle heartbeats must keep coming and
   agree with what arrived; otherwise (a dropped message, a NATS restart, a lost
   consumer) a new consumer resumes at the stream sequence after the last event handed
@@ -56,6 +59,8 @@ class TailSettings:
     """How long the live consumer may be lost before watches end UNAVAILABLE."""
     inactive_threshold: timedelta = timedelta(seconds=30)
     """NATS deletes a consumer this process left behind (it crashed) after this long."""
+    linger: timedelta = timedelta(seconds=10)
+    """How long the live consumer is kept once no task is watched."""
 
 
 class EventTail:
@@ -76,10 +81,16 @@ class EventTail:
         self._down_since: float | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
+        self._making = asyncio.Lock()
+        self._unwatched_since: float | None = None
+
+    @property
+    def live(self) -> bool:
+        """Whether the live consumer exists now."""
+        return bool(self._consumer)
 
     async def start(self) -> None:
-        """Makes the live consumer (raises if NATS cannot), then keeps it alive."""
-        await self._subscribe()
+        """Keeps the live consumer alive while it is wanted (the first watch makes it)."""
         self._bus.on_connection_change(self._broken.set)
         self._supervisor = asyncio.create_task(self._supervise(), name="event-tail")
 
@@ -111,6 +122,7 @@ class EventTail:
             name = ""
             try:
                 async with asyncio.timeout(self.settings.history_timeout.total_seconds()):
+                    await self._make_live()  # before the history: no event between them
                     info = await self._bus.js.add_consumer(
                         EVENT_STREAM,
                         js_api.ConsumerConfig(
@@ -160,6 +172,18 @@ class EventTail:
             logger.debug("history consumer %s left to expire: %r", name, exc)
 
     # ---- live ----------------------------------------------------------------------
+
+    async def _make_live(self) -> None:
+        async with self._making:
+            if not self._consumer:
+                await self._subscribe()
+
+    def _drop_live(self) -> None:
+        """Drops the live consumer (nothing is watched); the next one starts afresh."""
+        self._generation += 1
+        self._forget(self._sub, self._consumer)
+        self._sub, self._consumer, self._next = None, "", 0
+        logger.info("live event consumer dropped: no task is watched")
 
     async def _subscribe(self) -> None:
         """Replaces the live consumer by one starting at `_next`."""
@@ -232,8 +256,21 @@ class EventTail:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(beat):
                     await self._broken.wait()
-            if self._broken.is_set() or time.monotonic() - self._heard > 3 * beat:
-                await self._recover()
+            if not self._consumer or self._making.locked():
+                self._broken.clear()
+                continue
+            now = time.monotonic()
+            if self.feed.watched:
+                self._unwatched_since = None
+            elif self._unwatched_since is None:
+                self._unwatched_since = now
+            elif now - self._unwatched_since >= self.settings.linger.total_seconds():
+                self._unwatched_since = None
+                self._drop_live()
+                continue
+            if self._broken.is_set() or now - self._heard > 3 * beat:
+                async with self._making:
+                    await self._recover()
 
     async def _recover(self) -> None:
         delay = 0.1

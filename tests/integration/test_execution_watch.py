@@ -297,3 +297,24 @@ async def test_watchers_follow_their_tasks_across_a_nats_restart(stubs, mesh):
     )
     assert latest > restarted, "no event after the restart: the live feed was not tested"
     print(f"\nwatch streams resumed after UNAVAILABLE across the restart: {sum(resumed.values())}")
+
+
+async def test_the_live_consumer_exists_only_while_tasks_are_watched(stubs, mesh):
+    tenant = f"tenant-{uuid.uuid4().hex[:12]}"
+    task = await submit(stubs[0], tenant, chain(1))
+    events = await follow(stubs[0], tenant, task.task_id)  # a watch, to its final event
+    assert final(events[-1])
+
+    async def nothing_watched_nothing_consumed() -> bool:
+        return (await asyncio.to_thread(event_consumers, mesh))[0] == 0
+
+    linger = TailSettings().linger.total_seconds()
+    await eventually(
+        nothing_watched_nothing_consumed,
+        timeout=linger + 10,
+        interval=0.5,
+        what="the live consumer dropped after its linger",
+    )
+    # and the next watch makes it again, missing nothing
+    again = await follow(stubs[0], tenant, task.task_id)
+    assert [e.SerializeToString() for e in again] == [e.SerializeToString() for e in events]

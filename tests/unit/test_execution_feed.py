@@ -12,8 +12,6 @@ import pytest
 from services.execution.feed import EventFeed, History
 from services.runtime import Unavailable
 
-pytestmark = pytest.mark.timeout(10)
-
 
 class Stream:
     """A stream of several tasks' events with stream sequences; a history read waits
