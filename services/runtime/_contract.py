@@ -51,6 +51,19 @@ class MethodContract:
                 metadata={"method": self.full_name, "principal": principal.header_value},
             )
 
+    def admit(self, principal: Principal, request: message.Message) -> None:
+        """The checks before a handler runs: the caller's principal, then (for a single
+        request message) its constraints. A streamed request's messages are checked by
+        the handler, which answers each on its own.
+
+        Raises:
+            PermissionDenied: `PRINCIPAL_NOT_ALLOWED`.
+            InvalidArgument: `INVALID_REQUEST`, with the violated fields.
+        """
+        self.check_caller(principal)
+        if not self.client_streaming:
+            validate_request(request)
+
 
 def request_violations(request: message.Message) -> list[FieldViolation]:
     """Every `buf.validate` constraint `request` breaks, as field violations whose paths

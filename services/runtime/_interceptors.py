@@ -20,7 +20,7 @@ import grpc
 from grpc.aio import AbortError
 
 from services.runtime import _context, _metrics
-from services.runtime._contract import MethodContract, method_contract, validate_request
+from services.runtime._contract import MethodContract, method_contract
 from services.runtime._errors import SwitchboardError
 
 logger = logging.getLogger(__name__)
@@ -63,9 +63,7 @@ class _Method:
         (for a single request message) its constraints. A streamed request's messages
         are checked by the handler, which answers each on its own."""
         if self.contract is not None:
-            self.contract.check_caller(_context.principal.get())
-            if not self.contract.client_streaming:
-                validate_request(request)
+            self.contract.admit(_context.principal.get(), request)
 
     def handled(self, code: grpc.StatusCode) -> Any:
         child = self._handled.get(code)
