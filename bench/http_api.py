@@ -66,6 +66,7 @@ from bench._common import (
     write_result,
 )
 from bench._echo import stop
+from bench.mesh_tax import triton_ttft
 from services.gateway import chat_call
 from services.inference.triton import generate_request
 
@@ -305,26 +306,7 @@ def _grpc_ttft(
 
 def _triton_ttft(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> Timed:
     # the request the router sends for this Generate (same inputs, same parameters)
-    request = generate_request(TTFT_MODEL, PROMPT, PASSAGES, MAX_TOKENS)
-
-    async def call() -> float:
-        started = time.perf_counter()
-        first = None
-        # read to the final response, as the router does, so Triton does the same work
-        async for reply in stub.ModelStreamInfer(iter([request]), timeout=TIMEOUT_S):
-            if reply.error_message:
-                raise RuntimeError(f"Triton: {reply.error_message}")
-            response = reply.infer_response
-            if first is None and response.outputs:
-                first = time.perf_counter() - started
-            final = response.parameters.get("triton_final_response")
-            if final is not None and final.bool_param:
-                break
-        if first is None:
-            raise RuntimeError("Triton streamed no token")
-        return first
-
-    return call
+    return triton_ttft(stub, generate_request(TTFT_MODEL, PROMPT, PASSAGES, MAX_TOKENS))
 
 
 @dataclass

@@ -87,7 +87,13 @@ def triton_generate_request() -> service_pb2.ModelInferRequest:
 
 
 def _direct_ttft(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> Timed:
-    request = triton_generate_request()
+    return triton_ttft(stub, triton_generate_request())
+
+
+def triton_ttft(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub, request: service_pb2.ModelInferRequest
+) -> Timed:
+    """Times Triton's first token for `request` (a generation, streamed)."""
 
     async def call() -> float:
         started = time.perf_counter()
