@@ -242,22 +242,23 @@ async def closed_loop(
     concurrency: int,
     seconds: float,
     drain_s: float = 60.0,
+    ramp_s: float = 0.0,
 ) -> Window:
     """`concurrency` workers, each calling `call(i)` back to back (i counts up across all
-    workers) for `seconds`. Counts the calls that finished inside the window. The ones still
+    workers) for `seconds`. Counts the calls that finished inside the window, after its
+    first `ramp_s` (while every worker's first call starts at once). The ones still
     in flight when it closes are not counted but awaited, so the next run starts on a quiet
     server; after `drain_s` they are cancelled and counted as `abandoned` (a server that
     slow may still be working on them, so the caller should stop measuring)."""
     counter = itertools.count()
-    window = Window(seconds=seconds)
+    window = Window(seconds=seconds - ramp_s)
     start = time.perf_counter()
-    end = start + seconds
+    counted, end = start + ramp_s, start + seconds
 
     async def worker() -> None:
         while (began := time.perf_counter()) < end:
             await call(next(counter))
-            done = time.perf_counter()
-            if done <= end:
+            if counted <= (done := time.perf_counter()) <= end:
                 window.completed += 1
                 window.latencies.append(done - began)
 

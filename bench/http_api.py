@@ -55,6 +55,7 @@ from bench import _openai_stub
 from bench._common import (
     Window,
     api_key_metadata,
+    closed_loop,
     give_tenant_room,
     ms,
     operator_metadata,
@@ -66,7 +67,7 @@ from bench._common import (
     write_result,
 )
 from bench._echo import stop
-from bench.mesh_tax import triton_ttft
+from bench.mesh_tax import generate_ttft, triton_ttft
 from services.gateway import chat_call
 from services.inference.triton import generate_request
 
@@ -289,19 +290,7 @@ def _http_ttft(session: aiohttp.ClientSession, url: str, headers: dict[str, str]
 def _grpc_ttft(
     stub: inference_service_pb2_grpc.InferenceServiceStub, metadata: tuple[tuple[str, str], ...]
 ) -> Timed:
-    request = chat_call(chat_body(TTFT_MODEL, stream=True)).request
-
-    async def call() -> float:
-        started = time.perf_counter()
-        first = None
-        async for reply in stub.Generate(request, timeout=TIMEOUT_S, metadata=metadata):
-            if first is None and reply.HasField("token"):
-                first = time.perf_counter() - started
-        if first is None:
-            raise RuntimeError("Generate streamed no token")
-        return first
-
-    return call
+    return generate_ttft(stub, chat_call(chat_body(TTFT_MODEL, stream=True)).request, metadata)
 
 
 def _triton_ttft(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> Timed:
@@ -386,32 +375,15 @@ async def wait_answering(arm: LoadArm, session: aiohttp.ClientSession, what: str
 
 async def steady_slice(call: Callable[[], Awaitable[None]]) -> Window:
     """CONCURRENCY workers calling back to back for SLICE_S; counts the calls that end
-    after RAMP_S and before the slice does (and their latencies). Then no call starts, and
-    those in flight are awaited (up to DRAIN_S, then cancelled: `abandoned`), so the next
-    slice starts on a quiet gateway."""
-    window = Window(seconds=SLICE_S - RAMP_S)
-    start = time.perf_counter()
-    counted, end = start + RAMP_S, start + SLICE_S
-
-    async def worker() -> None:
-        while (began := time.perf_counter()) < end:
-            await call()
-            if counted <= (done := time.perf_counter()) <= end:
-                window.completed += 1
-                window.latencies.append(done - began)
-
-    workers = [asyncio.ensure_future(worker()) for _ in range(CONCURRENCY)]
-    try:
-        _, pending = await asyncio.wait(workers, timeout=SLICE_S + DRAIN_S)
-        window.abandoned = len(pending)
-    finally:
-        for task in workers:
-            task.cancel()
-        results = await asyncio.gather(*workers, return_exceptions=True)
-    for result in results:
-        if isinstance(result, Exception):
-            raise result
-    return window
+    after RAMP_S and before the slice does (and their latencies); those in flight are then
+    awaited (up to DRAIN_S), so the next slice starts on a quiet gateway."""
+    return await closed_loop(
+        lambda _: call(),
+        concurrency=CONCURRENCY,
+        seconds=SLICE_S,
+        drain_s=DRAIN_S,
+        ramp_s=RAMP_S,
+    )
 
 
 async def load(arms: dict[str, LoadArm]) -> None:

@@ -122,6 +122,15 @@ def _mesh_ttft(stub: inference_service_pb2_grpc.InferenceServiceStub, metadata: 
         context=[inference_pb2.Passage(source_id=f"p{i}", text=t) for i, t in enumerate(PASSAGES)],
         parameters=inference_pb2.GenerationParameters(max_tokens=MAX_TOKENS),
     )
+    return generate_ttft(stub, request, metadata)
+
+
+def generate_ttft(
+    stub: inference_service_pb2_grpc.InferenceServiceStub,
+    request: inference_pb2.GenerateRequest,
+    metadata: Metadata,
+) -> Timed:
+    """Times the first token of a Generate call."""
 
     async def call() -> float:
         started = time.perf_counter()
