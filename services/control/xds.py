@@ -177,6 +177,8 @@ class _TypeState:
     sent_version: int | None = None
     sent_names: frozenset[str] = frozenset()
     sent_resources: dict[str, Message] = field(default_factory=dict)
+    accepted: dict[str, Message] = field(default_factory=dict)
+    """The resources of the last response Envoy ACKed."""
     sent_from: Snapshot | None = None
     in_flight: bool = False
     interim: bool = False
@@ -261,9 +263,11 @@ class AdsStream:
             state.rejected_version = version
             state.last_nack = nack
             self.nacked.append(nack)
-        elif not state.interim:
-            state.acked_version = version
-            self.acked.append((type_url, version))
+        else:
+            state.accepted = state.sent_resources
+            if not state.interim:
+                state.acked_version = version
+                self.acked.append((type_url, version))
 
     def _advance(self) -> list[DiscoveryResponse]:
         """The next response of the target snapshot, in order; [] while one is awaited."""
@@ -314,7 +318,8 @@ class AdsStream:
         clusters: dict[str, Message] = dict(target.resources.clusters)
         if self._types[LISTENER_TYPE].sent_version is None:
             return clusters  # no route to keep whole yet
-        removed = {n: m for n, m in state.sent_resources.items() if n not in clusters}
+        # what Envoy accepted last: a rejected cluster is not kept (it would be NACKed again)
+        removed = {n: m for n, m in state.accepted.items() if n not in clusters}
         return {**removed, **clusters}
 
     def _resend_for_names(self, type_url: str, state: _TypeState) -> list[DiscoveryResponse]:
@@ -556,10 +561,15 @@ class _Servicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def __init__(self, server: XdsServer) -> None:
         self._server = server
 
-    def StreamAggregatedResources(  # noqa: N802 - the generated servicer's name
+    async def StreamAggregatedResources(  # noqa: N802 - the generated servicer's name
         self, request_iterator: AsyncIterator[DiscoveryRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[DiscoveryResponse]:
-        return self._server._serve(request_iterator)
+        responses = self._server._serve(request_iterator)
+        try:
+            async for response in responses:
+                yield response
+        finally:
+            await responses.aclose()
 
     async def DeltaAggregatedResources(  # noqa: N802
         self,

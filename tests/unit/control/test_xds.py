@@ -237,6 +237,18 @@ def test_a_nack_keeps_the_last_good_version_and_is_recorded() -> None:
     assert fixed.version_info == "3"
 
 
+def test_a_rejected_cluster_is_not_kept_for_the_routes() -> None:
+    stream, _ = synced(Snapshot(1, resources("alpha")))
+    clusters = only(stream.on_snapshot(Snapshot(2, resources("alpha", "beta"))), CLUSTER_TYPE)
+    stream.on_request(request(CLUSTER_TYPE, answering=clusters, error="beta is bad"))
+
+    fixed = only(stream.on_snapshot(Snapshot(3, resources("alpha"))), CLUSTER_TYPE)
+
+    assert names_in(fixed) == {"alpha", "reflection"}
+    stream.on_request(request(CLUSTER_TYPE, answering=fixed))
+    assert stream.type_status()[CLUSTER_TYPE].acked_version == 3
+
+
 def test_a_stale_nonce_is_ignored() -> None:
     stream, last = synced(Snapshot(1, resources("alpha")))
     newer = only(stream.on_snapshot(Snapshot(2, resources("alpha"))), CLUSTER_TYPE)
