@@ -12,23 +12,24 @@ and is then pushed to every connected Envoy. The invariants this module keeps:
    compares each cluster, listener and route configuration with what it runs, so no
    listener drains and no connection is cut.
 2. Order, per stream. A new snapshot reaches an Envoy in the order clusters → endpoints
-   → listeners → routes, each type sent only once the one before it was answered (ACK or
-   NACK), so a listener or route never arrives before the clusters it names exist, and
-   endpoints go out once Envoy subscribed to every new cluster's (a cluster warms until
-   its endpoints arrive). When clusters disappear, the first clusters response still
-   holds the old ones next to the new; only after the new listeners and routes were
-   answered does a final clusters response remove them, so no route Envoy runs ever
-   names a cluster it does not have.
+   → listeners → routes. Endpoints follow the clusters at once, as soon as Envoy asked
+   for every new cluster's (Envoy ACKs a new cluster only once it has its endpoints: it
+   warms until then); listeners, then routes, each go once everything before them was
+   answered (ACK or NACK), so a listener or route never arrives before the clusters it
+   names exist. When clusters disappear, the first clusters response still holds the
+   old ones (those Envoy accepted) next to the new; only after the new listeners and
+   routes were ACKed does a final clusters response remove them, so no route Envoy runs
+   ever names a cluster it does not have.
 3. A NACK keeps the last good config. Envoy keeps running what it accepted last; the
    server records the error (`status()`), sends nothing more of that version (the types
    after the rejected one are held back) and waits for the next `publish`. Nothing is
    resent in a loop.
 4. The protocol per type URL: a request whose `response_nonce` is the last one sent is an
-   ACK (or, with `error_detail`, a NACK); an empty nonce is a (re)subscription; any other
-   nonce is stale (Envoy had not yet seen the newest response) and is ignored. Clusters
-   and listeners are wildcard types (every resource is sent); endpoints and route
-   configurations are sent for the names Envoy asks for, and sent again when those names
-   change.
+   ACK (or, with `error_detail`, a NACK); an empty nonce, or any nonce before this stream
+   sent that type, is a (re)subscription; any other nonce is stale (Envoy had not yet
+   seen the newest response) and is ignored. Clusters and listeners are wildcard types
+   (every resource is sent); endpoints and route configurations are sent for the names
+   Envoy asks for, and sent again when those names change.
 
 `XdsServer` holds the snapshot and the streams; `AdsStream` is one stream's protocol as a
 plain state machine (requests and snapshots in, responses out), which is what the unit
@@ -65,6 +66,7 @@ from services.control.resources import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
     LISTENER_TYPE,
+    ROUTE_TYPE,
     TYPE_URLS,
     Resources,
     eds_name,
@@ -183,10 +185,13 @@ class _TypeState:
     in_flight: bool = False
     interim: bool = False
     """Clusters only: the last response still holds clusters the snapshot removed."""
-    answered: Snapshot | None = None
     acked_version: int | None = None
     rejected_version: int | None = None
     last_nack: Nack | None = None
+
+    def sent_names_at(self, version: int) -> frozenset[str]:
+        """The names sent at `version` (none when the last response was another's)."""
+        return self.sent_names if self.sent_version == version else frozenset()
 
 
 class AdsStream:
@@ -226,10 +231,11 @@ class AdsStream:
             logger.warning("unknown xDS type requested", extra={"type_url": request.type_url})
             return []
         nonce = request.response_nonce
-        if nonce and nonce != state.sent_nonce:
+        if state.sent_nonce and nonce and nonce != state.sent_nonce:
             return []  # stale: Envoy will answer the newer response with its current names
-        if nonce:
+        if state.sent_nonce and nonce == state.sent_nonce and state.in_flight:
             self._answered(request.type_url, state, request)
+        # otherwise a (re)subscription: nothing sent yet, or a nonce of an earlier stream
         state.subscribed = True
         if request.type_url not in WILDCARD_TYPES:
             state.names = frozenset(request.resource_names)
@@ -256,7 +262,6 @@ class AdsStream:
 
     def _answered(self, type_url: str, state: _TypeState, request: DiscoveryRequest) -> None:
         state.in_flight = False
-        state.answered = state.sent_from
         version = state.sent_version if state.sent_version is not None else 0
         if request.HasField("error_detail"):
             nack = Nack(type_url, version, request.error_detail.message)
@@ -270,65 +275,65 @@ class AdsStream:
                 self.acked.append((type_url, version))
 
     def _advance(self) -> list[DiscoveryResponse]:
-        """The next response of the target snapshot, in order; [] while one is awaited."""
+        """Every response of the target snapshot that may go now, in order."""
+        responses = []
+        while (response := self._next()) is not None:
+            responses.append(response)
+        return responses
+
+    def _next(self) -> DiscoveryResponse | None:
+        """The next response of the target snapshot, or None while answers are awaited.
+
+        Clusters, then endpoints right behind them without waiting for the clusters'
+        answer (Envoy ACKs a new cluster only once its endpoints arrived), then
+        listeners and routes, each once everything before it was answered; a NACK at
+        the target version stops the rest of it.
+        """
         target = self._target
         if target is None:
-            return []
-        for type_url in TYPE_URLS:
-            state = self._types[type_url]
-            if state.in_flight:
-                return []
-            if state.sent_version == target.version:
-                if state.rejected_version == target.version:
-                    return []  # NACKed: the rest of this version waits for the next publish
-                if not self._needs_more(type_url, state, target):
-                    continue
-            if not state.subscribed:
-                continue  # sent when Envoy asks for this type
-            if type_url == ENDPOINT_TYPE and not self._endpoints_ready(target):
-                return []
-            return [self._send(type_url, state, target, self._first_clusters(state, target))]
-        clusters = self._types[CLUSTER_TYPE]
-        if clusters.interim and clusters.sent_version == target.version:
-            return [self._send(CLUSTER_TYPE, clusters, target, dict(target.resources.clusters))]
-        return []
-
-    def _needs_more(self, type_url: str, state: _TypeState, target: Snapshot) -> bool:
-        """Sent at the target version, but endpoints not yet for every new cluster."""
-        if type_url != ENDPOINT_TYPE:
-            return False
-        return not _eds_names(target) <= state.sent_names
-
-    def _endpoints_ready(self, target: Snapshot) -> bool:
-        """Endpoints follow clusters: once the clusters were answered, and, if accepted,
-        once Envoy subscribed to every cluster's endpoints (a NACK partly applied may
-        leave some never asked for: then the names asked for are served)."""
-        clusters = self._types[CLUSTER_TYPE]
-        if clusters.sent_version != target.version:
-            return False
-        if clusters.rejected_version == target.version:
-            return True
-        return _eds_names(target) <= self._types[ENDPOINT_TYPE].names
-
-    def _first_clusters(self, state: _TypeState, target: Snapshot) -> dict[str, Message] | None:
-        """For clusters: the target's, plus any it removes while routes may still name them
-        (the first of two responses, `interim`). None for the other types."""
-        if state is not self._types[CLUSTER_TYPE]:
             return None
+        version = target.version
+        clusters, endpoints, listeners, routes = (self._types[t] for t in TYPE_URLS)
+        if clusters.in_flight and clusters.sent_version != version:
+            return None
+        if clusters.subscribed and clusters.sent_version != version:
+            return self._send(CLUSTER_TYPE, clusters, target, self._first_clusters(target))
+        if clusters.rejected_version == version:
+            return None
+        if endpoints.subscribed and not _eds_names(target) <= endpoints.sent_names_at(version):
+            if endpoints.in_flight or not _eds_names(target) <= endpoints.names:
+                return None  # Envoy asks for a new cluster's endpoints once it has it
+            return self._send(ENDPOINT_TYPE, endpoints, target, None)
+        for type_url, state in ((LISTENER_TYPE, listeners), (ROUTE_TYPE, routes)):
+            if any(s.in_flight for s in (clusters, endpoints, listeners, routes)):
+                return None
+            if any(s.rejected_version == version for s in (endpoints, listeners)):
+                return None
+            if state.subscribed and state.sent_version != version:
+                return self._send(type_url, state, target, None)
+        if clusters.interim and clusters.sent_version == version and not routes.in_flight:
+            if routes.rejected_version != version:
+                return self._send(CLUSTER_TYPE, clusters, target, dict(target.resources.clusters))
+        return None
+
+    def _first_clusters(self, target: Snapshot) -> dict[str, Message]:
+        """The target's clusters, plus any it removes while routes may still name them
+        (then the first of two responses, `interim`)."""
         clusters: dict[str, Message] = dict(target.resources.clusters)
         if self._types[LISTENER_TYPE].sent_version is None:
             return clusters  # no route to keep whole yet
         # what Envoy accepted last: a rejected cluster is not kept (it would be NACKed again)
-        removed = {n: m for n, m in state.accepted.items() if n not in clusters}
-        return {**removed, **clusters}
+        accepted = self._types[CLUSTER_TYPE].accepted
+        return {**{n: m for n, m in accepted.items() if n not in clusters}, **clusters}
 
     def _resend_for_names(self, type_url: str, state: _TypeState) -> list[DiscoveryResponse]:
-        """Endpoints or routes asked for by other names than last sent: the same version
-        again for those names, from the snapshot whose clusters (listeners) Envoy has."""
+        """Endpoints or routes asked for by other names than last sent, outside the
+        target's own sending (e.g. clusters Envoy took from a response it NACKed): sent
+        from the snapshot of the clusters (listeners) Envoy read last."""
         if type_url in WILDCARD_TYPES or state.in_flight or state.names == state.sent_names:
             return []
         parent = self._types[CLUSTER_TYPE if type_url == ENDPOINT_TYPE else LISTENER_TYPE]
-        source = parent.answered or state.sent_from
+        source = parent.sent_from or state.sent_from  # Envoy asks having read the parent
         if source is None:
             return []
         return [self._send(type_url, state, source, None)]
@@ -421,6 +426,8 @@ class XdsServer:
         self._snapshot = Snapshot(version, resources, published_at=time.monotonic())
         if self._connections:
             self._unacked[version] = self._snapshot.published_at
+            while len(self._unacked) > _LATENCIES_KEPT:  # an Envoy that never ACKs
+                del self._unacked[min(self._unacked)]
         logger.info("xDS snapshot published", extra={"version": version})
         self._push()
         return version

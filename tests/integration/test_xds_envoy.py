@@ -9,10 +9,11 @@ gRPC server (the standard health service) as the only upstream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -23,11 +24,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from services.control import Endpoint, Resources, XdsServer, bootstrap, resources_from_static
 from services.control.resources import CLUSTER_TYPE, load_assignment
 from services.launcher import ProcessRecord, free_port_base, spawn, stop
-from services.launcher._envoy import Upstream, envoy_command, render_envoy_config
+from services.launcher._envoy import Upstream, envoy_command, healthy_hosts, render_envoy_config
 from tests.polling import eventually
 
 HOST = "127.0.0.1"
 PROBE = "switchboard.probe.v1.Probe"
+SPARE = "switchboard.probe.v1.Spare"
 NODE = "xds-test-edge"
 LISTENER_STATS = (
     "listener_manager.listener_added",
@@ -82,16 +84,21 @@ async def upstream() -> AsyncIterator[int]:
         await server.stop(grace=None)
 
 
-def edge_resources(ports: Ports, upstream: int) -> Resources:
-    """The launcher's renderer for one upstream (no ext_authz), as xDS resources."""
+def edge_resources(ports: Ports, upstream: int, *, spare: bool = False) -> Resources:
+    """The launcher's renderer for the upstream (no ext_authz), as xDS resources; with
+    `spare`, a second service (SPARE) on the same process, with a cluster of its own."""
+    names = {"probe": PROBE, **({"spare": SPARE} if spare else {})}
     config = render_envoy_config(
         listen_host=HOST,
         listen_port=ports.listener,
         admin_port=ports.admin,
-        upstreams=[Upstream(name="probe", services=(PROBE,), endpoints=((HOST, upstream),))],
+        upstreams=[
+            Upstream(name=name, services=(service,), endpoints=((HOST, upstream),))
+            for name, service in names.items()
+        ],
     )
     endpoint = [Endpoint(HOST, upstream)]
-    return resources_from_static(config, {"probe": endpoint, "reflection": endpoint})
+    return resources_from_static(config, dict.fromkeys([*names, "reflection"], endpoint))
 
 
 @dataclass
@@ -261,6 +268,103 @@ async def test_a_rejected_snapshot_is_reported_and_the_last_good_keeps_routing(
     assert await control.xds.wait_acked(fixed, timeout=10)
     assert await check(channel, PROBE)
     assert control.xds.ack_latencies()  # the fix, published to a connected Envoy, was timed
+
+
+async def test_a_removed_cluster_goes_after_the_routes_naming_it(
+    control: ControlPlane,
+    serving: Resources,
+    upstream: int,
+    ports: Ports,
+    channel: grpc.aio.Channel,
+) -> None:
+    version = control.xds.publish(edge_resources(ports, upstream, spare=True))
+    assert await control.xds.wait_acked(version, timeout=10), control.xds.status()
+    assert "spare" in await asyncio.to_thread(healthy_hosts, ports.admin)
+
+    version = control.xds.publish(serving)
+
+    assert await control.xds.wait_acked(version, timeout=10), control.xds.status()
+    assert "spare" not in await asyncio.to_thread(healthy_hosts, ports.admin)
+    nack = control.xds.status()[0].last_nack
+    assert nack is None or nack.version < version
+    assert await check(channel, PROBE)
+
+
+async def test_a_draining_endpoint_gets_no_new_calls_once_acked(
+    control: ControlPlane,
+    serving: Resources,
+    upstream: int,
+    ports: Ports,
+    channel: grpc.aio.Channel,
+) -> None:
+    old = Endpoint(HOST, upstream)
+    async with pinging_server() as port:
+        new = Endpoint(HOST, port)
+        version = control.xds.publish(with_probe(serving, [old, new]))
+        assert await control.xds.wait_acked(version, timeout=10)
+        await eventually(
+            lambda: probe_hosts(ports.admin, 2), timeout=10, what="both replicas healthy"
+        )
+        before = {await probe_call(channel) for _ in range(20)}
+        assert grpc.StatusCode.UNIMPLEMENTED in before  # the old replica gets calls
+
+        version = control.xds.publish(with_probe(serving, [replace(old, draining=True), new]))
+        assert await control.xds.wait_acked(version, timeout=10)
+
+        assert await probe_hosts(ports.admin, 1)
+        after = [await probe_call(channel) for _ in range(20)]
+        assert after == [grpc.StatusCode.OK] * 20  # none reached the draining replica
+        version = control.xds.publish(serving)
+        assert await control.xds.wait_acked(version, timeout=10)
+
+
+def with_probe(resources: Resources, endpoints: list[Endpoint]) -> Resources:
+    return replace(
+        resources, endpoints={**resources.endpoints, "probe": load_assignment("probe", endpoints)}
+    )
+
+
+async def probe_hosts(admin: int, count: int) -> bool:
+    """The probe cluster has `count` hosts Envoy routes to (healthy, not draining)."""
+    return (await asyncio.to_thread(healthy_hosts, admin)).get("probe") == count
+
+
+@contextlib.asynccontextmanager
+async def pinging_server() -> AsyncIterator[int]:
+    """A second replica: SERVING, and answers PROBE's Ping (the first one does not)."""
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    await servicer.set(PROBE, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+
+    async def ping(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return b""
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        ping, request_deserializer=bytes, response_serializer=bytes
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(PROBE, {"Ping": handler})]
+    )
+    port = server.add_insecure_port(f"{HOST}:0")
+    await server.start()
+    try:
+        yield port
+    finally:
+        await server.stop(grace=None)
+
+
+async def probe_call(channel: grpc.aio.Channel) -> grpc.StatusCode:
+    """A call to PROBE, which the upstream does not implement: UNIMPLEMENTED when it got
+    there, UNAVAILABLE when Envoy had no host to send it to."""
+    call = channel.unary_unary(
+        f"/{PROBE}/Ping", request_serializer=bytes, response_deserializer=bytes
+    )
+    try:
+        await call(b"", timeout=2)
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
 
 
 async def test_a_restarted_control_plane_resyncs_envoy_without_touching_listeners(

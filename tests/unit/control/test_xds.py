@@ -150,13 +150,18 @@ def test_a_new_snapshot_goes_clusters_endpoints_listeners_routes() -> None:
     assert stream.has_acked(2)
 
 
-def test_each_type_waits_for_the_answer_to_the_one_before() -> None:
+def test_endpoints_follow_clusters_at_once_and_the_rest_waits_for_answers() -> None:
     stream, _ = synced(Snapshot(1, resources("alpha")))
 
-    clusters = only(stream.on_snapshot(Snapshot(2, resources("alpha"))), CLUSTER_TYPE)
-    assert stream.on_snapshot(Snapshot(2, resources("alpha"))) == []  # CDS still unanswered
-    endpoints = only(stream.on_request(request(CLUSTER_TYPE, answering=clusters)), ENDPOINT_TYPE)
-    assert endpoints.version_info == "2"
+    clusters, endpoints = stream.on_snapshot(Snapshot(2, resources("alpha", draining=True)))
+    assert (clusters.type_url, endpoints.type_url) == (CLUSTER_TYPE, ENDPOINT_TYPE)
+    assert stream.on_snapshot(Snapshot(2, resources("alpha"))) == []  # both unanswered
+    assert stream.on_request(request(CLUSTER_TYPE, answering=clusters)) == []
+    eds = {"alpha", "reflection"}
+    listeners = only(
+        stream.on_request(request(ENDPOINT_TYPE, answering=endpoints, names=eds)), LISTENER_TYPE
+    )
+    assert listeners.version_info == "2"
     assert not stream.has_acked(2)
 
 
@@ -181,7 +186,7 @@ def test_removed_clusters_leave_only_after_the_routes_that_named_them() -> None:
 def test_clusters_are_not_acked_at_a_version_until_the_final_response() -> None:
     stream, _ = synced(Snapshot(1, resources("alpha", "beta")))
 
-    interim = only(stream.on_snapshot(Snapshot(2, resources("alpha"))), CLUSTER_TYPE)
+    interim, _ = stream.on_snapshot(Snapshot(2, resources("alpha")))
     stream.on_request(request(CLUSTER_TYPE, answering=interim))
 
     assert stream.type_status()[CLUSTER_TYPE].acked_version == 1
@@ -191,16 +196,17 @@ def test_endpoints_of_a_new_cluster_wait_for_envoy_to_ask_for_them() -> None:
     stream, last = synced(Snapshot(1, resources("alpha")))
 
     clusters = only(stream.on_snapshot(Snapshot(2, resources("alpha", "beta"))), CLUSTER_TYPE)
-    assert stream.on_request(request(CLUSTER_TYPE, answering=clusters)) == []  # not asked yet
-    # Envoy created beta and subscribes to its endpoints (its last EDS nonce is the current)
+    # Envoy created beta and asks for its endpoints (its last EDS nonce is the current),
+    # and ACKs the clusters only once beta has them
     asked = {"alpha", "beta", "reflection"}
     endpoints = only(
         stream.on_request(request(ENDPOINT_TYPE, answering=last[ENDPOINT_TYPE], names=asked)),
         ENDPOINT_TYPE,
     )
-
     assert endpoints.version_info == "2"
     assert names_in(endpoints) == asked
+    assert stream.on_request(request(ENDPOINT_TYPE, answering=endpoints, names=asked)) == []
+    assert only(stream.on_request(request(CLUSTER_TYPE, answering=clusters)), LISTENER_TYPE)
 
 
 def test_endpoints_and_routes_are_sent_for_the_names_asked() -> None:
@@ -233,8 +239,11 @@ def test_a_nack_keeps_the_last_good_version_and_is_recorded() -> None:
     assert [n.message for n in stream.nacked] == ["bad cluster"]
     assert stream.type_status()[LISTENER_TYPE].sent_version == 1
     # the next snapshot goes out as usual
-    fixed = only(stream.on_snapshot(Snapshot(3, resources("alpha"))), CLUSTER_TYPE)
-    assert fixed.version_info == "3"
+    fixed = stream.on_snapshot(Snapshot(3, resources("alpha")))
+    assert [(r.type_url, r.version_info) for r in fixed] == [
+        (CLUSTER_TYPE, "3"),
+        (ENDPOINT_TYPE, "3"),
+    ]
 
 
 def test_a_rejected_cluster_is_not_kept_for_the_routes() -> None:
@@ -242,7 +251,7 @@ def test_a_rejected_cluster_is_not_kept_for_the_routes() -> None:
     clusters = only(stream.on_snapshot(Snapshot(2, resources("alpha", "beta"))), CLUSTER_TYPE)
     stream.on_request(request(CLUSTER_TYPE, answering=clusters, error="beta is bad"))
 
-    fixed = only(stream.on_snapshot(Snapshot(3, resources("alpha"))), CLUSTER_TYPE)
+    fixed, _ = stream.on_snapshot(Snapshot(3, resources("alpha")))
 
     assert names_in(fixed) == {"alpha", "reflection"}
     stream.on_request(request(CLUSTER_TYPE, answering=fixed))
@@ -251,13 +260,23 @@ def test_a_rejected_cluster_is_not_kept_for_the_routes() -> None:
 
 def test_a_stale_nonce_is_ignored() -> None:
     stream, last = synced(Snapshot(1, resources("alpha")))
-    newer = only(stream.on_snapshot(Snapshot(2, resources("alpha"))), CLUSTER_TYPE)
+    newer, _ = stream.on_snapshot(Snapshot(2, resources("alpha")))
 
     stale = request(CLUSTER_TYPE, answering=last[CLUSTER_TYPE], error="old news")
 
     assert stream.on_request(stale) == []
     assert stream.type_status()[CLUSTER_TYPE].last_nack is None
-    assert only(stream.on_request(request(CLUSTER_TYPE, answering=newer)), ENDPOINT_TYPE)
+    stream.on_request(request(CLUSTER_TYPE, answering=newer))
+    assert stream.type_status()[CLUSTER_TYPE].acked_version == 2
+
+
+def test_a_nonce_from_an_earlier_stream_subscribes() -> None:
+    stream = AdsStream()
+    stream.on_snapshot(Snapshot(5, resources("alpha")))
+    first = request(CLUSTER_TYPE, version_info="4")
+    first.response_nonce = "another-control-plane-17"
+
+    assert only(stream.on_request(first), CLUSTER_TYPE).version_info == "5"
 
 
 # -- the server ---------------------------------------------------------------------------
