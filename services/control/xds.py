@@ -485,6 +485,8 @@ class XdsServer:
             reader.cancel()
             connection.stream.open = False
             self._connections.discard(connection)
+            if not self._connections:
+                self._unacked.clear()  # no one left to time
             self._notify()
             logger.info("ADS stream closed", extra={"node": connection.stream.node_id})
 
@@ -591,8 +593,10 @@ async def _read(requests: AsyncIterator[DiscoveryRequest], queue: asyncio.Queue[
     try:
         async for request in requests:
             queue.put_nowait(request)
-    except (grpc.aio.AioRpcError, asyncio.CancelledError):
-        pass
+    except asyncio.CancelledError:
+        pass  # the stream is over: its handler cancels the reader on the way out
+    except Exception as error:  # noqa: BLE001 - any broken stream just ends that stream
+        logger.info("ADS stream broken", extra={"error": repr(error)})
     finally:
         queue.put_nowait(_END)
 
