@@ -221,7 +221,9 @@ async def serving(
     version = control.xds.publish(resources)
     assert await control.xds.wait_acked(version, timeout=1) or True  # Envoy may connect later
     await eventually(
-        lambda: any(n.connected for n in control.xds.status()), timeout=30, what="Envoy connects"
+        lambda: any(n.connected for n in control.xds.status()),
+        timeout=30,
+        what=f"Envoy connects (its log: {Path(envoy.log).parent / 'envoy.log'})",
     )
     assert await control.xds.wait_acked(version, timeout=30), control.xds.status()
     await eventually(lambda: check(channel, PROBE), timeout=30, what="a call through Envoy")
