@@ -15,6 +15,17 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENV_PREFIX = "SWITCHBOARD_"
+REPLICA_FIELDS = (
+    "inference_replicas",
+    "admission_replicas",
+    "rag_replicas",
+    "execution_replicas",
+    "workers",
+    "chat_replicas",
+    "auth_replicas",
+    "gateway_replicas",
+)
+"""The fields holding how many replicas of each service `up` starts."""
 
 
 @dataclass(frozen=True)
@@ -43,21 +54,33 @@ class LauncherConfig:
     triton_replicas: int = 2
     # The services' ports lie below the kernel's ephemeral range (32768 and up on Linux),
     # from which outgoing connections take their local ports: one could hold them.
+    # A service's replica in slot s listens on its port + 10s (s < 5: up to 4 replicas
+    # and a rollout's surge replica).
     inference_port: int = 7051
+    inference_replicas: int = 1
     admission_port: int = 7052
-    """Admission replica i listens on admission_port + 10i."""
     admission_replicas: int = 2
     rag_port: int = 7054
+    rag_replicas: int = 1
     execution_port: int = 7055
+    execution_replicas: int = 1
     worker_port: int = 7056
     """Execution worker i serves health on worker_port + 10i."""
     workers: int = 1
     """Execution worker processes (each runs SWITCHBOARD_EXECUTION_WORKERS steps at once)."""
     chat_port: int = 7057
+    chat_replicas: int = 1
     auth_port: int = 7058
     """The auth service, asked by Envoy about every public call (ext_authz)."""
+    auth_replicas: int = 1
     gateway_port: int = 7059
     """The OpenAI-compatible HTTP API (Envoy routes `/v1/` on the public port to it)."""
+    gateway_replicas: int = 1
+    control_port: int = 7050
+    """The control plane (on 127.0.0.1): Envoy's ADS stream, and ControlService, which
+    operators reach through Envoy's internal listener."""
+    max_replicas: int = 4
+    """The most replicas `switchboard scale` gives a service (at most 4)."""
     web_origins: str = ""
     """Browser origins other than the public port's own (comma-separated, such as
     `https://app.example.com`) whose pages may call the public port with gRPC-Web
@@ -66,7 +89,8 @@ class LauncherConfig:
     """How long the auth service trusts a key it has checked: a revoked key stops
     working within this long."""
     metrics_base_port: int = 9100
-    """Service k's Prometheus endpoint is on metrics_base_port + k."""
+    """Service replicas' Prometheus endpoints: metrics_base_port + 10·slot + the
+    service's place in the launcher's list (up to +49); the control plane's is +50."""
     prometheus: bool = False
     """Also start a Prometheus server scraping every process, with the SLO rules
     (`switchboard up --prometheus`; Debian's `prometheus` package, `make prometheus`)."""
@@ -83,10 +107,14 @@ class LauncherConfig:
     def __post_init__(self) -> None:
         if self.triton_replicas < 1:
             raise ValueError("SWITCHBOARD_TRITON_REPLICAS must be at least 1")
-        if self.admission_replicas < 1:
-            raise ValueError("SWITCHBOARD_ADMISSION_REPLICAS must be at least 1")
-        if not 1 <= self.workers <= 3:
-            raise ValueError("SWITCHBOARD_WORKERS must be 1..3")
+        if not 1 <= self.max_replicas <= 4:
+            raise ValueError("SWITCHBOARD_MAX_REPLICAS must be 1..4")
+        for name in REPLICA_FIELDS:
+            if not 1 <= getattr(self, name) <= self.max_replicas:
+                raise ValueError(
+                    f"{ENV_PREFIX}{name.upper()} must be 1..{self.max_replicas}"
+                    f" ({ENV_PREFIX}MAX_REPLICAS)"
+                )
         if self.gpu not in ("auto", "on", "off"):
             raise ValueError("SWITCHBOARD_GPU must be auto, on or off")
         parse_origins(self.web_origins)  # a bad SWITCHBOARD_WEB_ORIGINS fails at start
@@ -96,6 +124,34 @@ class LauncherConfig:
         return base, base + 1, base + 2
 
 
+def config_env(config: LauncherConfig) -> dict[str, str]:
+    """`config` as the `SWITCHBOARD_*` variables `load_launcher_config` reads back (how
+    the launcher hands its configuration to the control plane)."""
+    from dataclasses import fields
+
+    env = {}
+    for field in fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, timedelta):
+            text = f"{value.total_seconds():g}s"
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        else:
+            text = str(value)
+        env[f"{ENV_PREFIX}{field.name.upper()}"] = text
+    return env
+
+
+def triton_urls(config: LauncherConfig) -> tuple[str, ...]:
+    """The gRPC addresses of the mesh's Triton servers: TRITON_URL's, or the embedded
+    replicas'."""
+    if config.triton_url:
+        return tuple(u.strip() for u in config.triton_url.split(",") if u.strip())
+    return tuple(
+        f"{config.host}:{config.triton_ports(i)[1]}" for i in range(config.triton_replicas)
+    )
+
+
 def isolated_config(
     run_dir: Path,
     *,
@@ -103,12 +159,14 @@ def isolated_config(
     admission_replicas: int = 2,
     workers: int = 1,
     gpu: str = "off",
+    **replicas: int,
 ) -> LauncherConfig:
     """A config on a free, random port range and its own run directory, so tests and
-    benchmarks never collide with a mesh started by `make up`."""
+    benchmarks never collide with a mesh started by `make up`; `replicas` sets other
+    services' replica counts (`chat_replicas=2`)."""
     from services.launcher._procs import free_port_base
 
-    base = free_port_base(host="127.0.0.1", span=60)
+    base = free_port_base(host="127.0.0.1", span=140)
     return LauncherConfig(
         run_dir=run_dir,
         envoy_port=base,
@@ -127,12 +185,14 @@ def isolated_config(
         chat_port=base + 11,
         auth_port=base + 12,
         envoy_internal_port=base + 13,
-        gateway_port=base + 14,
-        metrics_base_port=base + 40,  # one per service process: base+40..base+49
-        prometheus_port=base + 50,
-        triton_base_port=base + 30,
+        gateway_port=base + 14,  # slots: + 10s, up to base+54
+        control_port=base + 55,
+        triton_base_port=base + 60,  # three ports a replica
+        prometheus_port=base + 75,
+        metrics_base_port=base + 80,  # up to base+130
         triton_replicas=triton_replicas,
         gpu=gpu,
+        **replicas,
     )
 
 

@@ -81,6 +81,9 @@ AUTHZ_CLUSTER = "ext-authz"
 TENANT_HEADER = "x-tenant-id"
 """Set by ext_authz on the public listener; trusted as sent on the internal one."""
 PRINCIPAL_HEADER = "x-switchboard-principal"
+OPERATOR = "operator"
+"""PRINCIPAL_HEADER's value for an operator's call."""
+CONTROL_CLUSTER = "control"
 """Likewise: the kind of credential (`tenant`, `operator`), set by ext_authz."""
 KEY_HEADERS = ("authorization", "x-api-key")
 REFLECTION_CLUSTER = "reflection"
@@ -223,6 +226,7 @@ def render_envoy_config(
     upstreams: Sequence[Upstream],
     authz: Upstream | None = None,
     internal_port: int | None = None,
+    control: Upstream | None = None,
     http_upstreams: Sequence[HttpUpstream] = (),
     reflection_services: Sequence[str] = REFLECTION_SERVICES,
     stream_idle_timeout: timedelta = timedelta(minutes=5),
@@ -231,6 +235,7 @@ def render_envoy_config(
     authz_timeout: timedelta = timedelta(seconds=1),
     http_filters: Sequence[Mapping[str, Any]] = (),
     enforce_grpc_deadlines: bool = False,
+    allow_empty: bool = False,
     base_path: Path = BASE_CONFIG,
 ) -> dict[str, Any]:
     """The full Envoy bootstrap for the edge, checked with `check_consistency`.
@@ -248,6 +253,9 @@ def render_envoy_config(
         internal_port: when given, a second listener on 127.0.0.1 with the same routes
             and no ext_authz, for the services' calls to each other. It trusts the
             `x-tenant-id` it is sent, so it is on loopback only, always.
+        control: the control plane (ControlService), routed on the internal listener
+            only, each call marked an operator's (whoever reaches loopback runs the
+            machine); the public listener has no route to it.
         http_upstreams: plain-HTTP processes (the OpenAI-compatible API), routed by path
             prefix on the public listener only, behind ext_authz like every service
             (`_envoy_http`).
@@ -272,6 +280,8 @@ def render_envoy_config(
             sometimes sees INTERNAL instead of DEADLINE_EXCEEDED (measured: 8 of 40
             server streams).
             Worth it only for clients that send a deadline without enforcing it.
+        allow_empty: accept clusters without endpoints (the control plane's config,
+            while every replica of a service is down); a static config must have some.
         base_path: the static skeleton to fill in.
 
     Raises:
@@ -317,6 +327,22 @@ def render_envoy_config(
 
     def routes(*, edge_auth: bool, http: bool = False) -> list[dict[str, Any]]:
         table: list[dict[str, Any]] = []
+        if control is not None and not edge_auth and not http:
+            for service in control.services:
+                route = _route(
+                    service,
+                    control.name,
+                    idle_timeout=idle,
+                    hash_header=None,
+                    enforce_deadline=enforce_grpc_deadlines,
+                )
+                route["request_headers_to_add"] = [
+                    {
+                        "header": {"key": PRINCIPAL_HEADER, "value": OPERATOR},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                ]
+                table.append(route)
         if http:
             table += http_routes(http_upstreams, idle_timeout=idle, retries=_SAFE_RETRIES)
         for upstream in upstreams:
@@ -384,15 +410,14 @@ def render_envoy_config(
         inner["stat_prefix"] = INTERNAL_LISTENER
         inner["http_filters"] = copy.deepcopy(router)
         inner["route_config"]["name"] = f"switchboard-{INTERNAL_LISTENER}"
-        inner["route_config"]["virtual_hosts"] = [
-            {
-                "name": "switchboard",
-                "domains": ["*"],
-                "routes": routes(edge_auth=False),
+        inner_routes = routes(edge_auth=False)
+        for route in inner_routes:
+            if route.get("route", {}).get("cluster") != (control.name if control else None):
                 # a service's call is a tenant's, whatever it says: no operator authority
-                # travels inward
-                "request_headers_to_remove": [PRINCIPAL_HEADER],
-            }
+                # travels inward (per route: the control plane's route sets it instead)
+                route["request_headers_to_remove"] = [PRINCIPAL_HEADER]
+        inner["route_config"]["virtual_hosts"] = [
+            {"name": "switchboard", "domains": ["*"], "routes": inner_routes}
         ]
         _access_log_field(inner, "listener", INTERNAL_LISTENER)
         config["static_resources"]["listeners"].append(internal)
@@ -419,12 +444,14 @@ def render_envoy_config(
             buffer_limit_bytes=buffer_limit_bytes,
         )
     )
-    if authz is not None:
+    for extra in (authz, control):
+        if extra is None:
+            continue
         clusters.append(
             _cluster(
-                authz.name,
-                authz.endpoints,
-                health_service=authz.health_check_service,
+                extra.name,
+                extra.endpoints,
+                health_service=extra.health_check_service,
                 ring_hash=False,
                 interval=interval,
                 buffer_limit_bytes=buffer_limit_bytes,
@@ -446,11 +473,11 @@ def render_envoy_config(
     ]
     config["static_resources"]["clusters"] = clusters
 
-    check_consistency(config)
+    check_consistency(config, allow_empty=allow_empty)
     return config
 
 
-def check_consistency(config: Mapping[str, Any]) -> None:
+def check_consistency(config: Mapping[str, Any], *, allow_empty: bool = False) -> None:
     """Check a bootstrap is internally consistent before anyone runs it.
 
     Every cluster a route names exists, every cluster has at least one endpoint and its
@@ -484,7 +511,7 @@ def check_consistency(config: Mapping[str, Any]) -> None:
                 f"cluster {name!r} carries the endpoints of {assignment.get('cluster_name')!r}"
             )
         count = sum(len(g.get("lb_endpoints", [])) for g in assignment.get("endpoints", []))
-        if count == 0:
+        if count == 0 and not allow_empty:
             problems.append(f"cluster {name!r} has no endpoints")
         if any("grpc_health_check" in hc for hc in cluster.get("health_checks", [])):
             options = cluster.get("typed_extension_protocol_options", {}).get(_HTTP_OPTIONS, {})
@@ -501,10 +528,19 @@ def check_consistency(config: Mapping[str, Any]) -> None:
                 )
             for hcm in _hcms(listener):
                 for vhost in hcm.get("route_config", {}).get("virtual_hosts", []):
-                    if PRINCIPAL_HEADER not in vhost.get("request_headers_to_remove", []):
-                        problems.append(
-                            f"the internal listener passes a caller's {PRINCIPAL_HEADER} on"
-                        )
+                    for route in vhost.get("routes", []):
+                        if "route" in route and _passes_principal_on(route):
+                            problems.append(
+                                f"the internal listener's route {route.get('name')!r} passes"
+                                f" a caller's {PRINCIPAL_HEADER} on"
+                            )
+        elif any(
+            route.get("route", {}).get("cluster") == CONTROL_CLUSTER
+            for hcm in _hcms(listener)
+            for vhost in hcm.get("route_config", {}).get("virtual_hosts", [])
+            for route in vhost.get("routes", [])
+        ):
+            problems.append(f"listener {listener.get('name')!r} routes to the control plane")
         for hcm in _hcms(listener):
             filters = [f.get("name") for f in hcm.get("http_filters", [])]
             guarded = _EXT_AUTHZ in filters
@@ -563,6 +599,14 @@ def healthy_hosts(admin_port: int, *, timeout: float = 1.0) -> dict[str, int]:
     url = f"http://127.0.0.1:{admin_port}/clusters?format=json"
     with urllib.request.urlopen(url, timeout=timeout) as reply:  # noqa: S310 - loopback
         return count_healthy_hosts(json.load(reply))
+
+
+def admin_stats(admin_port: int, *, timeout: float = 1.0) -> dict[str, int]:
+    """A running Envoy's counters and gauges (`/stats?format=json`), by name."""
+    url = f"http://127.0.0.1:{admin_port}/stats?format=json"
+    with urllib.request.urlopen(url, timeout=timeout) as reply:  # noqa: S310 - loopback
+        stats = json.load(reply).get("stats", [])
+    return {s["name"]: int(s["value"]) for s in stats if "value" in s and "name" in s}
 
 
 def write_envoy_config(path: Path, config: Mapping[str, Any]) -> None:
@@ -750,6 +794,19 @@ def _ext_authz_filter(cluster: str, timeout: str) -> dict[str, Any]:
             "status_on_error": {"code": "ServiceUnavailable"},
         },
     }
+
+
+def _passes_principal_on(route: Mapping[str, Any]) -> bool:
+    """Whether an internal listener's route lets a caller's principal header through:
+    every route must strip it but the control plane's, which names the caller an
+    operator instead."""
+    if route.get("route", {}).get("cluster") == CONTROL_CLUSTER:
+        return not any(
+            h.get("header", {}) == {"key": PRINCIPAL_HEADER, "value": OPERATOR}
+            and h.get("append_action") == "OVERWRITE_IF_EXISTS_OR_ADD"
+            for h in route.get("request_headers_to_add", [])
+        )
+    return PRINCIPAL_HEADER not in route.get("request_headers_to_remove", [])
 
 
 def _skip_authz(route: dict[str, Any]) -> None:

@@ -88,10 +88,12 @@ def add_browser_access(
     *,
     origins: Sequence[str] = (),
     page_dir: Path | None = PAGE_DIR,
+    allow_empty: bool = False,
 ) -> dict[str, Any]:
     """A copy of an edge bootstrap (`render_envoy_config`) that also serves browsers:
     gRPC-Web and CORS for `origins` on the public listener, and the chat page from
-    `page_dir` (None: no page routes at all). Checked like the rest of the config.
+    `page_dir` (None: no page routes at all). Checked like the rest of the config
+    (`allow_empty` as there).
 
     Raises:
         ValueError: a bad origin, or the result is inconsistent.
@@ -115,7 +117,7 @@ def add_browser_access(
         vhost["routes"][catch_all:catch_all] = routes
         route_config["max_direct_response_body_size_bytes"] = max(4096, largest)
     check_browser_access(config)
-    _envoy.check_consistency(config)
+    _envoy.check_consistency(config, allow_empty=allow_empty)
     return config
 
 

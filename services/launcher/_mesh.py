@@ -18,15 +18,20 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from switchboard.control.v1 import control_pb2, control_service_pb2_grpc
 
-from services.launcher import _envoy, _envoy_http, _envoy_web, _prometheus, _triton
-from services.launcher._config import REPO_ROOT, LauncherConfig
+from services.control.resources import bootstrap
+from services.launcher import _envoy, _prometheus, _triton
+from services.launcher._config import REPO_ROOT, LauncherConfig, config_env, triton_urls
+from services.launcher._edge import CONTROL_SERVICE
+from services.launcher._envoy import OPERATOR, PRINCIPAL_HEADER
 from services.launcher._ports import ephemeral_ports_message, planned_ports, ports_inside
 from services.launcher._procs import (
     ProcessRecord,
     StateFile,
     ephemeral_port_range,
     port_owner,
+    recorded_replicas,
     reserved_ports,
     spawn,
     stop,
@@ -34,19 +39,21 @@ from services.launcher._procs import (
 )
 from services.launcher._services import (
     AUTH,
-    AUTHORIZATION,
     SERVICES,
-    ServiceSpec,
-    service_processes,
 )
-from services.runtime import HTTP_HEALTH_PATH
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 PG_SYSTEM_USER = "switchboard-pg"
-TRITON_MODELS = tuple(_triton.available_models(_triton.MODEL_REPOSITORY))
-"""Every model of the repository in `triton-models/` (its directories are the names)."""
+TRITON_MODELS = _triton.MODELS
+
+
+CONTROL = "control"
+"""The control plane's process name."""
+OPERATOR_METADATA = ((PRINCIPAL_HEADER, OPERATOR),)
+"""What the launcher's calls to the control plane's own (loopback) port carry: the
+machine's operator is calling."""
 
 
 class LaunchError(RuntimeError):
@@ -60,6 +67,7 @@ class Mesh:
         self.config = config
         self.state = StateFile(config.run_dir)
         self._records: list[ProcessRecord] = []
+        self._control_channel: grpc.Channel | None = None
         self._say = progress or (lambda msg: logger.info(msg))
 
     # -- public -----------------------------------------------------------------------------
@@ -87,12 +95,7 @@ class Mesh:
 
     @property
     def triton_urls(self) -> tuple[str, ...]:
-        if self.config.triton_url:
-            return tuple(u.strip() for u in self.config.triton_url.split(",") if u.strip())
-        return tuple(
-            f"{self.config.host}:{self.config.triton_ports(i)[1]}"
-            for i in range(self.config.triton_replicas)
-        )
+        return triton_urls(self.config)
 
     @property
     def prometheus_url(self) -> str:
@@ -118,11 +121,13 @@ class Mesh:
                 self._start_postgres()
             if not self.config.nats_url:
                 self._start_nats()
-            if not self.config.triton_url:
-                self._start_tritons()
-            for index, (spec, replica) in enumerate(service_processes(self.config)):
-                self._start_service(index, spec, replica)
+            # Envoy starts as soon as the control plane serves ADS, while the replicas
+            # start: their first calls to each other then meet Envoy (UNAVAILABLE until
+            # the callee is in) rather than a closed port, whose gRPC reconnect backoff
+            # would outlast Triton's start-up.
+            control = self._start_control()
             self._start_envoy()
+            self._wait_control(control)
             if self.config.prometheus:
                 self._start_prometheus()
         except BaseException:
@@ -139,6 +144,11 @@ class Mesh:
         """Stops every process this run directory records, newest layer first (the edge,
         then services, then Triton replicas together, then NATS and PostgreSQL)."""
         records = self.state.load() or self._records
+        # the control plane's replicas, stopped after it (it stops them itself, unless it
+        # is gone) and before NATS and PostgreSQL
+        replicas = recorded_replicas(self._replicas_path)
+        at = next((i for i, r in enumerate(records) if r.name == CONTROL), 0)
+        records = [*records[:at], *replicas, *records[at:]]
         layers: list[list[ProcessRecord]] = []
         for record in reversed(records):
             kind = record.name.split("-")[0]
@@ -154,11 +164,22 @@ class Mesh:
                         stopped += 1
                         self._say(f"stopped {record.name} (pid {record.pid})")
         self.state.clear()
+        self._replicas_path.unlink(missing_ok=True)
         self._records = []
         return stopped
 
     def status(self) -> list[tuple[ProcessRecord, bool]]:
-        return [(r, r.process() is not None) for r in self.state.load()]
+        """Every process of the mesh (the control plane's replicas among them) and
+        whether it runs."""
+        return [(r, r.process() is not None) for r in self.records()]
+
+    def records(self) -> list[ProcessRecord]:
+        """Every process the mesh started: the launcher's and the control plane's."""
+        return [*self.state.load(), *recorded_replicas(self._replicas_path)]
+
+    @property
+    def _replicas_path(self) -> Path:
+        return self.config.run_dir / "replicas.json"
 
     # -- recovery and checks ----------------------------------------------------------------
 
@@ -170,6 +191,13 @@ class Mesh:
             return False
         alive = [r for r in stale if r.process() is not None]
         if len(alive) == len(stale) and any(r.name == "envoy" for r in stale):
+            return True
+        dead = {r.name for r in stale} - {r.name for r in alive}
+        if dead == {CONTROL} and any(r.name == "envoy" for r in alive):
+            # Envoy routes on its last config meanwhile; the new control plane adopts
+            # the replicas still running
+            self._say("the control plane is not running: starting it again")
+            self.start_control()
             return True
         if alive:
             self._say(
@@ -315,54 +343,14 @@ class Mesh:
         url = f"http://{self.config.host}:{self.config.nats_monitor_port}/healthz?js-enabled-only=true"
         self._wait(record, lambda: _http_ok(url), what="healthy", timeout=30)
 
-    def _triton_files(self) -> tuple[Path, Path, bool]:
-        gpu = {"on": True, "off": False}.get(self.config.gpu)
-        if gpu is None:
-            gpu = _triton.gpu_available()
-        repo = self.config.run_dir / "triton-models"
-        backend_dir = self.config.run_dir / "triton-backends"
-        if not repo.exists():
-            repo = _triton.prepare_model_repository(
-                _triton.MODEL_REPOSITORY, repo, gpu=gpu, models=TRITON_MODELS
-            )
-        if not backend_dir.exists():
-            backend_dir = _triton.prepare_backend_dir(self.config.run_dir)
-        return repo, backend_dir, gpu
-
-    def _start_tritons(self) -> None:
-        records = [self._spawn_triton(i) for i in range(self.config.triton_replicas)]
-        for i, record in enumerate(records):
-            self._wait_triton(i, record)
-
-    def _spawn_triton(self, replica: int) -> ProcessRecord:
-        repo, backend_dir, gpu = self._triton_files()
-        http, grpc_port, metrics = self.config.triton_ports(replica)
-        self._say(
-            f"starting Triton replica {replica} ({'GPU' if gpu else 'CPU'}) "
-            f"on {self.config.host}:{grpc_port}"
-        )
-        argv, env = _triton.tritonserver_command(
-            model_repo=repo,
-            backend_dir=backend_dir,
-            http_port=http,
-            grpc_port=grpc_port,
-            metrics_port=metrics,
-            models=TRITON_MODELS,
-            gpu=gpu,
-        )
-        return self._spawn(f"triton-{replica}", argv, env=env)
-
     def _stop(self, record: ProcessRecord) -> bool:
-        """Stops one process; a Triton replica's leftover shared memory goes with it."""
-        was_running = stop(record)
+        """Stops one process; a Triton replica's leftover shared memory goes with it.
+        The control plane is given the time to stop its replicas gracefully."""
+        was_running = stop(record, timeout=45.0 if record.name == CONTROL else 15.0)
         name, _, replica = record.name.partition("-")
         if name == "triton" and replica.isdigit():
             _triton.remove_shm_regions(self.config.triton_ports(int(replica))[1])
         return was_running
-
-    def _wait_triton(self, replica: int, record: ProcessRecord) -> None:
-        url = f"http://{self.config.host}:{self.config.triton_ports(replica)[0]}/v2/health/ready"
-        self._wait(record, lambda: _http_ok(url), what="ready", timeout=self.config.start_timeout_s)
 
     def start_postgres(self) -> None:
         """(Re)starts the embedded PostgreSQL on its data directory (its data is kept)."""
@@ -376,11 +364,20 @@ class Mesh:
 
     def start_triton(self, replica: int) -> None:
         """(Re)starts one Triton replica and waits until it is ready."""
-        self._records = self.state.load()
-        self._wait_triton(replica, self._spawn_triton(replica))
+        self.start_service(f"triton-{replica}")
 
     def stop_component(self, name: str) -> bool:
-        """Stops one recorded process (e.g. `triton-0`) and forgets it."""
+        """Stops one process (`triton-0`, `rag`, `postgres`) and keeps it stopped: a
+        replica through the control plane (it is not restarted until `start_service`),
+        anything else by its recorded PID."""
+        if name not in {r.name for r in self.state.load()}:
+            try:
+                self._control("StopReplica", control_pb2.StopReplicaRequest(replica=name))
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    return False
+                raise
+            return True
         records = self.state.load()
         found = [r for r in records if r.name == name]
         for record in found:
@@ -398,103 +395,74 @@ class Mesh:
         self._start_prometheus()
 
     def start_service(self, name: str, *, env: Mapping[str, str] | None = None) -> None:
-        """(Re)starts one service process (e.g. `rag`, `admission-1`) with extra
-        environment variables, and waits until it serves; a running one is stopped first."""
-        for index, (spec, replica) in enumerate(service_processes(self.config)):
-            if spec.process_name(self.config, replica) == name:
-                self.stop_component(name)
-                self._start_service(index, spec, replica, extra_env=env)
-                return
-        raise LaunchError(f"no service process is named {name!r}")
+        """(Re)starts one replica (`rag`, `admission-1`, `triton-0`) through the control
+        plane, with extra `SWITCHBOARD_*` environment variables (replacing any given
+        before), and waits until it serves."""
+        request = control_pb2.StartReplicaRequest(replica=name, environment=dict(env or {}))
+        try:
+            self._control("StartReplica", request, timeout=self.config.start_timeout_s)
+        except grpc.RpcError as exc:
+            raise LaunchError(f"could not start {name}: {exc.details()}") from exc
 
-    def _start_service(
-        self,
-        index: int,
-        spec: ServiceSpec,
-        replica: int = 0,
-        *,
-        extra_env: Mapping[str, str] | None = None,
-    ) -> None:
-        port = spec.port(self.config, replica)
-        name = spec.process_name(self.config, replica)
-        prefix = f"SWITCHBOARD_{spec.name.upper()}_"
-        # Calls between services go through the internal listener: no key, the tenant
-        # of the call being handled travels as x-tenant-id and is trusted there.
+    def control(self) -> control_service_pb2_grpc.ControlServiceStub:
+        """A ControlService stub on the control plane's own port (loopback), calling as
+        the machine's operator; close it with `close_control`."""
+        if self._control_channel is None:
+            self._control_channel = grpc.insecure_channel(f"127.0.0.1:{self.config.control_port}")
+        return control_service_pb2_grpc.ControlServiceStub(self._control_channel)
+
+    def _control(self, method: str, request: object, *, timeout: float = 60.0) -> object:
+        call = getattr(self.control(), method)
+        return call(request, timeout=timeout, metadata=OPERATOR_METADATA)
+
+    def start_control(self) -> None:
+        """(Re)starts the control plane: it adopts the replicas still running (Envoy
+        keeps routing to them meanwhile) and restarts the missing ones."""
+        self._records = [r for r in self.state.load() if r.name != CONTROL]
+        self._wait_control(self._start_control())
+
+    def _start_control(self) -> ProcessRecord:
+        self._say(f"starting the control plane on 127.0.0.1:{self.config.control_port}")
         env = {
-            f"{prefix}REPLICA_ID": name,
-            "SWITCHBOARD_ADMISSION_TARGET": self.internal_address,
-            "SWITCHBOARD_INFERENCE_TARGET": self.internal_address,
-            "SWITCHBOARD_RAG_TARGET": self.internal_address,
-            "SWITCHBOARD_EXECUTION_TARGET": self.internal_address,
-            "SWITCHBOARD_ADMISSION_REPLICAS": str(self.config.admission_replicas),
-            f"{prefix}HOST": self.config.host,
-            f"{prefix}PORT": str(port),
-            f"{prefix}METRICS_PORT": str(self.config.metrics_base_port + index),
-            "SWITCHBOARD_TRITON_URLS": ",".join(self.triton_urls),
-            "SWITCHBOARD_MODEL_POLICY": str(self.config.model_policy),
+            **config_env(self.config),
             "SWITCHBOARD_DATABASE_URL": self.database_url,
             "SWITCHBOARD_NATS_URL": self.nats_url,
-            "SWITCHBOARD_AUTH_CACHE_TTL": f"{self.config.auth_cache_ttl.total_seconds():g}s",
+            "SWITCHBOARD_CONTROL_HOST": "127.0.0.1",
+            "SWITCHBOARD_CONTROL_METRICS_PORT": str(self.config.metrics_base_port + 50),
+            # its own streams (Envoy's ADS, WatchEvents) never end: do not wait for them
+            "SWITCHBOARD_CONTROL_GRACE": "1s",
             "PYTHONUNBUFFERED": "1",
-            **(extra_env or {}),
         }
-        self._say(f"starting {name} service on {self.config.host}:{port}")
-        record = self._spawn(name, [sys.executable, "-m", spec.module], env=env, cwd=REPO_ROOT)
-        target = f"{self.config.host}:{port}"
-        if spec.http:
-            url = f"http://{target}{HTTP_HEALTH_PATH}"
-            self._wait(record, lambda: _http_ok(url), what="healthy", timeout=60)
-            return
+        if not self.config.triton_url:
+            _triton.run_files(self.config)  # laid out once, before any replica needs them
+        record = self._spawn(
+            CONTROL, [sys.executable, "-m", "services.control"], env=env, cwd=REPO_ROOT
+        )
         self._wait(
             record,
-            lambda: grpc_serving(target, spec.health_service),
-            what="SERVING",
+            lambda: grpc_answers(f"127.0.0.1:{self.config.control_port}"),
+            what="serving ADS",
             timeout=60,
+        )
+        return record
+
+    def _wait_control(self, record: ProcessRecord) -> None:
+        self._wait(
+            record,
+            lambda: grpc_serving(f"127.0.0.1:{self.config.control_port}", CONTROL_SERVICE),
+            what="SERVING (every replica started)",
+            timeout=self.config.start_timeout_s + 60,
         )
 
     def _start_envoy(self) -> None:
-        upstreams = [
-            _envoy.Upstream(
-                name=spec.name,
-                services=spec.grpc_services,
-                endpoints=tuple(
-                    (self.config.host, spec.port(self.config, i))
-                    for i in range(spec.replicas(self.config))
-                ),
-                hash_header=spec.hash_header,
-            )
-            for spec in SERVICES
-            if spec.public
-        ]
-        authz = _envoy.Upstream(
-            name=_envoy.AUTHZ_CLUSTER,
-            services=(AUTHORIZATION,),
-            endpoints=((self.config.host, AUTH.port(self.config, 0)),),
-        )
-        http_upstreams = [
-            _envoy_http.HttpUpstream(
-                name=spec.name,
-                prefixes=spec.service.http_prefixes,
-                endpoints=tuple(
-                    (self.config.host, spec.port(self.config, i))
-                    for i in range(spec.replicas(self.config))
-                ),
-                health_path=HTTP_HEALTH_PATH,
-            )
-            for spec in SERVICES
-            if spec.http
-        ]
-        config = _envoy.render_envoy_config(
-            listen_host=self.config.host,
-            listen_port=self.config.envoy_port,
+        """Starts Envoy with a bootstrap that holds only its admin API and the way to the
+        control plane, which serves it every listener, route, cluster and endpoint."""
+        config = bootstrap(
+            node_id=f"edge-{self.config.envoy_base_id}",
+            cluster="switchboard-edge",
             admin_port=self.config.envoy_admin_port,
-            upstreams=upstreams,
-            authz=authz,
-            internal_port=self.config.envoy_internal_port,
-            http_upstreams=http_upstreams,
-        )
-        config = _envoy_web.add_browser_access(
-            config, origins=_envoy_web.parse_origins(self.config.web_origins)
+            ads_host="127.0.0.1",
+            ads_port=self.config.control_port,
         )
         path = self.config.run_dir / "envoy.yaml"
         _envoy.write_envoy_config(path, config)
@@ -508,7 +476,7 @@ class Mesh:
         wanted = {
             spec.name: spec.replicas(self.config) for spec in SERVICES if spec.public or spec.http
         }
-        wanted[authz.name] = 1
+        wanted[_envoy.AUTHZ_CLUSTER] = AUTH.replicas(self.config)
         self._wait(
             record,
             lambda: all(
@@ -516,7 +484,7 @@ class Mesh:
                 for name, count in wanted.items()
             ),
             what="routing to every service",
-            timeout=60,
+            timeout=self.config.start_timeout_s + 60,
         )
 
     def _start_prometheus(self) -> None:
@@ -572,6 +540,13 @@ def grpc_serving(target: str, service: str = "") -> bool:
         stub = health_pb2_grpc.HealthStub(channel)
         reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
         return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def grpc_answers(target: str) -> bool:
+    """Whether a gRPC server at `target` answers a health check, whatever it says."""
+    with grpc.insecure_channel(target) as channel:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        return True
 
 
 def _http_ok(url: str) -> bool:

@@ -49,14 +49,19 @@ def planned_ports(config: LauncherConfig) -> list[PlannedPort]:
             for kind, port in zip(kinds, config.triton_ports(i), strict=True):
                 offset = port - config.triton_base_port
                 ports.append(PlannedPort(f"triton-{i} {kind}", port, "triton_base_port", offset))
-    for index, (spec, replica) in enumerate(service_processes(config)):
-        name = spec.process_name(config, replica)
-        port = spec.port(config, replica)
+    ports.append(PlannedPort("control", config.control_port, "control_port"))
+    for spec, slot in service_processes(config):
+        name = spec.process_name(config, slot)
+        port = spec.port(config, slot)
         ports.append(
             PlannedPort(name, port, spec.port_field, port - getattr(config, spec.port_field))
         )
-        metrics = config.metrics_base_port + index
-        ports.append(PlannedPort(f"{name} metrics", metrics, "metrics_base_port", index))
+        metrics = spec.metrics_port(config, slot)
+        ports.append(
+            PlannedPort(
+                f"{name} metrics", metrics, "metrics_base_port", metrics - config.metrics_base_port
+            )
+        )
     if config.prometheus:
         ports.append(PlannedPort("prometheus", config.prometheus_port, "prometheus_port"))
     return ports

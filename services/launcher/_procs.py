@@ -43,6 +43,24 @@ class ProcessRecord:
             return None
 
 
+def record_json(record: ProcessRecord) -> dict[str, Any]:
+    return {**asdict(record), "argv": list(record.argv)}
+
+
+def record_from_json(raw: Mapping[str, Any]) -> ProcessRecord:
+    return ProcessRecord(**{**raw, "argv": tuple(raw["argv"])})
+
+
+def recorded_replicas(path: Path) -> list[ProcessRecord]:
+    """The processes the control plane's `replicas.json` records (`down` stops them by
+    PID, whether or not the control plane is still there)."""
+    try:
+        raw = json.loads(path.read_text())
+        return [record_from_json(r["record"]) for r in raw["replicas"] if r.get("record")]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 class StateFile:
     """The run directory's record of what is running (`state.json`)."""
 
@@ -54,7 +72,7 @@ class StateFile:
             return []
         try:
             raw = json.loads(self.path.read_text())
-            return [ProcessRecord(**{**r, "argv": tuple(r["argv"])}) for r in raw["processes"]]
+            return [record_from_json(r) for r in raw["processes"]]
         except (ValueError, KeyError, TypeError) as exc:
             logger.warning("ignoring unreadable %s: %s", self.path, exc)
             return []

@@ -55,15 +55,13 @@ def prometheus_binary() -> str | None:
 
 def scrape_targets(config: LauncherConfig) -> list[ScrapeTarget]:
     """Every metrics endpoint of the mesh `config` describes: each service process's
-    (process k's on metrics_base_port + k), each embedded Triton replica's, Envoy's."""
+    `up` starts, each embedded Triton replica's, Envoy's."""
     host = config.host
     targets = [
         ScrapeTarget(
-            spec.name,
-            spec.process_name(config, replica),
-            f"{host}:{config.metrics_base_port + index}",
+            spec.name, spec.process_name(config, slot), f"{host}:{spec.metrics_port(config, slot)}"
         )
-        for index, (spec, replica) in enumerate(service_processes(config))
+        for spec, slot in service_processes(config)
     ]
     if not config.triton_url:
         targets += [

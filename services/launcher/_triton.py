@@ -35,6 +35,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from services.launcher._config import LauncherConfig
+
 logger = logging.getLogger(__name__)
 
 #: Where the model repository lives in the source tree.
@@ -323,3 +325,22 @@ def _use_gpus(path: Path) -> None:
         if group.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU:
             group.kind = model_config_pb2.ModelInstanceGroup.KIND_GPU
     path.write_text(text_format.MessageToString(config))
+
+
+MODELS = tuple(available_models(MODEL_REPOSITORY))
+"""Every model of the repository in `triton-models/` (its directories are the names)."""
+
+
+def run_files(config: LauncherConfig) -> tuple[Path, Path, bool]:
+    """The run directory's Triton model repository and Python backend (laid out on first
+    use), and whether the replicas run on a GPU."""
+    gpu = {"on": True, "off": False}.get(config.gpu)
+    if gpu is None:
+        gpu = gpu_available()
+    repo = config.run_dir / "triton-models"
+    backend_dir = config.run_dir / "triton-backends"
+    if not repo.exists():
+        repo = prepare_model_repository(MODEL_REPOSITORY, repo, gpu=gpu, models=MODELS)
+    if not backend_dir.exists():
+        backend_dir = prepare_backend_dir(config.run_dir)
+    return repo, backend_dir, gpu

@@ -9,8 +9,11 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import grpc
 import psycopg
+from switchboard.control.v1 import control_pb2, control_service_pb2_grpc
 
 from services.launcher import chat
 from services.launcher._config import load_launcher_config
@@ -35,7 +38,14 @@ def main(argv: list[str] | None = None) -> int:
         " (SWITCHBOARD_PROMETHEUS=1 does the same)",
     )
     commands.add_parser("down", help="stop everything `up` started")
-    commands.add_parser("status", help="what is running")
+    commands.add_parser("status", help="what is running: processes, replicas and their health")
+    scale = commands.add_parser("scale", help="set how many replicas a service runs")
+    scale.add_argument("service", help="inference, admission, rag, execution, worker, chat, ...")
+    scale.add_argument("replicas", type=int)
+    rollout = commands.add_parser(
+        "rollout", help="replace a service's replicas one at a time (every service by default)"
+    )
+    rollout.add_argument("service", nargs="?", default="")
     logs = commands.add_parser("logs", help="show a component's log")
     logs.add_argument("name", nargs="?", help="component (postgres, nats, triton-0, envoy, ...)")
     logs.add_argument("-n", "--lines", type=int, default=40)
@@ -90,18 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         _progress(f"stopped {count} process(es)" if count else "nothing was running")
         return 0
     if args.command == "status":
-        rows = mesh.status()
-        if not rows:
-            print("nothing is running")
-            return 1
-        for record, alive in rows:
-            print(
-                f"{record.name:<12} pid {record.pid:<8} {'running' if alive else 'DEAD':<8} "
-                f"{record.log}"
-            )
-            if record.name == "prometheus":
-                print(f"{'':<12} {mesh.prometheus_url}")
-        return 0 if all(alive for _, alive in rows) else 1
+        return _status(mesh)
+    if args.command in ("scale", "rollout"):
+        return _operate(mesh, args)
     # logs
     log_dir = config.run_dir / "logs"
     names = [args.name] if args.name else sorted(p.stem for p in log_dir.glob("*.log"))
@@ -113,6 +114,71 @@ def main(argv: list[str] | None = None) -> int:
         print(f"==> {path} <==")
         print("\n".join(path.read_text(errors="replace").splitlines()[-args.lines :]))
     return 0
+
+
+def _status(mesh: Mesh) -> int:
+    """The launcher's processes, then every replica as the control plane sees it."""
+    rows = [(r, alive) for r, alive in mesh.status() if r in mesh.state.load()]
+    if not rows:
+        print("nothing is running")
+        return 1
+    for record, alive in rows:
+        print(
+            f"{record.name:<12} pid {record.pid:<8} {'running' if alive else 'DEAD':<8} "
+            f"{record.log}"
+        )
+        if record.name == "prometheus":
+            print(f"{'':<12} {mesh.prometheus_url}")
+    healthy = all(alive for _, alive in rows)
+    try:
+        listing = _control_call(mesh, "ListReplicas", control_pb2.ListReplicasRequest())
+    except grpc.RpcError as exc:
+        print(f"switchboard: the control plane does not answer: {exc.details()}", file=sys.stderr)
+        return 1
+    print(f"\n{'replica':<14}{'state':<10}{'address':<18}{'pid':<9}{'restarts':<10}uptime")
+    for replica in listing.replicas:
+        state = control_pb2.ReplicaState.Name(replica.state).removeprefix("REPLICA_STATE_")
+        print(
+            f"{replica.name:<14}{state:<10}{replica.address:<18}{replica.pid:<9}"
+            f"{replica.restarts:<10}{replica.uptime.ToTimedelta().total_seconds():.0f}s"
+        )
+        if replica.last_log:
+            print("  " + replica.last_log.replace("\n", "\n  "))
+        healthy = healthy and replica.state in (
+            control_pb2.REPLICA_STATE_SERVING,
+            control_pb2.REPLICA_STATE_STOPPED,
+        )
+    for node in listing.envoy_nodes:
+        print(
+            f"\nenvoy {node.node_id}: {'connected' if node.connected else 'DISCONNECTED'},"
+            f" config version {node.acked_version} acknowledged of {listing.config_version}"
+            + (f"; last rejected: {node.last_rejection}" if node.last_rejection else "")
+        )
+    return 0 if healthy else 1
+
+
+def _operate(mesh: Mesh, args: argparse.Namespace) -> int:
+    try:
+        if args.command == "scale":
+            request = control_pb2.ScaleServiceRequest(service=args.service, replicas=args.replicas)
+            reply = _control_call(mesh, "ScaleService", request, timeout=600)
+        else:
+            request = control_pb2.RolloutServiceRequest(service=args.service)
+            reply = _control_call(mesh, "RolloutService", request, timeout=1800)
+    except grpc.RpcError as exc:
+        print(f"switchboard: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    for replica in reply.replicas:
+        state = control_pb2.ReplicaState.Name(replica.state).removeprefix("REPLICA_STATE_")
+        print(f"{replica.name:<14}{state:<10}{replica.address:<18}generation {replica.generation}")
+    return 0
+
+
+def _control_call(mesh: Mesh, method: str, request: object, *, timeout: float = 10) -> Any:
+    """Calls the control plane through Envoy's internal listener (loopback only)."""
+    with grpc.insecure_channel(mesh.internal_address) as channel:
+        stub = control_service_pb2_grpc.ControlServiceStub(channel)
+        return getattr(stub, method)(request, timeout=timeout)
 
 
 async def _keys(args: argparse.Namespace, database_url: str) -> int:

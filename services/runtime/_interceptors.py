@@ -169,11 +169,13 @@ def _wrap_stream_response(
         call = _Call(m, context)
         try:
             m.admit(request)
-            if is_generator:
-                async for response in behavior(request, context):
+            result = behavior(request, context)
+            if is_generator or hasattr(result, "__aiter__"):
+                # an async generator, or a method that returns one
+                async for response in result:
                     yield response
             else:
-                await behavior(request, context)
+                await result
         except BaseException as exc:  # noqa: BLE001 - mapped to a status, or re-raised
             await call.fail(exc, context)
         finally:

@@ -15,9 +15,12 @@ from switchboard.admission.v1 import admission_service_pb2_grpc
 from switchboard.common.v1 import common_pb2
 from switchboard.inference.v1 import inference_pb2
 
+from services.launcher._services import SERVICES
 from services.runtime import error_details
 from tests.integration.conftest import as_operator, as_tenant
 from tests.polling import eventually
+
+(ADMISSION,) = [spec for spec in SERVICES if spec.name == "admission"]
 
 REPLICA_HEADER = "x-admission-replica"
 CONTEXT = [
@@ -614,8 +617,8 @@ async def test_generations_given_up_as_they_are_admitted_leak_no_lease(
 def admitted(mesh, tenant: str) -> dict[str, float]:
     """Admissions of `tenant` by priority class, summed over the replicas' metrics."""
     counts: dict[str, float] = {}
-    for index in (1, 2):  # admission-0 and admission-1 are service processes 1 and 2
-        port = mesh.config.metrics_base_port + index
+    for slot in range(mesh.config.admission_replicas):
+        port = ADMISSION.metrics_port(mesh.config, slot)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
             for family in text_string_to_metric_families(reply.read().decode()):
                 for sample in family.samples:

@@ -17,7 +17,8 @@ from services.admission.metrics import ControllerCollector
 from services.admission.servicer import policy_cursor
 from services.inference.admission import RelayedError, relay_error
 from services.launcher._config import LauncherConfig, isolated_config
-from services.launcher._mesh import Mesh, service_processes
+from services.launcher._mesh import Mesh
+from services.launcher._services import MAX_SLOTS, SERVICES, service_processes
 from services.runtime import (
     InvalidArgument,
     QuotaViolation,
@@ -84,10 +85,17 @@ def test_admission_replicas_get_their_own_ports_and_names(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("replicas", [1, 2, 3])
 def test_isolated_ports_never_overlap(tmp_path: Path, replicas: int) -> None:
-    config = isolated_config(tmp_path, admission_replicas=replicas)
+    config = isolated_config(tmp_path, admission_replicas=replicas, triton_replicas=3)
     ports = [port for _, port in Mesh(config)._planned_ports()]
+    # every slot the control plane may start a replica in (scale to the maximum + surge)
+    ports += [
+        port
+        for spec in SERVICES
+        for slot in range(spec.replicas(config), MAX_SLOTS)
+        for port in (spec.port(config, slot), spec.metrics_port(config, slot))
+    ]
     assert len(ports) == len(set(ports))
-    assert max(ports) - config.envoy_port < 60
+    assert max(ports) - config.envoy_port < 140
 
 
 def test_tier_ceilings_come_from_healthy_backends_split_over_replicas() -> None:

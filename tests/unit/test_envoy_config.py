@@ -442,19 +442,51 @@ def test_the_internal_listener_has_the_same_routes_on_loopback_without_ext_authz
     assert table("internal") == table("public")
     for route in routes(config, "internal"):
         assert "typed_per_filter_config" not in route
-        assert "request_headers_to_remove" not in route
+        if "route" in route:
+            # no operator authority travels inward: the principal header is dropped
+            assert route["request_headers_to_remove"] == ["x-switchboard-principal"]
     assert route_for(config, ADMISSION, "internal")["route"]["hash_policy"] == [
         {"header": {"header_name": "x-tenant-id"}}
     ]
-    # no operator authority travels inward: the principal header is dropped
-    (vhost,) = manager["route_config"]["virtual_hosts"]
-    assert vhost["request_headers_to_remove"] == ["x-switchboard-principal"]
+
+
+CONTROL = Upstream(
+    name="control",
+    services=("switchboard.control.v1.ControlService",),
+    endpoints=(("127.0.0.1", 7050),),
+)
+
+
+def test_the_control_plane_is_routed_on_the_internal_listener_only_as_an_operator() -> None:
+    config = render(authz=AUTHZ, internal_port=8081, control=CONTROL)
+    prefix = "/switchboard.control.v1.ControlService/"
+    (route,) = [r for r in routes(config, "internal") if r["match"]["prefix"] == prefix]
+    assert route["route"]["cluster"] == "control"
+    assert route["request_headers_to_add"] == [
+        {
+            "header": {"key": "x-switchboard-principal", "value": "operator"},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }
+    ]
+    assert "request_headers_to_remove" not in route
+    # the public port has no route to it: its calls fall to the catch-all 404
+    assert not [r for r in routes(config, "public") if r["match"]["prefix"] == prefix]
+
+
+def test_consistency_refuses_a_public_route_to_the_control_plane() -> None:
+    config = copy.deepcopy(render(authz=AUTHZ, internal_port=8081, control=CONTROL))
+    internal_route = [
+        r for r in routes(config, "internal") if r.get("route", {}).get("cluster") == "control"
+    ][0]
+    routes(config, "public").insert(0, copy.deepcopy(internal_route))
+    with pytest.raises(ValueError, match="listener 'public' routes to the control plane"):
+        check_consistency(config)
 
 
 def test_consistency_refuses_an_internal_listener_passing_the_principal_on() -> None:
     config = copy.deepcopy(guarded())
-    del hcm(config, "internal")["route_config"]["virtual_hosts"][0]["request_headers_to_remove"]
-    with pytest.raises(ValueError, match="internal listener passes a caller's x-switchboard"):
+    del routes(config, "internal")[0]["request_headers_to_remove"]
+    with pytest.raises(ValueError, match="internal listener's route .* passes a caller's x-sw"):
         check_consistency(config)
 
 

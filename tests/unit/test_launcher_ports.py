@@ -90,10 +90,10 @@ def test_a_derived_port_inside_the_range_names_its_base_variable(
     assert "SWITCHBOARD_ADMISSION_PORT=32762: admission-1 on 32772\n" in message
     assert (
         "SWITCHBOARD_METRICS_BASE_PORT=32763:"
-        " worker-0 metrics on 32768, chat metrics on 32769, auth metrics on 32770,"
-        " gateway metrics on 32771\n"
+        " admission-1 metrics on 32774, chat metrics on 32768, auth metrics on 32769,"
+        " gateway metrics on 32770\n"
     ) in message
-    assert "adding 32768-32772 to net.ipv4.ip_local_reserved_ports" in message
+    assert "adding 32768-32770,32772,32774 to net.ipv4.ip_local_reserved_ports" in message
 
 
 def test_a_reserved_port_inside_the_range_is_accepted(tmp_path: Path) -> None:

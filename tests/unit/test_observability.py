@@ -125,7 +125,10 @@ def test_every_process_is_a_scrape_target(tmp_path: Path) -> None:
     processes = [spec.process_name(config, i) for spec, i in service_processes(config)]
     assert [t.process for t in targets] == [*processes, "triton-0", "triton-1", "envoy"]
     ports = [int(t.address.rsplit(":", 1)[1]) for t in targets]
-    assert ports[: len(processes)] == [config.metrics_base_port + k for k in range(len(processes))]
+    assert ports[: len(processes)] == [
+        spec.metrics_port(config, i) for spec, i in service_processes(config)
+    ]
+    assert len(set(ports)) == len(ports)
     assert ports[-3:-1] == [config.triton_ports(0)[2], config.triton_ports(1)[2]]
     assert targets[-1].address == f"127.0.0.1:{config.envoy_admin_port}"
     assert targets[-1].metrics_path == "/stats/prometheus"

@@ -1,0 +1,152 @@
+"""Steady mixed load through the public port, every call counted: what the control
+plane's fault and rollout tests (and `make bench-rollout`) run while they kill, scale and
+roll out replicas.
+
+Each worker loops over the mix (a Generate stream, a Retrieve, a SubmitTask), one call
+at a time, and records each call's start, end, operation
+and status code. `errors(since=...)` then tells the calls that *started* after a moment
+and failed (new calls, which must succeed throughout) from those already in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from switchboard.execution.v1 import execution_pb2, execution_service_pb2_grpc
+from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
+from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+OPERATIONS = ("generate", "retrieve", "submit")
+COLLECTION = "load"
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    operation: str
+    started: float
+    ended: float
+    code: grpc.StatusCode
+
+    @property
+    def ok(self) -> bool:
+        return self.code == grpc.StatusCode.OK
+
+
+class MixedLoad:
+    """`workers` callers over one channel to `target`, as the tenant of `metadata`."""
+
+    def __init__(
+        self,
+        target: str,
+        metadata: Sequence[tuple[str, str]],
+        *,
+        workers: int = 4,
+        operations: Sequence[str] = OPERATIONS,
+        timeout: float = 20.0,
+    ) -> None:
+        self._target = target
+        self._metadata = tuple(metadata)
+        self._workers = workers
+        self._operations = tuple(operations)
+        self._timeout = timeout
+        self.records: list[CallRecord] = []
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._channel: grpc.aio.Channel | None = None
+
+    async def prepare(self) -> None:
+        """Ingests the document Retrieve reads (once, before the load starts)."""
+        async with grpc.aio.insecure_channel(self._target) as channel:
+            rag = rag_service_pb2_grpc.RagServiceStub(channel)
+            document = rag_pb2.Document(
+                document_id="load-1",
+                collection=COLLECTION,
+                text="Envoy routes each call to a healthy replica; the control plane"
+                " restarts a replica that exits and drains one before it stops.",
+            )
+
+            async def requests():
+                yield rag_pb2.IngestDocumentsRequest(document=document)
+
+            await rag.IngestDocuments(requests(), metadata=self._metadata, timeout=60)
+
+    async def __aenter__(self) -> MixedLoad:
+        self._channel = grpc.aio.insecure_channel(self._target)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._worker(i)) for i in range(self._workers)]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def wait_calls(self, count: int, *, since: float, timeout: float = 60) -> None:
+        """Waits until `count` calls that started after `since` have ended."""
+        deadline = time.monotonic() + timeout
+        while sum(1 for r in self.records if r.started >= since) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"fewer than {count} calls completed in {timeout}s")
+            await asyncio.sleep(0.05)
+
+    def failed(self, *, since: float = 0.0, until: float = float("inf")) -> list[CallRecord]:
+        """The calls that started within [since, until) and failed."""
+        return [r for r in self.records if since <= r.started < until and not r.ok]
+
+    def completed(self, *, since: float = 0.0, until: float = float("inf")) -> list[CallRecord]:
+        return [r for r in self.records if since <= r.started < until and r.ok]
+
+    async def _worker(self, index: int) -> None:
+        assert self._channel is not None
+        calls = {
+            "generate": self._generate,
+            "retrieve": self._retrieve,
+            "submit": self._submit,
+        }
+        turn = index
+        while not self._stop.is_set():
+            operation = self._operations[turn % len(self._operations)]
+            turn += 1
+            started = time.monotonic()
+            code = grpc.StatusCode.OK
+            try:
+                await calls[operation](self._channel)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+            except asyncio.CancelledError:
+                raise
+            self.records.append(CallRecord(operation, started, time.monotonic(), code))
+
+    async def _generate(self, channel: grpc.aio.Channel) -> None:
+        stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        request = inference_pb2.GenerateRequest(
+            prompt="Say something short about replicas.",
+            parameters=inference_pb2.GenerationParameters(max_tokens=8),
+        )
+        async for _ in stub.Generate(request, metadata=self._metadata, timeout=self._timeout):
+            pass
+
+    async def _retrieve(self, channel: grpc.aio.Channel) -> None:
+        stub = rag_service_pb2_grpc.RagServiceStub(channel)
+        await stub.Retrieve(
+            rag_pb2.RetrieveRequest(collection=COLLECTION, query="who drains replicas", top_k=2),
+            metadata=self._metadata,
+            timeout=self._timeout,
+        )
+
+    async def _submit(self, channel: grpc.aio.Channel) -> None:
+        stub = execution_service_pb2_grpc.ExecutionServiceStub(channel)
+        step = execution_pb2.Step(name="one", code=execution_pb2.CodeStep(code="result = 1"))
+        await stub.SubmitTask(
+            execution_pb2.SubmitTaskRequest(steps=[step]),
+            metadata=self._metadata,
+            timeout=self._timeout,
+        )

@@ -1,0 +1,168 @@
+"""The control plane process: the supervisor of every replica, and the ADS server that
+tells Envoy which of them to route to. Runs on the shared runtime (health, metrics,
+graceful SIGTERM); ready once every replica `up` asked for is SERVING.
+
+Every change of the replica set renders the edge's whole config for the replicas of the
+moment (`launcher._edge.edge_config`, the same renderer a static config came from),
+converts it to xDS resources (DRAINING replicas marked so in EDS) and publishes it as
+the next version; the push returns once every connected Envoy has acknowledged it, or
+after `ACK_WAIT_S`, so that a replica is stopped only after Envoy stopped sending it
+new calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import grpc
+from prometheus_client import Gauge
+from switchboard.control.v1 import control_service_pb2_grpc
+
+from services.control.events import EventBus
+from services.control.kinds import initial_counts, mesh_kinds
+from services.control.resources import Endpoint, resources_from_static
+from services.control.servicer import ControlServicer
+from services.control.supervisor import ROUTED, Supervisor
+from services.control.xds import XdsServer
+from services.launcher._config import (
+    LauncherConfig,
+    config_env,
+    load_launcher_config,
+    triton_urls,
+)
+from services.launcher._edge import CONTROL_SERVICE, edge_config
+from services.launcher._services import MeshAddresses
+from services.runtime import main as serve_main
+
+logger = logging.getLogger(__name__)
+
+ACK_WAIT_S = 2.0
+"""How long a push waits for Envoy's acknowledgement before going on."""
+
+REPLICAS = Gauge(
+    "switchboard_control_replicas",
+    "Replicas the control plane supervises, by service and state.",
+    ["service", "state"],
+)
+
+
+class ControlPlane:
+    """The `Service` the runtime serves as the control plane."""
+
+    name = "control"
+    service_names = (CONTROL_SERVICE,)
+
+    def __init__(self, config: LauncherConfig, mesh: MeshAddresses) -> None:
+        run_dir = config.run_dir
+        self._config = config
+        self.events = EventBus()
+        self.xds = XdsServer(state_path=run_dir / "xds-version")
+        self.supervisor = Supervisor(
+            mesh_kinds(config, mesh),
+            state_path=run_dir / "replicas.json",
+            log_dir=run_dir / "logs",
+            on_change=self.push,
+            events=self.events,
+            max_replicas=config.max_replicas,
+        )
+        self._push_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ready = False
+
+    def register(self, server: grpc.aio.Server) -> None:
+        self.xds.add_to_server(server)
+        control_service_pb2_grpc.add_ControlServiceServicer_to_server(
+            ControlServicer(self.supervisor, self.xds, self.events), server
+        )
+
+    async def start(self) -> None:
+        self.supervisor.restore(initial_counts(self._config))
+        # A restarted control plane first publishes the replicas it adopted: the config
+        # Envoy already runs, at a higher version.
+        await self.push()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self.supervisor.run()), loop.create_task(self._boot())]
+
+    async def _boot(self) -> None:
+        try:
+            await self.supervisor.start_all(timeout=self._config.start_timeout_s)
+        except Exception:  # noqa: BLE001 - reported; the supervisor keeps trying
+            logger.exception("the mesh's replicas did not all start")
+            return
+        self._ready = True
+        logger.info("every replica is SERVING")
+
+    async def ready(self) -> bool:
+        return self._ready
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.supervisor.shutdown()
+
+    async def push(self) -> None:
+        """Publishes the edge config for the replicas of the moment and waits (bounded)
+        until every connected Envoy has acknowledged it."""
+        async with self._push_lock:
+            routed = self.supervisor.endpoints()
+            static = edge_config(
+                self._config, {kind: [(h, p) for h, p, _ in eps] for kind, eps in routed.items()}
+            )
+            draining = {(h, p) for eps in routed.values() for h, p, d in eps if d}
+            endpoints = {
+                cluster["name"]: [
+                    Endpoint(host, port, draining=(host, port) in draining)
+                    for group in cluster["load_assignment"]["endpoints"]
+                    for lb in group["lb_endpoints"]
+                    for host, port in [_address(lb)]
+                ]
+                for cluster in static["static_resources"]["clusters"]
+            }
+            version = self.xds.publish(resources_from_static(static, endpoints))
+            self._count_replicas()
+            self.events.emit(
+                "config_pushed", f"config version {version} published", config_version=version
+            )
+            if await self.xds.wait_acked(version, timeout=ACK_WAIT_S):
+                self.events.emit(
+                    "config_acked", f"config version {version} acknowledged", config_version=version
+                )
+            else:
+                logger.warning("Envoy did not acknowledge config version %d in time", version)
+
+    def _count_replicas(self) -> None:
+        counts: dict[tuple[str, str], int] = {}
+        for replica in self.supervisor.replicas.values():
+            key = (replica.kind, replica.state.value)
+            counts[key] = counts.get(key, 0) + 1
+        REPLICAS.clear()
+        for (service, state), count in counts.items():
+            REPLICAS.labels(service, state).set(count)
+
+
+def _address(lb_endpoint: dict) -> tuple[str, int]:
+    socket = lb_endpoint["endpoint"]["address"]["socket_address"]
+    return socket["address"], int(socket["port_value"])
+
+
+def main() -> None:
+    """Serves the control plane of the mesh the `SWITCHBOARD_*` variables describe (the
+    launcher sets them: the mesh's database and NATS URLs among them)."""
+    config = load_launcher_config()
+    # The replicas get the environment the launcher would give them, not its config.
+    for key in config_env(config):
+        if not key.startswith("SWITCHBOARD_CONTROL_"):
+            os.environ.pop(key, None)
+    mesh = MeshAddresses(
+        internal=f"127.0.0.1:{config.envoy_internal_port}",
+        database_url=config.database_url,
+        nats_url=config.nats_url,
+        triton_urls=triton_urls(config),
+    )
+    serve_main(ControlPlane(config, mesh))
+
+
+__all__ = ["ROUTED", "ControlPlane", "main"]

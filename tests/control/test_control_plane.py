@@ -1,0 +1,242 @@
+"""The control plane on a real mesh: supervision (kill -9 → restarted, crash loop →
+FAILED), scale and rollout under steady load through Envoy, the control plane's own
+death, and its API's authority and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from switchboard.control.v1 import control_pb2 as pb
+from switchboard.control.v1 import control_service_pb2_grpc
+
+from bench._common import api_key_metadata, operator_metadata
+from bench._mixed_load import MixedLoad
+from services.launcher import Mesh
+from services.launcher._envoy import admin_stats
+from services.runtime import error_details
+from tests.polling import eventually
+
+pytestmark = pytest.mark.timeout(600)
+
+SERVING = pb.REPLICA_STATE_SERVING
+TENANT = "control-tests"
+
+
+@pytest.fixture(scope="session")
+async def control(mesh: Mesh) -> AsyncIterator[control_service_pb2_grpc.ControlServiceStub]:
+    """ControlService through Envoy's internal listener (loopback), as the CLI calls it."""
+    async with grpc.aio.insecure_channel(mesh.internal_address) as channel:
+        yield control_service_pb2_grpc.ControlServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+async def loaded(mesh: Mesh) -> MixedLoad:
+    load = MixedLoad(mesh.envoy_address, api_key_metadata(mesh, TENANT), workers=4)
+    await load.prepare()
+    return load
+
+
+async def replicas(control, service: str = "") -> list[pb.Replica]:
+    reply = await control.ListReplicas(pb.ListReplicasRequest(service=service), timeout=5)
+    return list(reply.replicas)
+
+
+async def all_serving(control, service: str, count: int) -> bool:
+    found = await replicas(control, service)
+    return len(found) == count and all(r.state == SERVING for r in found)
+
+
+async def test_every_replica_is_listed_serving_and_envoy_acked_the_config(control) -> None:
+    found = {r.name: r for r in await replicas(control)}
+    assert {"inference", "inference-1", "admission-0", "admission-1", "rag", "rag-1"} <= set(found)
+    assert {"worker-0", "worker-1", "auth", "auth-1", "chat", "triton-0"} <= set(found)
+    assert all(r.state == SERVING and r.pid > 0 for r in found.values()), found
+    assert found["triton-0"].service == "triton"
+
+    async def acked() -> bool:
+        reply = await control.ListReplicas(pb.ListReplicasRequest(), timeout=5)
+        (node,) = reply.envoy_nodes
+        return node.connected and node.acked_version == reply.config_version > 0
+
+    await eventually(acked, timeout=10, what="Envoy acknowledges the latest config")
+
+
+async def test_the_public_port_has_no_route_to_the_control_plane(mesh: Mesh) -> None:
+    async with grpc.aio.insecure_channel(mesh.envoy_address) as channel:
+        stub = control_service_pb2_grpc.ControlServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ListReplicas(
+                pb.ListReplicasRequest(), metadata=operator_metadata(mesh), timeout=5
+            )
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_bad_requests_are_refused_with_their_reason(control) -> None:
+    cases = [
+        (pb.ScaleServiceRequest(service="rag", replicas=0), "replicas"),
+        (pb.ScaleServiceRequest(service="rag", replicas=5), "replicas"),
+        (pb.ScaleServiceRequest(service="nope", replicas=1), "service"),
+        (pb.ScaleServiceRequest(service="triton", replicas=2), "service"),
+    ]
+    for request, field in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await control.ScaleService(request, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
+        details = error_details(err.value)
+        assert details.error_info.reason == "INVALID_REQUEST"
+        assert [v.field for v in details.bad_request.field_violations] == [field]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await control.RolloutService(pb.RolloutServiceRequest(service="nope"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await control.StopReplica(pb.StopReplicaRequest(replica="rag-9"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_details(err.value).error_info.reason == "REPLICA_NOT_FOUND"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await control.StartReplica(
+            pb.StartReplicaRequest(replica="rag", environment={"PATH": "/tmp"}), timeout=10
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_second_operation_on_a_service_waits_its_turn(control) -> None:
+    events = control.WatchEvents(pb.WatchEventsRequest())
+    rollout = asyncio.ensure_future(
+        control.RolloutService(pb.RolloutServiceRequest(service="rag"), timeout=120)
+    )
+    try:
+        async for item in events:
+            if item.event.kind == "rollout_started" and item.event.service == "rag":
+                break
+        for call, request in [
+            (control.RolloutService, pb.RolloutServiceRequest(service="rag")),
+            (control.ScaleService, pb.ScaleServiceRequest(service="rag", replicas=3)),
+            (control.RolloutService, pb.RolloutServiceRequest()),
+        ]:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call(request, timeout=10)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert error_details(err.value).error_info.reason == "OPERATION_IN_PROGRESS"
+    finally:
+        events.cancel()
+        reply = await rollout
+    assert {r.generation for r in reply.replicas} == {max(r.generation for r in reply.replicas)}
+    assert len(reply.replicas) == 2
+
+
+KINDS = ["inference", "admission", "rag", "execution", "worker", "auth", "gateway", "chat"]
+
+
+async def test_a_killed_replica_of_each_kind_is_restarted_and_new_calls_succeed(
+    mesh: Mesh, control, loaded: MixedLoad
+) -> None:
+    recoveries: dict[str, float] = {}
+    async with loaded as load:
+        await load.wait_calls(20, since=time.monotonic())
+        for kind in KINDS:
+            (victim, *_) = await replicas(control, kind)
+            killed_at = time.monotonic()
+            os.kill(victim.pid, signal.SIGKILL)
+
+            async def back(name: str = victim.name, pid: int = victim.pid) -> bool:
+                found = {r.name: r for r in await replicas(control)}
+                return found[name].state == SERVING and found[name].pid != pid
+
+            recoveries[kind] = await eventually(back, timeout=60, what=f"{victim.name} back")
+            await load.wait_calls(12, since=time.monotonic())
+            after = {r.name: r for r in await replicas(control)}[victim.name]
+            assert after.restarts == victim.restarts + 1
+            # every failure is a call that was in flight on the killed replica
+            failed = load.failed(since=killed_at - 30)
+            assert all(r.code == grpc.StatusCode.UNAVAILABLE for r in failed), failed
+            assert all(r.started < killed_at for r in failed), (kind, failed)
+    print(f"recovery from kill -9 to SERVING again: {recoveries}")
+    assert len(load.completed()) > 100
+
+
+async def test_scale_inference_up_and_down_under_load(control, loaded: MixedLoad) -> None:
+    async with loaded as load:
+        started = time.monotonic()
+        for count in (3, 1, 2):
+            reply = await control.ScaleService(
+                pb.ScaleServiceRequest(service="inference", replicas=count), timeout=120
+            )
+            assert len(reply.replicas) == count
+            assert await all_serving(control, "inference", count)
+            await load.wait_calls(12, since=time.monotonic())
+    assert load.failed(since=started) == []
+    assert len(load.completed(since=started)) >= 36
+
+
+async def test_a_rollout_of_every_service_under_load_fails_no_call(
+    control, loaded: MixedLoad
+) -> None:
+    before = {r.name: r for r in await replicas(control)}
+    async with loaded as load:
+        started = time.monotonic()
+        reply = await control.RolloutService(pb.RolloutServiceRequest(), timeout=900)
+        await load.wait_calls(12, since=time.monotonic())
+    rolled = [r for r in reply.replicas]
+    assert {r.service for r in rolled} >= {"inference", "rag", "admission", "worker"}
+    assert all(r.state == SERVING for r in rolled)
+    for replica in rolled:
+        old = [b for b in before.values() if b.service == replica.service]
+        assert replica.generation > max(b.generation for b in old)
+        assert replica.pid not in {b.pid for b in old}
+    assert load.failed(since=started) == []
+
+
+async def test_a_crash_looping_replica_is_failed_and_the_rest_serves(
+    mesh: Mesh, control, loaded: MixedLoad
+) -> None:
+    (victim, *_) = [r for r in await replicas(control, "rag") if r.state == SERVING]
+    async with loaded as load:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await control.StartReplica(
+                pb.StartReplicaRequest(
+                    replica=victim.name, environment={"SWITCHBOARD_RAG_MAX_MESSAGE_BYTES": "1"}
+                ),
+                timeout=120,
+            )
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        failed = {r.name: r for r in await replicas(control, "rag")}[victim.name]
+        assert failed.state == pb.REPLICA_STATE_FAILED
+        assert failed.restarts >= 4
+        assert "max_message_bytes" in failed.last_log
+        await load.wait_calls(12, since=time.monotonic())
+        reply = await control.StartReplica(pb.StartReplicaRequest(replica=victim.name), timeout=120)
+        assert reply.replica.state == SERVING
+    assert [r for r in load.failed() if r.operation == "retrieve"] == []
+
+
+async def test_envoy_keeps_routing_while_the_control_plane_is_down_and_resyncs(
+    mesh: Mesh, control, loaded: MixedLoad
+) -> None:
+    before = await control.ListReplicas(pb.ListReplicasRequest(), timeout=5)
+    pids = {r.name: r.pid for r in before.replicas}
+    listeners = _listener_changes(mesh)
+    (record,) = [r for r in mesh.state.load() if r.name == "control"]
+    async with loaded as load:
+        os.kill(record.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        await load.wait_calls(20, since=killed_at)
+        await asyncio.to_thread(mesh.start_control)
+        await load.wait_calls(12, since=time.monotonic())
+    after = await control.ListReplicas(pb.ListReplicasRequest(), timeout=5)
+    assert {r.name: r.pid for r in after.replicas} == pids  # adopted, not restarted
+    assert after.config_version > before.config_version
+    assert after.envoy_nodes[0].acked_version == after.config_version
+    assert _listener_changes(mesh) == listeners  # resynced without a listener drain
+    assert load.failed(since=killed_at) == []
+
+
+def _listener_changes(mesh: Mesh) -> dict[str, int]:
+    stats = admin_stats(mesh.config.envoy_admin_port)
+    names = ("listener_added", "listener_modified", "listener_removed", "listener_in_place_updated")
+    return {name: stats.get(f"listener_manager.{name}", 0) for name in names}
