@@ -148,6 +148,8 @@ async def serve(service: Service, config: ServerConfig | None = None) -> None:
     )
     await stopping.wait()
     logger.info("stopping: draining", extra={"drain_s": config.drain.total_seconds()})
+    if (draining := getattr(service, "drain", None)) is not None:
+        await draining()  # optional: a service told it is stopping before its calls end
     await probe
     await health.enter_graceful_shutdown()
     await asyncio.sleep(config.drain.total_seconds())
