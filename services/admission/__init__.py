@@ -9,12 +9,15 @@ The decision core is plain, network-free Python, one job per module:
 - `scheduler`: the fair queue; `tickets`: one request's way through it;
 - `refusals`: why a request cannot run, and the refusal that says so;
 - `controller`: `AdmissionController`, the decisions, on an injected clock;
-- `dispatcher`: `Dispatcher`, the asyncio loop and the callers waiting on it.
+- `dispatcher`: `Dispatcher`, the asyncio loop and the callers waiting on it;
+- `handover`: what a tenant's state does when the replica set changes, and the bound
+  on the over-admission that costs.
 
 The gRPC servicer (`servicer`, `sessions`) maps proto to that core and back, and the
 PostgreSQL policy store (`store`) keeps every replica's policies in step. Envoy routes
 each tenant to one replica by a consistent hash of `x-tenant-id`, so replicas share no
-counters.
+counters; each reads which replicas are alive (`membership`) to split the tier
+ceilings and to know when tenants may have moved.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ from services.admission.clock import Clock, FakeClock, MonotonicClock
 from services.admission.config import AdmissionConfig, load_admission_config
 from services.admission.controller import AdmissionController
 from services.admission.dispatcher import Dispatcher
+from services.admission.handover import Handover
 from services.admission.ledger import Lease
 from services.admission.limits import DEFAULT_POLICY, PolicyLimits, Priority, TierCapacity
+from services.admission.membership import Membership
 from services.admission.policies import QuotaSnapshot
 from services.admission.request import AdmissionRequest
 from services.admission.servicer import AdmissionServicer
@@ -68,7 +73,7 @@ SERVICE_NAME = admission_service_pb2.DESCRIPTOR.services_by_name["AdmissionServi
 
 class AdmissionService:
     """The runtime's view of the service: the controller and its dispatcher, the policy
-    store, the tier ceilings' feed."""
+    store, the live replica set, the tier ceilings' feed."""
 
     name = "admission"
     service_names: Sequence[str] = (SERVICE_NAME,)
@@ -81,6 +86,8 @@ class AdmissionService:
         self._running: asyncio.Task[None] | None = None
         self._collector: metrics.Collector | None = None
         self.capacity: CapacityFeed | None = None
+        self.handover: Handover | None = None
+        self.membership: Membership | None = None
 
     async def start(self) -> None:
         config = self._config
@@ -88,6 +95,10 @@ class AdmissionService:
             default_policy=config.default_policy,
             lease_ttl=config.admission_lease_ttl,
             wait_observer=metrics.observe_wait,
+            warmup=config.admission_handover_warmup,
+        )
+        self.handover = Handover(
+            controller=self.controller, split=self._split, replicas=config.admission_replicas
         )
         fixed = config.tier_ceilings()
         for tier, ceiling in fixed.items():
@@ -106,11 +117,23 @@ class AdmissionService:
                 target=config.inference_target,
                 controller=self.controller,
                 streams_per_backend=config.admission_streams_per_backend,
-                replicas=config.admission_replicas,
+                replicas=self.handover.replicas,
                 interval=config.admission_capacity_poll,
                 fixed=fixed,
             )
             self.capacity.start()
+        self.membership = Membership(
+            database_url=config.database_url,
+            replica_id=config.admission_replica_id,
+            observe=self.handover.observe,
+            interval=config.admission_membership_poll,
+            stale_after=config.admission_membership_stale_after,
+        )
+        await self.membership.start()
+
+    def _split(self, replicas: int) -> None:
+        if self.capacity is not None:
+            self.capacity.set_replicas(replicas)
 
     def register(self, server: grpc.aio.Server) -> None:
         assert self.dispatcher is not None and self.store is not None, "start() first"
@@ -127,10 +150,16 @@ class AdmissionService:
         )
 
     async def ready(self) -> bool:
-        """Serving while the dispatcher runs; policies stay in force if the store is down."""
-        return self._running is not None and not self._running.done()
+        """Serving while the dispatcher runs, once the other replicas have seen this one
+        (so their shares of the tier ceilings shrink before it admits); policies stay in
+        force if the store is down."""
+        running = self._running is not None and not self._running.done()
+        return running and self.membership is not None and self.membership.settled
 
     async def shutdown(self) -> None:
+        if self.membership is not None:  # the others take back its share
+            await self.membership.close()
+            self.membership = None
         if self.capacity is not None:
             await self.capacity.close()
         if self.dispatcher is not None:

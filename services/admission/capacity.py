@@ -2,9 +2,10 @@
 
 Each model tier may have at most (healthy backends × streams per backend) requests in
 flight, summed over the tier's generator models and split evenly over the admission
-replicas, since each replica enforces its ceiling alone. With no healthy backend a tier
-gets no ceiling: the inference service then refuses at once with its own
-`BACKENDS_UNAVAILABLE` and RetryInfo, which says more than a queue would.
+replicas alive now (`membership`, draining ones included), since each replica
+enforces its ceiling alone; a change of the replica set re-splits them at once. With
+no healthy backend a tier gets no ceiling: the inference service then refuses at once
+with its own `BACKENDS_UNAVAILABLE` and RetryInfo, which says more than a queue would.
 """
 
 from __future__ import annotations
@@ -62,7 +63,20 @@ class CapacityFeed:
         self._interval = interval.total_seconds()
         self._fixed = dict(fixed or {})
         self.ceilings: dict[str, int | None] = {}
+        self._models: inference_pb2.ListModelsResponse | None = None
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def replicas(self) -> int:
+        return self._replicas
+
+    def set_replicas(self, replicas: int) -> None:
+        """Splits the ceilings over `replicas` from now on, re-sizing them at once from
+        the last report (a replica that joined must not wait a poll for its peers'
+        shares to shrink)."""
+        self._replicas = max(replicas, 1)
+        if self._models is not None:
+            self.apply(self._models)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="admission-capacity-feed")
@@ -72,7 +86,11 @@ class CapacityFeed:
         await self._channel.close()
 
     async def refresh(self) -> None:
-        models = await self._stub.ListModels(inference_pb2.ListModelsRequest())
+        self.apply(await self._stub.ListModels(inference_pb2.ListModelsRequest()))
+
+    def apply(self, models: inference_pb2.ListModelsResponse) -> None:
+        """Sizes the ceilings from a ListModels report (kept for `set_replicas`)."""
+        self._models = models
         sized = size_tiers(models, streams_per_backend=self._streams, replicas=self._replicas)
         for tier, ceiling in sized.items():
             if tier in self._fixed or self.ceilings.get(tier, -1) == ceiling:

@@ -24,14 +24,19 @@ class AdmissionConfig:
     """How often stored policies are checked for changes made through other replicas."""
     admission_lease_ttl: timedelta = timedelta(minutes=10)
     """A lease never released is freed after this long (its charge is kept)."""
+    admission_handover_warmup: timedelta = timedelta(seconds=10)
+    """After the replica set changes, a tenant new to this replica gets its full bursts
+    back within this long at the latest (`handover`: the over-admission a move may cost
+    is at most max(0, burst − rate × this) per bucket)."""
     admission_default_max_wait: timedelta = timedelta(seconds=30)
     """Longest queue wait for an Admit call that has neither max_wait nor a deadline."""
     admission_deadline_margin: timedelta = timedelta(milliseconds=50)
     """An Admit waits at most until this long before its deadline, so the refusal (with
     its RetryInfo) reaches the caller before the deadline does."""
     admission_tier_max_in_flight: tuple[str, ...] = ()
-    """Static global ceilings per model tier, e.g. `small=64,large=16`; a tier listed here
-    is not sized from the inference service's reports."""
+    """Static ceilings per model tier on each replica (not split over the replicas), e.g.
+    `small=64,large=16`; a tier listed here is not sized from the inference service's
+    reports."""
     inference_target: str = ""
     """Where InferenceService.ListModels is read to size the tier ceilings; empty = no
     ceilings but the static ones."""
@@ -40,7 +45,13 @@ class AdmissionConfig:
     """Concurrent streams one healthy backend serves per model (Triton's
     `max_concurrent_streams`)."""
     admission_replicas: int = 1
-    """Admission replicas sharing the tier ceilings (each enforces its share)."""
+    """Admission replicas sharing the tier ceilings (each enforces its share), until
+    this replica has read the live ones from the database (`membership`)."""
+    admission_membership_poll: timedelta = timedelta(seconds=1)
+    """How often a replica stamps its row in `admission_replicas` and reads the others'."""
+    admission_membership_stale_after: timedelta = timedelta(seconds=5)
+    """A replica whose row was not stamped for this long died: its share of the tier
+    ceilings goes back to the others."""
     admission_default_requests_per_second: float = DEFAULT_POLICY.requests_per_second
     admission_default_request_burst: int = DEFAULT_POLICY.request_burst
     admission_default_tokens_per_minute: int = DEFAULT_POLICY.tokens_per_minute
@@ -53,6 +64,14 @@ class AdmissionConfig:
             raise ValueError("SWITCHBOARD_DATABASE_URL must name the policy database")
         if self.admission_policy_poll <= timedelta(0):
             raise ValueError("SWITCHBOARD_ADMISSION_POLICY_POLL must be positive")
+        if self.admission_handover_warmup <= timedelta(0):
+            raise ValueError("SWITCHBOARD_ADMISSION_HANDOVER_WARMUP must be positive")
+        poll, stale = self.admission_membership_poll, self.admission_membership_stale_after
+        if not timedelta(0) < poll < stale:
+            raise ValueError(
+                "SWITCHBOARD_ADMISSION_MEMBERSHIP_POLL must be positive and shorter than "
+                "SWITCHBOARD_ADMISSION_MEMBERSHIP_STALE_AFTER"
+            )
         if violations := self.default_policy.validate(prefix="default "):
             raise ValueError("; ".join(f"{v.field}: {v.description}" for v in violations))
         self.tier_ceilings()  # fails on a malformed entry

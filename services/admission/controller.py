@@ -15,7 +15,9 @@ each, and of its model tier. `release` returns the slots and corrects the token 
 with the tokens actually used.
 
 The limits and their live buckets are kept by `policies.PolicyRegistry`, leases and
-named attempts by `ledger.Ledger`.
+named attempts by `ledger.Ledger`. When the admission replicas change, tenants move
+between them: `replica_set_changed` begins an epoch, so that a tenant new here gets no
+burst it may have spent elsewhere (`handover` states what a move costs at most).
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ class AdmissionController:
         wait_observer: Callable[[str, Priority, float], None] | None = None,
         tombstone_ttl: timedelta = timedelta(seconds=60),
         max_tombstones: int = 100_000,
+        warmup: timedelta | None = timedelta(seconds=10),
     ) -> None:
         """
         Args:
@@ -114,6 +117,10 @@ class AdmissionController:
                 an admission attempt with that id arriving after it.
             max_tombstones: most such releases remembered at once; the oldest are
                 forgotten first.
+            warmup: after an epoch (`replica_set_changed`), buckets made anew are full
+                by this long after it at the latest; None: only as fast as they refill
+                (no over-admission from a move, but a tenant of a slow policy may wait
+                up to burst / rate for its first request). See `handover`.
         """
         for violation in default_policy.validate(prefix="default_policy."):
             raise ValueError(f"{violation.field}: {violation.description}")
@@ -125,7 +132,13 @@ class AdmissionController:
         self._wait_observer = wait_observer
 
         self._queue: FairQueue[Ticket] = FairQueue(starvation_guard=starvation_guard)
-        self._policies = PolicyRegistry(default=default_policy, set_weight=self._queue.set_weight)
+        if warmup is not None and warmup <= timedelta(0):
+            raise ValueError("warmup must be positive (or None)")
+        self._policies = PolicyRegistry(
+            default=default_policy,
+            set_weight=self._queue.set_weight,
+            warmup=math.inf if warmup is None else warmup.total_seconds(),
+        )
         self._ledger = Ledger(
             lease_ttl=lease_ttl.total_seconds(),
             tombstone_ttl=tombstone_ttl.total_seconds(),
@@ -135,6 +148,7 @@ class AdmissionController:
         self._next_due = math.inf  # no lease or waiter deadline falls due before this
         self._seq = 0
         self._closed = False
+        self._epoch_pending = False
         self._changed: Callable[[], None] = _unchanged
 
         self.stats: dict[tuple[str, Priority], Counters] = {}
@@ -161,6 +175,9 @@ class AdmissionController:
         now = self._clock.now()
         if now >= self._next_due:
             self._expire(now)
+        if self._epoch_pending:
+            self._epoch_pending = False
+            self._begin_epoch(now)
         tenant_id, request_id = request.tenant_id, request.request_id
         if request_id:
             self._ledger.check_attempt(tenant_id, request_id, now)
@@ -170,7 +187,7 @@ class AdmissionController:
             self._seq,
             request,
             policies.tenant(tenant_id, now),
-            policies.user(tenant_id, request.user_id) if request.user_id else None,
+            policies.user(tenant_id, request.user_id, now) if request.user_id else None,
             policies.tier(request.tier, self._hold) if request.tier else None,
             now,
         )
@@ -455,6 +472,29 @@ class AdmissionController:
         self._policies.set_tier_capacity(tier, capacity, hold=self._hold)
         self._after_change()
 
+    def replica_set_changed(self, *, on_first_decision: bool = False) -> None:
+        """The admission replicas changed, or this one just started: tenants may move
+        here with their buckets spent on the replica that served them before.
+
+        Begins an epoch (see `handover`): buckets made from then on (for tenants and
+        users new here, or not served here for a whole refill) start empty and fill
+        within the warm-up, so a tenant that moved gets no burst it may already have
+        used elsewhere.
+
+        Args:
+            on_first_decision: begin it at this controller's next `submit` instead (a
+                replica that just started: its tenants arrive once Envoy routes to it).
+        """
+        if on_first_decision:
+            self._epoch_pending = True
+        else:
+            self._begin_epoch(self._clock.now())
+
+    @property
+    def epoch(self) -> float | None:
+        """When the current epoch began (clock reading); None before the first."""
+        return self._policies.epoch
+
     def collect_idle(self) -> int:
         """Forgets tenants with nothing in flight or waiting and full buckets (their
         state is the same as a fresh one's). Returns how many were forgotten."""
@@ -565,6 +605,10 @@ class AdmissionController:
         self._next_due = min(
             self._ledger.next_expiry(), self._deadlines[0][0] if self._deadlines else math.inf
         )
+
+    def _begin_epoch(self, now: float) -> None:
+        drained = self._policies.begin_epoch(now)
+        logger.info("admission epoch begun", extra={"drained_scopes": drained})
 
     def _after_change(self) -> None:
         self.pump()

@@ -20,6 +20,36 @@ from services.runtime import FieldViolation, invalid
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class Epoch:
+    """Since when, and how fast, buckets made on this replica fill (see `handover`).
+
+    A bucket made after the epoch began is as if it had been empty then and refilled
+    since at max(rate, burst / warmup): full `warmup` seconds after the epoch began at
+    the latest, and at its own rate from then on.
+    """
+
+    began: float
+    warmup: float
+    """Seconds; infinity: at the bucket's own rate only."""
+
+    def bucket(self, rate: float, burst: float, now: float) -> TokenBucket:
+        warm = max(rate, burst / self.warmup)
+        until = self.began + self.warmup
+        level = min(burst, warm * max(min(now, until) - self.began, 0.0))
+        if now > until:
+            level = min(burst, level + (now - until) * rate)
+        return TokenBucket(
+            rate_per_s=rate, burst=burst, now=now, level=level, warming=(warm, until)
+        )
+
+
+def _bucket(rate: float, burst: float, now: float, epoch: Epoch | None) -> TokenBucket:
+    if epoch is None:
+        return TokenBucket(rate_per_s=rate, burst=burst, now=now)
+    return epoch.bucket(rate, burst, now)
+
+
 class Scope:
     """The live state of one tenant's, or one user's, limits."""
 
@@ -36,8 +66,20 @@ class Scope:
     )
 
     def __init__(
-        self, tenant_id: str, user_id: str, policy: PolicyLimits, *, explicit: bool, now: float
+        self,
+        tenant_id: str,
+        user_id: str,
+        policy: PolicyLimits,
+        *,
+        explicit: bool,
+        now: float,
+        epoch: Epoch | None = None,
     ) -> None:
+        """
+        Args:
+            epoch: the buckets start as the epoch allows (`Epoch.bucket`); None:
+                they start full.
+        """
         self.tenant_id = tenant_id
         self.user_id = user_id
         self.subject = f"tenant:{tenant_id}/user:{user_id}" if user_id else f"tenant:{tenant_id}"
@@ -47,12 +89,8 @@ class Scope:
         by their tenant's limits alone."""
         self.explicit = explicit
         """A stored policy, not the default."""
-        self.requests = TokenBucket(
-            rate_per_s=policy.requests_per_second, burst=policy.request_burst, now=now
-        )
-        self.tokens = TokenBucket(
-            rate_per_s=policy.tokens_per_second, burst=policy.token_burst, now=now
-        )
+        self.requests = _bucket(policy.requests_per_second, policy.request_burst, now, epoch)
+        self.tokens = _bucket(policy.tokens_per_second, policy.token_burst, now, epoch)
         self.in_flight = 0
         self.queued = 0
 
@@ -65,6 +103,16 @@ class Scope:
         )
         self.tokens.reconfigure(
             rate_per_s=policy.tokens_per_second, burst=policy.token_burst, now=now
+        )
+
+    def rested(self, now: float) -> bool:
+        """Nothing of it is held or waits here, and its buckets are full: the same as a
+        scope made afresh before any epoch."""
+        return (
+            not self.in_flight
+            and not self.queued
+            and self.requests.is_full(now)
+            and self.tokens.is_full(now)
         )
 
     def blocks(self, tokens: int, now: float) -> bool:
@@ -126,17 +174,47 @@ class PolicyRegistry:
             weight changes.
     """
 
-    def __init__(self, *, default: PolicyLimits, set_weight: Callable[[str, int], None]) -> None:
+    def __init__(
+        self,
+        *,
+        default: PolicyLimits,
+        set_weight: Callable[[str, int], None],
+        warmup: float = math.inf,
+    ) -> None:
         self._default = default
+        self._warmup = warmup
         self._set_weight = set_weight
         self._policies: dict[tuple[str, str], PolicyLimits] = {}
         self._tenants: dict[str, Scope] = {}
         self._users: dict[tuple[str, str], Scope] = {}
         self._tiers: dict[str, Tier] = {}
+        self._epoch: Epoch | None = None
 
     @property
     def default(self) -> PolicyLimits:
         return self._default
+
+    @property
+    def epoch(self) -> float | None:
+        """When the current epoch began (see `begin_epoch`); None before the first."""
+        return None if self._epoch is None else self._epoch.began
+
+    def begin_epoch(self, now: float) -> int:
+        """From `now` on, buckets made on this replica start from empty (`Epoch`).
+
+        Scopes that are idle with full buckets, the state of a tenant (or user) this
+        replica has not served for a whole refill, are dropped, to be made again on
+        next use. The others keep their state: this replica served them since, so it
+        is what they used here. Returns how many scopes were dropped.
+        """
+        self._epoch = Epoch(began=now, warmup=self._warmup)
+        tenants = [key for key, scope in self._tenants.items() if scope.rested(now)]
+        users = [key for key, scope in self._users.items() if scope.rested(now)]
+        for tenant_id in tenants:
+            del self._tenants[tenant_id]
+        for key in users:
+            del self._users[key]
+        return len(tenants) + len(users)
 
     # ---- scopes, as requests meet them ------------------------------------------------
 
@@ -145,9 +223,16 @@ class PolicyRegistry:
         scope = self._tenants.get(tenant_id)
         return scope if scope is not None else self._tenant_scope(tenant_id, now)
 
-    def user(self, tenant_id: str, user_id: str) -> Scope | None:
-        """The user's scope; None if they have no policy of their own."""
-        return self._users.get((tenant_id, user_id)) if user_id and self._users else None
+    def user(self, tenant_id: str, user_id: str, now: float) -> Scope | None:
+        """The user's scope (made again if an epoch dropped it); None if they have no
+        policy of their own."""
+        key = (tenant_id, user_id)
+        scope = self._users.get(key)
+        if scope is None and user_id and (policy := self._policies.get(key)) is not None:
+            scope = self._users[key] = Scope(
+                tenant_id, user_id, policy, explicit=True, now=now, epoch=self._epoch
+            )
+        return scope
 
     def tier(self, name: str, hold: float) -> Tier:
         """The tier's state, made on first use with `hold` as its lease hold estimate."""
@@ -165,7 +250,7 @@ class PolicyRegistry:
         For a user without a policy of their own, what binds them: their tenant's buckets
         and leases (with `policy` None).
         """
-        scope = self._users.get((tenant_id, user_id)) if user_id else None
+        scope = self.user(tenant_id, user_id, now) if user_id else None
         if scope is None:
             scope = self._tenants.get(tenant_id) or self._tenant_scope(tenant_id, now, keep=False)
         return QuotaSnapshot(
@@ -206,7 +291,7 @@ class PolicyRegistry:
             scope = self._users.get((tenant_id, user_id))
             if scope is None:
                 self._users[(tenant_id, user_id)] = Scope(
-                    tenant_id, user_id, limits, explicit=True, now=now
+                    tenant_id, user_id, limits, explicit=True, now=now, epoch=self._epoch
                 )
             else:
                 scope.apply(limits, explicit=True, now=now)
@@ -260,24 +345,25 @@ class PolicyRegistry:
     def collect_idle(self, now: float) -> int:
         """Forgets tenants with nothing in flight or waiting and full buckets.
 
-        Such state is indistinguishable from a fresh one, so nothing changes but memory.
+        Such state is that of a fresh one, so nothing changes but memory (within
+        `Epoch.warmup` of an epoch, a fresh one starts lower: only more cautious).
         Returns how many were forgotten.
         """
-        idle = [
-            tenant_id
-            for tenant_id, scope in self._tenants.items()
-            if not scope.in_flight
-            and not scope.queued
-            and scope.requests.is_full(now)
-            and scope.tokens.is_full(now)
-        ]
+        idle = [tenant_id for tenant_id, scope in self._tenants.items() if scope.rested(now)]
         for tenant_id in idle:
             del self._tenants[tenant_id]
         return len(idle)
 
     def _tenant_scope(self, tenant_id: str, now: float, *, keep: bool = True) -> Scope:
         stored = self._policies.get((tenant_id, ""))
-        scope = Scope(tenant_id, "", stored or self._default, explicit=stored is not None, now=now)
+        scope = Scope(
+            tenant_id,
+            "",
+            stored or self._default,
+            explicit=stored is not None,
+            now=now,
+            epoch=self._epoch,
+        )
         if keep:
             self._tenants[tenant_id] = scope
         return scope

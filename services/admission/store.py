@@ -26,9 +26,9 @@ from services.runtime import Database, Unavailable, dependency_unavailable, stop
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-_MIGRATION_LOCK = 0x5B_AD_01  # advisory lock key: replicas starting together migrate once
-_MIGRATIONS: dict[int, str] = {
+SCHEMA_VERSION = 2
+MIGRATION_LOCK = 0x5B_AD_01  # advisory lock key: replicas starting together migrate once
+MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE admission_policies (
         tenant_id   text        NOT NULL,
@@ -43,6 +43,13 @@ _MIGRATIONS: dict[int, str] = {
         version   bigint  NOT NULL
     );
     INSERT INTO admission_policy_version (version) VALUES (0);
+    """,
+    # the live admission replicas (`membership`)
+    2: """
+    CREATE TABLE admission_replicas (
+        instance text        PRIMARY KEY,
+        seen_at  timestamptz NOT NULL DEFAULT now()
+    );
     """,
 }
 
@@ -94,7 +101,7 @@ class PolicyStore:
 
     async def start(self) -> None:
         """Opens the pool, migrates, loads every policy and starts polling for changes."""
-        await self._db.open(prefix="admission", lock=_MIGRATION_LOCK, migrations=_MIGRATIONS)
+        await self._db.open(prefix="admission", lock=MIGRATION_LOCK, migrations=MIGRATIONS)
         await self.refresh()
         self.healthy = True
         self._task = asyncio.create_task(self._watch(), name="admission-policy-watch")

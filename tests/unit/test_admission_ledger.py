@@ -121,12 +121,12 @@ def test_policies_fall_back_to_the_default_and_move_queue_weights(registry, weig
 
 
 def test_a_user_has_a_scope_only_while_they_have_a_policy(registry):
-    assert registry.user("acme", "ann") is None
+    assert registry.user("acme", "ann", now=0.0) is None
     registry.set("acme", POLICY, user_id="ann", now=0.0)
-    user = registry.user("acme", "ann")
+    user = registry.user("acme", "ann", now=0.0)
     assert user is not None and user.subject == "tenant:acme/user:ann"
     registry.delete("acme", user_id="ann", now=0.0)
-    assert registry.user("acme", "ann") is None and user.policy is None
+    assert registry.user("acme", "ann", now=0.0) is None and user.policy is None
 
 
 def test_bad_policies_and_ceilings_are_refused_by_attribute(registry):
