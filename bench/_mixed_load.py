@@ -57,6 +57,8 @@ class MixedLoad:
         self._operations = tuple(operations)
         self._timeout = timeout
         self.records: list[CallRecord] = []
+        self.task_ids: list[str] = []
+        """Every task SubmitTask accepted (none may be lost)."""
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._channel: grpc.aio.Channel | None = None
@@ -78,6 +80,7 @@ class MixedLoad:
             await rag.IngestDocuments(requests(), metadata=self._metadata, timeout=60)
 
     async def __aenter__(self) -> MixedLoad:
+        self._stop = asyncio.Event()
         self._channel = grpc.aio.insecure_channel(self._target)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._worker(i)) for i in range(self._workers)]
@@ -145,8 +148,24 @@ class MixedLoad:
     async def _submit(self, channel: grpc.aio.Channel) -> None:
         stub = execution_service_pb2_grpc.ExecutionServiceStub(channel)
         step = execution_pb2.Step(name="one", code=execution_pb2.CodeStep(code="result = 1"))
-        await stub.SubmitTask(
+        reply = await stub.SubmitTask(
             execution_pb2.SubmitTaskRequest(steps=[step]),
             metadata=self._metadata,
             timeout=self._timeout,
         )
+        self.task_ids.append(reply.task.task_id)
+
+    async def unfinished_tasks(self) -> list[str]:
+        """The accepted tasks not (yet) COMPLETED."""
+        async with grpc.aio.insecure_channel(self._target) as channel:
+            stub = execution_service_pb2_grpc.ExecutionServiceStub(channel)
+            unfinished = []
+            for task_id in self.task_ids:
+                task = await stub.GetTask(
+                    execution_pb2.GetTaskRequest(task_id=task_id),
+                    metadata=self._metadata,
+                    timeout=self._timeout,
+                )
+                if task.task.state != execution_pb2.TASK_STATE_COMPLETED:
+                    unfinished.append(task_id)
+            return unfinished

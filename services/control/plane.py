@@ -21,7 +21,7 @@ from prometheus_client import Gauge
 from switchboard.control.v1 import control_service_pb2_grpc
 
 from services.control.events import EventBus
-from services.control.kinds import initial_counts, mesh_kinds
+from services.control.kinds import ServiceKind, initial_counts, mesh_kinds
 from services.control.resources import Endpoint, resources_from_static
 from services.control.servicer import ControlServicer
 from services.control.supervisor import ROUTED, Supervisor
@@ -33,6 +33,7 @@ from services.launcher._config import (
     triton_urls,
 )
 from services.launcher._edge import CONTROL_SERVICE, edge_config
+from services.launcher._prometheus import TARGETS_DIR, ScrapeTarget, write_service_targets
 from services.launcher._services import MeshAddresses
 from services.runtime import main as serve_main
 
@@ -123,6 +124,7 @@ class ControlPlane:
             }
             version = self.xds.publish(resources_from_static(static, endpoints))
             self._count_replicas()
+            write_service_targets(self._config.run_dir / TARGETS_DIR, self._scrape_targets())
             self.events.emit(
                 "config_pushed", f"config version {version} published", config_version=version
             )
@@ -132,6 +134,19 @@ class ControlPlane:
                 )
             else:
                 logger.warning("Envoy did not acknowledge config version %d in time", version)
+
+    def _scrape_targets(self) -> list[ScrapeTarget]:
+        """Every service replica whose process runs, for Prometheus."""
+        return [
+            ScrapeTarget(
+                replica.kind,
+                replica.name,
+                f"{self._config.host}:{kind.spec.metrics_port(self._config, replica.slot)}",
+            )
+            for replica in self.supervisor.replicas.values()
+            if replica.record is not None
+            and isinstance(kind := self.supervisor.kinds[replica.kind], ServiceKind)
+        ]
 
     def _count_replicas(self) -> None:
         counts: dict[tuple[str, str], int] = {}

@@ -142,6 +142,8 @@ class Supervisor:
             if replica.state in (State.STOPPED, State.FAILED):
                 continue
             alive = replica.record is not None and replica.record.process() is not None
+            if alive:
+                replica.started_at = replica.record.created  # type: ignore[union-attr]
             if alive and replica.state != State.DRAINING:
                 # Envoy still routes to it on its last config: keep it there.
                 replica.state = State.SERVING
@@ -205,13 +207,11 @@ class Supervisor:
             if replica.state == State.BACKOFF and now >= replica.retry_at:
                 self._spawn(replica)
             elif replica.state == State.STARTING and replica.name not in self._probing:
-                if now - replica.started_mono > self.kinds[replica.kind].start_timeout:
-                    self._event(replica, "exited", "never became ready; stopped")
-                    await self._stop_process(replica)
-                    self._exited(replica, now)
-                else:
-                    self._probing.add(replica.name)
-                    asyncio.get_running_loop().create_task(self._probe(replica))
+                # A replica alive but not ready (its own dependencies still starting) is
+                # left to become ready: it is not routed meanwhile. An operation waiting
+                # for it gives up after the kind's start timeout (`wait_serving`).
+                self._probing.add(replica.name)
+                asyncio.get_running_loop().create_task(self._probe(replica))
         if self._dirty:
             self._dirty = False
             self._save()

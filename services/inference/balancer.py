@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -22,44 +22,33 @@ class Backend(Protocol):
 class Balancer:
     """Orders the backends for a call.
 
-    A session keeps its backend (for KV-cache reuse) while that backend is available and
-    holds at most `affinity_slack` more outstanding calls than the least loaded one, so
-    one hot session cannot pile onto a single backend. Otherwise the least loaded backend
-    wins and becomes the session's new home. Affinity entries are kept LRU-bounded.
+    A session has a home backend (for KV-cache reuse): of the backends accepting calls,
+    the one its id ranks highest by rendezvous hashing. The rule needs no memory, so
+    every inference replica picks the same home for a session, whichever replica a turn
+    lands on, and a backend that goes away moves only its own sessions. A session keeps
+    to its home while the home holds at most `affinity_slack` more outstanding calls
+    than the least loaded backend, so one hot session cannot pile onto a single backend;
+    past that, that call goes to the least loaded one, and the next comes home again.
     """
 
-    def __init__(
-        self,
-        backends: Sequence[Backend],
-        *,
-        affinity_slack: int = 4,
-        max_sessions: int = 100_000,
-    ) -> None:
+    def __init__(self, backends: Sequence[Backend], *, affinity_slack: int = 4) -> None:
         if not backends:
             raise ValueError("at least one backend is required")
         self.backends = list(backends)
         self._slack = affinity_slack
-        self._max_sessions = max_sessions
-        self._affinity: OrderedDict[str, str] = OrderedDict()
 
     def order(self, session_id: str = "") -> list[Backend]:
         """Backends accepting calls, best first; empty when none is."""
         usable = [b for b in self.backends if b.accepting()]
         usable.sort(key=lambda b: b.outstanding)
         if session_id and usable:
-            home = self._affinity.get(session_id)
-            least = usable[0].outstanding
-            pinned = next((b for b in usable if b.name == home), None)
-            if pinned is not None and pinned.outstanding <= least + self._slack:
-                usable.remove(pinned)
-                usable.insert(0, pinned)
-                self._affinity.move_to_end(session_id)
-            else:
-                self._remember(session_id, usable[0].name)
+            home = max(usable, key=lambda b: _rank(session_id, b.name))
+            if home.outstanding <= usable[0].outstanding + self._slack:
+                usable.remove(home)
+                usable.insert(0, home)
         return usable
 
-    def _remember(self, session_id: str, backend: str) -> None:
-        self._affinity[session_id] = backend
-        self._affinity.move_to_end(session_id)
-        while len(self._affinity) > self._max_sessions:
-            self._affinity.popitem(last=False)
+
+def _rank(session_id: str, backend: str) -> bytes:
+    """A session's rendezvous weight for a backend: the same in every process."""
+    return hashlib.blake2b(f"{session_id}\0{backend}".encode(), digest_size=8).digest()

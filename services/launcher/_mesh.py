@@ -495,8 +495,12 @@ class Mesh:
                 " `make prometheus`, or `apt-get install prometheus`"
             )
         path = self.config.run_dir / "prometheus.yml"
+        targets_dir = self.config.run_dir / _prometheus.TARGETS_DIR
         _prometheus.write_config(
-            path, _prometheus.render_config(_prometheus.scrape_targets(self.config))
+            path,
+            _prometheus.render_config(
+                _prometheus.scrape_targets(self.config), targets_dir=targets_dir
+            ),
         )
         self._say(f"starting Prometheus on {self.prometheus_url}")
         record = self._spawn(

@@ -2,14 +2,16 @@
 config, written into the run directory, and its command line.
 
 Debian's `prometheus` package gives the binaries (`make prometheus` installs it); only
-`/usr/bin/prometheus` is run, never the package's service. Every replica's metrics port
-is a static target, labelled with its service (`job`) and process (`process`), as are
-Triton's metrics and Envoy's `/stats/prometheus`; the SLO rules are
-`deploy/prometheus/rules.yml`.
+`/usr/bin/prometheus` is run, never the package's service. Every service replica's
+metrics port is a target labelled with its service (`job`) and process (`process`),
+read from a file per service that the control plane rewrites whenever its replicas
+change (`file_sd`); Triton's metrics, Envoy's `/stats/prometheus` and the control
+plane's own are static targets. The SLO rules are `deploy/prometheus/rules.yml`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -23,10 +25,12 @@ from typing import Any
 import yaml
 
 from services.launcher._config import REPO_ROOT, LauncherConfig
-from services.launcher._services import service_processes
+from services.launcher._services import SERVICES, service_processes
 
 logger = logging.getLogger(__name__)
 
+TARGETS_DIR = "scrape-targets"
+"""The run directory's folder of the services' file_sd files."""
 RULES = REPO_ROOT / "deploy" / "prometheus" / "rules.yml"
 """Recording and alerting rules of the SLOs (tested by `promtool test rules` against
 `rules_test.yml` beside it)."""
@@ -54,8 +58,8 @@ def prometheus_binary() -> str | None:
 
 
 def scrape_targets(config: LauncherConfig) -> list[ScrapeTarget]:
-    """Every metrics endpoint of the mesh `config` describes: each service process's
-    `up` starts, each embedded Triton replica's, Envoy's."""
+    """Every metrics endpoint of the mesh `config` describes as `up` starts it: each
+    service process's, each embedded Triton replica's, the control plane's, Envoy's."""
     host = config.host
     targets = [
         ScrapeTarget(
@@ -68,6 +72,7 @@ def scrape_targets(config: LauncherConfig) -> list[ScrapeTarget]:
             ScrapeTarget("triton", f"triton-{i}", f"{host}:{config.triton_ports(i)[2]}")
             for i in range(config.triton_replicas)
         ]
+    targets.append(ScrapeTarget("control", "control", f"127.0.0.1:{config.metrics_base_port + 50}"))
     targets.append(
         ScrapeTarget(
             "envoy",
@@ -84,9 +89,11 @@ def render_config(
     *,
     rules: Sequence[Path] = (RULES,),
     interval: timedelta = SCRAPE_INTERVAL,
+    targets_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """prometheus.yml: one scrape job per kind of process (and metrics path), a static
-    target per process."""
+    """prometheus.yml: one scrape job per kind of process (and metrics path); a service's
+    targets are read from `targets_dir/<service>.json` (`write_service_targets`) when
+    given, every other target is static."""
     seconds = f"{interval.total_seconds():g}s"
     jobs: dict[tuple[str, str], list[ScrapeTarget]] = {}
     for target in targets:
@@ -100,16 +107,46 @@ def render_config(
         },
         "rule_files": [str(path) for path in rules],
         "scrape_configs": [
-            {
-                "job_name": job,
-                "metrics_path": path,
-                "static_configs": [
-                    {"targets": [t.address], "labels": {"process": t.process}} for t in group
-                ],
-            }
+            {"job_name": job, "metrics_path": path, **_targets(job, group, targets_dir, seconds)}
             for (job, path), group in jobs.items()
         ],
     }
+
+
+SERVICE_JOBS = frozenset(spec.name for spec in SERVICES)
+"""The jobs whose targets the control plane keeps in files (its replicas come and go)."""
+
+
+def _targets(
+    job: str, group: Sequence[ScrapeTarget], targets_dir: Path | None, refresh: str
+) -> dict[str, Any]:
+    if targets_dir is not None and job in SERVICE_JOBS:
+        return {
+            "file_sd_configs": [
+                {"files": [str(targets_dir / f"{job}.json")], "refresh_interval": refresh}
+            ]
+        }
+    return {"static_configs": [_group(t) for t in group]}
+
+
+def _group(target: ScrapeTarget) -> dict[str, Any]:
+    return {"targets": [target.address], "labels": {"process": target.process}}
+
+
+def write_service_targets(targets_dir: Path, targets: Sequence[ScrapeTarget]) -> None:
+    """One file_sd file per service with its targets now (an empty list for a service
+    without any), each replaced atomically."""
+    targets_dir.mkdir(parents=True, exist_ok=True)
+    for job in sorted(SERVICE_JOBS):
+        groups = [_group(t) for t in targets if t.job == job]
+        fd, tmp = tempfile.mkstemp(dir=targets_dir, prefix=f".{job}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as out:
+                json.dump(groups, out)
+            os.replace(tmp, targets_dir / f"{job}.json")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_config(path: Path, config: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
 """A mesh of its own for the control plane's tests: every service as two replicas (the
-chat service as one), one Triton, started through the launcher users run, stopped by
+chat service as one), two Tritons, started through the launcher users run, stopped by
 PID even when a test fails. Its replicas are killed, scaled and rolled out, which the
 session mesh of tests/integration must never see."""
 
@@ -26,7 +26,7 @@ REPLICAS = {
 
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    config = isolated_config(tmp_path_factory.mktemp("control-run"), triton_replicas=1)
+    config = isolated_config(tmp_path_factory.mktemp("control-run"), triton_replicas=2)
     config = dataclasses.replace(config, auth_cache_ttl=timedelta(seconds=2), **REPLICAS)
     mesh = Mesh(config, progress=print)
     try:

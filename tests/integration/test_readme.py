@@ -71,6 +71,12 @@ SHOWS = {
     "keys revoke": ("sb_", "my laptop", "active"),
     "make web": ("<title>Switchboard chat</title>",),
     "make status": ("envoy", "running", "inference.log <=="),
+    "switchboard rollout gateway": (
+        "triton-0      SERVING",
+        "config version",
+        "generation 2",
+        "gateway-1     SERVING",
+    ),
     "grpc.health.v1.Health/Check": (
         "switchboard.inference.v1.InferenceService",
         "rpc Generate",

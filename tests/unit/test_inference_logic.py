@@ -137,26 +137,31 @@ def test_session_affinity_sticks_until_the_slack_is_exceeded():
     other = b if home is a else a
     home.outstanding = 2  # within slack: stays
     assert balancer.order("s1")[0] is home
-    home.outstanding = 3  # hot: moves to the least loaded and re-pins there
+    home.outstanding = 3  # hot: this call goes to the least loaded
     assert balancer.order("s1")[0] is other
-    home.outstanding = 0
+    home.outstanding = 0  # cooled down: back home
     other.outstanding = 1
-    assert balancer.order("s1")[0] is other
+    assert balancer.order("s1")[0] is home
 
 
-def test_affinity_moves_when_its_backend_goes_down():
-    a, b = FakeBackend("a"), FakeBackend("b", 1)
-    balancer = Balancer([a, b])
-    assert balancer.order("s")[0] is a
-    a.up = False
-    assert balancer.order("s")[0] is b
+def test_every_replica_of_the_service_picks_the_same_home():
+    """No memory: two inference replicas (two balancers) agree for every session."""
+    names = ["triton-0", "triton-1", "triton-2"]
+    one = Balancer([FakeBackend(n) for n in names])
+    two = Balancer([FakeBackend(n) for n in reversed(names)])
+    homes = {f"s{i}": one.order(f"s{i}")[0].name for i in range(300)}
+    assert homes == {f"s{i}": two.order(f"s{i}")[0].name for i in range(300)}
+    assert set(homes.values()) == set(names)  # spread over every backend
 
 
-def test_affinity_table_is_bounded():
-    balancer = Balancer([FakeBackend("a")], max_sessions=10)
-    for i in range(100):
-        balancer.order(f"s{i}")
-    assert len(balancer._affinity) == 10
+def test_affinity_moves_when_its_backend_goes_down_and_only_its_sessions_move():
+    backends = {n: FakeBackend(n) for n in ("a", "b", "c")}
+    balancer = Balancer(list(backends.values()))
+    homes = {f"s{i}": balancer.order(f"s{i}")[0].name for i in range(300)}
+    backends["a"].up = False
+    after = {s: balancer.order(s)[0].name for s in homes}
+    assert all(after[s] != "a" for s in homes)
+    assert {s for s in homes if after[s] != homes[s]} == {s for s in homes if homes[s] == "a"}
 
 
 class Clock:

@@ -3,6 +3,7 @@ sockets, no processes: the registry is read in memory)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +22,7 @@ from services.launcher._prometheus import (
     render_config,
     scrape_targets,
     write_config,
+    write_service_targets,
 )
 from services.runtime import Database
 
@@ -123,13 +125,14 @@ def test_every_process_is_a_scrape_target(tmp_path: Path) -> None:
     config = LauncherConfig(run_dir=tmp_path, admission_replicas=3, workers=2)
     targets = scrape_targets(config)
     processes = [spec.process_name(config, i) for spec, i in service_processes(config)]
-    assert [t.process for t in targets] == [*processes, "triton-0", "triton-1", "envoy"]
+    assert [t.process for t in targets] == [*processes, "triton-0", "triton-1", "control", "envoy"]
     ports = [int(t.address.rsplit(":", 1)[1]) for t in targets]
     assert ports[: len(processes)] == [
         spec.metrics_port(config, i) for spec, i in service_processes(config)
     ]
     assert len(set(ports)) == len(ports)
-    assert ports[-3:-1] == [config.triton_ports(0)[2], config.triton_ports(1)[2]]
+    assert ports[-4:-2] == [config.triton_ports(0)[2], config.triton_ports(1)[2]]
+    assert ports[-2] == config.metrics_base_port + 50
     assert targets[-1].address == f"127.0.0.1:{config.envoy_admin_port}"
     assert targets[-1].metrics_path == "/stats/prometheus"
     external = replace(config, triton_url="gpu-box:8001")
@@ -148,10 +151,34 @@ def test_the_config_has_a_job_per_kind_the_rules_and_a_short_interval(tmp_path: 
     assert set(jobs) == {spec.name for spec, _ in service_processes(config)} | {
         "triton",
         "envoy",
+        "control",
     }
     admission = jobs["admission"]["static_configs"]
     assert [c["labels"]["process"] for c in admission] == ["admission-0", "admission-1"]
     assert jobs["envoy"]["metrics_path"] == "/stats/prometheus"
+
+
+def test_the_services_targets_come_from_files_the_control_plane_keeps(tmp_path: Path) -> None:
+    config = LauncherConfig(run_dir=tmp_path)
+    targets = scrape_targets(config)
+    rendered = render_config(targets, targets_dir=tmp_path / "targets")
+    jobs = {job["job_name"]: job for job in rendered["scrape_configs"]}
+    assert jobs["admission"]["file_sd_configs"] == [
+        {"files": [str(tmp_path / "targets" / "admission.json")], "refresh_interval": "2s"}
+    ]
+    assert "static_configs" in jobs["triton"] and "static_configs" in jobs["envoy"]
+    write_service_targets(tmp_path / "targets", [t for t in targets if t.process != "rag"])
+    written = json.loads((tmp_path / "targets" / "admission.json").read_text())
+    assert written == [
+        {"targets": [f"127.0.0.1:{config.metrics_base_port + 1}"], "labels": {"process": p}}
+        for p in ("admission-0",)
+    ] + [
+        {
+            "targets": [f"127.0.0.1:{config.metrics_base_port + 11}"],
+            "labels": {"process": "admission-1"},
+        }
+    ]
+    assert json.loads((tmp_path / "targets" / "rag.json").read_text()) == []
 
 
 def test_prometheus_listens_on_loopback_with_its_data_in_the_run_directory(
