@@ -8,10 +8,13 @@ through the other services) → the session's log (`events`), which the streams 
 
 Nothing a client depends on lives only in one replica's memory: the history is in
 PostgreSQL (`store`), a session's events in JetStream (`stream`), its running turn's
-owner in a JetStream KV bucket (`leases`). A client whose replica dies or drains
-resumes on any other from its last event id; a turn whose replica died is closed by
-another (`recovery`). Without NATS the service runs as one process, its events and
-leases in memory (`local`).
+owner and the ids of the messages it accepted in JetStream KV buckets (`leases`,
+`claims`); other replicas hear of cancellations and changes (`notices`). A client
+whose replica dies or drains resumes on any other from its last event id; a turn whose
+replica died is closed by another (`recovery`). One thing stays in a replica's memory:
+the messages it accepted that wait behind a running turn of their session (lost if it
+dies or stops before their turn). Without NATS the service runs as one
+process, its events and leases in memory (`local`).
 
 `store` owns the tables; `sessions` applies field masks, loads sessions and builds the
 Session message (the requests' values are checked by their contract's annotations, in
@@ -33,6 +36,7 @@ import nats
 from nats.aio.client import Client
 from switchboard.chat.v1 import chat_service_pb2, chat_service_pb2_grpc
 
+from services.chat.claims import Claims, KvClaims, LocalClaims
 from services.chat.config import ChatConfig
 from services.chat.events import SessionLog
 from services.chat.leases import KvLeases, TurnLeases
@@ -72,6 +76,7 @@ class ChatService:
         self._log: SessionLog | None = None
         self._leases: TurnLeases | None = None
         self._notices: Notices = QuietNotices()
+        self._claims: Claims = LocalClaims()
         self._hub: Hub | None = None
         self._collector: asyncio.Task[None] | None = None
 
@@ -91,6 +96,7 @@ class ChatService:
             log=self._log,
             leases=self._leases,
             notices=self._notices,
+            claims=self._claims,
             replica=self.replica,
         )
         await self._hub.start()
@@ -124,6 +130,9 @@ class ChatService:
         )
         await leases.open()
         self._notices = NatsNotices(self._nats, replica=self.replica)
+        claims = KvClaims(js)
+        await claims.open()
+        self._claims = claims
         return log, leases
 
     def register(self, server: grpc.aio.Server) -> None:

@@ -275,9 +275,18 @@ class KvLeases:
         `ttl`."""
         while True:
             await asyncio.sleep(self._ttl / 3)
-            now = time.time()
-            for lease in list(self._held.values()):
-                await self._update(lease, replace(lease.record, expires=now + self._ttl))
-            for key, (record, revision) in list(self._records.items()):
-                if record.expires < now and key not in self._held:
-                    await self._take_over(key, record, revision)
+            try:
+                await self._beat_once(time.time())
+            except Exception:  # a beat that failed must not end the ones to come
+                logger.exception("turn lease round failed")
+
+    async def _beat_once(self, now: float) -> None:
+        await asyncio.gather(
+            *(
+                self._update(lease, replace(lease.record, expires=now + self._ttl))
+                for lease in list(self._held.values())
+            )
+        )
+        for key, (record, revision) in list(self._records.items()):
+            if record.expires < now and key not in self._held:
+                await self._take_over(key, record, revision)

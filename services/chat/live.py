@@ -38,10 +38,11 @@ as its own RESOURCE_EXHAUSTED.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,7 @@ from buf.validate import validate_pb2
 from google.protobuf.message import Message
 from switchboard.chat.v1 import chat_pb2 as pb
 
+from services.chat.claims import Claims, LocalClaims
 from services.chat.events import Expired, Reader, SessionLog, event_id, start_after
 from services.chat.leases import Lease, TurnLeases, TurnRecord
 from services.chat.notices import CHANGED_SETTINGS, DELETED, RESUMED, Notices, QuietNotices
@@ -139,6 +141,7 @@ class LiveSession:
         limits: Limits,
         log: SessionLog,
         leases: TurnLeases,
+        claims: Claims,
     ) -> None:
         self.tenant_id = tenant_id
         self.session_id = session_id
@@ -153,6 +156,7 @@ class LiveSession:
         self._turns = turns
         self._log = log
         self._leases = leases
+        self._claims = claims
         self._pending: deque[Queued] = deque()
         self._worker: asyncio.Task[None] | None = None
         self._turn: asyncio.Task[None] | None = None
@@ -164,11 +168,22 @@ class LiveSession:
         self._idle.set()
         self._grace: asyncio.TimerHandle | None = None
         self._attached_at = 0.0
+        self._arriving = 0
         self._resumed_elsewhere_at = float("-inf")
         self.idle_since = time.monotonic()
         self.closed: SwitchboardError | None = None
 
     # ---- streams -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """A stream is being attached (its resume point checked, its reader made): the
+        grace period does not end meanwhile."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
 
     def attach(self, reader: Reader) -> None:
         self._stop_grace()
@@ -195,6 +210,10 @@ class LiveSession:
         self._grace = None
         if self.readers or self.draining or self._resumed_elsewhere_at >= self._attached_at:
             return  # a stream is here, the replica stops, or the client moved elsewhere
+        if self._arriving:  # one is on its way: give it its time
+            loop = asyncio.get_running_loop()
+            self._grace = loop.call_later(self._limits.resume_grace, self.abandon)
+            return
         kept = deque(q for q in self._pending if q.detached)
         running = self._turn is not None and not self._turn_detached
         if running or len(kept) < len(self._pending):
@@ -254,13 +273,13 @@ class LiveSession:
     async def submit(self, message: pb.UserMessage) -> None:
         """Queues a Converse user message for its turn, or answers it with an ErrorFrame."""
         try:
-            self.accept(message)
+            await self.accept(message)
         except SwitchboardError as problem:
             await self.error(problem, message.client_message_id)
 
-    def accept(self, message: pb.UserMessage, *, detached: bool = False) -> bool:
+    async def accept(self, message: pb.UserMessage, *, detached: bool = False) -> bool:
         """Queues a user message for its turn; False for one whose client_message_id was
-        already accepted (it is not answered again).
+        already accepted, here or on another replica (it is not answered again).
 
         Raises:
             ResourceExhausted: `MESSAGE_TOO_LARGE`, `TOO_MANY_PENDING_MESSAGES`.
@@ -274,6 +293,9 @@ class LiveSession:
                 logger.debug("duplicate message %s ignored", message.client_message_id)
                 return False
             self.seen.add(message.client_message_id)
+            if not await self._claims.claim(self.session_id, message.client_message_id):
+                logger.debug("message %s accepted elsewhere", message.client_message_id)
+                return False
         self._pending.append(Queued(message, detached))
         self._idle.clear()
         if self._worker is None or self._worker.done():
@@ -409,6 +431,7 @@ class Hub:
         log: SessionLog,
         leases: TurnLeases,
         notices: Notices | None = None,
+        claims: Claims | None = None,
         replica: str = "",
     ) -> None:
         self._store = store
@@ -417,6 +440,7 @@ class Hub:
         self._log = log
         self._leases = leases
         self._notices = notices or QuietNotices()
+        self._claims = claims or LocalClaims()
         self._replica = replica
         self._sessions: dict[str, LiveSession] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -450,16 +474,17 @@ class Hub:
             raise problem
         session_id = frame.open.session_id if kind == "open" else frame.resume.session_id
         live, session = await self._live(tenant_id, session_id)
-        latest = await self._log.latest(live.session_id)
-        session.last_event_id = self._id(latest) if latest else ""
-        if kind == "open":
-            start, opened_id = latest + 1, session.last_event_id
-        else:
-            after = frame.resume.last_event_id
-            start = await self._start_after(live.session_id, after) if after else 1
-            opened_id = after
-            await self._notices.tell(live.session_id, RESUMED)
-        reader = await self._follow(live, start)
+        with live.arriving():
+            latest = await self._log.latest(live.session_id)
+            session.last_event_id = self._id(latest) if latest else ""
+            if kind == "open":
+                start, opened_id = latest + 1, session.last_event_id
+            else:
+                after = frame.resume.last_event_id
+                start = await self._start_after(live.session_id, after) if after else 1
+                opened_id = after
+                await self._notices.tell(live.session_id, RESUMED)
+            reader = await self._follow(live, start)
         opened = pb.ConverseResponse(
             event_id=opened_id,
             opened=pb.SessionOpened(session=session, resumed=kind == "resume"),
@@ -479,15 +504,16 @@ class Hub:
         """
         live, session = await self._live(tenant_id, session_id)
         sid = live.session_id
-        if after_event_id:
-            start = await self._start_after(sid, after_event_id)
-        elif (running := self._leases.running(sid)) is not None:
-            start = running.start
-        else:
-            start = (await self._log.bounds(sid)).last + 1
-        latest = await self._log.latest(sid)
-        session.last_event_id = self._id(latest) if latest else ""
-        reader = await self._follow(live, start)
+        with live.arriving():
+            if after_event_id:
+                start = await self._start_after(sid, after_event_id)
+            elif (running := self._leases.running(sid)) is not None:
+                start = running.start
+            else:
+                start = (await self._log.bounds(sid)).last + 1
+            latest = await self._log.latest(sid)
+            session.last_event_id = self._id(latest) if latest else ""
+            reader = await self._follow(live, start)
         opened = pb.ConverseResponse(
             event_id=after_event_id or self._id(start - 1),
             opened=pb.SessionOpened(session=session, resumed=bool(after_event_id)),
@@ -525,7 +551,7 @@ class Hub:
         """
         live, _ = await self._live(tenant_id, request.session_id)
         last = self._id((await self._log.bounds(live.session_id)).last)
-        accepted = live.accept(request.message, detached=True)
+        accepted = await live.accept(request.message, detached=True)
         return pb.SendMessageResponse(accepted=accepted, last_event_id=last)
 
     async def cancel(self, tenant_id: str, request: pb.CancelTurnRequest) -> bool:
@@ -597,6 +623,7 @@ class Hub:
                     limits=self.limits,
                     log=self._log,
                     leases=self._leases,
+                    claims=self._claims,
                 )
                 live.seen = seen
                 live.settings = session.settings

@@ -313,6 +313,10 @@ async def test_sent_on_one_replica_streamed_from_another_one_turn_at_a_time(
     sent = await a.chat.SendMessage(
         pb.SendMessageRequest(session_id=sid, message=message), metadata=me, timeout=10
     )
+    resent = await b.chat.SendMessage(
+        pb.SendMessageRequest(session_id=sid, message=message), metadata=me, timeout=10
+    )
+    assert sent.accepted and not resent.accepted  # answered once, whichever replica
     other = pb.UserMessage(client_message_id="on-b", text="Who approves expense reports?")
     assert (
         await b.chat.SendMessage(
@@ -344,3 +348,30 @@ async def test_sent_on_one_replica_streamed_from_another_one_turn_at_a_time(
     assert [f.event_id for f in again] == [f.event_id for f in frames]
     stored = await history(a, tenant, sid)
     assert [m.role for m in stored] == [pb.MESSAGE_ROLE_USER, pb.MESSAGE_ROLE_ASSISTANT] * 2
+
+
+async def test_a_cancel_through_another_replica_stops_the_answer(
+    replicas: Replicas, tenant: str, collection: str
+):
+    a = await replicas.start("chat-a")
+    b = await replicas.start("chat-b")
+    sid = await create(a, tenant, collection=collection, retrieval_top_k=20, **LONG)
+    me = as_tenant(tenant)
+    watch = b.chat.StreamEvents(pb.StreamEventsRequest(session_id=sid), metadata=me, timeout=120)
+    await watch.read()
+    message = pb.UserMessage(client_message_id="long", text=ASKING)
+    await a.chat.SendMessage(pb.SendMessageRequest(session_id=sid, message=message), metadata=me)
+    frames = [(await watch.read()).event]
+    while not frames[-1].HasField("token"):
+        frames.append((await watch.read()).event)
+    answer_id = frames[0].turn_started.assistant_message_id
+    cancel = pb.CancelTurnRequest(session_id=sid, assistant_message_id=answer_id)
+    assert (await b.chat.CancelTurn(cancel, metadata=me, timeout=10)).cancelled  # runs on A
+    while not frames[-1].HasField("turn_completed"):
+        frames.append((await asyncio.wait_for(watch.read(), 60)).event)
+    watch.cancel()
+    assert frames[-1].turn_completed.status == pb.MESSAGE_STATUS_CANCELLED
+    stored = (await history(b, tenant, sid))[-1]
+    assert stored.message_id == answer_id and stored.status == pb.MESSAGE_STATUS_CANCELLED
+    assert stored.text == assert_one_answer_without_gaps(frames)
+    assert not (await b.chat.CancelTurn(cancel, metadata=me, timeout=10)).cancelled
