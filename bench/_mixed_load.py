@@ -2,10 +2,16 @@
 plane's fault and rollout tests (and `make bench-rollout`) run while they kill, scale and
 roll out replicas.
 
-Each worker loops over the mix (a Generate stream, a Retrieve, a SubmitTask), one call
-at a time, and records each call's start, end, operation
+Each worker loops over the mix (a Generate stream, a Retrieve, a SubmitTask, a chat turn
+over Converse), one call at a time, and records each call's start, end, operation
 and status code. `errors(since=...)` then tells the calls that *started* after a moment
 and failed (new calls, which must succeed throughout) from those already in flight.
+
+A chat turn is what a chat client does: when its stream breaks (UNAVAILABLE: its replica
+died or drained) it resumes the session from the last event it saw, through Envoy, on
+whichever replica; the turn counts as failed only if it cannot finish. Its tokens must
+arrive exactly once each, in order, across resumes (`chat_gaps` counts any that did
+not).
 """
 
 from __future__ import annotations
@@ -17,14 +23,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
+from switchboard.chat.v1 import chat_pb2, chat_service_pb2_grpc
 from switchboard.execution.v1 import execution_pb2, execution_service_pb2_grpc
 from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-OPERATIONS = ("generate", "retrieve", "submit")
+OPERATIONS = ("generate", "retrieve", "submit", "chat")
+CHAT_ATTEMPTS = 5
+"""Streams a chat turn may take: the first and its resumes."""
 COLLECTION = "load"
+
+
+class ChatTurnFailed(Exception):
+    """A chat turn ended with an error frame, or its stream without the turn's end."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,10 @@ class MixedLoad:
         self.records: list[CallRecord] = []
         self.task_ids: list[str] = []
         """Every task SubmitTask accepted (none may be lost)."""
+        self.chat_resumes = 0
+        """Chat turns' streams that broke and were resumed."""
+        self.chat_gaps = 0
+        """Chat turns whose tokens came with a gap or a duplicate across resumes."""
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._channel: grpc.aio.Channel | None = None
@@ -113,6 +130,7 @@ class MixedLoad:
             "generate": self._generate,
             "retrieve": self._retrieve,
             "submit": self._submit,
+            "chat": self._chat,
         }
         turn = index
         while not self._stop.is_set():
@@ -124,6 +142,8 @@ class MixedLoad:
                 await calls[operation](self._channel)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
+            except ChatTurnFailed:
+                code = grpc.StatusCode.ABORTED
             except asyncio.CancelledError:
                 raise
             self.records.append(CallRecord(operation, started, time.monotonic(), code))
@@ -147,13 +167,51 @@ class MixedLoad:
 
     async def _submit(self, channel: grpc.aio.Channel) -> None:
         stub = execution_service_pb2_grpc.ExecutionServiceStub(channel)
-        step = execution_pb2.Step(name="one", code=execution_pb2.CodeStep(code="result = 1"))
+        # a tool step (a call through the mesh): cheaper than a sandboxed code step
+        step = execution_pb2.Step(name="one", tool=execution_pb2.ToolStep(tool="list_models"))
         reply = await stub.SubmitTask(
             execution_pb2.SubmitTaskRequest(steps=[step]),
             metadata=self._metadata,
             timeout=self._timeout,
         )
         self.task_ids.append(reply.task.task_id)
+
+    async def _chat(self, channel: grpc.aio.Channel) -> None:
+        stub = chat_service_pb2_grpc.ChatServiceStub(channel)
+        created = await stub.CreateSession(
+            chat_pb2.CreateSessionRequest(), metadata=self._metadata, timeout=self._timeout
+        )
+        session_id = created.session.session_id
+        last_event = ""
+        indexes: list[int] = []
+        for attempt in range(CHAT_ATTEMPTS):
+            call = stub.Converse(metadata=self._metadata, timeout=self._timeout)
+            if attempt == 0:
+                await call.write(
+                    chat_pb2.ConverseRequest(open=chat_pb2.OpenSession(session_id=session_id))
+                )
+                message = chat_pb2.UserMessage(client_message_id="load-1", text="What drains?")
+                await call.write(chat_pb2.ConverseRequest(message=message))
+            else:
+                self.chat_resumes += 1
+                resume = chat_pb2.ResumeSession(session_id=session_id, last_event_id=last_event)
+                await call.write(chat_pb2.ConverseRequest(resume=resume))
+            try:
+                async for frame in call:
+                    last_event = frame.event_id or last_event
+                    if frame.HasField("token"):
+                        indexes.append(frame.token.index)
+                    elif frame.HasField("error"):
+                        raise ChatTurnFailed(frame.error.status.message)
+                    elif frame.HasField("turn_completed"):
+                        await call.done_writing()
+                        if indexes != list(range(len(indexes))):
+                            self.chat_gaps += 1
+                        return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == CHAT_ATTEMPTS - 1:
+                    raise
+        raise ChatTurnFailed("the stream ended before the turn completed")
 
     async def unfinished_tasks(self) -> list[str]:
         """The accepted tasks not (yet) COMPLETED."""

@@ -84,6 +84,7 @@ PRINCIPAL_HEADER = "x-switchboard-principal"
 OPERATOR = "operator"
 """PRINCIPAL_HEADER's value for an operator's call."""
 CONTROL_CLUSTER = "control"
+_CONTROL_IDLE_TIMEOUT = "3600s"
 """Likewise: the kind of credential (`tenant`, `operator`), set by ext_authz."""
 KEY_HEADERS = ("authorization", "x-api-key")
 REFLECTION_CLUSTER = "reflection"
@@ -332,7 +333,8 @@ def render_envoy_config(
                 route = _route(
                     service,
                     control.name,
-                    idle_timeout=idle,
+                    # a rollout of every service answers when it is done: many minutes
+                    idle_timeout=_CONTROL_IDLE_TIMEOUT,
                     hash_header=None,
                     enforce_deadline=enforce_grpc_deadlines,
                 )
@@ -606,7 +608,7 @@ def admin_stats(admin_port: int, *, timeout: float = 1.0) -> dict[str, int]:
     url = f"http://127.0.0.1:{admin_port}/stats?format=json"
     with urllib.request.urlopen(url, timeout=timeout) as reply:  # noqa: S310 - loopback
         stats = json.load(reply).get("stats", [])
-    return {s["name"]: int(s["value"]) for s in stats if "value" in s and "name" in s}
+    return {s["name"]: s["value"] for s in stats if isinstance(s.get("value"), int)}
 
 
 def write_envoy_config(path: Path, config: Mapping[str, Any]) -> None:
@@ -787,7 +789,16 @@ def _ext_authz_filter(cluster: str, timeout: str) -> dict[str, Any]:
             "@type": _EXT_AUTHZ_TYPE,
             "transport_api_version": "V3",
             "grpc_service": {
-                "envoy_grpc": {"cluster_name": cluster},
+                "envoy_grpc": {
+                    "cluster_name": cluster,
+                    # A check changes nothing, so it is safe to ask another replica when
+                    # one is gone (killed, or drained before Envoy's config said so).
+                    "retry_policy": {
+                        **copy.deepcopy(_SAFE_RETRIES),
+                        "retry_on": "connect-failure,refused-stream,reset,unavailable",
+                        "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.1s"},
+                    },
+                },
                 "timeout": timeout,
             },
             "failure_mode_allow": False,

@@ -1,5 +1,5 @@
-"""A mesh of its own for the control plane's tests: every service as two replicas (the
-chat service as one), two Tritons, started through the launcher users run, stopped by
+"""A mesh of its own for the control plane's tests: every service as two replicas, two
+Tritons, started through the launcher users run, stopped by
 PID even when a test fails. Its replicas are killed, scaled and rolled out, which the
 session mesh of tests/integration must never see."""
 
@@ -21,6 +21,7 @@ REPLICAS = {
     "workers": 2,
     "auth_replicas": 2,
     "gateway_replicas": 2,
+    "chat_replicas": 2,
 }
 
 

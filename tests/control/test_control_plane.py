@@ -91,7 +91,7 @@ async def test_bad_requests_are_refused_with_their_reason(control) -> None:
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
         details = error_details(err.value)
         assert details.error_info.reason == "INVALID_REQUEST"
-        assert [v.field for v in details.bad_request.field_violations] == [field]
+        assert [v.field for v in details.field_violations] == [field]
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await control.RolloutService(pb.RolloutServiceRequest(service="nope"), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -157,6 +157,7 @@ async def test_a_session_keeps_its_triton_whichever_inference_replica_serves_it(
     assert len({b for backends in homes.values() for b in backends}) == 2
 
 
+IN_FLIGHT_FAILURES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED}
 KINDS = ["inference", "admission", "rag", "execution", "worker", "auth", "gateway", "chat"]
 
 
@@ -179,12 +180,15 @@ async def test_a_killed_replica_of_each_kind_is_restarted_and_new_calls_succeed(
             await load.wait_calls(12, since=time.monotonic())
             after = {r.name: r for r in await replicas(control)}[victim.name]
             assert after.restarts == victim.restarts + 1
-            # every failure is a call that was in flight on the killed replica
+            # every failure is a call that was in flight through the killed replica:
+            # UNAVAILABLE, or a chat turn whose answer died with it (an error frame)
             failed = load.failed(since=killed_at - 30)
-            assert all(r.code == grpc.StatusCode.UNAVAILABLE for r in failed), failed
+            assert all(r.code in IN_FLIGHT_FAILURES for r in failed), failed
             assert all(r.started < killed_at for r in failed), (kind, failed)
     print(f"recovery from kill -9 to SERVING again: {recoveries}")
+    print(f"chat streams resumed on another replica: {load.chat_resumes}")
     assert len(load.completed()) > 100
+    assert load.chat_gaps == 0
     await no_task_lost(load)
 
 
@@ -228,6 +232,7 @@ async def test_a_rollout_of_every_service_under_load_fails_no_call(
         assert replica.generation > max(b.generation for b in old)
         assert replica.pid not in {b.pid for b in old}
     assert load.failed(since=started) == []
+    assert load.chat_gaps == 0
     await no_task_lost(load)
 
 
@@ -245,8 +250,15 @@ async def test_a_crash_looping_replica_is_failed_and_the_rest_serves(
                 timeout=120,
             )
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        failed = {r.name: r for r in await replicas(control, "rag")}[victim.name]
-        assert failed.state == pb.REPLICA_STATE_FAILED
+
+        async def given_up() -> pb.Replica | None:
+            found = {r.name: r for r in await replicas(control, "rag")}[victim.name]
+            return found if found.state == pb.REPLICA_STATE_FAILED else None
+
+        # five exits within a minute, each after a start-up (slow on a loaded machine)
+        await eventually(given_up, timeout=120, interval=0.5, what="the crash loop is FAILED")
+        failed = await given_up()
+        assert failed is not None
         assert failed.restarts >= 4
         assert "max_message_bytes" in failed.last_log
         await load.wait_calls(12, since=time.monotonic())

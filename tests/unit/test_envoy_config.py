@@ -374,10 +374,16 @@ def test_ext_authz_asks_the_auth_cluster_before_the_router_and_fails_closed() ->
     assert authz["@type"].endswith("envoy.extensions.filters.http.ext_authz.v3.ExtAuthz")
     assert authz["transport_api_version"] == "V3"
     assert authz["failure_mode_allow"] is False
-    assert authz["grpc_service"] == {
-        "envoy_grpc": {"cluster_name": AUTHZ_CLUSTER},
-        "timeout": "0.75s",
-    }
+    assert authz["grpc_service"]["timeout"] == "0.75s"
+    grpc_service = authz["grpc_service"]["envoy_grpc"]
+    assert grpc_service["cluster_name"] == AUTHZ_CLUSTER
+    # a check is read-only: retried on another replica when one is gone or unavailable
+    retries = grpc_service["retry_policy"]
+    assert retries["retry_on"] == "connect-failure,refused-stream,reset,unavailable"
+    assert retries["num_retries"] == 2
+    assert (
+        retries["retry_host_predicate"][0]["name"] == "envoy.retry_host_predicates.previous_hosts"
+    )
     assert "with_request_body" not in authz  # streams are never buffered for the check
     cluster = clusters(config)[AUTHZ_CLUSTER]
     assert endpoints(cluster) == [("127.0.0.1", 7058)]
