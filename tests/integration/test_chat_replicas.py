@@ -32,7 +32,7 @@ from services.runtime import TENANT_HEADER, error_details
 from tests.integration.test_converse import COLLECTION, LONG, QUESTION, Conversation, kinds
 from tests.polling import eventually
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)  # replicas started and stopped, and the mesh if first
 
 REPO = Path(__file__).resolve().parents[2]
 LEASE_S = 1.5
