@@ -15,5 +15,6 @@ BENCHMARKS = {
     "chat-sessions": "bench.chat_sessions",
     "contract-checks": "bench.contract_checks",
     "http": "bench.http_api",
+    "rollout": "bench.rollout",
 }
 """Benchmark name -> module with a `run()` that prints its table and writes its JSON."""

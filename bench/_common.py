@@ -141,14 +141,21 @@ def ms(seconds: float) -> float:
 
 @contextmanager
 def running_mesh(
-    *, triton_replicas: int = 1, workers: int = 1, model_policy: Path | None = None
+    *,
+    triton_replicas: int = 1,
+    workers: int = 1,
+    model_policy: Path | None = None,
+    **replicas: int,
 ) -> Iterator[Any]:
     """The real mesh on free ports in its own run directory, stopped (by PID) on exit;
-    `model_policy` replaces `services/inference/models.yaml`."""
+    `model_policy` replaces `services/inference/models.yaml`; `replicas` sets other
+    services' replica counts (`rag_replicas=2`), as `isolated_config` takes them."""
     from services.launcher import Mesh, isolated_config
 
     run_dir = Path(tempfile.mkdtemp(prefix="switchboard-bench-"))
-    config = isolated_config(run_dir, triton_replicas=triton_replicas, workers=workers, gpu="off")
+    config = isolated_config(
+        run_dir, triton_replicas=triton_replicas, workers=workers, gpu="off", **replicas
+    )
     if model_policy is not None:
         config = replace(config, model_policy=model_policy)
     mesh = Mesh(config, progress=lambda msg: print(f"  [mesh] {msg}", flush=True))
