@@ -2,19 +2,15 @@
 replica, and how fast a replica killed with SIGKILL is back in Envoy's endpoints.
 
 One mesh: two replicas of every service (inference, admission, rag, execution, auth,
-gateway), two workers, one chat, one Triton. A `MixedLoad` (LOAD_WORKERS callers, each
-looping Generate stream / Retrieve / SubmitTask through the public port, every call
-recorded) runs throughout; its tenant gets an admission policy above any rate it reaches,
+gateway, chat), two workers, one Triton. A `MixedLoad` (LOAD_WORKERS callers, each
+looping Generate stream / Retrieve / SubmitTask / chat turn through the public port,
+every call recorded) runs throughout; its tenant gets an admission policy above any rate it reaches,
 so the figures are the mesh's, not the default policy's 10 requests/s. In order:
 
 1. Steady load for STEADY_S: calls completed per second.
 2. RolloutService for every service (one after the other, each replica replaced new
    first, the old one drained), under the same load: the calls that overlapped it and
-   failed, how long it took, and the throughput meanwhile against the steady one. This
-   one call goes to the control plane's own port, as an operator (the header Envoy's
-   internal route sets): through Envoy, a call with no bytes for its route's idle
-   timeout (5 minutes) is reset, and a full rollout on a loaded 2-core machine takes
-   longer. Every other ControlService call goes through the internal listener.
+   failed, how long it took, and the throughput meanwhile against the steady one.
 3. kill -9 of one replica of each kind in turn. Recovery is the time from the kill to
    Envoy's ACK of the first config published after the replacement became SERVING: the
    control plane's own WatchEvents (`exited`, `started`, `serving`, then `config_pushed`
@@ -24,8 +20,8 @@ so the figures are the mesh's, not the default policy's 10 requests/s. In order:
    started after that kill is a new call (which must succeed), one that started before it
    was in flight.
 4. kill -9 of the only Triton: time until triton-0 is SERVING again, and the calls that
-   failed meanwhile (Generate and Retrieve need Triton: with one, they fail until it is
-   back), counted apart from the others.
+   failed meanwhile (Generate, Retrieve and chat turns need Triton: with one, they fail
+   until it is back), counted apart from the others.
 5. The control plane's `switchboard_xds_push_seconds` histogram (publish → every Envoy
    ACKed), scraped after the mesh is up and at the end: quantiles of the pushes of this
    run, read off its buckets; the same pushes timed from WatchEvents as a cross-check.
@@ -64,7 +60,6 @@ from bench._common import (
     write_result,
 )
 from bench._mixed_load import CallRecord, MixedLoad
-from services.runtime import PRINCIPAL_HEADER, Principal
 
 NAME = "rollout"
 TENANT = "bench-rollout"
@@ -75,7 +70,7 @@ REPLICAS = {
     "execution_replicas": 2,
     "auth_replicas": 2,
     "gateway_replicas": 2,
-    "chat_replicas": 1,
+    "chat_replicas": 2,  # the load has chat turns: one replica cannot lose none
 }
 WORKERS = 2
 KINDS = ("inference", "admission", "rag", "execution", "worker", "auth", "gateway", "chat")
@@ -85,7 +80,7 @@ STEADY_S = 20.0
 SETTLE_S = 2.0
 """Load after each recovery before the next kill, so its stragglers end first."""
 RECOVERY_TIMEOUT_S = 60.0
-TRITON_TIMEOUT_S = 120.0
+TRITON_TIMEOUT_S = 240.0
 ROLLOUT_TIMEOUT_S = 1200.0
 """Fifteen replacements, each a Python start-up: a minute each on a 2-core machine that
 others load too."""
@@ -302,7 +297,6 @@ async def measure(mesh: Any) -> Figures:
     async with (
         grpc.aio.insecure_channel(mesh.envoy_address) as public,
         grpc.aio.insecure_channel(mesh.internal_address) as internal,
-        grpc.aio.insecure_channel(f"{mesh.config.host}:{mesh.config.control_port}") as direct,
     ):
         await give_tenant_room(
             admission_service_pb2_grpc.AdmissionServiceStub(public),
@@ -318,9 +312,7 @@ async def measure(mesh: Any) -> Figures:
             async with load:
                 await load.wait_calls(3 * LOAD_WORKERS, since=time.monotonic())
                 await _steady(load, figures)
-                await _rollout(
-                    control_service_pb2_grpc.ControlServiceStub(direct), log, load, figures
-                )
+                await _rollout(control, log, load, figures)
                 await _kills(control, log, load, figures)
                 await _triton(control, log, load, figures)
         finally:
@@ -350,11 +342,7 @@ async def _rollout(
     mark = len(log.events)
     start = time.monotonic()
     try:
-        reply = await control.RolloutService(
-            pb.RolloutServiceRequest(),
-            metadata=((PRINCIPAL_HEADER, Principal.OPERATOR.header_value),),
-            timeout=ROLLOUT_TIMEOUT_S,
-        )
+        reply = await control.RolloutService(pb.RolloutServiceRequest(), timeout=ROLLOUT_TIMEOUT_S)
         figures.rolled = len(reply.replicas)
     except grpc.aio.AioRpcError as error:
         figures.rollout_failure = f"{error.code().name}: {error.details()}"
@@ -574,9 +562,10 @@ def _report(f: Figures, pushes: dict[float, float]) -> dict:
     }
     targets = {k: v for k, v in targets.items() if metrics[k] is not None}
     notes = (
-        "one mesh: 2 replicas of inference/admission/rag/execution/auth/gateway, 2 workers,"
-        f" 1 chat, 1 Triton (CPU); {LOAD_WORKERS} MixedLoad callers (Generate stream,"
-        f" Retrieve, SubmitTask through Envoy), {f.calls} calls in all. Steady {STEADY_S:g}s;"
+        "one mesh: 2 replicas of inference/admission/rag/execution/auth/gateway/chat,"
+        f" 2 workers, 1 Triton (CPU); {LOAD_WORKERS} MixedLoad callers (Generate stream,"
+        f" Retrieve, SubmitTask, chat turn through Envoy), {f.calls} calls in all."
+        f" Steady {STEADY_S:g}s;"
         f" rollout of every service ({f.rolled} replicas afterwards); throughput = calls"
         " completed OK per second, dip = rollout vs steady. Recovery: kill -9 (this"
         " process's clock) → Envoy's ACK of the first config pushed after the replacement's"
@@ -588,7 +577,7 @@ def _report(f: Figures, pushes: dict[float, float]) -> dict:
         f" after it. Rollout per service (s): {_seconds(f.rollout_services)}."
         f" Failed calls: rollout {_codes(f.rollout_errors)}, kills new"
         f" {_codes(f.kill_new)}, in flight {_codes(f.kill_in_flight)}, Triton kill"
-        f" {_codes(f.triton_errors)} (Generate and Retrieve need the only Triton)."
+        f" {_codes(f.triton_errors)} (Generate, Retrieve, chat need the only Triton)."
         " triton_recovery = kill → triton-0 `serving`; triton_generate_back = kill → first"
         " Generate OK. xds_push quantiles read off the control plane's"
         f" {PUSH_METRIC} buckets (this run's pushes: after the mesh was up → end);"
