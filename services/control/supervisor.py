@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import json
 import logging
 import time
@@ -35,6 +36,7 @@ from services.control.kinds import Kind
 from services.control.restarts import RestartPolicy
 from services.launcher._procs import (
     ProcessRecord,
+    kill_group,
     port_owner,
     record_from_json,
     record_json,
@@ -49,6 +51,9 @@ logger = logging.getLogger(__name__)
 
 TICK_S = 0.1
 """How often the loop looks at every replica."""
+STOP_TIMEOUT_S = 30.0
+"""How long a replica has after SIGTERM (drain, in-flight calls' grace, chat's turns)
+before SIGKILL."""
 
 
 class State(enum.Enum):
@@ -126,6 +131,7 @@ class Supervisor:
         self._busy: dict[str, str] = {}
         self._dirty = False
         self._probing: set[str] = set()
+        self._pushing: asyncio.Task[None] | None = None
         self._stopper = ThreadPoolExecutor(max_workers=4 * MAX_SLOTS, thread_name_prefix="stop")
 
     # -- start, adopt, stop everything ------------------------------------------------------
@@ -203,7 +209,6 @@ class Supervisor:
             if replica.state in ALIVE and replica.record is not None and not replica.retiring:
                 if replica.record.process() is None:
                     self._exited(replica, now)
-                    continue
             if replica.state == State.BACKOFF and now >= replica.retry_at:
                 self._spawn(replica)
             elif replica.state == State.STARTING and replica.name not in self._probing:
@@ -212,10 +217,11 @@ class Supervisor:
                 # for it gives up after the kind's start timeout (`wait_serving`).
                 self._probing.add(replica.name)
                 asyncio.get_running_loop().create_task(self._probe(replica))
-        if self._dirty:
+        if self._dirty and (self._pushing is None or self._pushing.done()):
+            # in the background: the loop goes on watching (and restarting) meanwhile
             self._dirty = False
             self._save()
-            await self._on_change()
+            self._pushing = asyncio.get_running_loop().create_task(self._on_change())
 
     async def _probe(self, replica: Replica) -> None:
         try:
@@ -231,6 +237,8 @@ class Supervisor:
 
     def _exited(self, replica: Replica, now: float) -> None:
         code = replica.record.pid if replica.record else 0
+        if replica.record is not None:
+            kill_group(replica.record)  # what it started (Triton's backend stubs) goes too
         replica.record = None
         replica.started_at = 0.0
         self.kinds[replica.kind].cleanup(replica.slot)
@@ -284,7 +292,9 @@ class Supervisor:
         if record is not None:
             # each stop waits for its process's graceful shutdown: one thread each, so
             # stopping every replica takes as long as the slowest, not their sum
-            await asyncio.get_running_loop().run_in_executor(self._stopper, stop, record)
+            await asyncio.get_running_loop().run_in_executor(
+                self._stopper, functools.partial(stop, record, timeout=STOP_TIMEOUT_S)
+            )
             self.kinds[replica.kind].cleanup(replica.slot)
         replica.record = None
         replica.started_at = 0.0

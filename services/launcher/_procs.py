@@ -145,6 +145,15 @@ def stop(record: ProcessRecord, *, timeout: float = 15.0) -> bool:
     return True
 
 
+def kill_group(record: ProcessRecord) -> None:
+    """SIGKILLs what is left of an exited process's group (its own session: children it
+    started, such as Triton's Python-backend stubs, which outlive a killed server)."""
+    _signal_group(record.pid, signal.SIGKILL)
+    child = _children.pop(record.pid, None)
+    if child is not None:
+        child.poll()  # reaped: no zombie left
+
+
 def _wait_group_gone(pgid: int, *, timeout: float) -> None:
     """Waits until no live (non-zombie) process is left in the group; signals are
     delivered asynchronously, late on a loaded machine."""
