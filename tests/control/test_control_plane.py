@@ -12,11 +12,17 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from switchboard.admission.v1 import admission_service_pb2_grpc
 from switchboard.control.v1 import control_pb2 as pb
 from switchboard.control.v1 import control_service_pb2_grpc
 from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 
-from bench._common import api_key_metadata, operator_metadata
+from bench._common import (
+    api_key_metadata,
+    give_tenant_room,
+    operator_metadata,
+    unlimited_policy,
+)
 from bench._mixed_load import MixedLoad
 from services.launcher import Mesh
 from services.launcher._envoy import admin_stats
@@ -38,6 +44,15 @@ async def control(mesh: Mesh) -> AsyncIterator[control_service_pb2_grpc.ControlS
 
 @pytest.fixture(scope="session")
 async def loaded(mesh: Mesh) -> MixedLoad:
+    """The steady load, as a tenant whose admission policy it stays well within (the
+    default allows 10 requests/s): a refusal under load would be the quota's, not a
+    fault's."""
+    async with grpc.aio.insecure_channel(mesh.envoy_address) as channel:
+        await give_tenant_room(
+            admission_service_pb2_grpc.AdmissionServiceStub(channel),
+            operator_metadata(mesh),
+            unlimited_policy(TENANT, in_flight=64),
+        )
     load = MixedLoad(mesh.envoy_address, api_key_metadata(mesh, TENANT), workers=4)
     await load.prepare()
     return load
