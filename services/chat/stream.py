@@ -243,13 +243,15 @@ class StreamLog:
         return self._watermark
 
     async def flush(self) -> None:
+        """Waits for the appends made so far to be acked; those still unacked after
+        ACK_TIMEOUT_S fail. Appends made meanwhile (other sessions go on appending) are
+        left to their own acks."""
         pending = [ack for _, ack in self._acks if not ack.done()]
         if pending:
             await asyncio.wait(pending, timeout=ACK_TIMEOUT_S)
+        for ack in pending:
+            ack.cancel()  # still unacked: failed (a no-op for one acked meanwhile)
         self._expire_acks()
-        for _, ack in self._acks:
-            ack.cancel()  # still unacked: failed
-        self._acks.clear()
 
     async def follow(self, session_id: str, start: int) -> StreamReader:
         reader = StreamReader(self.epoch, start, self.limits.reader_window)
