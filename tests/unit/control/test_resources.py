@@ -3,6 +3,7 @@ cluster is EDS, every listener takes its routes over RDS, and nothing dangles.""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -31,54 +32,21 @@ from services.control.resources import (
 )
 from services.control.xds import check_snapshot
 from services.launcher import LauncherConfig, isolated_config
-from services.launcher._envoy import AUTHZ_CLUSTER, BASE_CONFIG, Upstream, render_envoy_config
-from services.launcher._envoy_http import HttpUpstream
-from services.launcher._envoy_web import add_browser_access, parse_origins
-from services.launcher._services import AUTH, AUTHORIZATION, SERVICES
-from services.runtime import HTTP_HEALTH_PATH
+from services.launcher._edge import edge_config
+from services.launcher._envoy import BASE_CONFIG
+from services.launcher._services import SERVICES
 
 
 def mesh_config(config: LauncherConfig) -> dict[str, Any]:
-    """The edge config as `Mesh._start_envoy` renders it."""
-
-    def endpoints(spec: Any) -> tuple[tuple[str, int], ...]:
-        return tuple((config.host, spec.port(config, i)) for i in range(spec.replicas(config)))
-
-    upstreams = [
-        Upstream(
-            name=spec.name,
-            services=spec.grpc_services,
-            endpoints=endpoints(spec),
-            hash_header=spec.hash_header,
-        )
-        for spec in SERVICES
-        if spec.public
-    ]
-    authz = Upstream(
-        name=AUTHZ_CLUSTER,
-        services=(AUTHORIZATION,),
-        endpoints=((config.host, AUTH.port(config, 0)),),
+    """The edge config as the control plane renders it, every replica `up` starts in."""
+    config = dataclasses.replace(config, web_origins="http://app.example")
+    return edge_config(
+        config,
+        {
+            spec.name: [(config.host, spec.port(config, i)) for i in range(spec.replicas(config))]
+            for spec in SERVICES
+        },
     )
-    http_upstreams = [
-        HttpUpstream(
-            name=spec.name,
-            prefixes=spec.service.http_prefixes,
-            endpoints=endpoints(spec),
-            health_path=HTTP_HEALTH_PATH,
-        )
-        for spec in SERVICES
-        if spec.http
-    ]
-    rendered = render_envoy_config(
-        listen_host=config.host,
-        listen_port=config.envoy_port,
-        admin_port=config.envoy_admin_port,
-        upstreams=upstreams,
-        authz=authz,
-        internal_port=config.envoy_internal_port,
-        http_upstreams=http_upstreams,
-    )
-    return add_browser_access(rendered, origins=parse_origins("http://app.example"))
 
 
 @pytest.fixture
