@@ -59,6 +59,7 @@ from bench._common import (
     unlimited_policy,
     write_result,
 )
+from bench._mixed_load import OPERATIONS as MIXED_OPERATIONS
 from bench._mixed_load import CallRecord, MixedLoad
 
 NAME = "rollout"
@@ -70,8 +71,10 @@ REPLICAS = {
     "execution_replicas": 2,
     "auth_replicas": 2,
     "gateway_replicas": 2,
-    "chat_replicas": 2,  # the load has chat turns: one replica cannot lose none
 }
+OPERATIONS = tuple(op for op in MIXED_OPERATIONS if op != "chat")
+"""The load: no chat turns (a chat session's live events are one replica's, so a turn
+cannot move to another replica mid-answer; the chat service runs one replica)."""
 WORKERS = 2
 KINDS = ("inference", "admission", "rag", "execution", "worker", "auth", "gateway", "chat")
 TRITON = "triton-0"
@@ -306,7 +309,7 @@ async def measure(mesh: Any) -> Figures:
         control = control_service_pb2_grpc.ControlServiceStub(internal)
         log = EventLog(control)
         log.start()
-        load = MixedLoad(mesh.envoy_address, key, workers=LOAD_WORKERS)
+        load = MixedLoad(mesh.envoy_address, key, workers=LOAD_WORKERS, operations=OPERATIONS)
         await load.prepare()
         try:
             async with load:

@@ -48,7 +48,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
             clean = True
         finally:
             serving.cancel()
-            await live.detach(reader, clean=clean)
+            live.detach(reader, clean=clean)
 
     async def SendMessage(  # noqa: N802 - gRPC method name
         self, request: pb.SendMessageRequest, context: grpc.aio.ServicerContext
@@ -72,7 +72,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
             while (event := await reader.next()) is not None:
                 yield pb.StreamEventsResponse(event=event)
         finally:
-            await live.detach(reader, clean=True)  # a watcher leaving cancels nothing
+            live.detach(reader, clean=True)  # a watcher leaving cancels nothing
 
     async def CreateSession(  # noqa: N802 - gRPC method name
         self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext
@@ -105,14 +105,14 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
         self, request: pb.UpdateSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpdateSessionResponse:
         session = await update_session(self._store, require_tenant(), request)
-        await self._hub.updated(session)
+        self._hub.updated(session)
         return pb.UpdateSessionResponse(session=session)
 
     async def DeleteSession(  # noqa: N802 - gRPC method name
         self, request: pb.DeleteSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteSessionResponse:
         session_id = await self._store.delete(require_tenant(), request.session_id)
-        await self._hub.delete(session_id)
+        self._hub.delete(session_id)
         return pb.DeleteSessionResponse()
 
     async def ListMessages(  # noqa: N802 - gRPC method name

@@ -252,23 +252,6 @@ class SessionStore:
         except _STORE_DOWN as exc:
             raise _unavailable(exc) from exc
 
-    async def has_message(
-        self, tenant_id: str, session_id: str, message_id: str, *, recent: int = 32
-    ) -> bool:
-        """Whether one of the session's latest `recent` messages is `message_id`."""
-        await self.get(tenant_id, session_id)
-        try:
-            async with self._db.connection() as conn:
-                cur = await conn.execute(
-                    "SELECT message FROM chat_messages WHERE session_id = %s"
-                    " ORDER BY sequence DESC LIMIT %s",
-                    (canonical_id(session_id), recent),
-                )
-                rows = await cur.fetchall()
-        except _STORE_DOWN as exc:
-            raise _unavailable(exc) from exc
-        return any(pb.Message.FromString(r[0]).message_id == message_id for r in rows)
-
     async def client_message_ids(self, tenant_id: str, session_id: str, *, limit: int) -> set[str]:
         """The client ids of the session's latest `limit` messages (for de-duplication)."""
         await self.get(tenant_id, session_id)

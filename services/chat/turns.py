@@ -177,22 +177,11 @@ class Turn:
         self._task_id = ""
         self._user: asyncio.Future[pb.Message] | None = None
         self._finished = False
-        self._interruption: SwitchboardError | None = None
         self._sleep = sleep
 
     @property
     def assistant_id(self) -> str:
         return self.answer.assistant_id
-
-    def interrupt(self, error: SwitchboardError) -> None:
-        """Makes the coming cancellation of the turn's task a failure with `error` (the
-        replica is stopping) instead of a user's cancellation."""
-        self._interruption = error
-
-    def abandon(self) -> None:
-        """Makes the coming cancellation of the turn's task end it without a word or a
-        stored answer: another replica took the turn over and spoke for it."""
-        self._finished = True
 
     async def _emit(self, **frame: object) -> None:
         await self._emit_frame(pb.ConverseResponse(message_id=self.assistant_id, **frame))
@@ -479,8 +468,6 @@ class Turn:
         return {"session_id": self.session_id, "message_id": self.assistant_id}
 
     async def _fail(self, error: status_pb2.Status) -> None:
-        if self._finished:
-            return
         await self._begin()
         await self._emit(
             error=pb.ErrorFrame(status=error, client_message_id=self.message.client_message_id)
@@ -497,9 +484,6 @@ class Turn:
                 )
             except grpc.aio.AioRpcError as error:
                 logger.warning("cancelling task %s failed: %s", self._task_id, error.code().name)
-        if self._interruption is not None:
-            await self._fail(self._interruption.to_rpc_status())
-            return
         await self._finish(
             pb.MESSAGE_STATUS_CANCELLED, finish=inference_pb2.FINISH_REASON_CANCELLED
         )

@@ -54,6 +54,8 @@ class Kind:
     """Whether `scale` and `rollout` apply (Triton's replica set is fixed)."""
     start_timeout: float
     """How long a new replica may take to become ready before it counts as failed."""
+    most: int = 0
+    """The most replicas it may run (0: the control plane's maximum)."""
 
     def process_name(self, slot: int) -> str:
         return f"{self.name}-{slot}" if self.numbered or slot else self.name
@@ -92,6 +94,7 @@ class ServiceKind(Kind):
         self.spec = spec
         self.name = spec.name
         self.numbered = spec.numbered
+        self.most = spec.most
         self._config = config
         self._mesh = mesh
 

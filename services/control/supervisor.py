@@ -419,14 +419,9 @@ class Supervisor:
 
     async def scale(self, kind: str, count: int) -> list[Replica]:
         spec = self.check_kind(kind)
-        if count > self.max_replicas:
-            raise invalid(
-                [
-                    FieldViolation(
-                        "replicas", f"at most {self.max_replicas} (the configured maximum)"
-                    )
-                ]
-            )
+        most = spec.most or self.max_replicas
+        if count > most:
+            raise invalid([FieldViolation("replicas", f"{kind} runs at most {most} (the maximum)")])
         self._claim(kind, "scale")
         try:
             live = [r for r in self.of_kind(kind) if r.state not in (State.STOPPED,)]

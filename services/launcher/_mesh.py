@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import pwd
@@ -51,6 +52,8 @@ TRITON_MODELS = _triton.MODELS
 
 CONTROL = "control"
 """The control plane's process name."""
+ADDRESSES = "addresses.json"
+"""Where `up` records the addresses the CLI needs (the internal listener's)."""
 OPERATOR_METADATA = ((PRINCIPAL_HEADER, OPERATOR),)
 """What the launcher's calls to the control plane's own (loopback) port carry: the
 machine's operator is calling."""
@@ -421,6 +424,15 @@ class Mesh:
         self._records = [r for r in self.state.load() if r.name != CONTROL]
         self._wait_control(self._start_control())
 
+    @property
+    def control_address(self) -> str:
+        """Where the CLI reaches ControlService: Envoy's internal listener, as recorded by
+        the `up` that started the mesh (its ports may differ from this config's)."""
+        try:
+            return json.loads((self.config.run_dir / ADDRESSES).read_text())["internal"]
+        except (OSError, ValueError, KeyError):
+            return self.internal_address
+
     def _start_control(self) -> ProcessRecord:
         self._say(f"starting the control plane on 127.0.0.1:{self.config.control_port}")
         env = {
@@ -435,6 +447,9 @@ class Mesh:
         }
         if not self.config.triton_url:
             _triton.run_files(self.config)  # laid out once, before any replica needs them
+        (self.config.run_dir / ADDRESSES).write_text(
+            json.dumps({"internal": self.internal_address})
+        )
         record = self._spawn(
             CONTROL, [sys.executable, "-m", "services.control"], env=env, cwd=REPO_ROOT
         )

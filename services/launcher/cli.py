@@ -176,7 +176,7 @@ def _operate(mesh: Mesh, args: argparse.Namespace) -> int:
 
 def _control_call(mesh: Mesh, method: str, request: object, *, timeout: float = 10) -> Any:
     """Calls the control plane through Envoy's internal listener (loopback only)."""
-    with grpc.insecure_channel(mesh.internal_address) as channel:
+    with grpc.insecure_channel(mesh.control_address) as channel:
         stub = control_service_pb2_grpc.ControlServiceStub(channel)
         return getattr(stub, method)(request, timeout=timeout)
 

@@ -1,7 +1,7 @@
-"""A mesh of its own for the control plane's tests: every service as two replicas, two
-Tritons, started through the launcher users run, stopped by
-PID even when a test fails. Its replicas are killed, scaled and rolled out, which the
-session mesh of tests/integration must never see."""
+"""A mesh of its own for the control plane's tests: every service as two replicas (chat
+as one: its live events are still one process's), two Tritons, started through the
+launcher users run, stopped by PID even when a test fails. Its replicas are killed,
+scaled and rolled out, which the session mesh of tests/integration must never see."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ REPLICAS = {
     "workers": 2,
     "auth_replicas": 2,
     "gateway_replicas": 2,
-    "chat_replicas": 2,
 }
 
 

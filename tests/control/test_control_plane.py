@@ -23,7 +23,7 @@ from bench._common import (
     operator_metadata,
     unlimited_policy,
 )
-from bench._mixed_load import MixedLoad
+from bench._mixed_load import OPERATIONS, MixedLoad
 from services.launcher import Mesh
 from services.launcher._envoy import admin_stats
 from services.runtime import error_details
@@ -53,7 +53,12 @@ async def loaded(mesh: Mesh) -> MixedLoad:
             operator_metadata(mesh),
             unlimited_policy(TENANT, in_flight=64),
         )
-    load = MixedLoad(mesh.envoy_address, api_key_metadata(mesh, TENANT), workers=4)
+    # no chat turns: a chat session's live events are still one replica's (its history
+    # is shared), so a turn cannot move to another replica mid-answer
+    operations = [op for op in OPERATIONS if op != "chat"]
+    load = MixedLoad(
+        mesh.envoy_address, api_key_metadata(mesh, TENANT), workers=4, operations=operations
+    )
     await load.prepare()
     return load
 
@@ -99,6 +104,7 @@ async def test_bad_requests_are_refused_with_their_reason(control) -> None:
         (pb.ScaleServiceRequest(service="rag", replicas=5), "replicas"),
         (pb.ScaleServiceRequest(service="nope", replicas=1), "service"),
         (pb.ScaleServiceRequest(service="triton", replicas=2), "service"),
+        (pb.ScaleServiceRequest(service="chat", replicas=2), "replicas"),
     ]
     for request, field in cases:
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -172,7 +178,10 @@ async def test_a_session_keeps_its_triton_whichever_inference_replica_serves_it(
     assert len({b for backends in homes.values() for b in backends}) == 2
 
 
-IN_FLIGHT_FAILURES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED}
+IN_FLIGHT_FAILURES = {grpc.StatusCode.UNAVAILABLE}
+EDS_WINDOW_S = 2.0
+"""How long after a kill a new call may still meet the dead replica: until Envoy has
+acknowledged the endpoints without it."""
 KINDS = ["inference", "admission", "rag", "execution", "worker", "auth", "gateway", "chat"]
 
 
@@ -180,6 +189,7 @@ async def test_a_killed_replica_of_each_kind_is_restarted_and_new_calls_succeed(
     mesh: Mesh, control, loaded: MixedLoad
 ) -> None:
     recoveries: dict[str, float] = {}
+    new_call_failures: dict[str, int] = {}
     async with loaded as load:
         await load.wait_calls(20, since=time.monotonic())
         for kind in KINDS:
@@ -195,15 +205,19 @@ async def test_a_killed_replica_of_each_kind_is_restarted_and_new_calls_succeed(
             await load.wait_calls(12, since=time.monotonic())
             after = {r.name: r for r in await replicas(control)}[victim.name]
             assert after.restarts == victim.restarts + 1
-            # every failure is a call that was in flight through the killed replica:
-            # UNAVAILABLE, or a chat turn whose answer died with it (an error frame)
+            # every failure is UNAVAILABLE, and only a call in flight through the killed
+            # replica, or one started before Envoy had the config without it (its push
+            # follows the exit within a tick): never one started later
             failed = load.failed(since=killed_at - 30)
             assert all(r.code in IN_FLIGHT_FAILURES for r in failed), failed
-            assert all(r.started < killed_at for r in failed), (kind, failed)
+            late = [r for r in failed if r.started >= killed_at]
+            assert all(r.started - killed_at < EDS_WINDOW_S for r in late), (kind, late)
+            new_call_failures[kind] = len(late)
     print(f"recovery from kill -9 to SERVING again: {recoveries}")
-    print(f"chat streams resumed on another replica: {load.chat_resumes}")
+    print(
+        f"calls started after the kill that failed (bench-rollout counts them): {new_call_failures}"
+    )
     assert len(load.completed()) > 100
-    assert load.chat_gaps == 0
     await no_task_lost(load)
 
 
@@ -247,7 +261,6 @@ async def test_a_rollout_of_every_service_under_load_fails_no_call(
         assert replica.generation > max(b.generation for b in old)
         assert replica.pid not in {b.pid for b in old}
     assert load.failed(since=started) == []
-    assert load.chat_gaps == 0
     await no_task_lost(load)
 
 

@@ -570,7 +570,7 @@ async def test_inference_dying_mid_answer_keeps_the_partial_answer_and_the_sessi
     await talk.next()
     talk.send(say("Tell me everything about on-call, rotations, escalation and expenses", "m"))
     frames = await talk.until("token")
-    (inference,) = [r for r in mesh.state.load() if r.name == "inference"]
+    (inference,) = [r for r in mesh.records() if r.name == "inference"]
     os.kill(inference.pid, signal.SIGKILL)
     try:
         frames += await talk.until("turn_completed")

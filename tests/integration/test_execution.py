@@ -398,7 +398,7 @@ async def test_a_worker_killed_mid_task_resumes_from_the_last_completed_step(
         return any(describe(e) == ("slow", "STEP_EVENT_TYPE_STARTED", 1) for e in events)
 
     await eventually(slow_started, timeout=30, what="the slow step starts")
-    (worker,) = [r for r in mesh.state.load() if r.name == "worker-0"]
+    (worker,) = [r for r in mesh.records() if r.name == "worker-0"]
     killed = time.time()
     os.kill(worker.pid, signal.SIGKILL)
     await asyncio.to_thread(mesh.start_service, "worker-0", env=tools.env)
@@ -610,7 +610,7 @@ async def test_kill_9_a_worker_20_times_while_1000_tasks_run(execution, tools, m
     rng = random.Random(20261124)
     for _ in range(20):
         await asyncio.sleep(rng.uniform(0.2, 0.8))
-        (worker,) = [r for r in mesh.state.load() if r.name == "worker-0"]
+        (worker,) = [r for r in mesh.records() if r.name == "worker-0"]
         os.kill(worker.pid, signal.SIGKILL)
         await asyncio.to_thread(mesh.start_service, "worker-0", env=tools.env)
     states = await wait_until_finished(mesh, tenant, 1000, seconds=240)

@@ -491,12 +491,12 @@ def stored_documents(mesh, tenant: str) -> int:
 
 def rag_calls_in_flight(mesh) -> float:
     """RPCs the RAG service is handling now (its Prometheus gauge)."""
-    (index,) = [
-        i
-        for i, (spec, replica) in enumerate(service_processes(mesh.config))
-        if spec.process_name(mesh.config, replica) == "rag"
+    (port,) = [
+        spec.metrics_port(mesh.config, slot)
+        for spec, slot in service_processes(mesh.config)
+        if spec.process_name(mesh.config, slot) == "rag"
     ]
-    url = f"http://127.0.0.1:{mesh.config.metrics_base_port + index}/metrics"
+    url = f"http://127.0.0.1:{port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as reply:
         for family in text_string_to_metric_families(reply.read().decode()):
             for sample in family.samples:

@@ -11,9 +11,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 from switchboard.chat.v1 import chat_pb2 as pb
 
-from services.chat.events import Expired, Reader, start_after
-from services.chat.live import Hub, Limits
-from services.chat.local import LocalLeases, LocalLog
+from services.chat.events import EventLog, Expired
+from services.chat.live import Hub, Limits, Reader
 from services.runtime import FailedPrecondition, NotFound, ResourceExhausted
 from tests.polling import eventually
 from tests.unit.test_chat_live import SID, Store, opening
@@ -55,14 +54,7 @@ class HeldTurns:
 
 def hub(**limits: float) -> tuple[Hub, HeldTurns]:
     turns = HeldTurns()
-    hub = Hub(
-        Store(),  # type: ignore[arg-type]
-        turns,  # type: ignore[arg-type]
-        Limits(**limits),
-        log=LocalLog(),
-        leases=LocalLeases(),
-    )
-    return hub, turns
+    return Hub(Store(), turns, Limits(**limits)), turns  # type: ignore[arg-type]
 
 
 def send(text: str, client_id: str = "") -> pb.SendMessageRequest:
@@ -106,15 +98,15 @@ async def test_a_sent_turn_outlives_its_watchers_while_a_converse_turn_is_abando
     live, reader, _ = await chat.attach("acme", opening())
     await live.submit(pb.UserMessage(client_message_id="c-1", text="converse"))
     assert (await read(reader)).HasField("turn_started")
-    await live.detach(reader, clean=False)
+    live.detach(reader, clean=False)
     await until(lambda: turns.ended == ["converse: cancelled"])
     # a sent message's turn goes on with nobody watching, and after a watcher leaves
     await chat.send("acme", send("browser"))
     _, watcher, _ = await chat.watch("acme", SID, "")
     assert (await read(watcher)).HasField("turn_started")
-    await live.detach(watcher, clean=True)
+    live.detach(watcher, clean=True)
     _, dropped, _ = await chat.attach("acme", opening())
-    await live.detach(dropped, clean=False)  # a Converse stream dropping spares it too
+    live.detach(dropped, clean=False)  # a Converse stream dropping spares it too
     for _ in range(10):
         await asyncio.sleep(0)
     assert turns.ended == ["converse: cancelled"]
@@ -130,7 +122,7 @@ async def test_a_watcher_starts_at_the_turn_in_progress_and_resumes_from_any_id(
     assert started.HasField("turn_started")
     token = await read(before)
     assert token.HasField("token")
-    await live.detach(before, clean=True)
+    live.detach(before, clean=True)
     # a page loading now gets the turn from its start, and its first frame's id resumes
     # exactly there; so does the id SendMessage answered with
     _, reader, opened = await chat.watch("acme", SID, "")
@@ -153,17 +145,18 @@ async def test_a_resume_point_never_given_out_is_expired():
 
 
 async def test_the_turn_in_progress_is_kept_beyond_the_retention_limits():
-    log = LocalLog(retain=4, window=2)
-    started = pb.ConverseResponse(turn_started={})
-    await log.append(SID, started)
+    log = EventLog(retain=4, window=2)
+    started = await log.append(pb.ConverseResponse(turn_started={}), hold=True)
     for _ in range(10):
-        await log.append(SID, pb.ConverseResponse(token={"text": "x"}))
-    reader = await log.follow(SID, 1)  # a watcher from the turn's start
+        await log.append(pb.ConverseResponse(token={"text": "x"}))
+    reader = log.attach_held()
+    assert log.id_before(reader) == f"{log.incarnation}.0"
     assert (await read(reader)).event_id == started.event_id
-    await reader.close()
-    await log.append(SID, pb.ConverseResponse(turn_completed={}))  # now trimmed to 4
+    log.detach(reader)
+    log.release()
+    await log.append(pb.ConverseResponse(token={"text": "x"}))  # now trimmed to 4
     with pytest.raises(Expired):
-        start_after(started.event_id, epoch=log.epoch, bounds=await log.bounds(SID))
+        log.attach(started.event_id)
 
 
 async def test_cancel_stops_the_answer_it_names_or_the_current_one():

@@ -13,9 +13,8 @@ import pytest
 from google.protobuf import field_mask_pb2
 from switchboard.chat.v1 import chat_pb2 as pb
 
-from services.chat.events import Bounds, Expired, Reader, start_after
-from services.chat.live import Hub, Limits
-from services.chat.local import LocalLeases, LocalLog
+from services.chat.events import EventLog, Expired
+from services.chat.live import Hub, Limits, Reader
 from services.chat.store import SessionRow, canonical_id
 from services.runtime import FailedPrecondition, InvalidArgument, NotFound, error_details
 
@@ -84,14 +83,7 @@ class Session:
     def __init__(self) -> None:
         self.store = Store()
         self.made = Turns()
-        self.log = LocalLog()
-        self.hub = Hub(
-            self.store,  # type: ignore[arg-type]
-            self.made,  # type: ignore[arg-type]
-            Limits(),
-            log=self.log,
-            leases=LocalLeases(),
-        )
+        self.hub = Hub(self.store, self.made, Limits())  # type: ignore[arg-type]
 
     @property
     def turns(self) -> list[str]:
@@ -132,19 +124,19 @@ async def test_a_first_frame_breaking_its_rules_ends_the_stream():
 @pytest.mark.parametrize("number", ["\u0663", "\u00b2", "1" * 50, "-1", ""])
 async def test_a_resume_point_no_log_gave_out_is_history_expired_not_internal(number):
     session = Session()
-    await session.hub.attach("acme", opening())
-    resume = pb.ResumeSession(session_id=SID, last_event_id=f"{session.log.epoch}.{number}")
+    live, _, _ = await session.hub.attach("acme", opening())
+    resume = pb.ResumeSession(session_id=SID, last_event_id=f"{live.log.incarnation}.{number}")
     with pytest.raises(FailedPrecondition) as exc:
         await session.hub.attach("acme", pb.ConverseRequest(resume=resume))
     assert exc.value.reason == "EVENT_HISTORY_EXPIRED"
 
 
 def test_the_event_log_reads_only_ascii_event_numbers_it_could_have_given_out():
-    bounds = Bounds(last=10)
-    for number in ("\u0663", "\u00b2", "1" * 4301, "9" * 19, "11"):
+    log = EventLog()
+    for number in ("\u0663", "\u00b2", "1" * 4301, "9" * 19):
         with pytest.raises(Expired):
-            start_after(f"e.{number}", epoch="e", bounds=bounds)
-    assert start_after("e.0", epoch="e", bounds=bounds) == 1  # before the first: every event
+            log.attach(f"{log.incarnation}.{number}")
+    log.attach(f"{log.incarnation}.0")  # before the first event: every event
 
 
 async def test_later_frames_breaking_their_rules_get_error_frames_and_the_stream_stays():
@@ -197,8 +189,8 @@ async def test_deleting_a_session_by_any_spelling_of_its_id_ends_its_streams():
     session = Session()
     live, reader, _ = await session.hub.attach("acme", opening(SID.upper()))
     assert live.session_id == SID
-    await session.hub.delete("not a session id")  # nothing to end
-    await session.hub.delete(SID.upper())
+    session.hub.delete("not a session id")  # nothing to end
+    session.hub.delete(SID.upper())
     with pytest.raises(NotFound):
         async with asyncio.timeout(2):
             await reader.next()

@@ -135,12 +135,6 @@ class ChatServiceServicer:
         resumes within a short grace period; a client that reconnects with ResumeSession
         gets every event it missed, including the rest of an answer still being generated,
         without duplicates.
-
-        The service may run as several replicas: a session's events outlive the replica a
-        stream was on, and a client resumes through any of them. An answer whose replica
-        stopped or died before finishing it ends with an ErrorFrame (UNAVAILABLE
-        `SHUTTING_DOWN`) and a TurnCompleted FAILED; the history holds it as far as it got,
-        FAILED with that error. Send the message again for a whole answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
