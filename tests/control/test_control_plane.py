@@ -35,14 +35,14 @@ SERVING = pb.REPLICA_STATE_SERVING
 TENANT = "control-tests"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def control(mesh: Mesh) -> AsyncIterator[control_service_pb2_grpc.ControlServiceStub]:
     """ControlService through Envoy's internal listener (loopback), as the CLI calls it."""
     async with grpc.aio.insecure_channel(mesh.internal_address) as channel:
         yield control_service_pb2_grpc.ControlServiceStub(channel)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def loaded(mesh: Mesh) -> MixedLoad:
     """The steady load, as a tenant whose admission policy it stays well within (the
     default allows 10 requests/s): a refusal under load would be the quota's, not a
@@ -308,10 +308,18 @@ async def test_envoy_keeps_routing_while_the_control_plane_is_down_and_resyncs(
         await load.wait_calls(20, since=killed_at)
         await asyncio.to_thread(mesh.start_control)
         await load.wait_calls(12, since=time.monotonic())
-    after = await control.ListReplicas(pb.ListReplicasRequest(), timeout=5)
+
+    async def resynced() -> pb.ListReplicasResponse | None:
+        reply = await control.ListReplicas(pb.ListReplicasRequest(), timeout=5)
+        nodes = [n for n in reply.envoy_nodes if n.connected]
+        # Envoy reconnects within its ADS retry back-off (at most 2 s)
+        return reply if nodes and nodes[0].acked_version == reply.config_version else None
+
+    await eventually(resynced, timeout=15, what="Envoy back on ADS, the new config acked")
+    after = await resynced()
+    assert after is not None
     assert {r.name: r.pid for r in after.replicas} == pids  # adopted, not restarted
     assert after.config_version > before.config_version
-    assert after.envoy_nodes[0].acked_version == after.config_version
     assert _listener_changes(mesh) == listeners  # resynced without a listener drain
     assert load.failed(since=killed_at) == []
 
