@@ -84,6 +84,8 @@ PRINCIPAL_HEADER = "x-switchboard-principal"
 OPERATOR = "operator"
 """PRINCIPAL_HEADER's value for an operator's call."""
 CONTROL_CLUSTER = "control"
+HEALTH_TRIES_AT_LEAST = 16
+"""Retries of a health check through the reflection cluster, at the least."""
 _CONTROL_IDLE_TIMEOUT = "3600s"
 """Likewise: the kind of credential (`tenant`, `operator`), set by ext_authz."""
 KEY_HEADERS = ("authorization", "x-api-key")
@@ -368,8 +370,11 @@ def render_envoy_config(
             )
             if service == HEALTH_SERVICE:
                 retries = route["route"]["retry_policy"] = copy.deepcopy(_HEALTH_RETRIES)
-                retries["num_retries"] = len(every_endpoint)
-                retries["host_selection_retry_max_attempts"] = 10 * len(every_endpoint)
+                # at least a try per replica the set may grow to between two configs
+                # (a control plane's config counts those serving as it is rendered)
+                tries = max(len(every_endpoint), HEALTH_TRIES_AT_LEAST)
+                retries["num_retries"] = tries
+                retries["host_selection_retry_max_attempts"] = 10 * tries
             if edge_auth:
                 _skip_authz(route)
             table.append(route)
