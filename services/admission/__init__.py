@@ -156,15 +156,6 @@ class AdmissionService:
         running = self._running is not None and not self._running.done()
         return running and self.membership is not None and self.membership.settled
 
-    async def drain(self) -> None:
-        """The replica is stopping, and the edge sends it no new calls: admissions are
-        refused from now on, waiting ones too, with UNAVAILABLE `SHUTTING_DOWN` (callers
-        take them to the tenant's next owner), while releases still land here until the
-        server stops, so that the streams open here release their leases over
-        themselves (`handover`)."""
-        if self.dispatcher is not None:
-            await self.dispatcher.shutdown()
-
     async def shutdown(self) -> None:
         if self.membership is not None:  # the others take back its share
             await self.membership.close()

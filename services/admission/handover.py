@@ -17,26 +17,18 @@ On a move
   move tenants between the replicas that stay, too). At an epoch, scopes that are
   idle with full buckets (not used here for a whole refill) are dropped and made
   again on next use; the others keep their state, which is what they used here.
-- **Leases granted by A** stay in A's ledger. A lease granted over an AdmitSession
-  stream (the inference service's) is released over that stream, which stays on A, so
-  A frees it as if nothing had moved; the inference service keeps a stream open until
-  every lease it granted is released. A Release *call* is routed by the tenant, so
-  after the move it reaches B, which never issued the id: a lease id is HMAC-bound to
-  its replica's secret, so B answers NOT_FOUND `LEASE_NOT_FOUND` and changes nothing
-  (a release by request id leaves a tombstone on B, as for any attempt B does not
-  know). Such a lease (Admit's or AdmitStream's, or a stream's whose connection
-  broke) is freed on A by its TTL (`admission_lease_ttl`), its charge kept, or with A
-  when A stops. Nothing is counted twice: B never counted it. B does not see those
-  leases either, so while they run T may hold up to its `max_in_flight` on A besides
-  its `max_in_flight` on B, and A's share of the tier ceilings stays taken by them.
+- **Leases granted by A** stay in A's ledger. Release is routed by the tenant, so it
+  now reaches B, which never issued the id: a lease id is HMAC-bound to its replica's
+  secret, so B answers NOT_FOUND `LEASE_NOT_FOUND` and changes nothing (a release by
+  request id leaves a tombstone on B, as for any attempt B does not know). On A the
+  lease is freed by its TTL (`admission_lease_ttl`), its charge kept, or with A when
+  A stops. Nothing is counted twice: B never counted it. B does not see those leases
+  either, so while they run T may hold up to its `max_in_flight` on A besides its
+  `max_in_flight` on B, and A's share of the tier ceilings stays taken by them.
 - **Queue.** Requests waiting on A stay in A's queue and are decided there. A stream
   open to A (AdmitSession, AdmitStream) stays on A while it lasts: Envoy picks a
-  replica per stream, not per message. The inference service sends new requests to a
-  new stream (routed to B) once its stream is `SESSION_ROTATE` old (10 s, in
-  `services/inference/admission.py`), and at once when A refuses with `SHUTTING_DOWN`.
-  A draining replica (`AdmissionService.drain`, after Envoy has stopped routing to it)
-  refuses new requests and its waiters with UNAVAILABLE `SHUTTING_DOWN` (callers retry;
-  the next stream goes to B) while it still takes releases, until it stops.
+  replica per stream, not per message. When A stops, its waiters get UNAVAILABLE
+  `SHUTTING_DOWN` (callers retry; the next stream goes to B).
 - **Tier ceilings** are split over the live replicas, draining ones included
   (`membership`, `capacity`): a replica that joins shrinks its peers' shares before it
   serves (it reports SERVING only after a poll interval, once they have seen it).
@@ -60,9 +52,7 @@ warm-up's extra rate, b / W − r, for W). So:
   for a policy whose burst refills within W, less than one burst for any other;
 - a replica that joins begins its epoch at its first decision, so c is when Envoy
   starts routing to it, and r·(m_A − c) is r times how long A went on granting T
-  after that (Envoy's workers switching one by one, streams already open to A: the
-  inference service's for at most its `SESSION_ROTATE` plus the queue wait of the
-  requests already sent on them);
+  after that (Envoy's workers switching one by one, streams already open to A);
 - with no warm-up (W infinite) a move costs only that overlap; with W = 0 (buckets
   made full, as before epochs) one whole burst plus it;
 - a survivor that learns of a change late (after T already reached it) has T's state
@@ -78,9 +68,7 @@ applied when a scope is made, and to rested scopes (dropped) when it begins.
 
 A replica that dies takes its leases with it: the replacement starts with none, so no
 concurrency stays held; the callers' releases reach the new owner, are refused with
-LEASE_NOT_FOUND, and are not retried (the inference service's streams to it ended
-with it, so its releases fall back to Release calls; `services/inference/admission.py`
-logs them).
+LEASE_NOT_FOUND, and are not retried (`services/inference/admission.py` logs them).
 No lease state lives in PostgreSQL (only policies and the replica rows). The
 generations those leases admitted may still run on the backends while the dead
 replica's share of the tier ceilings goes back to the others (after `stale_after`):

@@ -277,27 +277,22 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
             validate_request(frame)  # a streamed frame is checked here, refused on its own
             return self._request(frame.request, context, prefix=prefix)
 
-        def release(frame: pb.AdmitSessionRequest) -> None:
-            validate_request(frame)
-            self._release(frame.release, prefix="release.")
-
         replies = serve_session(
             self._dispatcher,
             request_iterator,
             request_of=request_of,
-            release=release,
             submit=lambda request: self._submit(request, prefix=prefix),
             admitted=_admission_message,
         )
         async for reply in replies:
             yield reply
 
-    def _release(self, request: pb.ReleaseRequest, *, prefix: str = "") -> tuple[bool, int]:
-        """Release's decision, for a Release call and for a release frame of AdmitSession
-        (its field violations named under `prefix`): (released, token adjustment)."""
+    async def Release(  # noqa: N802 - gRPC method name
+        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseResponse:
         if bool(request.lease_id) == bool(request.request_id):
             what = "set exactly one of lease_id and request_id"
-            raise invalid(FieldViolation(f"{prefix}{f}", what) for f in ("lease_id", "request_id"))
+            raise invalid([FieldViolation("lease_id", what), FieldViolation("request_id", what)])
         actual = None
         if request.HasField("actual_usage"):
             usage = request.actual_usage
@@ -305,26 +300,22 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
             actual = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
             if min(parts) < 0:
                 actual = min(parts)  # refused by the controller with a field violation
-        # leases and request ids are the tenant's, and the header routed the call (or the
-        # stream) to its replica
+        # leases and request ids are the tenant's, and the header routed the call to its
+        # replica
         tenant = current_tenant()
         if not tenant:
             raise Unauthenticated("a release needs the x-tenant-id header", reason="TENANT_MISSING")
         try:
             if request.lease_id:
-                return self._controller.release(
+                released, adjustment = self._controller.release(
                     request.lease_id, actual_tokens=actual, tenant_id=tenant
                 )
-            return self._controller.release_attempt(
-                tenant, request.request_id, actual_tokens=actual
-            )
+            else:
+                released, adjustment = self._controller.release_attempt(
+                    tenant, request.request_id, actual_tokens=actual
+                )
         except InvalidArgument as error:
-            raise named_fields(error, RELEASE_FIELDS, prefix) from None
-
-    async def Release(  # noqa: N802 - gRPC method name
-        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReleaseResponse:
-        released, adjustment = self._release(request)
+            raise named_fields(error, RELEASE_FIELDS) from None
         await context.send_initial_metadata(self._replica)
         return pb.ReleaseResponse(released=released, token_adjustment=adjustment)
 

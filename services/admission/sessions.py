@@ -1,13 +1,8 @@
-"""AdmitSession: many admission attempts of one tenant over one stream, and their releases.
+"""AdmitSession: many admission attempts of one tenant over one stream.
 
 A request admitted at once (the common case) is answered right away, without a task;
 one that has to wait gets a task that sends its queue updates and then its outcome.
 Replies are tagged with the request's id. A refusal ends that request only.
-
-Releases come over the stream too, handled in order with the requests and answered only
-when they fail: a stream stays on the replica it was opened to while the edge may route
-the tenant's new calls elsewhere (`handover`), so the release of a lease granted here
-has to arrive here, and the stream is the one way that is sure to.
 """
 
 from __future__ import annotations
@@ -29,7 +24,6 @@ logger = logging.getLogger(__name__)
 
 UPDATE_INTERVAL_S = 0.25
 """How often a waiting request's position is re-checked (an update is sent if it moved)."""
-ONE_FRAME = "set exactly one of request and release"
 
 
 async def queue_updates(
@@ -57,8 +51,6 @@ class AdmitSession:
         request_of: the request a frame asks to admit (raises the refusal of an invalid
             frame).
         submit: submits a request to the dispatcher's controller (raises its refusal).
-        release: releases what a release frame names, as Release does (raises the
-            refusal).
         reply: hands a reply to the stream's writer (never blocks).
         admitted: the AdmitResponse for an admission.
     """
@@ -69,14 +61,12 @@ class AdmitSession:
         *,
         request_of: Callable[[pb.AdmitSessionRequest], AdmissionRequest],
         submit: Callable[[AdmissionRequest], Ticket],
-        release: Callable[[pb.AdmitSessionRequest], None],
         reply: Callable[[pb.AdmitSessionResponse], None],
         admitted: Callable[[Admission], pb.AdmitResponse],
     ) -> None:
         self._dispatcher = dispatcher
         self._request_of = request_of
         self._submit = submit
-        self._release = release
         self._reply = reply
         self._admitted = admitted
         self._waiting: dict[str, asyncio.Task[None]] = {}
@@ -85,27 +75,10 @@ class AdmitSession:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def handle(self, frame: pb.AdmitSessionRequest) -> None:
-        """Handles one frame: a release, or a request to admit."""
-        if frame.HasField("release") and not frame.HasField("request"):
-            self.release(frame)
-        else:
-            self.submit(frame)
-
-    def release(self, frame: pb.AdmitSessionRequest) -> None:
-        """Releases what the frame names; only a failure is answered (a release by the
-        id of a request waiting here also ends that request: CANCELLED)."""
-        try:
-            self._release(frame)
-        except SwitchboardError as refusal:
-            self._refuse(frame.release.request_id, refusal)
-
     def submit(self, frame: pb.AdmitSessionRequest) -> None:
         """Decides the frame's request, or starts following it through the queue."""
         request_id = frame.request.context.request_id
         try:
-            if frame.HasField("release") or not frame.HasField("request"):
-                raise invalid(FieldViolation(f, ONE_FRAME) for f in ("request", "release"))
             request = self._request_of(frame)
             if not request_id:  # unique among the tenant's attempts: the controller checks
                 field = "request.context.request_id"
@@ -165,12 +138,10 @@ async def serve_session(
     *,
     request_of: Callable[[pb.AdmitSessionRequest], AdmissionRequest],
     submit: Callable[[AdmissionRequest], Ticket],
-    release: Callable[[pb.AdmitSessionRequest], None],
     admitted: Callable[[Admission], pb.AdmitResponse],
 ) -> AsyncIterator[pb.AdmitSessionResponse]:
-    """Serves one AdmitSession stream: handles its frames as they come (`AdmitSession`)
-    and yields the replies; after the half-close, ends once every request has its
-    outcome.
+    """Serves one AdmitSession stream: submits its requests as they come and yields the
+    replies; after the half-close, ends once every request has its outcome.
 
     However it ends, its waiting requests leave the queue, and admissions decided but
     never sent are released (nobody holds their leases).
@@ -180,7 +151,6 @@ async def serve_session(
         dispatcher,
         request_of=request_of,
         submit=submit,
-        release=release,
         reply=replies.put_nowait,
         admitted=admitted,
     )
@@ -188,7 +158,7 @@ async def serve_session(
     async def submit_all() -> None:
         try:
             async for frame in frames:
-                session.handle(frame)
+                session.submit(frame)
             await session.drain()
         finally:
             replies.put_nowait(None)

@@ -183,28 +183,18 @@ class _Releases:
 
 
 class _SessionCall:
-    """Stands in for an AdmitSession call: records the requests and releases written and
-    answers each request with `respond(call, request)`; replies can also be pushed with
-    `reply`. A half-close ends it, as the replica would once nothing is pending."""
+    """Stands in for an AdmitSession call: records the requests written and answers
+    each with `respond(call, request)`; replies can also be pushed with `reply`."""
 
     def __init__(self, respond) -> None:
         self.respond = respond
         self.requests: list[admission_pb2.AdmitRequest] = []
-        self.releases: list[admission_pb2.ReleaseRequest] = []
-        self.cancelled = self.half_closed = False
+        self.cancelled = False
         self._replies: asyncio.Queue = asyncio.Queue()
 
     async def write(self, frame: admission_pb2.AdmitSessionRequest) -> None:
-        assert not self.half_closed
-        if frame.HasField("release"):
-            self.releases.append(frame.release)
-            return
         self.requests.append(frame.request)
         self.respond(self, frame.request)
-
-    async def done_writing(self) -> None:
-        self.half_closed = True
-        self.end()
 
     def reply(self, request_id: str, **event) -> None:
         self._replies.put_nowait(admission_pb2.AdmitSessionResponse(request_id=request_id, **event))
@@ -326,9 +316,8 @@ async def test_a_caller_cancelled_while_queued_releases_its_attempt(gate):
         await waiter
     await gate.close()
     [(_, call)] = stub.calls
-    [release] = call.releases  # over the stream the attempt went on
+    [release] = gate._release_stub.requests
     assert release.request_id == call.requests[0].context.request_id
-    assert gate._release_stub.requests == []
     assert not gate._sessions  # closed with the gate
 
 
@@ -347,15 +336,11 @@ async def test_a_stream_that_hands_over_the_lease_releases_nothing(gate):
 
 async def test_idle_sessions_are_closed_busy_ones_kept(gate, monkeypatch):
     gate._stub = stub = _Sessions(_admit_at_once)
-    lease_id = await gate.admit(ASK)
+    await gate.admit(ASK)
     stub.respond = lambda call, request: None  # the next attempt waits
     busy = asyncio.ensure_future(
         gate.admit(Ask(tenant_id="busy", tier="small", prompt_tokens=1, max_tokens=1))
     )
-    await _let_others_run()
-    gate._sweep(time.monotonic() + SESSION_IDLE_S + 1)
-    assert sorted(gate._sessions) == ["acme", "busy"]  # acme's lease is released over it
-    gate.release(lease_id, tenant_id="acme", prompt=1, completion=1)
     await _let_others_run()
     gate._sweep(time.monotonic() + SESSION_IDLE_S + 1)
     assert list(gate._sessions) == ["busy"]
@@ -363,96 +348,6 @@ async def test_idle_sessions_are_closed_busy_ones_kept(gate, monkeypatch):
     busy.cancel()
     with pytest.raises(asyncio.CancelledError):
         await busy
-
-
-async def test_a_lease_is_released_over_the_stream_that_granted_it(gate):
-    gate._stub = stub = _Sessions(_admit_at_once)
-    lease_id = await gate.admit(ASK)
-    gate.release(lease_id, tenant_id="acme", prompt=10, completion=5)
-    await _let_others_run()
-    [(_, call)] = stub.calls
-    [release] = call.releases
-    assert release.lease_id == lease_id and release.actual_usage.total_tokens == 15
-    assert gate._release_stub.requests == []  # no call the edge could route elsewhere
-    assert not call.half_closed  # the stream goes on taking attempts
-    await gate.close()
-    assert call.half_closed and not call.cancelled  # ended once every frame was handled
-
-
-async def test_a_release_whose_stream_is_gone_falls_back_to_a_release_call(gate):
-    gate._stub = stub = _Sessions(_admit_at_once)
-    lease_id = await gate.admit(ASK)
-    [(_, call)] = stub.calls
-    call.end(_rpc_error(UNAVAILABLE))
-    await _let_others_run()
-    gate.release(lease_id, tenant_id="acme", prompt=10, completion=5)
-    await gate.close()
-    assert call.releases == []
-    [release] = gate._release_stub.requests
-    assert release.lease_id == lease_id
-
-
-async def test_a_draining_replica_sends_the_attempt_to_a_new_stream(gate):
-    draining = Unavailable("shutting down", reason="SHUTTING_DOWN").to_rpc_status()
-
-    def respond(call, request):
-        if call is stub.calls[0][1] and len(call.requests) > 1:  # draining after a grant
-            call.reply(request.context.request_id, refused=draining)
-        else:
-            _admit_at_once(call, request)
-
-    gate._stub = stub = _Sessions(respond)
-    first = await gate.admit(ASK)
-    second = await gate.admit(ASK)  # refused by the draining replica, then admitted anew
-    [(_, old), (_, new)] = stub.calls
-    assert second == f"L-{new.requests[0].context.request_id}"
-    assert old.requests[1].context.request_id != new.requests[0].context.request_id
-    await _let_others_run()
-    assert not old.half_closed  # it holds the first lease: kept for its release
-    gate.release(first, tenant_id="acme", prompt=1, completion=1)
-    gate.release(second, tenant_id="acme", prompt=1, completion=1)
-    await _let_others_run()
-    assert [r.lease_id for r in old.releases] == [first]  # to the replica that granted it
-    assert [r.lease_id for r in new.releases] == [second]
-    assert old.half_closed and not new.half_closed  # the old one ends once it holds nothing
-    assert gate._release_stub.requests == []
-
-
-async def test_a_draining_refusal_on_the_retry_too_fails_the_admission(gate):
-    draining = Unavailable("shutting down", reason="SHUTTING_DOWN").to_rpc_status()
-    gate._stub = stub = _Sessions(
-        lambda call, request: call.reply(request.context.request_id, refused=draining)
-    )
-    with pytest.raises(Unavailable) as failed:
-        await gate.admit(ASK)
-    assert failed.value.reason == "DEPENDENCY_UNAVAILABLE"
-    assert len(stub.calls) == 2  # one more try, on a new stream
-    await _let_others_run()
-    assert all(call.half_closed for _, call in stub.calls)  # nothing held on either
-    assert gate._release_stub.requests == []  # refused: nothing granted
-
-
-async def test_streams_are_rotated_and_each_lease_goes_back_where_it_came_from():
-    gate = AdmissionGate("127.0.0.1:9", rotate_after=timedelta(0))  # every attempt rotates
-    gate._release_stub = _Releases()
-    gate._stub = stub = _Sessions(_admit_at_once)
-    try:
-        leases = [await gate.admit(ASK) for _ in range(3)]
-        assert len(stub.calls) == 3
-        await _let_others_run()
-        assert not any(call.half_closed for _, call in stub.calls)  # each holds its lease
-        for lease_id in reversed(leases):
-            gate.release(lease_id, tenant_id="acme", prompt=1, completion=1)
-        await _let_others_run()
-        for lease_id, (_, call) in zip(leases, stub.calls, strict=True):
-            assert [r.lease_id for r in call.releases] == [lease_id]
-        # the retired two end once released; the newest still takes attempts
-        assert [call.half_closed for _, call in stub.calls] == [True, True, False]
-        gate._sweep(time.monotonic())
-        assert len(gate._retired) == 0  # ended streams are forgotten
-    finally:
-        await gate.close()
-    assert gate._release_stub.requests == []
 
 
 async def _let_others_run() -> None:

@@ -1,5 +1,4 @@
-"""AdmitSession's server side: many attempts over one stream, replies tagged by request id,
-and releases over the same stream."""
+"""AdmitSession's server side: many attempts over one stream, replies tagged by request id."""
 
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ from services.admission import (
     PolicyLimits,
 )
 from services.admission.sessions import AdmitSession, serve_session
-from services.runtime import NotFound, error_details
 
 POLICY = PolicyLimits(
     requests_per_second=100,
@@ -43,18 +41,6 @@ def replies() -> list[pb.AdmitSessionResponse]:
     return []
 
 
-def releaser(controller: AdmissionController, tenant: str = "acme"):
-    """The servicer's part of a release frame, on `controller` (without its checks)."""
-
-    def release(frame: pb.AdmitSessionRequest) -> None:
-        if frame.release.lease_id:
-            controller.release(frame.release.lease_id, actual_tokens=0, tenant_id=tenant)
-        else:
-            controller.release_attempt(tenant, frame.release.request_id, actual_tokens=0)
-
-    return release
-
-
 @pytest.fixture
 def session(controller, replies) -> AdmitSession:
     return AdmitSession(
@@ -65,7 +51,6 @@ def session(controller, replies) -> AdmitSession:
             prompt_tokens=frame.request.estimated_prompt_tokens,
         ),
         submit=controller.submit,
-        release=releaser(controller),
         reply=replies.append,
         admitted=lambda admission: pb.AdmitResponse(
             lease=pb.Lease(lease_id=admission.lease.lease_id)
@@ -77,12 +62,6 @@ def _request(request_id: str, prompt_tokens: int = 10) -> pb.AdmitSessionRequest
     request = pb.AdmitRequest(estimated_prompt_tokens=prompt_tokens)
     request.context.request_id = request_id
     return pb.AdmitSessionRequest(request=request)
-
-
-def _release(lease_id: str = "", request_id: str = "") -> pb.AdmitSessionRequest:
-    return pb.AdmitSessionRequest(
-        release=pb.ReleaseRequest(lease_id=lease_id, request_id=request_id)
-    )
 
 
 def _events(replies) -> list[tuple[str, str]]:
@@ -148,7 +127,6 @@ def _serve(controller, requests, tenant: str = "acme"):
             tenant_id=tenant, request_id=frame.request.context.request_id
         ),
         submit=controller.submit,
-        release=releaser(controller, tenant),
         admitted=lambda admission: pb.AdmitResponse(
             lease=pb.Lease(lease_id=admission.lease.lease_id)
         ),
@@ -189,122 +167,3 @@ async def test_admissions_decided_but_never_sent_are_released(controller):
     assert controller.quota("roomy").in_flight == 1  # a's lease is the client's
     controller.release(first.admitted.lease.lease_id)
     assert controller.quota("roomy").in_flight == 0
-
-
-# ---- releases over the stream --------------------------------------------------------
-
-
-async def test_a_release_frame_frees_the_slot_and_is_not_answered(session, replies, controller):
-    for n in range(3):  # max_in_flight 1: each admission needs the previous one released
-        session.handle(_request(f"r{n}"))
-        assert _events(replies) == [(f"r{n}", "admitted")]
-        session.handle(_release(lease_id=replies.pop().admitted.lease.lease_id))
-        assert replies == [] and controller.quota("acme").in_flight == 0
-
-
-async def test_a_release_by_request_id_ends_a_request_waiting_on_the_stream(
-    session, replies, controller
-):
-    session.handle(_request("a"))
-    session.handle(_request("b"))
-    await asyncio.sleep(0)
-    session.handle(_release(request_id="b"))
-    await asyncio.wait_for(session.drain(), 5)
-    assert _events(replies) == [("a", "admitted"), ("b", "queued"), ("b", "refused")]
-    assert replies[-1].refused.code == grpc.StatusCode.CANCELLED.value[0]
-    assert sum(controller.quota("acme").queued.values()) == 0
-
-
-async def test_a_failed_release_is_answered_with_the_status_release_would_fail_with(
-    controller, replies
-):
-    def release(frame: pb.AdmitSessionRequest) -> None:
-        raise NotFound("no such lease", reason="LEASE_NOT_FOUND")
-
-    session = AdmitSession(
-        Dispatcher(controller),
-        request_of=lambda frame: AdmissionRequest(tenant_id="acme"),
-        submit=controller.submit,
-        release=release,
-        reply=replies.append,
-        admitted=lambda admission: pb.AdmitResponse(),
-    )
-    session.handle(_release(request_id="gone"))
-    session.handle(_release(lease_id="made-up"))
-    assert _events(replies) == [("gone", "refused"), ("", "refused")]
-    assert {r.refused.code for r in replies} == {grpc.StatusCode.NOT_FOUND.value[0]}
-
-
-@pytest.mark.parametrize(
-    "frame",
-    [
-        pb.AdmitSessionRequest(),
-        pb.AdmitSessionRequest(
-            request=_request("both").request, release=pb.ReleaseRequest(lease_id="x")
-        ),
-    ],
-    ids=["neither", "both"],
-)
-async def test_a_frame_needs_exactly_one_of_request_and_release(
-    session, replies, controller, frame
-):
-    session.handle(frame)
-    [refused] = replies
-    assert refused.refused.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    assert "request and release" in refused.refused.message
-    assert controller.quota("acme").in_flight == 0
-
-
-async def test_releases_sent_before_the_half_close_are_applied_before_the_stream_ends(
-    controller,
-):
-    frames: asyncio.Queue[pb.AdmitSessionRequest | None] = asyncio.Queue()
-
-    async def stream():
-        while (frame := await frames.get()) is not None:
-            yield frame
-
-    replies = serve_session(
-        Dispatcher(controller),
-        stream(),
-        request_of=lambda frame: AdmissionRequest(
-            tenant_id="acme", request_id=frame.request.context.request_id
-        ),
-        submit=controller.submit,
-        release=releaser(controller),
-        admitted=lambda admission: pb.AdmitResponse(
-            lease=pb.Lease(lease_id=admission.lease.lease_id)
-        ),
-    )
-    frames.put_nowait(_request("a"))
-    admitted = await anext(replies)
-    frames.put_nowait(_release(lease_id=admitted.admitted.lease.lease_id))
-    frames.put_nowait(None)  # the half-close
-    assert [reply async for reply in replies] == []
-    assert controller.quota("acme").in_flight == 0
-
-
-async def test_a_draining_replica_refuses_new_requests_and_still_takes_releases(controller):
-    """What `AdmissionService.drain` does to the streams open to the replica."""
-    dispatcher = Dispatcher(controller)
-    replies: list[pb.AdmitSessionResponse] = []
-    session = AdmitSession(
-        dispatcher,
-        request_of=lambda frame: AdmissionRequest(
-            tenant_id="acme", request_id=frame.request.context.request_id
-        ),
-        submit=controller.submit,
-        release=releaser(controller),
-        reply=replies.append,
-        admitted=lambda admission: pb.AdmitResponse(
-            lease=pb.Lease(lease_id=admission.lease.lease_id)
-        ),
-    )
-    session.handle(_request("a"))
-    await dispatcher.shutdown()
-    session.handle(_request("b"))
-    assert _events(replies) == [("a", "admitted"), ("b", "refused")]
-    assert replies[1].refused.code == grpc.StatusCode.UNAVAILABLE.value[0]
-    assert error_details(replies[1].refused).error_info.reason == "SHUTTING_DOWN"
-    session.handle(_release(lease_id=replies[0].admitted.lease.lease_id))
-    assert controller.quota("acme").in_flight == 0 and len(replies) == 2

@@ -55,12 +55,10 @@ class AdmitStreamResponse(_message.Message):
     def __init__(self, queued: _Optional[_Union[_common_pb2.QueuePosition, _Mapping]] = ..., admitted: _Optional[_Union[AdmitResponse, _Mapping]] = ...) -> None: ...
 
 class AdmitSessionRequest(_message.Message):
-    __slots__ = ("request", "release")
+    __slots__ = ("request",)
     REQUEST_FIELD_NUMBER: _ClassVar[int]
-    RELEASE_FIELD_NUMBER: _ClassVar[int]
     request: AdmitRequest
-    release: ReleaseRequest
-    def __init__(self, request: _Optional[_Union[AdmitRequest, _Mapping]] = ..., release: _Optional[_Union[ReleaseRequest, _Mapping]] = ...) -> None: ...
+    def __init__(self, request: _Optional[_Union[AdmitRequest, _Mapping]] = ...) -> None: ...
 
 class AdmitSessionResponse(_message.Message):
     __slots__ = ("request_id", "queued", "admitted", "refused")

@@ -161,18 +161,10 @@ class AdmissionServiceServicer:
         as AdmitStream decides it, and its queue updates and outcome come back tagged
         with its `context.request_id`, without a new call per request. A refusal ends that
         request only; the stream goes on. Every request on a stream is of the stream's
-        `x-tenant-id` tenant. Releases go over the stream too (`release` frames, decided
-        as Release decides them): they reach the replica that granted the stream's leases
-        even after the edge routes the tenant elsewhere, which a Release call would not
-        (see Release). To give up a request, release it by its request id (it leaves the
-        queue, or its lease is released). Frames are handled in the order sent. When the
-        caller half-closes, the stream ends once every request on it has its outcome
-        (every release sent before it has been applied); when the stream ends any other
-        way, its waiting requests leave the queue, and the leases it granted stay held
-        until released (by a Release call to the same replica) or expired. A replica
-        shutting down refuses new requests with UNAVAILABLE `SHUTTING_DOWN` but still
-        takes releases: open a new stream for the next requests, and keep this one until
-        its leases are released.
+        `x-tenant-id` tenant. To give up a request, Release it by its request id (it
+        leaves the queue, or its lease is released). When the caller half-closes, the
+        stream ends once every request on it has its outcome; when the stream ends any
+        other way, its waiting requests leave the queue.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -185,9 +177,7 @@ class AdmissionServiceServicer:
         id this replica never issued to the caller's tenant (another tenant's, live or not,
         or a made-up one) is NOT_FOUND `LEASE_NOT_FOUND` and changes nothing. A caller that
         gave up on Admit or AdmitStream before the lease reached it releases by the
-        attempt's request id instead of the lease id. The call goes to the tenant's
-        replica now: after the replica set changed, that may not be the one that granted
-        the lease (a stream's leases are released over the stream, AdmitSession).
+        attempt's request id instead of the lease id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
