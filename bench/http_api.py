@@ -13,8 +13,8 @@ plus `generator_stub`, a small-tier generator served by an OpenAI-compatible stu
   makes of the HTTP body, `services.gateway.chat_call`, so both arms send the same
   Generate), and Triton's ModelStreamInfer directly;
 - requests/s of non-streaming `/v1/chat/completions` at concurrency 64 on
-  `generator_stub`: Switchboard (Envoy -> gateway -> Envoy -> router, admission ->
-  stub) and LiteLLM's proxy (one model, `openai/` provider, pointing at the same stub),
+  `generator_stub`: Switchboard (Envoy -> gateway, whose embedded router admits and
+  calls the stub) and LiteLLM's proxy (one model, `openai/` provider, pointing at the same stub),
   each with a bearer key, in alternating short slices so both share the machine's
   noise. LiteLLM runs from a venv of its own (`make bench-http` installs it into
   `.tools/litellm`): its proxy extras pin packages (openai among them) the project's
@@ -524,8 +524,8 @@ def report(measured: Measured, proxy: LiteLLM) -> dict:
         else f"vs_litellm_rps null: {proxy.reason}"
     )
     notes = (
-        "Shared machine: other test suites ran on its 2 cores during the run, so absolute "
-        "figures are noisy; the ratios come from one interleaved run. "
+        "A 2-core machine, shared: absolute figures are noisy; the ratios come from one "
+        "interleaved run. "
         f"TTFT: concurrency 1; after up to {WARMUP} warm-up rounds, {ttft.iterations} "
         f"rounds ({ttft.seconds:.0f}s), each round's arms in shuffled order; one CPU Triton "
         f"replica; {TTFT_MODEL}, {len(PROMPT)}-char prompt, {len(PASSAGES)} short passages "
@@ -539,9 +539,10 @@ def report(measured: Measured, proxy: LiteLLM) -> dict:
         "counted) after one warm-up slice each, the "
         "gateways alternating slice by slice, one aiohttp client; both in front of the same "
         f"OpenAI-compatible stub (bench._openai_stub, its own process) as {STUB_MODEL} "
-        "(Switchboard: an upstream: generator in the small tier; Envoy -> gateway -> Envoy "
-        "-> router with admission -> stub, streamed). rps counts answers with the expected "
-        "model and content; errors = any other answer, failure or call abandoned. "
+        "(Switchboard: an upstream: generator in the small tier; Envoy -> gateway, whose "
+        "embedded router admits the call (AdmitSession) and streams from the stub). "
+        "rps counts answers with the expected model and content; errors = any other answer, "
+        "failure or call abandoned. "
         f"{litellm_note}. "
         + (f"Errors: {problems}. " if problems else "")
         + f"Tenant {TENANT!r} with a policy above any rate the benchmark reaches"

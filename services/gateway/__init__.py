@@ -1,7 +1,9 @@
 """The gateway: an OpenAI-compatible HTTP API (`/v1/chat/completions` with SSE,
-`/v1/completions`, `/v1/embeddings`, `/v1/models`) on Envoy's public port, served as a
-client of InferenceService's public contract, so it gets the same API keys, admission,
-model routing, session affinity and usage accounting as a gRPC caller.
+`/v1/completions`, `/v1/embeddings`, `/v1/models`) on Envoy's public port. The process
+embeds an InferenceService (router, breakers, admission gate) and calls its RPCs
+in-process through the generated stub on a `LocalChannel`: a request is checked against
+the same contract and gets the same API keys, admission, model routing, session affinity,
+usage accounting and errors as a gRPC caller, without a second gRPC hop.
 
 `requests` and `responses` are the pure mapping between OpenAI's bodies and the
 contract's messages, `sse` the event framing, `handlers` the calls, `server` the process.

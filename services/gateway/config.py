@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 
-from services.runtime import ConfigError, load_config
+from services.runtime import load_config
 
 logger = logging.getLogger(__name__)
 
@@ -16,15 +15,14 @@ PREFIX = "SWITCHBOARD_GATEWAY_"
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    """Read from `SWITCHBOARD_GATEWAY_*`; the inference target from
-    `SWITCHBOARD_INFERENCE_TARGET` (the launcher points it at Envoy's internal listener)."""
+    """Read from `SWITCHBOARD_GATEWAY_*`. The InferenceService the gateway embeds reads
+    its own configuration (`SWITCHBOARD_TRITON_URLS`, `SWITCHBOARD_MODEL_POLICY`,
+    `SWITCHBOARD_ADMISSION_TARGET`, ...), as an inference replica does."""
 
     host: str = "127.0.0.1"
     port: int = 0
     metrics_port: int = 0
     """Port of the Prometheus `/metrics` endpoint; 0 disables it."""
-    inference_target: str = ""
-    """Where InferenceService is reached (host:port)."""
     max_body_bytes: int = 1 << 20
     """Largest request body read; a larger one is refused with 413 before it is read
     whole (a declared Content-Length at once, a chunked body once it passes the limit)."""
@@ -49,11 +47,4 @@ class GatewayConfig:
 
 
 def load_gateway_config() -> GatewayConfig:
-    config = load_config(GatewayConfig, prefix=PREFIX)
-    if not config.inference_target:
-        config = replace(
-            config, inference_target=os.environ.get("SWITCHBOARD_INFERENCE_TARGET", "")
-        )
-    if not config.inference_target:
-        raise ConfigError("SWITCHBOARD_INFERENCE_TARGET (or _GATEWAY_INFERENCE_TARGET) is not set")
-    return config
+    return load_config(GatewayConfig, prefix=PREFIX)

@@ -34,6 +34,11 @@ _KINDS = {
     inference_pb2.MODEL_KIND_GENERATOR: "generator",
     inference_pb2.MODEL_KIND_EMBEDDER: "embedder",
 }
+_STATES = {
+    inference_pb2.BACKEND_STATE_HEALTHY: "healthy",
+    inference_pb2.BACKEND_STATE_OPEN: "open",
+    inference_pb2.BACKEND_STATE_HALF_OPEN: "half_open",
+}
 
 
 def usage(tokens: common_pb2.TokenUsage) -> dict[str, int]:
@@ -220,6 +225,15 @@ def model(info: inference_pb2.ModelInfo) -> dict[str, Any]:
             "context_tokens": info.context_tokens,
             "relative_cost": info.relative_cost,
             "healthy": info.healthy,
+            # the serving process's own router: its circuits and calls in flight
+            "backends": [
+                {
+                    "name": b.name,
+                    "state": _STATES.get(b.state, "unknown"),
+                    "outstanding": b.outstanding,
+                }
+                for b in info.backends
+            ],
         },
     }
 

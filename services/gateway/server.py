@@ -8,7 +8,6 @@ import logging
 import signal
 import time
 
-import grpc
 import uvloop
 from aiohttp import web
 from prometheus_client import Counter, Histogram
@@ -16,21 +15,24 @@ from switchboard.inference.v1 import inference_service_pb2_grpc
 
 from services.gateway.config import GatewayConfig, load_gateway_config
 from services.gateway.handlers import Api, HttpFailure, error_response
+from services.inference import InferenceService, load_inference_config
 from services.runtime import (
     HTTP_HEALTH_PATH,
     HttpError,
     Internal,
+    LocalChannel,
     SwitchboardError,
-    channel,
     configure_logging,
     flush_logs,
     http_error,
     serve_metrics,
+    stop_task,
 )
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "gateway"
+READINESS_INTERVAL_S = 1.0
 HTTP_REQUESTS = Counter(
     "switchboard_http_requests_total",
     "HTTP requests answered, by route and status.",
@@ -82,13 +84,19 @@ async def _errors(request: web.Request, handler: web.Handler) -> web.StreamRespo
 
 
 class Gateway:
-    """The server on one InferenceService channel: `start()` binds, `shutdown()` stops
-    (idempotent); `async with` does both."""
+    """The HTTP server in front of an InferenceService embedded in this process: a
+    request is served by an in-process call of its RPC (`LocalChannel`: the same contract
+    checks, admission, routing and errors as a gRPC caller gets, without a second gRPC
+    hop). `start()` starts the service and binds, `shutdown()` stops both (idempotent);
+    `async with` does both."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, inference: InferenceService) -> None:
         self._config = config
-        self._channel: grpc.aio.Channel | None = None
+        self._inference = inference
         self._runner: web.AppRunner | None = None
+        self._readiness: asyncio.Task[None] | None = None
+        self.ready = False
+        """Whether the embedded service can serve (a Triton replica is ready)."""
         self.serving = False
         self.port = 0
 
@@ -99,11 +107,17 @@ class Gateway:
         return app
 
     async def start(self) -> int:
-        """Binds the port (0 picks a free one) and serves; returns the port."""
-        self._channel = channel(
-            self._config.inference_target, default_timeout=None, propagate=False
-        )
-        stub = inference_service_pb2_grpc.InferenceServiceStub(self._channel)
+        """Starts the embedded service, binds the port (0 picks a free one) and serves;
+        returns the port."""
+        try:
+            await self._inference.start()
+            self.ready = await self._inference.ready()
+        except BaseException:
+            await self._inference.shutdown()
+            raise
+        self._readiness = asyncio.create_task(self._watch_readiness())
+        local = LocalChannel(self._inference.register)
+        stub = inference_service_pb2_grpc.InferenceServiceStub(local)  # type: ignore[no-untyped-call]
         self._runner = web.AppRunner(
             self.app(stub),
             handler_cancellation=True,  # a client gone cancels its handler and its call
@@ -123,9 +137,24 @@ class Gateway:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
-        grpc_channel, self._channel = self._channel, None
-        if grpc_channel is not None:
-            await grpc_channel.close()
+        readiness, self._readiness = self._readiness, None
+        if readiness is not None:
+            await stop_task(readiness)
+            await self._inference.shutdown()
+
+    async def _watch_readiness(self) -> None:
+        """Re-checks the backends every READINESS_INTERVAL_S, as a gRPC replica's
+        readiness probe does (it also tells the router which backends are up)."""
+        while True:
+            await asyncio.sleep(READINESS_INTERVAL_S)
+            try:
+                ready = await self._inference.ready()
+            except Exception:  # noqa: BLE001 - a failing probe means not ready
+                logger.exception("readiness probe failed")
+                ready = False
+            if ready != self.ready:
+                logger.info("readiness changed", extra={"ready": ready})
+                self.ready = ready
 
     async def __aenter__(self) -> Gateway:
         await self.start()
@@ -135,7 +164,7 @@ class Gateway:
         await self.shutdown()
 
     async def _health(self, request: web.Request) -> web.Response:
-        if self.serving:
+        if self.serving and self.ready:
             return web.json_response({"status": "SERVING"})
         return web.json_response({"status": "NOT_SERVING"}, status=503)
 
@@ -150,7 +179,7 @@ async def serve(config: GatewayConfig | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    gateway = Gateway(config)
+    gateway = Gateway(config, InferenceService(load_inference_config()))
     await gateway.start()
     while not stopping.is_set():
         flush_logs()

@@ -19,7 +19,7 @@ from services.inference.upstream import OpenAIBackend
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["InferenceService", "InferenceConfig"]
+__all__ = ["InferenceService", "InferenceConfig", "load_inference_config"]
 
 SERVICE_NAME = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 

@@ -56,6 +56,7 @@ from services.runtime._errors import (
     status_of,
 )
 from services.runtime._http_errors import HTTP_STATUS, HttpError, http_error
+from services.runtime._local import LocalChannel, LocalRpcError
 from services.runtime._logging import configure_logging, flush_logs
 from services.runtime._metrics import serve_metrics
 from services.runtime._pages import page_size, page_token, read_page_token
@@ -129,6 +130,8 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "channel",
+    "LocalChannel",
+    "LocalRpcError",
     "create_server",
     "error_details",
     "invalid",

@@ -167,6 +167,7 @@ def _wrap_stream_response(
 
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         call = _Call(m, context)
+        result = None
         try:
             m.admit(request)
             result = behavior(request, context)
@@ -179,7 +180,13 @@ def _wrap_stream_response(
         except BaseException as exc:  # noqa: BLE001 - mapped to a status, or re-raised
             await call.fail(exc, context)
         finally:
-            call.finish()
+            try:
+                if hasattr(result, "aclose"):
+                    # a stream closed early (its call cancelled) closes the handler's
+                    # generator now, not when it is collected: its `finally` runs
+                    await result.aclose()
+            finally:
+                call.finish()
 
     return handle
 

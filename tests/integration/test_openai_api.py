@@ -346,13 +346,11 @@ async def test_a_queued_stream_shows_its_position_as_comments(
 async def test_a_client_that_disconnects_cancels_generation_and_frees_admission(
     mesh, http, base_url, tenant, grpc_channel
 ) -> None:
-    inference = inference_service_pb2_grpc.InferenceServiceStub(grpc_channel)
-
     async def outstanding() -> int:
-        reply = await inference.ListModels(
-            inference_pb2.ListModelsRequest(), metadata=as_tenant(tenant), timeout=5
-        )
-        return sum(b.outstanding for b in reply.models[0].backends)
+        """Generations in flight in the router serving the HTTP API."""
+        async with http.get(f"{base_url}/models", headers=headers(tenant)) as reply:
+            models = (await reply.json())["data"]
+        return sum(b["outstanding"] for m in models for b in m["switchboard"]["backends"])
 
     cancelled_before = _cancelled_in_triton(mesh)
     response = await http.post(
