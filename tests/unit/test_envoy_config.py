@@ -213,6 +213,8 @@ def test_clusters_speak_http2_health_check_and_tolerate_load() -> None:
         # default panic threshold: a service whose backends are down still answers itself
         assert "healthy_panic_threshold" not in cluster.get("common_lb_config", {})
         assert cluster["type"] == "STATIC"
+        # a replica gone from the endpoints is not routed to while its checks still pass
+        assert cluster["ignore_health_on_host_removal"] is True
 
 
 def test_host_names_give_strict_dns_clusters() -> None:
@@ -350,11 +352,12 @@ def test_a_health_check_is_retried_on_hosts_that_do_not_know_the_service() -> No
     assert "retriable-headers" in policy["retry_on"]
     assert policy["retriable_headers"] == [{"name": "grpc-status", "string_match": {"exact": "5"}}]
     assert policy["num_retries"] >= len(endpoints(clusters(render())[REFLECTION_CLUSTER])) - 1
-    # every other route retries only what cannot have reached a service
-    assert (
-        "retriable-headers"
-        not in route_for(render(), INFERENCE)["route"]["retry_policy"]["retry_on"]
-    )
+    # every other route retries only what cannot have reached a service, elsewhere: enough
+    # picks that least-request balancing, which favours an idle dead host, finds another
+    retries = route_for(render(), INFERENCE)["route"]["retry_policy"]
+    assert "retriable-headers" not in retries["retry_on"]
+    assert retries["retry_host_predicate"][0]["name"].endswith("previous_hosts")
+    assert retries["host_selection_retry_max_attempts"] >= 16
 
 
 # ---- API keys at the edge: ext_authz on the public listener, an internal one without ----
