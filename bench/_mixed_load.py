@@ -28,6 +28,8 @@ from switchboard.execution.v1 import execution_pb2, execution_service_pb2_grpc
 from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
 
+from services.runtime import error_details
+
 logger = logging.getLogger(__name__)
 
 OPERATIONS = ("generate", "retrieve", "submit", "chat")
@@ -46,6 +48,8 @@ class CallRecord:
     started: float
     ended: float
     code: grpc.StatusCode
+    detail: str = ""
+    """A failure's ErrorInfo reason (if any) and message."""
 
     @property
     def ok(self) -> bool:
@@ -137,16 +141,16 @@ class MixedLoad:
             operation = self._operations[turn % len(self._operations)]
             turn += 1
             started = time.monotonic()
-            code = grpc.StatusCode.OK
+            code, detail = grpc.StatusCode.OK, ""
             try:
                 await calls[operation](self._channel)
             except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-            except ChatTurnFailed:
-                code = grpc.StatusCode.ABORTED
+                code, detail = exc.code(), _detail(exc)
+            except ChatTurnFailed as exc:
+                code, detail = grpc.StatusCode.ABORTED, str(exc)
             except asyncio.CancelledError:
                 raise
-            self.records.append(CallRecord(operation, started, time.monotonic(), code))
+            self.records.append(CallRecord(operation, started, time.monotonic(), code, detail))
 
     async def _generate(self, channel: grpc.aio.Channel) -> None:
         stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
@@ -227,3 +231,8 @@ class MixedLoad:
                 if task.task.state != execution_pb2.TASK_STATE_COMPLETED:
                     unfinished.append(task_id)
             return unfinished
+
+
+def _detail(error: grpc.aio.AioRpcError) -> str:
+    info = error_details(error).error_info
+    return f"{info.reason}: {error.details()}" if info is not None else str(error.details())
