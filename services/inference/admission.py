@@ -10,6 +10,15 @@ Every admission attempt carries a fresh request id. When an attempt ends without
 lease id reaching the caller for any reason but a refusal (the deadline, a
 cancellation, a lost connection), the lease admission may have granted meanwhile is
 released by that id, so that no slot stays held until the lease expires.
+
+A stream that ends without deciding an attempt (its replica died) does not fail the
+call: the attempt is made once more, under a new id, on a new stream, which Envoy sends
+to a live replica; the first is released as above. A stream outlives a change of the
+tenant's replica (one that died, then came back): once a release by lease id is answered
+`LEASE_NOT_FOUND` (releases are routed by tenant, to the replica that owns the tenant
+now) the stream that granted that lease takes no new attempts, and the next go to a new
+stream, on that replica; otherwise every lease it granted would be held there until it
+expires, until the tier is full.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from services.runtime import (
     SwitchboardError,
     Unavailable,
     channel,
+    error_details,
     outbound_timeout,
     propagated_metadata,
     status_of,
@@ -60,6 +70,8 @@ DEADLINE_MARGIN_S = 0.05
 SESSION_IDLE_S = 60.0
 """An AdmitSession stream unused this long is closed (Envoy resets idle streams later)."""
 MAX_SESSIONS = 1024
+STREAMS_PER_ATTEMPT = 2
+"""Streams an admission is tried on: the tenant's, and a new one if that one ends first."""
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 # Codes that mean "admission could not decide", not "admission said no".
 _DEPENDENCY_CODES = {
@@ -128,10 +140,12 @@ class _Session:
         self._attempts: dict[str, asyncio.Queue[admission_pb2.AdmitSessionResponse | None]] = {}
         self._writing = asyncio.Lock()
         self._reader = asyncio.create_task(self._read())
+        self.retired = False
+        """Takes no new attempts: it ended, or its replica is no longer the tenant's."""
 
     @property
     def alive(self) -> bool:
-        return not self._reader.done()
+        return not self._reader.done() and not self.retired
 
     @property
     def idle(self) -> bool:
@@ -175,6 +189,14 @@ class _Session:
         self._attempts.pop(request_id, None)
         if not self._attempts:
             self.idle_since = time.monotonic()
+            if self.retired:
+                self.close()
+
+    def retire(self) -> None:
+        """Takes no new attempts; closes once those on it have their outcome."""
+        self.retired = True
+        if not self._attempts:
+            self.close()
 
     def close(self) -> None:
         self._call.cancel()
@@ -198,6 +220,8 @@ class AdmissionGate:
         self._release_stub = admission_service_pb2_grpc.AdmissionServiceStub(self._release_channel)
         self._releases: set[asyncio.Task[None]] = set()
         self._sessions: dict[str, _Session] = {}
+        self._granted_on: dict[str, _Session] = {}
+        """Lease id → the session that granted it, until the lease is released."""
         self._swept = time.monotonic()
 
     async def admit(self, ask: Ask) -> str:
@@ -231,30 +255,37 @@ class AdmissionGate:
     async def _attempt(
         self, ask: Ask, timeout: float | None
     ) -> AsyncIterator[common_pb2.QueuePosition | str]:
-        request_id = _attempt_id()
-        request = ask.request(request_id)
-        if timeout is not None:
-            wait = max(timeout - DEADLINE_MARGIN_S, 0.0)
-            request.max_wait.FromTimedelta(timedelta(seconds=wait))
-        session = self._session(ask.tenant_id)
-        handed_over = refused = False
-        try:
-            replies = await session.attempt(request)
-            while (reply := await replies.get()) is not None:
-                kind = reply.WhichOneof("event")
-                if kind == "admitted":
-                    handed_over = True
-                    yield reply.admitted.lease.lease_id
-                    return
-                if kind == "refused":
-                    refused = True
-                    raise relay_status(reply.refused)
-                yield reply.queued
-        finally:
-            session.forget(request_id)
-            if not handed_over and not refused:
-                self._release_attempt(ask.tenant_id, request_id)
-        raise Unavailable(  # the session ended without a decision
+        for _ in range(STREAMS_PER_ATTEMPT):
+            started = time.monotonic()
+            request_id = _attempt_id()
+            request = ask.request(request_id)
+            if timeout is not None:
+                wait = max(timeout - DEADLINE_MARGIN_S, 0.0)
+                request.max_wait.FromTimedelta(timedelta(seconds=wait))
+            session = self._session(ask.tenant_id)
+            handed_over = refused = False
+            try:
+                replies = await session.attempt(request)
+                while (reply := await replies.get()) is not None:
+                    kind = reply.WhichOneof("event")
+                    if kind == "admitted":
+                        handed_over = True
+                        lease_id = reply.admitted.lease.lease_id
+                        self._granted_on[lease_id] = session
+                        yield lease_id
+                        return
+                    if kind == "refused":
+                        refused = True
+                        raise relay_status(reply.refused)
+                    yield reply.queued
+                session.retire()  # it ended: the next attempt opens a new one
+                if timeout is not None:
+                    timeout -= time.monotonic() - started
+            finally:
+                session.forget(request_id)
+                if not handed_over and not refused:
+                    self._release_attempt(ask.tenant_id, request_id)
+        raise Unavailable(  # every session ended without a decision
             "the admission service ended the stream without a decision",
             reason="DEPENDENCY_UNAVAILABLE",
             metadata={"dependency": "admission"},
@@ -311,9 +342,12 @@ class AdmissionGate:
 
     async def _release(self, request: admission_pb2.ReleaseRequest, tenant_id: str) -> None:
         metadata = propagated_metadata([(TENANT_HEADER, tenant_id)])
+        granted_on = self._granted_on.pop(request.lease_id, None)
         try:
             await self._release_stub.Release(request, metadata=metadata, timeout=RELEASE_TIMEOUT_S)
         except grpc.aio.AioRpcError as error:  # the lease expires on its own
+            if _moved(error) and granted_on is not None:
+                granted_on.retire()  # the tenant's calls reach another replica now
             logger.warning(
                 "admission release failed: %s",
                 error.code().name,
@@ -325,14 +359,23 @@ class AdmissionGate:
             )
 
     async def close(self) -> None:
-        for session in self._sessions.values():
+        for session in {*self._sessions.values(), *self._granted_on.values()}:
             session.close()
         self._sessions.clear()
+        self._granted_on.clear()
         # a release may be started while the others are awaited
         while self._releases:
             await asyncio.gather(*self._releases, return_exceptions=True)
         await self._channel.close()
         await self._release_channel.close()
+
+
+def _moved(error: grpc.aio.AioRpcError) -> bool:
+    """Whether a release by lease id reached a replica that never granted the lease."""
+    if error.code() != grpc.StatusCode.NOT_FOUND:
+        return False
+    info = error_details(error).error_info
+    return info is not None and info.reason == "LEASE_NOT_FOUND"
 
 
 def _attempt_id() -> str:

@@ -19,10 +19,16 @@ from services.admission import (
     PolicyLimits,
     TicketState,
 )
-from services.inference.admission import SESSION_IDLE_S, AdmissionGate, Ask
+from services.inference.admission import (
+    SESSION_IDLE_S,
+    STREAMS_PER_ATTEMPT,
+    AdmissionGate,
+    Ask,
+)
 from services.runtime import (
     Cancelled,
     InvalidArgument,
+    NotFound,
     ResourceExhausted,
     SwitchboardError,
     Unavailable,
@@ -239,6 +245,12 @@ def _rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="x")
 
 
+def _lease_not_found() -> grpc.aio.AioRpcError:
+    status = NotFound("no such lease", reason="LEASE_NOT_FOUND").to_rpc_status()
+    trailers = grpc.aio.Metadata(("grpc-status-details-bin", status.SerializeToString()))
+    return grpc.aio.AioRpcError(grpc.StatusCode.NOT_FOUND, grpc.aio.Metadata(), trailers)
+
+
 @pytest.fixture
 async def gate():
     gate = AdmissionGate("127.0.0.1:9")  # never dialled: the stubs are replaced
@@ -288,18 +300,69 @@ async def test_a_refusal_is_relayed_and_not_released(gate):
     assert gate._release_stub.requests == []
 
 
-async def test_a_session_that_ends_undecided_fails_its_attempts_and_is_replaced(gate):
+async def test_a_session_that_ends_undecided_hands_its_attempt_to_a_new_one(gate):
+    def end_the_first(call, request):
+        if len(stub.calls) == 1:  # the replica died: its stream ends
+            call.end(_rpc_error(UNAVAILABLE))
+        else:
+            _admit_at_once(call, request)
+
+    gate._stub = stub = _Sessions(end_the_first)
+    lease = await gate.admit(ASK)
+    [(_, first), (_, second)] = stub.calls
+    [retried] = second.requests
+    assert lease == f"L-{retried.context.request_id}"
+    assert retried.context.request_id != first.requests[0].context.request_id
+    assert (await gate.admit(ASK)).startswith("L-") and len(stub.calls) == 2
+    await gate.close()
+    # the undecided attempt may have been granted a lease before the session broke
+    [release] = gate._release_stub.requests
+    assert release.request_id == first.requests[0].context.request_id
+
+
+async def test_an_admission_fails_when_every_session_ends_undecided(gate):
     gate._stub = stub = _Sessions(lambda call, request: call.end(_rpc_error(UNAVAILABLE)))
     with pytest.raises(Unavailable) as failed:
         await gate.admit(ASK)
     assert failed.value.reason == "DEPENDENCY_UNAVAILABLE"
+    assert len(stub.calls) == STREAMS_PER_ATTEMPT
     stub.respond = _admit_at_once
     assert (await gate.admit(ASK)).startswith("L-")
-    assert len(stub.calls) == 2
+    assert len(stub.calls) == STREAMS_PER_ATTEMPT + 1
     await gate.close()
-    # the undecided attempt may have been granted a lease before the session broke
-    [release] = gate._release_stub.requests
-    assert release.request_id == stub.calls[0][1].requests[0].context.request_id
+    assert len(gate._release_stub.requests) == STREAMS_PER_ATTEMPT
+
+
+async def test_a_lease_not_found_where_released_moves_new_attempts_to_a_new_session(gate):
+    class Moved(_Releases):
+        """The tenant's releases reach a replica that granted none of its leases."""
+
+        async def Release(self, request, **kwargs):  # noqa: N802 - gRPC method name
+            self.requests.append(request)
+            raise _lease_not_found()
+
+    gate._release_stub = Moved()
+    gate._stub = stub = _Sessions(_admit_at_once)
+    gate.release(await gate.admit(ASK), tenant_id="acme", prompt=1, completion=1)
+    await _let_others_run()
+    [(_, stray)] = stub.calls
+    assert stray.cancelled  # no attempt waits on it (the leases it granted live on)
+    assert (await gate.admit(ASK)).startswith("L-")
+    assert len(stub.calls) == 2 and len(stub.calls[1][1].requests) == 1
+
+
+async def test_a_session_that_moved_closes_once_its_waiting_attempts_are_decided(gate):
+    gate._stub = stub = _Sessions(_admit_at_once)
+    await gate.admit(ASK)
+    [(_, stray)] = stub.calls
+    stray.respond = lambda call, request: None  # the next attempt waits
+    waiting = asyncio.ensure_future(gate.admit(ASK))
+    await _let_others_run()
+    next(iter(gate._granted_on.values())).retire()
+    assert not stray.cancelled
+    _admit_at_once(stray, stray.requests[-1])
+    assert (await waiting).startswith("L-")
+    assert stray.cancelled
 
 
 async def test_a_caller_cancelled_while_queued_releases_its_attempt(gate):
