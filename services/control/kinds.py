@@ -56,6 +56,8 @@ class Kind:
     """How long a new replica may take to become ready before it counts as failed."""
     most: int = 0
     """The most replicas it may run (0: the control plane's maximum)."""
+    spare_module: str | None = None
+    """The module a warm spare of it preloads (`services.runtime.spare`); None: none."""
 
     def process_name(self, slot: int) -> str:
         return f"{self.name}-{slot}" if self.numbered or slot else self.name
@@ -95,6 +97,7 @@ class ServiceKind(Kind):
         self.name = spec.name
         self.numbered = spec.numbered
         self.most = spec.most
+        self.spare_module = spec.module
         self._config = config
         self._mesh = mesh
 

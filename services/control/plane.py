@@ -67,6 +67,7 @@ class ControlPlane:
             on_change=self.push,
             events=self.events,
             max_replicas=config.max_replicas,
+            spares=config.spares,
         )
         self._push_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []

@@ -34,6 +34,7 @@ from pathlib import Path
 from services.control.events import EventBus
 from services.control.kinds import Kind
 from services.control.restarts import RestartPolicy
+from services.control.spares import Spares
 from services.launcher._procs import (
     ProcessRecord,
     kill_group,
@@ -118,6 +119,7 @@ class Supervisor:
         events: EventBus,
         policy: RestartPolicy | None = None,
         max_replicas: int = 4,
+        spares: bool = False,
     ) -> None:
         self.kinds = dict(kinds)
         self._state_path = state_path
@@ -126,6 +128,7 @@ class Supervisor:
         self._events = events
         self._policy = policy or RestartPolicy()
         self.max_replicas = max_replicas
+        self.spares = Spares(kinds, log_dir=log_dir) if spares else None
         self.replicas: dict[str, Replica] = {}
         self.generations: dict[str, int] = dict.fromkeys(self.kinds, 1)
         self._busy: dict[str, str] = {}
@@ -182,6 +185,8 @@ class Supervisor:
 
     async def shutdown(self) -> None:
         """Stops every replica: the services together, then Triton."""
+        if self.spares is not None:
+            await self.spares.stop_all()
         by_kind: dict[str, list[Replica]] = {}
         for replica in self.replicas.values():
             replica.retiring = True
@@ -217,6 +222,12 @@ class Supervisor:
                 # for it gives up after the kind's start timeout (`wait_serving`).
                 self._probing.add(replica.name)
                 asyncio.get_running_loop().create_task(self._probe(replica))
+        if self.spares is not None and not any(
+            r.state == State.STARTING for r in self.replicas.values()
+        ):
+            # only once every replica has started: a spare's imports would slow them
+            for kind in self.spares.fill(self.generations):
+                logger.info("a warm spare is starting", extra={"service": kind})
         if self._dirty and (self._pushing is None or self._pushing.done()):
             # in the background: the loop goes on watching (and restarting) meanwhile
             self._dirty = False
@@ -273,18 +284,21 @@ class Supervisor:
 
     def _spawn(self, replica: Replica) -> None:
         command = self.kinds[replica.kind].command(replica.slot, replica.env)
-        replica.record = spawn(
-            replica.name,
-            command.argv,
-            log=self._log_dir / f"{replica.name}.log",
-            env=command.env,
-            cwd=command.cwd,
-        )
+        log = self._log_dir / f"{replica.name}.log"
+        record = None
+        if self.spares is not None:
+            record = self.spares.take(
+                replica.kind, replica.generation, name=replica.name, command=command, log=log
+            )
+        how = "from a warm spare" if record is not None else "cold"
+        if record is None:
+            record = spawn(replica.name, command.argv, log=log, env=command.env, cwd=command.cwd)
+        replica.record = record
         replica.state = State.STARTING
         replica.started_at = time.time()
         replica.started_mono = time.monotonic()
         replica.last_log = ""
-        self._event(replica, "started", f"{replica.name} started (pid {replica.record.pid})")
+        self._event(replica, "started", f"{replica.name} started (pid {record.pid}, {how})")
         self._dirty = True
 
     async def _stop_process(self, replica: Replica) -> None:

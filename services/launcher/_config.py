@@ -81,6 +81,10 @@ class LauncherConfig:
     operators reach through Envoy's internal listener."""
     max_replicas: int = 4
     """The most replicas `switchboard scale` gives a service (at most 4)."""
+    spares: bool = True
+    """Keep one warm (pre-imported, idle) process per service kind, which the control
+    plane turns into the replica that replaces a dead one: recovery then costs the
+    service's own start, not the interpreter's imports."""
     web_origins: str = ""
     """Browser origins other than the public port's own (comma-separated, such as
     `https://app.example.com`) whose pages may call the public port with gRPC-Web

@@ -95,15 +95,17 @@ def spawn(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     as_user: Mapping[str, Any] | None = None,
+    stdin_pipe: bool = False,
 ) -> ProcessRecord:
-    """Starts `argv` in its own session (so its children can be stopped with it)."""
+    """Starts `argv` in its own session (so its children can be stopped with it); with
+    `stdin_pipe`, its stdin is a pipe that `send` writes to (else /dev/null)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             list(argv),
             stdout=out,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
             cwd=cwd,
             start_new_session=True,
@@ -112,6 +114,20 @@ def spawn(
     _children[proc.pid] = proc
     created = psutil.Process(proc.pid).create_time()
     return ProcessRecord(name, proc.pid, created, tuple(argv), str(log))
+
+
+def send(record: ProcessRecord, data: bytes) -> bool:
+    """Writes `data` to the stdin pipe of a process this one spawned with `stdin_pipe`,
+    then closes it; False when the process is gone (or has no such pipe)."""
+    child = _children.get(record.pid)
+    if child is None or child.stdin is None or record.process() is None:
+        return False
+    try:
+        child.stdin.write(data)
+        child.stdin.close()
+    except (BrokenPipeError, ValueError):
+        return False
+    return True
 
 
 def stop(record: ProcessRecord, *, timeout: float = 15.0) -> bool:
@@ -142,6 +158,7 @@ def stop(record: ProcessRecord, *, timeout: float = 15.0) -> bool:
             proc.wait(timeout=5)
     except (psutil.Error, subprocess.TimeoutExpired):
         pass
+    _close_stdin(child)
     return True
 
 
@@ -152,6 +169,15 @@ def kill_group(record: ProcessRecord) -> None:
     child = _children.pop(record.pid, None)
     if child is not None:
         child.poll()  # reaped: no zombie left
+        _close_stdin(child)
+
+
+def _close_stdin(child: subprocess.Popen[bytes] | None) -> None:
+    if child is not None and child.stdin is not None and not child.stdin.closed:
+        try:
+            child.stdin.close()
+        except BrokenPipeError:
+            pass
 
 
 def _wait_group_gone(pgid: int, *, timeout: float) -> None:
