@@ -299,24 +299,48 @@ class AdsStream:
         if clusters.in_flight and clusters.sent_version != version:
             return None
         if clusters.subscribed and clusters.sent_version != version:
-            return self._send(CLUSTER_TYPE, clusters, target, self._first_clusters(target))
+            if not self._settled(CLUSTER_TYPE, clusters, target):
+                return self._send(CLUSTER_TYPE, clusters, target, self._first_clusters(target))
         if clusters.rejected_version == version:
             return None
         if endpoints.subscribed and not _eds_names(target) <= endpoints.sent_names_at(version):
             if endpoints.in_flight or not _eds_names(target) <= endpoints.names:
                 return None  # Envoy asks for a new cluster's endpoints once it has it
-            return self._send(ENDPOINT_TYPE, endpoints, target, None)
+            if not self._settled(ENDPOINT_TYPE, endpoints, target):
+                return self._send(ENDPOINT_TYPE, endpoints, target, None)
         for type_url, state in ((LISTENER_TYPE, listeners), (ROUTE_TYPE, routes)):
             if any(s.in_flight for s in (clusters, endpoints, listeners, routes)):
                 return None
             if any(s.rejected_version == version for s in (endpoints, listeners)):
                 return None
             if state.subscribed and state.sent_version != version:
-                return self._send(type_url, state, target, None)
+                if not self._settled(type_url, state, target):
+                    return self._send(type_url, state, target, None)
         if clusters.interim and clusters.sent_version == version and not routes.in_flight:
             if routes.rejected_version != version:
                 return self._send(CLUSTER_TYPE, clusters, target, dict(target.resources.clusters))
         return None
+
+    def _settled(self, type_url: str, state: _TypeState, target: Snapshot) -> bool:
+        """Whether Envoy already runs exactly what `target` holds of this type (the
+        resources of its last ACKed response, for the same names): then nothing is sent,
+        and the type counts as ACKed at the target's version. A change of endpoints only
+        (a replica started, stopped or draining) is thus one EDS round trip, not four."""
+        if state.in_flight or state.interim or state.acked_version is None:
+            return False
+        if state.sent_version != state.acked_version:  # the last response was NACKed
+            return False
+        resources = target.resources.of(type_url)
+        if type_url not in WILDCARD_TYPES:
+            if state.names != state.sent_names:
+                return False
+            resources = {n: m for n, m in resources.items() if n in state.names}
+        if resources != state.accepted:
+            return False
+        state.sent_version = state.acked_version = target.version
+        state.sent_from = target
+        self.acked.append((type_url, target.version))
+        return True
 
     def _first_clusters(self, target: Snapshot) -> dict[str, Message]:
         """The target's clusters, plus any it removes while routes may still name them

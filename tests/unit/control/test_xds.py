@@ -46,6 +46,32 @@ def resources(*names: str, draining: bool = False) -> Resources:
     return resources_from_static(config, endpoints)
 
 
+def touched(original: Resources) -> Resources:
+    """`original` with one setting of every resource changed: a snapshot whose every
+    type must be sent again (an unchanged type is not)."""
+    changed = Resources(
+        clusters={n: _copy(m) for n, m in original.clusters.items()},
+        endpoints={n: _copy(m) for n, m in original.endpoints.items()},
+        listeners={n: _copy(m) for n, m in original.listeners.items()},
+        routes={n: _copy(m) for n, m in original.routes.items()},
+    )
+    for cluster in changed.clusters.values():
+        cluster.connect_timeout.nanos += 1000
+    for assignment in changed.endpoints.values():
+        assignment.policy.overprovisioning_factor.value = 141
+    for listener in changed.listeners.values():
+        listener.stat_prefix = "touched"
+    for route_config in changed.routes.values():
+        route_config.max_direct_response_body_size_bytes.value = 4096
+    return changed
+
+
+def _copy(message):
+    copied = type(message)()
+    copied.CopyFrom(message)
+    return copied
+
+
 def request(
     type_url: str,
     *,
@@ -141,7 +167,7 @@ def test_a_new_snapshot_goes_clusters_endpoints_listeners_routes() -> None:
 
     sent = walk(
         stream,
-        stream.on_snapshot(Snapshot(2, resources("alpha", "beta", draining=True))),
+        stream.on_snapshot(Snapshot(2, touched(resources("alpha", "beta", draining=True)))),
         {ENDPOINT_TYPE: eds, ROUTE_TYPE: {"public"}},
     )
 
@@ -150,12 +176,37 @@ def test_a_new_snapshot_goes_clusters_endpoints_listeners_routes() -> None:
     assert stream.has_acked(2)
 
 
+def test_a_change_of_endpoints_only_is_one_eds_round_trip() -> None:
+    stream, _ = synced(Snapshot(1, resources("alpha", "beta")))
+    eds = {"alpha", "beta", "reflection"}
+
+    sent = walk(
+        stream,
+        stream.on_snapshot(Snapshot(2, resources("alpha", "beta", draining=True))),
+        {ENDPOINT_TYPE: eds, ROUTE_TYPE: {"public"}},
+    )
+
+    assert [(r.type_url, r.version_info) for r in sent] == [(ENDPOINT_TYPE, "2")]
+    assert stream.has_acked(2)  # the unchanged types count as ACKed at 2
+    assert {t: s.acked_version for t, s in stream.type_status().items()} == {
+        t: 2 for t in (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
+    }
+    # and a later change of every type goes out whole, in order
+    again = walk(
+        stream,
+        stream.on_snapshot(Snapshot(3, touched(resources("alpha", "beta")))),
+        {ENDPOINT_TYPE: eds, ROUTE_TYPE: {"public"}},
+    )
+    assert [r.type_url for r in again] == [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE]
+
+
 def test_endpoints_follow_clusters_at_once_and_the_rest_waits_for_answers() -> None:
     stream, _ = synced(Snapshot(1, resources("alpha")))
 
-    clusters, endpoints = stream.on_snapshot(Snapshot(2, resources("alpha", draining=True)))
+    changed = touched(resources("alpha", draining=True))
+    clusters, endpoints = stream.on_snapshot(Snapshot(2, changed))
     assert (clusters.type_url, endpoints.type_url) == (CLUSTER_TYPE, ENDPOINT_TYPE)
-    assert stream.on_snapshot(Snapshot(2, resources("alpha"))) == []  # both unanswered
+    assert stream.on_snapshot(Snapshot(2, changed)) == []  # both unanswered
     assert stream.on_request(request(CLUSTER_TYPE, answering=clusters)) == []
     eds = {"alpha", "reflection"}
     listeners = only(
@@ -169,7 +220,7 @@ def test_removed_clusters_leave_only_after_the_routes_that_named_them() -> None:
     stream, _ = synced(Snapshot(1, resources("alpha", "beta")))
     names = {ENDPOINT_TYPE: {"alpha", "beta", "reflection"}, ROUTE_TYPE: {"public"}}
 
-    sent = walk(stream, stream.on_snapshot(Snapshot(2, resources("alpha"))), names)
+    sent = walk(stream, stream.on_snapshot(Snapshot(2, touched(resources("alpha")))), names)
 
     assert [r.type_url for r in sent] == [
         CLUSTER_TYPE,
@@ -195,7 +246,9 @@ def test_clusters_are_not_acked_at_a_version_until_the_final_response() -> None:
 def test_endpoints_of_a_new_cluster_wait_for_envoy_to_ask_for_them() -> None:
     stream, last = synced(Snapshot(1, resources("alpha")))
 
-    clusters = only(stream.on_snapshot(Snapshot(2, resources("alpha", "beta"))), CLUSTER_TYPE)
+    clusters = only(
+        stream.on_snapshot(Snapshot(2, touched(resources("alpha", "beta")))), CLUSTER_TYPE
+    )
     # Envoy created beta and asks for its endpoints (its last EDS nonce is the current),
     # and ACKs the clusters only once beta has them
     asked = {"alpha", "beta", "reflection"}
@@ -239,7 +292,7 @@ def test_a_nack_keeps_the_last_good_version_and_is_recorded() -> None:
     assert [n.message for n in stream.nacked] == ["bad cluster"]
     assert stream.type_status()[LISTENER_TYPE].sent_version == 1
     # the next snapshot goes out as usual
-    fixed = stream.on_snapshot(Snapshot(3, resources("alpha")))
+    fixed = stream.on_snapshot(Snapshot(3, touched(resources("alpha"))))
     assert [(r.type_url, r.version_info) for r in fixed] == [
         (CLUSTER_TYPE, "3"),
         (ENDPOINT_TYPE, "3"),
@@ -251,7 +304,7 @@ def test_a_rejected_cluster_is_not_kept_for_the_routes() -> None:
     clusters = only(stream.on_snapshot(Snapshot(2, resources("alpha", "beta"))), CLUSTER_TYPE)
     stream.on_request(request(CLUSTER_TYPE, answering=clusters, error="beta is bad"))
 
-    fixed, _ = stream.on_snapshot(Snapshot(3, resources("alpha")))
+    fixed, _ = stream.on_snapshot(Snapshot(3, touched(resources("alpha"))))
 
     assert names_in(fixed) == {"alpha", "reflection"}
     stream.on_request(request(CLUSTER_TYPE, answering=fixed))
@@ -260,7 +313,7 @@ def test_a_rejected_cluster_is_not_kept_for_the_routes() -> None:
 
 def test_a_stale_nonce_is_ignored() -> None:
     stream, last = synced(Snapshot(1, resources("alpha")))
-    newer, _ = stream.on_snapshot(Snapshot(2, resources("alpha")))
+    newer, _ = stream.on_snapshot(Snapshot(2, touched(resources("alpha"))))
 
     stale = request(CLUSTER_TYPE, answering=last[CLUSTER_TYPE], error="old news")
 
