@@ -179,9 +179,6 @@ async def test_a_session_keeps_its_triton_whichever_inference_replica_serves_it(
 
 
 IN_FLIGHT_FAILURES = {grpc.StatusCode.UNAVAILABLE}
-EDS_WINDOW_S = 2.0
-"""How long after a kill a new call may still meet the dead replica: until Envoy has
-acknowledged the endpoints without it."""
 KINDS = ["inference", "admission", "rag", "execution", "worker", "auth", "gateway", "chat"]
 
 
@@ -189,9 +186,10 @@ async def test_a_killed_replica_of_each_kind_is_restarted_and_new_calls_succeed(
     mesh: Mesh, control, loaded: MixedLoad
 ) -> None:
     recoveries: dict[str, float] = {}
-    new_call_failures: dict[str, int] = {}
+    new_call_failures: dict[str, list[str]] = {}
     async with loaded as load:
         await load.wait_calls(20, since=time.monotonic())
+        previous_kill = 0.0
         for kind in KINDS:
             (victim, *_) = await replicas(control, kind)
             killed_at = time.monotonic()
@@ -205,21 +203,28 @@ async def test_a_killed_replica_of_each_kind_is_restarted_and_new_calls_succeed(
             await load.wait_calls(12, since=time.monotonic())
             after = {r.name: r for r in await replicas(control)}[victim.name]
             assert after.restarts == victim.restarts + 1
-            # every failure is UNAVAILABLE, and only a call in flight through the killed
-            # replica, or one started before Envoy had the config without it (its push
-            # follows the exit within a tick): never one started later
-            failed = load.failed(since=killed_at - 30)
-            late = [r for r in failed if r.started >= killed_at]
-            assert all(r.code in IN_FLIGHT_FAILURES for r in late), late
-            # a stream cut mid-answer by its server's death is reset: gRPC says INTERNAL
+            # (a call started after the previous kill is that kill's new call)
+            failed = load.failed(since=max(killed_at - 30, previous_kill))
+            # only a call in flight through the killed replica may fail: UNAVAILABLE, or
+            # INTERNAL for a stream cut mid-answer (its server's death resets it)
             cut = [r for r in failed if r.started < killed_at]
             assert all(r.code in {*IN_FLIGHT_FAILURES, grpc.StatusCode.INTERNAL} for r in cut), cut
-            assert all(r.started - killed_at < EDS_WINDOW_S for r in late), (kind, late)
-            new_call_failures[kind] = len(late)
+            # a call started after the kill has another replica: it never fails
+            new_call_failures[kind] = [
+                f"{r.operation} {r.code.name} +{r.started - killed_at:.2f}s {r.detail}"
+                for r in failed
+                if r.started >= killed_at
+            ]
+            previous_kill = killed_at
     print(f"recovery from kill -9 to SERVING again: {recoveries}")
     print(
-        f"calls started after the kill that failed (bench-rollout counts them): {new_call_failures}"
+        "calls started after the kill that failed (bench-rollout counts them): "
+        f"{ {kind: len(f) for kind, f in new_call_failures.items()} }"
     )
+    for kind, failures in new_call_failures.items():
+        for failure in failures:
+            print(f"  after killing {kind}: {failure}")
+    assert not any(new_call_failures.values()), new_call_failures
     assert len(load.completed()) > 100
     await no_task_lost(load)
 
