@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -15,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENV_PREFIX = "SWITCHBOARD_"
+_DURATION = re.compile(r"[1-9][0-9]*(ms|s|m|h)")
 REPLICA_FIELDS = (
     "inference_replicas",
     "admission_replicas",
@@ -49,6 +51,11 @@ class LauncherConfig:
     postgres_port: int = 5433
     nats_port: int = 4222
     nats_monitor_port: int = 8222
+    nats_sync_interval: str = "always"
+    """When JetStream flushes its files to disk: `always` (each message before its
+    publish is acknowledged: an acknowledged task step or event survives a power loss) or
+    a duration such as `2m` (NATS's default: a power loss can lose what was acknowledged
+    in the last interval; a crash of the server process alone loses nothing)."""
     triton_base_port: int = 8100
     """Triton replica i listens on http base+3i, grpc base+3i+1, metrics base+3i+2."""
     triton_replicas: int = 2
@@ -124,6 +131,11 @@ class LauncherConfig:
                     f"{ENV_PREFIX}{name.upper()} must be 1..{self.max_replicas}"
                     f" ({ENV_PREFIX}MAX_REPLICAS)"
                 )
+        if self.nats_sync_interval != "always" and not _DURATION.fullmatch(self.nats_sync_interval):
+            raise ValueError(
+                "SWITCHBOARD_NATS_SYNC_INTERVAL must be `always` or a duration such as 2m,"
+                " 30s or 500ms"
+            )
         if self.gpu not in ("auto", "on", "off"):
             raise ValueError("SWITCHBOARD_GPU must be auto, on or off")
         parse_origins(self.web_origins)  # a bad SWITCHBOARD_WEB_ORIGINS fails at start

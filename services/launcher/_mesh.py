@@ -326,19 +326,20 @@ class Mesh:
     def _start_nats(self) -> None:
         self._say(f"starting NATS JetStream on {self.config.host}:{self.config.nats_port}")
         binary = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or "nats-server"
+        conf = self.config.run_dir / "nats.conf"
+        conf.write_text(nats_conf(self.config.run_dir / "nats", self.config.nats_sync_interval))
         record = self._spawn(
             "nats",
             [
                 binary,
+                "-c",
+                str(conf),
                 "-a",
                 self.config.host,
                 "-p",
                 str(self.config.nats_port),
                 "-m",
                 str(self.config.nats_monitor_port),
-                "-js",
-                "-sd",
-                str(self.config.run_dir / "nats"),
                 "--server_name",
                 "switchboard",
             ],
@@ -530,6 +531,16 @@ class Mesh:
         )
         url = f"{self.prometheus_url}/-/ready"
         self._wait(record, lambda: _http_ok(url), what="ready", timeout=60)
+
+
+def nats_conf(store_dir: Path, sync_interval: str) -> str:
+    """NATS's configuration file: JetStream, its store, and when it syncs to disk."""
+    return (
+        "jetstream {\n"
+        f"  store_dir: {json.dumps(str(store_dir))}\n"
+        f"  sync_interval: {sync_interval}\n"
+        "}\n"
+    )
 
 
 def _as_user(user: str | None) -> dict[str, object]:

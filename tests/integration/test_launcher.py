@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
+import urllib.request
 from dataclasses import replace
 
 import psutil
@@ -108,3 +110,13 @@ def test_services_call_each_other_through_the_internal_listener(mesh):
         targets = {k: v for k, v in environ.items() if k.endswith("_TARGET")}
         assert len(targets) >= 4, record.name
         assert set(targets.values()) == {mesh.internal_address}, (record.name, targets)
+
+
+def test_jetstream_syncs_each_message_before_acknowledging_it(mesh):
+    """The default `SWITCHBOARD_NATS_SYNC_INTERVAL=always`, as NATS itself reports it."""
+    url = f"http://{mesh.config.host}:{mesh.config.nats_monitor_port}/varz"
+    with urllib.request.urlopen(url, timeout=5) as reply:  # noqa: S310 - loopback only
+        jetstream = json.load(reply)["jetstream"]["config"]
+    assert mesh.config.nats_sync_interval == "always"
+    assert jetstream["sync_always"] is True
+    assert jetstream["store_dir"] == str(mesh.config.run_dir / "nats" / "jetstream")

@@ -159,3 +159,19 @@ def test_sockets_on_other_ports_or_addresses_are_not_blamed() -> None:
     assert description == (
         "something this user cannot see (no listener or connection on it is visible)"
     )
+
+
+@pytest.mark.parametrize("interval", ["always", "2m", "30s", "500ms"])
+def test_nats_syncs_as_configured(tmp_path: Path, interval: str) -> None:
+    config = LauncherConfig(run_dir=tmp_path, nats_sync_interval=interval)
+    conf = _mesh.nats_conf(tmp_path / "nats", config.nats_sync_interval)
+    assert f"sync_interval: {interval}\n" in conf
+    assert f'store_dir: "{tmp_path / "nats"}"' in conf
+
+
+@pytest.mark.parametrize("interval", ["", "never", "2", "0s", "1 m", "always\n"])
+def test_a_bad_nats_sync_interval_is_refused_naming_its_variable(
+    tmp_path: Path, interval: str
+) -> None:
+    with pytest.raises(ValueError, match="SWITCHBOARD_NATS_SYNC_INTERVAL"):
+        LauncherConfig(run_dir=tmp_path, nats_sync_interval=interval)
