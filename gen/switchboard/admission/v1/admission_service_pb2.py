@@ -26,7 +26,7 @@ from switchboard.admission.v1 import admission_pb2 as switchboard_dot_admission_
 from switchboard.common.v1 import authority_pb2 as switchboard_dot_common_dot_v1_dot_authority__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0switchboard/admission/v1/admission_service.proto\x12\x18switchboard.admission.v1\x1a(switchboard/admission/v1/admission.proto\x1a%switchboard/common/v1/authority.proto2\x96\x08\n\x10\x41\x64missionService\x12\x61\n\x05\x41\x64mit\x12&.switchboard.admission.v1.AdmitRequest\x1a\'.switchboard.admission.v1.AdmitResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12u\n\x0b\x41\x64mitStream\x12,.switchboard.admission.v1.AdmitStreamRequest\x1a-.switchboard.admission.v1.AdmitStreamResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x30\x01\x12z\n\x0c\x41\x64mitSession\x12-.switchboard.admission.v1.AdmitSessionRequest\x1a..switchboard.admission.v1.AdmitSessionResponse\"\x07\xca\xf3\x18\x03\n\x01\x01(\x01\x30\x01\x12g\n\x07Release\x12(.switchboard.admission.v1.ReleaseRequest\x1a).switchboard.admission.v1.ReleaseResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12k\n\x08GetQuota\x12).switchboard.admission.v1.GetQuotaRequest\x1a*.switchboard.admission.v1.GetQuotaResponse\"\x08\xca\xf3\x18\x04\n\x02\x01\x02\x12n\n\tGetPolicy\x12*.switchboard.admission.v1.GetPolicyRequest\x1a+.switchboard.admission.v1.GetPolicyResponse\"\x08\xca\xf3\x18\x04\n\x02\x01\x02\x12v\n\x0cUpdatePolicy\x12-.switchboard.admission.v1.UpdatePolicyRequest\x1a..switchboard.admission.v1.UpdatePolicyResponse\"\x07\xca\xf3\x18\x03\n\x01\x02\x12v\n\x0cListPolicies\x12-.switchboard.admission.v1.ListPoliciesRequest\x1a..switchboard.admission.v1.ListPoliciesResponse\"\x07\xca\xf3\x18\x03\n\x01\x02\x12v\n\x0c\x44\x65letePolicy\x12-.switchboard.admission.v1.DeletePolicyRequest\x1a..switchboard.admission.v1.DeletePolicyResponse\"\x07\xca\xf3\x18\x03\n\x01\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0switchboard/admission/v1/admission_service.proto\x12\x18switchboard.admission.v1\x1a(switchboard/admission/v1/admission.proto\x1a%switchboard/common/v1/authority.proto2\x9f\x08\n\x10\x41\x64missionService\x12\x61\n\x05\x41\x64mit\x12&.switchboard.admission.v1.AdmitRequest\x1a\'.switchboard.admission.v1.AdmitResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12u\n\x0b\x41\x64mitStream\x12,.switchboard.admission.v1.AdmitStreamRequest\x1a-.switchboard.admission.v1.AdmitStreamResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x30\x01\x12z\n\x0c\x41\x64mitSession\x12-.switchboard.admission.v1.AdmitSessionRequest\x1a..switchboard.admission.v1.AdmitSessionResponse\"\x07\xca\xf3\x18\x03\n\x01\x01(\x01\x30\x01\x12g\n\x07Release\x12(.switchboard.admission.v1.ReleaseRequest\x1a).switchboard.admission.v1.ReleaseResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12n\n\x08GetQuota\x12).switchboard.admission.v1.GetQuotaRequest\x1a*.switchboard.admission.v1.GetQuotaResponse\"\x0b\x90\x02\x01\xca\xf3\x18\x04\n\x02\x01\x02\x12q\n\tGetPolicy\x12*.switchboard.admission.v1.GetPolicyRequest\x1a+.switchboard.admission.v1.GetPolicyResponse\"\x0b\x90\x02\x01\xca\xf3\x18\x04\n\x02\x01\x02\x12v\n\x0cUpdatePolicy\x12-.switchboard.admission.v1.UpdatePolicyRequest\x1a..switchboard.admission.v1.UpdatePolicyResponse\"\x07\xca\xf3\x18\x03\n\x01\x02\x12y\n\x0cListPolicies\x12-.switchboard.admission.v1.ListPoliciesRequest\x1a..switchboard.admission.v1.ListPoliciesResponse\"\n\x90\x02\x01\xca\xf3\x18\x03\n\x01\x02\x12v\n\x0c\x44\x65letePolicy\x12-.switchboard.admission.v1.DeletePolicyRequest\x1a..switchboard.admission.v1.DeletePolicyResponse\"\x07\xca\xf3\x18\x03\n\x01\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,15 +42,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADMISSIONSERVICE'].methods_by_name['Release']._loaded_options = None
   _globals['_ADMISSIONSERVICE'].methods_by_name['Release']._serialized_options = b'\312\363\030\003\n\001\001'
   _globals['_ADMISSIONSERVICE'].methods_by_name['GetQuota']._loaded_options = None
-  _globals['_ADMISSIONSERVICE'].methods_by_name['GetQuota']._serialized_options = b'\312\363\030\004\n\002\001\002'
+  _globals['_ADMISSIONSERVICE'].methods_by_name['GetQuota']._serialized_options = b'\220\002\001\312\363\030\004\n\002\001\002'
   _globals['_ADMISSIONSERVICE'].methods_by_name['GetPolicy']._loaded_options = None
-  _globals['_ADMISSIONSERVICE'].methods_by_name['GetPolicy']._serialized_options = b'\312\363\030\004\n\002\001\002'
+  _globals['_ADMISSIONSERVICE'].methods_by_name['GetPolicy']._serialized_options = b'\220\002\001\312\363\030\004\n\002\001\002'
   _globals['_ADMISSIONSERVICE'].methods_by_name['UpdatePolicy']._loaded_options = None
   _globals['_ADMISSIONSERVICE'].methods_by_name['UpdatePolicy']._serialized_options = b'\312\363\030\003\n\001\002'
   _globals['_ADMISSIONSERVICE'].methods_by_name['ListPolicies']._loaded_options = None
-  _globals['_ADMISSIONSERVICE'].methods_by_name['ListPolicies']._serialized_options = b'\312\363\030\003\n\001\002'
+  _globals['_ADMISSIONSERVICE'].methods_by_name['ListPolicies']._serialized_options = b'\220\002\001\312\363\030\003\n\001\002'
   _globals['_ADMISSIONSERVICE'].methods_by_name['DeletePolicy']._loaded_options = None
   _globals['_ADMISSIONSERVICE'].methods_by_name['DeletePolicy']._serialized_options = b'\312\363\030\003\n\001\002'
   _globals['_ADMISSIONSERVICE']._serialized_start=160
-  _globals['_ADMISSIONSERVICE']._serialized_end=1206
+  _globals['_ADMISSIONSERVICE']._serialized_end=1215
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ from switchboard.auth.v1 import auth_pb2 as switchboard_dot_auth_dot_v1_dot_auth
 from switchboard.common.v1 import authority_pb2 as switchboard_dot_common_dot_v1_dot_authority__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&switchboard/auth/v1/auth_service.proto\x12\x13switchboard.auth.v1\x1a\x1eswitchboard/auth/v1/auth.proto\x1a%switchboard/common/v1/authority.proto2\xa3\x03\n\nKeyService\x12\x63\n\tCreateKey\x12%.switchboard.auth.v1.CreateKeyRequest\x1a&.switchboard.auth.v1.CreateKeyResponse\"\x07\xca\xf3\x18\x03\n\x01\x02\x12`\n\x08ListKeys\x12$.switchboard.auth.v1.ListKeysRequest\x1a%.switchboard.auth.v1.ListKeysResponse\"\x07\xca\xf3\x18\x03\n\x01\x02\x12\x63\n\tRevokeKey\x12%.switchboard.auth.v1.RevokeKeyRequest\x1a&.switchboard.auth.v1.RevokeKeyResponse\"\x07\xca\xf3\x18\x03\n\x01\x02\x12i\n\x0bListTenants\x12\'.switchboard.auth.v1.ListTenantsRequest\x1a(.switchboard.auth.v1.ListTenantsResponse\"\x07\xca\xf3\x18\x03\n\x01\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&switchboard/auth/v1/auth_service.proto\x12\x13switchboard.auth.v1\x1a\x1eswitchboard/auth/v1/auth.proto\x1a%switchboard/common/v1/authority.proto2\xa9\x03\n\nKeyService\x12\x63\n\tCreateKey\x12%.switchboard.auth.v1.CreateKeyRequest\x1a&.switchboard.auth.v1.CreateKeyResponse\"\x07\xca\xf3\x18\x03\n\x01\x02\x12\x63\n\x08ListKeys\x12$.switchboard.auth.v1.ListKeysRequest\x1a%.switchboard.auth.v1.ListKeysResponse\"\n\x90\x02\x01\xca\xf3\x18\x03\n\x01\x02\x12\x63\n\tRevokeKey\x12%.switchboard.auth.v1.RevokeKeyRequest\x1a&.switchboard.auth.v1.RevokeKeyResponse\"\x07\xca\xf3\x18\x03\n\x01\x02\x12l\n\x0bListTenants\x12\'.switchboard.auth.v1.ListTenantsRequest\x1a(.switchboard.auth.v1.ListTenantsResponse\"\n\x90\x02\x01\xca\xf3\x18\x03\n\x01\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KEYSERVICE'].methods_by_name['CreateKey']._loaded_options = None
   _globals['_KEYSERVICE'].methods_by_name['CreateKey']._serialized_options = b'\312\363\030\003\n\001\002'
   _globals['_KEYSERVICE'].methods_by_name['ListKeys']._loaded_options = None
-  _globals['_KEYSERVICE'].methods_by_name['ListKeys']._serialized_options = b'\312\363\030\003\n\001\002'
+  _globals['_KEYSERVICE'].methods_by_name['ListKeys']._serialized_options = b'\220\002\001\312\363\030\003\n\001\002'
   _globals['_KEYSERVICE'].methods_by_name['RevokeKey']._loaded_options = None
   _globals['_KEYSERVICE'].methods_by_name['RevokeKey']._serialized_options = b'\312\363\030\003\n\001\002'
   _globals['_KEYSERVICE'].methods_by_name['ListTenants']._loaded_options = None
-  _globals['_KEYSERVICE'].methods_by_name['ListTenants']._serialized_options = b'\312\363\030\003\n\001\002'
+  _globals['_KEYSERVICE'].methods_by_name['ListTenants']._serialized_options = b'\220\002\001\312\363\030\003\n\001\002'
   _globals['_KEYSERVICE']._serialized_start=135
-  _globals['_KEYSERVICE']._serialized_end=554
+  _globals['_KEYSERVICE']._serialized_end=560
 # @@protoc_insertion_point(module_scope)

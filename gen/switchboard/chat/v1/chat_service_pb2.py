@@ -26,7 +26,7 @@ from switchboard.chat.v1 import chat_pb2 as switchboard_dot_chat_dot_v1_dot_chat
 from switchboard.common.v1 import authority_pb2 as switchboard_dot_common_dot_v1_dot_authority__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&switchboard/chat/v1/chat_service.proto\x12\x13switchboard.chat.v1\x1a\x1eswitchboard/chat/v1/chat.proto\x1a%switchboard/common/v1/authority.proto2\xcd\x08\n\x0b\x43hatService\x12\x64\n\x08\x43onverse\x12$.switchboard.chat.v1.ConverseRequest\x1a%.switchboard.chat.v1.ConverseResponse\"\x07\xca\xf3\x18\x03\n\x01\x01(\x01\x30\x01\x12o\n\rCreateSession\x12).switchboard.chat.v1.CreateSessionRequest\x1a*.switchboard.chat.v1.CreateSessionResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12\x66\n\nGetSession\x12&.switchboard.chat.v1.GetSessionRequest\x1a\'.switchboard.chat.v1.GetSessionResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12l\n\x0cListSessions\x12(.switchboard.chat.v1.ListSessionsRequest\x1a).switchboard.chat.v1.ListSessionsResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12o\n\rUpdateSession\x12).switchboard.chat.v1.UpdateSessionRequest\x1a*.switchboard.chat.v1.UpdateSessionResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12o\n\rDeleteSession\x12).switchboard.chat.v1.DeleteSessionRequest\x1a*.switchboard.chat.v1.DeleteSessionResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12l\n\x0cListMessages\x12(.switchboard.chat.v1.ListMessagesRequest\x1a).switchboard.chat.v1.ListMessagesResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12i\n\x0bSendMessage\x12\'.switchboard.chat.v1.SendMessageRequest\x1a(.switchboard.chat.v1.SendMessageResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12\x66\n\nCancelTurn\x12&.switchboard.chat.v1.CancelTurnRequest\x1a\'.switchboard.chat.v1.CancelTurnResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12n\n\x0cStreamEvents\x12(.switchboard.chat.v1.StreamEventsRequest\x1a).switchboard.chat.v1.StreamEventsResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&switchboard/chat/v1/chat_service.proto\x12\x13switchboard.chat.v1\x1a\x1eswitchboard/chat/v1/chat.proto\x1a%switchboard/common/v1/authority.proto2\xd6\x08\n\x0b\x43hatService\x12\x64\n\x08\x43onverse\x12$.switchboard.chat.v1.ConverseRequest\x1a%.switchboard.chat.v1.ConverseResponse\"\x07\xca\xf3\x18\x03\n\x01\x01(\x01\x30\x01\x12o\n\rCreateSession\x12).switchboard.chat.v1.CreateSessionRequest\x1a*.switchboard.chat.v1.CreateSessionResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12i\n\nGetSession\x12&.switchboard.chat.v1.GetSessionRequest\x1a\'.switchboard.chat.v1.GetSessionResponse\"\n\x90\x02\x01\xca\xf3\x18\x03\n\x01\x01\x12o\n\x0cListSessions\x12(.switchboard.chat.v1.ListSessionsRequest\x1a).switchboard.chat.v1.ListSessionsResponse\"\n\x90\x02\x01\xca\xf3\x18\x03\n\x01\x01\x12o\n\rUpdateSession\x12).switchboard.chat.v1.UpdateSessionRequest\x1a*.switchboard.chat.v1.UpdateSessionResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12o\n\rDeleteSession\x12).switchboard.chat.v1.DeleteSessionRequest\x1a*.switchboard.chat.v1.DeleteSessionResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12o\n\x0cListMessages\x12(.switchboard.chat.v1.ListMessagesRequest\x1a).switchboard.chat.v1.ListMessagesResponse\"\n\x90\x02\x01\xca\xf3\x18\x03\n\x01\x01\x12i\n\x0bSendMessage\x12\'.switchboard.chat.v1.SendMessageRequest\x1a(.switchboard.chat.v1.SendMessageResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12\x66\n\nCancelTurn\x12&.switchboard.chat.v1.CancelTurnRequest\x1a\'.switchboard.chat.v1.CancelTurnResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12n\n\x0cStreamEvents\x12(.switchboard.chat.v1.StreamEventsRequest\x1a).switchboard.chat.v1.StreamEventsResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,15 +38,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATSERVICE'].methods_by_name['CreateSession']._loaded_options = None
   _globals['_CHATSERVICE'].methods_by_name['CreateSession']._serialized_options = b'\312\363\030\003\n\001\001'
   _globals['_CHATSERVICE'].methods_by_name['GetSession']._loaded_options = None
-  _globals['_CHATSERVICE'].methods_by_name['GetSession']._serialized_options = b'\312\363\030\003\n\001\001'
+  _globals['_CHATSERVICE'].methods_by_name['GetSession']._serialized_options = b'\220\002\001\312\363\030\003\n\001\001'
   _globals['_CHATSERVICE'].methods_by_name['ListSessions']._loaded_options = None
-  _globals['_CHATSERVICE'].methods_by_name['ListSessions']._serialized_options = b'\312\363\030\003\n\001\001'
+  _globals['_CHATSERVICE'].methods_by_name['ListSessions']._serialized_options = b'\220\002\001\312\363\030\003\n\001\001'
   _globals['_CHATSERVICE'].methods_by_name['UpdateSession']._loaded_options = None
   _globals['_CHATSERVICE'].methods_by_name['UpdateSession']._serialized_options = b'\312\363\030\003\n\001\001'
   _globals['_CHATSERVICE'].methods_by_name['DeleteSession']._loaded_options = None
   _globals['_CHATSERVICE'].methods_by_name['DeleteSession']._serialized_options = b'\312\363\030\003\n\001\001'
   _globals['_CHATSERVICE'].methods_by_name['ListMessages']._loaded_options = None
-  _globals['_CHATSERVICE'].methods_by_name['ListMessages']._serialized_options = b'\312\363\030\003\n\001\001'
+  _globals['_CHATSERVICE'].methods_by_name['ListMessages']._serialized_options = b'\220\002\001\312\363\030\003\n\001\001'
   _globals['_CHATSERVICE'].methods_by_name['SendMessage']._loaded_options = None
   _globals['_CHATSERVICE'].methods_by_name['SendMessage']._serialized_options = b'\312\363\030\003\n\001\001'
   _globals['_CHATSERVICE'].methods_by_name['CancelTurn']._loaded_options = None
@@ -54,5 +54,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATSERVICE'].methods_by_name['StreamEvents']._loaded_options = None
   _globals['_CHATSERVICE'].methods_by_name['StreamEvents']._serialized_options = b'\312\363\030\003\n\001\001'
   _globals['_CHATSERVICE']._serialized_start=135
-  _globals['_CHATSERVICE']._serialized_end=1236
+  _globals['_CHATSERVICE']._serialized_end=1245
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ from switchboard.common.v1 import authority_pb2 as switchboard_dot_common_dot_v1
 from switchboard.control.v1 import control_pb2 as switchboard_dot_control_dot_v1_dot_control__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,switchboard/control/v1/control_service.proto\x12\x16switchboard.control.v1\x1a%switchboard/common/v1/authority.proto\x1a$switchboard/control/v1/control.proto2\xca\x05\n\x0e\x43ontrolService\x12r\n\x0cListReplicas\x12+.switchboard.control.v1.ListReplicasRequest\x1a,.switchboard.control.v1.ListReplicasResponse\"\x07\xca\xf3\x18\x03\n\x01\x02\x12r\n\x0cScaleService\x12+.switchboard.control.v1.ScaleServiceRequest\x1a,.switchboard.control.v1.ScaleServiceResponse\"\x07\xca\xf3\x18\x03\n\x01\x02\x12x\n\x0eRolloutService\x12-.switchboard.control.v1.RolloutServiceRequest\x1a..switchboard.control.v1.RolloutServiceResponse\"\x07\xca\xf3\x18\x03\n\x01\x02\x12o\n\x0bStopReplica\x12*.switchboard.control.v1.StopReplicaRequest\x1a+.switchboard.control.v1.StopReplicaResponse\"\x07\xca\xf3\x18\x03\n\x01\x02\x12r\n\x0cStartReplica\x12+.switchboard.control.v1.StartReplicaRequest\x1a,.switchboard.control.v1.StartReplicaResponse\"\x07\xca\xf3\x18\x03\n\x01\x02\x12q\n\x0bWatchEvents\x12*.switchboard.control.v1.WatchEventsRequest\x1a+.switchboard.control.v1.WatchEventsResponse\"\x07\xca\xf3\x18\x03\n\x01\x02\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,switchboard/control/v1/control_service.proto\x12\x16switchboard.control.v1\x1a%switchboard/common/v1/authority.proto\x1a$switchboard/control/v1/control.proto2\xcd\x05\n\x0e\x43ontrolService\x12u\n\x0cListReplicas\x12+.switchboard.control.v1.ListReplicasRequest\x1a,.switchboard.control.v1.ListReplicasResponse\"\n\x90\x02\x01\xca\xf3\x18\x03\n\x01\x02\x12r\n\x0cScaleService\x12+.switchboard.control.v1.ScaleServiceRequest\x1a,.switchboard.control.v1.ScaleServiceResponse\"\x07\xca\xf3\x18\x03\n\x01\x02\x12x\n\x0eRolloutService\x12-.switchboard.control.v1.RolloutServiceRequest\x1a..switchboard.control.v1.RolloutServiceResponse\"\x07\xca\xf3\x18\x03\n\x01\x02\x12o\n\x0bStopReplica\x12*.switchboard.control.v1.StopReplicaRequest\x1a+.switchboard.control.v1.StopReplicaResponse\"\x07\xca\xf3\x18\x03\n\x01\x02\x12r\n\x0cStartReplica\x12+.switchboard.control.v1.StartReplicaRequest\x1a,.switchboard.control.v1.StartReplicaResponse\"\x07\xca\xf3\x18\x03\n\x01\x02\x12q\n\x0bWatchEvents\x12*.switchboard.control.v1.WatchEventsRequest\x1a+.switchboard.control.v1.WatchEventsResponse\"\x07\xca\xf3\x18\x03\n\x01\x02\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchboard.control.v1.cont
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CONTROLSERVICE'].methods_by_name['ListReplicas']._loaded_options = None
-  _globals['_CONTROLSERVICE'].methods_by_name['ListReplicas']._serialized_options = b'\312\363\030\003\n\001\002'
+  _globals['_CONTROLSERVICE'].methods_by_name['ListReplicas']._serialized_options = b'\220\002\001\312\363\030\003\n\001\002'
   _globals['_CONTROLSERVICE'].methods_by_name['ScaleService']._loaded_options = None
   _globals['_CONTROLSERVICE'].methods_by_name['ScaleService']._serialized_options = b'\312\363\030\003\n\001\002'
   _globals['_CONTROLSERVICE'].methods_by_name['RolloutService']._loaded_options = None
@@ -46,5 +46,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONTROLSERVICE'].methods_by_name['WatchEvents']._loaded_options = None
   _globals['_CONTROLSERVICE'].methods_by_name['WatchEvents']._serialized_options = b'\312\363\030\003\n\001\002'
   _globals['_CONTROLSERVICE']._serialized_start=150
-  _globals['_CONTROLSERVICE']._serialized_end=864
+  _globals['_CONTROLSERVICE']._serialized_end=867
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ from switchboard.common.v1 import authority_pb2 as switchboard_dot_common_dot_v1
 from switchboard.execution.v1 import execution_pb2 as switchboard_dot_execution_dot_v1_dot_execution__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0switchboard/execution/v1/execution_service.proto\x12\x18switchboard.execution.v1\x1a%switchboard/common/v1/authority.proto\x1a(switchboard/execution/v1/execution.proto2\x9d\x06\n\x10\x45xecutionService\x12p\n\nSubmitTask\x12+.switchboard.execution.v1.SubmitTaskRequest\x1a,.switchboard.execution.v1.SubmitTaskResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12s\n\x0bSubmitTasks\x12,.switchboard.execution.v1.SubmitTasksRequest\x1a-.switchboard.execution.v1.SubmitTasksResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12g\n\x07GetTask\x12(.switchboard.execution.v1.GetTaskRequest\x1a).switchboard.execution.v1.GetTaskResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12m\n\tListTasks\x12*.switchboard.execution.v1.ListTasksRequest\x1a+.switchboard.execution.v1.ListTasksResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12o\n\tWatchTask\x12*.switchboard.execution.v1.WatchTaskRequest\x1a+.switchboard.execution.v1.WatchTaskResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x30\x01\x12p\n\nCancelTask\x12+.switchboard.execution.v1.CancelTaskRequest\x1a,.switchboard.execution.v1.CancelTaskResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12g\n\x07RunCode\x12(.switchboard.execution.v1.RunCodeRequest\x1a).switchboard.execution.v1.RunCodeResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0switchboard/execution/v1/execution_service.proto\x12\x18switchboard.execution.v1\x1a%switchboard/common/v1/authority.proto\x1a(switchboard/execution/v1/execution.proto2\xa3\x06\n\x10\x45xecutionService\x12p\n\nSubmitTask\x12+.switchboard.execution.v1.SubmitTaskRequest\x1a,.switchboard.execution.v1.SubmitTaskResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12s\n\x0bSubmitTasks\x12,.switchboard.execution.v1.SubmitTasksRequest\x1a-.switchboard.execution.v1.SubmitTasksResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12j\n\x07GetTask\x12(.switchboard.execution.v1.GetTaskRequest\x1a).switchboard.execution.v1.GetTaskResponse\"\n\x90\x02\x01\xca\xf3\x18\x03\n\x01\x01\x12p\n\tListTasks\x12*.switchboard.execution.v1.ListTasksRequest\x1a+.switchboard.execution.v1.ListTasksResponse\"\n\x90\x02\x01\xca\xf3\x18\x03\n\x01\x01\x12o\n\tWatchTask\x12*.switchboard.execution.v1.WatchTaskRequest\x1a+.switchboard.execution.v1.WatchTaskResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x30\x01\x12p\n\nCancelTask\x12+.switchboard.execution.v1.CancelTaskRequest\x1a,.switchboard.execution.v1.CancelTaskResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12g\n\x07RunCode\x12(.switchboard.execution.v1.RunCodeRequest\x1a).switchboard.execution.v1.RunCodeResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,9 +38,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXECUTIONSERVICE'].methods_by_name['SubmitTasks']._loaded_options = None
   _globals['_EXECUTIONSERVICE'].methods_by_name['SubmitTasks']._serialized_options = b'\312\363\030\003\n\001\001'
   _globals['_EXECUTIONSERVICE'].methods_by_name['GetTask']._loaded_options = None
-  _globals['_EXECUTIONSERVICE'].methods_by_name['GetTask']._serialized_options = b'\312\363\030\003\n\001\001'
+  _globals['_EXECUTIONSERVICE'].methods_by_name['GetTask']._serialized_options = b'\220\002\001\312\363\030\003\n\001\001'
   _globals['_EXECUTIONSERVICE'].methods_by_name['ListTasks']._loaded_options = None
-  _globals['_EXECUTIONSERVICE'].methods_by_name['ListTasks']._serialized_options = b'\312\363\030\003\n\001\001'
+  _globals['_EXECUTIONSERVICE'].methods_by_name['ListTasks']._serialized_options = b'\220\002\001\312\363\030\003\n\001\001'
   _globals['_EXECUTIONSERVICE'].methods_by_name['WatchTask']._loaded_options = None
   _globals['_EXECUTIONSERVICE'].methods_by_name['WatchTask']._serialized_options = b'\312\363\030\003\n\001\001'
   _globals['_EXECUTIONSERVICE'].methods_by_name['CancelTask']._loaded_options = None
@@ -48,5 +48,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXECUTIONSERVICE'].methods_by_name['RunCode']._loaded_options = None
   _globals['_EXECUTIONSERVICE'].methods_by_name['RunCode']._serialized_options = b'\312\363\030\003\n\001\001'
   _globals['_EXECUTIONSERVICE']._serialized_start=160
-  _globals['_EXECUTIONSERVICE']._serialized_end=957
+  _globals['_EXECUTIONSERVICE']._serialized_end=963
 # @@protoc_insertion_point(module_scope)

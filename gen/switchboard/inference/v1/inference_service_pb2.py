@@ -26,7 +26,7 @@ from switchboard.common.v1 import authority_pb2 as switchboard_dot_common_dot_v1
 from switchboard.inference.v1 import inference_pb2 as switchboard_dot_inference_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0switchboard/inference/v1/inference_service.proto\x12\x18switchboard.inference.v1\x1a%switchboard/common/v1/authority.proto\x1a(switchboard/inference/v1/inference.proto2\xd5\x02\n\x10InferenceService\x12l\n\x08Generate\x12).switchboard.inference.v1.GenerateRequest\x1a*.switchboard.inference.v1.GenerateResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x30\x01\x12\x61\n\x05\x45mbed\x12&.switchboard.inference.v1.EmbedRequest\x1a\'.switchboard.inference.v1.EmbedResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12p\n\nListModels\x12+.switchboard.inference.v1.ListModelsRequest\x1a,.switchboard.inference.v1.ListModelsResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0switchboard/inference/v1/inference_service.proto\x12\x18switchboard.inference.v1\x1a%switchboard/common/v1/authority.proto\x1a(switchboard/inference/v1/inference.proto2\xdb\x02\n\x10InferenceService\x12l\n\x08Generate\x12).switchboard.inference.v1.GenerateRequest\x1a*.switchboard.inference.v1.GenerateResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x30\x01\x12\x64\n\x05\x45mbed\x12&.switchboard.inference.v1.EmbedRequest\x1a\'.switchboard.inference.v1.EmbedResponse\"\n\x90\x02\x01\xca\xf3\x18\x03\n\x01\x01\x12s\n\nListModels\x12+.switchboard.inference.v1.ListModelsRequest\x1a,.switchboard.inference.v1.ListModelsResponse\"\n\x90\x02\x01\xca\xf3\x18\x03\n\x01\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,9 +36,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFERENCESERVICE'].methods_by_name['Generate']._loaded_options = None
   _globals['_INFERENCESERVICE'].methods_by_name['Generate']._serialized_options = b'\312\363\030\003\n\001\001'
   _globals['_INFERENCESERVICE'].methods_by_name['Embed']._loaded_options = None
-  _globals['_INFERENCESERVICE'].methods_by_name['Embed']._serialized_options = b'\312\363\030\003\n\001\001'
+  _globals['_INFERENCESERVICE'].methods_by_name['Embed']._serialized_options = b'\220\002\001\312\363\030\003\n\001\001'
   _globals['_INFERENCESERVICE'].methods_by_name['ListModels']._loaded_options = None
-  _globals['_INFERENCESERVICE'].methods_by_name['ListModels']._serialized_options = b'\312\363\030\003\n\001\001'
+  _globals['_INFERENCESERVICE'].methods_by_name['ListModels']._serialized_options = b'\220\002\001\312\363\030\003\n\001\001'
   _globals['_INFERENCESERVICE']._serialized_start=160
-  _globals['_INFERENCESERVICE']._serialized_end=501
+  _globals['_INFERENCESERVICE']._serialized_end=507
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ from switchboard.common.v1 import authority_pb2 as switchboard_dot_common_dot_v1
 from switchboard.rag.v1 import rag_pb2 as switchboard_dot_rag_dot_v1_dot_rag__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$switchboard/rag/v1/rag_service.proto\x12\x12switchboard.rag.v1\x1a%switchboard/common/v1/authority.proto\x1a\x1cswitchboard/rag/v1/rag.proto2\xbc\x04\n\nRagService\x12u\n\x0fIngestDocuments\x12*.switchboard.rag.v1.IngestDocumentsRequest\x1a+.switchboard.rag.v1.IngestDocumentsResponse\"\x07\xca\xf3\x18\x03\n\x01\x01(\x01\x12p\n\x0eIngestDocument\x12).switchboard.rag.v1.IngestDocumentRequest\x1a*.switchboard.rag.v1.IngestDocumentResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12^\n\x08Retrieve\x12#.switchboard.rag.v1.RetrieveRequest\x1a$.switchboard.rag.v1.RetrieveResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12p\n\x0e\x44\x65leteDocument\x12).switchboard.rag.v1.DeleteDocumentRequest\x1a*.switchboard.rag.v1.DeleteDocumentResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12s\n\x0fListCollections\x12*.switchboard.rag.v1.ListCollectionsRequest\x1a+.switchboard.rag.v1.ListCollectionsResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$switchboard/rag/v1/rag_service.proto\x12\x12switchboard.rag.v1\x1a%switchboard/common/v1/authority.proto\x1a\x1cswitchboard/rag/v1/rag.proto2\xc2\x04\n\nRagService\x12u\n\x0fIngestDocuments\x12*.switchboard.rag.v1.IngestDocumentsRequest\x1a+.switchboard.rag.v1.IngestDocumentsResponse\"\x07\xca\xf3\x18\x03\n\x01\x01(\x01\x12p\n\x0eIngestDocument\x12).switchboard.rag.v1.IngestDocumentRequest\x1a*.switchboard.rag.v1.IngestDocumentResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12\x61\n\x08Retrieve\x12#.switchboard.rag.v1.RetrieveRequest\x1a$.switchboard.rag.v1.RetrieveResponse\"\n\x90\x02\x01\xca\xf3\x18\x03\n\x01\x01\x12p\n\x0e\x44\x65leteDocument\x12).switchboard.rag.v1.DeleteDocumentRequest\x1a*.switchboard.rag.v1.DeleteDocumentResponse\"\x07\xca\xf3\x18\x03\n\x01\x01\x12v\n\x0fListCollections\x12*.switchboard.rag.v1.ListCollectionsRequest\x1a+.switchboard.rag.v1.ListCollectionsResponse\"\n\x90\x02\x01\xca\xf3\x18\x03\n\x01\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,11 +38,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RAGSERVICE'].methods_by_name['IngestDocument']._loaded_options = None
   _globals['_RAGSERVICE'].methods_by_name['IngestDocument']._serialized_options = b'\312\363\030\003\n\001\001'
   _globals['_RAGSERVICE'].methods_by_name['Retrieve']._loaded_options = None
-  _globals['_RAGSERVICE'].methods_by_name['Retrieve']._serialized_options = b'\312\363\030\003\n\001\001'
+  _globals['_RAGSERVICE'].methods_by_name['Retrieve']._serialized_options = b'\220\002\001\312\363\030\003\n\001\001'
   _globals['_RAGSERVICE'].methods_by_name['DeleteDocument']._loaded_options = None
   _globals['_RAGSERVICE'].methods_by_name['DeleteDocument']._serialized_options = b'\312\363\030\003\n\001\001'
   _globals['_RAGSERVICE'].methods_by_name['ListCollections']._loaded_options = None
-  _globals['_RAGSERVICE'].methods_by_name['ListCollections']._serialized_options = b'\312\363\030\003\n\001\001'
+  _globals['_RAGSERVICE'].methods_by_name['ListCollections']._serialized_options = b'\220\002\001\312\363\030\003\n\001\001'
   _globals['_RAGSERVICE']._serialized_start=130
-  _globals['_RAGSERVICE']._serialized_end=702
+  _globals['_RAGSERVICE']._serialized_end=708
 # @@protoc_insertion_point(module_scope)
