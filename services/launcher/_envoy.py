@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from google.protobuf import descriptor_pb2, descriptor_pool
 
 from services.launcher._envoy_http import (
     HttpUpstream,
@@ -164,6 +165,13 @@ _SAFE_RETRIES = {
         }
     ],
     "host_selection_retry_max_attempts": 16,
+}
+# A read-only call (a unary method its contract marks `idempotency_level =
+# NO_SIDE_EFFECTS`) may run twice: it is also retried when its replica reset it (killed
+# with the request already on Envoy's connection to it) or answered UNAVAILABLE.
+_READ_ONLY_RETRIES = {
+    **_SAFE_RETRIES,
+    "retry_on": f"{_SAFE_RETRIES['retry_on']},reset,unavailable",
 }
 # Health checks reach the reflection cluster, whose hosts are every service's replicas:
 # one that does not serve the named service answers NOT_FOUND (grpc-status 5), and the
@@ -335,33 +343,31 @@ def render_envoy_config(
         table: list[dict[str, Any]] = []
         if control is not None and not edge_auth and not http:
             for service in control.services:
-                route = _route(
+                for route in _service_routes(
                     service,
                     control.name,
                     # a rollout of every service answers when it is done: many minutes
                     idle_timeout=_CONTROL_IDLE_TIMEOUT,
                     hash_header=None,
                     enforce_deadline=enforce_grpc_deadlines,
-                )
-                route["request_headers_to_add"] = [
-                    {
-                        "header": {"key": PRINCIPAL_HEADER, "value": OPERATOR},
-                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                    }
-                ]
-                table.append(route)
+                ):
+                    route["request_headers_to_add"] = [
+                        {
+                            "header": {"key": PRINCIPAL_HEADER, "value": OPERATOR},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                        }
+                    ]
+                    table.append(route)
         if http:
             table += http_routes(http_upstreams, idle_timeout=idle, retries=_SAFE_RETRIES)
         for upstream in upstreams:
             for service in upstream.services:
-                table.append(
-                    _route(
-                        service,
-                        upstream.name,
-                        idle_timeout=idle,
-                        hash_header=upstream.hash_header,
-                        enforce_deadline=enforce_grpc_deadlines,
-                    )
+                table += _service_routes(
+                    service,
+                    upstream.name,
+                    idle_timeout=idle,
+                    hash_header=upstream.hash_header,
+                    enforce_deadline=enforce_grpc_deadlines,
                 )
         for service in (*reflection_services, HEALTH_SERVICE):
             route = _route(
@@ -724,6 +730,34 @@ def _route(
         "match": {"prefix": f"/{service}/"},
         "route": action,
     }
+
+
+def _service_routes(service: str, cluster: str, **options: Any) -> list[dict[str, Any]]:
+    """The service's route (`_route`), after one per read-only method of it, whose calls
+    are retried on more failures (`_READ_ONLY_RETRIES`)."""
+    table = []
+    for method in _read_only_methods(service):
+        route = _route(service, cluster, **options)
+        route["name"] = f"{service}/{method}"
+        route["match"] = {"path": f"/{service}/{method}"}
+        route["route"]["retry_policy"] = copy.deepcopy(_READ_ONLY_RETRIES)
+        table.append(route)
+    return [*table, _route(service, cluster, **options)]
+
+
+def _read_only_methods(service: str) -> list[str]:
+    """The unary methods `service`'s contract marks NO_SIDE_EFFECTS; none for a service
+    whose descriptors this process has not loaded."""
+    try:
+        descriptor = descriptor_pool.Default().FindServiceByName(service)
+    except KeyError:
+        return []
+    return [
+        method.name
+        for method in descriptor.methods
+        if method.GetOptions().idempotency_level == descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS
+        and not (method.client_streaming or method.server_streaming)
+    ]
 
 
 def _cluster(

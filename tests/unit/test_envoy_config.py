@@ -360,6 +360,27 @@ def test_a_health_check_is_retried_on_hosts_that_do_not_know_the_service() -> No
     assert retries["host_selection_retry_max_attempts"] >= 16
 
 
+def test_a_read_only_method_is_also_retried_when_reset_or_unavailable() -> None:
+    config = render(authz=AUTHZ, internal_port=8081, control=CONTROL)
+    for name in ("public", "internal"):
+        table = routes(config, name)
+        paths = {r["match"]["path"]: r for r in table if "path" in r["match"]}
+        # the methods whose contract says NO_SIDE_EFFECTS, each before its service's route
+        embed = paths.pop(f"/{INFERENCE}/Embed")
+        assert table.index(embed) < table.index(route_for(config, INFERENCE, name))
+        assert embed["route"]["retry_policy"]["retry_on"] == (
+            "connect-failure,refused-stream,reset-before-request,reset,unavailable"
+        )
+        assert embed["route"]["cluster"] == "inference"
+        assert f"/{INFERENCE}/ListModels" in paths
+        # never a method that changes something, nor a stream
+        assert f"/{INFERENCE}/Generate" not in paths
+        assert not [p for p in paths if p.endswith(("/SubmitTask", "/IngestDocuments"))]
+    control = routes(config, "internal")
+    (replicas,) = [r for r in control if r["match"].get("path", "").endswith("/ListReplicas")]
+    assert replicas["request_headers_to_add"][0]["header"]["value"] == "operator"
+
+
 # ---- API keys at the edge: ext_authz on the public listener, an internal one without ----
 
 
@@ -443,10 +464,8 @@ def test_the_internal_listener_has_the_same_routes_on_loopback_without_ext_authz
         "internal"
     )
 
-    def table(name: str) -> list[tuple[str, str | None]]:
-        return [
-            (r["match"]["prefix"], r.get("route", {}).get("cluster")) for r in routes(config, name)
-        ]
+    def table(name: str) -> list[tuple[dict[str, str], str | None]]:
+        return [(r["match"], r.get("route", {}).get("cluster")) for r in routes(config, name)]
 
     assert table("internal") == table("public")
     for route in routes(config, "internal"):
@@ -469,7 +488,7 @@ CONTROL = Upstream(
 def test_the_control_plane_is_routed_on_the_internal_listener_only_as_an_operator() -> None:
     config = render(authz=AUTHZ, internal_port=8081, control=CONTROL)
     prefix = "/switchboard.control.v1.ControlService/"
-    (route,) = [r for r in routes(config, "internal") if r["match"]["prefix"] == prefix]
+    (route,) = [r for r in routes(config, "internal") if r["match"].get("prefix") == prefix]
     assert route["route"]["cluster"] == "control"
     assert route["request_headers_to_add"] == [
         {
@@ -479,7 +498,7 @@ def test_the_control_plane_is_routed_on_the_internal_listener_only_as_an_operato
     ]
     assert "request_headers_to_remove" not in route
     # the public port has no route to it: its calls fall to the catch-all 404
-    assert not [r for r in routes(config, "public") if r["match"]["prefix"] == prefix]
+    assert not [r for r in routes(config, "public") if r["match"].get("prefix") == prefix]
 
 
 def test_consistency_refuses_a_public_route_to_the_control_plane() -> None:
