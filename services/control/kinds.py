@@ -75,6 +75,10 @@ class Kind:
     def address(self, slot: int) -> tuple[str, int]:
         raise NotImplementedError
 
+    def ports(self, slot: int) -> list[tuple[str, int]]:
+        """Every address the replica in `slot` listens on."""
+        return [self.address(slot)]
+
     def command(self, slot: int, extra_env: Mapping[str, str]) -> Command:
         raise NotImplementedError
 
@@ -103,6 +107,9 @@ class ServiceKind(Kind):
 
     def address(self, slot: int) -> tuple[str, int]:
         return self._config.host, self.spec.port(self._config, slot)
+
+    def ports(self, slot: int) -> list[tuple[str, int]]:
+        return [self.address(slot), (self._config.host, self.spec.metrics_port(self._config, slot))]
 
     def command(self, slot: int, extra_env: Mapping[str, str]) -> Command:
         env = {**service_env(self._config, self.spec, slot, self._mesh), **extra_env}
@@ -138,6 +145,9 @@ class TritonKind(Kind):
 
     def address(self, slot: int) -> tuple[str, int]:
         return self._config.host, self._config.triton_ports(slot)[1]
+
+    def ports(self, slot: int) -> list[tuple[str, int]]:
+        return [(self._config.host, port) for port in self._config.triton_ports(slot)]
 
     def command(self, slot: int, extra_env: Mapping[str, str]) -> Command:
         repo, backend_dir, gpu = _triton.run_files(self._config)

@@ -38,6 +38,7 @@ from services.control.spares import Spares
 from services.launcher._procs import (
     ProcessRecord,
     kill_group,
+    port_free,
     port_owner,
     record_from_json,
     record_json,
@@ -53,6 +54,9 @@ logger = logging.getLogger(__name__)
 TICK_S = 0.1
 """How often the loop looks at every replica."""
 STOP_TIMEOUT_S = 30.0
+PORT_WAIT_S = 5.0
+"""How long a restart waits for its slot's ports to be let go before it starts anyway
+(and fails, and is retried, if they are still held)."""
 """How long a replica has after SIGTERM (drain, in-flight calls' grace, chat's turns)
 before SIGKILL."""
 
@@ -215,7 +219,8 @@ class Supervisor:
                 if replica.record.process() is None:
                     self._exited(replica, now)
             if replica.state == State.BACKOFF and now >= replica.retry_at:
-                self._spawn(replica)
+                if self._ports_free(replica) or now >= replica.retry_at + PORT_WAIT_S:
+                    self._spawn(replica)
             elif replica.state == State.STARTING and replica.name not in self._probing:
                 # A replica alive but not ready (its own dependencies still starting) is
                 # left to become ready: it is not routed meanwhile. An operation waiting
@@ -275,6 +280,13 @@ class Supervisor:
         self._dirty = True
 
     # -- processes --------------------------------------------------------------------------
+
+    def _ports_free(self, replica: Replica) -> bool:
+        """Whether the slot's ports are let go: a killed process's threads may still hold
+        its sockets for a moment after its main thread is gone (it already looks dead),
+        and a warm spare would start within that moment."""
+        ports = self.kinds[replica.kind].ports(replica.slot)
+        return all(port_free(host, port) for host, port in ports)
 
     def _plan(self, kind: str, slot: int) -> Replica:
         name = self.kinds[kind].process_name(slot)

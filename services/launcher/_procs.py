@@ -220,17 +220,24 @@ _CLOSING = frozenset({"TIME_WAIT", "FIN_WAIT1", "FIN_WAIT2", "CLOSING", "LAST_AC
 _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 
 
-def port_owner(host: str, port: int) -> str | None:
-    """Who holds `host:port` (see `describe_port_holder`), or None when it is free."""
+def port_free(host: str, port: int) -> bool:
+    """Whether a server may listen on `host:port` now: nothing listens there (a
+    connection of an earlier listener in TIME_WAIT does not count)."""
     import socket
 
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
-            return None
         except OSError:
-            pass
+            return False
+    return True
+
+
+def port_owner(host: str, port: int) -> str | None:
+    """Who holds `host:port` (see `describe_port_holder`), or None when it is free."""
+    if port_free(host, port):
+        return None
     try:
         connections: Iterable[Connection] = psutil.net_connections(kind="tcp")
     except psutil.Error:
