@@ -67,6 +67,7 @@ def param_names(prompt: str) -> Callable[[str], str]:
         "context": "messages",
         "parameters.max_tokens": "max_tokens",
         "parameters.temperature": "temperature",
+        "parameters.stop": "stop",
         "session_id": "user",
         "model": "model",
         "tier": "model",
@@ -230,6 +231,13 @@ def _generation(checker: _Checker, *, session_id: str) -> GenerateCall:
     if n not in (None, 1):
         checker.fail("n", "only one choice (n = 1) is supported")
     user = checker.get("user", str, "a string") or ""
+    stop = checker.body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop
+    if stops is not None and not (
+        isinstance(stops, list) and all(isinstance(s, str) for s in stops)
+    ):
+        checker.fail("stop", "must be a string or an array of strings")
+        stops = None
     name, tier = route(model)
     request = inference_pb2.GenerateRequest(
         model=name,
@@ -241,6 +249,7 @@ def _generation(checker: _Checker, *, session_id: str) -> GenerateCall:
         request.parameters.max_tokens = max_tokens
     if temperature is not None:
         request.parameters.temperature = float(temperature)
+    request.parameters.stop.extend(stops or ())  # its bounds are the contract's
     return GenerateCall(
         request=request, model=model or AUTO, stream=stream, include_usage=bool(include_usage)
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -15,6 +16,7 @@ from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 from services.inference import metrics
 from services.inference.admission import AdmissionGate, Ask
 from services.inference.router import GenerateInput, GenerateResult, Router
+from services.inference.stops import StopMatcher
 from services.inference.triton import TritonBackend
 from services.inference.upstream import OpenAIBackend
 from services.runtime import TIER_VALUES, TIERS, count_tokens, require_tenant
@@ -113,18 +115,24 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         started = time.perf_counter()
         outcome = "error"
+        stops = StopMatcher(request.parameters.stop)
         try:
             index = 0
             finish = inference_pb2.FINISH_REASON_STOP
-            async for token in self._router.generate(params, result):
-                yield inference_pb2.GenerateResponse(
-                    token=inference_pb2.TokenDelta(
-                        text=token.text, index=index, passage_index=token.passage
-                    )
-                )
-                index += 1
+            passage = -1
+            async with contextlib.aclosing(self._router.generate(params, result)) as tokens:
+                async for token in tokens:
+                    fed = stops.feed(token.text)
+                    passage = token.passage
+                    if fed.text:
+                        yield _delta(fed.text, index, passage)
+                        index += 1
+                    if fed.stopped:
+                        break  # leaving the block closes the generation: Triton stops
+            if held := stops.flush():
+                yield _delta(held, index, passage)
             outcome = "stop"
-            if result.finished_by_length:
+            if result.finished_by_length and not stops.stopped:
                 finish = inference_pb2.FINISH_REASON_LENGTH
                 outcome = "length"
             model = result.choice.model
@@ -198,6 +206,12 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             for name in policy.embedder.names
         )
         return inference_pb2.ListModelsResponse(models=models)
+
+
+def _delta(text: str, index: int, passage: int) -> inference_pb2.GenerateResponse:
+    return inference_pb2.GenerateResponse(
+        token=inference_pb2.TokenDelta(text=text, index=index, passage_index=passage)
+    )
 
 
 def _healthy(backends: Sequence[TritonBackend | OpenAIBackend]) -> bool:

@@ -160,6 +160,26 @@ def test_a_sync_stream_ends_with_usage(client: openai.OpenAI) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
 
 
+def test_a_stop_sequence_ends_the_answer_before_it(client: openai.OpenAI) -> None:
+    whole = client.chat.completions.create(model="small", messages=MESSAGES)
+    text = whole.choices[0].message.content
+    stop = "gRPC"  # the answer quotes "It routes gRPC calls by service name."
+    assert text.index(stop) > 0
+    stopped = client.chat.completions.create(model="small", messages=MESSAGES, stop=[stop])
+    assert stopped.choices[0].message.content == text[: text.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+    # the generation ended there: fewer tokens than the whole answer's
+    assert 0 < stopped.usage.completion_tokens < whole.usage.completion_tokens
+    stream = client.chat.completions.create(
+        model="small", messages=MESSAGES, stop=stop, stream=True
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces) == text[: text.index(stop)]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="small", messages=MESSAGES, stop=["a"] * 5)
+    assert refused.value.param == "stop"
+
+
 async def test_the_async_client_completes_and_streams(aclient: openai.AsyncOpenAI) -> None:
     whole = await aclient.chat.completions.create(model="large", messages=MESSAGES)
     stream = await aclient.chat.completions.create(model="large", messages=MESSAGES, stream=True)

@@ -112,6 +112,16 @@ def test_sampling_streaming_and_affinity_fields() -> None:
     ).request.session_id == ("s-1")
 
 
+def test_stop_is_one_sequence_or_several() -> None:
+    def stops(value: object) -> list[str]:
+        return list(chat_call({"messages": [USER], "stop": value}).request.parameters.stop)
+
+    assert stops("\nUser:") == ["\nUser:"]
+    assert stops(["END", "###"]) == ["END", "###"]
+    assert stops(None) == []
+    assert completion_call({"prompt": "hi", "stop": "."}).request.parameters.stop == ["."]
+
+
 def test_only_the_system_messages_and_the_most_recent_others_fit_the_passages() -> None:
     turns = [{"role": "user" if i % 2 else "assistant", "content": f"turn {i}"} for i in range(100)]
     messages = [{"role": "system", "content": "rules"}, *turns, USER]
@@ -151,6 +161,8 @@ def test_only_the_system_messages_and_the_most_recent_others_fit_the_passages() 
         ),
         ({"messages": [USER], "n": 2}, "n"),
         ({"messages": [USER], "user": ["alice"]}, "user"),
+        ({"messages": [USER], "stop": 3}, "stop"),
+        ({"messages": [USER], "stop": ["END", 3]}, "stop"),
     ],
 )
 def test_malformed_chat_requests_name_the_parameter(body, field) -> None:
@@ -207,6 +219,7 @@ def test_the_contracts_field_paths_are_named_as_request_parameters() -> None:
     assert chat("context[3].text") == "messages"
     assert chat("parameters.max_tokens") == "max_tokens"
     assert chat("parameters.temperature") == "temperature"
+    assert chat("parameters.stop[4]") == "stop"
     assert chat("session_id") == "user"
     assert chat("texts[2]") == "input"
     assert chat("messages[0].content") == "messages[0].content"  # already a parameter

@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from switchboard.common.v1 import common_pb2 as switchboard_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(switchboard/inference/v1/inference.proto\x12\x18switchboard.inference.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\"switchboard/common/v1/common.proto\"A\n\x07Passage\x12\x1b\n\tsource_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\x12\x19\n\x04text\x18\x02 \x01(\tB\x0b\xbaH\x08r\x06\x10\x01\x18\x80\x80\x10\"\\\n\x14GenerationParameters\x12\x1e\n\nmax_tokens\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\x80 (\x00\x12$\n\x0btemperature\x18\x02 \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x00@-\x00\x00\x00\x00\"\xfd\x02\n\x0fGenerateRequest\x12\x17\n\x05model\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12\x38\n\x04tier\x18\x02 \x01(\x0e\x32 .switchboard.common.v1.ModelTierB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1b\n\x06prompt\x18\x03 \x01(\tB\x0b\xbaH\x08r\x06\x10\x01\x18\x80\x80\x10\x12<\n\x07\x63ontext\x18\x04 \x03(\x0b\x32!.switchboard.inference.v1.PassageB\x08\xbaH\x05\x92\x01\x02\x10@\x12\x42\n\nparameters\x18\x05 \x01(\x0b\x32..switchboard.inference.v1.GenerationParameters\x12\x1c\n\nsession_id\x18\x06 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x02\x12;\n\x08priority\x18\x07 \x01(\x0e\x32\x1f.switchboard.common.v1.PriorityB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1d\n\x15report_queue_position\x18\x08 \x01(\x08\"\xcc\x01\n\x10GenerateResponse\x12\x35\n\x05token\x18\x01 \x01(\x0b\x32$.switchboard.inference.v1.TokenDeltaH\x00\x12@\n\x08\x63omplete\x18\x02 \x01(\x0b\x32,.switchboard.inference.v1.GenerationCompleteH\x00\x12\x36\n\x06queued\x18\x03 \x01(\x0b\x32$.switchboard.common.v1.QueuePositionH\x00\x42\x07\n\x05\x65vent\"@\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x15\n\rpassage_index\x18\x03 \x01(\x05\"\xb2\x02\n\x12GenerationComplete\x12\x30\n\x05usage\x18\x01 \x01(\x0b\x32!.switchboard.common.v1.TokenUsage\x12.\n\x05model\x18\x02 \x01(\x0b\x32\x1f.switchboard.common.v1.ModelRef\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12=\n\rfinish_reason\x18\x04 \x01(\x0e\x32&.switchboard.inference.v1.FinishReason\x12\x32\n\tcitations\x18\x05 \x03(\x0b\x32\x1f.switchboard.common.v1.Citation\x12\x36\n\x13time_to_first_token\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"M\n\x0c\x45mbedRequest\x12$\n\x05texts\x18\x01 \x03(\tB\x15\xbaH\x12\x92\x01\x0f\x08\x01\x10\x80\x04\"\x08r\x06\x10\x01\x18\x80\x80\x02\x12\x17\n\x05model\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x9d\x01\n\rEmbedResponse\x12\x37\n\nembeddings\x18\x01 \x03(\x0b\x32#.switchboard.inference.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\x05\x12\x30\n\x05usage\x18\x04 \x01(\x0b\x32!.switchboard.common.v1.TokenUsage\"\x13\n\x11ListModelsRequest\"\xf5\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x04tier\x18\x02 \x01(\x0e\x32 .switchboard.common.v1.ModelTier\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\x05\x12\x15\n\rrelative_cost\x18\x04 \x01(\x01\x12\x31\n\x04kind\x18\x05 \x01(\x0e\x32#.switchboard.inference.v1.ModelKind\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\x12\x37\n\x08\x62\x61\x63kends\x18\x07 \x03(\x0b\x32%.switchboard.inference.v1.BackendInfo\"x\n\x0b\x42\x61\x63kendInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x35\n\x05state\x18\x03 \x01(\x0e\x32&.switchboard.inference.v1.BackendState\x12\x13\n\x0boutstanding\x18\x04 \x01(\x05\"I\n\x12ListModelsResponse\x12\x33\n\x06models\x18\x01 \x03(\x0b\x32#.switchboard.inference.v1.ModelInfo*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*Z\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_KIND_GENERATOR\x10\x01\x12\x17\n\x13MODEL_KIND_EMBEDDER\x10\x02*}\n\x0c\x42\x61\x63kendState\x12\x1d\n\x19\x42\x41\x43KEND_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42\x41\x43KEND_STATE_HEALTHY\x10\x01\x12\x16\n\x12\x42\x41\x43KEND_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42\x41\x43KEND_STATE_HALF_OPEN\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(switchboard/inference/v1/inference.proto\x12\x18switchboard.inference.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\"switchboard/common/v1/common.proto\"A\n\x07Passage\x12\x1b\n\tsource_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\x12\x19\n\x04text\x18\x02 \x01(\tB\x0b\xbaH\x08r\x06\x10\x01\x18\x80\x80\x10\"}\n\x14GenerationParameters\x12\x1e\n\nmax_tokens\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\x80 (\x00\x12$\n\x0btemperature\x18\x02 \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x00@-\x00\x00\x00\x00\x12\x1f\n\x04stop\x18\x03 \x03(\tB\x11\xbaH\x0e\x92\x01\x0b\x10\x04\"\x07r\x05\x10\x01\x18\x80\x01\"\xfd\x02\n\x0fGenerateRequest\x12\x17\n\x05model\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12\x38\n\x04tier\x18\x02 \x01(\x0e\x32 .switchboard.common.v1.ModelTierB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1b\n\x06prompt\x18\x03 \x01(\tB\x0b\xbaH\x08r\x06\x10\x01\x18\x80\x80\x10\x12<\n\x07\x63ontext\x18\x04 \x03(\x0b\x32!.switchboard.inference.v1.PassageB\x08\xbaH\x05\x92\x01\x02\x10@\x12\x42\n\nparameters\x18\x05 \x01(\x0b\x32..switchboard.inference.v1.GenerationParameters\x12\x1c\n\nsession_id\x18\x06 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x02\x12;\n\x08priority\x18\x07 \x01(\x0e\x32\x1f.switchboard.common.v1.PriorityB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1d\n\x15report_queue_position\x18\x08 \x01(\x08\"\xcc\x01\n\x10GenerateResponse\x12\x35\n\x05token\x18\x01 \x01(\x0b\x32$.switchboard.inference.v1.TokenDeltaH\x00\x12@\n\x08\x63omplete\x18\x02 \x01(\x0b\x32,.switchboard.inference.v1.GenerationCompleteH\x00\x12\x36\n\x06queued\x18\x03 \x01(\x0b\x32$.switchboard.common.v1.QueuePositionH\x00\x42\x07\n\x05\x65vent\"@\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x15\n\rpassage_index\x18\x03 \x01(\x05\"\xb2\x02\n\x12GenerationComplete\x12\x30\n\x05usage\x18\x01 \x01(\x0b\x32!.switchboard.common.v1.TokenUsage\x12.\n\x05model\x18\x02 \x01(\x0b\x32\x1f.switchboard.common.v1.ModelRef\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12=\n\rfinish_reason\x18\x04 \x01(\x0e\x32&.switchboard.inference.v1.FinishReason\x12\x32\n\tcitations\x18\x05 \x03(\x0b\x32\x1f.switchboard.common.v1.Citation\x12\x36\n\x13time_to_first_token\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"M\n\x0c\x45mbedRequest\x12$\n\x05texts\x18\x01 \x03(\tB\x15\xbaH\x12\x92\x01\x0f\x08\x01\x10\x80\x04\"\x08r\x06\x10\x01\x18\x80\x80\x02\x12\x17\n\x05model\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x9d\x01\n\rEmbedResponse\x12\x37\n\nembeddings\x18\x01 \x03(\x0b\x32#.switchboard.inference.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\x05\x12\x30\n\x05usage\x18\x04 \x01(\x0b\x32!.switchboard.common.v1.TokenUsage\"\x13\n\x11ListModelsRequest\"\xf5\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x04tier\x18\x02 \x01(\x0e\x32 .switchboard.common.v1.ModelTier\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\x05\x12\x15\n\rrelative_cost\x18\x04 \x01(\x01\x12\x31\n\x04kind\x18\x05 \x01(\x0e\x32#.switchboard.inference.v1.ModelKind\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\x12\x37\n\x08\x62\x61\x63kends\x18\x07 \x03(\x0b\x32%.switchboard.inference.v1.BackendInfo\"x\n\x0b\x42\x61\x63kendInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x35\n\x05state\x18\x03 \x01(\x0e\x32&.switchboard.inference.v1.BackendState\x12\x13\n\x0boutstanding\x18\x04 \x01(\x05\"I\n\x12ListModelsResponse\x12\x33\n\x06models\x18\x01 \x03(\x0b\x32#.switchboard.inference.v1.ModelInfo*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*Z\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_KIND_GENERATOR\x10\x01\x12\x17\n\x13MODEL_KIND_EMBEDDER\x10\x02*}\n\x0c\x42\x61\x63kendState\x12\x1d\n\x19\x42\x41\x43KEND_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42\x41\x43KEND_STATE_HEALTHY\x10\x01\x12\x16\n\x12\x42\x41\x43KEND_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42\x41\x43KEND_STATE_HALF_OPEN\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,6 +42,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATIONPARAMETERS'].fields_by_name['max_tokens']._serialized_options = b'\272H\007\032\005\030\200 (\000'
   _globals['_GENERATIONPARAMETERS'].fields_by_name['temperature']._loaded_options = None
   _globals['_GENERATIONPARAMETERS'].fields_by_name['temperature']._serialized_options = b'\272H\014\n\n\035\000\000\000@-\000\000\000\000'
+  _globals['_GENERATIONPARAMETERS'].fields_by_name['stop']._loaded_options = None
+  _globals['_GENERATIONPARAMETERS'].fields_by_name['stop']._serialized_options = b'\272H\016\222\001\013\020\004\"\007r\005\020\001\030\200\001'
   _globals['_GENERATEREQUEST'].fields_by_name['model']._loaded_options = None
   _globals['_GENERATEREQUEST'].fields_by_name['model']._serialized_options = b'\272H\005r\003\030\200\001'
   _globals['_GENERATEREQUEST'].fields_by_name['tier']._loaded_options = None
@@ -58,36 +60,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDREQUEST'].fields_by_name['texts']._serialized_options = b'\272H\022\222\001\017\010\001\020\200\004\"\010r\006\020\001\030\200\200\002'
   _globals['_EMBEDREQUEST'].fields_by_name['model']._loaded_options = None
   _globals['_EMBEDREQUEST'].fields_by_name['model']._serialized_options = b'\272H\005r\003\030\200\001'
-  _globals['_FINISHREASON']._serialized_start=2028
-  _globals['_FINISHREASON']._serialized_end=2152
-  _globals['_MODELKIND']._serialized_start=2154
-  _globals['_MODELKIND']._serialized_end=2244
-  _globals['_BACKENDSTATE']._serialized_start=2246
-  _globals['_BACKENDSTATE']._serialized_end=2371
+  _globals['_FINISHREASON']._serialized_start=2061
+  _globals['_FINISHREASON']._serialized_end=2185
+  _globals['_MODELKIND']._serialized_start=2187
+  _globals['_MODELKIND']._serialized_end=2277
+  _globals['_BACKENDSTATE']._serialized_start=2279
+  _globals['_BACKENDSTATE']._serialized_end=2404
   _globals['_PASSAGE']._serialized_start=167
   _globals['_PASSAGE']._serialized_end=232
   _globals['_GENERATIONPARAMETERS']._serialized_start=234
-  _globals['_GENERATIONPARAMETERS']._serialized_end=326
-  _globals['_GENERATEREQUEST']._serialized_start=329
-  _globals['_GENERATEREQUEST']._serialized_end=710
-  _globals['_GENERATERESPONSE']._serialized_start=713
-  _globals['_GENERATERESPONSE']._serialized_end=917
-  _globals['_TOKENDELTA']._serialized_start=919
-  _globals['_TOKENDELTA']._serialized_end=983
-  _globals['_GENERATIONCOMPLETE']._serialized_start=986
-  _globals['_GENERATIONCOMPLETE']._serialized_end=1292
-  _globals['_EMBEDREQUEST']._serialized_start=1294
-  _globals['_EMBEDREQUEST']._serialized_end=1371
-  _globals['_EMBEDDING']._serialized_start=1373
-  _globals['_EMBEDDING']._serialized_end=1400
-  _globals['_EMBEDRESPONSE']._serialized_start=1403
-  _globals['_EMBEDRESPONSE']._serialized_end=1560
-  _globals['_LISTMODELSREQUEST']._serialized_start=1562
-  _globals['_LISTMODELSREQUEST']._serialized_end=1581
-  _globals['_MODELINFO']._serialized_start=1584
-  _globals['_MODELINFO']._serialized_end=1829
-  _globals['_BACKENDINFO']._serialized_start=1831
-  _globals['_BACKENDINFO']._serialized_end=1951
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1953
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2026
+  _globals['_GENERATIONPARAMETERS']._serialized_end=359
+  _globals['_GENERATEREQUEST']._serialized_start=362
+  _globals['_GENERATEREQUEST']._serialized_end=743
+  _globals['_GENERATERESPONSE']._serialized_start=746
+  _globals['_GENERATERESPONSE']._serialized_end=950
+  _globals['_TOKENDELTA']._serialized_start=952
+  _globals['_TOKENDELTA']._serialized_end=1016
+  _globals['_GENERATIONCOMPLETE']._serialized_start=1019
+  _globals['_GENERATIONCOMPLETE']._serialized_end=1325
+  _globals['_EMBEDREQUEST']._serialized_start=1327
+  _globals['_EMBEDREQUEST']._serialized_end=1404
+  _globals['_EMBEDDING']._serialized_start=1406
+  _globals['_EMBEDDING']._serialized_end=1433
+  _globals['_EMBEDRESPONSE']._serialized_start=1436
+  _globals['_EMBEDRESPONSE']._serialized_end=1593
+  _globals['_LISTMODELSREQUEST']._serialized_start=1595
+  _globals['_LISTMODELSREQUEST']._serialized_end=1614
+  _globals['_MODELINFO']._serialized_start=1617
+  _globals['_MODELINFO']._serialized_end=1862
+  _globals['_BACKENDINFO']._serialized_start=1864
+  _globals['_BACKENDINFO']._serialized_end=1984
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1986
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2059
 # @@protoc_insertion_point(module_scope)

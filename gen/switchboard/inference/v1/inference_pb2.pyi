@@ -52,12 +52,14 @@ class Passage(_message.Message):
     def __init__(self, source_id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class GenerationParameters(_message.Message):
-    __slots__ = ("max_tokens", "temperature")
+    __slots__ = ("max_tokens", "temperature", "stop")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     temperature: float
-    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ...) -> None: ...
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "tier", "prompt", "context", "parameters", "session_id", "priority", "report_queue_position")
