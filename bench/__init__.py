@@ -16,5 +16,7 @@ BENCHMARKS = {
     "contract-checks": "bench.contract_checks",
     "http": "bench.http_api",
     "rollout": "bench.rollout",
+    "fuzz": "bench.fuzz",
+    "jetstream-sync": "bench.jetstream_sync",
 }
 """Benchmark name -> module with a `run()` that prints its table and writes its JSON."""

@@ -56,6 +56,25 @@ def _gpus() -> list[str]:
     return [line.strip() for line in out.stdout.splitlines() if line.strip()]
 
 
+def merge_metrics(name: str, metrics: Mapping[str, float | None], *, source: str) -> None:
+    """Puts `metrics` into `bench/results/<name>.json`, a file of figures that several
+    benchmarks contribute to (`faults.json`), beside the others' figures; its notes say
+    which benchmark gave which."""
+    path = RESULTS_DIR / f"{name}.json"
+    try:
+        result = json.loads(path.read_text())
+    except FileNotFoundError:
+        result = {"name": name, "metrics": {}, "targets": {}, "sources": {}}
+    result["when"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    result["machine"] = machine()
+    result.setdefault("metrics", {}).update({k: _rounded(v) for k, v in metrics.items()})
+    sources = result.setdefault("sources", {})
+    sources.update(dict.fromkeys(metrics, f"bench/results/{source}.json (make bench-{source})"))
+    result["notes"] = "figures from several benchmarks; `sources` names each one's"
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def meets(value: float, target: str) -> bool:
     """Whether `value` meets a target such as `">= 4"` or `"<= 1"`."""
     op, _, bound = target.strip().partition(" ")
@@ -145,10 +164,12 @@ def running_mesh(
     triton_replicas: int = 1,
     workers: int = 1,
     model_policy: Path | None = None,
+    settings: Mapping[str, object] | None = None,
     **replicas: int,
 ) -> Iterator[Any]:
     """The real mesh on free ports in its own run directory, stopped (by PID) on exit;
-    `model_policy` replaces `services/inference/models.yaml`; `replicas` sets other
+    `model_policy` replaces `services/inference/models.yaml`; `settings` replaces other
+    LauncherConfig fields (`{"nats_sync_interval": "2m"}`); `replicas` sets other
     services' replica counts (`rag_replicas=2`), as `isolated_config` takes them."""
     from services.launcher import Mesh, isolated_config
 
@@ -158,6 +179,8 @@ def running_mesh(
     )
     if model_policy is not None:
         config = replace(config, model_policy=model_policy)
+    if settings:
+        config = replace(config, **settings)
     mesh = Mesh(config, progress=lambda msg: print(f"  [mesh] {msg}", flush=True))
     try:
         started = time.monotonic()

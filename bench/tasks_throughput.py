@@ -82,7 +82,7 @@ def _completed(database_url: str, tenant: str) -> int:
     return int(done)
 
 
-async def _switchboard_round(mesh: Any, count: int, *, batch: int) -> float:
+async def switchboard_round(mesh: Any, count: int, *, batch: int) -> float:
     """`count` tasks, one per SubmitTask call (`batch` 1, `SUBMITTERS` calls at a time)
     or `batch` per SubmitTasks call (`BATCH_SUBMITTERS` at a time); seconds until every
     task completed."""
@@ -119,10 +119,10 @@ def _switchboard(echo_port: int, run_dir: Path) -> tuple[float, float]:
     with running_mesh(triton_replicas=1, workers=WORKER_PROCESSES) as mesh:
         for name in ("execution", *(f"worker-{i}" for i in range(WORKER_PROCESSES))):
             mesh.start_service(name, env=env)
-        asyncio.run(_switchboard_round(mesh, WARMUP_TASKS, batch=BATCH))
-        batched = asyncio.run(_switchboard_round(mesh, TASKS, batch=BATCH))
-        asyncio.run(_switchboard_round(mesh, WARMUP_TASKS, batch=1))
-        return asyncio.run(_switchboard_round(mesh, TASKS, batch=1)), batched
+        asyncio.run(switchboard_round(mesh, WARMUP_TASKS, batch=BATCH))
+        batched = asyncio.run(switchboard_round(mesh, TASKS, batch=BATCH))
+        asyncio.run(switchboard_round(mesh, WARMUP_TASKS, batch=1))
+        return asyncio.run(switchboard_round(mesh, TASKS, batch=1)), batched
 
 
 # ---- Celery --------------------------------------------------------------------------------

@@ -253,12 +253,6 @@ async def test_scale_inference_up_and_down_under_load(control, loaded: MixedLoad
     assert len(load.completed(since=started)) >= 36
 
 
-@pytest.mark.xfail(
-    reason="known gap (issue 15): an admission attempt waiting on an AdmitSession stream to"
-    " a replica being rolled out fails UNAVAILABLE; the gate does not yet move it to a new"
-    " stream (built in 36e5052, reverted in 1a3d9c5). Failed 1 of 3 CI runs without it.",
-    strict=False,
-)
 async def test_a_rollout_of_every_service_under_load_fails_no_call(
     control, loaded: MixedLoad
 ) -> None:
