@@ -146,7 +146,7 @@ async def serve_session(
     However it ends, its waiting requests leave the queue, and admissions decided but
     never sent are released (nobody holds their leases).
     """
-    replies: asyncio.Queue[pb.AdmitSessionResponse | None] = asyncio.Queue()
+    replies: asyncio.Queue[pb.AdmitSessionResponse | SwitchboardError | None] = asyncio.Queue()
     session = AdmitSession(
         dispatcher,
         request_of=request_of,
@@ -160,12 +160,16 @@ async def serve_session(
             async for frame in frames:
                 session.submit(frame)
             await session.drain()
+        except SwitchboardError as error:  # the stream itself is broken (a frame that
+            replies.put_nowait(error)  # is no AdmitSessionRequest): the call fails
         finally:
             replies.put_nowait(None)
 
     reader = asyncio.create_task(submit_all())
     try:
         while (reply := await replies.get()) is not None:
+            if isinstance(reply, SwitchboardError):
+                raise reply
             yield reply
     finally:
         reader.cancel()

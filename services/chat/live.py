@@ -420,7 +420,17 @@ class Hub:
         self, live: LiveSession, reader: Reader, frames: AsyncIterator[pb.ConverseRequest]
     ) -> None:
         """Dispatches a stream's frames after the first; on half-close, finishes the
-        reader once the session's turns are done."""
+        reader once the session's turns are done. A stream the client breaks (a frame
+        that is no ConverseRequest: INVALID_ARGUMENT) fails the reader with that
+        error."""
+        try:
+            await self._dispatch(live, reader, frames)
+        except SwitchboardError as error:
+            reader.fail(error)
+
+    async def _dispatch(
+        self, live: LiveSession, reader: Reader, frames: AsyncIterator[pb.ConverseRequest]
+    ) -> None:
         async for frame in frames:
             kind = frame.WhichOneof("frame")
             if kind == "message":

@@ -1,6 +1,6 @@
 """The server-side interceptor: request id, tenant, principal and deadline context, the
-contract's checks (who may call, which requests are valid), access log, metrics,
-exception → status mapping.
+contract's checks (who may call, which requests are valid, whether the request's bytes
+are a message at all), access log, metrics, exception → status mapping.
 
 It is applied when servicers are registered (each method handler wrapped once), not
 as a `grpc.aio.ServerInterceptor`: the effect is the same, without grpc's per-call
@@ -21,7 +21,7 @@ from grpc.aio import AbortError
 
 from services.runtime import _context, _metrics
 from services.runtime._contract import MethodContract, method_contract
-from services.runtime._errors import SwitchboardError
+from services.runtime._errors import InvalidArgument, SwitchboardError
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("switchboard.access")
@@ -37,6 +37,48 @@ _HANDLER_FACTORIES = {
 _CONTRACTED = "/switchboard."
 """Methods of these services are checked against their contract: an RPC whose contract
 names no caller is refused to everyone."""
+
+
+class _Malformed:
+    """A request message whose bytes did not parse (grpc itself would answer UNKNOWN,
+    before any handler ran): the handler refuses it as INVALID_ARGUMENT."""
+
+    __slots__ = ("type_name", "problem")
+
+    def __init__(self, type_name: str, problem: str) -> None:
+        self.type_name = type_name
+        self.problem = problem
+
+    def refusal(self) -> InvalidArgument:
+        return InvalidArgument(
+            f"the request is not a valid {self.type_name} message: {self.problem}",
+            metadata={"message_type": self.type_name},
+        )
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserialize`, answering bytes that are no message with a `_Malformed`."""
+    if deserialize is None:
+        return None
+    type_name = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    type_name = getattr(type_name, "full_name", "request")
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, or whatever a parser raises
+            return _Malformed(type_name, str(exc) or type(exc).__name__)
+
+    return parse
+
+
+async def _well_formed(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A client stream's messages, up to the first that did not parse (which ends the
+    call as INVALID_ARGUMENT)."""
+    async for request in requests:
+        if isinstance(request, _Malformed):
+            raise request.refusal()
+        yield request
 
 
 class _Method:
@@ -60,8 +102,13 @@ class _Method:
 
     def admit(self, request: Any) -> None:
         """The contract's checks, before the handler runs: the caller's principal, then
-        (for a single request message) its constraints. A streamed request's messages
-        are checked by the handler, which answers each on its own."""
+        (for a single request message) whether it parsed, and its constraints. A
+        streamed request's messages are checked by the handler, which answers each on
+        its own."""
+        if isinstance(request, _Malformed):
+            if self.contract is not None:
+                self.contract.check_caller(_context.principal.get())
+            raise request.refusal()
         if self.contract is not None:
             self.contract.admit(_context.principal.get(), request)
 
@@ -191,6 +238,22 @@ def _wrap_stream_response(
     return handle
 
 
+def _checking_stream(handle: Callable[..., Any]) -> Callable[..., Any]:
+    """`handle` of a client-streaming RPC, given only its stream's well-formed messages."""
+    if inspect.isasyncgenfunction(handle):
+
+        async def stream(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+            async for response in handle(_well_formed(requests), context):
+                yield response
+
+        return stream
+
+    async def unary(requests: AsyncIterator[Any], context: Any) -> Any:
+        return await handle(_well_formed(requests), context)
+
+    return unary
+
+
 _SKIPPED = ("/grpc.reflection.", "/grpc.health.")
 
 
@@ -207,9 +270,11 @@ def instrument(full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMeth
         if handler.response_streaming
         else _wrap_unary_response(behavior, full_method)
     )
+    if handler.request_streaming:
+        wrapped = _checking_stream(wrapped)
     return _HANDLER_FACTORIES[streaming](
         wrapped,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=_tolerant(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
 
