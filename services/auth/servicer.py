@@ -15,7 +15,15 @@ from switchboard.auth.v1 import auth_pb2 as pb
 from switchboard.auth.v1 import auth_service_pb2_grpc
 
 from services.auth.store import KeyInfo, KeyStore
-from services.runtime import NotFound, Principal, page_size, page_token, read_page_token
+from services.runtime import (
+    FieldViolation,
+    NotFound,
+    Principal,
+    invalid,
+    page_size,
+    page_token,
+    read_page_token,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +47,24 @@ def key_message(key: KeyInfo) -> pb.ApiKey:
     return message
 
 
+def key_cursor(parts: list[str]) -> tuple[str, datetime, str]:
+    """Where a ListKeys page starts, from its page token: (tenant, creation, key id) of
+    the last key before it (ValueError for a token no response gave out: among them any
+    holding a NUL, which no stored value has)."""
+    tenant_id, created, key_id = parts
+    if "\x00" in tenant_id + key_id:
+        raise ValueError("a NUL character")
+    return tenant_id, datetime.fromisoformat(created), key_id
+
+
+def tenant_cursor(parts: list[str]) -> str:
+    """Where a ListTenants page starts, from its page token: the last tenant before it."""
+    (tenant_id,) = parts
+    if "\x00" in tenant_id:
+        raise ValueError("a NUL character")
+    return tenant_id
+
+
 class KeyServicer(auth_service_pb2_grpc.KeyServiceServicer):
     def __init__(self, store: KeyStore) -> None:
         self._store = store
@@ -46,6 +72,11 @@ class KeyServicer(auth_service_pb2_grpc.KeyServiceServicer):
     async def CreateKey(  # noqa: N802 - gRPC method name
         self, request: pb.CreateKeyRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateKeyResponse:
+        if "\x00" in request.name:  # the one thing the contract's bounds leave to check
+            raise invalid(
+                [FieldViolation("name", "must not hold a NUL character")],
+                what="CreateKeyRequest",
+            )
         key_id, token = await self._store.create(request.tenant_id, request.name)
         key = await self._store.get(key_id)
         assert key is not None  # just created
@@ -56,11 +87,7 @@ class KeyServicer(auth_service_pb2_grpc.KeyServiceServicer):
         self, request: pb.ListKeysRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListKeysResponse:
         size = page_size(request.page_size, what="ListKeysRequest")
-        after = read_page_token(
-            request.page_token,
-            lambda p: (p[0], datetime.fromisoformat(p[1]), p[2]),
-            what="ListKeysRequest",
-        )
+        after = read_page_token(request.page_token, key_cursor, what="ListKeysRequest")
         keys = await self._store.list(request.tenant_id, after=after, limit=size + 1)
         reply = pb.ListKeysResponse(keys=[key_message(k) for k in keys[:size]])
         if len(keys) > size:
@@ -87,7 +114,7 @@ class KeyServicer(auth_service_pb2_grpc.KeyServiceServicer):
         self, request: pb.ListTenantsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListTenantsResponse:
         size = page_size(request.page_size, what="ListTenantsRequest")
-        after = read_page_token(request.page_token, lambda p: p[0], what="ListTenantsRequest")
+        after = read_page_token(request.page_token, tenant_cursor, what="ListTenantsRequest")
         tenants = await self._store.tenants(after=after or "", limit=size + 1)
         reply = pb.ListTenantsResponse(
             tenants=[

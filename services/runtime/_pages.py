@@ -29,8 +29,9 @@ def page_token(*parts: str) -> str:
 
 
 def read_page_token(token: str, parse: Callable[[list[str]], T], *, what: str) -> T | None:
-    """What `page_token` held, through `parse` (which raises ValueError for a token no
-    response gave out); None for an empty token.
+    """What `page_token` held, through `parse` (which raises ValueError or IndexError for
+    a token no response gave out: a part that does not parse, too few parts); None for
+    an empty token.
 
     Raises:
         InvalidArgument: a token that is not one of ours.
@@ -39,7 +40,7 @@ def read_page_token(token: str, parse: Callable[[list[str]], T], *, what: str) -
         return None
     try:
         return parse(base64.urlsafe_b64decode(token.encode()).decode().split("\x1f"))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, IndexError, binascii.Error, UnicodeDecodeError):
         raise invalid(
             [FieldViolation("page_token", "not a token from a previous response")], what=what
         ) from None
