@@ -519,7 +519,9 @@ class XdsServer:
     def _handle(self, connection: _Connection, item: object) -> list[DiscoveryResponse]:
         stream = connection.stream
         if item is _SNAPSHOT:
-            return stream.on_snapshot(self._snapshot) if self._snapshot else []
+            responses = stream.on_snapshot(self._snapshot) if self._snapshot else []
+            self._account(stream)  # types Envoy already runs count as ACKed at once
+            return responses
         assert isinstance(item, DiscoveryRequest)
         if not stream.node_id and item.node.id:
             self._nodes[item.node.id] = connection

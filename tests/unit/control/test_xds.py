@@ -427,6 +427,24 @@ async def test_every_connected_envoy_acks_and_the_push_is_timed(tmp_path: Path) 
     assert not server.status()[0].connected
 
 
+async def test_a_snapshot_envoy_already_runs_is_acked_at_once_with_nothing_sent(
+    tmp_path: Path,
+) -> None:
+    server = XdsServer(state_path=tmp_path / "xds.json")
+    envoy = FakeEnvoy(server)
+    await eventually(lambda: server.status(), what="the node is known")
+    first = server.publish(resources("alpha"))
+    assert await server.wait_acked(first, timeout=5)
+    sent = len(envoy.received)
+
+    again = server.publish(resources("alpha"))  # e.g. a replica started, not yet routed
+
+    assert await server.wait_acked(again, timeout=1)
+    assert len(envoy.received) == sent
+    assert len(server.ack_latencies()) == 2 and server.ack_latencies()[-1] < 1
+    await envoy.close()
+
+
 async def test_a_nack_is_reported_and_not_acked(tmp_path: Path) -> None:
     server = XdsServer(state_path=tmp_path / "xds.json")
     envoy = FakeEnvoy(server, reject=LISTENER_TYPE)
