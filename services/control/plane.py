@@ -22,7 +22,7 @@ from switchboard.control.v1 import control_service_pb2_grpc
 
 from services.control.events import EventBus
 from services.control.kinds import ServiceKind, initial_counts, mesh_kinds
-from services.control.resources import Endpoint, resources_from_static
+from services.control.resources import Endpoint, Resources, resources_from_static
 from services.control.servicer import ControlServicer
 from services.control.supervisor import ROUTED, Supervisor
 from services.control.xds import XdsServer
@@ -110,20 +110,10 @@ class ControlPlane:
         until every connected Envoy has acknowledged it."""
         async with self._push_lock:
             routed = self.supervisor.endpoints()
-            static = edge_config(
-                self._config, {kind: [(h, p) for h, p, _ in eps] for kind, eps in routed.items()}
-            )
-            draining = {(h, p) for eps in routed.values() for h, p, d in eps if d}
-            endpoints = {
-                cluster["name"]: [
-                    Endpoint(host, port, draining=(host, port) in draining)
-                    for group in cluster["load_assignment"]["endpoints"]
-                    for lb in group["lb_endpoints"]
-                    for host, port in [_address(lb)]
-                ]
-                for cluster in static["static_resources"]["clusters"]
-            }
-            version = self.xds.publish(resources_from_static(static, endpoints))
+            # rendered in a thread (tens of ms of CPU): the loop goes on answering Envoy's
+            # ACKs of earlier pushes, and watching the replicas, meanwhile
+            resources = await asyncio.to_thread(self._resources, routed)
+            version = self.xds.publish(resources)
             self._count_replicas()
             write_service_targets(self._config.run_dir / TARGETS_DIR, self._scrape_targets())
             self.events.emit(
@@ -135,6 +125,24 @@ class ControlPlane:
                 )
             else:
                 logger.warning("Envoy did not acknowledge config version %d in time", version)
+
+    def _resources(self, routed: dict[str, list[tuple[str, int, bool]]]) -> Resources:
+        """The edge config for the replicas `routed` (kind -> (host, port, draining)) as
+        typed xDS resources."""
+        static = edge_config(
+            self._config, {kind: [(h, p) for h, p, _ in eps] for kind, eps in routed.items()}
+        )
+        draining = {(h, p) for eps in routed.values() for h, p, d in eps if d}
+        endpoints = {
+            cluster["name"]: [
+                Endpoint(host, port, draining=(host, port) in draining)
+                for group in cluster["load_assignment"]["endpoints"]
+                for lb in group["lb_endpoints"]
+                for host, port in [_address(lb)]
+            ]
+            for cluster in static["static_resources"]["clusters"]
+        }
+        return resources_from_static(static, endpoints)
 
     def _scrape_targets(self) -> list[ScrapeTarget]:
         """Every service replica whose process runs, for Prometheus."""
