@@ -11,7 +11,7 @@ NODE_STAMP  := $(NODE_CLIENT)/node_modules/.installed
 WEB         := clients/web
 WEB_STAMP   := $(WEB)/node_modules/.installed
 
-.PHONY: install gen check-gen lint test test-unit test-integration demo up down status bench redis-server web chromium litellm prometheus
+.PHONY: install gen check-gen lint test test-unit test-integration demo up down status bench fuzz redis-server web chromium litellm prometheus
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -74,6 +74,11 @@ bench: $(STAMP) redis-server
 
 bench-%: $(STAMP) redis-server
 	$(BIN)/python -m bench $*
+
+# every public RPC fuzzed through Envoy, FUZZ_CASES per RPC (default 2,000): `make test`
+# runs a bounded share of it (tests/integration/test_fuzz.py). Writes
+# bench/results/fuzz.json, its case and INTERNAL/UNKNOWN counts also into faults.json
+fuzz: bench-fuzz
 
 # bench-http compares the gateway with LiteLLM's proxy, installed into a venv of its own:
 # its proxy extras pin packages (openai among them) that the project's venv holds at
