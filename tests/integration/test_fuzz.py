@@ -5,7 +5,7 @@ where the contract allows, as an operator.
 Whatever a case sends, no call ends INTERNAL or UNKNOWN (nor does any item status inside
 a reply), no process of the mesh dies, and every service is healthy afterwards.
 SWITCHBOARD_FUZZ_CASES sets the cases per RPC (`make fuzz` runs more, and records
-the figures in bench/results/faults.json).
+the figures in bench/results/fuzz.json and faults.json).
 """
 
 from __future__ import annotations
@@ -146,12 +146,24 @@ async def test_a_broken_frame_ends_a_bidirectional_stream_invalid_argument(envoy
             call = channel.stream_stream(path)(metadata=me, timeout=10)
             await call.write(first.SerializeToString())
             await call.write(b"\xff")
+            replies = []
             with pytest.raises(grpc.aio.AioRpcError) as ended:
-                while await call.read() is not grpc.aio.EOF:
-                    pass
+                while (reply := await call.read()) is not grpc.aio.EOF:
+                    replies.append(reply)
             details = error_details(ended.value)
             assert details.code == grpc.StatusCode.INVALID_ARGUMENT, (path, details)
             assert details.error_info.reason == "INVALID_REQUEST"
+        release = channel.unary_unary(
+            "/switchboard.admission.v1.AdmissionService/Release",
+            request_serializer=adm.ReleaseRequest.SerializeToString,
+        )
+        for reply in map(adm.AdmitSessionResponse.FromString, replies):  # the admission's
+            if reply.HasField("admitted"):  # lease, if it came before the broken frame
+                await release(
+                    adm.ReleaseRequest(lease_id=reply.admitted.lease.lease_id),
+                    metadata=me,
+                    timeout=10,
+                )
 
 
 async def test_values_postgresql_cannot_hold_are_invalid_argument(envoy_target, tenants):
