@@ -835,14 +835,15 @@ def _ext_authz_filter(cluster: str, timeout: str) -> dict[str, Any]:
             "@type": _EXT_AUTHZ_TYPE,
             "transport_api_version": "V3",
             "grpc_service": {
-                "envoy_grpc": {"cluster_name": cluster},
-                # A check changes nothing, so it is safe to ask another replica when
-                # one is gone (killed, or drained before Envoy's config said so). The
-                # service's policy, not envoy_grpc's (which only xDS streams honour).
-                "retry_policy": {
-                    **copy.deepcopy(_SAFE_RETRIES),
-                    "retry_on": "connect-failure,refused-stream,reset,unavailable",
-                    "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.1s"},
+                "envoy_grpc": {
+                    "cluster_name": cluster,
+                    # A check changes nothing, so it is safe to ask another replica when
+                    # one is gone (killed, or drained before Envoy's config said so).
+                    "retry_policy": {
+                        **copy.deepcopy(_SAFE_RETRIES),
+                        "retry_on": "connect-failure,refused-stream,reset,unavailable",
+                        "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.1s"},
+                    },
                 },
                 "timeout": timeout,
             },
