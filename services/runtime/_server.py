@@ -118,8 +118,14 @@ async def _report_readiness(
             ok = False
         if ok != last:
             logger.info("readiness changed", extra={"ready": ok})
-            for name in ("", *service.service_names):
+            for name in service.service_names:
                 await health.set(name, serving if ok else not_serving)
+            # The server as a whole ("") stays SERVING while it runs and has named
+            # services whose own status says whether they are ready: a health check of a
+            # service through Envoy reaches a replica whose database is down and hears
+            # NOT_SERVING, not NOT_FOUND from a replica of another service.
+            if not service.service_names or last is None:
+                await health.set("", serving if ok or service.service_names else not_serving)
             last = ok
         flush_logs()
         try:

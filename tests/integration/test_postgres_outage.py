@@ -15,10 +15,12 @@ import uuid
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from switchboard.chat.v1 import chat_pb2, chat_service_pb2_grpc
 from switchboard.execution.v1 import execution_pb2, execution_service_pb2_grpc
 from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
+from switchboard.rag.v1.rag_service_pb2 import DESCRIPTOR as RAG_DESCRIPTOR
 
 from services.runtime import error_details
 from tests.integration.conftest import AUTH_CACHE_TTL, as_tenant
@@ -54,7 +56,24 @@ def database_calls(stubs, metadata):
     }
 
 
-async def test_a_postgres_outage_fails_fast_keeps_known_keys_and_heals(mesh, stubs, credentials):
+RAG_SERVICE = RAG_DESCRIPTOR.services_by_name["RagService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def rag_health(envoy_target: str, expected: int) -> bool:
+    """Whether `grpc.health.v1` Check of RagService through Envoy answers `expected`
+    (never NOT_FOUND: the check reaches a replica of the service it names)."""
+    async with grpc.aio.insecure_channel(envoy_target) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=RAG_SERVICE), timeout=DEADLINE_S
+        )
+    return reply.status == expected
+
+
+async def test_a_postgres_outage_fails_fast_keeps_known_keys_and_heals(
+    mesh, stubs, credentials, envoy_target
+):
     tenant = f"outage-{uuid.uuid4().hex[:8]}"
     known = as_tenant(tenant)
     stranger = credentials.metadata(f"stranger-{uuid.uuid4().hex[:8]}")  # never used
@@ -85,6 +104,12 @@ async def test_a_postgres_outage_fails_fast_keeps_known_keys_and_heals(mesh, stu
                 inference_pb2.ListModelsRequest(), metadata=stranger, timeout=DEADLINE_S
             )
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        # a health check of a service that needs the database says so, through Envoy
+        await eventually(
+            lambda: rag_health(envoy_target, NOT_SERVING),
+            timeout=10,
+            what="RagService NOT_SERVING through Envoy",
+        )
     finally:
         await asyncio.to_thread(mesh.start_postgres)
 
@@ -98,6 +123,9 @@ async def test_a_postgres_outage_fails_fast_keeps_known_keys_and_heals(mesh, stu
         return True
 
     took = await eventually(healed, timeout=30, interval=0.2, what="every service reconnects")
+    await eventually(
+        lambda: rag_health(envoy_target, SERVING), timeout=10, what="RagService SERVING again"
+    )
     print(f"recovered {took:.1f} s after PostgreSQL accepted connections again")
     await inference.ListModels(inference_pb2.ListModelsRequest(), metadata=stranger, timeout=5)
     # a pool idle through the outage (this process's key store) hands out live
