@@ -835,15 +835,18 @@ def _ext_authz_filter(cluster: str, timeout: str) -> dict[str, Any]:
             "@type": _EXT_AUTHZ_TYPE,
             "transport_api_version": "V3",
             "grpc_service": {
-                "envoy_grpc": {
-                    "cluster_name": cluster,
-                    # A check changes nothing, so it is safe to ask another replica when
-                    # one is gone (killed, or drained before Envoy's config said so).
-                    "retry_policy": {
-                        **copy.deepcopy(_SAFE_RETRIES),
-                        "retry_on": "connect-failure,refused-stream,reset,unavailable",
-                        "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.1s"},
-                    },
+                "envoy_grpc": {"cluster_name": cluster},
+                # A check changes nothing, so it is safe to ask another replica when one
+                # is gone (killed, or drained before Envoy's config said so): the gRPC
+                # service's retry policy (envoy_grpc's applies to xDS streams only).
+                # Envoy makes its back-off's longest interval each try's timeout too, so
+                # that is the check's whole timeout: a slow answer (a check waiting on a
+                # key store that is down) is waited for, not cut and tried again. Not on
+                # UNAVAILABLE: that is a live replica's answer, passed on with its reason.
+                "retry_policy": {
+                    **copy.deepcopy(_SAFE_RETRIES),
+                    "retry_on": "connect-failure,refused-stream,reset",
+                    "retry_back_off": {"base_interval": "0.01s", "max_interval": timeout},
                 },
                 "timeout": timeout,
             },

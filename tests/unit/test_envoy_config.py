@@ -399,11 +399,14 @@ def test_ext_authz_asks_the_auth_cluster_before_the_router_and_fails_closed() ->
     assert authz["transport_api_version"] == "V3"
     assert authz["failure_mode_allow"] is False
     assert authz["grpc_service"]["timeout"] == "0.75s"
-    grpc_service = authz["grpc_service"]["envoy_grpc"]
-    assert grpc_service["cluster_name"] == AUTHZ_CLUSTER
-    # a check is read-only: retried on another replica when one is gone or unavailable
-    retries = grpc_service["retry_policy"]
-    assert retries["retry_on"] == "connect-failure,refused-stream,reset,unavailable"
+    assert authz["grpc_service"]["envoy_grpc"] == {"cluster_name": AUTHZ_CLUSTER}
+    # a check is read-only: retried on another replica when one is gone (by the gRPC
+    # service's policy: envoy_grpc's applies to xDS streams only); each try may take the
+    # whole timeout (Envoy times a try by the back-off's longest interval); a replica's
+    # UNAVAILABLE is its answer (its key store is down), passed on with its reason
+    retries = authz["grpc_service"]["retry_policy"]
+    assert retries["retry_on"] == "connect-failure,refused-stream,reset"
+    assert retries["retry_back_off"]["max_interval"] == "0.75s"
     assert retries["num_retries"] == 2
     assert (
         retries["retry_host_predicate"][0]["name"] == "envoy.retry_host_predicates.previous_hosts"
