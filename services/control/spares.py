@@ -39,6 +39,7 @@ class Spares:
     """At most one spare per kind that has a `spare_module`."""
 
     def __init__(self, kinds: Mapping[str, Kind], *, log_dir: Path) -> None:
+        self._kinds = dict(kinds)
         self._modules = {name: k.spare_module for name, k in kinds.items() if k.spare_module}
         self._log_dir = log_dir
         self._spares: dict[str, Spare] = {}
@@ -59,6 +60,9 @@ class Spares:
                     f"{kind}-spare",
                     [sys.executable, "-m", SPARE_MODULE, module],
                     log=self._log_dir / f"{kind}-spare.log",
+                    # its kind's environment (that of its first slot) from the start, as
+                    # /proc shows it; the replica it becomes gets its own slot's on top
+                    env=self._kinds[kind].command(0, {}).env,
                     cwd=REPO_ROOT,
                     stdin_pipe=True,
                 )

@@ -4,6 +4,7 @@ turned into replicas with their environment and log, replaced when stale."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,9 @@ class _Target(Kind):
     scalable = True
     start_timeout = 10.0
     spare_module = TARGET
+
+    def command(self, slot: int, extra_env: Mapping[str, str]) -> Command:
+        return _command(f"target-{slot}")
 
 
 class _NoSpare(Kind):
@@ -45,6 +49,9 @@ async def spares(tmp_path: Path):
 async def test_a_spare_becomes_the_replica_with_its_environment_and_log(spares, tmp_path) -> None:
     assert spares.fill({"target": 1}) == ["target"]  # none for a kind without a module
     assert spares.fill({"target": 1}) == []  # one is enough
+    (spare,) = _spare_records(spares)
+    # started with its kind's environment (its first slot's), as /proc shows it
+    assert spare.process().environ()["SPARE_TEST_REPLICA"] == "target-0"
     log = tmp_path / "target-1.log"
     record = spares.take("target", 1, name="target-1", command=_command("target-1"), log=log)
     assert record is not None and record.name == "target-1" and record.log == str(log)
