@@ -91,6 +91,12 @@ async def test_a_postgres_outage_fails_fast_keeps_known_keys_and_heals(
                 details = error_details(failed.value)
                 assert details.error_info.reason == "DEPENDENCY_UNAVAILABLE", name
                 assert details.retry_info is not None, name
+        # a health check of a service that needs the database says so, through Envoy
+        await eventually(
+            lambda: rag_health(envoy_target, NOT_SERVING),
+            timeout=10,
+            what="RagService NOT_SERVING through Envoy",
+        )
 
         # the edge's cache of the known key has expired: it answers from the stale grace
         outage_started = time.monotonic()
@@ -104,17 +110,17 @@ async def test_a_postgres_outage_fails_fast_keeps_known_keys_and_heals(
                 inference_pb2.ListModelsRequest(), metadata=stranger, timeout=DEADLINE_S
             )
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        # a health check of a service that needs the database says so, through Envoy
-        await eventually(
-            lambda: rag_health(envoy_target, NOT_SERVING),
-            timeout=10,
-            what="RagService NOT_SERVING through Envoy",
-        )
     finally:
         await asyncio.to_thread(mesh.start_postgres)
 
+    async def verify_stranger() -> None:
+        # a key never verified before: the auth service's own key store is back too
+        await inference.ListModels(
+            inference_pb2.ListModelsRequest(), metadata=stranger, timeout=DEADLINE_S
+        )
+
     async def healed() -> bool:
-        for call in calls.values():
+        for call in (*calls.values(), verify_stranger):
             try:
                 await call()
             except grpc.aio.AioRpcError as error:
@@ -127,7 +133,6 @@ async def test_a_postgres_outage_fails_fast_keeps_known_keys_and_heals(
         lambda: rag_health(envoy_target, SERVING), timeout=10, what="RagService SERVING again"
     )
     print(f"recovered {took:.1f} s after PostgreSQL accepted connections again")
-    await inference.ListModels(inference_pb2.ListModelsRequest(), metadata=stranger, timeout=5)
     # a pool idle through the outage (this process's key store) hands out live
     # connections at once: the dead ones it held are checked and dropped
     assert credentials.key(f"after-{uuid.uuid4().hex[:8]}").startswith("sb_")
