@@ -67,6 +67,14 @@ def refusal(context: Context) -> Any:
     return error_details(Failed())
 
 
+def unary(method: str, behavior: Any, request_type: Any) -> grpc.RpcMethodHandler:
+    """`behavior` as the server registers it: instrumented, reading `request_type`."""
+    return instrument(
+        method,
+        grpc.unary_unary_rpc_method_handler(behavior, request_deserializer=request_type.FromString),
+    )
+
+
 async def test_bytes_that_are_no_message_are_invalid_argument_before_the_handler():
     called = []
 
@@ -74,12 +82,7 @@ async def test_bytes_that_are_no_message_are_invalid_argument_before_the_handler
         called.append(request)
         return chat_pb2.GetSessionResponse()
 
-    handler = instrument(
-        GET_SESSION,
-        grpc.unary_unary_rpc_method_handler(
-            behavior, request_deserializer=chat_pb2.GetSessionRequest.FromString
-        ),
-    )
+    handler = unary(GET_SESSION, behavior, chat_pb2.GetSessionRequest)
     request = handler.request_deserializer(NOT_A_MESSAGE)
     context = Context()
     with pytest.raises(AbortError):
@@ -100,12 +103,7 @@ async def test_a_caller_outside_the_contract_is_told_so_before_its_bytes_are_jud
     async def behavior(request: Any, context: Any) -> Any:
         raise AssertionError("not reached")
 
-    handler = instrument(
-        LIST_POLICIES,
-        grpc.unary_unary_rpc_method_handler(
-            behavior, request_deserializer=admission_pb2.ListPoliciesRequest.FromString
-        ),
-    )
+    handler = unary(LIST_POLICIES, behavior, admission_pb2.ListPoliciesRequest)
     context = Context(Principal.TENANT)
     with pytest.raises(AbortError):
         await handler.unary_unary(handler.request_deserializer(b"\xff"), context)
