@@ -107,6 +107,11 @@ class LauncherConfig:
     (`switchboard up --prometheus`; Debian's `prometheus` package, `make prometheus`)."""
     prometheus_port: int = 9090
     """That Prometheus server's port (on 127.0.0.1): its UI and HTTP API."""
+    trace_sampling: float = 1.0
+    """The share of requests traced (0..1): every process, and Envoy, writes the spans of
+    sampled requests under the run directory's `traces/` (`switchboard trace`), and to
+    an OpenTelemetry collector too when `OTEL_EXPORTER_OTLP_ENDPOINT` is set. 0 turns
+    tracing off."""
     model_policy: Path = REPO_ROOT / "services" / "inference" / "models.yaml"
     gpu: str = "auto"
     """`auto` uses KIND_GPU Triton instances when nvidia-smi sees a GPU; `on`/`off` force."""
@@ -138,7 +143,14 @@ class LauncherConfig:
             )
         if self.gpu not in ("auto", "on", "off"):
             raise ValueError("SWITCHBOARD_GPU must be auto, on or off")
+        if not 0.0 <= self.trace_sampling <= 1.0:
+            raise ValueError("SWITCHBOARD_TRACE_SAMPLING must be within 0..1")
         parse_origins(self.web_origins)  # a bad SWITCHBOARD_WEB_ORIGINS fails at start
+
+    @property
+    def traces_dir(self) -> Path:
+        """Where the processes write their spans (one JSON object per line)."""
+        return self.run_dir / "traces"
 
     def triton_ports(self, replica: int) -> tuple[int, int, int]:
         base = self.triton_base_port + 3 * replica
