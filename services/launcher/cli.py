@@ -1,4 +1,5 @@
-"""`switchboard up | down | status | logs | keys | chat`: the local mesh from the command line."""
+"""`switchboard up | down | status | logs | keys | chat | trace`: the local mesh from the
+command line."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import grpc
 import psycopg
 from switchboard.control.v1 import control_pb2, control_service_pb2_grpc
 
-from services.launcher import chat
+from services.launcher import chat, traces
 from services.launcher._config import load_launcher_config
 from services.launcher._mesh import LaunchError, Mesh
 from services.runtime import ConfigError
@@ -70,13 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     revoke.add_argument("key_id")
     talk = commands.add_parser("chat", help="an interactive chat session through Envoy")
     chat.add_arguments(talk)
+    trace = commands.add_parser(
+        "trace", help="a trace from the run directory's trace store, as a waterfall"
+    )
+    which = trace.add_mutually_exclusive_group(required=True)
+    which.add_argument("ident", nargs="?", help="a trace id, or a request id from an error")
+    which.add_argument("--slowest", type=int, metavar="N", help="list the N slowest traces")
     args = parser.parse_args(argv)
+    if args.command == "trace" and args.slowest is not None and args.slowest < 1:
+        parser.error("--slowest must be at least 1")
 
     try:
         config = load_launcher_config()
     except ConfigError as exc:
         print(f"switchboard: {exc}", file=sys.stderr)
         return 2
+    if args.command == "trace":
+        return _trace(config.run_dir / "traces", args)
     if args.command == "up" and args.prometheus:
         config = dataclasses.replace(config, prometheus=True)
     mesh = Mesh(config, progress=_progress)
@@ -113,6 +124,37 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"==> {path} <==")
         print("\n".join(path.read_text(errors="replace").splitlines()[-args.lines :]))
+    return 0
+
+
+def _trace(traces_dir: Path, args: argparse.Namespace) -> int:
+    try:
+        store = traces.load_spans(traces_dir)
+    except FileNotFoundError:
+        print(f"switchboard: no traces yet: {traces_dir} does not exist", file=sys.stderr)
+        return 1
+    counted = f"{len(store.spans)} spans from {store.files} files" + (
+        f", {store.skipped} unreadable lines skipped" if store.skipped else ""
+    )
+    if args.slowest is not None:
+        lines = traces.slowest(store.spans, args.slowest)
+        if not lines:
+            print(f"switchboard: no traces in {traces_dir} ({counted})", file=sys.stderr)
+            return 1
+        print("\n".join(lines))
+        return 0
+    found = traces.find_traces(store.spans, args.ident)
+    if not found:
+        print(
+            f"switchboard: no trace with id or request id {args.ident!r} in {traces_dir}"
+            f" ({counted})",
+            file=sys.stderr,
+        )
+        return 1
+    if len(found) > 1:
+        print(f"request id {args.ident!r} is in {len(found)} traces\n")
+    known = store.by_id()
+    print("\n\n".join("\n".join(traces.render_waterfall(t, known=known)) for t in found))
     return 0
 
 
