@@ -8,6 +8,10 @@ converts it to xDS resources (DRAINING replicas marked so in EDS) and publishes 
 the next version; the push returns once every connected Envoy has acknowledged it, or
 after `ACK_WAIT_S`, so that a replica is stopped only after Envoy stopped sending it
 new calls.
+
+With tracing on (`trace_sampling` above 0) the config also has Envoy trace the calls it
+routes and export its spans to this process (the bootstrap's cluster to it), which writes
+them into the run directory's trace store (`traces`).
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from switchboard.control.v1 import control_service_pb2_grpc
 
 from services.control.events import EventBus
 from services.control.kinds import ServiceKind, initial_counts, mesh_kinds
-from services.control.resources import Endpoint, Resources, resources_from_static
+from services.control.resources import XDS_CLUSTER, Endpoint, Resources, resources_from_static
 from services.control.servicer import ControlServicer
 from services.control.supervisor import ROUTED, Supervisor
+from services.control.traces import ENVOY, TraceReceiver
 from services.control.xds import XdsServer
 from services.launcher._config import (
     LauncherConfig,
@@ -33,6 +38,7 @@ from services.launcher._config import (
     triton_urls,
 )
 from services.launcher._edge import CONTROL_SERVICE, edge_config
+from services.launcher._envoy_tracing import Tracing, add_tracing
 from services.launcher._prometheus import TARGETS_DIR, ScrapeTarget, write_service_targets
 from services.launcher._services import MeshAddresses
 from services.runtime import main as serve_main
@@ -60,6 +66,8 @@ class ControlPlane:
         self._config = config
         self.events = EventBus()
         self.xds = XdsServer(state_path=run_dir / "xds-version")
+        self.traces = TraceReceiver(path=config.traces_dir / f"{ENVOY}.jsonl")
+        self._tracing = Tracing(collector_cluster=XDS_CLUSTER, sampling=config.trace_sampling)
         self.supervisor = Supervisor(
             mesh_kinds(config, mesh),
             state_path=run_dir / "replicas.json",
@@ -75,6 +83,7 @@ class ControlPlane:
 
     def register(self, server: grpc.aio.Server) -> None:
         self.xds.add_to_server(server)
+        self.traces.add_to_server(server)
         control_service_pb2_grpc.add_ControlServiceServicer_to_server(
             ControlServicer(self.supervisor, self.xds, self.events), server
         )
@@ -104,6 +113,7 @@ class ControlPlane:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.supervisor.shutdown()
+        await self.traces.shutdown()
 
     async def push(self) -> None:
         """Publishes the edge config for the replicas of the moment and waits (bounded)
@@ -132,6 +142,7 @@ class ControlPlane:
         static = edge_config(
             self._config, {kind: [(h, p) for h, p, _ in eps] for kind, eps in routed.items()}
         )
+        static = add_tracing(static, self._tracing)
         draining = {(h, p) for eps in routed.values() for h, p, d in eps if d}
         endpoints = {
             cluster["name"]: [

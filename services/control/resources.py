@@ -44,6 +44,7 @@ from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from envoy.config.listener.v3.listener_pb2 import Listener
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
+from envoy.config.trace.v3 import opentelemetry_pb2  # noqa: F401
 from envoy.extensions.access_loggers.file.v3 import file_pb2  # noqa: F401
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401
 from envoy.extensions.filters.http.cors.v3 import cors_pb2  # noqa: F401
@@ -70,7 +71,8 @@ TYPE_URLS: tuple[str, ...] = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_
 """In the order a new snapshot reaches Envoy: clusters, endpoints, listeners, routes."""
 
 XDS_CLUSTER = "xds"
-"""The bootstrap's one static cluster: the control plane's gRPC address."""
+"""The bootstrap's one static cluster: the control plane's gRPC address (ADS, and the
+OTLP export of Envoy's spans)."""
 XDS_CONNECT_TIMEOUT = "1s"
 
 _HCM = "envoy.filters.network.http_connection_manager"

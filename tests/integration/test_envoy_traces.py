@@ -1,0 +1,145 @@
+"""Envoy's own spans in the trace store: the mesh's Envoy traces a call on the public
+port and exports its spans to the control plane, which writes them to
+`<traces_dir>/envoy.jsonl`. Envoy is the root of a call that arrives without a
+`traceparent` (its server span, with the ext_authz check as a child), and continues the
+trace of one that arrives with it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
+
+from services.launcher import Mesh
+from tests.integration.conftest import Credentials
+from tests.polling import eventually
+
+LIST_MODELS = "/switchboard.inference.v1.InferenceService/ListModels"
+AUTHZ_SPAN = "async envoy.service.auth.v3.Authorization.Check egress"
+CLIENT_TRACE = "5b8aa5a2d2c872e8321cf37308d69df2"
+CLIENT_SPAN = "051581bf3cb55c13"
+EXPORT_WAIT_S = 20.0
+"""Envoy exports its spans every 5 s (or once 5 are waiting)."""
+
+
+def spans(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def list_models(target: str, metadata: tuple[tuple[str, str], ...]) -> str:
+    """One authenticated call through the public port; Envoy's `x-request-id` for it."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        call = stub.ListModels(inference_pb2.ListModelsRequest(), metadata=metadata, timeout=10)
+        await call
+        assert await call.code() == grpc.StatusCode.OK
+        return dict(await call.initial_metadata())["x-request-id"]
+
+
+@pytest.fixture
+def envoy_spans(mesh: Mesh) -> Path:
+    assert mesh.config.trace_sampling == 1.0
+    return mesh.config.traces_dir / "envoy.jsonl"
+
+
+async def server_span(path: Path, request_id: str) -> dict[str, Any]:
+    """Envoy's server span of the call `request_id` names, once it is in the store."""
+    found: list[dict[str, Any]] = []
+
+    def exported() -> bool:
+        found[:] = [
+            s
+            for s in spans(path)
+            if s["kind"] == "server" and s["attributes"].get("switchboard.request_id") == request_id
+        ]
+        return bool(found)
+
+    await eventually(exported, timeout=EXPORT_WAIT_S, what=f"Envoy's span of {request_id}")
+    (span,) = found
+    return span
+
+
+async def children(path: Path, parent: dict[str, Any], count: int) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+
+    def exported() -> bool:
+        found[:] = [s for s in spans(path) if s["parent_id"] == parent["span_id"]]
+        return len(found) >= count
+
+    await eventually(exported, timeout=EXPORT_WAIT_S, what=f"{count} children of {parent}")
+    return found
+
+
+async def test_envoy_roots_the_trace_of_a_call_without_traceparent(
+    envoy_target: str, credentials: Credentials, envoy_spans: Path
+) -> None:
+    request_id = await list_models(envoy_target, credentials.metadata("tests"))
+
+    span = await server_span(envoy_spans, request_id)
+    assert span["parent_id"] is None
+    assert span["name"] == LIST_MODELS
+    assert (span["service"], span["process"]) == ("envoy", "envoy")
+    assert span["status"] != "error"
+    assert span["start_ns"] <= span["end_ns"]
+    assert span["attributes"]["grpc.status_code"] == "0"
+    assert span["attributes"]["upstream_cluster"] == "inference"
+
+    # the key check and the routed call (one span per attempt), in the same trace
+    spawned = await children(envoy_spans, span, 2)
+    by_name = {s["name"]: s for s in spawned}
+    authz = by_name[AUTHZ_SPAN]
+    assert authz["kind"] == "client"
+    assert authz["trace_id"] == span["trace_id"]
+    assert authz["attributes"]["ext_authz_status"] == "ext_authz_ok"
+    (upstream,) = [s for s in spawned if s["attributes"].get("upstream_cluster") == "inference"]
+    assert upstream["kind"] == "client"
+    assert upstream["trace_id"] == span["trace_id"]
+    assert upstream["attributes"]["switchboard.request_id"] == request_id
+    assert authz["start_ns"] <= upstream["start_ns"]
+
+
+async def test_envoy_continues_the_trace_a_client_sends(
+    envoy_target: str, credentials: Credentials, envoy_spans: Path
+) -> None:
+    traceparent = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
+    request_id = await list_models(
+        envoy_target, (*credentials.metadata("tests"), ("traceparent", traceparent))
+    )
+
+    span = await server_span(envoy_spans, request_id)
+    assert (span["trace_id"], span["parent_id"]) == (CLIENT_TRACE, CLIENT_SPAN)
+    spawned = await children(envoy_spans, span, 2)
+    assert {s["trace_id"] for s in spawned} == {CLIENT_TRACE}
+    assert AUTHZ_SPAN in {s["name"] for s in spawned}
+
+
+async def test_the_auth_service_continues_envoy_s_key_check(
+    envoy_target: str, credentials: Credentials, envoy_spans: Path
+) -> None:
+    """Envoy's gRPC client passes the ext_authz span's context on: the auth service's
+    span of the check is its child (the services write their spans next to Envoy's),
+    and knows the call by Envoy's request id."""
+    request_id = await list_models(envoy_target, credentials.metadata("tests"))
+    span = await server_span(envoy_spans, request_id)
+    (authz,) = [s for s in await children(envoy_spans, span, 2) if s["name"] == AUTHZ_SPAN]
+
+    def checked() -> list[dict[str, Any]]:
+        return [
+            s
+            for path in envoy_spans.parent.glob("*.jsonl")
+            if path != envoy_spans
+            for s in spans(path)
+            if s["parent_id"] == authz["span_id"]
+        ]
+
+    await eventually(checked, timeout=EXPORT_WAIT_S, what="the auth service's span of the check")
+    (check,) = checked()
+    assert check["trace_id"] == span["trace_id"]
+    assert check["kind"] == "server"
+    assert check["attributes"]["switchboard.request_id"] == request_id
