@@ -58,8 +58,10 @@ from services.runtime import (
     channel,
     clear_deadline,
     count_tokens,
+    current_request_id,
     propagated_metadata,
     status_of,
+    tracing,
 )
 
 logger = logging.getLogger(__name__)
@@ -199,6 +201,35 @@ class Turn:
 
     async def run(self) -> None:
         clear_deadline()  # a turn outlives the stream that started it
+        # a turn is a trace of its own, linked to the session stream's span (a stream
+        # lives for many turns)
+        stream = tracing.current_span().get_span_context()
+        with tracing.span(
+            "chat.turn",
+            parent=tracing.NEW_TRACE,
+            attributes={
+                "switchboard.session_id": self.session_id,
+                "switchboard.tenant": self.tenant_id,
+                "gen_ai.operation.name": "chat",
+                "gen_ai.request.model": self.settings.model,
+            },
+            links=[tracing.link_to(stream.trace_id, stream.span_id)] if stream.is_valid else (),
+        ) as span:
+            if rid := current_request_id():
+                span.set_attribute(tracing.REQUEST_ID, rid)
+            self._metadata = tuple(propagated_metadata([(TENANT_HEADER, self.tenant_id)]))
+            await self._run()
+            if self.answer.complete.ByteSize():
+                usage = self.answer.complete.usage
+                span.set_attributes(
+                    {
+                        "gen_ai.response.model": self.answer.complete.model.name,
+                        "gen_ai.usage.input_tokens": usage.prompt_tokens,
+                        "gen_ai.usage.output_tokens": usage.completion_tokens,
+                    }
+                )
+
+    async def _run(self) -> None:
         try:
             await self._answer()
         except asyncio.CancelledError:

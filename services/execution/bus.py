@@ -36,7 +36,7 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 from switchboard.execution.v1 import execution_pb2 as pb
 
-from services.runtime import dependency_unavailable
+from services.runtime import dependency_unavailable, tracing
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,8 @@ class Bus:
     async def _publish_async(
         self, subject: str, payload: bytes, msg_id: str
     ) -> asyncio.Future[js_api.PubAck]:
-        headers = {"Nats-Msg-Id": msg_id}
+        # the trace context travels with the step (to its worker) and with the event
+        headers = tracing.inject({"Nats-Msg-Id": msg_id})
         if self._acks_ready:
             return await self.js.publish_async(subject, payload, headers=headers)
         # nats-py makes its inbox for acks on the first publish, without a lock: two

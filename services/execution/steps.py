@@ -34,6 +34,7 @@ from services.runtime import (
     RetryPolicy,
     SwitchboardError,
     status_of,
+    tracing,
 )
 
 logger = logging.getLogger(__name__)
@@ -228,10 +229,19 @@ class StepRunner:
             files={".inputs.json": json.dumps(inputs).encode()},
             timeout=min(timeout, self._limits.max_timeout),
         )
-        if self._sandbox is not None:
-            result = await self._sandbox.run(request)
-        else:
-            result = await run(request, self._limits)
+        with tracing.span("sandbox.run") as span:
+            if self._sandbox is not None:
+                result = await self._sandbox.run(request)
+            else:
+                result = await run(request, self._limits)
+            span.set_attributes(
+                {
+                    "switchboard.sandbox.exit_code": result.exit_code,
+                    "switchboard.sandbox.termination": int(result.termination),
+                }
+            )
+            if result.exit_code != 0 or result.termination != 1:
+                tracing.fail(span, f"exit code {result.exit_code}")
         response = _json(run_response(result))
         response.pop("files", None)  # outputs stay small; files are for RunCode callers
         if result.exit_code != 0 or result.termination != 1:

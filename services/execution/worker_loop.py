@@ -32,13 +32,14 @@ from switchboard.events.v1 import events_pb2 as ev
 from switchboard.execution.v1 import execution_pb2 as pb
 
 from services.execution.batcher import Batcher
+from services.execution.bus import WORK_SUBJECT
 from services.execution.engine import Engine
 from services.execution.events import step_event, task_event
 from services.execution.heartbeats import Beat, Heartbeats
 from services.execution.metrics import REDELIVERIES
 from services.execution.steps import StepFailure, StepRunner, retry_policy, step_timeout
 from services.execution.store import Claim, ClaimedTask, TaskRow
-from services.runtime import Internal, SwitchboardError, stop_task
+from services.runtime import Internal, SwitchboardError, stop_task, tracing
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +175,12 @@ class Worker:
                     await msg.nak(delay=1.0)
 
     async def handle(self, msg: Msg) -> None:
+        """`_handle` in the trace of whoever queued the step: what it queues in turn (a
+        step after a dead worker's) stays in that trace."""
+        with tracing.attached(tracing.extract(msg.headers)):
+            await self._handle(msg)
+
+    async def _handle(self, msg: Msg) -> None:
         """Claims the message's step and runs it, and the chain it starts; or settles the
         message of a step already done, held by another worker, or failed."""
         body = json.loads(msg.data)
@@ -270,6 +277,41 @@ class Worker:
         outputs: Mapping[str, Any],
         beat: Beat[Msg],
     ) -> _Next | None:
+        """`_run_step` in the step attempt's span: a child of the span that queued the
+        step (its message's traceparent), linked to the attempt before it (whose span id
+        is a function of the task, step and attempt: no store holds it)."""
+        parent = tracing.extract(beat.msg.headers)
+        links = ()
+        if attempt > 1 and parent is not None:
+            trace_id = tracing.current_span(parent).get_span_context().trace_id
+            earlier = tracing.derived_span_id(task.task_id, name, attempt - 1)
+            links = (tracing.link_to(trace_id, earlier, **{"switchboard.attempt": attempt - 1}),)
+        with tracing.span(
+            f"execution.step {name}",
+            kind=tracing.SpanKind.CONSUMER,
+            parent=parent,
+            links=links,
+            span_id=tracing.derived_span_id(task.task_id, name, attempt),
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": WORK_SUBJECT,
+                "messaging.message.delivery_count": beat.msg.metadata.num_delivered,
+                "switchboard.task_id": task.task_id,
+                "switchboard.tenant": task.tenant_id,
+                "switchboard.step": name,
+                "switchboard.attempt": attempt,
+            },
+        ):
+            return await self._run_step(task, name, attempt, outputs, beat)
+
+    async def _run_step(
+        self,
+        task: ClaimedTask,
+        name: str,
+        attempt: int,
+        outputs: Mapping[str, Any],
+        beat: Beat[Msg],
+    ) -> _Next | None:
         """Runs a claimed step (its STARTED event published) and records its outcome;
         returns the step it unblocked that this worker claimed to run next (its STARTED
         event published), or None once the chain's message is settled."""
@@ -278,6 +320,7 @@ class Worker:
         try:
             output = await self._run(task, step, outputs, beat)
         except StepFailure as failure:
+            tracing.fail(tracing.current_span(), failure.error.message)
             await self._failed(task, step, attempt, failure, msg)
             return None
         except asyncio.CancelledError:

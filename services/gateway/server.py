@@ -18,6 +18,7 @@ from services.gateway.handlers import Api, HttpFailure, error_response
 from services.inference import InferenceService, load_inference_config
 from services.runtime import (
     HTTP_HEALTH_PATH,
+    REQUEST_ID_HEADER,
     HttpError,
     Internal,
     LocalChannel,
@@ -25,8 +26,10 @@ from services.runtime import (
     configure_logging,
     flush_logs,
     http_error,
+    process_name,
     serve_metrics,
     stop_task,
+    tracing,
 )
 
 logger = logging.getLogger(__name__)
@@ -65,22 +68,37 @@ async def _errors(request: web.Request, handler: web.Handler) -> web.StreamRespo
         request.match_info.route.resource.canonical if request.match_info.route.resource else "-"
     )
     started = time.monotonic()
-    try:
-        response = await handler(request)
-    except HttpFailure as failure:
-        response = error_response(failure.error)
-    except SwitchboardError as error:
-        response = error_response(http_error(error.to_rpc_status()))
-    except web.HTTPException as error:
-        if error.status < 400:
-            raise
-        response = error_response(_unrouted(error, request))
-    except Exception:  # noqa: BLE001 - a bug: answered as INTERNAL, logged in full
-        logger.exception("request failed", extra={"path": request.path})
-        response = error_response(http_error(Internal("internal error").to_rpc_status()))
+    with tracing.span(
+        f"{request.method} {route}",
+        kind=tracing.SpanKind.SERVER,
+        parent=tracing.extract(request.headers),
+        attributes={"http.request.method": request.method, "url.path": request.path},
+    ) as span:
+        if rid := request.headers.get(REQUEST_ID_HEADER):
+            span.set_attribute(tracing.REQUEST_ID, rid)
+        response = await _answer(request, handler)
+        span.set_attribute("http.response.status_code", response.status)
+        if response.status >= 500:
+            tracing.fail(span, f"HTTP {response.status}")
     HTTP_REQUESTS.labels(route, str(response.status)).inc()
     HTTP_LATENCY.labels(route).observe(time.monotonic() - started)
     return response
+
+
+async def _answer(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except HttpFailure as failure:
+        return error_response(failure.error)
+    except SwitchboardError as error:
+        return error_response(http_error(error.to_rpc_status()))
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        return error_response(_unrouted(error, request))
+    except Exception:  # noqa: BLE001 - a bug: answered as INTERNAL, logged in full
+        logger.exception("request failed", extra={"path": request.path})
+        return error_response(http_error(Internal("internal error").to_rpc_status()))
 
 
 class Gateway:
@@ -173,6 +191,7 @@ async def serve(config: GatewayConfig | None = None) -> None:
     """Runs the gateway until SIGTERM/SIGINT, then drains and stops gracefully."""
     config = config or load_gateway_config()
     configure_logging(service=SERVICE, level=config.log_level)
+    tracing.configure_tracing(service=SERVICE, process=process_name(SERVICE))
     if config.metrics_port:
         serve_metrics(config.metrics_port, config.host)
     stopping = asyncio.Event()
@@ -191,6 +210,7 @@ async def serve(config: GatewayConfig | None = None) -> None:
     gateway.serving = False  # health says so; the edge stops sending
     await asyncio.sleep(config.drain.total_seconds())
     await gateway.shutdown()
+    tracing.flush_traces()
     logger.info("stopped")
     flush_logs()
 

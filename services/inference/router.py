@@ -26,6 +26,7 @@ from services.runtime import (
     count_tokens,
     invalid,
     outbound_timeout,
+    tracing,
 )
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,27 @@ def validate_embed(texts: Sequence[str], *, max_texts: int = EMBED_TEXTS_HARD_MA
             problems.append(FieldViolation(f"texts[{i}]", "must not be blank"))
     if problems:
         raise invalid(problems[:20], what="EmbedRequest")
+
+
+def _backend_span(
+    operation: str, backend: TritonBackend | OpenAIBackend, model: str, *, fallback: bool
+) -> tracing.Span:
+    """A client span of one call to a backend (Triton, or an OpenAI-compatible upstream):
+    which one, its breaker's state, and whether it serves a fallback tier."""
+    return tracing.start_span(
+        f"{operation} {model}",
+        kind=tracing.SpanKind.CLIENT,
+        attributes={
+            "gen_ai.operation.name": "embeddings"
+            if operation == "embeddings"
+            else "text_completion",
+            "gen_ai.request.model": model,
+            "gen_ai.system": "triton" if isinstance(backend, TritonBackend) else "openai",
+            "switchboard.backend": backend.name,
+            "switchboard.breaker": backend.breaker.state.name.lower(),
+            "switchboard.fallback": fallback,
+        },
+    )
 
 
 def _all_down(model: str, tier: str = "") -> Unavailable:
@@ -189,6 +211,9 @@ class Router:
             for backend in self._order(model, request.session_id):
                 if not backend.breaker.allow():
                     continue
+                span = _backend_span(
+                    "generate", backend, model.name, fallback=model is not models[0]
+                )
                 stream = backend.generate(
                     model.name,
                     request.prompt,
@@ -212,6 +237,7 @@ class Router:
                         yield token
                 except BackendFailure as failure:
                     backend.breaker.record_failure()
+                    tracing.fail(span, failure.message)
                     if result.first_token_s is not None:
                         raise
                     logger.warning(
@@ -225,6 +251,8 @@ class Router:
                     continue
                 finally:
                     await stream.aclose()
+                    span.set_attribute("gen_ai.usage.output_tokens", result.completion_tokens)
+                    span.end()
                 backend.breaker.record_success()
                 if result.first_token_s is None:
                     result.backend = backend.name
@@ -247,11 +275,16 @@ class Router:
         for backend in self.balancer.order():
             if not backend.breaker.allow():
                 continue
+            span = _backend_span("embeddings", backend, model, fallback=False)
+            span.set_attribute("switchboard.embed.texts", len(texts))
             try:
                 vectors = await backend.embed(model, texts, timeout=outbound_timeout(None))
-            except BackendFailure:
+            except BackendFailure as failure:
                 backend.breaker.record_failure()
+                tracing.fail(span, failure.message)
                 continue
+            finally:
+                span.end()
             backend.breaker.record_success()
             return vectors
         raise _all_down(model)

@@ -15,11 +15,12 @@ from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 
 from services.inference import metrics
 from services.inference.admission import AdmissionGate, Ask
+from services.inference.policy import Choice
 from services.inference.router import GenerateInput, GenerateResult, Router
 from services.inference.stops import StopMatcher
 from services.inference.triton import TritonBackend
 from services.inference.upstream import OpenAIBackend
-from services.runtime import TIER_VALUES, TIERS, count_tokens, require_tenant
+from services.runtime import TIER_VALUES, TIERS, count_tokens, require_tenant, tracing
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             session_id=request.session_id,
         )
         result = GenerateResult(choice=self._router.choose(params))
+        _trace_choice(result.choice, request.parameters.max_tokens)
         if self._admission is None:
             async for reply in self._generate(request, params, result):
                 yield reply
@@ -87,15 +89,32 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             max_tokens=choice.max_tokens,
             priority=request.priority or common_pb2.PRIORITY_INTERACTIVE,
         )
-        if request.report_queue_position:
-            lease_id = ""
-            async for update in self._admission.admit_stream(ask):
-                if isinstance(update, str):
-                    lease_id = update
-                else:
-                    yield inference_pb2.GenerateResponse(queued=update)
+        span = tracing.start_span(
+            "admission.admit",
+            attributes={"switchboard.priority": ask.priority, "switchboard.tier": ask.tier},
+        )
+        queued = 0
+        try:
+            if request.report_queue_position:
+                lease_id = ""
+                async for update in self._admission.admit_stream(ask):
+                    if isinstance(update, str):
+                        lease_id = update
+                    else:
+                        queued += 1
+                        span.set_attribute("switchboard.admission.position", update.position)
+                        yield inference_pb2.GenerateResponse(queued=update)
+            else:
+                lease_id = await self._admission.admit(ask)
+        except BaseException as exc:
+            span.set_attribute("switchboard.admission.decision", "refused")
+            tracing.fail(span, exc)
+            raise
         else:
-            lease_id = await self._admission.admit(ask)
+            span.set_attribute("switchboard.admission.decision", "admitted")
+        finally:
+            span.set_attribute("switchboard.admission.queued", queued > 0)
+            span.end()
         try:
             async for reply in self._generate(request, params, result):
                 yield reply
@@ -149,6 +168,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             )
             if result.first_token_s is not None:
                 complete.time_to_first_token.FromTimedelta(timedelta(seconds=result.first_token_s))
+            _trace_completion(complete, result.first_token_s)
             yield inference_pb2.GenerateResponse(complete=complete)
         except (asyncio.CancelledError, GeneratorExit):
             if outcome == "error":  # not once the answer is complete
@@ -206,6 +226,45 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             for name in policy.embedder.names
         )
         return inference_pb2.ListModelsResponse(models=models)
+
+
+def _trace_choice(choice: Choice, requested_max_tokens: int) -> None:
+    """The generation's span (the Generate call's) names the model chosen and why."""
+    span = tracing.current_span()
+    if span.is_recording():
+        span.set_attributes(
+            {
+                "gen_ai.operation.name": "text_completion",
+                "gen_ai.request.model": choice.model.name,
+                "gen_ai.request.max_tokens": choice.max_tokens,
+                "switchboard.tier": choice.model.tier,
+                "switchboard.route.prompt_tokens": choice.prompt_tokens,
+                "switchboard.route.complexity": round(choice.complexity, 3),
+                "switchboard.route.requested_max_tokens": requested_max_tokens,
+            }
+        )
+
+
+def _trace_completion(
+    complete: inference_pb2.GenerationComplete, first_token_s: float | None
+) -> None:
+    span = tracing.current_span()
+    if span.is_recording():
+        span.set_attributes(
+            {
+                "gen_ai.response.model": complete.model.name,
+                "gen_ai.usage.input_tokens": complete.usage.prompt_tokens,
+                "gen_ai.usage.output_tokens": complete.usage.completion_tokens,
+                "gen_ai.response.finish_reasons": [
+                    inference_pb2.FinishReason.Name(complete.finish_reason)
+                    .removeprefix("FINISH_REASON_")
+                    .lower()
+                ],
+                "switchboard.backend": complete.backend,
+            }
+        )
+        if first_token_s is not None:
+            span.set_attribute("gen_ai.server.time_to_first_token", first_token_s)
 
 
 def _delta(text: str, index: int, passage: int) -> inference_pb2.GenerateResponse:

@@ -9,7 +9,7 @@ from switchboard.rag.v1 import rag_pb2
 from services.rag.embedder import Embedder
 from services.rag.ingest import metadata_nul_violations, without_nul
 from services.rag.store import Hit, Mode, RagStore
-from services.runtime import FieldViolation, invalid
+from services.runtime import FieldViolation, invalid, tracing
 
 logger = logging.getLogger(__name__)
 
@@ -75,4 +75,14 @@ class Retriever:
             metadata_filter=dict(request.metadata_filter),
             candidates=hybrid_candidates(request.top_k),
         )
+        span = tracing.current_span()
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "switchboard.retrieval.mode": mode.name.lower(),
+                    "switchboard.retrieval.top_k": request.top_k,
+                    "switchboard.retrieval.rows": len(hits),
+                    "switchboard.retrieval.filtered": bool(request.metadata_filter),
+                }
+            )
         return mode, hits

@@ -1,6 +1,7 @@
 """The shared runtime every Switchboard service is built on."""
 
 import services.runtime._catalogue as catalogue
+import services.runtime._tracing as tracing
 from services.runtime._breaker import CircuitBreaker, CircuitOpenError, CircuitState
 from services.runtime._catalogue import (
     HTTP_HEALTH_PATH,
@@ -11,7 +12,13 @@ from services.runtime._catalogue import (
     http_prefixes,
     public_services,
 )
-from services.runtime._channels import channel, outbound_timeout, propagated_metadata
+from services.runtime._channels import (
+    channel,
+    client_span,
+    ended_with,
+    outbound_timeout,
+    propagated_metadata,
+)
 from services.runtime._config import ConfigError, load_config, parse_duration
 from services.runtime._context import (
     PRINCIPAL_HEADER,
@@ -20,6 +27,7 @@ from services.runtime._context import (
     Principal,
     clear_deadline,
     current_principal,
+    current_request_id,
     current_tenant,
     time_remaining,
 )
@@ -67,6 +75,7 @@ from services.runtime._server import (
     create_server,
     load_server_config,
     main,
+    process_name,
     serve,
 )
 from services.runtime._tasks import stop_task
@@ -101,6 +110,7 @@ __all__ = [
     "RelayedError",
     "clear_deadline",
     "current_tenant",
+    "current_request_id",
     "Database",
     "apply_migrations",
     "page_size",
@@ -141,6 +151,10 @@ __all__ = [
     "outbound_timeout",
     "parse_duration",
     "propagated_metadata",
+    "client_span",
+    "ended_with",
+    "tracing",
+    "process_name",
     "public_services",
     "serve",
     "stop_task",

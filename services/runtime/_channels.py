@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from services.runtime import _context
+from services.runtime import _context, _tracing
 from services.runtime._errors import DeadlineExceeded
 
 logger = logging.getLogger(__name__)
@@ -32,9 +32,12 @@ def outbound_timeout(requested: float | None, *, default: float | None = None) -
 
 
 def propagated_metadata(extra: Sequence[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
-    """Request id and tenant of the current inbound call, plus `extra`."""
+    """Request id, tenant and trace context of the current inbound call, plus `extra`."""
     metadata = list(extra or ())
     keys = {k for k, _ in metadata}
+    if _tracing.enabled() and _tracing.TRACEPARENT not in keys:
+        if (parent := _tracing.traceparent()) is not None:
+            metadata.append((_tracing.TRACEPARENT, parent))
     if (rid := _context.request_id.get()) and _context.REQUEST_ID_HEADER not in keys:
         metadata.append((_context.REQUEST_ID_HEADER, rid))
     if (tenant := _context.tenant_id.get()) and _context.TENANT_HEADER not in keys:
@@ -42,40 +45,83 @@ def propagated_metadata(extra: Sequence[tuple[str, str]] | None = None) -> list[
     return metadata
 
 
+def client_span(method: str) -> _tracing.Span:
+    """A started client span of an outbound call to `method` (`/pkg.Service/Method`);
+    current until `ended_with` ends it. INVALID_SPAN while tracing is off."""
+    if not _tracing.enabled():
+        return _tracing.INVALID_SPAN
+    service, _, name = method.lstrip("/").partition("/")
+    return _tracing.start_span(
+        method.lstrip("/"),
+        kind=_tracing.SpanKind.CLIENT,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+    )
+
+
+def ended_with(span: _tracing.Span, call: Any) -> Any:
+    """`call`, whose end ends `span`."""
+    if span is _tracing.INVALID_SPAN:
+        return call
+
+    def done(finished: Any) -> None:
+        # grpc.aio tells a call's status only to a coroutine: the callee's span holds it
+        if finished.cancelled():
+            span.set_attribute("switchboard.cancelled", True)
+        span.end()
+
+    call.add_done_callback(done)
+    return call
+
+
 class _Propagate:
-    """Client interceptor base: narrows the timeout and forwards the request context."""
+    """Client interceptor base: narrows the timeout, forwards the request context, and
+    traces the call (a client span, whose context the callee continues)."""
 
     def __init__(self, default_timeout: float | None) -> None:
         self._default = default_timeout
 
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        return grpc.aio.ClientCallDetails(
-            method=details.method,
-            timeout=outbound_timeout(details.timeout, default=self._default),
-            metadata=grpc.aio.Metadata(*propagated_metadata(list(details.metadata or ()))),
-            credentials=details.credentials,
-            wait_for_ready=details.wait_for_ready,
+    async def _call(
+        self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        span = client_span(
+            details.method if isinstance(details.method, str) else details.method.decode()
         )
+        token = _tracing.activate(span)
+        try:
+            details = grpc.aio.ClientCallDetails(
+                method=details.method,
+                timeout=outbound_timeout(details.timeout, default=self._default),
+                metadata=grpc.aio.Metadata(*propagated_metadata(list(details.metadata or ()))),
+                credentials=details.credentials,
+                wait_for_ready=details.wait_for_ready,
+            )
+        except BaseException as exc:
+            _tracing.fail(span, exc)
+            span.end()
+            raise
+        finally:
+            _tracing.deactivate(token)
+        return ended_with(span, await continuation(details, request))
 
 
 class _UnaryUnary(_Propagate, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await self._call(continuation, details, request)
 
 
 class _UnaryStream(_Propagate, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await self._call(continuation, details, request)
 
 
 class _StreamUnary(_Propagate, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await continuation(self._details(details), requests)
+        return await self._call(continuation, details, requests)
 
 
 class _StreamStream(_Propagate, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await continuation(self._details(details), requests)
+        return await self._call(continuation, details, requests)
 
 
 def channel(

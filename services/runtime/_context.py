@@ -55,6 +55,11 @@ def time_remaining() -> float | None:
     return at - time.monotonic()
 
 
+def current_request_id() -> str:
+    """The request id of the call being handled, or "" outside one."""
+    return request_id.get()
+
+
 def current_tenant() -> str:
     """The tenant of the call being handled (`x-tenant-id`), or "" without one."""
     return tenant_id.get()

@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
+from services.runtime import _tracing
 from services.runtime._context import time_remaining
 from services.runtime._errors import Unavailable
 
@@ -154,8 +155,28 @@ class Database:
             psycopg_pool.PoolTimeout: none came in time (a psycopg.OperationalError,
                 which the stores answer as UNAVAILABLE).
         """
+        with contextlib.ExitStack() as traced:
+            if _tracing.in_trace():  # PostgreSQL work of a traced call, not a sweeper's
+                traced.enter_context(
+                    _tracing.span(
+                        f"postgresql {self.name}",
+                        kind=_tracing.SpanKind.CLIENT,
+                        attributes={"db.system": "postgresql", "db.namespace": self.name},
+                    )
+                )
+            async with self._connection(timeout) as conn:
+                yield conn
+
+    @contextlib.asynccontextmanager
+    async def _connection(
+        self, timeout: float | None
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         try:
+            started = time.monotonic()
             conn = await self._live(pool_wait(timeout, time_remaining(), down=self._down))
+            _tracing.current_span().set_attribute(
+                "switchboard.db.pool_wait_ms", round((time.monotonic() - started) * 1000, 3)
+            )
             try:
                 async with conn:
                     yield conn

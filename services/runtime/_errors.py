@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from switchboard.common.v1 import common_pb2
 
-from services.runtime import _context
+from services.runtime import _context, _tracing
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ class SwitchboardError(Exception):
         metadata = {bounded(k, 64): bounded(str(v)) for k, v in self.metadata.items()}
         if rid := _context.request_id.get():
             metadata.setdefault("request_id", rid)
+        if trace_id := _tracing.current_trace_id():
+            metadata.setdefault("trace_id", trace_id)
         info = error_details_pb2.ErrorInfo(
             reason=self.reason, domain=ERROR_DOMAIN, metadata=metadata
         )

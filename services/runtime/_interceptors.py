@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from grpc.aio import AbortError
 
-from services.runtime import _context, _metrics
+from services.runtime import _context, _metrics, _tracing
 from services.runtime._contract import MethodContract, method_contract
 from services.runtime._errors import InvalidArgument, SwitchboardError
 
@@ -85,11 +85,27 @@ class _Method:
     """Per-method constants, resolved once: names, the contract and the labelled metric
     children."""
 
-    __slots__ = ("service", "method", "contract", "started", "in_flight", "latency", "_handled")
+    __slots__ = (
+        "service",
+        "method",
+        "contract",
+        "started",
+        "in_flight",
+        "latency",
+        "span_name",
+        "attributes",
+        "_handled",
+    )
 
     def __init__(self, full_method: str) -> None:
         _, _, rest = full_method.partition("/")
         self.service, _, self.method = rest.partition("/")
+        self.span_name = rest
+        self.attributes = {
+            "rpc.system": "grpc",
+            "rpc.service": self.service,
+            "rpc.method": self.method,
+        }
         self.contract: MethodContract | None = None
         if full_method.startswith(_CONTRACTED):
             self.contract = method_contract(full_method)
@@ -123,19 +139,43 @@ class _Method:
 class _Call:
     """Bookkeeping of one RPC: sets the contextvars, then logs and counts its outcome."""
 
-    __slots__ = ("service", "method", "started", "code", "_tokens", "_m")
+    __slots__ = (
+        "service",
+        "method",
+        "started",
+        "code",
+        "error",
+        "_tokens",
+        "_m",
+        "_span",
+        "_active",
+    )
 
     def __init__(self, m: _Method, context: grpc.aio.ServicerContext) -> None:
         self._m = m
         self.service, self.method = m.service, m.method
         self.started = time.perf_counter()
         self.code = grpc.StatusCode.OK
+        self.error = ""
         metadata = dict(context.invocation_metadata() or ())
         # the caller's request id, bounded: it is echoed into logs and error details
-        rid = (
-            metadata.get(_context.REQUEST_ID_HEADER, "")[: _context.MAX_REQUEST_ID]
-            or uuid.uuid4().hex
-        )
+        rid = metadata.get(_context.REQUEST_ID_HEADER, "")[: _context.MAX_REQUEST_ID]
+        self._span = self._active = None
+        if _tracing.enabled():
+            # a child of the caller's span (its traceparent), or of the current one (a
+            # call made in-process); a request without an id is known by its trace's
+            self._span = _tracing.start_span(
+                m.span_name,
+                kind=_tracing.SpanKind.SERVER,
+                parent=_tracing.extract(metadata),
+                attributes=m.attributes,
+            )
+            rid = rid or _tracing.trace_id_of(self._span)
+            self._span.set_attribute(_tracing.REQUEST_ID, rid)
+            if tenant := metadata.get(_context.TENANT_HEADER):
+                self._span.set_attribute("switchboard.tenant", tenant)
+            self._active = _tracing.activate(self._span)
+        rid = rid or uuid.uuid4().hex
         remaining = context.time_remaining()
         self._tokens = (
             _context.request_id.set(rid),
@@ -150,6 +190,7 @@ class _Call:
 
     async def fail(self, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
         """Turns an exception into the call's status (re-raising what grpc owns)."""
+        self.error = str(exc) or type(exc).__name__
         if isinstance(exc, SwitchboardError):
             self.code = exc.code
             await context.abort_with_status(exc.to_grpc_status())
@@ -168,6 +209,12 @@ class _Call:
 
     def finish(self) -> None:
         elapsed = time.perf_counter() - self.started
+        if self._span is not None:
+            self._span.set_attribute("rpc.grpc.status_code", self.code.value[0])
+            if self.code is not grpc.StatusCode.OK:
+                _tracing.fail(self._span, f"{self.code.name}: {self.error}")
+            _tracing.deactivate(self._active)
+            self._span.end()
         self._m.in_flight.dec()
         self._m.handled(self.code).inc()
         self._m.latency.observe(elapsed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from services.runtime._config import load_config
 from services.runtime._interceptors import InstrumentingRegistry
 from services.runtime._logging import configure_logging, flush_logs
 from services.runtime._metrics import serve_metrics
+from services.runtime._tracing import configure_tracing, flush_traces
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,12 @@ class Service(Protocol):
     async def ready(self) -> bool: ...
 
     async def shutdown(self) -> None: ...
+
+
+def process_name(service: str) -> str:
+    """This process's name in the mesh (`inference-1`): the launcher's
+    `SWITCHBOARD_<SERVICE>_REPLICA_ID`, or the service and its PID."""
+    return os.environ.get(f"SWITCHBOARD_{service.upper()}_REPLICA_ID") or f"{service}-{os.getpid()}"
 
 
 def load_server_config(service: str) -> ServerConfig:
@@ -138,6 +146,7 @@ async def serve(service: Service, config: ServerConfig | None = None) -> None:
     """Runs `service` until SIGTERM/SIGINT, then drains and stops gracefully."""
     config = config or load_server_config(service.name)
     configure_logging(service=service.name, level=config.log_level)
+    configure_tracing(service=service.name, process=process_name(service.name))
     if config.metrics_port:
         serve_metrics(config.metrics_port, config.host)
     await service.start()
@@ -161,6 +170,7 @@ async def serve(service: Service, config: ServerConfig | None = None) -> None:
     await asyncio.sleep(config.drain.total_seconds())
     await server.stop(config.grace.total_seconds())
     await service.shutdown()
+    flush_traces()
     logger.info("stopped")
 
 

@@ -90,6 +90,7 @@ class Clock:
 class FakeMsg:
     def __init__(self) -> None:
         self.beats = 0
+        self.headers: dict[str, str] | None = None  # as nats' Msg without headers
 
     async def in_progress(self) -> None:
         self.beats += 1
