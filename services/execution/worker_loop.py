@@ -226,7 +226,8 @@ class Worker:
         beat = self.heartbeats.chain(task_id=task_id, step=name, msg=msg)
         step: _Next | None = (name, claimed.attempt, claimed.outputs or {})
         while step is not None:
-            step = await self._execute(claimed.task, *step, beat)
+            with _step_span(claimed.task, step[0], step[1], msg):
+                step = await self._execute(claimed.task, *step, beat)
 
     @staticmethod
     def _step_event(
@@ -270,41 +271,6 @@ class Worker:
         await self._engine.progress(task_id, task.tenant_id, progress, before=completed)
 
     async def _execute(
-        self,
-        task: ClaimedTask,
-        name: str,
-        attempt: int,
-        outputs: Mapping[str, Any],
-        beat: Beat[Msg],
-    ) -> _Next | None:
-        """`_run_step` in the step attempt's span: a child of the span that queued the
-        step (its message's traceparent), linked to the attempt before it (whose span id
-        is a function of the task, step and attempt: no store holds it)."""
-        parent = tracing.extract(beat.msg.headers)
-        links = ()
-        if attempt > 1 and parent is not None:
-            trace_id = tracing.current_span(parent).get_span_context().trace_id
-            earlier = tracing.derived_span_id(task.task_id, name, attempt - 1)
-            links = (tracing.link_to(trace_id, earlier, **{"switchboard.attempt": attempt - 1}),)
-        with tracing.span(
-            f"execution.step {name}",
-            kind=tracing.SpanKind.CONSUMER,
-            parent=parent,
-            links=links,
-            span_id=tracing.derived_span_id(task.task_id, name, attempt),
-            attributes={
-                "messaging.system": "nats",
-                "messaging.destination.name": WORK_SUBJECT,
-                "messaging.message.delivery_count": beat.msg.metadata.num_delivered,
-                "switchboard.task_id": task.task_id,
-                "switchboard.tenant": task.tenant_id,
-                "switchboard.step": name,
-                "switchboard.attempt": attempt,
-            },
-        ):
-            return await self._run_step(task, name, attempt, outputs, beat)
-
-    async def _run_step(
         self,
         task: ClaimedTask,
         name: str,
@@ -466,3 +432,31 @@ class Worker:
                 error=status,
             )
         )
+
+
+def _step_span(task: ClaimedTask, name: str, attempt: int, msg: Msg) -> Any:
+    """The step attempt's span: a child of the span that queued the step (its message's
+    traceparent), linked to the attempt before it, whose span id is a function of the
+    task, step and attempt (no store holds it: its worker may have died with it)."""
+    parent = tracing.extract(msg.headers)
+    links = ()
+    if attempt > 1 and parent is not None:
+        trace_id = tracing.current_span(parent).get_span_context().trace_id
+        earlier = tracing.derived_span_id(task.task_id, name, attempt - 1)
+        links = (tracing.link_to(trace_id, earlier, **{"switchboard.attempt": attempt - 1}),)
+    return tracing.span(
+        f"execution.step {name}",
+        kind=tracing.SpanKind.CONSUMER,
+        parent=parent,
+        links=links,
+        span_id=tracing.derived_span_id(task.task_id, name, attempt),
+        attributes={
+            "messaging.system": "nats",
+            "messaging.destination.name": WORK_SUBJECT,
+            "messaging.message.delivery_count": msg.metadata.num_delivered,
+            "switchboard.task_id": task.task_id,
+            "switchboard.tenant": task.tenant_id,
+            "switchboard.step": name,
+            "switchboard.attempt": attempt,
+        },
+    )

@@ -320,23 +320,14 @@ def fail(span: Span, error: BaseException | str) -> None:
 
 
 @contextmanager
-def span(
-    name: str,
-    *,
-    kind: SpanKind = SpanKind.INTERNAL,
-    parent: otel_context.Context | None = None,
-    attributes: Mapping[str, Any] | None = None,
-    links: Sequence[trace.Link] = (),
-    span_id: int | None = None,
-) -> Iterator[Span]:
-    """A span around a block: current inside it, failed when the block raises (a
-    cancellation is recorded as such, not as an error)."""
+def span(name: str, **options: Any) -> Iterator[Span]:
+    """A span around a block (`options` as `start_span` takes them): current inside it,
+    failed when the block raises (a cancellation is recorded as such, not as an
+    error)."""
     if _tracer is None:
         yield INVALID_SPAN
         return
-    current = start_span(
-        name, kind=kind, parent=parent, attributes=attributes, links=links, span_id=span_id
-    )
+    current = start_span(name, **options)
     token = activate(current)
     try:
         yield current

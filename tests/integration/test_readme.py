@@ -68,6 +68,7 @@ EXCLUDED = {
 """Commands of the README not run here (a whole line of a block, comment aside)."""
 
 SHOWS = {
+    "switchboard trace --slowest 5": ("start ms", "dur ms", "timeline"),
     "keys revoke": ("sb_", "my laptop", "active"),
     "make web": ("<title>Switchboard chat</title>",),
     "make status": ("envoy", "running", "inference.log <=="),

@@ -69,14 +69,14 @@ def connected(spans: list[Span]) -> bool:
     return len(roots) == 1 and not orphans
 
 
-def chain(spans: list[Span], span: Span) -> list[str]:
-    """The processes from `span` up to the root."""
+def ancestors(spans: list[Span], span: Span) -> list[Span]:
+    """`span`, its parent, and so on up to the root."""
     by_id = {s.span_id: s for s in spans}
-    processes = [span.process]
+    line = [span]
     while span.parent_id is not None:
         span = by_id[span.parent_id]
-        processes.append(span.process)
-    return processes
+        line.append(span)
+    return line
 
 
 async def test_a_chat_turn_with_retrieval_and_a_tool_is_one_trace(mesh, channel):
@@ -147,7 +147,7 @@ async def test_a_chat_turn_with_retrieval_and_a_tool_is_one_trace(mesh, channel)
     # the hops: turn → Generate (inference) → Triton; turn → Retrieve → Embed; turn →
     # SubmitTask → the step (worker, over JetStream) → the sandbox
     generate = by_name["switchboard.inference.v1.InferenceService/Generate"]
-    assert chain(spans, generate)[-1] == root.process
+    assert ancestors(spans, generate)[-1] == root
     assert generate.attributes["gen_ai.usage.output_tokens"] == completed.usage.completion_tokens
     assert generate.attributes["gen_ai.usage.input_tokens"] == completed.usage.prompt_tokens
     assert generate.attributes["gen_ai.request.model"] == completed.model.name
@@ -160,23 +160,14 @@ async def test_a_chat_turn_with_retrieval_and_a_tool_is_one_trace(mesh, channel)
     assert retrieve.attributes["switchboard.retrieval.mode"] == "hybrid"
     assert retrieve.attributes["switchboard.retrieval.rows"] > 0
     embed = by_name["switchboard.inference.v1.InferenceService/Embed"]
-    assert retrieve.span_id in _ancestors(spans, embed)
+    assert retrieve in ancestors(spans, embed)
     step = by_name["execution.step call"]
     assert step.attributes["switchboard.attempt"] == 1
     assert {"worker", "execution", "chat"} <= {
-        s.service for s in spans if s.span_id in _ancestors(spans, by_name["sandbox.run"])
+        s.service for s in ancestors(spans, by_name["sandbox.run"])
     }
     assert any(s.attributes.get("db.system") == "postgresql" for s in spans)
     assert {s.service for s in spans} >= {"chat", "execution", "worker", "rag", "inference"}
-
-
-def _ancestors(spans: list[Span], span: Span) -> set[str]:
-    by_id = {s.span_id: s for s in spans}
-    seen = {span.span_id}
-    while span.parent_id is not None:
-        span = by_id[span.parent_id]
-        seen.add(span.span_id)
-    return seen
 
 
 async def test_a_task_is_one_trace_across_a_worker_restart(mesh, channel):
@@ -239,7 +230,7 @@ async def test_a_task_is_one_trace_across_a_worker_restart(mesh, channel):
     assert link.attributes["switchboard.attempt"] == 1
     assert first.span_id == f"{tracing.derived_span_id(task.task_id, 'first', 1):016x}"
     for step in (first, slow, last):
-        assert submit.span_id in _ancestors(spans, step)
+        assert submit in ancestors(spans, step)
 
 
 async def test_an_error_a_client_saw_leads_to_its_trace(mesh, channel):
