@@ -191,6 +191,15 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         model = self._router.policy.embedder_name(request.model)
         vectors = await self._router.embed(list(request.texts), model=model)
         tokens = sum(count_tokens(t) for t in request.texts)
+        span = tracing.current_span()
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "gen_ai.operation.name": "embeddings",
+                    "gen_ai.request.model": model,
+                    "gen_ai.usage.input_tokens": tokens,
+                }
+            )
         return inference_pb2.EmbedResponse(
             embeddings=[inference_pb2.Embedding(values=row) for row in vectors.tolist()],
             model=model,

@@ -198,10 +198,13 @@ def configure_tracing(*, service: str, process: str, env: Mapping[str, str] | No
     if directory := env.get(TRACES_DIR_ENV):
         exporter = JsonLinesExporter(Path(directory) / f"{process}.jsonl", process=process)
         provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
-    if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+    collector = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    if collector:  # OTLP over gRPC; the exporter reads the other OTEL_EXPORTER_OTLP_* itself
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=collector)))
     _provider = provider
     _tracer = provider.get_tracer("switchboard")
 

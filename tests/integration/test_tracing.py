@@ -161,6 +161,8 @@ async def test_a_chat_turn_with_retrieval_and_a_tool_is_one_trace(mesh, channel)
     assert retrieve.attributes["switchboard.retrieval.rows"] > 0
     embed = by_name["switchboard.inference.v1.InferenceService/Embed"]
     assert retrieve in ancestors(spans, embed)
+    assert embed.attributes["gen_ai.operation.name"] == "embeddings"
+    assert embed.attributes["gen_ai.usage.input_tokens"] > 0
     step = by_name["execution.step call"]
     assert step.attributes["switchboard.attempt"] == 1
     assert {"worker", "execution", "chat"} <= {
