@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
@@ -24,9 +25,25 @@ from services.execution.bus import Bus
 from services.execution.events import TASK_END_EVENTS, step_event, task_event
 from services.execution.graph import validate_task
 from services.execution.store import Progress, TaskRow, TaskStore
-from services.runtime import Internal, SwitchboardError, validate_request
+from services.runtime import (
+    Internal,
+    RetriesExhausted,
+    RetryPolicy,
+    SwitchboardError,
+    Unavailable,
+    validate_request,
+)
 
 logger = logging.getLogger(__name__)
+
+ANNOUNCE_WAIT_S = 1.0
+"""How long a submission waits for its task's announcement (events, first work) once
+the task is committed; past it the call answers and the announcement goes on."""
+ANNOUNCE_RETRY = RetryPolicy(
+    max_attempts=120, backoff=timedelta(milliseconds=250), max_backoff=timedelta(seconds=5)
+)
+"""How an announcement the bus refused is tried again (about 10 minutes: within the
+streams' de-duplication window, so that a repeat is harmless)."""
 
 Submitted = tuple[TaskRow, bool, int]
 """A submitted task, whether it existed (same idempotency key), and for a new task the
@@ -41,6 +58,14 @@ class Engine:
         self.store = store
         self.bus = bus
         self._creates = Batcher(self._create_many)
+        self._announcing: set[asyncio.Task[int]] = set()
+
+    async def close(self) -> None:
+        """Stops announcements still waiting for the bus (another process's
+        `republish_stale` sends their work)."""
+        for job in list(self._announcing):
+            job.cancel()
+        await asyncio.gather(*self._announcing, return_exceptions=True)
 
     async def publish(self, event: pb.WatchTaskResponse) -> None:
         """Appends the event to its task's log."""
@@ -66,7 +91,7 @@ class Engine:
             task, existing = await self.store.create(tenant_id, request)
             if existing:
                 return task, True, 0
-            return task, False, await self.announce(task)
+            return task, False, await self._announced(task)
         # shielded: a caller gone while its batch commits must not leave the task unannounced
         return await asyncio.shield(self._submit_new(tenant_id, request))
 
@@ -100,7 +125,7 @@ class Engine:
         created = await self._creates((tenant_id, request))
         if isinstance(created, BaseException):
             raise created
-        return created, False, await self.announce(created)
+        return created, False, await self._announced(created)
 
     async def _create_many(
         self, requests: list[tuple[str, pb.SubmitTaskRequest]]
@@ -118,6 +143,36 @@ class Engine:
             return_exceptions=True,
         )
         return [r[0] if isinstance(r, tuple) else r for r in results]
+
+    async def _announced(self, task: TaskRow) -> int:
+        """`announce`, waited for at most ANNOUNCE_WAIT_S: the task is committed, so a
+        bus that is slow or down must not hold its submission (nor make a client retry
+        it as if it had failed). Past the wait the call answers with sequence 0 (not
+        known yet) and the announcement goes on, tried again until the bus takes it."""
+        job = asyncio.ensure_future(self._announce_until_sent(task))
+        self._announcing.add(job)
+        job.add_done_callback(self._announcing.discard)
+        try:
+            return await asyncio.wait_for(asyncio.shield(job), ANNOUNCE_WAIT_S)
+        except TimeoutError:
+            logger.warning(
+                "task committed; its announcement waits for the message bus",
+                extra={"task_id": task.task_id},
+            )
+            return 0
+
+    async def _announce_until_sent(self, task: TaskRow) -> int:
+        try:
+            return await ANNOUNCE_RETRY.call(
+                lambda _: self.announce(task), retry_on=Unavailable, rng=random.Random()
+            )
+        except RetriesExhausted:
+            logger.error(
+                "a task's announcement was not taken by the message bus; its work is re-sent"
+                " by the sweeper",
+                extra={"task_id": task.task_id},
+            )
+            raise
 
     async def announce(self, task: TaskRow) -> int:
         """Publishes a new task's SUBMITTED and QUEUED events and its first work;

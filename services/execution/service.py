@@ -55,6 +55,7 @@ class Parts:
         return self.bus.connected and await self.store.healthy()
 
     async def close(self) -> None:
+        await self.engine.close()
         if self.sandbox is not None:
             await self.sandbox.close()
         await self.tools.shutdown()

@@ -25,6 +25,7 @@ from services.execution.tools import ToolExecutor
 from services.execution.watch import history_expired, may_have_expired, numbered
 from services.runtime import (
     SwitchboardError,
+    Unavailable,
     invalid,
     page_size,
     page_token,
@@ -93,7 +94,13 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
         self._limits = sandbox_limits
 
     async def _message(self, task: TaskRow) -> pb.Task:
-        return task_message(task, await self._engine.bus.event_count(task.task_id))
+        """The task, with its last event's sequence when the event log can say it (0,
+        not known, while it cannot: the task itself is PostgreSQL's)."""
+        try:
+            sequence = await self._engine.bus.event_count(task.task_id)
+        except Unavailable:
+            sequence = 0
+        return task_message(task, sequence)
 
     async def _submitted(
         self, task: TaskRow, existing: bool, sequence: int

@@ -14,13 +14,15 @@ import pytest
 from google.rpc import status_pb2
 from switchboard.execution.v1 import execution_pb2 as pb
 
+import services.execution.engine as engine_module
 from services.execution.bus import WorkSettings
 from services.execution.engine import Engine
 from services.execution.heartbeats import Heartbeats
 from services.execution.steps import StepFailure
 from services.execution.store import Claim, ClaimedTask, ClaimResult, StepRow, TaskRow
 from services.execution.worker_loop import Worker
-from services.runtime import Unavailable
+from services.runtime import RetryPolicy, Unavailable
+from tests.polling import eventually
 
 
 def request(name: str = "one") -> pb.SubmitTaskRequest:
@@ -287,3 +289,62 @@ async def test_a_retryable_failure_comes_back_after_a_full_jitter_backoff():
         "task:s:STEP_EVENT_TYPE_RETRIED:2",
     ]
     assert store.failed == ["s"] and msg.acked
+
+
+class FlakyBus:
+    """Takes events and work while `up`; refuses them (UNAVAILABLE) while down."""
+
+    def __init__(self) -> None:
+        self.up = False
+        self.sent: list[str] = []
+        self.refused = 0
+
+    async def publish_events(self, events: list[pb.WatchTaskResponse]) -> None:
+        if not self.up:
+            self.refused += 1
+            raise Unavailable("the message bus is down", reason="DEPENDENCY_UNAVAILABLE")
+        self.sent.extend(e.WhichOneof("event") for e in events)
+
+    async def enqueue_all(self, task_id: str, steps: list[str], *, again: str = "") -> None:
+        self.sent.extend(f"work:{s}" for s in steps)
+
+
+def queued_task() -> Any:
+    step = SimpleNamespace(name="one", state=pb.STEP_STATE_QUEUED)
+    return SimpleNamespace(task_id="t-1", tenant_id="acme", steps=[step])
+
+
+async def test_a_committed_task_is_answered_while_the_bus_is_down_and_announced_after(
+    monkeypatch,
+):
+    monkeypatch.setattr(engine_module, "ANNOUNCE_WAIT_S", 0.05)
+    monkeypatch.setattr(
+        engine_module,
+        "ANNOUNCE_RETRY",
+        RetryPolicy(
+            max_attempts=1000,
+            backoff=timedelta(milliseconds=1),
+            max_backoff=timedelta(milliseconds=5),
+        ),
+    )
+    bus = FlakyBus()
+    engine = Engine(FakeStore(), bus)  # type: ignore[arg-type]
+    # the bus is down: the call answers, with no sequence yet, and the task is kept
+    assert await engine._announced(queued_task()) == 0
+    assert bus.sent == [] and len(engine._announcing) == 1
+    bus.up = True
+    await eventually(lambda: not engine._announcing, what="the announcement goes out")
+    assert bus.refused >= 1
+    assert bus.sent == ["task_event", "step_event", "work:one"]
+    # with the bus up, the call waits for its events and knows their sequence
+    assert await engine._announced(queued_task()) == 2
+
+
+async def test_closing_the_engine_stops_announcements_still_waiting_for_the_bus(monkeypatch):
+    monkeypatch.setattr(engine_module, "ANNOUNCE_WAIT_S", 0.01)
+    bus = FlakyBus()
+    engine = Engine(FakeStore(), bus)  # type: ignore[arg-type]
+    assert await engine._announced(queued_task()) == 0
+    (job,) = engine._announcing
+    await engine.close()
+    assert job.cancelled() and not engine._announcing and bus.sent == []
