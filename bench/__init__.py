@@ -18,5 +18,6 @@ BENCHMARKS = {
     "rollout": "bench.rollout",
     "fuzz": "bench.fuzz",
     "jetstream-sync": "bench.jetstream_sync",
+    "tracing": "bench.tracing",
 }
 """Benchmark name -> module with a `run()` that prints its table and writes its JSON."""
