@@ -19,5 +19,6 @@ BENCHMARKS = {
     "fuzz": "bench.fuzz",
     "jetstream-sync": "bench.jetstream_sync",
     "tracing": "bench.tracing",
+    "pg-faults": "bench.pg_faults",
 }
 """Benchmark name -> module with a `run()` that prints its table and writes its JSON."""
