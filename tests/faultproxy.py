@@ -50,9 +50,11 @@ class Reset:
 
 @dataclass(frozen=True)
 class Blackhole:
-    """Whatever arrives is read and dropped, nothing is answered, nothing is closed. A
-    connection accepted meanwhile never reaches the upstream, and stays a black hole
-    after `clear` (its peer's timeout ends it)."""
+    """Nothing is forwarded or answered, nothing is closed: a network partition. An open
+    connection holds what it reads (TCP's own buffers then fill, and the sender stalls)
+    and delivers it once the toxic is cleared, as retransmission would after a
+    partition heals. A connection accepted meanwhile is read and dropped, never reaches
+    the upstream, and stays a black hole after `clear` (its peer's timeout ends it)."""
 
     name: ClassVar[str] = "blackhole"
 
@@ -272,10 +274,11 @@ class FaultProxy:
     async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
         """Forwards one direction until its end of file, applying the toxic on."""
         while data := await source.read(read_size(self._toxic)):
+            if isinstance(self._toxic, Blackhole):
+                self.injected[self._toxic.name] += 1
+                while isinstance(self._toxic, Blackhole):
+                    await self._changed.wait()
             toxic = self._toxic
-            if isinstance(toxic, Blackhole):
-                self.injected[toxic.name] += 1
-                continue
             delay = forward_delay(toxic, len(data))
             if delay > 0 and toxic is not None:
                 self.injected[toxic.name] += 1
