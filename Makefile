@@ -11,7 +11,7 @@ NODE_STAMP  := $(NODE_CLIENT)/node_modules/.installed
 WEB         := clients/web
 WEB_STAMP   := $(WEB)/node_modules/.installed
 
-.PHONY: install gen check-gen lint test test-unit test-integration demo up down status bench fuzz redis-server web chromium litellm prometheus
+.PHONY: install gen check-gen lint test test-unit test-integration demo up down status bench fuzz soak redis-server web chromium litellm prometheus
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -74,6 +74,12 @@ bench: $(STAMP) redis-server
 
 bench-%: $(STAMP) redis-server
 	$(BIN)/python -m bench $*
+
+# 30 minutes of mixed load with a service process killed every 3 minutes, every process's
+# memory, descriptors and event-loop tasks sampled (SWITCHBOARD_SOAK_S and
+# SWITCHBOARD_SOAK_KILL_EVERY_S shorten it): bench/results/soak.json and soak.png
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak
 
 # every public RPC fuzzed through Envoy, FUZZ_CASES per RPC (default 2,000): `make test`
 # runs a bounded share of it (tests/integration/test_fuzz.py). Writes

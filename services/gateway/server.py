@@ -30,6 +30,7 @@ from services.runtime import (
     serve_metrics,
     stop_task,
     tracing,
+    watch_event_loop,
 )
 
 logger = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ async def serve(config: GatewayConfig | None = None) -> None:
     tracing.configure_tracing(service=SERVICE, process=process_name(SERVICE))
     if config.metrics_port:
         serve_metrics(config.metrics_port, config.host)
+        watch_event_loop(asyncio.get_running_loop())
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

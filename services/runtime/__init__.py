@@ -66,7 +66,7 @@ from services.runtime._errors import (
 from services.runtime._http_errors import HTTP_STATUS, HttpError, http_error
 from services.runtime._local import LocalChannel, LocalRpcError
 from services.runtime._logging import configure_logging, flush_logs
-from services.runtime._metrics import serve_metrics
+from services.runtime._metrics import serve_metrics, watch_event_loop
 from services.runtime._pages import page_size, page_token, read_page_token
 from services.runtime._retry import RetriesExhausted, RetryPolicy
 from services.runtime._server import (
@@ -89,6 +89,7 @@ __all__ = [
     "configure_logging",
     "flush_logs",
     "serve_metrics",
+    "watch_event_loop",
     "HTTP_HEALTH_PATH",
     "http_prefixes",
     "TIERS",

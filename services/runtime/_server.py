@@ -21,7 +21,7 @@ from services.runtime._catalogue import public_services
 from services.runtime._config import load_config
 from services.runtime._interceptors import InstrumentingRegistry
 from services.runtime._logging import configure_logging, flush_logs
-from services.runtime._metrics import serve_metrics
+from services.runtime._metrics import serve_metrics, watch_event_loop
 from services.runtime._tracing import configure_tracing, flush_traces
 
 logger = logging.getLogger(__name__)
@@ -149,6 +149,7 @@ async def serve(service: Service, config: ServerConfig | None = None) -> None:
     configure_tracing(service=service.name, process=process_name(service.name))
     if config.metrics_port:
         serve_metrics(config.metrics_port, config.host)
+        watch_event_loop(asyncio.get_running_loop())
     await service.start()
     server, port, health = create_server(config, service)
     await server.start()
