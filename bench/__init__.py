@@ -18,6 +18,7 @@ BENCHMARKS = {
     "rollout": "bench.rollout",
     "fuzz": "bench.fuzz",
     "jetstream-sync": "bench.jetstream_sync",
+    "full-disk": "bench.full_disk",
     "network-faults": "bench.network_faults",
     "tracing": "bench.tracing",
     "pg-faults": "bench.pg_faults",
