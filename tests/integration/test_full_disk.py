@@ -19,9 +19,11 @@ pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
-def full_disk_mesh(tmp_path_factory: pytest.TempPathFactory):
+def full_disk_mesh():
+    # its own run directory outside pytest's: a pytest session starting meanwhile sets
+    # /tmp/pytest-of-<user> back to 0700, and PostgreSQL (another user) loses its data
     try:
-        with diskfill.full_disk_mesh(tmp_path_factory.mktemp("full-disk")) as mesh:
+        with diskfill.full_disk_mesh() as mesh:
             yield mesh
     except diskfill.DiskUnavailable as exc:
         pytest.skip(f"small filesystems cannot be mounted here: {exc}")
