@@ -1,15 +1,18 @@
 """The edge's tracing: Envoy starts the trace of every sampled call it routes.
 
-Each HTTP connection manager (the public listener and the internal one) traces with
-Envoy's OpenTelemetry tracer (`envoy.tracers.opentelemetry`), which speaks W3C
-`traceparent`: a call that arrives with one continues that trace (and its sampled flag
-decides), any other is sampled at `random_sampling` and becomes a trace rooted in
-Envoy's server span. That span's children are Envoy's client spans: the ext_authz check
-(Envoy's gRPC client propagates the context to the auth service) and, with
-`spawn_upstream_span`, one per upstream attempt (a retry is a span of its own), whose
-context the routed service receives in `traceparent`. The `x-request-id` Envoy keeps or
-generates is the span's `switchboard.request_id` attribute, the one the trace CLI
-looks calls up by.
+The public listener's HTTP connection managers trace with Envoy's OpenTelemetry tracer
+(`envoy.tracers.opentelemetry`), which speaks W3C `traceparent`: a call that arrives
+with one continues that trace (and its sampled flag decides), any other is sampled at
+`random_sampling` and becomes a trace rooted in Envoy's server span. Its child is the
+ext_authz check's client span (Envoy's gRPC client propagates the context to the auth
+service); the routed service receives the server span's context in `traceparent`. The
+`x-request-id` Envoy keeps or generates is the span's `switchboard.request_id`
+attribute, the one the trace CLI looks calls up by.
+
+The internal listener does not trace: a call between services already has the
+caller's client span and the callee's server span, and Envoy passes `traceparent` on
+unchanged. Nor does Envoy add a span per upstream attempt: at full sampling, those
+spans cost more (Envoy's export, the control plane's writes) than they tell.
 
 The spans go over OTLP/gRPC to a cluster of the bootstrap: the control plane's, which
 writes them into the run directory's trace store (`services.control.traces`).
@@ -63,12 +66,14 @@ class Tracing:
 
 
 def add_tracing(config: Mapping[str, Any], tracing: Tracing) -> dict[str, Any]:
-    """A copy of an edge bootstrap (`render_envoy_config`) whose HTTP connection managers
-    trace (module docstring); an unchanged copy when `tracing.sampling` is 0."""
+    """A copy of an edge bootstrap (`render_envoy_config`) whose public HTTP connection
+    managers trace (module docstring); an unchanged copy when `tracing.sampling` is 0."""
     config = copy.deepcopy(dict(config))
     if tracing.sampling == 0:
         return config
     for listener in config.get("static_resources", {}).get("listeners", []):
+        if listener.get("name") == _envoy.INTERNAL_LISTENER:
+            continue
         for hcm in _envoy._hcms(listener):
             hcm["tracing"] = hcm_tracing(tracing)
     return config
@@ -78,7 +83,7 @@ def hcm_tracing(tracing: Tracing) -> dict[str, Any]:
     """An HTTP connection manager's `tracing` for `tracing` (sampling above 0)."""
     return {
         "random_sampling": {"value": round(tracing.sampling * 100, 6)},
-        "spawn_upstream_span": True,
+        "spawn_upstream_span": False,
         "operation": SPAN_NAME,
         "custom_tags": [
             {"tag": REQUEST_ID_TAG, "request_header": {"name": _envoy.REQUEST_ID_HEADER}}

@@ -8,6 +8,7 @@ import logging
 import os
 import pwd
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -349,8 +350,14 @@ class Mesh:
 
     def _stop(self, record: ProcessRecord) -> bool:
         """Stops one process; a Triton replica's leftover shared memory goes with it.
-        The control plane is given the time to stop its replicas gracefully."""
-        was_running = stop(record, timeout=45.0 if record.name == CONTROL else 15.0)
+        The control plane is given the time to stop its replicas gracefully; PostgreSQL
+        is asked for its fast shutdown (SIGINT: its SIGTERM waits for every client to
+        leave, and the services' pools never do)."""
+        was_running = stop(
+            record,
+            timeout=45.0 if record.name == CONTROL else 15.0,
+            sig=signal.SIGINT if record.name == "postgres" else signal.SIGTERM,
+        )
         name, _, replica = record.name.partition("-")
         if name == "triton" and replica.isdigit():
             _triton.remove_shm_regions(self.config.triton_ports(int(replica))[1])

@@ -130,22 +130,24 @@ def send(record: ProcessRecord, data: bytes) -> bool:
     return True
 
 
-def stop(record: ProcessRecord, *, timeout: float = 15.0) -> bool:
-    """SIGTERM the process (and its session's group), SIGKILL after `timeout`.
+def stop(
+    record: ProcessRecord, *, timeout: float = 15.0, sig: signal.Signals = signal.SIGTERM
+) -> bool:
+    """`sig` (SIGTERM) to the process (and its session's group), SIGKILL after `timeout`.
 
     Returns True when the process had still been running.
     """
     proc = record.process()
     if proc is None:
         return False
-    _signal_group(record.pid, signal.SIGTERM)
+    _signal_group(record.pid, sig)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if record.process() is None:
             break
         time.sleep(0.05)
     else:
-        logger.warning("%s (pid %d) ignored SIGTERM; killing", record.name, record.pid)
+        logger.warning("%s (pid %d) ignored %s; killing", record.name, record.pid, sig.name)
         _signal_group(record.pid, signal.SIGKILL)
     # children left in the group (e.g. Triton's Python-backend stubs)
     _signal_group(record.pid, signal.SIGKILL)
