@@ -550,7 +550,8 @@ def run() -> dict[str, Any]:
     notes = (
         f"toxics {', '.join(type(t).__name__ for t in ROTATION)} rotated on four proxies"
         f" (PostgreSQL for rag, NATS for execution, Triton for inference, the internal"
-        f" listener for chat) for {found['seconds']:.0f} s (NETWORK_FAULTS_S={seconds:g}),"
+        f" listener for chat) for {found['seconds']:.0f} s"
+        f" (NETWORK_FAULTS_S={seconds:g}; the default run is 600 s),"
         f" 5 s on then 5 s clear, {found['steps']} steps, under 4 workers of mixed load"
         f" (Generate, Retrieve, SubmitTask+WatchTask, a chat turn; {DEADLINE_S:g} s deadline"
         f" each); faults injected by toxic {found['by_toxic']}; status codes {found['codes']};"
