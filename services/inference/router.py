@@ -110,7 +110,7 @@ def validate_embed(texts: Sequence[str], *, max_texts: int = EMBED_TEXTS_HARD_MA
 
 def _backend_span(
     operation: str, backend: TritonBackend | OpenAIBackend, model: str, *, fallback: bool
-) -> tracing.Span:
+) -> tracing.AnySpan:
     """A client span of one call to a backend (Triton, or an OpenAI-compatible upstream):
     which one, its breaker's state, and whether it serves a fallback tier."""
     return tracing.start_span(

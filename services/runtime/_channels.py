@@ -45,7 +45,7 @@ def propagated_metadata(extra: Sequence[tuple[str, str]] | None = None) -> list[
     return metadata
 
 
-def client_span(method: str) -> _tracing.Span:
+def client_span(method: str) -> _tracing.AnySpan:
     """A started client span of an outbound call to `method` (`/pkg.Service/Method`);
     current until `ended_with` ends it. INVALID_SPAN while tracing is off."""
     if not _tracing.enabled():
@@ -58,9 +58,9 @@ def client_span(method: str) -> _tracing.Span:
     )
 
 
-def ended_with(span: _tracing.Span, call: Any) -> Any:
+def ended_with(span: _tracing.AnySpan, call: Any) -> Any:
     """`call`, whose end ends `span`."""
-    if span is _tracing.INVALID_SPAN:
+    if not span.is_recording():
         return call
 
     def done(finished: Any) -> None:

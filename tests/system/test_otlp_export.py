@@ -55,3 +55,4 @@ async def test_spans_go_to_the_collector_and_the_store(tmp_path: Path):
     finally:
         tracing.configure_tracing(service="unit", process="unit-0", env={})
         await server.stop(None)
+        await receiver.shutdown()

@@ -38,7 +38,7 @@ PARENT = "00f067aa0ba902b7"
 
 def test_a_traceparent_is_parsed_and_a_malformed_one_ignored():
     ctx = tracing.parse_traceparent(f"00-{TRACE}-{PARENT}-01")
-    assert ctx is not None and ctx.is_remote and ctx.trace_flags.sampled
+    assert ctx is not None and ctx.is_remote and ctx.sampled
     assert f"{ctx.trace_id:032x}" == TRACE and f"{ctx.span_id:016x}" == PARENT
     assert tracing.traceparent(ctx) == f"00-{TRACE}-{PARENT}-01"
     for bad in (
