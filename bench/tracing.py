@@ -1,9 +1,10 @@
 """Tracing's cost: a chat turn's time to first token and task throughput with tracing off,
 every trace sampled, and 1% sampled, same run.
 
-Three arms, one mesh each (`trace_sampling` 0, 1 and 0.01 in the launcher's config, so
-every process and Envoy get it), started one after the other in that order and stopped
-after the arm, on failure too. Each arm measures, on its own fresh mesh:
+Three arms (`trace_sampling` 0, 1 and 0.01 in the launcher's config, so every process
+and Envoy get it), each run twice, in the order off, full, 1pct, 1pct, full, off, each
+run on a fresh mesh stopped after it, on failure too; an arm's two runs are pooled.
+Each run measures:
 
 - chat: `bench.chat_latency`'s RAG-off block. One open Converse stream through Envoy,
   a round being one chat turn and the same prompt straight to Triton, in shuffled order;
@@ -13,7 +14,7 @@ after the arm, on failure too. Each arm measures, on its own fresh mesh:
   submitted one per SubmitTask call (what pays tracing per request), after a warm-up
   round; tasks per minute from the first submission until every task completed.
 
-After an arm's mesh is down (its processes flush their spans on exit), the lines of
+After a run's mesh is down (its processes flush their spans on exit), the lines of
 `<run_dir>/traces/*.jsonl` are its spans written.
 """
 
@@ -54,7 +55,9 @@ logger = logging.getLogger(__name__)
 
 NAME = "tracing"
 ARMS = {"off": 0.0, "full": 1.0, "1pct": 0.01}
-"""Arm name -> trace_sampling, in the order they run."""
+"""Arm name -> trace_sampling."""
+ORDER = ("off", "full", "1pct", "1pct", "full", "off")
+"""The arms as they run: each twice, mirrored."""
 TASKS = 4000
 """Tasks per arm's measured round (about 15 s of load at the one-per-call rate)."""
 SEED = 3
@@ -137,6 +140,21 @@ def _arm(name: str, sampling: float, echo_port: int) -> Arm:
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def _pooled(done: list[Arm]) -> Arm:
+    """One arm's runs as one: their chat samples together, their task seconds and spans
+    summed."""
+    samples: dict[str, list[Any]] = {}
+    for arm in done:
+        for side, seen in arm.chat.samples.items():
+            samples.setdefault(side, []).extend(seen)
+    chat = Block(
+        samples,
+        rounds=sum(a.chat.rounds for a in done),
+        seconds=sum(a.chat.seconds for a in done),
+    )
+    return Arm(chat, sum(a.tasks_seconds for a in done), sum(a.spans for a in done))
+
+
 def _spans(traces_dir: Path) -> int:
     count = 0
     for path in traces_dir.glob("*.jsonl"):
@@ -148,16 +166,19 @@ def _spans(traces_dir: Path) -> int:
 def run() -> dict:
     load = os.getloadavg()
     print(f"  load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
-    arms: dict[str, Arm] = {}
+    runs: dict[str, list[Arm]] = {name: [] for name in ARMS}
     with _echo.started() as echo_port:
-        for name, sampling in ARMS.items():
-            arms[name] = _arm(name, sampling, echo_port)
+        # each arm twice, the second pass in the reverse order (off, full, 1pct, 1pct,
+        # full, off): a drift of the machine over the run weighs on every arm alike
+        for name in ORDER:
+            runs[name].append(_arm(name, ARMS[name], echo_port))
+    arms = {name: _pooled(done) for name, done in runs.items()}
 
     def ttft(arm: str, q: float, side: str = "chat") -> float:
         return ms(percentile([s.ttft for s in arms[arm].chat.samples[side]], q))
 
     def per_min(arm: str) -> float:
-        return TASKS / arms[arm].tasks_seconds * 60
+        return TASKS * len(runs[arm]) / arms[arm].tasks_seconds * 60
 
     def slower_pct(base: float, other: float) -> float:
         return (other - base) / base * 100
@@ -195,9 +216,10 @@ def run() -> dict:
     metrics["load_avg_1m_at_start"] = load[0]
     metrics["load_avg_5m_at_start"] = load[1]
     notes = (
-        "three arms, one fresh mesh each, run back to back in the order off (trace_sampling "
-        "0: tracing off, Envoy without a tracer), full (1.0), 1pct (0.01); not interleaved "
-        "within the run (one mesh start per arm). Each arm: chat as bench/chat_latency.py's "
+        "three arms, off (trace_sampling 0: tracing off, Envoy without a tracer), full (1.0) "
+        "and 1pct (0.01), each run twice on a fresh mesh, in the order "
+        f"{', '.join(ORDER)}; an arm's two runs pooled (chat samples together, tasks/min over "
+        "both rounds). Each run: chat as bench/chat_latency.py's "
         f"RAG-off block (one Converse stream through Envoy, API key, {chat_latency.MODEL}, "
         f"max_tokens {chat_latency.MAX_TOKENS}; up to {chat_latency.WARMUP} warm-up rounds, "
         f"then up to {chat_latency.ROUNDS} rounds of chat turn + direct Triton call in "
@@ -207,8 +229,8 @@ def run() -> dict:
         f"warm-up ones, {tasks_throughput.WORKER_PROCESSES} worker processes. "
         "ttft_overhead_pct_X = (chat TTFT p50 of X - of off) / off * 100 (the whole TTFT "
         "the client sees); tasks_overhead_pct_X = (tasks/min off - X) / off * 100; "
-        "spans_X = lines in <run_dir>/traces/*.jsonl once X's mesh is down (chat, tasks, "
-        "warm-ups and set-up together). load_avg = os.getloadavg() before the first arm"
+        "spans_X = lines in <run_dir>/traces/*.jsonl once X's meshes are down (chat, tasks, "
+        "warm-ups and set-up together, both runs). load_avg = os.getloadavg() before the first arm"
     )
     targets = {
         "ttft_overhead_pct_full": "<= 10",
