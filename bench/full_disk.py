@@ -22,6 +22,11 @@ def run() -> dict:
     with diskfill.full_disk_mesh() as mesh:
         nats = asyncio.run(diskfill.nats_store_full(mesh))
         print(nats.report(), flush=True)
+        # NATS keeps a stream's write error until it restarts (a known gap, see
+        # tests/integration/test_full_disk.py): restarted here so PostgreSQL's scenario
+        # has a working bus
+        mesh.stop_component("nats")
+        mesh.start_nats()
         postgres = asyncio.run(diskfill.postgres_data_full(mesh))
         print(postgres.report(), flush=True)
     for outcome in (nats, postgres):
@@ -31,6 +36,7 @@ def run() -> dict:
             ("kind status reason", "calls"),
             sorted(outcome.calls.summary(during).items()),
         )
+    # NATS's losses are counted only once its tasks run again (not known without recovery)
     lost = len(nats.lost) + len(postgres.lost) + len(nats.duplicated) + len(postgres.duplicated)
     faults = {
         "disk_full_nats_recovery_s": nats.recovery_s,

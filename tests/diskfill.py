@@ -482,8 +482,11 @@ async def _warm(load: TaskLoad) -> None:
 # -- scenario 1: NATS's store full ---------------------------------------------------------
 
 
-async def nats_store_full(mesh: Mesh, tenant: str = "") -> Outcome:
-    """Tasks submitted while the JetStream store is full, then after it is freed."""
+async def nats_store_full(
+    mesh: Mesh, tenant: str = "", *, recovery_timeout: float = RECOVERY_TIMEOUT_S
+) -> Outcome:
+    """Tasks submitted while the JetStream store is full, then after it is freed (what
+    was lost is counted once tasks run again: without a recovery it is not known)."""
     tenant = tenant or f"disk-nats-{uuid.uuid4().hex[:8]}"
     metadata = api_key_metadata(mesh, tenant)
     store = mesh.config.run_dir / "nats"
@@ -505,19 +508,22 @@ async def nats_store_full(mesh: Mesh, tenant: str = "") -> Outcome:
             freed_at = time.monotonic()
         outcome = Outcome("nats store full", calls, filled, full_at, freed_at)
         try:
-            outcome.recovery_s = await _task_recovery(load, freed_at)
+            outcome.recovery_s = await _task_recovery(load, freed_at, recovery_timeout)
         finally:
             load.stop()
             await running
         if outcome.recovery_s is None:
-            outcome.notes.append(f"no new task completed within {RECOVERY_TIMEOUT_S:g} s")
+            outcome.notes.append(f"no new task completed within {recovery_timeout:g} s")
+            return outcome
         await load.settle(outcome)
     return outcome
 
 
-async def _task_recovery(load: TaskLoad, since: float) -> float | None:
+async def _task_recovery(
+    load: TaskLoad, since: float, timeout: float = RECOVERY_TIMEOUT_S
+) -> float | None:
     """Seconds from `since` until a task submitted after it completed (the load goes on
-    meanwhile), None if none did within RECOVERY_TIMEOUT_S."""
+    meanwhile), None if none did within `timeout`."""
     probes: list[str] = []
 
     async def a_new_task_completed() -> bool:
@@ -529,7 +535,7 @@ async def _task_recovery(load: TaskLoad, since: float) -> float | None:
             probes.append(task_id)
         return False
 
-    if await poll(a_new_task_completed, RECOVERY_TIMEOUT_S, interval=0.5) is None:
+    if await poll(a_new_task_completed, timeout, interval=0.5) is None:
         return None
     return time.monotonic() - since
 

@@ -11,6 +11,8 @@ was acknowledged is lost or duplicated. The scenarios are `tests/diskfill.py`'s 
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tests import diskfill
@@ -43,12 +45,24 @@ def check_clear(outcome: diskfill.Outcome) -> None:
     assert not late, f"{outcome.name}: answers past their deadline: {late}"
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="NATS (2.15) keeps a stream's critical write error (`no space left on device`) "
+    "until the server restarts: once the space is freed, JetStream still takes no publish "
+    "(no reply; the publishers time out) and no new task runs. Nothing supervises NATS "
+    "to restart it; the submissions themselves stay clear (OK within 1 s, announced later)",
+)
 async def test_a_full_nats_store_fails_clearly_loses_nothing_and_heals(full_disk_mesh):
-    outcome = await diskfill.nats_store_full(full_disk_mesh)
-    check_clear(outcome)
-    assert outcome.recovery_s is not None, outcome.notes
-    assert not outcome.lost, outcome.lost
-    assert not outcome.duplicated, outcome.duplicated
+    try:
+        outcome = await diskfill.nats_store_full(full_disk_mesh, recovery_timeout=30)
+        check_clear(outcome)
+        assert outcome.recovery_s is not None, outcome.notes
+        assert not outcome.lost, outcome.lost
+        assert not outcome.duplicated, outcome.duplicated
+    finally:
+        # a restart clears the stream's write error: the next scenario needs NATS
+        await asyncio.to_thread(full_disk_mesh.stop_component, "nats")
+        await asyncio.to_thread(full_disk_mesh.start_nats)
 
 
 async def test_a_full_postgres_data_directory_fails_clearly_keeps_data_and_heals(full_disk_mesh):
