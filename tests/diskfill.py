@@ -514,6 +514,7 @@ async def nats_store_full(
             await running
         if outcome.recovery_s is None:
             outcome.notes.append(f"no new task completed within {recovery_timeout:g} s")
+            outcome.acknowledged += len(load.acknowledged)
             return outcome
         await load.settle(outcome)
     return outcome
