@@ -78,7 +78,7 @@ bench-%: $(STAMP) redis-server
 # 30 minutes of mixed load with a service process killed every 3 minutes, every process's
 # memory, descriptors and event-loop tasks sampled (SWITCHBOARD_SOAK_S and
 # SWITCHBOARD_SOAK_KILL_EVERY_S shorten it): bench/results/soak.json and soak.png
-soak: $(STAMP)
+soak bench-soak: $(STAMP)
 	$(BIN)/python -m bench.soak
 
 # every public RPC fuzzed through Envoy, FUZZ_CASES per RPC (default 2,000): `make test`
