@@ -21,6 +21,7 @@ step of that task cancels it (the sandbox process is killed with it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -176,6 +177,32 @@ class Bus:
         """Publishes (subject, payload, id) messages in this order (one connection keeps
         it), their acks awaited together under one timeout; returns their sequences."""
         acks: list[asyncio.Future[js_api.PubAck]] = []
+        traced = contextlib.ExitStack()
+        if tracing.in_trace():  # the producer's span: what its messages' consumers continue
+            traced.enter_context(
+                tracing.span(
+                    "nats publish",
+                    kind=tracing.SpanKind.PRODUCER,
+                    attributes={
+                        "messaging.system": "nats",
+                        "messaging.operation.type": "publish",
+                        "messaging.batch.message_count": len(messages),
+                        "messaging.destination.name": messages[0][0] if messages else "",
+                    },
+                )
+            )
+        try:
+            with traced:
+                return await self._publish_acked(messages, acks)
+        finally:
+            for ack in acks:  # on failure: no future left waiting in the client
+                ack.cancel()
+
+    async def _publish_acked(
+        self,
+        messages: Sequence[tuple[str, bytes, str]],
+        acks: list[asyncio.Future[js_api.PubAck]],
+    ) -> list[int]:
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT_S):
                 for subject, payload, msg_id in messages:
@@ -183,9 +210,6 @@ class Bus:
                 return [int(ack.seq) for ack in await asyncio.gather(*acks)]
         except (nats.errors.Error, TimeoutError) as exc:
             raise dependency_unavailable("nats", "message bus", exc) from exc
-        finally:
-            for ack in acks:  # on failure: no future left waiting in the client
-                ack.cancel()
 
     async def _publish_async(
         self, subject: str, payload: bytes, msg_id: str
