@@ -7,6 +7,7 @@ which it is, and `verify` answers with the caller it identifies.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +22,10 @@ from services.runtime import Database, Principal, Unavailable, dependency_unavai
 
 logger = logging.getLogger(__name__)
 
+LOOKUP_TIMEOUT_S = 0.4
+"""How long a key check waits for the database (Envoy waits 1 s for the whole check): a
+stalled database is then down to the check, which answers from a verification within
+the stale grace instead of leaving the edge to time out."""
 _MIGRATION_LOCK = 0x5B_AD_06
 MIGRATIONS = {
     1: """
@@ -199,10 +204,13 @@ class KeyStore:
         if (entry := self._cache.fresh(slot, self._clock())) is not None:
             return entry.value
         try:
-            caller = await self._lookup(token)
-        except Unavailable:
+            async with asyncio.timeout(LOOKUP_TIMEOUT_S):
+                caller = await self._lookup(token)
+        except (Unavailable, TimeoutError) as exc:
             now = self._clock()
             if (entry := self._cache.stale(slot, now)) is None:
+                if isinstance(exc, TimeoutError):  # stalled: as good as down
+                    raise dependency_unavailable("postgresql", "key store", exc) from None
                 raise
             logger.warning(
                 "key store unavailable: answering from a verification %.0f s old",

@@ -3,6 +3,7 @@ keys through a database outage for the stale grace, and nothing else (fail close
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -89,3 +90,24 @@ def test_the_cache_is_bounded_and_the_grace_covers_the_ttl():
     assert cache.fresh(b"c", now=3) is None and cache.stale(b"c", now=3) is not None
     with pytest.raises(ValueError):
         VerificationCache(ttl=5, stale_grace=1)
+
+
+async def test_a_stalled_database_is_down_to_the_check(world, monkeypatch):
+    """A lookup that does not answer within LOOKUP_TIMEOUT_S (below Envoy's wait for the
+    check) is an outage: a known key is answered from its verification, any other is
+    UNAVAILABLE, never a check left hanging."""
+    store, clock, database = world
+    monkeypatch.setattr("services.auth.store.LOOKUP_TIMEOUT_S", 0.01)
+    assert await store.verify(KEY) == ACME
+    clock.advance(31)  # no longer fresh
+
+    async def stalled(token: str) -> Caller | None:
+        await asyncio.Event().wait()  # never answers
+        raise AssertionError("unreachable")
+
+    store._lookup = stalled  # type: ignore[method-assign]
+    assert await store.verify(KEY) == ACME
+    with pytest.raises(Unavailable) as raised:
+        await store.verify("sb_eeeeeeeeeeeeeeee_never_seen")
+    assert raised.value.reason == "DEPENDENCY_UNAVAILABLE"
+    assert raised.value.retry_after is not None
