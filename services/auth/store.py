@@ -98,11 +98,18 @@ class KeyStore:
             size=cache_size,
         )
         self._clock = clock
+        self._lookups: dict[bytes, asyncio.Task[Caller | None]] = {}
+        """The database read of each key being checked: one per key, however many
+        checks wait for it (a stalled database holds one connection per key, not one
+        per check)."""
 
     async def open(self) -> None:
         await self._db.open(prefix="auth", lock=_MIGRATION_LOCK, migrations=MIGRATIONS)
 
     async def close(self) -> None:
+        for lookup in list(self._lookups.values()):
+            lookup.cancel()
+        await asyncio.gather(*self._lookups.values(), return_exceptions=True)
         await self._db.close()
 
     async def healthy(self) -> bool:
@@ -203,9 +210,14 @@ class KeyStore:
         slot = keys.hash_secret(token)  # the cache holds no key in clear
         if (entry := self._cache.fresh(slot, self._clock())) is not None:
             return entry.value
+        lookup = self._lookups.get(slot)
+        if lookup is None:
+            lookup = self._lookups[slot] = asyncio.ensure_future(self._lookup(token))
+            lookup.add_done_callback(lambda done: self._looked_up(slot, done))
         try:
-            async with asyncio.timeout(LOOKUP_TIMEOUT_S):
-                caller = await self._lookup(token)
+            # not cancelled past the wait: psycopg would wait seconds on a stalled server
+            # to cancel the query; the read goes on, and its answer is cached when it comes
+            caller = await asyncio.wait_for(asyncio.shield(lookup), LOOKUP_TIMEOUT_S)
         except (Unavailable, TimeoutError) as exc:
             now = self._clock()
             if (entry := self._cache.stale(slot, now)) is None:
@@ -217,8 +229,14 @@ class KeyStore:
                 now - entry.read_at,
             )
             return entry.value
-        self._cache.put(slot, caller, self._clock())
         return caller
+
+    def _looked_up(self, slot: bytes, lookup: asyncio.Task[Caller | None]) -> None:
+        """A key's database read ended: its answer is cached (whoever still waits)."""
+        if self._lookups.get(slot) is lookup:
+            del self._lookups[slot]
+        if not lookup.cancelled() and lookup.exception() is None:
+            self._cache.put(slot, lookup.result(), self._clock())
 
     async def _lookup(self, token: str) -> Caller | None:
         parsed = keys.parse(token)

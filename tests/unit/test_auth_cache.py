@@ -111,3 +111,32 @@ async def test_a_stalled_database_is_down_to_the_check(world, monkeypatch):
         await store.verify("sb_eeeeeeeeeeeeeeee_never_seen")
     assert raised.value.reason == "DEPENDENCY_UNAVAILABLE"
     assert raised.value.retry_after is not None
+    # one read per key, however many checks wait: the stalled reads are still there
+    assert len(store._lookups) == 2
+    for lookup in store._lookups.values():
+        lookup.cancel()
+
+
+async def test_a_late_answer_is_cached_and_checks_of_one_key_share_one_read(world, monkeypatch):
+    store, clock, database = world
+    monkeypatch.setattr("services.auth.store.LOOKUP_TIMEOUT_S", 0.01)
+    assert await store.verify(KEY) == ACME
+    clock.advance(31)
+    answer = asyncio.Event()
+    reads = 0
+
+    async def slow(token: str) -> Caller | None:
+        nonlocal reads
+        reads += 1
+        await answer.wait()
+        return ACME
+
+    store._lookup = slow  # type: ignore[method-assign]
+    assert await asyncio.gather(store.verify(KEY), store.verify(KEY)) == [ACME, ACME]
+    assert reads == 1  # from the stale verification meanwhile
+    (lookup,) = store._lookups.values()
+    answer.set()
+    await lookup
+    assert not store._lookups
+    assert await store.verify(KEY) == ACME  # fresh again: no read
+    assert reads == 1
