@@ -51,7 +51,7 @@ from tests.polling import eventually
 
 CALLS_PER_TOXIC = 12
 """Operations that must end while each toxic is on (three rounds of four workers)."""
-ROTATE_S = float(os.environ.get("NETWORK_FAULTS_TEST_S", "60"))
+ROTATE_S = float(os.environ.get("NETWORK_FAULTS_TEST_S", "30"))
 """How long the toxics rotate in the leak test."""
 OPEN = inference_pb2.BACKEND_STATE_OPEN
 HEALTHY = inference_pb2.BACKEND_STATE_HEALTHY
