@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Self
 
 import grpc
 from switchboard.chat.v1 import chat_pb2, chat_service_pb2_grpc
@@ -56,43 +57,33 @@ class CallRecord:
         return self.code == grpc.StatusCode.OK
 
 
-class MixedLoad:
-    """`workers` callers over one channel to `target`, as the tenant of `metadata`."""
+class LoadWorkers:
+    """`workers` callers over one channel to `target`, as the tenant of `metadata`: each
+    runs `_worker(index)` while the load is on (`async with`). `prepare` ingests the one
+    document (DOCUMENT, in COLLECTION) the callers' Retrieve reads."""
 
-    def __init__(
-        self,
-        target: str,
-        metadata: Sequence[tuple[str, str]],
-        *,
-        workers: int = 4,
-        operations: Sequence[str] = OPERATIONS,
-        timeout: float = 20.0,
-    ) -> None:
+    COLLECTION = COLLECTION
+    DOCUMENT = (
+        "load-1",
+        "Envoy routes each call to a healthy replica; the control plane restarts a replica"
+        " that exits and drains one before it stops.",
+    )
+
+    def __init__(self, target: str, metadata: Sequence[tuple[str, str]], *, workers: int) -> None:
         self._target = target
         self._metadata = tuple(metadata)
         self._workers = workers
-        self._operations = tuple(operations)
-        self._timeout = timeout
-        self.records: list[CallRecord] = []
-        self.task_ids: list[str] = []
-        """Every task SubmitTask accepted (none may be lost)."""
-        self.chat_resumes = 0
-        """Chat turns' streams that broke and were resumed."""
-        self.chat_gaps = 0
-        """Chat turns whose tokens came with a gap or a duplicate across resumes."""
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._channel: grpc.aio.Channel | None = None
 
     async def prepare(self) -> None:
         """Ingests the document Retrieve reads (once, before the load starts)."""
+        document_id, text = self.DOCUMENT
         async with grpc.aio.insecure_channel(self._target) as channel:
             rag = rag_service_pb2_grpc.RagServiceStub(channel)
             document = rag_pb2.Document(
-                document_id="load-1",
-                collection=COLLECTION,
-                text="Envoy routes each call to a healthy replica; the control plane"
-                " restarts a replica that exits and drains one before it stops.",
+                document_id=document_id, collection=self.COLLECTION, text=text
             )
 
             async def requests():
@@ -100,7 +91,7 @@ class MixedLoad:
 
             await rag.IngestDocuments(requests(), metadata=self._metadata, timeout=60)
 
-    async def __aenter__(self) -> MixedLoad:
+    async def __aenter__(self) -> Self:
         self._stop = asyncio.Event()
         self._channel = grpc.aio.insecure_channel(self._target)
         loop = asyncio.get_running_loop()
@@ -112,6 +103,33 @@ class MixedLoad:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._channel is not None:
             await self._channel.close()
+
+    async def _worker(self, index: int) -> None:
+        raise NotImplementedError
+
+
+class MixedLoad(LoadWorkers):
+    """`workers` callers over one channel to `target`, as the tenant of `metadata`."""
+
+    def __init__(
+        self,
+        target: str,
+        metadata: Sequence[tuple[str, str]],
+        *,
+        workers: int = 4,
+        operations: Sequence[str] = OPERATIONS,
+        timeout: float = 20.0,
+    ) -> None:
+        super().__init__(target, metadata, workers=workers)
+        self._operations = tuple(operations)
+        self._timeout = timeout
+        self.records: list[CallRecord] = []
+        self.task_ids: list[str] = []
+        """Every task SubmitTask accepted (none may be lost)."""
+        self.chat_resumes = 0
+        """Chat turns' streams that broke and were resumed."""
+        self.chat_gaps = 0
+        """Chat turns whose tokens came with a gap or a duplicate across resumes."""
 
     async def wait_calls(self, count: int, *, since: float, timeout: float = 60) -> None:
         """Waits until `count` calls that started after `since` have ended."""
@@ -236,3 +254,28 @@ class MixedLoad:
 def _detail(error: grpc.aio.AioRpcError) -> str:
     info = error_details(error).error_info
     return f"{info.reason}: {error.details()}" if info is not None else str(error.details())
+
+
+async def roomy_load(mesh: Any, tenant: str, **options: Any) -> MixedLoad:
+    """A MixedLoad (`options` as it takes them) through `mesh`'s public port, as `tenant`
+    (an API key), whose admission policy is above any rate the load reaches (the
+    figures are the mesh's, not the default policy's); its document ingested."""
+    from switchboard.admission.v1 import admission_service_pb2_grpc
+
+    from bench._common import (
+        api_key_metadata,
+        give_tenant_room,
+        operator_metadata,
+        unlimited_policy,
+    )
+
+    key = api_key_metadata(mesh, tenant)
+    async with grpc.aio.insecure_channel(mesh.envoy_address) as public:
+        await give_tenant_room(
+            admission_service_pb2_grpc.AdmissionServiceStub(public),
+            operator_metadata(mesh),
+            unlimited_policy(tenant, in_flight=256),
+        )
+    load = MixedLoad(mesh.envoy_address, key, **options)
+    await load.prepare()
+    return load

@@ -42,6 +42,7 @@ from bench._common import (
     unlimited_policy,
     write_result,
 )
+from bench._mixed_load import LoadWorkers
 from services.runtime import error_details
 from tests.faultproxy import Bandwidth, Blackhole, FaultProxy, Latency, Reset, SlowClose, Toxic
 
@@ -168,50 +169,23 @@ class _Failed(Exception):
         self.code, self.reason = code, reason
 
 
-class FaultLoad:
+class FaultLoad(LoadWorkers):
     """`workers` callers through `target` as the tenant of `metadata`, each looping over
     Generate, Retrieve, a task (SubmitTask, then WatchTask to its end) and a chat turn
     (CreateSession, then Converse), each operation under one deadline."""
 
+    COLLECTION = COLLECTION
+    DOCUMENT = (
+        "faults-1",
+        "A circuit breaker opens after failures in a row and lets a probe through once its"
+        " reset time has passed.",
+    )
+
     def __init__(
         self, target: str, metadata: Sequence[tuple[str, str]], *, workers: int = 4
     ) -> None:
-        self._target = target
-        self._metadata = tuple(metadata)
-        self._workers = workers
+        super().__init__(target, metadata, workers=workers)
         self.outcomes: list[Outcome] = []
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._channel: grpc.aio.Channel | None = None
-
-    async def prepare(self) -> None:
-        """Ingests the document Retrieve reads."""
-        async with grpc.aio.insecure_channel(self._target) as channel:
-            rag = rag_service_pb2_grpc.RagServiceStub(channel)
-            document = rag_pb2.Document(
-                document_id="faults-1",
-                collection=COLLECTION,
-                text="A circuit breaker opens after failures in a row and lets a probe"
-                " through once its reset time has passed.",
-            )
-
-            async def requests():
-                yield rag_pb2.IngestDocumentsRequest(document=document)
-
-            await rag.IngestDocuments(requests(), metadata=self._metadata, timeout=60)
-
-    async def __aenter__(self) -> FaultLoad:
-        self._stop = asyncio.Event()
-        self._channel = grpc.aio.insecure_channel(self._target)
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._worker(i)) for i in range(self._workers)]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._stop.set()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._channel is not None:
-            await self._channel.close()
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:

@@ -48,15 +48,12 @@ from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
 
 from bench._common import (
     api_key_metadata,
-    give_tenant_room,
     merge_metrics,
-    operator_metadata,
     print_table,
     running_mesh,
-    unlimited_policy,
     write_result,
 )
-from bench._mixed_load import MixedLoad
+from bench._mixed_load import MixedLoad, roomy_load
 from services.runtime import error_details
 
 logger = logging.getLogger(__name__)
@@ -521,15 +518,8 @@ async def _outage(
 
 
 async def measure(mesh: Any) -> tuple[list[Outage], Probes, MixedLoad, Losses]:
+    load = await roomy_load(mesh, TENANT, workers=LOAD_WORKERS, timeout=LOAD_TIMEOUT_S)
     key = api_key_metadata(mesh, TENANT)
-    async with grpc.aio.insecure_channel(mesh.envoy_address) as public:
-        await give_tenant_room(
-            admission_service_pb2_grpc.AdmissionServiceStub(public),
-            operator_metadata(mesh),
-            unlimited_policy(TENANT, in_flight=256),
-        )
-    load = MixedLoad(mesh.envoy_address, key, workers=LOAD_WORKERS, timeout=LOAD_TIMEOUT_S)
-    await load.prepare()
     probes = Probes(mesh.envoy_address, key)
 
     async def restart() -> float:

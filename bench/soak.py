@@ -33,22 +33,16 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
-from switchboard.admission.v1 import admission_service_pb2_grpc
 
 from bench._common import (
     RESULTS_DIR,
-    api_key_metadata,
-    give_tenant_room,
     merge_metrics,
-    operator_metadata,
     running_mesh,
-    unlimited_policy,
     write_result,
 )
-from bench._mixed_load import MixedLoad
+from bench._mixed_load import roomy_load
 
 TENANT = "soak"
 LOAD_WORKERS = 4
@@ -173,15 +167,7 @@ def _plot(samples: list[Sample], kills: list[tuple[float, str]]) -> None:
 
 
 async def _soak(mesh: Any, duration: float, kill_every: float) -> dict[str, Any]:
-    key = api_key_metadata(mesh, TENANT)
-    async with grpc.aio.insecure_channel(mesh.envoy_address) as public:
-        await give_tenant_room(
-            admission_service_pb2_grpc.AdmissionServiceStub(public),
-            operator_metadata(mesh),
-            unlimited_policy(TENANT, in_flight=256),
-        )
-    load = MixedLoad(mesh.envoy_address, key, workers=LOAD_WORKERS)
-    await load.prepare()
+    load = await roomy_load(mesh, TENANT, workers=LOAD_WORKERS)
     rng = random.Random(int(os.environ.get("SWITCHBOARD_SOAK_SEED", "5")))
     samples: list[Sample] = []
     kills: list[tuple[float, str]] = []
