@@ -179,7 +179,7 @@ async def test_a_task_is_one_trace_across_a_worker_restart(mesh, channel):
     steps = [
         pb.Step(name="first", code=pb.CodeStep(code="print('one')")),
         pb.Step(
-            name="slow", depends_on=["first"], code=pb.CodeStep(code="import time\ntime.sleep(3)")
+            name="slow", depends_on=["first"], code=pb.CodeStep(code="import time\ntime.sleep(8)")
         ),
         pb.Step(name="last", depends_on=["slow"], code=pb.CodeStep(code="print('three')")),
     ]
@@ -208,6 +208,8 @@ async def test_a_task_is_one_trace_across_a_worker_restart(mesh, channel):
     await eventually(slow_running, timeout=30, what="the slow step runs, the first is traced")
     (worker,) = [r for r in mesh.records() if r.name == "worker-0"]
     os.kill(worker.pid, signal.SIGKILL)
+    # killed mid-step (it sleeps 8 s): its first attempt never ends, so never has a span
+    assert not step_spans("slow"), "the slow step ended before the kill: nothing tested"
     await asyncio.to_thread(mesh.start_service, "worker-0")
 
     async def finished() -> bool:
