@@ -17,7 +17,8 @@ def run(stops: list[str], pieces: list[str]) -> tuple[str, bool]:
         out.append(fed.text)
         if fed.stopped:
             return "".join(out), True
-    return "".join(out) + matcher.flush(), False
+    rest = matcher.flush()  # a stop sequence in the held text stops it there too
+    return "".join(out) + rest, matcher.stopped
 
 
 def expected(stops: list[str], text: str) -> tuple[str, bool]:
@@ -60,3 +61,11 @@ def test_any_split_of_the_text_gives_the_same_answer(
     points = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     pieces = [text[a:b] for a, b in zip(points, points[1:], strict=False)]
     assert run(stops, pieces) == expected(stops, text)
+
+
+def test_a_stop_sequence_found_waits_for_a_longer_one_that_would_start_before_it() -> None:
+    # "c" is in "ac", but "aca" may start at the "a" before it: only the next piece says
+    assert run(["c", "aca"], ["ac", "a"]) == ("", True)
+    assert run(["c", "aca"], ["ac", "b"]) == ("a", True)
+    # the generation ends with the longer one still possible: the shorter one stops it
+    assert run(["c", "aca"], ["ac"]) == ("a", True)
