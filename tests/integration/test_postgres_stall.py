@@ -67,11 +67,22 @@ class Stall:
 async def stall(mesh, credentials, envoy_target) -> Stall:
     tenant = as_tenant(TENANT)
     async with grpc.aio.insecure_channel(envoy_target) as channel:
-        await give_tenant_room(
-            admission_service_pb2_grpc.AdmissionServiceStub(channel),
-            as_operator(),
-            unlimited_policy(TENANT, in_flight=64),
-        )
+
+        async def room_given() -> bool:
+            # the policy store may still be reconnecting after an earlier test's outage
+            try:
+                await give_tenant_room(
+                    admission_service_pb2_grpc.AdmissionServiceStub(channel),
+                    as_operator(),
+                    unlimited_policy(TENANT, in_flight=64),
+                )
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                return False
+            return True
+
+        await eventually(room_given, timeout=60, interval=0.5, what="the tenant's policy is stored")
     probes = Probes(envoy_target, tenant, deadline=DEADLINE_S)
     async with probes:
         await probes.wait_ok((*DATABASE_KINDS, *FREE_KINDS), since=time.monotonic(), timeout=60)
