@@ -283,6 +283,8 @@ class Outcome:
     reruns: int = 0
     """Completed steps that took more than one attempt."""
     postgres_restarted: bool = False
+    nats_restarted: bool = False
+    """The control plane restarted NATS (a stream's write error lasts until then)."""
     notes: list[str] = field(default_factory=list)
 
     def report(self) -> str:
@@ -294,7 +296,8 @@ class Outcome:
             f" recovery {recovery} s;"
             f" acknowledged {self.acknowledged}, lost {len(self.lost)},"
             f" duplicated {len(self.duplicated)}, reruns {self.reruns};"
-            f" postgres restarted: {self.postgres_restarted}",
+            f" postgres restarted: {self.postgres_restarted},"
+            f" nats restarted: {self.nats_restarted}",
             f"  while full: {self.calls.summary(during)}",
             f"  all calls: {self.calls.summary()}",
             f"  unclear: {unclear[:10]}",
@@ -490,6 +493,7 @@ async def nats_store_full(
     tenant = tenant or f"disk-nats-{uuid.uuid4().hex[:8]}"
     metadata = api_key_metadata(mesh, tenant)
     store = mesh.config.run_dir / "nats"
+    nats_before = _pid(mesh, "nats")
     calls = Calls()
     async with grpc.aio.insecure_channel(mesh.envoy_address) as channel:
         callers = Callers(channel, metadata)
@@ -512,12 +516,17 @@ async def nats_store_full(
         finally:
             load.stop()
             await running
+        outcome.nats_restarted = _pid(mesh, "nats") not in (None, nats_before)
         if outcome.recovery_s is None:
             outcome.notes.append(f"no new task completed within {recovery_timeout:g} s")
             outcome.acknowledged += len(load.acknowledged)
             return outcome
         await load.settle(outcome)
     return outcome
+
+
+def _pid(mesh: Mesh, name: str) -> int | None:
+    return next((r.pid for r in mesh.state.load() if r.name == name), None)
 
 
 async def _task_recovery(

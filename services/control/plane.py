@@ -1,6 +1,7 @@
-"""The control plane process: the supervisor of every replica, and the ADS server that
-tells Envoy which of them to route to. Runs on the shared runtime (health, metrics,
-graceful SIGTERM); ready once every replica `up` asked for is SERVING.
+"""The control plane process: the supervisor of every replica (and of the mesh's own NATS
+server, `dependencies`), and the ADS server that tells Envoy which of them to route to.
+Runs on the shared runtime (health, metrics, graceful SIGTERM); ready once every replica
+`up` asked for is SERVING.
 
 Every change of the replica set renders the edge's whole config for the replicas of the
 moment (`launcher._edge.edge_config`, the same renderer a static config came from),
@@ -24,6 +25,7 @@ import grpc
 from prometheus_client import Gauge
 from switchboard.control.v1 import control_service_pb2_grpc
 
+from services.control.dependencies import NatsWatch
 from services.control.events import EventBus
 from services.control.kinds import ServiceKind, initial_counts, mesh_kinds
 from services.control.resources import XDS_CLUSTER, Endpoint, Resources, resources_from_static
@@ -39,6 +41,7 @@ from services.launcher._config import (
 )
 from services.launcher._edge import CONTROL_SERVICE, edge_config
 from services.launcher._envoy_tracing import Tracing, add_tracing
+from services.launcher._procs import StateFile
 from services.launcher._prometheus import TARGETS_DIR, ScrapeTarget, write_service_targets
 from services.launcher._services import MeshAddresses
 from services.runtime import main as serve_main
@@ -77,6 +80,12 @@ class ControlPlane:
             max_replicas=config.max_replicas,
             spares=config.spares,
         )
+        self.nats = NatsWatch(
+            state=StateFile(run_dir),
+            monitor_url=f"http://{config.host}:{config.nats_monitor_port}",
+            store_dir=run_dir / "nats",
+            events=self.events,
+        )
         self._push_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = False
@@ -94,7 +103,11 @@ class ControlPlane:
         # Envoy already runs, at a higher version.
         await self.push()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self.supervisor.run()), loop.create_task(self._boot())]
+        self._tasks = [
+            loop.create_task(self.supervisor.run()),
+            loop.create_task(self._boot()),
+            loop.create_task(self.nats.run()),
+        ]
 
     async def _boot(self) -> None:
         try:

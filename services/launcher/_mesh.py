@@ -248,8 +248,8 @@ class Mesh:
 
     def _spawn(self, name: str, argv: list[str], **kwargs: object) -> ProcessRecord:
         record = spawn(name, argv, log=self.config.run_dir / "logs" / f"{name}.log", **kwargs)
-        self._records.append(record)
-        self.state.save(self._records)
+        # what others changed meanwhile (the control plane restarting NATS) is kept
+        self._records = self.state.update(lambda now: [*[r for r in now if r.name != name], record])
         return record
 
     def _wait(
@@ -389,12 +389,12 @@ class Mesh:
                     return False
                 raise
             return True
-        records = self.state.load()
-        found = [r for r in records if r.name == name]
+        # forgotten before it is stopped: the control plane restarts a recorded NATS
+        # server that dies
+        found = [r for r in self.state.load() if r.name == name]
+        self._records = self.state.update(lambda now: [r for r in now if r.name != name])
         for record in found:
             self._stop(record)
-        self._records = [r for r in records if r.name != name]
-        self.state.save(self._records)
         return bool(found)
 
     def start_prometheus(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import ipaddress
 import json
 import logging
@@ -9,7 +11,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -62,7 +64,12 @@ def recorded_replicas(path: Path) -> list[ProcessRecord]:
 
 
 class StateFile:
-    """The run directory's record of what is running (`state.json`)."""
+    """The run directory's record of what is running (`state.json`).
+
+    The launcher and the control plane (which restarts the mesh's own NATS server) both
+    change it: every change is a read-modify-write under an exclusive lock on
+    `state.json.lock` (`update`).
+    """
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / "state.json"
@@ -78,13 +85,37 @@ class StateFile:
             return []
 
     def save(self, records: Sequence[ProcessRecord]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            self._write(records)
+
+    def update(
+        self, change: Callable[[list[ProcessRecord]], Sequence[ProcessRecord]]
+    ) -> list[ProcessRecord]:
+        """Replaces the records with `change(records)`, atomically with respect to every
+        other `update` and `save`; returns the new records."""
+        with self._locked():
+            records = list(change(self.load()))
+            self._write(records)
+            return records
+
+    def clear(self) -> None:
+        with self._locked():
+            self.path.unlink(missing_ok=True)
+
+    def _write(self, records: Sequence[ProcessRecord]) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"processes": [asdict(r) for r in records]}, indent=2))
         tmp.replace(self.path)
 
-    def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def spawn(
