@@ -209,9 +209,9 @@ def api_key_metadata(mesh: Any, tenant: str) -> tuple[tuple[str, str], ...]:
     with _API_KEYS_LOCK:
         if slot not in _API_KEYS:
             with ThreadPoolExecutor(1) as pool:
-                _API_KEYS[slot] = pool.submit(
-                    asyncio.run, _create_api_key(mesh.database_url, tenant)
-                ).result(timeout=60)
+                _API_KEYS[slot] = pool.submit(asyncio.run, _create_api_key(mesh, tenant)).result(
+                    timeout=60
+                )
         token = _API_KEYS[slot]
     return (("authorization", f"Bearer {token}"),)
 
@@ -227,10 +227,8 @@ OPERATOR = ""
 """The `api_key_metadata` tenant that stands for an operator credential."""
 
 
-async def _create_api_key(database_url: str, tenant: str) -> str:
-    from services.auth import KeyStore
-
-    store = KeyStore(database_url)
+async def _create_api_key(mesh: Any, tenant: str) -> str:
+    store = mesh.key_store()
     await store.open()
     try:
         if tenant == OPERATOR:

@@ -15,9 +15,11 @@ always follows the same call:
 
 The calls act for tenant `bench`, which the benchmark first gives a policy with ample
 limits: the tax is what is measured, not the default tenant's rate limit. Through the
-public listener they carry the tenant's API key, so the mesh arms include Envoy's
-external-authorization check (answered from the auth service's key cache); the router's
-own port and the internal listener take `x-tenant-id` as sent. The blocks
+public listener they carry the tenant's API key: `mesh` with a key as `switchboard keys
+create` makes it (a signed token Envoy checks itself), and `mesh_ext_authz`, in the same
+rounds, with a key of the older `sb_` form, which Envoy asks the auth service about on
+every call (answered from its key cache), as every key was before; the router's own port
+and the internal listener take `x-tenant-id` as sent. The blocks
 run one after the other, so a generation never follows an embedding (whose forward pass
 leaves the CPU busy for a while). The mesh runs one Triton replica, so every arm reaches
 the same Triton process.
@@ -30,6 +32,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from switchboard.admission.v1 import admission_service_pb2_grpc
@@ -217,7 +220,13 @@ async def _block(arms: dict[str, Timed], budget_s: float, rng: random.Random) ->
 
 
 async def _measure(
-    triton: str, router: str, envoy: str, internal: str, key: Metadata, operator: Metadata
+    triton: str,
+    router: str,
+    envoy: str,
+    internal: str,
+    key: Metadata,
+    older_key: Metadata,
+    operator: Metadata,
 ) -> dict[str, Block]:
     rng = random.Random(SEED)
     async with (
@@ -239,12 +248,14 @@ async def _measure(
                 "direct": _direct_ttft(direct),
                 "router": _mesh_ttft(via_router, TRUSTED),
                 "mesh": _mesh_ttft(via_envoy, key),
+                "mesh_ext_authz": _mesh_ttft(via_envoy, older_key),
                 "admit": _admit(admission),
             },
             "embed": {
                 "direct": _direct_embed(direct),
                 "router": _mesh_embed(via_router, TRUSTED),
                 "mesh": _mesh_embed(via_envoy, key),
+                "mesh_ext_authz": _mesh_embed(via_envoy, older_key),
             },
         }
         blocks = {}
@@ -255,6 +266,14 @@ async def _measure(
         finally:
             await admission.close()
         return blocks
+
+
+async def _older_key(mesh: Any) -> Metadata:
+    """The tenant's key in the older `sb_` form (a store without the signing key): Envoy
+    cannot check it itself."""
+    async with mesh.key_store(signed=False) as store:
+        _, token = await store.create(TENANT, "bench, older form")
+    return (("authorization", f"Bearer {token}"),)
 
 
 def run() -> dict:
@@ -268,6 +287,7 @@ def run() -> dict:
                 mesh.envoy_address,
                 mesh.internal_address,
                 key,
+                asyncio.run(_older_key(mesh)),
                 operator_metadata(mesh),
             )
         )
@@ -290,12 +310,16 @@ def run() -> dict:
         ],
     )
     metrics: dict[str, float] = {}
-    for prefix, arm in (("added", "mesh"), ("router_only_added", "router")):
+    for prefix, arm in (
+        ("added", "mesh"),
+        ("added_ext_authz", "mesh_ext_authz"),
+        ("router_only_added", "router"),
+    ):
         for kind in ("ttft", "embed"):
             for q in (50, 99):
                 metrics[f"{prefix}_{kind}_p{q}_ms"] = p[kind, arm, q] - p[kind, "direct", q]
     for kind in ("ttft", "embed"):
-        for arm in ("direct", "router", "mesh"):
+        for arm in ("direct", "router", "mesh", "mesh_ext_authz"):
             for q in (50, 99):
                 metrics[f"{arm}_{kind}_p{q}_ms"] = p[kind, arm, q]
     for q in (50, 99):
@@ -308,10 +332,13 @@ def run() -> dict:
         f"replica. ttft: generator_small, {len(PROMPT)}-char prompt, {len(PASSAGES)} short "
         f"passages, max_tokens {MAX_TOKENS}, first token as the client sees it; embed: one "
         "short text on embedder. direct = raw grpc.aio Triton stub (ModelStreamInfer / "
-        "ModelInfer), mesh = Envoy (API key checked by ext_authz) -> router (-> Envoy's "
+        "ModelInfer), mesh = Envoy (API key token checked by Envoy itself) -> router (-> "
+        "Envoy's "
         "internal listener -> admission for Generate) -> Triton, router_only = the router's "
-        "own port; added = mesh pXX - direct pXX; admit = the router's admission alone "
-        "(services.inference.admission.AdmissionGate: a message on its AdmitSession stream "
+        "own port; mesh_ext_authz = the same with an older-form key, checked by the auth "
+        "service (ext_authz) on every call; added = mesh pXX - direct pXX; admit = the "
+        "router's admission alone (services.inference.admission.AdmissionGate: a message on "
+        "its AdmitSession stream "
         "and the reply), through Envoy's internal listener. "
         f"Tenant {TENANT!r} with a policy above any rate the benchmark reaches"
     )

@@ -25,7 +25,6 @@ from switchboard.inference.v1 import inference_pb2 as pb
 from switchboard.inference.v1 import inference_service_pb2_grpc
 from switchboard.rag.v1 import rag_pb2, rag_service_pb2_grpc
 
-from services.auth import KeyStore
 from services.launcher import LaunchError, Mesh, chat, load_launcher_config
 
 logger = logging.getLogger(__name__)
@@ -212,10 +211,10 @@ async def _task(channel: grpc.aio.Channel, key: Metadata) -> None:
     print(f"  answer: {outputs['answer'].get('text', '')}")
 
 
-async def _create_key(database_url: str) -> tuple[str, str]:
+async def _create_key(mesh: Mesh) -> tuple[str, str]:
     """A new API key for the demo tenant, as `switchboard keys create --tenant demo`
     makes it: (key id, key)."""
-    store = KeyStore(database_url)
+    store = mesh.key_store()
     await store.open()
     try:
         return await store.create(TENANT, "make demo")
@@ -223,8 +222,8 @@ async def _create_key(database_url: str) -> tuple[str, str]:
         await store.close()
 
 
-async def _revoke_key(database_url: str, key_id: str) -> None:
-    store = KeyStore(database_url)
+async def _revoke_key(mesh: Mesh, key_id: str) -> None:
+    store = mesh.key_store()
     await store.open()
     try:
         await store.revoke(key_id)
@@ -238,7 +237,7 @@ def main() -> int:
     key_id = ""
     try:
         started = mesh.up()
-        key_id, token = asyncio.run(_create_key(mesh.database_url))
+        key_id, token = asyncio.run(_create_key(mesh))
         _say(f"created API key {key_id} for tenant {TENANT!r}; the calls below send it")
         asyncio.run(_show(mesh.envoy_address, (("authorization", f"Bearer {token}"),)))
         _say(
@@ -250,7 +249,7 @@ def main() -> int:
         return 1
     finally:
         if key_id:
-            asyncio.run(_revoke_key(mesh.database_url, key_id))
+            asyncio.run(_revoke_key(mesh, key_id))
         if started:
             _say("stopping everything the demo started")
             mesh.down()

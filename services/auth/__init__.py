@@ -1,15 +1,19 @@
 """The auth service: API keys (hashed in PostgreSQL) checked for Envoy at the edge, and
 managed by operators.
 
-`keys` is the key format and hashing; `store` keeps keys and caches verified ones;
+`keys` is the key format and hashing (keys are tokens the mesh's signing key signs,
+`signing`, which the edge checks by itself); `store` keeps keys and caches verified
+ones, dropping a revoked key's within a second (`revocations`);
 `authz` answers Envoy's external authorization checks; `servicer` is the operators'
 KeyService.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -18,8 +22,9 @@ from switchboard.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 from services.auth.authz import AuthorizationServicer
 from services.auth.config import AuthConfig
 from services.auth.servicer import KeyServicer
+from services.auth.signing import SigningKey
 from services.auth.store import Caller, KeyStore
-from services.runtime import load_config, public_services
+from services.runtime import load_config, public_services, stop_task
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +44,20 @@ class AuthService:
             self._config.database_url,
             cache_ttl=self._config.auth_cache_ttl,
             stale_grace=self._config.auth_stale_grace,
+            signer=(
+                SigningKey.load(Path(self._config.auth_signing_key))
+                if self._config.auth_signing_key
+                else None
+            ),
         )
+        self._revocations: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         public_services()  # loads every contract, whose authority the checks read
         await self.store.open()
+        self._revocations = asyncio.create_task(
+            self.store.revocations.follow(self.store.forget_revoked)
+        )
 
     def register(self, server: grpc.aio.Server) -> None:
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
@@ -55,4 +69,5 @@ class AuthService:
         return await self.store.healthy()
 
     async def shutdown(self) -> None:
+        await stop_task(self._revocations)
         await self.store.close()

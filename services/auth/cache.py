@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -61,6 +62,13 @@ class VerificationCache(Generic[T]):
         self._entries.move_to_end(slot)
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)
+
+    def drop(self, which: Callable[[T], bool]) -> int:
+        """Forgets the entries whose value `which` picks (a revoked key's); how many."""
+        gone = [slot for slot, entry in self._entries.items() if which(entry.value)]
+        for slot in gone:
+            del self._entries[slot]
+        return len(gone)
 
     def _within(self, slot: bytes, now: float, horizon: float) -> Entry[T] | None:
         entry = self._entries.get(slot)

@@ -14,8 +14,12 @@ class AuthConfig:
     database_url: str
     """PostgreSQL holding the keys (`SWITCHBOARD_DATABASE_URL`)."""
     auth_cache_ttl: timedelta = timedelta(seconds=30)
-    """How long a verified (or refused) key is remembered: a revoked key stops working
-    within this long."""
+    """How long a verified (or refused) key is remembered. A revoked key leaves the
+    cache sooner, within the revocation feed's poll interval (`revocations`)."""
+    auth_signing_key: str = ""
+    """The mesh's key-signing key (a PEM file, `signing`): new keys are tokens it signs,
+    which the edge checks without this service. Empty: new keys take the older form,
+    which every call has checked here."""
     auth_stale_grace: timedelta = timedelta(minutes=10)
     """While the key database is down, a key verified less than this long ago keeps
     working (keys never verified, or verified earlier, are refused: UNAVAILABLE)."""

@@ -18,7 +18,14 @@ import psycopg
 
 from services.auth import keys
 from services.auth.cache import VerificationCache
-from services.runtime import Database, Principal, Unavailable, dependency_unavailable
+from services.auth.revocations import RevocationFeed
+from services.auth.signing import SigningKey
+from services.runtime import (
+    Database,
+    Principal,
+    Unavailable,
+    dependency_unavailable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +64,7 @@ class Caller:
     principal: Principal
     tenant_id: str = ""
     """The key's tenant; empty for an operator credential."""
+    key_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +98,14 @@ class KeyStore:
         stale_grace: timedelta = timedelta(minutes=10),
         cache_size: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        signer: SigningKey | None = None,
     ) -> None:
         self._db = Database(database_url, max_size=4)
+        self._signer = signer
+        self.revocations = RevocationFeed(self._db, clock=clock)
+        """Followed by the auth service (`forget_revoked`): a key revoked through any
+        replica (or the CLI) leaves this one's cache within the feed's poll interval,
+        not only once its entry expires."""
         self._cache: VerificationCache[Caller | None] = VerificationCache(
             ttl=cache_ttl.total_seconds(),
             stale_grace=max(stale_grace, cache_ttl).total_seconds(),
@@ -105,6 +119,13 @@ class KeyStore:
 
     async def open(self) -> None:
         await self._db.open(prefix="auth", lock=_MIGRATION_LOCK, migrations=MIGRATIONS)
+
+    async def __aenter__(self) -> KeyStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     async def close(self) -> None:
         for lookup in list(self._lookups.values()):
@@ -128,7 +149,7 @@ class KeyStore:
     async def _insert(self, principal: Principal, tenant_id: str, name: str) -> tuple[str, str]:
         if len(name) > 200:
             raise ValueError("a key's name is at most 200 characters")
-        key = keys.new_key()
+        key = keys.new_key(principal.header_value, tenant_id, self._signer)
         async with self._db.connection() as conn:
             await conn.execute(
                 "INSERT INTO auth_api_keys (key_id, tenant_id, name, secret_hash, kind)"
@@ -136,6 +157,14 @@ class KeyStore:
                 (key.key_id, tenant_id, name, key.secret_hash, principal.header_value),
             )
         return key.key_id, key.token
+
+    async def forget_revoked(self, newly: frozenset[str]) -> None:
+        """Drops the cached verifications of the keys just revoked (`revocations`)."""
+        if not newly:
+            return
+        dropped = self._cache.drop(lambda caller: caller is not None and caller.key_id in newly)
+        if dropped:
+            logger.info("dropped %d cached verifications of revoked keys", dropped)
 
     async def get(self, key_id: str) -> KeyInfo | None:
         async with self._db.connection() as conn:
@@ -256,5 +285,5 @@ class KeyStore:
         if row is None or not keys.matches(secret, bytes(row[1])):
             return None
         if row[2] == Principal.OPERATOR.header_value:
-            return Caller(Principal.OPERATOR)
-        return Caller(Principal.TENANT, str(row[0]))
+            return Caller(Principal.OPERATOR, key_id=key_id)
+        return Caller(Principal.TENANT, str(row[0]), key_id)

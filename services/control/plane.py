@@ -10,6 +10,10 @@ the next version; the push returns once every connected Envoy has acknowledged i
 after `ACK_WAIT_S`, so that a replica is stopped only after Envoy stopped sending it
 new calls.
 
+The edge checks API key tokens itself (`launcher._envoy_keys`): the control plane gives
+it the signing key's public half, and the revoked key ids, read from the key table every
+second (`auth.revocations`) and pushed when they change.
+
 With tracing on (`trace_sampling` above 0) the config also has Envoy trace the calls it
 routes and export its spans to this process (the bootstrap's cluster to it), which writes
 them into the run directory's trace store (`traces`).
@@ -25,6 +29,8 @@ import grpc
 from prometheus_client import Gauge
 from switchboard.control.v1 import control_service_pb2_grpc
 
+from services.auth.revocations import RevocationFeed
+from services.auth.signing import public_jwks
 from services.control.dependencies import NatsWatch
 from services.control.events import EventBus
 from services.control.kinds import ServiceKind, initial_counts, mesh_kinds
@@ -40,16 +46,25 @@ from services.launcher._config import (
     triton_urls,
 )
 from services.launcher._edge import CONTROL_SERVICE, edge_config
+from services.launcher._envoy_keys import LocalKeys, add_local_keys
 from services.launcher._envoy_tracing import Tracing, add_tracing
 from services.launcher._procs import StateFile
 from services.launcher._prometheus import TARGETS_DIR, ScrapeTarget, write_service_targets
 from services.launcher._services import MeshAddresses
+from services.runtime import Database
 from services.runtime import main as serve_main
 
 logger = logging.getLogger(__name__)
 
 ACK_WAIT_S = 2.0
 """How long a push waits for Envoy's acknowledgement before going on."""
+
+REVOCATIONS_TRUSTED_S = 30.0
+"""How long the edge trusts the revoked keys it was given without a fresh read (the key
+table unreachable): then every call is checked by the auth service again."""
+
+REVOCATIONS_CHECK_S = 0.1
+"""How often the control plane looks at what the revocation feed last read."""
 
 REPLICAS = Gauge(
     "switchboard_control_replicas",
@@ -86,6 +101,12 @@ class ControlPlane:
             store_dir=run_dir / "nats",
             events=self.events,
         )
+        self._jwks = public_jwks(config.signing_key_path)
+        self._keys_db = Database(config.database_url, max_size=1, name="control_keys")
+        self.revocations = RevocationFeed(self._keys_db)
+        self._edge_revoked: frozenset[str] | None = None
+        """The revoked keys the edge was last given; None: not known (or not read for
+        `REVOCATIONS_TRUSTED_S`), so no call skips the auth service."""
         self._push_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = False
@@ -108,6 +129,12 @@ class ControlPlane:
             loop.create_task(self._boot()),
             loop.create_task(self.nats.run()),
         ]
+        if self._jwks is not None:
+            await self._keys_db.open(wait=False)
+            self._tasks += [
+                loop.create_task(self.revocations.follow()),
+                loop.create_task(self._follow_revocations()),
+            ]
 
     async def _boot(self) -> None:
         try:
@@ -127,6 +154,7 @@ class ControlPlane:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.supervisor.shutdown()
         await self.traces.shutdown()
+        await self._keys_db.close()
 
     async def push(self) -> None:
         """Publishes the edge config for the replicas of the moment and waits (bounded)
@@ -149,6 +177,25 @@ class ControlPlane:
             else:
                 logger.warning("Envoy did not acknowledge config version %d in time", version)
 
+    async def _follow_revocations(self) -> None:
+        """Gives the edge the revoked keys when they change, and takes its own key check
+        away when they have not been read for too long (a poll can hang on a stalled
+        database: this loop does not wait for it)."""
+        while True:
+            known = self.revocations.fresh(REVOCATIONS_TRUSTED_S)
+            if known != self._edge_revoked:
+                if known is None:
+                    logger.warning(
+                        "revoked keys not read for %g s: the edge checks every key with"
+                        " the auth service until they are",
+                        REVOCATIONS_TRUSTED_S,
+                    )
+                elif self._edge_revoked is not None and known - self._edge_revoked:
+                    logger.info("keys revoked: %s", ", ".join(sorted(known - self._edge_revoked)))
+                self._edge_revoked = known
+                await self.push()
+            await asyncio.sleep(REVOCATIONS_CHECK_S)
+
     def _resources(self, routed: dict[str, list[tuple[str, int, bool]]]) -> Resources:
         """The edge config for the replicas `routed` (kind -> (host, port, draining)) as
         typed xDS resources."""
@@ -156,6 +203,8 @@ class ControlPlane:
             self._config, {kind: [(h, p) for h, p, _ in eps] for kind, eps in routed.items()}
         )
         static = add_tracing(static, self._tracing)
+        if self._jwks is not None:
+            static = add_local_keys(static, LocalKeys(self._jwks, self._edge_revoked))
         draining = {(h, p) for eps in routed.values() for h, p, d in eps if d}
         endpoints = {
             cluster["name"]: [

@@ -97,8 +97,8 @@ class LauncherConfig:
     `https://app.example.com`) whose pages may call the public port with gRPC-Web
     (CORS); the chat page served on the port needs none."""
     auth_cache_ttl: timedelta = timedelta(seconds=30)
-    """How long the auth service trusts a key it has checked: a revoked key stops
-    working within this long."""
+    """How long the auth service trusts a key it has checked (a revoked key leaves its
+    cache sooner: each replica reads the revoked keys every second)."""
     metrics_base_port: int = 9100
     """Service replicas' Prometheus endpoints: metrics_base_port + 10·slot + the
     service's place in the launcher's list (up to +49); the control plane's is +50."""
@@ -151,6 +151,13 @@ class LauncherConfig:
     def traces_dir(self) -> Path:
         """Where the processes write their spans (one JSON object per line)."""
         return self.run_dir / "traces"
+
+    @property
+    def signing_key_path(self) -> Path:
+        """The mesh's key-signing key (`services.auth.signing`): created by `up` if
+        missing, read by the auth service (private half) and the control plane (public
+        half, for the edge)."""
+        return self.run_dir / "auth" / "signing-key.pem"
 
     def triton_ports(self, replica: int) -> tuple[int, int, int]:
         base = self.triton_base_port + 3 * replica

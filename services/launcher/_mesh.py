@@ -22,6 +22,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from switchboard.control.v1 import control_pb2, control_service_pb2_grpc
 
+from services.auth import KeyStore
+from services.auth.signing import SigningKey, signing_key
 from services.control.resources import bootstrap
 from services.launcher import _envoy, _prometheus, _triton
 from services.launcher._config import REPO_ROOT, LauncherConfig, config_env, triton_urls
@@ -415,6 +417,13 @@ class Mesh:
         except grpc.RpcError as exc:
             raise LaunchError(f"could not start {name}: {exc.details()}") from exc
 
+    def key_store(self, *, signed: bool = True) -> KeyStore:
+        """The mesh's API keys (open it before use and close it after, or use it with
+        `async with`), signing new ones with the mesh's signing key when it has one, as
+        the auth service does; not `signed`, new keys take the older `sb_` form."""
+        signer = signing_key(self.config.signing_key_path) if signed else None
+        return KeyStore(self.database_url, signer=signer)
+
     def control(self) -> control_service_pb2_grpc.ControlServiceStub:
         """A ControlService stub on the control plane's own port (loopback), calling as
         the machine's operator; close it with `close_control`."""
@@ -455,6 +464,7 @@ class Mesh:
         }
         if not self.config.triton_url:
             _triton.run_files(self.config)  # laid out once, before any replica needs them
+        SigningKey.ensure(self.config.signing_key_path)
         (self.config.run_dir / ADDRESSES).write_text(
             json.dumps({"internal": self.internal_address})
         )

@@ -170,6 +170,7 @@ def service_env(
         "SWITCHBOARD_DATABASE_URL": mesh.database_url,
         "SWITCHBOARD_NATS_URL": mesh.nats_url,
         "SWITCHBOARD_AUTH_CACHE_TTL": f"{config.auth_cache_ttl.total_seconds():g}s",
+        "SWITCHBOARD_AUTH_SIGNING_KEY": str(config.signing_key_path),
         "SWITCHBOARD_TRACES_DIR": str(config.traces_dir),
         "SWITCHBOARD_TRACE_SAMPLING": f"{config.trace_sampling:g}",
         "PYTHONUNBUFFERED": "1",

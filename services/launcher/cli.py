@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(config, prometheus=True)
     mesh = Mesh(config, progress=_progress)
     if args.command == "keys":
-        return asyncio.run(_keys(args, mesh.database_url))
+        return asyncio.run(_keys(args, mesh))
     if args.command == "chat":
         try:
             return asyncio.run(chat.chat(args, mesh.envoy_address))
@@ -223,10 +223,8 @@ def _control_call(mesh: Mesh, method: str, request: object, *, timeout: float = 
         return getattr(stub, method)(request, timeout=timeout)
 
 
-async def _keys(args: argparse.Namespace, database_url: str) -> int:
-    from services.auth import KeyStore
-
-    store = KeyStore(database_url)
+async def _keys(args: argparse.Namespace, mesh: Mesh) -> int:
+    store = mesh.key_store()
     try:
         await store.open()
     except (OSError, psycopg.Error) as exc:

@@ -136,11 +136,18 @@ class Database:
         _pools.add(self)
 
     async def open(
-        self, *, prefix: str = "", lock: int = 0, migrations: Mapping[int, str] | None = None
+        self,
+        *,
+        prefix: str = "",
+        lock: int = 0,
+        migrations: Mapping[int, str] | None = None,
+        wait: bool = True,
     ) -> None:
-        """Opens the pool, then applies `migrations` (if any) as `apply_migrations` does."""
+        """Opens the pool, then applies `migrations` (if any) as `apply_migrations` does.
+        With `wait` False (and no migrations) it returns at once: the pool connects in
+        the background, and a `connection` meanwhile waits as it would for a busy pool."""
         self.name = self.name or prefix
-        await self.pool.open(wait=True, timeout=30)
+        await self.pool.open(wait=wait, timeout=30)
         if migrations:
             async with self.pool.connection() as conn:
                 await apply_migrations(conn, prefix=prefix, lock=lock, migrations=migrations)

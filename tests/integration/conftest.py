@@ -14,7 +14,7 @@ import grpc
 import pytest
 from switchboard.inference.v1 import inference_service_pb2_grpc
 
-from services.auth import KeyStore, keys
+from services.auth import keys
 from services.launcher import Mesh, isolated_config
 
 T = TypeVar("T")
@@ -54,11 +54,11 @@ class Credentials:
     own event loop in a background thread.
     """
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, mesh: Mesh) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="api-keys", daemon=True)
         self._thread.start()
-        self._store = KeyStore(database_url)
+        self._store = mesh.key_store()
         self._tokens: dict[str, str] = {}
         self._lock = threading.Lock()
         try:
@@ -68,7 +68,7 @@ class Credentials:
             raise
 
     def key(self, tenant: str) -> str:
-        """The tenant's key (`sb_<id>_<secret>`)."""
+        """The tenant's key (a token the mesh's signing key signed)."""
         with self._lock:
             if tenant not in self._tokens:
                 _, self._tokens[tenant] = self._run(self._store.create(tenant, "tests"))
@@ -118,7 +118,7 @@ _active: Credentials | None = None
 @pytest.fixture(scope="session", autouse=True)
 def credentials(mesh: Mesh) -> Iterator[Credentials]:
     global _active
-    keys = _active = Credentials(mesh.database_url)
+    keys = _active = Credentials(mesh)
     try:
         yield keys
     finally:

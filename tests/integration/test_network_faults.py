@@ -74,7 +74,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 @pytest.fixture(scope="module")
 def credentials(mesh: Mesh) -> Iterator[Credentials]:
     """This module's mesh's keys (in place of the session mesh's)."""
-    keys = Credentials(mesh.database_url)
+    keys = Credentials(mesh)
     try:
         yield keys
     finally:

@@ -2,8 +2,9 @@
 
 While it is down: calls that need it fail with UNAVAILABLE `DEPENDENCY_UNAVAILABLE` and
 RetryInfo before their deadline (never DEADLINE_EXCEEDED, never INTERNAL); calls that do
-not need it keep working for keys the edge verified before the outage; a key the edge
-never verified is refused (fail closed). Once it is back, every service reconnects by
+not need it keep working for tenant keys (Envoy checks their signature alone) and for
+keys the auth service verified before the outage; a key only the key store can check,
+never verified, is refused (fail closed). Once it is back, every service reconnects by
 itself.
 """
 
@@ -76,7 +77,12 @@ async def test_a_postgres_outage_fails_fast_keeps_known_keys_and_heals(
 ):
     tenant = f"outage-{uuid.uuid4().hex[:8]}"
     known = as_tenant(tenant)
-    stranger = credentials.metadata(f"stranger-{uuid.uuid4().hex[:8]}")  # never used
+    # never used before the outage: a tenant's key (Envoy checks it alone) and a key of
+    # the older form (only the auth service can check it, and its key store is down)
+    stranger = credentials.metadata(f"stranger-{uuid.uuid4().hex[:8]}")
+    async with mesh.key_store(signed=False) as store:
+        _, older = await store.create(f"older-{uuid.uuid4().hex[:8]}", "outage test")
+    unverifiable = (("authorization", f"Bearer {older}"),)
     inference = stubs[3]
     calls = database_calls(stubs, known)
     for call in calls.values():
@@ -105,18 +111,24 @@ async def test_a_postgres_outage_fails_fast_keeps_known_keys_and_heals(
                 inference_pb2.ListModelsRequest(), metadata=known, timeout=DEADLINE_S
             )
             assert listed.models
+        # a tenant key never seen: Envoy checks its signature, no database needed
+        listed = await inference.ListModels(
+            inference_pb2.ListModelsRequest(), metadata=stranger, timeout=DEADLINE_S
+        )
+        assert listed.models
+        # a key only the key store could check: refused, the edge fails closed
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await inference.ListModels(
-                inference_pb2.ListModelsRequest(), metadata=stranger, timeout=DEADLINE_S
+                inference_pb2.ListModelsRequest(), metadata=unverifiable, timeout=DEADLINE_S
             )
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await asyncio.to_thread(mesh.start_postgres)
 
     async def verify_stranger() -> None:
-        # a key never verified before: the auth service's own key store is back too
+        # a key only the key store can check: the auth service's store is back too
         await inference.ListModels(
-            inference_pb2.ListModelsRequest(), metadata=stranger, timeout=DEADLINE_S
+            inference_pb2.ListModelsRequest(), metadata=unverifiable, timeout=DEADLINE_S
         )
 
     async def healed() -> bool:
@@ -135,4 +147,4 @@ async def test_a_postgres_outage_fails_fast_keeps_known_keys_and_heals(
     print(f"recovered {took:.1f} s after PostgreSQL accepted connections again")
     # a pool idle through the outage (this process's key store) hands out live
     # connections at once: the dead ones it held are checked and dropped
-    assert credentials.key(f"after-{uuid.uuid4().hex[:8]}").startswith("sb_")
+    assert credentials.key(f"after-{uuid.uuid4().hex[:8]}").startswith("eyJ")

@@ -69,7 +69,7 @@ EXCLUDED = {
 
 SHOWS = {
     "switchboard trace --slowest 5": ("start ms", "dur ms", "timeline"),
-    "keys revoke": ("sb_", "my laptop", "active"),
+    "keys revoke": ("eyJ", "my laptop", "active"),
     "make web": ("<title>Switchboard chat</title>",),
     "make status": ("envoy", "running", "inference.log <=="),
     "switchboard rollout gateway": (
@@ -121,7 +121,7 @@ SHOWS = {
         '"tenant_id": "acme"',
         "may be called by operator credentials",
         '"tenant_id": "globex"',
-        '"token": "sb_',
+        '"token": "eyJ',
         "refused, grpcurl exited with 71",
     ),
 }
