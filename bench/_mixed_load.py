@@ -235,19 +235,25 @@ class MixedLoad(LoadWorkers):
                     raise
         raise ChatTurnFailed("the stream ended before the turn completed")
 
-    async def unfinished_tasks(self) -> list[str]:
-        """The accepted tasks not (yet) COMPLETED."""
+    async def unfinished_tasks(self, among: Sequence[str] | None = None) -> dict[str, str]:
+        """The accepted tasks (of `among`, by default all) not (yet) COMPLETED, with
+        their state and their steps' (`RUNNING one:QUEUED`)."""
         async with grpc.aio.insecure_channel(self._target) as channel:
             stub = execution_service_pb2_grpc.ExecutionServiceStub(channel)
-            unfinished = []
-            for task_id in self.task_ids:
+            unfinished = {}
+            for task_id in self.task_ids if among is None else among:
                 task = await stub.GetTask(
                     execution_pb2.GetTaskRequest(task_id=task_id),
                     metadata=self._metadata,
                     timeout=self._timeout,
                 )
                 if task.task.state != execution_pb2.TASK_STATE_COMPLETED:
-                    unfinished.append(task_id)
+                    steps = " ".join(
+                        f"{s.name}:{execution_pb2.StepState.Name(s.state).removeprefix('STEP_STATE_')}"
+                        for s in task.task.step_statuses
+                    )
+                    state = execution_pb2.TaskState.Name(task.task.state)
+                    unfinished[task_id] = f"{state.removeprefix('TASK_STATE_')} {steps}"
             return unfinished
 
 

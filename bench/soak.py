@@ -186,10 +186,15 @@ async def _soak(mesh: Any, duration: float, kill_every: float) -> dict[str, Any]
             await asyncio.sleep(SAMPLE_EVERY_S)  # the sampling period
     ended = time.monotonic()
     unfinished = await load.unfinished_tasks()
+    print(f"  load stopped: {len(unfinished)} of {len(load.task_ids)} tasks unfinished", flush=True)
     finish_by = time.monotonic() + FINISH_WAIT_S
     while unfinished and time.monotonic() < finish_by:
         await asyncio.sleep(2)  # tasks accepted last may still be running: poll
-        unfinished = await load.unfinished_tasks()
+        unfinished = await load.unfinished_tasks(list(unfinished))
+    if unfinished:
+        states = Counter(unfinished.values())
+        print(f"  unfinished after {FINISH_WAIT_S:g} s: {dict(states)}", flush=True)
+        print(f"  e.g. {sorted(unfinished)[:5]}", flush=True)
     kill_times = [since + at for at, _ in kills]
     new_call_errors = [
         r
@@ -204,6 +209,7 @@ async def _soak(mesh: Any, duration: float, kill_every: float) -> dict[str, Any]
         "new_call_errors": new_call_errors,
         "tasks": len(load.task_ids),
         "lost": len(unfinished),
+        "unfinished": Counter(unfinished.values()),
     }
 
 
@@ -231,6 +237,7 @@ def run() -> dict[str, Any]:
         f"{duration / 60:g} min of mixed load ({LOAD_WORKERS} callers), a random service process"
         f" killed every {kill_every:g} s ({', '.join(v for _, v in outcome['kills']) or 'none'});"
         f" calls by code: {dict(shown)}; new calls failed: {errors[:10]};"
+        f" unfinished tasks by state: {dict(outcome['unfinished'])};"
         f" growth measured per PID from {WARMUP_S:g} s after its start to its last sample,"
         f" over PIDs observed at least {MIN_OBSERVED_S:g} s after that; plot: soak.png"
     )

@@ -61,6 +61,12 @@ RETRYABLE_CODES = {
 }
 
 
+NOT_ATTEMPTED_REASONS = frozenset({"TOOL_CIRCUIT_OPEN"})
+"""Reasons of failures where the step's call never left the worker (its tool's circuit
+is open): the step waits for the circuit (its RetryInfo) without spending an attempt, so
+that a dependency's short outage does not fail every task that meets the open circuit."""
+
+
 class StepFailure(Exception):
     """A failed attempt: its error, and whether another attempt may succeed."""
 
@@ -68,6 +74,11 @@ class StepFailure(Exception):
         super().__init__(error.message)
         self.error = error
         self.retryable = retryable
+
+    @property
+    def not_attempted(self) -> bool:
+        """The call was refused before it was made (see NOT_ATTEMPTED_REASONS)."""
+        return self.retryable and self.error.reason in NOT_ATTEMPTED_REASONS
 
 
 def step_timeout(step: pb.Step) -> timedelta:

@@ -684,14 +684,18 @@ class TaskStore:
         # the task may have completed now or before the crash: its event is sent again
         return Progress(queued, pb.TASK_STATE_COMPLETED if state == pb.TASK_STATE_COMPLETED else 0)
 
-    async def retry(self, task_id: str, step: str, error: bytes) -> bool:
-        """Puts a failed attempt back in the queue; False if the task ended meanwhile."""
+    async def retry(self, task_id: str, step: str, error: bytes, *, counted: bool = True) -> bool:
+        """Puts a failed attempt back in the queue; False if the task ended meanwhile.
+        Not `counted`, the attempt is given back (the call was never made): the next
+        claim has the same number."""
         async with self._db.connection() as conn:
             cur = await conn.execute(
-                "UPDATE exec_steps SET state = %s, error = %s, lease_until = NULL"
+                "UPDATE exec_steps SET state = %s, error = %s, lease_until = NULL,"
+                " attempt = attempt - %s"
                 " WHERE task_id = %s AND name = %s AND state = %s",
-                (pb.STEP_STATE_QUEUED, error, task_id, step, pb.STEP_STATE_RUNNING),
-            )
+                (pb.STEP_STATE_QUEUED, error, 0 if counted else 1, task_id, step,
+                 pb.STEP_STATE_RUNNING),
+            )  # fmt: skip
             return cur.rowcount == 1
 
     async def fail(self, task_id: str, step: str, error: bytes) -> bool:

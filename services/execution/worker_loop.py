@@ -368,12 +368,26 @@ class Worker:
     async def _failed(
         self, task: ClaimedTask, step: pb.Step, attempt: int, failure: StepFailure, msg: Msg
     ) -> None:
-        """A failed attempt: retried after a backoff (the message comes back then) while
-        it is retryable and attempts are left, else the task fails."""
+        """A failed attempt: retried after a backoff, or the RetryInfo its error gave
+        (the message comes back then), while it is retryable and attempts are left, else
+        the task fails. A call its tool's open circuit refused was no attempt: the step
+        waits for the circuit, however many times it meets it (JetStream's delivery
+        limit bounds that)."""
         status = failure.error.to_rpc_status()
         policy = retry_policy(step)
-        if failure.retryable and attempt < policy.max_attempts:
-            if await self._engine.store.retry(task.task_id, step.name, status.SerializeToString()):
+        waiting = failure.not_attempted  # for an open circuit: no attempt spent
+        if failure.retryable and (waiting or attempt < policy.max_attempts):
+            retry_after = failure.error.retry_after
+            delay = policy.delay(
+                attempt,
+                rng=self._rng,
+                retry_after=retry_after.total_seconds() if retry_after is not None else None,
+            )
+            if waiting:  # the steps that met the open circuit come back spread out
+                delay += self._rng.uniform(0, policy.ceiling(1))
+            if await self._engine.store.retry(
+                task.task_id, step.name, status.SerializeToString(), counted=not waiting
+            ):
                 await self._engine.publish(
                     self._step_event(
                         task,
@@ -383,7 +397,7 @@ class Worker:
                         error=status,
                     )
                 )
-                await msg.nak(delay=policy.delay(attempt, rng=self._rng))
+                await msg.nak(delay=delay)
             else:
                 await msg.ack()
             return

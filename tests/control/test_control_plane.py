@@ -255,7 +255,7 @@ async def no_task_lost(load: MixedLoad) -> None:
     assert load.task_ids
 
     async def all_completed() -> bool:
-        return await load.unfinished_tasks() == []
+        return await load.unfinished_tasks() == {}
 
     await eventually(all_completed, timeout=60, interval=1, what="every accepted task completes")
 

@@ -52,6 +52,8 @@ class Ledger:
         self.fail_always = 0
         self.delay = 0.0  # seconds each call takes, like a real payment API
         self.env: dict[str, str] = {}
+        self.flaky_down = False
+        self.flaky_calls = 0
 
     async def record(self, request: web.Request) -> web.Response:
         key = request.headers.get("Idempotency-Key", "")
@@ -65,6 +67,13 @@ class Ledger:
         self.fail_always += 1
         return web.json_response({"error": "down"}, status=503)
 
+    async def flaky(self, request: web.Request) -> web.Response:
+        """Down (503) while `flaky_down`, else fine: a dependency's short outage."""
+        self.flaky_calls += 1
+        if self.flaky_down:
+            return web.json_response({"error": "restarting"}, status=503)
+        return web.json_response({"ok": True})
+
 
 @pytest.fixture(scope="module")
 async def tools(mesh, tmp_path_factory):
@@ -74,6 +83,7 @@ async def tools(mesh, tmp_path_factory):
     app = web.Application()
     app.router.add_post("/ledger", ledger.record)
     app.router.add_post("/broken", ledger.broken)
+    app.router.add_post("/flaky", ledger.flaky)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -87,6 +97,13 @@ async def tools(mesh, tmp_path_factory):
         "url": f"http://127.0.0.1:{port}/broken",
         "max_attempts": 1,
         "breaker_fail_max": 1000,
+    }
+    config["tools"]["flaky"] = {  # its circuit opens after 2 failures, for 2 s
+        "kind": "http",
+        "url": f"http://127.0.0.1:{port}/flaky",
+        "max_attempts": 1,
+        "breaker_fail_max": 2,
+        "breaker_reset": "2s",
     }
     path = tmp_path_factory.mktemp("tools") / "tools.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -348,6 +365,38 @@ async def test_cancel_stops_running_steps_and_kills_the_sandbox(execution, tools
         what="the cancelled step's sandbox is killed",
     )
     assert f"{task.task_id}:after" not in tools.calls
+
+
+async def test_steps_wait_out_an_open_circuit_without_spending_attempts(execution, tools):
+    """A dependency down for a moment opens its tool's circuit; the steps that meet the
+    open circuit wait for it (its RetryInfo) instead of failing their tasks, though each
+    may make only two real attempts."""
+    tenant = new_tenant()
+    tools.flaky_down = True
+    try:
+        tasks = []
+        for i in range(6):
+            step = tool_step("call", tool="flaky", n=i)
+            step.max_attempts = 2
+            tasks.append(await submit(execution, tenant, step))
+
+        async def circuit_met() -> bool:  # some step was refused by the open circuit
+            for task in tasks:
+                got = await execution.GetTask(
+                    pb.GetTaskRequest(task_id=task.task_id), metadata=as_tenant(tenant)
+                )
+                if "circuit is open" in got.task.step_statuses[0].error.message:
+                    return True
+            return False
+
+        await eventually(circuit_met, timeout=30, interval=0.1, what="the circuit opened")
+    finally:
+        tools.flaky_down = False
+    for task in tasks:
+        events = [describe(e) for e in await watch(execution, tenant, task.task_id)]
+        assert events[-1] == ("task", "TASK_EVENT_TYPE_COMPLETED"), events
+        attempts = {e[2] for e in events if e[0] == "call"}
+        assert attempts <= {0, 1, 2}, events  # never a third attempt
 
 
 async def test_a_poison_step_fails_its_task_and_is_dead_lettered(execution, tools, mesh):
