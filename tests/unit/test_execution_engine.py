@@ -251,10 +251,12 @@ class RetryingStore(FakeStore):
     def __init__(self) -> None:
         super().__init__()
         self.retried: list[int] = []
+        self.counted: list[bool] = []
         self.failed: list[str] = []
 
-    async def retry(self, task_id: str, step: str, error: bytes) -> bool:
+    async def retry(self, task_id: str, step: str, error: bytes, *, counted: bool = True) -> bool:
         self.retried.append(len(error))
+        self.counted.append(counted)
         return True
 
     async def fail(self, task_id: str, step: str, error: bytes) -> bool:
@@ -289,6 +291,43 @@ async def test_a_retryable_failure_comes_back_after_a_full_jitter_backoff():
         "task:s:STEP_EVENT_TYPE_RETRIED:2",
     ]
     assert store.failed == ["s"] and msg.acked
+
+
+async def test_a_failure_with_retry_info_comes_back_after_it():
+    store, bus = RetryingStore(), RecordingBus()
+    worker = Worker(Engine(store, bus), runner=None, rng=random.Random(7))  # type: ignore[arg-type]
+    task = ClaimedTask("task", "tenant", pb.SubmitTaskRequest())
+    step = pb.Step(name="s", tool=pb.ToolStep(tool="echo"), max_attempts=3)
+    busy = Unavailable("busy", reason="DEPENDENCY_UNAVAILABLE", retry_after=timedelta(seconds=4))
+    msg = NakedMsg()
+    await worker._failed(task, step, 1, StepFailure(busy, retryable=True), msg)  # type: ignore[arg-type]
+    assert msg.delays == [4.0] and store.counted == [True]
+
+
+async def test_a_step_refused_by_an_open_circuit_waits_for_it_spending_no_attempt():
+    """However often it meets the open circuit (here past its max_attempts), the step is
+    queued again, its attempt given back, after the circuit's wait plus a spread."""
+    store, bus = RetryingStore(), RecordingBus()
+    worker = Worker(Engine(store, bus), runner=None, rng=random.Random(7))  # type: ignore[arg-type]
+    task = ClaimedTask("task", "tenant", pb.SubmitTaskRequest())
+    step = pb.Step(name="s", tool=pb.ToolStep(tool="echo"), max_attempts=2)
+    open_circuit = Unavailable(
+        "tool 'echo' is failing; its circuit is open",
+        reason="TOOL_CIRCUIT_OPEN",
+        retry_after=timedelta(seconds=20),
+    )
+    failure = StepFailure(open_circuit, retryable=True)
+    assert failure.not_attempted
+    msg = NakedMsg()
+    for _ in range(4):
+        await worker._failed(task, step, 2, failure, msg)  # type: ignore[arg-type]
+    assert store.counted == [False] * 4 and store.failed == [] and not msg.acked
+    assert all(20.0 <= d <= 20.5 for d in msg.delays) and len(set(msg.delays)) == 4
+    # a failure the tool itself answered spends the last attempt: the task fails
+    down = StepFailure(Unavailable("down", reason="TOOL_UNAVAILABLE"), retryable=True)
+    assert not down.not_attempted
+    await worker._failed(task, step, 2, down, msg)  # type: ignore[arg-type]
+    assert store.failed == ["s"]
 
 
 class FlakyBus:
