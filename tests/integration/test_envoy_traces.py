@@ -1,8 +1,8 @@
 """Envoy's own spans in the trace store: the mesh's Envoy traces a call on the public
 port and exports its spans to the control plane, which writes them to
 `<traces_dir>/envoy.jsonl`. Envoy is the root of a call that arrives without a
-`traceparent` (its server span, with the ext_authz check as a child), and continues the
-trace of one that arrives with it."""
+`traceparent` (its server span; a key Envoy cannot check itself adds the ext_authz check
+as a child), and continues the trace of one that arrives with it."""
 
 from __future__ import annotations
 
@@ -40,6 +40,14 @@ async def list_models(target: str, metadata: tuple[tuple[str, str], ...]) -> str
         await call
         assert await call.code() == grpc.StatusCode.OK
         return dict(await call.initial_metadata())["x-request-id"]
+
+
+@pytest.fixture(scope="module")
+async def older_key(mesh: Mesh) -> tuple[tuple[str, str], ...]:
+    """A key of the older `sb_` form: Envoy asks the auth service about it (ext_authz)."""
+    async with mesh.key_store(signed=False) as store:
+        _, token = await store.create("tests", "traces")
+    return (("authorization", f"Bearer {token}"),)
 
 
 @pytest.fixture
@@ -108,16 +116,24 @@ async def test_envoy_roots_the_trace_of_a_call_without_traceparent(
     assert span["attributes"]["grpc.status_code"] == "0"
     assert span["attributes"]["upstream_cluster"] == "inference"
 
-    # the key check, in the same trace
+    # the routed call continues Envoy's span: the inference replica's server span
+    (routed,) = await in_services(envoy_spans, span)
+    assert routed["name"].endswith("InferenceService/ListModels")
+    assert (routed["trace_id"], routed["kind"]) == (span["trace_id"], "server")
+    # a tenant's key is checked by Envoy itself: no ext_authz span
+    assert [s for s in spans(envoy_spans) if s["parent_id"] == span["span_id"]] == []
+
+
+async def test_a_key_envoy_asks_the_auth_service_about_adds_the_check_to_the_trace(
+    envoy_target: str, older_key: tuple[tuple[str, str], ...], envoy_spans: Path
+) -> None:
+    request_id = await list_models(envoy_target, older_key)
+    span = await server_span(envoy_spans, request_id)
     (authz,) = await children(envoy_spans, span, 1)
     assert authz["name"] == AUTHZ_SPAN
     assert authz["kind"] == "client"
     assert authz["trace_id"] == span["trace_id"]
     assert authz["attributes"]["ext_authz_status"] == "ext_authz_ok"
-    # the routed call continues Envoy's span: the inference replica's server span
-    (routed,) = await in_services(envoy_spans, span)
-    assert routed["name"].endswith("InferenceService/ListModels")
-    assert (routed["trace_id"], routed["kind"]) == (span["trace_id"], "server")
 
 
 async def test_envoy_continues_the_trace_a_client_sends(
@@ -130,17 +146,17 @@ async def test_envoy_continues_the_trace_a_client_sends(
 
     span = await server_span(envoy_spans, request_id)
     assert (span["trace_id"], span["parent_id"]) == (CLIENT_TRACE, CLIENT_SPAN)
-    (authz,) = await children(envoy_spans, span, 1)
-    assert (authz["trace_id"], authz["name"]) == (CLIENT_TRACE, AUTHZ_SPAN)
+    (routed,) = await in_services(envoy_spans, span)
+    assert (routed["trace_id"], routed["parent_id"]) == (CLIENT_TRACE, span["span_id"])
 
 
 async def test_the_auth_service_continues_envoy_s_key_check(
-    envoy_target: str, credentials: Credentials, envoy_spans: Path
+    envoy_target: str, older_key: tuple[tuple[str, str], ...], envoy_spans: Path
 ) -> None:
     """Envoy's gRPC client passes the ext_authz span's context on: the auth service's
     span of the check is its child (the services write their spans next to Envoy's),
     and knows the call by Envoy's request id."""
-    request_id = await list_models(envoy_target, credentials.metadata("tests"))
+    request_id = await list_models(envoy_target, older_key)
     span = await server_span(envoy_spans, request_id)
     (authz,) = [s for s in await children(envoy_spans, span, 1) if s["name"] == AUTHZ_SPAN]
 
