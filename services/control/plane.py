@@ -51,7 +51,7 @@ from services.launcher._envoy_tracing import Tracing, add_tracing
 from services.launcher._procs import StateFile
 from services.launcher._prometheus import TARGETS_DIR, ScrapeTarget, write_service_targets
 from services.launcher._services import MeshAddresses
-from services.runtime import Database
+from services.runtime import Database, stop_task
 from services.runtime import main as serve_main
 
 logger = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ class ControlPlane:
         `REVOCATIONS_TRUSTED_S`), so no call skips the auth service."""
         self._push_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        self._nats_watch: asyncio.Task[None] | None = None
         self._ready = False
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -124,10 +125,11 @@ class ControlPlane:
         # Envoy already runs, at a higher version.
         await self.push()
         loop = asyncio.get_running_loop()
+        self._nats_watch = loop.create_task(self.nats.run())
         self._tasks = [
             loop.create_task(self.supervisor.run()),
             loop.create_task(self._boot()),
-            loop.create_task(self.nats.run()),
+            self._nats_watch,
         ]
         if self._jwks is not None:
             await self._keys_db.open(wait=False)
@@ -147,6 +149,11 @@ class ControlPlane:
 
     async def ready(self) -> bool:
         return self._ready
+
+    async def drain(self) -> None:
+        """Told it is stopping: it no longer restarts NATS (`switchboard down` stops NATS
+        next, on purpose)."""
+        await stop_task(self._nats_watch)
 
     async def shutdown(self) -> None:
         for task in self._tasks:

@@ -147,16 +147,31 @@ class Mesh:
         return True
 
     def down(self) -> int:
-        """Stops every process this run directory records, newest layer first (the edge,
-        then services, then Triton replicas together, then NATS and PostgreSQL)."""
-        records = self.state.load() or self._records
-        # the control plane's replicas, stopped after it (it stops them itself, unless it
-        # is gone) and before NATS and PostgreSQL
-        replicas = recorded_replicas(self._replicas_path)
-        at = next((i for i, r in enumerate(records) if r.name == CONTROL), 0)
-        records = [*records[:at], *replicas, *records[at:]]
+        """Stops every process this run directory records, in layers: the edge, then
+        the control plane, then its replicas (Triton's together), then NATS and
+        PostgreSQL, whatever order they were (re)started in: the control plane, which
+        restarts a NATS server that dies, is gone before NATS is stopped. A process
+        recorded meanwhile (such a restart) is stopped too."""
+        stopped = 0
+        seen: set[ProcessRecord] = set()
+        while records := [
+            r
+            for r in [
+                *(self.state.load() or self._records),
+                *recorded_replicas(self._replicas_path),
+            ]
+            if r not in seen
+        ]:
+            seen.update(records)
+            stopped += self._stop_layers(records)
+        self.state.clear()
+        self._replicas_path.unlink(missing_ok=True)
+        self._records = []
+        return stopped
+
+    def _stop_layers(self, records: list[ProcessRecord]) -> int:
         layers: list[list[ProcessRecord]] = []
-        for record in reversed(records):
+        for record in sorted(records, key=_stop_rank):
             kind = record.name.split("-")[0]
             if layers and layers[-1][0].name.split("-")[0] == kind:
                 layers[-1].append(record)
@@ -169,9 +184,6 @@ class Mesh:
                     if was_running:
                         stopped += 1
                         self._say(f"stopped {record.name} (pid {record.pid})")
-        self.state.clear()
-        self._replicas_path.unlink(missing_ok=True)
-        self._records = []
         return stopped
 
     def status(self) -> list[tuple[ProcessRecord, bool]]:
@@ -548,6 +560,15 @@ class Mesh:
         )
         url = f"{self.prometheus_url}/-/ready"
         self._wait(record, lambda: _http_ok(url), what="ready", timeout=60)
+
+
+_STOP_ORDER = {"prometheus": 0, "envoy": 1, CONTROL: 2, "nats": 4, "postgres": 5}
+"""Where each process is stopped in `down`; any other (a replica) comes after the control
+plane and before NATS."""
+
+
+def _stop_rank(record: ProcessRecord) -> int:
+    return _STOP_ORDER.get(record.name, 3)
 
 
 def nats_conf(store_dir: Path, sync_interval: str) -> str:
