@@ -24,6 +24,10 @@ from services.runtime import (
 
 logger = logging.getLogger(__name__)
 
+STREAM_END_WAIT_S = 5.0
+"""How long a finished generation's stream is given to end by itself before it is
+cancelled (the server closes it right after its final response)."""
+
 
 def generate_request(
     model: str, prompt: str, passages: Sequence[str], max_tokens: int
@@ -136,6 +140,12 @@ class TritonBackend:
         )
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._spare: grpc.aio.StreamStreamCall | None = None
+        self._ending: set[asyncio.Task[None]] = set()
+
+    @property
+    def streams_ending(self) -> int:
+        """Finished generations whose streams are still being read to their end."""
+        return len(self._ending)
 
     def accepting(self) -> bool:
         """Routing follows the breaker alone: a dead replica fails fast once its circuit
@@ -145,6 +155,8 @@ class TritonBackend:
     async def close(self) -> None:
         if self._spare is not None:
             self._spare.cancel()
+        for task in self._ending:
+            task.cancel()
         await self._channel.close()
 
     def _take_stream(self) -> grpc.aio.StreamStreamCall:
@@ -216,6 +228,7 @@ class TritonBackend:
         # the deadline bounds each wait, never a yield (the consumer runs in between)
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         replies = aiter(call)
+        finished = False
         try:
             async with asyncio.timeout_at(deadline):
                 await call.write(request)
@@ -236,6 +249,7 @@ class TritonBackend:
                     yield _token(response)
                 final = response.parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
+                    finished = True
                     return
         except TimeoutError:
             raise DeadlineExceeded(
@@ -247,4 +261,35 @@ class TritonBackend:
             raise _translate(error, self.name) from None
         finally:
             self.outstanding -= 1
-            call.cancel()
+            if finished:
+                self._let_end(call, replies)
+            else:
+                call.cancel()
+
+    def _let_end(
+        self,
+        call: grpc.aio.StreamStreamCall,
+        replies: AsyncIterator[service_pb2.ModelStreamInferResponse],
+    ) -> None:
+        """Reads a finished generation's stream to its end, off the caller's way.
+
+        The server ends the stream by itself after the final response (the request side
+        is already closed). Cancelling it instead costs tritonserver memory it never
+        gives back: about 3 KB a stream, measured over 20,000 generations (a stream
+        read to its end: nothing).
+        """
+        task = asyncio.create_task(_read_to_end(call, replies))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+
+
+async def _read_to_end(
+    call: grpc.aio.StreamStreamCall,
+    replies: AsyncIterator[service_pb2.ModelStreamInferResponse],
+) -> None:
+    try:
+        async with asyncio.timeout(STREAM_END_WAIT_S):
+            while await anext(replies, None) is not None:
+                pass
+    except (TimeoutError, grpc.aio.AioRpcError):
+        call.cancel()
