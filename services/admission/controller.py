@@ -14,6 +14,12 @@ and (when the user has a policy of their own) of its user; plus one in-flight sl
 each, and of its model tier. `release` returns the slots and corrects the token buckets
 with the tokens actually used.
 
+Slices (delegated quota): `reserve` grants admissions ahead of need for a caller that
+hands them out itself; each is charged and holds its slots like any lease, but counts as
+admitted only once `claim`ed (or released as used). `give_back` returns an unclaimed one
+whole. A slice is only granted while nothing waits, and `on_wait` callbacks are told when
+something starts waiting, so that holders give their unclaimed leases back.
+
 The limits and their live buckets are kept by `policies.PolicyRegistry`, leases and
 named attempts by `ledger.Ledger`. When the admission replicas change, tenants move
 between them: `replica_set_changed` begins an epoch, so that a tenant new here gets no
@@ -26,7 +32,7 @@ import heapq
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 from services.admission.clock import Clock, MonotonicClock, duration
@@ -153,6 +159,9 @@ class AdmissionController:
 
         self.stats: dict[tuple[str, Priority], Counters] = {}
         self.leases_expired = 0
+        self._unclaimed: set[str] = set()
+        """Leases of slices not yet handed to a request."""
+        self._wait_listeners: set[Callable[[], None]] = set()
 
     # ---- decisions ---------------------------------------------------------------
 
@@ -181,16 +190,7 @@ class AdmissionController:
         tenant_id, request_id = request.tenant_id, request.request_id
         if request_id:
             self._ledger.check_attempt(tenant_id, request_id, now)
-        policies = self._policies
-        self._seq += 1
-        ticket = Ticket(
-            self._seq,
-            request,
-            policies.tenant(tenant_id, now),
-            policies.user(tenant_id, request.user_id, now) if request.user_id else None,
-            policies.tier(request.tier, self._hold) if request.tier else None,
-            now,
-        )
+        ticket = self._ticket(request, now)
         if (refusal := never(ticket)) is not None:
             raise self._refuse(ticket, refusal)
         if not self._queue and self._verdict(ticket, now) is Verdict.GRANT:
@@ -205,7 +205,10 @@ class AdmissionController:
             if request_id:
                 self._ledger.begin_attempt(ticket)
             return ticket
-        # The request would have to wait.
+        # The request would have to wait: slices held for later requests come back.
+        if self._unclaimed:
+            for listener in list(self._wait_listeners):
+                listener()
         max_wait = request.max_wait
         if request.no_wait or max_wait == timedelta(0):
             raise self._refuse(ticket, blocked(ticket, self._limits(ticket, now), hold=self._hold))
@@ -228,6 +231,68 @@ class AdmissionController:
             self._ledger.begin_attempt(ticket)
         self._changed()
         return ticket
+
+    # ---- slices ----------------------------------------------------------------------
+
+    def reserve(self, request: AdmissionRequest, count: int) -> list[Ticket]:
+        """Grants up to `count` admissions shaped as `request` ahead of need (a slice).
+
+        Each is granted only as `submit` would grant it at once with nothing waiting:
+        none while anything waits here. They are charged and hold their slots like any
+        lease, and count as admitted once claimed. Never raises a refusal: what cannot
+        be granted now is simply not in the list.
+        """
+        if self._closed or self._queue:
+            return []
+        now = self._clock.now()
+        if now >= self._next_due:
+            self._expire(now)
+        granted: list[Ticket] = []
+        for _ in range(count):
+            ticket = self._ticket(request, now)
+            if never(ticket) is not None or self._verdict(ticket, now) is not Verdict.GRANT:
+                break
+            self._grant(ticket, now, counted=False)
+            self._unclaimed.add(ticket.lease.lease_id)  # type: ignore[union-attr]
+            granted.append(ticket)
+        return granted
+
+    def claim(self, tenant_id: str, lease_id: str) -> bool:
+        """A lease of a slice is handed to a request: it counts as admitted from now on.
+        False if `lease_id` is no unclaimed lease of `tenant_id`'s."""
+        if lease_id not in self._unclaimed or not self._ledger.issued_to(tenant_id, lease_id):
+            return False
+        self._unclaimed.discard(lease_id)
+        held = self._ledger.held(lease_id)
+        if held is not None:
+            self._count_admitted(held.lease.tenant_id, held.lease.priority, 0.0)
+        return True
+
+    def give_back(self, tenant_id: str, lease_id: str) -> bool:
+        """Returns an unclaimed lease of a slice whole (its slots, and its tokens to the
+        buckets). False if `lease_id` is no unclaimed lease of `tenant_id`'s."""
+        if lease_id not in self._unclaimed or not self._ledger.issued_to(tenant_id, lease_id):
+            return False
+        self._unclaimed.discard(lease_id)
+        held = self._ledger.held(lease_id)
+        released, _ = self.release(lease_id, actual_tokens=0)
+        if released and held is not None:  # never used: its request comes back too
+            now = self._clock.now()
+            held.tenant.requests.credit(1, now)
+            if held.user is not None and held.user.policy is not None:
+                held.user.requests.credit(1, now)
+        return released
+
+    def unclaimed(self) -> int:
+        """Leases of slices granted and not yet claimed, given back or expired."""
+        return len(self._unclaimed)
+
+    def on_wait(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Has `listener` called whenever a request cannot be admitted at once (it waits,
+        or is refused for want of a slot or tokens) while any slice lease is unclaimed;
+        returns the function that stops it."""
+        self._wait_listeners.add(listener)
+        return lambda: self._wait_listeners.discard(listener)
 
     def release(
         self, lease_id: str, *, actual_tokens: int | None = None, tenant_id: str | None = None
@@ -263,6 +328,10 @@ class AdmissionController:
         if held is None:
             return False, 0
         now = self._clock.now()
+        if lease_id in self._unclaimed:  # its claim has not arrived: it ran all the same
+            self._unclaimed.discard(lease_id)
+            if actual_tokens != 0:
+                self._count_admitted(held.lease.tenant_id, held.lease.priority, 0.0)
         self._free(held)
         lease = held.lease
         adjustment = 0 if actual_tokens is None else lease.charged_tokens - actual_tokens
@@ -408,7 +477,8 @@ class AdmissionController:
         return {p: self._queue.depth(p) for p in Priority}
 
     def in_flight(self) -> int:
-        return len(self._ledger)
+        """Leases held by running requests (a slice's unclaimed leases are not)."""
+        return len(self._ledger) - len(self._unclaimed)
 
     def issued_to(self, tenant_id: str, lease_id: str) -> bool:
         """True if this controller issued `lease_id` to `tenant_id` (live or not)."""
@@ -424,7 +494,16 @@ class AdmissionController:
         for ticket in self._queue:
             if ticket.tenant_id == tenant_id and (not user_id or ticket.user_id == user_id):
                 queued[ticket.priority] += 1
-        return self._policies.snapshot(tenant_id, user_id, queued, self._clock.now())
+        snapshot = self._policies.snapshot(tenant_id, user_id, queued, self._clock.now())
+        reserved = sum(
+            1
+            for lease_id in self._unclaimed
+            if (held := self._ledger.held(lease_id)) is not None
+            and held.lease.tenant_id == tenant_id
+            and (not user_id or held.lease.user_id == user_id)
+        )
+        # a slice's unclaimed leases hold slots, but nothing runs on them
+        return replace(snapshot, in_flight=snapshot.in_flight - reserved) if reserved else snapshot
 
     # ---- policies and ceilings -------------------------------------------------------
 
@@ -502,11 +581,25 @@ class AdmissionController:
 
     # ---- internals -------------------------------------------------------------------
 
+    def _ticket(self, request: AdmissionRequest, now: float) -> Ticket:
+        policies, tenant_id = self._policies, request.tenant_id
+        self._seq += 1
+        return Ticket(
+            self._seq,
+            request,
+            policies.tenant(tenant_id, now),
+            policies.user(tenant_id, request.user_id, now) if request.user_id else None,
+            policies.tier(request.tier, self._hold) if request.tier else None,
+            now,
+        )
+
     def _counters(self, ticket: Ticket) -> Counters:
-        key = (ticket.tenant_id, ticket.priority)
-        counters = self.stats.get(key)
+        return self._stats_of(ticket.tenant_id, ticket.priority)
+
+    def _stats_of(self, tenant_id: str, priority: Priority) -> Counters:
+        counters = self.stats.get((tenant_id, priority))
         if counters is None:
-            counters = self.stats[key] = Counters()
+            counters = self.stats[(tenant_id, priority)] = Counters()
         return counters
 
     @staticmethod
@@ -522,7 +615,7 @@ class AdmissionController:
     def _limits(self, ticket: Ticket, now: float) -> list[Limit]:
         return holding_limits(ticket, self._queue, hold=self._hold, now=now)
 
-    def _grant(self, ticket: Ticket, now: float) -> None:
+    def _grant(self, ticket: Ticket, now: float, *, counted: bool = True) -> None:
         tokens = ticket.tokens
         tenant, user, tier = ticket.tenant_scope, ticket.user_scope, ticket.tier_state
         tenant.requests.take(1, now)
@@ -541,16 +634,19 @@ class AdmissionController:
         ticket.lease = lease
         ticket.state = TicketState.ADMITTED
         ticket.admitted_at = now
-        waited = now - ticket.submitted_at
-        counters = self._counters(ticket)
+        if counted:
+            self._count_admitted(ticket.tenant_id, ticket.priority, now - ticket.submitted_at)
+        ticket.settle()
+
+    def _count_admitted(self, tenant_id: str, priority: Priority, waited: float) -> None:
+        counters = self._stats_of(tenant_id, priority)
         counters.admitted += 1
         if waited > 0:
             counters.admitted_after_wait += 1
             counters.wait_seconds_total += waited
             counters.wait_seconds_max = max(counters.wait_seconds_max, waited)
         if self._wait_observer is not None:
-            self._wait_observer(ticket.tenant_id, ticket.priority, waited)
-        ticket.settle()
+            self._wait_observer(tenant_id, priority, waited)
 
     def _free(self, held: Held) -> None:
         held.tenant.in_flight -= 1
@@ -589,6 +685,7 @@ class AdmissionController:
     def _expire(self, now: float) -> None:
         """Frees expired leases (keeping their charge) and refuses waiters out of time."""
         for held in self._ledger.expired(now):
+            self._unclaimed.discard(held.lease.lease_id)
             self._free(held)
             self.leases_expired += 1
             logger.warning(

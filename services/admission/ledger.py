@@ -115,6 +115,10 @@ class Ledger:
         )
         return lease
 
+    def held(self, lease_id: str) -> Held | None:
+        """A live lease, left held; None if it is not held."""
+        return self._leases.get(lease_id)
+
     def take(self, lease_id: str) -> Held | None:
         """Ends a live lease (and its attempt); None if it is not held."""
         held = self._leases.pop(lease_id, None)

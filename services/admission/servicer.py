@@ -275,11 +275,14 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
 
         def request_of(frame: pb.AdmitSessionRequest) -> AdmissionRequest:
             validate_request(frame)  # a streamed frame is checked here, refused on its own
+            if frame.HasField("reserve"):
+                return self._request(frame.reserve.shape, context, prefix="reserve.shape.")
             return self._request(frame.request, context, prefix=prefix)
 
         replies = serve_session(
             self._dispatcher,
             request_iterator,
+            tenant_id=current_tenant(),  # whose slice leases the stream may claim
             request_of=request_of,
             submit=lambda request: self._submit(request, prefix=prefix),
             admitted=_admission_message,

@@ -3,6 +3,12 @@
 A request admitted at once (the common case) is answered right away, without a task;
 one that has to wait gets a task that sends its queue updates and then its outcome.
 Replies are tagged with the request's id. A refusal ends that request only.
+
+The stream also carries its caller's slice (delegated quota, see the controller): leases
+reserved ahead of need, claimed as the caller hands them out, given back when recalled
+or unused. The stream keeps the ids of its unclaimed leases: when it ends they are given
+back, and while there are any, a request starting to wait at this replica sends the
+stream a `recall`.
 """
 
 from __future__ import annotations
@@ -10,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import replace
 
 from switchboard.admission.v1 import admission_pb2 as pb
 from switchboard.common.v1 import common_pb2
@@ -59,24 +66,45 @@ class AdmitSession:
         self,
         dispatcher: Dispatcher,
         *,
+        tenant_id: str,
         request_of: Callable[[pb.AdmitSessionRequest], AdmissionRequest],
         submit: Callable[[AdmissionRequest], Ticket],
         reply: Callable[[pb.AdmitSessionResponse], None],
         admitted: Callable[[Admission], pb.AdmitResponse],
     ) -> None:
         self._dispatcher = dispatcher
+        self._tenant = tenant_id
         self._request_of = request_of
         self._submit = submit
         self._reply = reply
         self._admitted = admitted
         self._waiting: dict[str, asyncio.Task[None]] = {}
+        self._unclaimed: set[str] = set()
+        self._stop_listening: Callable[[], None] | None = None
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def unclaimed(self) -> int:
+        """Leases of this stream's slice not yet claimed or given back."""
+        return len(self._unclaimed)
+
     def submit(self, frame: pb.AdmitSessionRequest) -> None:
-        """Decides the frame's request, or starts following it through the queue."""
+        """Handles one frame: decides its request (or starts following it through the
+        queue), or moves the stream's slice."""
+        kind = frame.WhichOneof("frame")
+        if kind == "claim":
+            self._claim(frame.claim)
+        elif kind == "give_back":
+            self._give_back(frame.give_back.lease_ids)
+        elif kind == "reserve":
+            self._reserve(frame)
+        else:
+            self._decide(frame)
+
+    def _decide(self, frame: pb.AdmitSessionRequest) -> None:
         request_id = frame.request.context.request_id
         try:
             request = self._request_of(frame)
@@ -91,6 +119,51 @@ class AdmitSession:
             self._waiting[request_id] = asyncio.create_task(self._follow(request_id, ticket))
         else:
             self._send(request_id, ticket)
+
+    def _reserve(self, frame: pb.AdmitSessionRequest) -> None:
+        request_id = frame.reserve.shape.context.request_id
+        try:
+            request = self._request_of(frame)
+            if not request_id:
+                field = "reserve.shape.context.request_id"
+                raise invalid([FieldViolation(field, "required: it tags the slice")])
+        except SwitchboardError as refusal:
+            self._refuse(request_id, refusal)
+            return
+        controller = self._dispatcher.controller
+        # the slice's leases are no attempts: they are released by lease id only
+        tickets = controller.reserve(replace(request, request_id=""), frame.reserve.count)
+        admissions = [self._admitted(ticket.result()) for ticket in tickets]
+        self._unclaimed.update(a.lease.lease_id for a in admissions)
+        if self._unclaimed and self._stop_listening is None:
+            self._stop_listening = controller.on_wait(self._recall)
+        self._reply(
+            pb.AdmitSessionResponse(request_id=request_id, slice=pb.Slice(admissions=admissions))
+        )
+
+    def _claim(self, lease_id: str) -> None:
+        if lease_id in self._unclaimed:
+            self._unclaimed.discard(lease_id)
+            self._dispatcher.controller.claim(self._tenant, lease_id)
+
+    def _give_back(self, lease_ids: Iterable[str]) -> None:
+        controller = self._dispatcher.controller
+        for lease_id in lease_ids:
+            if lease_id in self._unclaimed:
+                self._unclaimed.discard(lease_id)
+                controller.give_back(self._tenant, lease_id)
+
+    def _recall(self) -> None:
+        """A request started waiting here: ask for the unclaimed leases back (once; a
+        slice granted later listens again)."""
+        self._stop_recalls()
+        if self._unclaimed:
+            self._reply(pb.AdmitSessionResponse(recall=pb.SliceRecall()))
+
+    def _stop_recalls(self) -> None:
+        if self._stop_listening is not None:
+            self._stop_listening()
+            self._stop_listening = None
 
     async def _follow(self, request_id: str, ticket: Ticket) -> None:
         try:
@@ -124,7 +197,10 @@ class AdmitSession:
             await asyncio.gather(*self._waiting.values(), return_exceptions=True)
 
     async def close(self) -> None:
-        """The stream ended: its waiting requests leave the queue."""
+        """The stream ended: its waiting requests leave the queue, its unclaimed leases
+        are given back."""
+        self._stop_recalls()
+        self._give_back(list(self._unclaimed))
         tasks = list(self._waiting.values())
         for task in tasks:
             task.cancel()
@@ -136,6 +212,7 @@ async def serve_session(
     dispatcher: Dispatcher,
     frames: AsyncIterator[pb.AdmitSessionRequest],
     *,
+    tenant_id: str,
     request_of: Callable[[pb.AdmitSessionRequest], AdmissionRequest],
     submit: Callable[[AdmissionRequest], Ticket],
     admitted: Callable[[Admission], pb.AdmitResponse],
@@ -149,6 +226,7 @@ async def serve_session(
     replies: asyncio.Queue[pb.AdmitSessionResponse | SwitchboardError | None] = asyncio.Queue()
     session = AdmitSession(
         dispatcher,
+        tenant_id=tenant_id,
         request_of=request_of,
         submit=submit,
         reply=replies.put_nowait,
@@ -176,5 +254,5 @@ async def serve_session(
         await session.close()
         while not replies.empty():
             unsent = replies.get_nowait()
-            if unsent is not None and unsent.HasField("admitted"):
+            if isinstance(unsent, pb.AdmitSessionResponse) and unsent.HasField("admitted"):
                 dispatcher.controller.release(unsent.admitted.lease.lease_id, actual_tokens=0)

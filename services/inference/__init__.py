@@ -69,7 +69,9 @@ class InferenceService:
             lambda: [(b.name, b.breaker) for b in router.every_backend]
         )
         if config.admission_target:
-            self.admission = AdmissionGate(config.admission_target)
+            self.admission = AdmissionGate(
+                config.admission_target, slice_size=config.admission_slice
+            )
 
     def register(self, server: grpc.aio.Server) -> None:
         assert self.router is not None, "start() first"

@@ -11,6 +11,14 @@ lease id reaching the caller for any reason but a refusal (the deadline, a
 cancellation, a lost connection), the lease admission may have granted meanwhile is
 released by that id, so that no slot stays held until the lease expires.
 
+Most admissions take no round trip at all: the gate keeps a slice of each busy tenant's
+quota (`slices`), leases the tenant's admission replica granted ahead of need over the
+same stream, and hands one to a request whose tokens it covers, telling the owner with
+a one-way `claim`. The slice is refilled in the background once half used; the owner
+recalls it when requests start waiting there, and an unused lease goes back within
+`SLICE_IDLE_S`. A request the slice cannot serve is admitted by a round trip as below,
+with its queueing, position and fairness.
+
 A stream that ends without deciding an attempt (its replica died) does not fail the
 call: the attempt is made once more, under a new id, on a new stream, which Envoy sends
 to a live replica; the first is released as above. A stream outlives a change of the
@@ -27,7 +35,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -36,6 +44,7 @@ from google.rpc import status_pb2
 from switchboard.admission.v1 import admission_pb2, admission_service_pb2_grpc
 from switchboard.common.v1 import common_pb2
 
+from services.inference.slices import Key, Slices
 from services.runtime import (
     TENANT_HEADER,
     TIER_VALUES,
@@ -72,6 +81,13 @@ SESSION_IDLE_S = 60.0
 MAX_SESSIONS = 1024
 STREAMS_PER_ATTEMPT = 2
 """Streams an admission is tried on: the tenant's, and a new one if that one ends first."""
+SLICE_IDLE_S = 2.0
+"""A lease of a slice unused this long is given back."""
+GIVE_BACK_MAX = 16
+"""Most lease ids one give-back frame carries (the contract's bound)."""
+SLICE_PROMPT_MIN = 64
+"""A slice's leases are charged for a prompt of at least this many tokens (rounded up to
+a power of two), so that one lease serves requests of similar size."""
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 # Codes that mean "admission could not decide", not "admission said no".
 _DEPENDENCY_CODES = {
@@ -132,13 +148,21 @@ class _Session:
     """One AdmitSession stream of one tenant: attempts go out on it, and its replies are
     handed to each attempt by request id."""
 
-    def __init__(self, stub: admission_service_pb2_grpc.AdmissionServiceStub, tenant: str) -> None:
+    def __init__(
+        self,
+        stub: admission_service_pb2_grpc.AdmissionServiceStub,
+        tenant: str,
+        news: Callable[[_Session, admission_pb2.AdmitSessionResponse | None], None],
+    ) -> None:
         self.tenant = tenant
         self.idle_since = time.monotonic()
         # open for as long as it is used: no deadline
         self._call = stub.AdmitSession(metadata=((TENANT_HEADER, tenant),))
         self._attempts: dict[str, asyncio.Queue[admission_pb2.AdmitSessionResponse | None]] = {}
+        self._news = news
+        """Told of the slice's replies, and (None) of the stream's end."""
         self._writing = asyncio.Lock()
+        self._sends: set[asyncio.Task[None]] = set()
         self._reader = asyncio.create_task(self._read())
         self.retired = False
         """Takes no new attempts: it ended, or its replica is no longer the tenant's."""
@@ -154,7 +178,9 @@ class _Session:
     async def _read(self) -> None:
         try:
             async for reply in self._call:
-                if (replies := self._attempts.get(reply.request_id)) is not None:
+                if reply.HasField("slice") or reply.HasField("recall"):
+                    self._news(self, reply)
+                elif (replies := self._attempts.get(reply.request_id)) is not None:
                     replies.put_nowait(reply)
         except grpc.aio.AioRpcError as error:
             if self._attempts:
@@ -167,6 +193,7 @@ class _Session:
         finally:
             for replies in self._attempts.values():
                 replies.put_nowait(None)  # the attempt has no outcome
+            self._news(self, None)
 
     async def attempt(
         self, request: admission_pb2.AdmitRequest
@@ -184,6 +211,20 @@ class _Session:
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
             replies.put_nowait(None)  # the session ended: it is replaced when next looked up
         return replies
+
+    def send(self, frame: admission_pb2.AdmitSessionRequest) -> None:
+        """Writes a frame nobody waits on (a slice's ask, claim or give-back), in the
+        background; lost if the stream ends first."""
+        task = asyncio.create_task(self._send(frame))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+
+    async def _send(self, frame: admission_pb2.AdmitSessionRequest) -> None:
+        try:
+            async with self._writing:
+                await self._call.write(frame)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            pass  # the stream ended: the owner gives back what it holds unclaimed
 
     def forget(self, request_id: str) -> None:
         self._attempts.pop(request_id, None)
@@ -211,7 +252,19 @@ class AdmissionGate:
     closed; at most `MAX_SESSIONS` are kept.
     """
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, *, slice_size: int = 0) -> None:
+        """
+        Args:
+            target: where AdmissionService is reached (Envoy, which routes by tenant).
+            slice_size: leases of a tenant's quota kept ahead of need per (tenant, tier,
+                priority); 0 admits every request by a round trip.
+        """
+        self._slices: Slices[_Session] = Slices(
+            size=slice_size, idle_s=SLICE_IDLE_S, alive=lambda stream: stream.alive
+        )
+        self._reserves: dict[str, tuple[Key, _Session]] = {}
+        """An ask for a slice in flight → its pool and stream."""
+        self._returning: asyncio.Task[None] | None = None
         self._channel = channel(target, propagate=False)
         self._stub = admission_service_pb2_grpc.AdmissionServiceStub(self._channel)
         # Release must happen even after the caller's deadline or cancellation: it uses
@@ -255,6 +308,14 @@ class AdmissionGate:
     async def _attempt(
         self, ask: Ask, timeout: float | None
     ) -> AsyncIterator[common_pb2.QueuePosition | str]:
+        key = (ask.tenant_id, ask.tier, ask.priority)
+        reserved = self._slices.take(key, ask.prompt_tokens + ask.max_tokens)
+        if reserved is not None:
+            reserved.stream.send(admission_pb2.AdmitSessionRequest(claim=reserved.lease_id))
+            self._granted_on[reserved.lease_id] = reserved.stream
+            self._top_up(ask, key)
+            yield reserved.lease_id
+            return
         for _ in range(STREAMS_PER_ATTEMPT):
             started = time.monotonic()
             request_id = _attempt_id()
@@ -272,6 +333,7 @@ class AdmissionGate:
                         handed_over = True
                         lease_id = reply.admitted.lease.lease_id
                         self._granted_on[lease_id] = session
+                        self._top_up(ask, key)
                         yield lease_id
                         return
                     if kind == "refused":
@@ -298,8 +360,59 @@ class AdmissionGate:
             self._sweep(now)
         session = self._sessions.get(tenant)
         if session is None or not session.alive:
-            session = self._sessions[tenant] = _Session(self._stub, tenant)
+            session = self._sessions[tenant] = _Session(self._stub, tenant, self._news)
         return session
+
+    # ---- slices ------------------------------------------------------------------------
+
+    def _top_up(self, ask: Ask, key: Key) -> None:
+        """Asks the tenant's owner for more of its slice, if the pool wants some."""
+        count = self._slices.wanted(key)
+        if not count:
+            return
+        session = self._session(ask.tenant_id)
+        reserve_id = _attempt_id()
+        shape = ask.request(reserve_id)
+        shape.estimated_prompt_tokens = _rounded_prompt(ask.prompt_tokens)
+        self._reserves[reserve_id] = (key, session)
+        session.send(
+            admission_pb2.AdmitSessionRequest(
+                reserve=admission_pb2.SliceRequest(shape=shape, count=count)
+            )
+        )
+
+    def _news(self, session: _Session, reply: admission_pb2.AdmitSessionResponse | None) -> None:
+        """A slice granted or recalled over `session`, or (None) the stream ended."""
+        if reply is None:
+            for reserve_id, (key, stream) in list(self._reserves.items()):
+                if stream is session:
+                    del self._reserves[reserve_id]
+                    self._slices.ended(key)
+            return
+        if reply.HasField("recall"):
+            _give_back(session, self._slices.recall(session))
+            return
+        leases = [(a.lease.lease_id, a.lease.charged_tokens) for a in reply.slice.admissions]
+        asked = self._reserves.pop(reply.request_id, None)
+        if asked is None:  # not asked for by this gate: not kept
+            _give_back(session, [lease_id for lease_id, _ in leases])
+            return
+        self._slices.granted(asked[0], leases, session)
+        if leases and self._returning is None:
+            self._returning = asyncio.create_task(self._return_idle())
+
+    async def _return_idle(self) -> None:
+        """Gives back the leases unused for SLICE_IDLE_S, until none is held."""
+        try:
+            while len(self._slices) or self._reserves:
+                await asyncio.sleep(SLICE_IDLE_S / 2)
+                by_stream: dict[_Session, list[str]] = {}
+                for lease in self._slices.idle():
+                    by_stream.setdefault(lease.stream, []).append(lease.lease_id)
+                for stream, lease_ids in by_stream.items():
+                    _give_back(stream, lease_ids)
+        finally:
+            self._returning = None
 
     def _sweep(self, now: float) -> None:
         """Closes the sessions idle too long or ended, and the longest idle ones above
@@ -359,6 +472,8 @@ class AdmissionGate:
             )
 
     async def close(self) -> None:
+        if self._returning is not None:
+            self._returning.cancel()
         for session in {*self._sessions.values(), *self._granted_on.values()}:
             session.close()
         self._sessions.clear()
@@ -376,6 +491,18 @@ def _moved(error: grpc.aio.AioRpcError) -> bool:
         return False
     info = error_details(error).error_info
     return info is not None and info.reason == "LEASE_NOT_FOUND"
+
+
+def _give_back(session: _Session, lease_ids: list[str]) -> None:
+    for start in range(0, len(lease_ids), GIVE_BACK_MAX):
+        chunk = lease_ids[start : start + GIVE_BACK_MAX]
+        give_back = admission_pb2.SliceReturn(lease_ids=chunk)
+        session.send(admission_pb2.AdmitSessionRequest(give_back=give_back))
+
+
+def _rounded_prompt(tokens: int) -> int:
+    """The prompt a slice's leases are charged for: the next power of two."""
+    return 1 << (max(tokens, SLICE_PROMPT_MIN) - 1).bit_length()
 
 
 def _attempt_id() -> str:

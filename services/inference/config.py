@@ -30,6 +30,10 @@ class InferenceConfig:
     admission_target: str = ""
     """Where AdmissionService is reached (Envoy, which routes by tenant); empty = no
     admission control (unit set-ups). The launcher always sets it."""
+    admission_slice: int = 4
+    """Leases of a busy tenant's quota kept ahead of need per tenant, tier and priority,
+    so that most requests are admitted here with no round trip (0..16; 0 = every
+    request asks its tenant's admission replica)."""
     embed_max_texts: int = EMBED_TEXTS_HARD_MAX
     """Most texts one Embed call may carry, 1..512 (the contract's own bound)."""
 
@@ -38,6 +42,8 @@ class InferenceConfig:
             raise ValueError("SWITCHBOARD_TRITON_URLS must list at least one host:port")
         if self.breaker_fail_max < 1:
             raise ValueError("SWITCHBOARD_BREAKER_FAIL_MAX must be at least 1")
+        if not 0 <= self.admission_slice <= 16:
+            raise ValueError("SWITCHBOARD_ADMISSION_SLICE must be 0..16")
         if not 1 <= self.embed_max_texts <= EMBED_TEXTS_HARD_MAX:
             raise ValueError(f"SWITCHBOARD_EMBED_MAX_TEXTS must be 1..{EMBED_TEXTS_HARD_MAX}")
 

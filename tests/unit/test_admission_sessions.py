@@ -45,16 +45,22 @@ def replies() -> list[pb.AdmitSessionResponse]:
 def session(controller, replies) -> AdmitSession:
     return AdmitSession(
         Dispatcher(controller),
-        request_of=lambda frame: AdmissionRequest(
-            tenant_id="acme",
-            request_id=frame.request.context.request_id,
-            prompt_tokens=frame.request.estimated_prompt_tokens,
-        ),
+        tenant_id="acme",
+        request_of=_admission_of,
         submit=controller.submit,
         reply=replies.append,
         admitted=lambda admission: pb.AdmitResponse(
             lease=pb.Lease(lease_id=admission.lease.lease_id)
         ),
+    )
+
+
+def _admission_of(frame: pb.AdmitSessionRequest) -> AdmissionRequest:
+    request = frame.reserve.shape if frame.HasField("reserve") else frame.request
+    return AdmissionRequest(
+        tenant_id="acme",
+        request_id=request.context.request_id,
+        prompt_tokens=request.estimated_prompt_tokens,
     )
 
 
@@ -123,6 +129,7 @@ def _serve(controller, requests, tenant: str = "acme"):
     return serve_session(
         Dispatcher(controller),
         frames(),
+        tenant_id=tenant,
         request_of=lambda frame: AdmissionRequest(
             tenant_id=tenant, request_id=frame.request.context.request_id
         ),

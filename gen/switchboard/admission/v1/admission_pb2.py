@@ -30,7 +30,7 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from switchboard.common.v1 import common_pb2 as switchboard_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(switchboard/admission/v1/admission.proto\x12\x18switchboard.admission.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\"switchboard/common/v1/common.proto\"\xa9\x02\n\x0c\x41\x64mitRequest\x12\x36\n\x07\x63ontext\x18\x01 \x01(\x0b\x32%.switchboard.common.v1.RequestContext\x12\x38\n\x04tier\x18\x02 \x01(\x0e\x32 .switchboard.common.v1.ModelTierB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12-\n\x17\x65stimated_prompt_tokens\x18\x03 \x01(\x05\x42\x0c\xbaH\t\x1a\x07\x18\x80\xad\xe2\x04(\x00\x12+\n\x15max_completion_tokens\x18\x04 \x01(\x05\x42\x0c\xbaH\t\x1a\x07\x18\x80\xad\xe2\x04(\x00\x12\x0f\n\x07no_wait\x18\x05 \x01(\x08\x12:\n\x08max_wait\x18\x06 \x01(\x0b\x32\x19.google.protobuf.DurationB\r\xbaH\n\xaa\x01\x07\"\x03\x08\x90\x1c\x32\x00\"\x8e\x01\n\rAdmitResponse\x12.\n\x05lease\x18\x01 \x01(\x0b\x32\x1f.switchboard.admission.v1.Lease\x12-\n\nqueue_wait\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1e\n\x16initial_queue_position\x18\x03 \x01(\x05\"U\n\x12\x41\x64mitStreamRequest\x12?\n\x07request\x18\x01 \x01(\x0b\x32&.switchboard.admission.v1.AdmitRequestB\x06\xbaH\x03\xc8\x01\x01\"\x93\x01\n\x13\x41\x64mitStreamResponse\x12\x36\n\x06queued\x18\x01 \x01(\x0b\x32$.switchboard.common.v1.QueuePositionH\x00\x12;\n\x08\x61\x64mitted\x18\x02 \x01(\x0b\x32\'.switchboard.admission.v1.AdmitResponseH\x00\x42\x07\n\x05\x65vent\"V\n\x13\x41\x64mitSessionRequest\x12?\n\x07request\x18\x01 \x01(\x0b\x32&.switchboard.admission.v1.AdmitRequestB\x06\xbaH\x03\xc8\x01\x01\"\xcf\x01\n\x14\x41\x64mitSessionResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x36\n\x06queued\x18\x02 \x01(\x0b\x32$.switchboard.common.v1.QueuePositionH\x00\x12;\n\x08\x61\x64mitted\x18\x03 \x01(\x0b\x32\'.switchboard.admission.v1.AdmitResponseH\x00\x12%\n\x07refused\x18\x04 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x07\n\x05\x65vent\"u\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x16\n\x0e\x63harged_tokens\x18\x03 \x01(\x05\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x83\x01\n\x0eReleaseRequest\x12\x1a\n\x08lease_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12\x37\n\x0c\x61\x63tual_usage\x18\x02 \x01(\x0b\x32!.switchboard.common.v1.TokenUsage\x12\x1c\n\nrequest_id\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\"=\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x18\n\x10token_adjustment\x18\x02 \x01(\x05\"l\n\x0fGetQuotaRequest\x12>\n\ttenant_id\x18\x01 \x01(\tB+\xbaH(r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$\xd8\x01\x01\x12\x19\n\x07user_id\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\"H\n\x10GetQuotaResponse\x12\x34\n\x05quota\x18\x01 \x01(\x0b\x32%.switchboard.admission.v1.QuotaStatus\"\xe2\x01\n\x0bQuotaStatus\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x30\n\x06policy\x18\x03 \x01(\x0b\x32 .switchboard.admission.v1.Policy\x12\x1a\n\x12\x61vailable_requests\x18\x04 \x01(\x01\x12\x18\n\x10\x61vailable_tokens\x18\x05 \x01(\x03\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x34\n\x06queued\x18\x07 \x03(\x0b\x32$.switchboard.admission.v1.QueueDepth\"P\n\nQueueDepth\x12\x31\n\x08priority\x18\x01 \x01(\x0e\x32\x1f.switchboard.common.v1.Priority\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\"\xcb\x03\n\x06Policy\x12>\n\ttenant_id\x18\x01 \x01(\tB+\xbaH(r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$\xd8\x01\x01\x12\x19\n\x07user_id\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12\x37\n\x13requests_per_second\x18\x03 \x01(\x01\x42\x1a\xbaH\x17\x12\x12\x19\x00\x00\x00\x00\x80\x84.A!\x00\x00\x00\x00\x00\x00\x00\x00\xd8\x01\x01\x12%\n\rrequest_burst\x18\x04 \x01(\x05\x42\x0e\xbaH\x0b\x1a\x06\x18\xc0\x84= \x00\xd8\x01\x01\x12,\n\x11tokens_per_minute\x18\x05 \x01(\x03\x42\x11\xbaH\x0e\"\t\x18\x80\xa0\x94\xa5\x8d\x1d \x00\xd8\x01\x01\x12&\n\x0btoken_burst\x18\x06 \x01(\x03\x42\x11\xbaH\x0e\"\t\x18\x80\xa0\x94\xa5\x8d\x1d \x00\xd8\x01\x01\x12%\n\rmax_in_flight\x18\x07 \x01(\x05\x42\x0e\xbaH\x0b\x1a\x06\x18\xc0\x84= \x00\xd8\x01\x01\x12\x1d\n\x06weight\x18\x08 \x01(\x05\x42\r\xbaH\n\x1a\x05\x18\xe8\x07 \x00\xd8\x01\x01\x12\"\n\nmax_queued\x18\t \x01(\x05\x42\x0e\xbaH\x0b\x1a\x06\x18\xc0\x84= \x00\xd8\x01\x01\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\x04\x65tag\x18\x0b \x01(\tB\x07\xbaH\x04r\x02\x18@\"m\n\x10GetPolicyRequest\x12>\n\ttenant_id\x18\x01 \x01(\tB+\xbaH(r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$\xd8\x01\x01\x12\x19\n\x07user_id\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\"Y\n\x11GetPolicyResponse\x12\x30\n\x06policy\x18\x01 \x01(\x0b\x32 .switchboard.admission.v1.Policy\x12\x12\n\nis_default\x18\x02 \x01(\x08\"\x80\x01\n\x13UpdatePolicyRequest\x12\x38\n\x06policy\x18\x01 \x01(\x0b\x32 .switchboard.admission.v1.PolicyB\x06\xbaH\x03\xc8\x01\x01\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"H\n\x14UpdatePolicyResponse\x12\x30\n\x06policy\x18\x01 \x01(\x0b\x32 .switchboard.admission.v1.Policy\"\x92\x01\n\x13ListPoliciesRequest\x12>\n\ttenant_id\x18\x01 \x01(\tB+\xbaH(r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$\xd8\x01\x01\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"c\n\x14ListPoliciesResponse\x12\x32\n\x08policies\x18\x01 \x03(\x0b\x32 .switchboard.admission.v1.Policy\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"p\n\x13\x44\x65letePolicyRequest\x12>\n\ttenant_id\x18\x01 \x01(\tB+\xbaH(r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$\xd8\x01\x01\x12\x19\n\x07user_id\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\"\'\n\x14\x44\x65letePolicyResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(switchboard/admission/v1/admission.proto\x12\x18switchboard.admission.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\"switchboard/common/v1/common.proto\"\xa9\x02\n\x0c\x41\x64mitRequest\x12\x36\n\x07\x63ontext\x18\x01 \x01(\x0b\x32%.switchboard.common.v1.RequestContext\x12\x38\n\x04tier\x18\x02 \x01(\x0e\x32 .switchboard.common.v1.ModelTierB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12-\n\x17\x65stimated_prompt_tokens\x18\x03 \x01(\x05\x42\x0c\xbaH\t\x1a\x07\x18\x80\xad\xe2\x04(\x00\x12+\n\x15max_completion_tokens\x18\x04 \x01(\x05\x42\x0c\xbaH\t\x1a\x07\x18\x80\xad\xe2\x04(\x00\x12\x0f\n\x07no_wait\x18\x05 \x01(\x08\x12:\n\x08max_wait\x18\x06 \x01(\x0b\x32\x19.google.protobuf.DurationB\r\xbaH\n\xaa\x01\x07\"\x03\x08\x90\x1c\x32\x00\"\x8e\x01\n\rAdmitResponse\x12.\n\x05lease\x18\x01 \x01(\x0b\x32\x1f.switchboard.admission.v1.Lease\x12-\n\nqueue_wait\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1e\n\x16initial_queue_position\x18\x03 \x01(\x05\"U\n\x12\x41\x64mitStreamRequest\x12?\n\x07request\x18\x01 \x01(\x0b\x32&.switchboard.admission.v1.AdmitRequestB\x06\xbaH\x03\xc8\x01\x01\"\x93\x01\n\x13\x41\x64mitStreamResponse\x12\x36\n\x06queued\x18\x01 \x01(\x0b\x32$.switchboard.common.v1.QueuePositionH\x00\x12;\n\x08\x61\x64mitted\x18\x02 \x01(\x0b\x32\'.switchboard.admission.v1.AdmitResponseH\x00\x42\x07\n\x05\x65vent\"\xf4\x01\n\x13\x41\x64mitSessionRequest\x12\x39\n\x07request\x18\x01 \x01(\x0b\x32&.switchboard.admission.v1.AdmitRequestH\x00\x12\x39\n\x07reserve\x18\x02 \x01(\x0b\x32&.switchboard.admission.v1.SliceRequestH\x00\x12\x1b\n\x05\x63laim\x18\x03 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01H\x00\x12:\n\tgive_back\x18\x04 \x01(\x0b\x32%.switchboard.admission.v1.SliceReturnH\x00\x42\x0e\n\x05\x66rame\x12\x05\xbaH\x02\x08\x01\"g\n\x0cSliceRequest\x12=\n\x05shape\x18\x01 \x01(\x0b\x32&.switchboard.admission.v1.AdmitRequestB\x06\xbaH\x03\xc8\x01\x01\x12\x18\n\x05\x63ount\x18\x02 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x10(\x01\"3\n\x0bSliceReturn\x12$\n\tlease_ids\x18\x01 \x03(\tB\x11\xbaH\x0e\x92\x01\x0b\x08\x01\x10\x10\"\x05r\x03\x18\x80\x01\"D\n\x05Slice\x12;\n\nadmissions\x18\x01 \x03(\x0b\x32\'.switchboard.admission.v1.AdmitResponse\"\r\n\x0bSliceRecall\"\xba\x02\n\x14\x41\x64mitSessionResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x36\n\x06queued\x18\x02 \x01(\x0b\x32$.switchboard.common.v1.QueuePositionH\x00\x12;\n\x08\x61\x64mitted\x18\x03 \x01(\x0b\x32\'.switchboard.admission.v1.AdmitResponseH\x00\x12%\n\x07refused\x18\x04 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12\x30\n\x05slice\x18\x05 \x01(\x0b\x32\x1f.switchboard.admission.v1.SliceH\x00\x12\x37\n\x06recall\x18\x06 \x01(\x0b\x32%.switchboard.admission.v1.SliceRecallH\x00\x42\x07\n\x05\x65vent\"u\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x16\n\x0e\x63harged_tokens\x18\x03 \x01(\x05\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x83\x01\n\x0eReleaseRequest\x12\x1a\n\x08lease_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12\x37\n\x0c\x61\x63tual_usage\x18\x02 \x01(\x0b\x32!.switchboard.common.v1.TokenUsage\x12\x1c\n\nrequest_id\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\"=\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x18\n\x10token_adjustment\x18\x02 \x01(\x05\"l\n\x0fGetQuotaRequest\x12>\n\ttenant_id\x18\x01 \x01(\tB+\xbaH(r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$\xd8\x01\x01\x12\x19\n\x07user_id\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\"H\n\x10GetQuotaResponse\x12\x34\n\x05quota\x18\x01 \x01(\x0b\x32%.switchboard.admission.v1.QuotaStatus\"\xe2\x01\n\x0bQuotaStatus\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x30\n\x06policy\x18\x03 \x01(\x0b\x32 .switchboard.admission.v1.Policy\x12\x1a\n\x12\x61vailable_requests\x18\x04 \x01(\x01\x12\x18\n\x10\x61vailable_tokens\x18\x05 \x01(\x03\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x34\n\x06queued\x18\x07 \x03(\x0b\x32$.switchboard.admission.v1.QueueDepth\"P\n\nQueueDepth\x12\x31\n\x08priority\x18\x01 \x01(\x0e\x32\x1f.switchboard.common.v1.Priority\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\"\xcb\x03\n\x06Policy\x12>\n\ttenant_id\x18\x01 \x01(\tB+\xbaH(r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$\xd8\x01\x01\x12\x19\n\x07user_id\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\x12\x37\n\x13requests_per_second\x18\x03 \x01(\x01\x42\x1a\xbaH\x17\x12\x12\x19\x00\x00\x00\x00\x80\x84.A!\x00\x00\x00\x00\x00\x00\x00\x00\xd8\x01\x01\x12%\n\rrequest_burst\x18\x04 \x01(\x05\x42\x0e\xbaH\x0b\x1a\x06\x18\xc0\x84= \x00\xd8\x01\x01\x12,\n\x11tokens_per_minute\x18\x05 \x01(\x03\x42\x11\xbaH\x0e\"\t\x18\x80\xa0\x94\xa5\x8d\x1d \x00\xd8\x01\x01\x12&\n\x0btoken_burst\x18\x06 \x01(\x03\x42\x11\xbaH\x0e\"\t\x18\x80\xa0\x94\xa5\x8d\x1d \x00\xd8\x01\x01\x12%\n\rmax_in_flight\x18\x07 \x01(\x05\x42\x0e\xbaH\x0b\x1a\x06\x18\xc0\x84= \x00\xd8\x01\x01\x12\x1d\n\x06weight\x18\x08 \x01(\x05\x42\r\xbaH\n\x1a\x05\x18\xe8\x07 \x00\xd8\x01\x01\x12\"\n\nmax_queued\x18\t \x01(\x05\x42\x0e\xbaH\x0b\x1a\x06\x18\xc0\x84= \x00\xd8\x01\x01\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\x04\x65tag\x18\x0b \x01(\tB\x07\xbaH\x04r\x02\x18@\"m\n\x10GetPolicyRequest\x12>\n\ttenant_id\x18\x01 \x01(\tB+\xbaH(r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$\xd8\x01\x01\x12\x19\n\x07user_id\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\"Y\n\x11GetPolicyResponse\x12\x30\n\x06policy\x18\x01 \x01(\x0b\x32 .switchboard.admission.v1.Policy\x12\x12\n\nis_default\x18\x02 \x01(\x08\"\x80\x01\n\x13UpdatePolicyRequest\x12\x38\n\x06policy\x18\x01 \x01(\x0b\x32 .switchboard.admission.v1.PolicyB\x06\xbaH\x03\xc8\x01\x01\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"H\n\x14UpdatePolicyResponse\x12\x30\n\x06policy\x18\x01 \x01(\x0b\x32 .switchboard.admission.v1.Policy\"\x92\x01\n\x13ListPoliciesRequest\x12>\n\ttenant_id\x18\x01 \x01(\tB+\xbaH(r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$\xd8\x01\x01\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"c\n\x14ListPoliciesResponse\x12\x32\n\x08policies\x18\x01 \x03(\x0b\x32 .switchboard.admission.v1.Policy\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"p\n\x13\x44\x65letePolicyRequest\x12>\n\ttenant_id\x18\x01 \x01(\tB+\xbaH(r#2!^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$\xd8\x01\x01\x12\x19\n\x07user_id\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01\"\'\n\x14\x44\x65letePolicyResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,8 +47,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADMITREQUEST'].fields_by_name['max_wait']._serialized_options = b'\272H\n\252\001\007\"\003\010\220\0342\000'
   _globals['_ADMITSTREAMREQUEST'].fields_by_name['request']._loaded_options = None
   _globals['_ADMITSTREAMREQUEST'].fields_by_name['request']._serialized_options = b'\272H\003\310\001\001'
-  _globals['_ADMITSESSIONREQUEST'].fields_by_name['request']._loaded_options = None
-  _globals['_ADMITSESSIONREQUEST'].fields_by_name['request']._serialized_options = b'\272H\003\310\001\001'
+  _globals['_ADMITSESSIONREQUEST'].oneofs_by_name['frame']._loaded_options = None
+  _globals['_ADMITSESSIONREQUEST'].oneofs_by_name['frame']._serialized_options = b'\272H\002\010\001'
+  _globals['_ADMITSESSIONREQUEST'].fields_by_name['claim']._loaded_options = None
+  _globals['_ADMITSESSIONREQUEST'].fields_by_name['claim']._serialized_options = b'\272H\007r\005\020\001\030\200\001'
+  _globals['_SLICEREQUEST'].fields_by_name['shape']._loaded_options = None
+  _globals['_SLICEREQUEST'].fields_by_name['shape']._serialized_options = b'\272H\003\310\001\001'
+  _globals['_SLICEREQUEST'].fields_by_name['count']._loaded_options = None
+  _globals['_SLICEREQUEST'].fields_by_name['count']._serialized_options = b'\272H\006\032\004\030\020(\001'
+  _globals['_SLICERETURN'].fields_by_name['lease_ids']._loaded_options = None
+  _globals['_SLICERETURN'].fields_by_name['lease_ids']._serialized_options = b'\272H\016\222\001\013\010\001\020\020\"\005r\003\030\200\001'
   _globals['_RELEASEREQUEST'].fields_by_name['lease_id']._loaded_options = None
   _globals['_RELEASEREQUEST'].fields_by_name['lease_id']._serialized_options = b'\272H\005r\003\030\200\001'
   _globals['_RELEASEREQUEST'].fields_by_name['request_id']._loaded_options = None
@@ -101,40 +109,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADMITSTREAMREQUEST']._serialized_end=789
   _globals['_ADMITSTREAMRESPONSE']._serialized_start=792
   _globals['_ADMITSTREAMRESPONSE']._serialized_end=939
-  _globals['_ADMITSESSIONREQUEST']._serialized_start=941
-  _globals['_ADMITSESSIONREQUEST']._serialized_end=1027
-  _globals['_ADMITSESSIONRESPONSE']._serialized_start=1030
-  _globals['_ADMITSESSIONRESPONSE']._serialized_end=1237
-  _globals['_LEASE']._serialized_start=1239
-  _globals['_LEASE']._serialized_end=1356
-  _globals['_RELEASEREQUEST']._serialized_start=1359
-  _globals['_RELEASEREQUEST']._serialized_end=1490
-  _globals['_RELEASERESPONSE']._serialized_start=1492
-  _globals['_RELEASERESPONSE']._serialized_end=1553
-  _globals['_GETQUOTAREQUEST']._serialized_start=1555
-  _globals['_GETQUOTAREQUEST']._serialized_end=1663
-  _globals['_GETQUOTARESPONSE']._serialized_start=1665
-  _globals['_GETQUOTARESPONSE']._serialized_end=1737
-  _globals['_QUOTASTATUS']._serialized_start=1740
-  _globals['_QUOTASTATUS']._serialized_end=1966
-  _globals['_QUEUEDEPTH']._serialized_start=1968
-  _globals['_QUEUEDEPTH']._serialized_end=2048
-  _globals['_POLICY']._serialized_start=2051
-  _globals['_POLICY']._serialized_end=2510
-  _globals['_GETPOLICYREQUEST']._serialized_start=2512
-  _globals['_GETPOLICYREQUEST']._serialized_end=2621
-  _globals['_GETPOLICYRESPONSE']._serialized_start=2623
-  _globals['_GETPOLICYRESPONSE']._serialized_end=2712
-  _globals['_UPDATEPOLICYREQUEST']._serialized_start=2715
-  _globals['_UPDATEPOLICYREQUEST']._serialized_end=2843
-  _globals['_UPDATEPOLICYRESPONSE']._serialized_start=2845
-  _globals['_UPDATEPOLICYRESPONSE']._serialized_end=2917
-  _globals['_LISTPOLICIESREQUEST']._serialized_start=2920
-  _globals['_LISTPOLICIESREQUEST']._serialized_end=3066
-  _globals['_LISTPOLICIESRESPONSE']._serialized_start=3068
-  _globals['_LISTPOLICIESRESPONSE']._serialized_end=3167
-  _globals['_DELETEPOLICYREQUEST']._serialized_start=3169
-  _globals['_DELETEPOLICYREQUEST']._serialized_end=3281
-  _globals['_DELETEPOLICYRESPONSE']._serialized_start=3283
-  _globals['_DELETEPOLICYRESPONSE']._serialized_end=3322
+  _globals['_ADMITSESSIONREQUEST']._serialized_start=942
+  _globals['_ADMITSESSIONREQUEST']._serialized_end=1186
+  _globals['_SLICEREQUEST']._serialized_start=1188
+  _globals['_SLICEREQUEST']._serialized_end=1291
+  _globals['_SLICERETURN']._serialized_start=1293
+  _globals['_SLICERETURN']._serialized_end=1344
+  _globals['_SLICE']._serialized_start=1346
+  _globals['_SLICE']._serialized_end=1414
+  _globals['_SLICERECALL']._serialized_start=1416
+  _globals['_SLICERECALL']._serialized_end=1429
+  _globals['_ADMITSESSIONRESPONSE']._serialized_start=1432
+  _globals['_ADMITSESSIONRESPONSE']._serialized_end=1746
+  _globals['_LEASE']._serialized_start=1748
+  _globals['_LEASE']._serialized_end=1865
+  _globals['_RELEASEREQUEST']._serialized_start=1868
+  _globals['_RELEASEREQUEST']._serialized_end=1999
+  _globals['_RELEASERESPONSE']._serialized_start=2001
+  _globals['_RELEASERESPONSE']._serialized_end=2062
+  _globals['_GETQUOTAREQUEST']._serialized_start=2064
+  _globals['_GETQUOTAREQUEST']._serialized_end=2172
+  _globals['_GETQUOTARESPONSE']._serialized_start=2174
+  _globals['_GETQUOTARESPONSE']._serialized_end=2246
+  _globals['_QUOTASTATUS']._serialized_start=2249
+  _globals['_QUOTASTATUS']._serialized_end=2475
+  _globals['_QUEUEDEPTH']._serialized_start=2477
+  _globals['_QUEUEDEPTH']._serialized_end=2557
+  _globals['_POLICY']._serialized_start=2560
+  _globals['_POLICY']._serialized_end=3019
+  _globals['_GETPOLICYREQUEST']._serialized_start=3021
+  _globals['_GETPOLICYREQUEST']._serialized_end=3130
+  _globals['_GETPOLICYRESPONSE']._serialized_start=3132
+  _globals['_GETPOLICYRESPONSE']._serialized_end=3221
+  _globals['_UPDATEPOLICYREQUEST']._serialized_start=3224
+  _globals['_UPDATEPOLICYREQUEST']._serialized_end=3352
+  _globals['_UPDATEPOLICYRESPONSE']._serialized_start=3354
+  _globals['_UPDATEPOLICYRESPONSE']._serialized_end=3426
+  _globals['_LISTPOLICIESREQUEST']._serialized_start=3429
+  _globals['_LISTPOLICIESREQUEST']._serialized_end=3575
+  _globals['_LISTPOLICIESRESPONSE']._serialized_start=3577
+  _globals['_LISTPOLICIESRESPONSE']._serialized_end=3676
+  _globals['_DELETEPOLICYREQUEST']._serialized_start=3678
+  _globals['_DELETEPOLICYREQUEST']._serialized_end=3790
+  _globals['_DELETEPOLICYRESPONSE']._serialized_start=3792
+  _globals['_DELETEPOLICYRESPONSE']._serialized_end=3831
 # @@protoc_insertion_point(module_scope)

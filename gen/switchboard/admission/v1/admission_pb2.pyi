@@ -55,22 +55,56 @@ class AdmitStreamResponse(_message.Message):
     def __init__(self, queued: _Optional[_Union[_common_pb2.QueuePosition, _Mapping]] = ..., admitted: _Optional[_Union[AdmitResponse, _Mapping]] = ...) -> None: ...
 
 class AdmitSessionRequest(_message.Message):
-    __slots__ = ("request",)
+    __slots__ = ("request", "reserve", "claim", "give_back")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
+    RESERVE_FIELD_NUMBER: _ClassVar[int]
+    CLAIM_FIELD_NUMBER: _ClassVar[int]
+    GIVE_BACK_FIELD_NUMBER: _ClassVar[int]
     request: AdmitRequest
-    def __init__(self, request: _Optional[_Union[AdmitRequest, _Mapping]] = ...) -> None: ...
+    reserve: SliceRequest
+    claim: str
+    give_back: SliceReturn
+    def __init__(self, request: _Optional[_Union[AdmitRequest, _Mapping]] = ..., reserve: _Optional[_Union[SliceRequest, _Mapping]] = ..., claim: _Optional[str] = ..., give_back: _Optional[_Union[SliceReturn, _Mapping]] = ...) -> None: ...
+
+class SliceRequest(_message.Message):
+    __slots__ = ("shape", "count")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    shape: AdmitRequest
+    count: int
+    def __init__(self, shape: _Optional[_Union[AdmitRequest, _Mapping]] = ..., count: _Optional[int] = ...) -> None: ...
+
+class SliceReturn(_message.Message):
+    __slots__ = ("lease_ids",)
+    LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    lease_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, lease_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Slice(_message.Message):
+    __slots__ = ("admissions",)
+    ADMISSIONS_FIELD_NUMBER: _ClassVar[int]
+    admissions: _containers.RepeatedCompositeFieldContainer[AdmitResponse]
+    def __init__(self, admissions: _Optional[_Iterable[_Union[AdmitResponse, _Mapping]]] = ...) -> None: ...
+
+class SliceRecall(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class AdmitSessionResponse(_message.Message):
-    __slots__ = ("request_id", "queued", "admitted", "refused")
+    __slots__ = ("request_id", "queued", "admitted", "refused", "slice", "recall")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     ADMITTED_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
+    SLICE_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     queued: _common_pb2.QueuePosition
     admitted: AdmitResponse
     refused: _status_pb2.Status
-    def __init__(self, request_id: _Optional[str] = ..., queued: _Optional[_Union[_common_pb2.QueuePosition, _Mapping]] = ..., admitted: _Optional[_Union[AdmitResponse, _Mapping]] = ..., refused: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+    slice: Slice
+    recall: SliceRecall
+    def __init__(self, request_id: _Optional[str] = ..., queued: _Optional[_Union[_common_pb2.QueuePosition, _Mapping]] = ..., admitted: _Optional[_Union[AdmitResponse, _Mapping]] = ..., refused: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., slice: _Optional[_Union[Slice, _Mapping]] = ..., recall: _Optional[_Union[SliceRecall, _Mapping]] = ...) -> None: ...
 
 class Lease(_message.Message):
     __slots__ = ("lease_id", "tenant_id", "charged_tokens", "expire_time")

@@ -165,6 +165,16 @@ class AdmissionServiceServicer:
         leaves the queue, or its lease is released). When the caller half-closes, the
         stream ends once every request on it has its outcome; when the stream ends any
         other way, its waiting requests leave the queue.
+
+        Delegated quota: a caller may `reserve` a slice of the tenant's quota, admissions
+        decided ahead of need (charged, and holding their slots, like any admission), and
+        hand them to its requests itself, with no round trip, sending a `claim` for each
+        (a claimed lease is released with Release, as any other). A slice is only granted
+        while nothing waits at this replica; once something waits, every stream holding
+        unclaimed leases is sent a `recall`, and gives them back. When the stream ends,
+        its unclaimed leases are given back (claimed ones stay held until released or
+        expired). Admitted requests therefore never exceed the policy by more than the
+        leases claimed on a stream in the moment it breaks, at most one slice.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
