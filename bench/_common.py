@@ -8,6 +8,7 @@ import json
 import operator
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -347,3 +348,21 @@ async def give_tenant_room(stub: Any, metadata: Sequence[tuple[str, str]], polic
             return
         await asyncio.sleep(0.2)
     raise RuntimeError(f"admission did not apply the {policy.tenant_id!r} policy within 10s")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop_process(process: subprocess.Popen[Any]) -> None:
+    """Terminates a process this benchmark started (by its handle), killing it if need be."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -21,6 +21,8 @@ from pathlib import Path
 import yaml
 from aiohttp import web
 
+from bench._common import stop_process
+
 TOOLS = Path(__file__).parents[1] / "services" / "execution" / "tools.yaml"
 
 
@@ -63,16 +65,6 @@ async def _main() -> None:
     await asyncio.Event().wait()
 
 
-def stop(process: subprocess.Popen[str]) -> None:
-    """Terminates a process this benchmark started (by its handle), killing it if need be."""
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 @contextmanager
 def started() -> Iterator[int]:
     """The echo in its own process; yields its port."""
@@ -83,7 +75,7 @@ def started() -> Iterator[int]:
         assert process.stdout is not None
         yield int(process.stdout.readline())
     finally:
-        stop(process)
+        stop_process(process)
 
 
 def tool_env(port: int, run_dir: Path, *, steps_per_worker: int) -> dict[str, str]:

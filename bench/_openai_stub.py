@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from bench._echo import stop
+from bench._common import stop_process
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def started() -> Iterator[int]:
         assert process.stdout is not None
         yield int(process.stdout.readline())
     finally:
-        stop(process)
+        stop_process(process)
 
 
 if __name__ == "__main__":

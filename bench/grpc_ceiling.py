@@ -15,7 +15,6 @@ import asyncio
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,10 +28,12 @@ import uvloop
 from bench._common import (
     Window,
     closed_loop,
+    free_port,
     ms,
     percentile,
     print_table,
     rotated,
+    stop_process,
     write_result,
 )
 
@@ -151,14 +152,8 @@ def _client(targets: dict[str, str]) -> dict[str, list[Window]]:
 # -- the benchmark ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start(mode: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "bench.grpc_ceiling", "serve", mode, str(port)],
@@ -171,20 +166,10 @@ def _start(mode: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
         try:
             grpc.channel_ready_future(channel).result(timeout=30)
         except grpc.FutureTimeoutError:
-            _stop(proc)
+            stop_process(proc)
             raise RuntimeError(f"{mode} echo server did not start: {log.read_text()}") from None
     print(f"  started {mode} echo server (pid {proc.pid}) on {target}", flush=True)
     return proc, target
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def run() -> dict:
@@ -199,7 +184,7 @@ def run() -> dict:
                 slices = pool.submit(_client, targets).result(timeout=300)
         finally:
             for proc, _ in servers.values():
-                _stop(proc)
+                stop_process(proc)
 
     rows = []
     metrics: dict[str, float] = {}

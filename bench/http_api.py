@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import random
-import socket
 import subprocess
 import tempfile
 import time
@@ -56,6 +55,7 @@ from bench._common import (
     Window,
     api_key_metadata,
     closed_loop,
+    free_port,
     give_tenant_room,
     ms,
     operator_metadata,
@@ -63,10 +63,10 @@ from bench._common import (
     print_table,
     rotated,
     running_mesh,
+    stop_process,
     unlimited_policy,
     write_result,
 )
-from bench._echo import stop
 from bench.mesh_tax import generate_ttft, triton_ttft
 from services.gateway import chat_call
 from services.inference.triton import generate_request
@@ -164,12 +164,6 @@ class LiteLLM:
     log: Path | None = None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def litellm_proxy(stub_port: int, directory: Path) -> Iterator[LiteLLM]:
     """Starts LiteLLM's proxy (one model, `STUB_MODEL`, on the stub; a master key) and
@@ -194,7 +188,7 @@ def litellm_proxy(stub_port: int, directory: Path) -> Iterator[LiteLLM]:
         "general_settings": {"master_key": LITELLM_KEY},
     }
     (directory / "litellm.yaml").write_text(yaml.safe_dump(config))
-    proxy.port = _free_port()
+    proxy.port = free_port()
     proxy.log = directory / "litellm.log"
     # its own environment: no DATABASE_URL (it would try to migrate one), the model cost
     # map from the package (no fetch), no .env read from the working directory
@@ -219,7 +213,7 @@ def litellm_proxy(stub_port: int, directory: Path) -> Iterator[LiteLLM]:
     try:
         yield proxy
     finally:
-        stop(proxy.process)  # type: ignore[arg-type]
+        stop_process(proxy.process)  # type: ignore[arg-type]
 
 
 def litellm_version() -> str:

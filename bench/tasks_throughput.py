@@ -32,7 +32,7 @@ from switchboard.execution.v1 import execution_pb2 as pb
 from switchboard.execution.v1 import execution_service_pb2_grpc
 
 from bench import _echo
-from bench._common import api_key_metadata, print_table, running_mesh, write_result
+from bench._common import api_key_metadata, print_table, running_mesh, stop_process, write_result
 from services.launcher import free_port_base
 
 NAME = "tasks-throughput"
@@ -174,8 +174,8 @@ def _celery(echo_port: int, run_dir: Path) -> float:
         return round_(TASKS)
     finally:
         if worker is not None:
-            _echo.stop(worker)
-        _echo.stop(redis)
+            stop_process(worker)
+        stop_process(redis)
 
 
 def run() -> dict:

@@ -44,6 +44,7 @@ from google.rpc import status_pb2
 from switchboard.admission.v1 import admission_pb2, admission_service_pb2_grpc
 from switchboard.common.v1 import common_pb2
 
+from services.inference.metrics import ADMISSIONS
 from services.inference.slices import Key, Slices
 from services.runtime import (
     TENANT_HEADER,
@@ -265,6 +266,8 @@ class AdmissionGate:
         self._reserves: dict[str, tuple[Key, _Session]] = {}
         """An ask for a slice in flight → its pool and stream."""
         self._returning: asyncio.Task[None] | None = None
+        self.admitted_locally = 0
+        """Requests admitted from a slice, with no round trip."""
         self._channel = channel(target, propagate=False)
         self._stub = admission_service_pb2_grpc.AdmissionServiceStub(self._channel)
         # Release must happen even after the caller's deadline or cancellation: it uses
@@ -313,6 +316,8 @@ class AdmissionGate:
         if reserved is not None:
             reserved.stream.send(admission_pb2.AdmitSessionRequest(claim=reserved.lease_id))
             self._granted_on[reserved.lease_id] = reserved.stream
+            self.admitted_locally += 1
+            ADMISSIONS.labels("slice").inc()
             self._top_up(ask, key)
             yield reserved.lease_id
             return
@@ -333,6 +338,7 @@ class AdmissionGate:
                         handed_over = True
                         lease_id = reply.admitted.lease.lease_id
                         self._granted_on[lease_id] = session
+                        ADMISSIONS.labels("round_trip").inc()
                         self._top_up(ask, key)
                         yield lease_id
                         return

@@ -21,6 +21,7 @@ from services.runtime import CircuitBreaker, CircuitState
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ADMISSIONS",
     "BREAKER_VALUES",
     "BreakerCollector",
     "Collector",
@@ -59,6 +60,12 @@ GENERATIONS = Counter(
     ["model", "tier", "reason"],
 )
 OUTCOMES = ("stop", "length", "cancelled", "error")
+ADMISSIONS = Counter(
+    "switchboard_inference_admissions",
+    "Generations admitted, by how: `slice` (a lease of this replica's slice of the"
+    " tenant's quota, no round trip) or `round_trip` (decided by the admission service).",
+    ["how"],
+)
 
 BREAKER_VALUES = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
 """switchboard_inference_breaker_state's value for each state."""

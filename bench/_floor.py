@@ -1,0 +1,164 @@
+"""The floor of the mesh's path: Envoy -> a bare grpc.aio forwarding hop -> Triton.
+
+What a gRPC mesh of this shape costs at the least: an Envoy with one route and nothing
+else, and a Python process that relays Triton's ModelStreamInfer bytes unparsed over a
+persistent channel (no authentication, admission, routing or contract checks). The
+mesh-tax benchmark calls Triton through it, in the same rounds as the other arms, so
+that `over_floor` is what Switchboard's own work costs.
+
+`python -m bench._floor PORT TRITON` runs the hop; `floor_path` starts the hop and its
+Envoy and stops both (by PID).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench._common import free_port, stop_process
+from services.launcher._envoy import envoy_command
+
+METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+_API = "type.googleapis.com/envoy"
+READY_S = 30.0
+
+
+async def _serve(port: int, triton: str) -> None:
+    upstream = grpc.aio.insecure_channel(triton)
+    forward = upstream.stream_stream(METHOD)  # bytes in, bytes out: nothing parsed
+
+    async def relay(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
+        call = forward(requests)
+        async for reply in call:
+            yield reply
+
+    handler = grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService",
+        {"ModelStreamInfer": grpc.stream_stream_rpc_method_handler(relay)},
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+def _envoy_config(listen: int, hop: int, admin: int) -> str:
+    """One listener, one route, one HTTP/2 cluster: the least an Envoy hop can be (JSON,
+    which Envoy reads as YAML)."""
+
+    def address(port: int) -> dict[str, Any]:
+        return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+    manager = {
+        "@type": f"{_API}.extensions.filters.network.http_connection_manager.v3"
+        ".HttpConnectionManager",
+        "stat_prefix": "floor",
+        "codec_type": "HTTP2",
+        "route_config": {
+            "virtual_hosts": [
+                {
+                    "name": "floor",
+                    "domains": ["*"],
+                    "routes": [
+                        {"match": {"prefix": "/"}, "route": {"cluster": "hop", "timeout": "0s"}}
+                    ],
+                }
+            ]
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": f"{_API}.extensions.filters.http.router.v3.Router"},
+            }
+        ],
+    }
+    cluster = {
+        "name": "hop",
+        "type": "STATIC",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": f"{_API}.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": "hop",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address(hop)}}]}],
+        },
+    }
+    listener = {
+        "name": "floor",
+        "address": address(listen),
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": manager,
+                    }
+                ]
+            }
+        ],
+    }
+    config = {
+        "admin": {"address": address(admin)},
+        "static_resources": {"listeners": [listener], "clusters": [cluster]},
+    }
+    return json.dumps(config)
+
+
+def _wait_ready(target: str, procs: list[subprocess.Popen[bytes]]) -> None:
+    with grpc.insecure_channel(target) as channel:
+        deadline = time.monotonic() + READY_S
+        while time.monotonic() < deadline:
+            if any(proc.poll() is not None for proc in procs):
+                raise RuntimeError("the floor's Envoy or hop exited")
+            try:
+                grpc.channel_ready_future(channel).result(timeout=1)
+                return
+            except grpc.FutureTimeoutError:
+                continue
+    raise RuntimeError(f"{target} did not answer within {READY_S:.0f}s")
+
+
+@contextmanager
+def floor_path(triton: str, directory: Path) -> Iterator[str]:
+    """Starts the hop (to `triton`) and an Envoy in front of it; yields Envoy's address."""
+    hop_port, listen, admin = free_port(), free_port(), free_port()
+    config = directory / "floor-envoy.yaml"
+    config.write_text(_envoy_config(listen, hop_port, admin))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with (directory / "floor-hop.log").open("wb") as log:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "bench._floor", str(hop_port), triton],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=Path(__file__).resolve().parents[1],
+                )
+            )
+        _wait_ready(f"127.0.0.1:{hop_port}", procs)
+        argv = envoy_command(
+            config_path=config, base_id=listen, log_path=directory / "floor-envoy.log"
+        )
+        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        _wait_ready(f"127.0.0.1:{listen}", procs)
+        yield f"127.0.0.1:{listen}"
+    finally:
+        for proc in reversed(procs):
+            stop_process(proc)
+
+
+if __name__ == "__main__":
+    asyncio.run(_serve(int(sys.argv[1]), sys.argv[2]))
