@@ -161,7 +161,7 @@ class AdmissionController:
         self.leases_expired = 0
         self._unclaimed: set[str] = set()
         """Leases of slices not yet handed to a request."""
-        self._wait_listeners: set[Callable[[], None]] = set()
+        self._wait_listeners: set[Callable[[str, str], None]] = set()
 
     # ---- decisions ---------------------------------------------------------------
 
@@ -205,10 +205,10 @@ class AdmissionController:
             if request_id:
                 self._ledger.begin_attempt(ticket)
             return ticket
-        # The request would have to wait: slices held for later requests come back.
+        # The request would have to wait: slices that compete with it come back.
         if self._unclaimed:
             for listener in list(self._wait_listeners):
-                listener()
+                listener(tenant_id, request.tier)
         max_wait = request.max_wait
         if request.no_wait or max_wait == timedelta(0):
             raise self._refuse(ticket, blocked(ticket, self._limits(ticket, now), hold=self._hold))
@@ -237,12 +237,13 @@ class AdmissionController:
     def reserve(self, request: AdmissionRequest, count: int) -> list[Ticket]:
         """Grants up to `count` admissions shaped as `request` ahead of need (a slice).
 
-        Each is granted only as `submit` would grant it at once with nothing waiting:
-        none while anything waits here. They are charged and hold their slots like any
-        lease, and count as admitted once claimed. Never raises a refusal: what cannot
-        be granted now is simply not in the list.
+        Each is granted only as `submit` would grant it at once, and none while a
+        request it would compete with waits here: one of the same tenant, or of the
+        same model tier (whose ceiling all tenants share). They are charged and hold
+        their slots like any lease, and count as admitted once claimed. Never raises a
+        refusal: what cannot be granted now is simply not in the list.
         """
-        if self._closed or self._queue:
+        if self._closed or any(_competes(t, request) for t in self._queue):
             return []
         now = self._clock.now()
         if now >= self._next_due:
@@ -287,10 +288,10 @@ class AdmissionController:
         """Leases of slices granted and not yet claimed, given back or expired."""
         return len(self._unclaimed)
 
-    def on_wait(self, listener: Callable[[], None]) -> Callable[[], None]:
-        """Has `listener` called whenever a request cannot be admitted at once (it waits,
-        or is refused for want of a slot or tokens) while any slice lease is unclaimed;
-        returns the function that stops it."""
+    def on_wait(self, listener: Callable[[str, str], None]) -> Callable[[], None]:
+        """Has `listener` called with (tenant, tier) whenever a request cannot be
+        admitted at once (it waits, or is refused for want of a slot or tokens) while
+        any slice lease is unclaimed; returns the function that stops it."""
         self._wait_listeners.add(listener)
         return lambda: self._wait_listeners.discard(listener)
 
@@ -719,6 +720,13 @@ class AdmissionController:
         counters = self._counters(ticket)
         counters.refused[error.reason] = counters.refused.get(error.reason, 0) + 1
         return error
+
+
+def _competes(waiting: Ticket, request: AdmissionRequest) -> bool:
+    """Whether a slice shaped as `request` would hold what `waiting` waits for."""
+    return waiting.tenant_id == request.tenant_id or bool(
+        request.tier and waiting.tier == request.tier
+    )
 
 
 def _check_actual(actual_tokens: int | None) -> None:

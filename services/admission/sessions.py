@@ -79,7 +79,8 @@ class AdmitSession:
         self._reply = reply
         self._admitted = admitted
         self._waiting: dict[str, asyncio.Task[None]] = {}
-        self._unclaimed: set[str] = set()
+        self._unclaimed: dict[str, str] = {}
+        """Lease id → its tier, for the leases of this stream's slice not yet claimed."""
         self._stop_listening: Callable[[], None] | None = None
 
     @property
@@ -134,7 +135,7 @@ class AdmitSession:
         # the slice's leases are no attempts: they are released by lease id only
         tickets = controller.reserve(replace(request, request_id=""), frame.reserve.count)
         admissions = [self._admitted(ticket.result()) for ticket in tickets]
-        self._unclaimed.update(a.lease.lease_id for a in admissions)
+        self._unclaimed.update((a.lease.lease_id, request.tier) for a in admissions)
         if self._unclaimed and self._stop_listening is None:
             self._stop_listening = controller.on_wait(self._recall)
         self._reply(
@@ -142,20 +143,21 @@ class AdmitSession:
         )
 
     def _claim(self, lease_id: str) -> None:
-        if lease_id in self._unclaimed:
-            self._unclaimed.discard(lease_id)
+        if self._unclaimed.pop(lease_id, None) is not None:
             self._dispatcher.controller.claim(self._tenant, lease_id)
 
     def _give_back(self, lease_ids: Iterable[str]) -> None:
         controller = self._dispatcher.controller
         for lease_id in lease_ids:
-            if lease_id in self._unclaimed:
-                self._unclaimed.discard(lease_id)
+            if self._unclaimed.pop(lease_id, None) is not None:
                 controller.give_back(self._tenant, lease_id)
 
-    def _recall(self) -> None:
-        """A request started waiting here: ask for the unclaimed leases back (once; a
-        slice granted later listens again)."""
+    def _recall(self, tenant_id: str, tier: str) -> None:
+        """A request of `tenant_id` on `tier` could not be admitted at once here: if the
+        slice competes with it (same tenant, or a lease on the same tier), ask for the
+        unclaimed leases back (once; a slice granted later listens again)."""
+        if tenant_id != self._tenant and not (tier and tier in self._unclaimed.values()):
+            return
         self._stop_recalls()
         if self._unclaimed:
             self._reply(pb.AdmitSessionResponse(recall=pb.SliceRecall()))

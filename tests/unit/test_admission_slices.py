@@ -23,6 +23,7 @@ from services.admission import (
 from services.admission.sessions import AdmitSession
 from services.inference.slices import Slices
 from services.runtime import ResourceExhausted
+from tests.unit.test_admission_sessions import _admission_of
 
 POLICY = PolicyLimits(
     requests_per_second=10,
@@ -73,9 +74,9 @@ def test_no_slice_while_anything_waits_and_waiting_recalls():
     reserved = controller.reserve(SHAPE, 2)
     assert len(reserved) == 1  # the last slot
     recalls = []
-    stop = controller.on_wait(lambda: recalls.append(1))
+    stop = controller.on_wait(lambda tenant, tier: recalls.append((tenant, tier)))
     waiting = controller.submit(AdmissionRequest(tenant_id="acme", max_wait=timedelta(seconds=9)))
-    assert waiting.waiting and recalls == [1]
+    assert waiting.waiting and recalls == [("acme", "")]
     assert controller.reserve(SHAPE, 1) == []  # something waits
     assert controller.give_back("acme", reserved[0].lease.lease_id)
     controller.pump()
@@ -88,10 +89,10 @@ def test_a_request_refused_at_once_for_want_of_a_slot_recalls_too():
     controller = _controller()
     controller.reserve(SHAPE, POLICY.max_in_flight)
     recalls = []
-    controller.on_wait(lambda: recalls.append(1))
+    controller.on_wait(lambda tenant, tier: recalls.append((tenant, tier)))
     with pytest.raises(ResourceExhausted):
         controller.submit(replace(SHAPE, no_wait=True))
-    assert recalls == [1]
+    assert recalls == [("acme", "")]
 
 
 def test_giving_back_returns_the_tokens_and_releasing_unclaimed_as_used_counts_it():
@@ -210,19 +211,10 @@ class AdmitSessionModel:
 
 
 def _session(controller: AdmissionController, replies: list) -> AdmitSession:
-    def admission_of(frame: pb.AdmitSessionRequest) -> AdmissionRequest:
-        request = frame.reserve.shape if frame.HasField("reserve") else frame.request
-        return AdmissionRequest(
-            tenant_id="acme",
-            request_id=request.context.request_id,
-            prompt_tokens=request.estimated_prompt_tokens,
-            max_wait=timedelta(seconds=9),
-        )
-
     return AdmitSession(
         Dispatcher(controller),
         tenant_id="acme",
-        request_of=admission_of,
+        request_of=lambda frame: replace(_admission_of(frame), max_wait=timedelta(seconds=9)),
         submit=controller.submit,
         reply=replies.append,
         admitted=lambda admission: pb.AdmitResponse(
@@ -316,3 +308,27 @@ def test_a_recall_or_idleness_returns_the_leases():
     assert slices.wanted(small) == 0  # recalled: quiet for a while
     clock.now += 2.5
     assert [lease.lease_id for lease in slices.idle()] == ["c"] and len(slices) == 0
+
+
+def test_only_competing_waiters_stop_and_recall_slices():
+    controller = _controller()
+    controller.set_policy("slow", replace(POLICY, requests_per_second=0.1, request_burst=1))
+    controller.set_tier_capacity("small", max_in_flight=3)
+    controller.submit(AdmissionRequest(tenant_id="slow"))
+    later = controller.submit(AdmissionRequest(tenant_id="slow", max_wait=timedelta(seconds=60)))
+    assert later.waiting  # another tenant, waiting on its own rate
+    recalls = []
+    session_replies: list = []
+    session = _session(controller, session_replies)
+    session.submit(_reserve("r1", 2))  # acme, no tier: not held back by "slow"
+    assert len(session_replies[-1].slice.admissions) == 2
+    controller.on_wait(lambda tenant, tier: recalls.append((tenant, tier)))
+    controller.submit(AdmissionRequest(tenant_id="slow", max_wait=timedelta(seconds=60)))
+    assert [r.WhichOneof("event") for r in session_replies] == ["slice"]  # no recall
+    small = replace(SHAPE, tier="small")
+    assert len(controller.reserve(small, 3)) == 3  # the tier's whole ceiling
+    blocked = controller.submit(
+        AdmissionRequest(tenant_id="slow", tier="small", max_wait=timedelta(seconds=60))
+    )
+    assert blocked.waiting and recalls[-1] == ("slow", "small")
+    assert controller.reserve(small, 1) == []  # a waiter on the tier: no slice of it

@@ -170,8 +170,9 @@ class AdmissionServiceServicer:
         decided ahead of need (charged, and holding their slots, like any admission), and
         hand them to its requests itself, with no round trip, sending a `claim` for each
         (a claimed lease is released with Release, as any other). A slice is only granted
-        while nothing waits at this replica; once something waits, every stream holding
-        unclaimed leases is sent a `recall`, and gives them back. When the stream ends,
+        while no request it would compete with (of the same tenant, or on the same model
+        tier) waits at this replica; once one cannot be admitted at once, every stream whose
+        unclaimed leases compete with it is sent a `recall`, and gives them back. When the stream ends,
         its unclaimed leases are given back (claimed ones stay held until released or
         expired). Admitted requests therefore never exceed the policy by more than the
         leases claimed on a stream in the moment it breaks, at most one slice.
