@@ -156,7 +156,7 @@ class Supervisor:
                 continue
             alive = replica.record is not None and replica.record.process() is not None
             if alive:
-                replica.started_at = replica.record.created  # type: ignore[union-attr]
+                replica.started_at = replica.record.started_at()  # type: ignore[union-attr]
             if alive and replica.state != State.DRAINING:
                 # Envoy still routes to it on its last config: keep it there.
                 replica.state = State.SERVING

@@ -31,6 +31,10 @@ class ProcessRecord:
     name: str
     pid: int
     created: float
+    """When the process started, in seconds since the machine booted: unlike a wall-clock
+    time, it never moves when the system clock is set (psutil's wall-clock create time
+    does, and a step of the clock made every running process look like another's). A
+    value over 1e8 is a wall-clock time (records written before) and is compared as one."""
     argv: tuple[str, ...]
     log: str
 
@@ -38,11 +42,36 @@ class ProcessRecord:
         """The live process, or None when it is gone (or the PID now belongs to another)."""
         try:
             proc = psutil.Process(self.pid)
-            if abs(proc.create_time() - self.created) > 0.5 or proc.status() == "zombie":
+            wall = self.created > _WALL_CLOCK
+            started = proc.create_time() if wall else started_since_boot(self.pid)
+            if abs(started - self.created) > 0.5 or proc.status() == "zombie":
                 return None
             return proc
         except psutil.Error:
             return None
+
+    def started_at(self) -> float:
+        """When the process started, as a wall-clock time (for uptimes)."""
+        if self.created > _WALL_CLOCK:
+            return self.created
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - self.created)
+
+
+_WALL_CLOCK = 1e8
+"""A `created` above this is a wall-clock time, not seconds since boot (3 years)."""
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def started_since_boot(pid: int) -> float:
+    """When process `pid` started, in seconds since boot (/proc/PID/stat's starttime:
+    unaffected by the system clock). Raises psutil.NoSuchProcess if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except FileNotFoundError:
+        raise psutil.NoSuchProcess(pid) from None
+    # the name (field 2) may hold spaces and parentheses: count from its last ")"
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return int(fields[19]) / _TICKS
 
 
 def record_json(record: ProcessRecord) -> dict[str, Any]:
@@ -143,7 +172,7 @@ def spawn(
             **(as_user or {}),
         )
     _children[proc.pid] = proc
-    created = psutil.Process(proc.pid).create_time()
+    created = started_since_boot(proc.pid)
     return ProcessRecord(name, proc.pid, created, tuple(argv), str(log))
 
 
