@@ -61,6 +61,8 @@ from services.runtime import (
 logger = logging.getLogger(__name__)
 
 _EWMA = 0.1  # weight of the newest lease in the hold-time average
+SLICE_MAX = 16
+"""Most leases one slice may hold (the contract's bound on a SliceRequest's count)."""
 
 
 @dataclass(slots=True)
@@ -237,7 +239,10 @@ class AdmissionController:
     def reserve(self, request: AdmissionRequest, count: int) -> list[Ticket]:
         """Grants up to `count` admissions shaped as `request` ahead of need (a slice).
 
-        Each is granted only as `submit` would grant it at once, and none while a
+        At most half of the slots still free (the tenant's, its user's, the tier's) go
+        into one slice, so that other replicas' requests are admitted at once too and
+        may get slices of their own. Each is granted only as `submit` would grant it at
+        once, and none while a
         request it would compete with waits here: one of the same tenant, or of the
         same model tier (whose ceiling all tenants share). They are charged and hold
         their slots like any lease, and count as admitted once claimed. Never raises a
@@ -249,7 +254,8 @@ class AdmissionController:
         if now >= self._next_due:
             self._expire(now)
         granted: list[Ticket] = []
-        for _ in range(count):
+        first = self._ticket(request, now)
+        for _ in range(min(count, _slice_room(first))):
             ticket = self._ticket(request, now)
             if never(ticket) is not None or self._verdict(ticket, now) is not Verdict.GRANT:
                 break
@@ -720,6 +726,18 @@ class AdmissionController:
         counters = self._counters(ticket)
         counters.refused[error.reason] = counters.refused.get(error.reason, 0) + 1
         return error
+
+
+def _slice_room(ticket: Ticket) -> int:
+    """Half the in-flight slots free for requests like `ticket` (rounded down)."""
+    free = math.inf
+    for scope in (ticket.tenant_scope, ticket.user_scope):
+        if scope is not None and scope.policy is not None:
+            free = min(free, scope.policy.max_in_flight - scope.in_flight)
+    tier = ticket.tier_state
+    if tier is not None and tier.capacity.max_in_flight is not None:
+        free = min(free, tier.capacity.max_in_flight - tier.in_flight)
+    return int(min(free, 2 * SLICE_MAX) // 2)
 
 
 def _competes(waiting: Ticket, request: AdmissionRequest) -> bool:

@@ -280,6 +280,11 @@ class AdmissionGate:
         """Lease id → the session that granted it, until the lease is released."""
         self._swept = time.monotonic()
 
+    @property
+    def reserved(self) -> int:
+        """Leases of this gate's slices held ahead of need now."""
+        return len(self._slices)
+
     async def admit(self, ask: Ask) -> str:
         """Waits for admission (fair queue, up to the call's deadline, else
         `ADMIT_TIMEOUT_S`); returns the lease id.

@@ -50,29 +50,31 @@ def _controller(clock: FakeClock | None = None) -> AdmissionController:
 def test_a_slice_is_charged_and_holds_slots_but_counts_as_admitted_only_when_claimed():
     controller = _controller()
     tickets = controller.reserve(SHAPE, 4)
-    assert len(tickets) == 4 and controller.unclaimed() == 4
+    assert len(tickets) == 3 and controller.unclaimed() == 3  # half the free slots
     assert controller.quota("acme").in_flight == 0  # nothing runs on them yet
-    assert len(controller.reserve(SHAPE, 16)) == POLICY.max_in_flight - 4  # their slots are held
+    assert len(controller.reserve(SHAPE, 16)) == 1  # half the 3 left: their slots are held
     assert controller.stats == {} or all(c.admitted == 0 for c in controller.stats.values())
     assert controller.claim("acme", tickets[0].lease.lease_id)
     assert controller.quota("acme").in_flight == 1 and controller.in_flight() == 1
     assert not controller.claim("acme", tickets[0].lease.lease_id)  # once
     assert not controller.claim("other", tickets[1].lease.lease_id)  # another tenant's
     (counters,) = controller.stats.values()
-    assert counters.admitted == 1 and controller.unclaimed() == POLICY.max_in_flight - 1
+    assert counters.admitted == 1 and controller.unclaimed() == 3
 
 
-def test_a_slice_never_exceeds_what_would_be_admitted_at_once():
+def test_a_slice_takes_at_most_half_the_free_slots_and_leaves_the_last_one():
     controller = _controller()
-    assert len(controller.reserve(SHAPE, 16)) == POLICY.max_in_flight  # the concurrency
+    sizes = [len(controller.reserve(SHAPE, 16)) for _ in range(4)]
+    assert sizes == [3, 1, 1, 0]  # of 6 free, then 3, 2, 1
+    assert controller.submit(replace(SHAPE, no_wait=True)).lease is not None  # the last
     assert controller.reserve(SHAPE, 1) == []
 
 
 def test_no_slice_while_anything_waits_and_waiting_recalls():
     controller = _controller()
-    held = [controller.submit(SHAPE) for _ in range(POLICY.max_in_flight - 1)]
-    reserved = controller.reserve(SHAPE, 2)
-    assert len(reserved) == 1  # the last slot
+    reserved = controller.reserve(SHAPE, 16)
+    held = [controller.submit(SHAPE) for _ in range(POLICY.max_in_flight - len(reserved))]
+    assert all(ticket.lease is not None for ticket in held)  # every slot is taken
     recalls = []
     stop = controller.on_wait(lambda tenant, tier: recalls.append((tenant, tier)))
     waiting = controller.submit(AdmissionRequest(tenant_id="acme", max_wait=timedelta(seconds=9)))
@@ -87,7 +89,9 @@ def test_no_slice_while_anything_waits_and_waiting_recalls():
 
 def test_a_request_refused_at_once_for_want_of_a_slot_recalls_too():
     controller = _controller()
-    controller.reserve(SHAPE, POLICY.max_in_flight)
+    reserved = controller.reserve(SHAPE, POLICY.max_in_flight)
+    for _ in range(POLICY.max_in_flight - len(reserved)):
+        controller.submit(SHAPE)
     recalls = []
     controller.on_wait(lambda tenant, tier: recalls.append((tenant, tier)))
     with pytest.raises(ResourceExhausted):
@@ -244,19 +248,20 @@ async def test_a_stream_reserves_claims_and_gives_back():
     assert controller.quota("acme").in_flight == 1  # the claimed one runs
     await session.close()  # the unclaimed one goes back; the claimed one stays held
     assert controller.unclaimed() == 0 and controller.quota("acme").in_flight == 1
-    assert len(controller.reserve(SHAPE, 16)) == POLICY.max_in_flight - 1
+    assert len(controller.reserve(SHAPE, 16)) == (POLICY.max_in_flight - 1) // 2
 
 
 async def test_a_request_starting_to_wait_recalls_the_slice_once():
     controller, replies = _controller(), []
     session = _session(controller, replies)
-    session.submit(_reserve("r1", POLICY.max_in_flight))
-    request = pb.AdmitRequest()
-    request.context.request_id = "a"
-    session.submit(pb.AdmitSessionRequest(request=request))  # no slot left: it waits
+    session.submit(_reserve("r1", POLICY.max_in_flight))  # half the slots
+    for request_id in "abcd":  # three take the rest; the fourth has to wait
+        request = pb.AdmitRequest()
+        request.context.request_id = request_id
+        session.submit(pb.AdmitSessionRequest(request=request))
     await asyncio.sleep(0)
     events = [r.WhichOneof("event") for r in replies]
-    assert events == ["slice", "recall", "queued"]
+    assert events == ["slice", "admitted", "admitted", "admitted", "recall", "queued"]
     session.submit(_reserve("r2", 1))  # nothing is granted while it waits
     assert len(replies[-1].slice.admissions) == 0
     ids = [a.lease.lease_id for a in replies[0].slice.admissions]
@@ -313,7 +318,7 @@ def test_a_recall_or_idleness_returns_the_leases():
 def test_only_competing_waiters_stop_and_recall_slices():
     controller = _controller()
     controller.set_policy("slow", replace(POLICY, requests_per_second=0.1, request_burst=1))
-    controller.set_tier_capacity("small", max_in_flight=3)
+    controller.set_tier_capacity("small", max_in_flight=2)
     controller.submit(AdmissionRequest(tenant_id="slow"))
     later = controller.submit(AdmissionRequest(tenant_id="slow", max_wait=timedelta(seconds=60)))
     assert later.waiting  # another tenant, waiting on its own rate
@@ -326,7 +331,8 @@ def test_only_competing_waiters_stop_and_recall_slices():
     controller.submit(AdmissionRequest(tenant_id="slow", max_wait=timedelta(seconds=60)))
     assert [r.WhichOneof("event") for r in session_replies] == ["slice"]  # no recall
     small = replace(SHAPE, tier="small")
-    assert len(controller.reserve(small, 3)) == 3  # the tier's whole ceiling
+    assert len(controller.reserve(small, 3)) == 1  # half the tier's ceiling
+    assert controller.submit(small).lease is not None  # the tier is full
     blocked = controller.submit(
         AdmissionRequest(tenant_id="slow", tier="small", max_wait=timedelta(seconds=60))
     )
