@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 OPERATIONS = ("generate", "retrieve", "submit", "chat")
 CHAT_ATTEMPTS = 5
+READ_ATTEMPTS = 5
+"""Tries to read a task's state at the end of a run (a replica may be restarting)."""
 """Streams a chat turn may take: the first and its resumes."""
 COLLECTION = "load"
 
@@ -237,24 +239,40 @@ class MixedLoad(LoadWorkers):
 
     async def unfinished_tasks(self, among: Sequence[str] | None = None) -> dict[str, str]:
         """The accepted tasks (of `among`, by default all) not (yet) COMPLETED, with
-        their state and their steps' (`RUNNING one:QUEUED`)."""
+        their state and their steps' (`RUNNING one:QUEUED`); a task whose state could
+        not be read is reported `UNREAD <code>`, not raised, so a run keeps its figures."""
         async with grpc.aio.insecure_channel(self._target) as channel:
             stub = execution_service_pb2_grpc.ExecutionServiceStub(channel)
             unfinished = {}
             for task_id in self.task_ids if among is None else among:
-                task = await stub.GetTask(
+                if (state := await self._task_state(stub, task_id)) is not None:
+                    unfinished[task_id] = state
+            return unfinished
+
+    async def _task_state(
+        self, stub: execution_service_pb2_grpc.ExecutionServiceStub, task_id: str
+    ) -> str | None:
+        """None for a COMPLETED task, else its state and its steps'."""
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                reply = await stub.GetTask(
                     execution_pb2.GetTaskRequest(task_id=task_id),
                     metadata=self._metadata,
                     timeout=self._timeout,
                 )
-                if task.task.state != execution_pb2.TASK_STATE_COMPLETED:
-                    steps = " ".join(
-                        f"{s.name}:{execution_pb2.StepState.Name(s.state).removeprefix('STEP_STATE_')}"
-                        for s in task.task.step_statuses
-                    )
-                    state = execution_pb2.TaskState.Name(task.task.state)
-                    unfinished[task_id] = f"{state.removeprefix('TASK_STATE_')} {steps}"
-            return unfinished
+                break
+            except grpc.aio.AioRpcError as error:
+                if attempt == READ_ATTEMPTS - 1:
+                    return f"UNREAD {error.code().name}"
+                await asyncio.sleep(1.0)  # a replica restarting: try again shortly
+        task = reply.task
+        if task.state == execution_pb2.TASK_STATE_COMPLETED:
+            return None
+        steps = " ".join(
+            f"{s.name}:{execution_pb2.StepState.Name(s.state).removeprefix('STEP_STATE_')}"
+            for s in task.step_statuses
+        )
+        return f"{execution_pb2.TaskState.Name(task.state).removeprefix('TASK_STATE_')} {steps}"
 
 
 def _detail(error: grpc.aio.AioRpcError) -> str:
