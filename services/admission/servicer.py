@@ -274,7 +274,6 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
         prefix = "request."
 
         def request_of(frame: pb.AdmitSessionRequest) -> AdmissionRequest:
-            validate_request(frame)  # a streamed frame is checked here, refused on its own
             if frame.HasField("reserve"):
                 return self._request(frame.reserve.shape, context, prefix="reserve.shape.")
             return self._request(frame.request, context, prefix=prefix)
@@ -283,6 +282,7 @@ class AdmissionServicer(admission_service_pb2_grpc.AdmissionServiceServicer):
             self._dispatcher,
             request_iterator,
             tenant_id=current_tenant(),  # whose slice leases the stream may claim
+            check=validate_request,  # a streamed frame is checked here, refused on its own
             request_of=request_of,
             submit=lambda request: self._submit(request, prefix=prefix),
             admitted=_admission_message,

@@ -55,11 +55,14 @@ class AdmitSession:
 
     Args:
         dispatcher: waits for the tickets.
-        request_of: the request a frame asks to admit (raises the refusal of an invalid
-            frame).
+        tenant_id: the stream's tenant (whose slice leases it may claim and give back).
+        request_of: the request a `request` or `reserve` frame asks to admit (raises the
+            refusal of an invalid one).
         submit: submits a request to the dispatcher's controller (raises its refusal).
         reply: hands a reply to the stream's writer (never blocks).
         admitted: the AdmitResponse for an admission.
+        check: refuses an invalid frame of any kind (its contract's rules), before it
+            is handled; the refusal is tagged with the request id it carries, if any.
     """
 
     def __init__(
@@ -71,9 +74,11 @@ class AdmitSession:
         submit: Callable[[AdmissionRequest], Ticket],
         reply: Callable[[pb.AdmitSessionResponse], None],
         admitted: Callable[[Admission], pb.AdmitResponse],
+        check: Callable[[pb.AdmitSessionRequest], None] | None = None,
     ) -> None:
         self._dispatcher = dispatcher
         self._tenant = tenant_id
+        self._check = check
         self._request_of = request_of
         self._submit = submit
         self._reply = reply
@@ -96,6 +101,13 @@ class AdmitSession:
         """Handles one frame: decides its request (or starts following it through the
         queue), or moves the stream's slice."""
         kind = frame.WhichOneof("frame")
+        if self._check is not None:
+            try:
+                self._check(frame)
+            except SwitchboardError as refusal:
+                tag = frame.reserve.shape if kind == "reserve" else frame.request
+                self._refuse(tag.context.request_id, refusal)
+                return
         if kind == "claim":
             self._claim(frame.claim)
         elif kind == "give_back":
@@ -218,6 +230,7 @@ async def serve_session(
     request_of: Callable[[pb.AdmitSessionRequest], AdmissionRequest],
     submit: Callable[[AdmissionRequest], Ticket],
     admitted: Callable[[Admission], pb.AdmitResponse],
+    check: Callable[[pb.AdmitSessionRequest], None] | None = None,
 ) -> AsyncIterator[pb.AdmitSessionResponse]:
     """Serves one AdmitSession stream: submits its requests as they come and yields the
     replies; after the half-close, ends once every request has its outcome.
@@ -233,6 +246,7 @@ async def serve_session(
         submit=submit,
         reply=replies.put_nowait,
         admitted=admitted,
+        check=check,
     )
 
     async def submit_all() -> None:

@@ -274,6 +274,13 @@ sent), with every field that has rules set."""
 
 # Converse frames other than the first are answered one by one; the first (open, resume)
 # ends the stream. These are the extra valid frames to break, beyond VALID's message.
+ADMIT_SESSION_FRAMES = (
+    lambda: adm.AdmitSessionRequest(reserve=adm.SliceRequest(shape=admit_request(), count=2)),
+    lambda: adm.AdmitSessionRequest(claim="lease-1"),
+    lambda: adm.AdmitSessionRequest(give_back=adm.SliceReturn(lease_ids=["lease-1"])),
+)
+"""AdmitSession's other frames (one frame carries one of them)."""
+
 CONVERSE_FRAMES = (
     lambda: chat.ConverseRequest(open=chat.OpenSession(session_id=SOME_ID)),
     lambda: chat.ConverseRequest(resume=chat.ResumeSession(session_id=SOME_ID, last_event_id="1")),
@@ -296,7 +303,7 @@ def test_every_rpc_has_a_valid_request():
     assert set(VALID) == {m.full_name for m in every_method()}
     for name, make in VALID.items():
         assert request_violations(make()) == [], name
-    for make in CONVERSE_FRAMES:
+    for make in (*CONVERSE_FRAMES, *ADMIT_SESSION_FRAMES):
         assert request_violations(make()) == []
 
 
@@ -304,7 +311,8 @@ def test_every_rule_is_reached_from_a_valid_request():
     """The valid requests set every field with rules (or a broken rule could hide in a
     message none of them carries)."""
     pool = descriptor_pool.Default()
-    reached = {v.site for make in (*VALID.values(), *CONVERSE_FRAMES) for v in violations(make())}
+    frames = (*CONVERSE_FRAMES, *ADMIT_SESSION_FRAMES)
+    reached = {v.site for make in (*VALID.values(), *frames) for v in violations(make())}
     reached |= {v.site for v in violations(task())}
     missing = set()
     for name in VALID:
@@ -337,9 +345,12 @@ async def outcome(channel: grpc.aio.Channel, method: Any, request: Any) -> Error
         stub = admission_service_pb2_grpc.AdmissionServiceStub(channel)
         session = stub.AdmitSession(metadata=metadata, timeout=TIMEOUT)
         await session.write(request)
+        await session.done_writing()  # a frame answered by nothing: the stream just ends
         reply = await session.read()
         session.cancel()
-        return error_details(reply.refused) if reply.HasField("refused") else None
+        if reply is grpc.aio.EOF or not reply.HasField("refused"):
+            return None
+        return error_details(reply.refused)
     if name == "switchboard.chat.v1.ChatService.Converse":
         return await _converse_outcome(channel, request, metadata)
     if name == "switchboard.execution.v1.ExecutionService.SubmitTasks":
@@ -444,6 +455,9 @@ def _cases(make_cases: Callable[[Any], Any]) -> list[tuple[str, Violation]]:
     converse = "switchboard.chat.v1.ChatService.Converse"
     for make in CONVERSE_FRAMES:
         cases += [(converse, v) for v in make_cases(make())]
+    admit_session = "switchboard.admission.v1.AdmissionService.AdmitSession"
+    for make in ADMIT_SESSION_FRAMES:
+        cases += [(admit_session, v) for v in make_cases(make())]
     return cases
 
 
