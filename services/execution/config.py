@@ -32,6 +32,12 @@ class ExecutionConfig:
     """Deliveries of one step before it is dead-lettered (its worker keeps dying)."""
     execution_republish_after: timedelta = timedelta(seconds=30)
     """A step QUEUED this long without being taken has its work message sent again."""
+    execution_event_retention: timedelta = timedelta(days=7)
+    """How long a task's events stay in JetStream for WatchTask (NATS keeps about 0.5 KB of
+    memory per task whose events it holds)."""
+    execution_duplicate_window: timedelta = timedelta(minutes=10)
+    """How long JetStream remembers a publish's id to drop a republish after a crash (about
+    0.2 KB of NATS memory per message within it); longer than any crash-to-republish gap."""
     execution_sandbox_pool: int = 2
     """Pre-started sandboxes kept warm for RunCode and code steps (0 = none)."""
 
@@ -40,6 +46,12 @@ class ExecutionConfig:
             raise ValueError("SWITCHBOARD_DATABASE_URL and SWITCHBOARD_NATS_URL are required")
         if self.execution_workers < 1 or self.execution_max_deliver < 2:
             raise ValueError("SWITCHBOARD_EXECUTION_WORKERS >= 1, _MAX_DELIVER >= 2")
+        if self.execution_duplicate_window < timedelta(seconds=60):
+            raise ValueError("SWITCHBOARD_EXECUTION_DUPLICATE_WINDOW must be at least 60s")
+        if self.execution_event_retention < self.execution_duplicate_window:
+            raise ValueError(
+                "SWITCHBOARD_EXECUTION_EVENT_RETENTION must be at least the duplicate window"
+            )
 
 
 def load_execution_config() -> ExecutionConfig:

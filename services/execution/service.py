@@ -34,7 +34,10 @@ class Parts:
         self.bus = Bus(
             config.nats_url,
             WorkSettings(
-                ack_wait=config.execution_ack_wait, max_deliver=config.execution_max_deliver
+                ack_wait=config.execution_ack_wait,
+                max_deliver=config.execution_max_deliver,
+                event_retention=config.execution_event_retention,
+                duplicate_window=config.execution_duplicate_window,
             ),
         )
         self.engine = Engine(self.store, self.bus)
@@ -94,6 +97,7 @@ class ExecutionService:
                 sandbox=parts.sandbox,
                 sandbox_limits=parts.limits,
                 task_events=self.tail.feed.events,
+                event_retention=parts.config.execution_event_retention,
             ),
             server,
         )

@@ -7,7 +7,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from google.protobuf import json_format
@@ -86,8 +86,10 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
         sandbox: SandboxPool | None,
         sandbox_limits: SandboxLimits,
         task_events: TaskEvents,
+        event_retention: timedelta = EVENT_RETENTION,
     ) -> None:
         self._engine = engine
+        self._event_retention = event_retention
         self._task_events = task_events
         self._tools = tools
         self._sandbox = sandbox
@@ -166,7 +168,7 @@ class ExecutionServicer(execution_service_pb2_grpc.ExecutionServiceServicer):
     ) -> AsyncIterator[pb.WatchTaskResponse]:
         task = await self._engine.store.get(request.task_id, require_tenant())
         bus = self._engine.bus
-        old = may_have_expired(task.create_time, datetime.now(UTC), EVENT_RETENTION)
+        old = may_have_expired(task.create_time, datetime.now(UTC), self._event_retention)
         if old and await bus.event_count(task.task_id) == 0:
             raise history_expired(task.task_id)
         async with aclosing(self._task_events(task.task_id)) as payloads:

@@ -15,11 +15,13 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import duration_pb2
+from nats.js.errors import NotFoundError
 from switchboard.events.v1 import events_pb2 as ev
 from switchboard.execution.v1 import execution_pb2 as pb
 
-from services.execution.bus import EVENT_RETENTION, Bus
+from services.execution.bus import EVENT_RETENTION, Bus, WorkSettings
 from services.execution.code import run_request
+from services.execution.config import load_execution_config
 from services.execution.engine import Engine
 from services.execution.events import step_event, task_event
 from services.execution.sandbox import SandboxLimits
@@ -102,7 +104,9 @@ class FakeBus:
         await asyncio.Event().wait()  # live: nothing more comes
 
 
-def servicer() -> tuple[ExecutionServicer, FakeStore, FakeBus]:
+def servicer(
+    event_retention: timedelta = EVENT_RETENTION,
+) -> tuple[ExecutionServicer, FakeStore, FakeBus]:
     store, bus = FakeStore(), FakeBus()
     engine = Engine(store, bus)  # type: ignore[arg-type]
     tools = SimpleNamespace(names=frozenset({"echo"}))
@@ -112,6 +116,7 @@ def servicer() -> tuple[ExecutionServicer, FakeStore, FakeBus]:
         sandbox=None,
         sandbox_limits=SandboxLimits(),
         task_events=bus.events,
+        event_retention=event_retention,
     )
     return api, store, bus
 
@@ -302,6 +307,66 @@ async def test_an_old_task_whose_first_events_expired_is_history_expired():
     bus.history[task_id].clear()
     with pytest.raises(FailedPrecondition):
         await watch(api, task_id)
+
+
+async def test_the_configured_retention_decides_which_tasks_may_have_lost_events():
+    api, store, bus = servicer(event_retention=timedelta(hours=1))
+    task_id = await finished_task(api, bus)
+    del bus.history[task_id][:2]
+    store.tasks[task_id] = aged(store.tasks[task_id], timedelta(minutes=59))
+    assert sequences(await watch(api, task_id)) == [1, 2, 3]  # young: numbered as it is
+    store.tasks[task_id] = aged(store.tasks[task_id], timedelta(minutes=1))
+    with pytest.raises(FailedPrecondition) as exc:
+        await watch(api, task_id)
+    assert exc.value.reason == "EVENT_HISTORY_EXPIRED"
+
+
+async def test_the_streams_keep_events_and_ids_as_long_as_configured():
+    settings = WorkSettings(
+        event_retention=timedelta(hours=2), duplicate_window=timedelta(minutes=3)
+    )
+    bus = Bus("nats://unused", settings)
+    made: list[Any] = []
+
+    async def stream_info(name: str) -> Any:
+        raise NotFoundError
+
+    async def add_stream(config: Any) -> None:
+        made.append(config)
+
+    async def add_consumer(stream: str, config: Any) -> None:
+        pass
+
+    bus._js = SimpleNamespace(  # type: ignore[assignment]
+        stream_info=stream_info, add_stream=add_stream, add_consumer=add_consumer
+    )
+    await bus._ensure_streams()
+    assert {c.name: c.duplicate_window for c in made} == dict.fromkeys(
+        ("SB_WORK", "SB_EVENTS", "SB_DEAD"), 180.0
+    )
+    assert next(c for c in made if c.name == "SB_EVENTS").max_age == 7200.0
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"SWITCHBOARD_EXECUTION_DUPLICATE_WINDOW": "30s"}, "DUPLICATE_WINDOW"),
+        (
+            {
+                "SWITCHBOARD_EXECUTION_EVENT_RETENTION": "5m",
+                "SWITCHBOARD_EXECUTION_DUPLICATE_WINDOW": "10m",
+            },
+            "EVENT_RETENTION",
+        ),
+    ],
+)
+def test_retention_settings_out_of_range_are_refused(monkeypatch, settings, message):
+    monkeypatch.setenv("SWITCHBOARD_DATABASE_URL", "postgresql://unused")
+    monkeypatch.setenv("SWITCHBOARD_NATS_URL", "nats://unused")
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        load_execution_config()
 
 
 async def test_a_young_task_is_numbered_from_its_first_event_whatever_it_is():
