@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 
 from bench._common import free_port, stop_process
-from services.launcher._envoy import envoy_command
+from services.launcher._envoy_process import envoy_command
 
 METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 _API = "type.googleapis.com/envoy"

@@ -41,11 +41,11 @@ from bench._common import (
     print_table,
     rotated,
     running_mesh,
+    stop_process,
     write_result,
 )
 from bench.grpc_ceiling import METHOD, PAYLOAD
 from bench.grpc_ceiling import _start as start_echo_server
-from bench.grpc_ceiling import _stop as stop_echo_server
 
 NAME = "admission-decisions"
 
@@ -310,7 +310,7 @@ def _grpc_part() -> dict[str, _Arm]:
             return asyncio.run(_grpc_latency(replica, echoes, tenants))
         finally:
             for proc, _ in servers.values():
-                stop_echo_server(proc)
+                stop_process(proc)
 
 
 def run() -> dict:

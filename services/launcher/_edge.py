@@ -13,6 +13,7 @@ from switchboard.control.v1 import control_service_pb2
 
 from services.launcher import _envoy, _envoy_http, _envoy_web
 from services.launcher._config import LauncherConfig
+from services.launcher._envoy_shape import AUTHZ_CLUSTER, CONTROL_CLUSTER
 from services.launcher._services import AUTH, AUTHORIZATION, SERVICES
 from services.runtime import HTTP_HEALTH_PATH
 
@@ -40,11 +41,9 @@ def edge_config(config: LauncherConfig, endpoints: Endpoints) -> dict[str, Any]:
         for spec in SERVICES
         if spec.public
     ]
-    authz = _envoy.Upstream(
-        name=_envoy.AUTHZ_CLUSTER, services=(AUTHORIZATION,), endpoints=of(AUTH.name)
-    )
+    authz = _envoy.Upstream(name=AUTHZ_CLUSTER, services=(AUTHORIZATION,), endpoints=of(AUTH.name))
     control = _envoy.Upstream(
-        name=_envoy.CONTROL_CLUSTER,
+        name=CONTROL_CLUSTER,
         services=(CONTROL_SERVICE,),
         endpoints=((config.host, config.control_port),),
     )

@@ -42,8 +42,15 @@ from typing import Any
 from google.protobuf import descriptor_pool
 
 from services.auth.signing import ISSUER
-from services.launcher import _envoy
-from services.launcher._envoy import KEY_HEADERS, PRINCIPAL_HEADER, TENANT_HEADER
+from services.launcher._envoy_shape import (
+    EXT_AUTHZ,
+    KEY_HEADERS,
+    PRINCIPAL_HEADER,
+    TENANT_HEADER,
+    hcm_of,
+    public_listener,
+    skips_authz,
+)
 from services.runtime import Principal, http_prefixes, method_contract, public_services
 
 logger = logging.getLogger(__name__)
@@ -90,12 +97,12 @@ def tenant_paths() -> tuple[str, ...]:
 def add_local_keys(config: dict[str, Any], keys: LocalKeys) -> dict[str, Any]:
     """`config` with the public listener checking key tokens itself (a copy)."""
     config = copy.deepcopy(config)
-    hcm = _envoy._hcm(_envoy._listener(config))
+    hcm = hcm_of(public_listener(config))
     filters = hcm["http_filters"]
     names = [f["name"] for f in filters]
-    if _envoy._EXT_AUTHZ not in names:
+    if EXT_AUTHZ not in names:
         return config  # nothing guards the listener: nothing to skip
-    at = names.index(_envoy._EXT_AUTHZ)
+    at = names.index(EXT_AUTHZ)
     filters[at]["typed_config"]["filter_enabled_metadata"] = {
         "filter": RBAC,
         "path": [{"key": VERDICT}],
@@ -109,7 +116,7 @@ def add_local_keys(config: dict[str, Any], keys: LocalKeys) -> dict[str, Any]:
             *(h for h in KEY_HEADERS if h not in host.get("request_headers_to_remove", [])),
         ]
         for route in host["routes"]:
-            if "route" in route and not _envoy._skips_authz(route):
+            if "route" in route and not skips_authz(route):
                 route["request_headers_to_add"] = [
                     *route.get("request_headers_to_add", []),
                     *(_from_claim(header, claim) for header, claim in CLAIM_HEADERS),

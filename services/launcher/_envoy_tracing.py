@@ -27,7 +27,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from services.launcher import _envoy
+from services.launcher._envoy_shape import (
+    INTERNAL_LISTENER,
+    REQUEST_ID_HEADER,
+    envoy_duration,
+    hcms_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +77,9 @@ def add_tracing(config: Mapping[str, Any], tracing: Tracing) -> dict[str, Any]:
     if tracing.sampling == 0:
         return config
     for listener in config.get("static_resources", {}).get("listeners", []):
-        if listener.get("name") == _envoy.INTERNAL_LISTENER:
+        if listener.get("name") == INTERNAL_LISTENER:
             continue
-        for hcm in _envoy._hcms(listener):
+        for hcm in hcms_of(listener):
             hcm["tracing"] = hcm_tracing(tracing)
     return config
 
@@ -85,16 +90,14 @@ def hcm_tracing(tracing: Tracing) -> dict[str, Any]:
         "random_sampling": {"value": round(tracing.sampling * 100, 6)},
         "spawn_upstream_span": False,
         "operation": SPAN_NAME,
-        "custom_tags": [
-            {"tag": REQUEST_ID_TAG, "request_header": {"name": _envoy.REQUEST_ID_HEADER}}
-        ],
+        "custom_tags": [{"tag": REQUEST_ID_TAG, "request_header": {"name": REQUEST_ID_HEADER}}],
         "provider": {
             "name": OTEL_TRACER,
             "typed_config": {
                 "@type": _OTEL_CONFIG_TYPE,
                 "grpc_service": {
                     "envoy_grpc": {"cluster_name": tracing.collector_cluster},
-                    "timeout": _envoy._duration(tracing.export_timeout),
+                    "timeout": envoy_duration(tracing.export_timeout),
                 },
                 "service_name": tracing.service_name,
             },

@@ -31,7 +31,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from services.launcher import _envoy
+from services.launcher._envoy_checks import check_consistency
+from services.launcher._envoy_shape import KEY_HEADERS, hcm_of, hcms_of, public_listener, skip_authz
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ ALLOWED_HEADERS = (
     "x-user-agent",
     "grpc-timeout",
     "x-request-id",
-    *_envoy.KEY_HEADERS,
+    *KEY_HEADERS,
 )
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
@@ -101,7 +102,7 @@ def add_browser_access(
     config = copy.deepcopy(dict(config))
     for origin in origins:
         check_origin(origin)
-    hcm = _envoy._hcm(_envoy._listener(config))
+    hcm = hcm_of(public_listener(config))
     hcm["http_filters"] = [
         {"name": CORS, "typed_config": {"@type": _CORS_TYPE}},
         {"name": GRPC_WEB, "typed_config": {"@type": _GRPC_WEB_TYPE}},
@@ -117,7 +118,7 @@ def add_browser_access(
         vhost["routes"][catch_all:catch_all] = routes
         route_config["max_direct_response_body_size_bytes"] = max(4096, largest)
     check_browser_access(config)
-    _envoy.check_consistency(config, allow_empty=allow_empty)
+    check_consistency(config, allow_empty=allow_empty)
     return config
 
 
@@ -141,7 +142,7 @@ def page_routes(page_dir: Path) -> tuple[list[dict[str, Any]], int]:
             "match": {"path": "/"},
             "direct_response": {"status": 404, "body": {"inline_string": PAGE_NOT_BUILT}},
         }
-        _envoy._skip_authz(route)
+        skip_authz(route)
         return [route], 0
     routes = []
     for path, (file, kind) in files.items():
@@ -156,7 +157,7 @@ def page_routes(page_dir: Path) -> tuple[list[dict[str, Any]], int]:
                 _header("content-security-policy", CONTENT_SECURITY_POLICY),
             ],
         }
-        _envoy._skip_authz(route)  # the page holds no data: its calls carry the key
+        skip_authz(route)  # the page holds no data: its calls carry the key
         routes.append(route)
     return routes, max(file.stat().st_size for file, _ in files.values())
 
@@ -171,7 +172,7 @@ def check_browser_access(config: Mapping[str, Any]) -> None:
     """
     problems: list[str] = []
     for listener in config.get("static_resources", {}).get("listeners", []):
-        for hcm in _envoy._hcms(listener):
+        for hcm in hcms_of(listener):
             names = [f.get("name") for f in hcm.get("http_filters", [])]
             if GRPC_WEB not in names:
                 continue

@@ -25,10 +25,11 @@ from switchboard.control.v1 import control_pb2, control_service_pb2_grpc
 from services.auth import KeyStore
 from services.auth.signing import SigningKey, signing_key
 from services.control.resources import bootstrap
-from services.launcher import _envoy, _prometheus, _triton
+from services.launcher import _prometheus, _triton
 from services.launcher._config import REPO_ROOT, LauncherConfig, config_env, triton_urls
 from services.launcher._edge import CONTROL_SERVICE
-from services.launcher._envoy import OPERATOR, PRINCIPAL_HEADER
+from services.launcher._envoy_process import envoy_command, healthy_hosts, write_envoy_config
+from services.launcher._envoy_shape import AUTHZ_CLUSTER, OPERATOR, PRINCIPAL_HEADER
 from services.launcher._ports import ephemeral_ports_message, planned_ports, ports_inside
 from services.launcher._procs import (
     ProcessRecord,
@@ -510,22 +511,20 @@ class Mesh:
             ads_port=self.config.control_port,
         )
         path = self.config.run_dir / "envoy.yaml"
-        _envoy.write_envoy_config(path, config)
+        write_envoy_config(path, config)
         self._say(f"starting Envoy on {self.envoy_address} (internal: {self.internal_address})")
         record = self._spawn(
             "envoy",
-            _envoy.envoy_command(
-                config_path=path, base_id=self.config.envoy_base_id, log_path=None
-            ),
+            envoy_command(config_path=path, base_id=self.config.envoy_base_id, log_path=None),
         )
         wanted = {
             spec.name: spec.replicas(self.config) for spec in SERVICES if spec.public or spec.http
         }
-        wanted[_envoy.AUTHZ_CLUSTER] = AUTH.replicas(self.config)
+        wanted[AUTHZ_CLUSTER] = AUTH.replicas(self.config)
         self._wait(
             record,
             lambda: all(
-                _envoy.healthy_hosts(self.config.envoy_admin_port).get(name, 0) >= count
+                healthy_hosts(self.config.envoy_admin_port).get(name, 0) >= count
                 for name, count in wanted.items()
             ),
             what="routing to every service",

@@ -25,7 +25,7 @@ from bench._common import (
 )
 from bench._mixed_load import OPERATIONS, MixedLoad
 from services.launcher import Mesh
-from services.launcher._envoy import admin_stats
+from services.launcher._envoy_process import admin_stats
 from services.runtime import error_details
 from tests.polling import eventually
 

@@ -24,7 +24,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from services.control import Endpoint, Resources, XdsServer, bootstrap, resources_from_static
 from services.control.resources import CLUSTER_TYPE, load_assignment
 from services.launcher import ProcessRecord, free_port_base, spawn, stop
-from services.launcher._envoy import Upstream, envoy_command, healthy_hosts, render_envoy_config
+from services.launcher._envoy import Upstream, render_envoy_config
+from services.launcher._envoy_process import envoy_command, healthy_hosts
 from tests.polling import eventually
 
 HOST = "127.0.0.1"

@@ -12,17 +12,15 @@ import pytest
 import yaml
 
 from services.launcher._envoy import (
-    AUTHZ_CLUSTER,
     BASE_CONFIG,
     REFLECTION_CLUSTER,
     UNKNOWN_SERVICE_MESSAGE,
     Upstream,
-    check_consistency,
-    count_healthy_hosts,
-    envoy_command,
     render_envoy_config,
-    write_envoy_config,
 )
+from services.launcher._envoy_checks import check_consistency
+from services.launcher._envoy_process import count_healthy_hosts, envoy_command, write_envoy_config
+from services.launcher._envoy_shape import AUTHZ_CLUSTER
 
 INFERENCE = "switchboard.inference.v1.InferenceService"
 ADMISSION = "switchboard.admission.v1.AdmissionService"

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from services.launcher import LauncherConfig, service_processes
-from services.launcher._envoy import REFLECTION_CLUSTER, check_consistency, render_envoy_config
+from services.launcher._envoy import REFLECTION_CLUSTER, render_envoy_config
+from services.launcher._envoy_checks import check_consistency
 from services.launcher._envoy_http import HttpUpstream
 from services.runtime import HTTP_HEALTH_PATH, catalogue, http_prefixes
 from tests.unit.test_envoy_config import (

@@ -12,7 +12,6 @@ import pytest
 
 from services.auth.signing import SigningKey
 from services.control.resources import resources_from_static
-from services.launcher._envoy import _skips_authz
 from services.launcher._envoy_keys import (
     JWT_AUTHN,
     RBAC,
@@ -20,6 +19,7 @@ from services.launcher._envoy_keys import (
     add_local_keys,
     tenant_paths,
 )
+from services.launcher._envoy_shape import skips_authz
 from tests.unit.test_envoy_config import EXT_AUTHZ, guarded, hcm
 
 GENERATE = "/switchboard.inference.v1.InferenceService/Generate"
@@ -109,7 +109,7 @@ def test_key_headers_never_go_upstream_and_tokens_set_the_tenant_from_claims(jwk
     (provider,) = jwt_filter["typed_config"]["providers"].values()
     # not claim_to_headers: it would strip an operator's x-tenant-id from every call
     assert "claim_to_headers" not in provider
-    guarded_routes = [r for r in host["routes"] if "route" in r and not _skips_authz(r)]
+    guarded_routes = [r for r in host["routes"] if "route" in r and not skips_authz(r)]
     assert guarded_routes
     for route in guarded_routes:
         added = {
@@ -122,7 +122,7 @@ def test_key_headers_never_go_upstream_and_tokens_set_the_tenant_from_claims(jwk
         )
         assert added["x-switchboard-principal"][0].endswith(":payload:kind)%")
     for route in host["routes"]:  # health, reflection: the route strips the tenant instead
-        if _skips_authz(route):
+        if skips_authz(route):
             assert "x-tenant-id" not in str(route.get("request_headers_to_add", []))
     (public,) = json.loads(provider["local_jwks"]["inline_string"])["keys"]
     assert set(public) == {"kty", "crv", "x", "y", "kid", "alg", "use"}  # no private "d"
