@@ -414,5 +414,5 @@ def run() -> dict:
         "RagService.Retrieve through Envoy with the same query (a third arm of the RAG "
         f"block). Tenant {TENANT!r} with an admission policy above any rate reached"
     )
-    targets = {"added_ttft_p50_ms": "<= 5"}
+    targets = {"added_ttft_p50_ms": "<= 3"}
     return write_result(NAME, metrics, targets, notes)

@@ -579,7 +579,8 @@ def _report(f: Figures, pushes: dict[float, float]) -> dict:
         " errors: each failed call blamed on the last kill before it ended; new = started"
         f" after it. Rollout per service (s): {_seconds(f.rollout_services)}."
         f" Failed calls: rollout {_codes(f.rollout_errors)}, kills new"
-        f" {_codes(f.kill_new)}, in flight {_codes(f.kill_in_flight)}, Triton kill"
+        f" {_codes(f.kill_new)} {_after_kill(f.kill_new or [], f.recoveries or [])},"
+        f" in flight {_codes(f.kill_in_flight)}, Triton kill"
         f" {_codes(f.triton_errors)} (Generate, Retrieve, chat need the only Triton)."
         " triton_recovery = kill → triton-0 `serving`; triton_generate_back = kill → first"
         " Generate OK. xds_push quantiles read off the control plane's"
@@ -591,6 +592,18 @@ def _report(f: Figures, pushes: dict[float, float]) -> dict:
         + (f" WatchEvents reopened {f.event_gaps} time(s)." if f.event_gaps else "")
     )
     return write_result(NAME, metrics, targets, notes)
+
+
+def _after_kill(calls: Sequence[CallRecord], recoveries: Sequence[Recovery]) -> list[str]:
+    """Each new call that failed: how long after its kill it started, and its error."""
+    described = []
+    for call in calls:
+        recovery = _blamed(call, recoveries)
+        since = (
+            "" if recovery is None else f"+{(call.started - recovery.killed_mono) * 1000:.0f} ms "
+        )
+        described.append(f"{since}{call.detail[:80]}")
+    return described
 
 
 def _blamed(call: CallRecord, recoveries: Sequence[Recovery]) -> Recovery | None:

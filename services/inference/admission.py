@@ -89,6 +89,8 @@ GIVE_BACK_MAX = 16
 SLICE_PROMPT_MIN = 64
 """A slice's leases are charged for a prompt of at least this many tokens (rounded up to
 a power of two), so that one lease serves requests of similar size."""
+FLUSH_AFTER_S = 0.01
+"""A claim or an ask for more waits for `AdmissionGate.flush` at most this long."""
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 # Codes that mean "admission could not decide", not "admission said no".
 _DEPENDENCY_CODES = {
@@ -279,6 +281,8 @@ class AdmissionGate:
         self._granted_on: dict[str, _Session] = {}
         """Lease id → the session that granted it, until the lease is released."""
         self._swept = time.monotonic()
+        self._deferred: list[tuple[_Session, admission_pb2.AdmitSessionRequest]] = []
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     @property
     def reserved(self) -> int:
@@ -319,7 +323,7 @@ class AdmissionGate:
         key = (ask.tenant_id, ask.tier, ask.priority)
         reserved = self._slices.take(key, ask.prompt_tokens + ask.max_tokens)
         if reserved is not None:
-            reserved.stream.send(admission_pb2.AdmitSessionRequest(claim=reserved.lease_id))
+            self._defer(reserved.stream, admission_pb2.AdmitSessionRequest(claim=reserved.lease_id))
             self._granted_on[reserved.lease_id] = reserved.stream
             self.admitted_locally += 1
             ADMISSIONS.labels("slice").inc()
@@ -386,11 +390,32 @@ class AdmissionGate:
         shape = ask.request(reserve_id)
         shape.estimated_prompt_tokens = _rounded_prompt(ask.prompt_tokens)
         self._reserves[reserve_id] = (key, session)
-        session.send(
+        self._defer(
+            session,
             admission_pb2.AdmitSessionRequest(
                 reserve=admission_pb2.SliceRequest(shape=shape, count=count)
-            )
+            ),
         )
+
+    def _defer(self, session: _Session, frame: admission_pb2.AdmitSessionRequest) -> None:
+        """Queues a frame nobody waits on (a claim, an ask for more) until `flush`: on
+        its way out it would hold the event loop while the admitted call is starting.
+        Sent within FLUSH_AFTER_S if nobody flushes."""
+        self._deferred.append((session, frame))
+        if self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(FLUSH_AFTER_S, self.flush)
+
+    def flush(self) -> None:
+        """Sends the frames deferred so far: the caller's call has started (e.g. its
+        first token is out), so their writes no longer delay it."""
+        if not self._deferred:
+            return
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        deferred, self._deferred = self._deferred, []
+        for session, frame in deferred:
+            session.send(frame)
 
     def _news(self, session: _Session, reply: admission_pb2.AdmitSessionResponse | None) -> None:
         """A slice granted or recalled over `session`, or (None) the stream ended."""
@@ -483,6 +508,7 @@ class AdmissionGate:
             )
 
     async def close(self) -> None:
+        self.flush()
         if self._returning is not None:
             self._returning.cancel()
         for session in {*self._sessions.values(), *self._granted_on.values()}:

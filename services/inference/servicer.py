@@ -118,6 +118,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         try:
             async for reply in self._generate(request, params, result):
                 yield reply
+                # the gate's bookkeeping frames (claim, ask for more) go out once the
+                # first reply has, not on the way to it
+                self._admission.flush()
         finally:
             self._admission.release(
                 lease_id,

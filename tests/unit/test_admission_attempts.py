@@ -33,6 +33,7 @@ from services.runtime import (
     SwitchboardError,
     Unavailable,
 )
+from tests.polling import eventually
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
@@ -195,12 +196,17 @@ class _SessionCall:
     def __init__(self, respond) -> None:
         self.respond = respond
         self.requests: list[admission_pb2.AdmitRequest] = []
+        self.frames: list[admission_pb2.AdmitSessionRequest] = []
         self.cancelled = False
         self._replies: asyncio.Queue = asyncio.Queue()
 
     async def write(self, frame: admission_pb2.AdmitSessionRequest) -> None:
-        self.requests.append(frame.request)
-        self.respond(self, frame.request)
+        self.frames.append(frame)
+        if frame.HasField("request"):
+            self.requests.append(frame.request)
+            self.respond(self, frame.request)
+        elif frame.HasField("reserve"):
+            self.respond(self, frame.reserve)
 
     def reply(self, request_id: str, **event) -> None:
         self._replies.put_nowait(admission_pb2.AdmitSessionResponse(request_id=request_id, **event))
@@ -237,8 +243,31 @@ class _Sessions:
 
 
 def _admit_at_once(call: _SessionCall, request: admission_pb2.AdmitRequest) -> None:
+    if isinstance(request, admission_pb2.SliceRequest):
+        return  # no slice
     lease = admission_pb2.Lease(lease_id="L-" + request.context.request_id)
     call.reply(request.context.request_id, admitted=admission_pb2.AdmitResponse(lease=lease))
+
+
+def _with_slices(call: _SessionCall, request) -> None:
+    """Admits every request at once and grants every slice asked for in full."""
+    if not isinstance(request, admission_pb2.SliceRequest):
+        _admit_at_once(call, request)
+        return
+    shape = request.shape
+    leases = [
+        admission_pb2.AdmitResponse(
+            lease=admission_pb2.Lease(
+                lease_id=f"S{i}-{shape.context.request_id}", charged_tokens=10_000
+            )
+        )
+        for i in range(request.count)
+    ]
+    call.reply(shape.context.request_id, slice=admission_pb2.Slice(admissions=leases))
+
+
+def _kinds(call: _SessionCall) -> list[str]:
+    return [str(frame.WhichOneof("frame")) for frame in call.frames]
 
 
 def _rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
@@ -274,6 +303,33 @@ async def test_attempts_of_a_tenant_share_one_session_with_fresh_request_ids(gat
     assert len(stub.calls) == 2  # a session per tenant
     await gate.close()
     assert gate._release_stub.requests == []  # the caller owns the leases
+
+
+async def test_slice_frames_wait_for_flush_so_the_admitted_call_starts_first():
+    gate = AdmissionGate("127.0.0.1:9", slice_size=4)
+    gate._release_stub = _Releases()
+    gate._stub = stub = _Sessions(_with_slices)
+    try:
+        await gate.admit(ASK)  # a round trip; the pool asks for a slice, later
+        [(_, call)] = stub.calls
+        await asyncio.sleep(0)  # anything already sent is written
+        assert _kinds(call) == ["request"]
+        gate.flush()
+        await eventually(lambda: _kinds(call) == ["request", "reserve"], what="the ask")
+        await eventually(lambda: gate.reserved == 4, what="the slice")
+        lease = await gate.admit(ASK)
+        assert lease.startswith("S") and gate.admitted_locally == 1
+        await asyncio.sleep(0)
+        assert _kinds(call) == ["request", "reserve"]  # the claim waits for flush
+        gate.flush()
+        await eventually(lambda: _kinds(call)[-1] == "claim", what="the claim")
+        assert call.frames[-1].claim == lease
+        # nobody flushes: the claim goes out by itself, soon
+        second = await gate.admit(ASK)
+        claims = lambda: [f.claim for f in call.frames if f.HasField("claim")]  # noqa: E731
+        await eventually(lambda: claims() == [lease, second], timeout=1, what="the claim")
+    finally:
+        await gate.close()
 
 
 async def test_an_attempt_waits_no_longer_than_the_calls_deadline_allows(gate):
