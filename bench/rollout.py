@@ -17,8 +17,9 @@ so the figures are the mesh's, not the default policy's 10 requests/s. In order:
    with that version, then `config_acked`), read on a stream opened before the load
    starts, timed by the control plane's wall clock against this process's (the same
    machine). Each failed call is blamed on the last kill before it ended: a call that
-   started after that kill is a new call (which must succeed), one that started before it
-   was in flight.
+   started once the killed process was dead (its sockets closed, a few ms after the
+   signal) is a new call (which must succeed), one that started before was in flight:
+   Envoy may have written it to the dying process's connection.
 4. kill -9 of the only Triton: time until triton-0 is SERVING again, and the calls that
    failed meanwhile (Generate, Retrieve and chat turns need Triton: with one, they fail
    until it is back), counted apart from the others.
@@ -83,6 +84,8 @@ STEADY_S = 20.0
 SETTLE_S = 2.0
 """Load after each recovery before the next kill, so its stragglers end first."""
 RECOVERY_TIMEOUT_S = 60.0
+DEATH_WAIT_S = 2.0
+"""How long a SIGKILLed process may take to be gone (it is, in milliseconds)."""
 TRITON_TIMEOUT_S = 240.0
 ROLLOUT_TIMEOUT_S = 1200.0
 """Fifteen replacements, each a Python start-up: a minute each on a 2-core machine that
@@ -251,8 +254,21 @@ async def recovered(
     return Recovery(victim.service, victim.name, killed_at, killed_mono, *at)
 
 
-def _kill(pid: int) -> None:
+def _kill(pid: int) -> float:
+    """SIGKILLs `pid`; returns when (monotonic) it was dead: its descriptors closed, so
+    Envoy sees its connections end. Until then a call may still be written to them."""
     os.kill(pid, signal.SIGKILL)
+    stat = Path(f"/proc/{pid}/stat")
+    give_up = time.monotonic() + DEATH_WAIT_S
+    while time.monotonic() < give_up:
+        try:
+            state = stat.read_text().rpartition(")")[2].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            break  # reaped
+        if state in ("Z", "X"):
+            break  # a zombie: everything but its exit status is gone
+        time.sleep(0.0005)  # exiting: polled, it takes a few ms
+    return time.monotonic()
 
 
 async def _replicas(
@@ -376,8 +392,7 @@ async def _kills(
         victim = next(r for r in await _replicas(control, kind) if r.state == SERVING)
         mark = len(log.events) - 1
         killed_at, killed_mono = time.time(), time.monotonic()
-        _kill(victim.pid)
-        kills.append(killed_mono)
+        kills.append(_kill(victim.pid))
         try:
             recovery = await recovered(
                 control, log, victim, mark=mark, killed_at=killed_at, killed_mono=killed_mono
