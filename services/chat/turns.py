@@ -68,9 +68,6 @@ logger = logging.getLogger(__name__)
 
 Emit = Callable[[pb.ConverseResponse], Awaitable[object]]
 DEFAULT_TOP_K = 5
-USER_STORE_AFTER_S = 0.05
-"""A turn going straight to generation stores its user message once the answer's first
-reply is in, or this long after TurnStarted if it is not in yet."""
 # What a failing backend is called in errors without details of their own (Envoy's
 # "no healthy upstream", a connection refused).
 _BARE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
@@ -180,7 +177,6 @@ class Turn:
         # the tenant, and the request id of the stream that started the turn
         self._metadata = tuple(propagated_metadata([(TENANT_HEADER, tenant_id)]))
         self._task_id = ""
-        self._user_message: pb.Message | None = None
         self._user: asyncio.Future[pb.Message] | None = None
         self._finished = False
         self._sleep = sleep
@@ -250,39 +246,33 @@ class Turn:
             await self._finish(pb.MESSAGE_STATUS_COMPLETED)
 
     async def _begin(self) -> None:
-        """Announces the turn and stores its user message (once per turn)."""
-        await self._announce()
-        self._store_user()
+        """Announces the turn and stores its user message (once per turn).
 
-    async def _announce(self) -> None:
-        """Sends TurnStarted (once per turn), naming the user message to be stored.
-
-        When the turn goes straight to generation, the generation call is sent first and
-        the user message is stored once the answer's first reply is in (`_store_user`),
-        or USER_STORE_AFTER_S later at the latest: its store's work would otherwise share
-        the event loop with the generation's start. It is in the history before anything
-        of the answer is either way."""
-        if self._user_message is not None:
+        The generation call is sent first when the turn goes straight to it, so that
+        neither is on the way to the first token. The user message is stored in the
+        background, and it is in the history before anything of the answer is.
+        """
+        if self._user is not None:
             return
-        self._user_message = pb.Message(
-            message_id=str(uuid.uuid4()),
-            role=pb.MESSAGE_ROLE_USER,
-            status=pb.MESSAGE_STATUS_COMPLETED,
-            text=self.message.text,
-            client_message_id=self.message.client_message_id,
+        user_id = str(uuid.uuid4())
+        self._user = asyncio.ensure_future(
+            self._append(
+                pb.Message(
+                    message_id=user_id,
+                    role=pb.MESSAGE_ROLE_USER,
+                    status=pb.MESSAGE_STATUS_COMPLETED,
+                    text=self.message.text,
+                    client_message_id=self.message.client_message_id,
+                )
+            )
         )
         await self._emit(
             turn_started=pb.TurnStarted(
                 client_message_id=self.message.client_message_id,
-                user_message_id=self._user_message.message_id,
+                user_message_id=user_id,
                 assistant_message_id=self.assistant_id,
             )
         )
-
-    def _store_user(self) -> None:
-        """Starts storing the announced user message, in the background (once)."""
-        if self._user is None and self._user_message is not None:
-            self._user = asyncio.ensure_future(self._append(self._user_message))
 
     async def _answer(self) -> None:
         settings = self.settings
@@ -413,8 +403,7 @@ class Turn:
         )
         call = self._backends.inference.Generate(request, metadata=self._metadata)
         try:
-            await self._announce()
-            asyncio.get_running_loop().call_later(USER_STORE_AFTER_S, self._store_user)
+            await self._begin()
             async for reply in call:
                 kind = reply.WhichOneof("event")
                 if kind == "token":
@@ -424,7 +413,6 @@ class Turn:
                     await self._emit(queued=reply.queued)
                 elif kind == "complete":
                     answer.complete = reply.complete
-                self._store_user()  # the answer has begun (see `_announce`)
         except grpc.aio.AioRpcError as error:
             raise _failure(error, "inference") from None
         finally:

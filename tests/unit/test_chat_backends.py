@@ -1,12 +1,10 @@
 """What the chat service asks of what it depends on, without a network: the session
 store's outages are DEPENDENCY_UNAVAILABLE (never INTERNAL), an answer the store refused
 as its turn ended is stored late (FAILED, after its question), and a turn's tool call is
-submitted with the session's priority (interactive when unset), and a turn going straight
-to generation stores its question once the answer has begun, not on the way to it."""
+submitted with the session's priority (interactive when unset)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -17,13 +15,11 @@ import psycopg
 import pytest
 from switchboard.chat.v1 import chat_pb2 as pb
 from switchboard.common.v1 import common_pb2
-from switchboard.inference.v1 import inference_pb2
 
 from services.chat.commands import ToolRequest
 from services.chat.store import SessionStore
-from services.chat.turns import LATE_STORE, USER_STORE_AFTER_S, StageFailed, Turn
+from services.chat.turns import LATE_STORE, StageFailed, Turn
 from services.runtime import Unavailable, error_details
-from tests.polling import eventually
 
 SID = "00000000-0000-0000-0000-000000000001"
 
@@ -166,64 +162,3 @@ async def test_an_answer_is_given_up_once_the_store_stays_down_and_never_stored_
     assert len(sleeps) == LATE_STORE.max_attempts - 1
     await turn._finish(pb.MESSAGE_STATUS_CANCELLED)  # a cancel after the end changes nothing
     assert [f.WhichOneof("frame") for f in frames].count("turn_completed") == 1
-
-
-class Generation:
-    """Stands in for a Generate call: yields the replies the test puts in."""
-
-    def __init__(self) -> None:
-        self.replies: asyncio.Queue[inference_pb2.GenerateResponse | None] = asyncio.Queue()
-
-    def __aiter__(self) -> Generation:
-        return self
-
-    async def __anext__(self) -> inference_pb2.GenerateResponse:
-        reply = await self.replies.get()
-        if reply is None:
-            raise StopAsyncIteration
-        return reply
-
-    def cancel(self) -> None:
-        pass
-
-
-def generating_turn(
-    store: FlakyStore, frames: list[pb.ConverseResponse]
-) -> tuple[Turn, Generation]:
-    turn = turn_on(store, frames, [])
-    generation = Generation()
-    turn._backends = SimpleNamespace(  # type: ignore[assignment]
-        inference=SimpleNamespace(Generate=lambda request, metadata: generation)
-    )
-    return turn, generation
-
-
-def token_reply(text: str) -> inference_pb2.GenerateResponse:
-    return inference_pb2.GenerateResponse(token=inference_pb2.TokenDelta(text=text))
-
-
-async def test_the_question_is_stored_once_the_answer_has_begun():
-    store, frames = FlakyStore(down=0), []
-    turn, generation = generating_turn(store, frames)
-    running = asyncio.create_task(turn._generate(pb.SessionSettings()))
-    for _ in range(10):
-        await asyncio.sleep(0)  # what is ready runs (well within USER_STORE_AFTER_S)
-    assert [f.WhichOneof("frame") for f in frames] == ["turn_started"]
-    assert store.stored == []  # not on the way to the first token
-    generation.replies.put_nowait(token_reply("Hi"))
-    await eventually(lambda: store.stored, timeout=USER_STORE_AFTER_S / 2, what="the question")
-    (user,) = store.stored
-    assert user.message_id == frames[0].turn_started.user_message_id
-    assert frames[-1].token.text == "Hi"
-    generation.replies.put_nowait(None)
-    await running
-
-
-async def test_the_question_is_stored_soon_even_if_the_answer_does_not_begin():
-    store, frames = FlakyStore(down=0), []
-    turn, generation = generating_turn(store, frames)
-    running = asyncio.create_task(turn._generate(pb.SessionSettings()))
-    await eventually(lambda: store.stored, timeout=1, what="the question, with no reply")
-    assert [f.WhichOneof("frame") for f in frames] == ["turn_started"]
-    generation.replies.put_nowait(None)
-    await running
