@@ -294,6 +294,10 @@ def aged(task: TaskRow, by: timedelta) -> TaskRow:
     return dataclasses.replace(task, create_time=task.create_time - by)
 
 
+def created_ago(task: TaskRow, age: timedelta) -> TaskRow:
+    return dataclasses.replace(task, create_time=datetime.now(UTC) - age)
+
+
 async def test_an_old_task_whose_first_events_expired_is_history_expired():
     api, store, bus = servicer()
     task_id = await finished_task(api, bus)
@@ -313,9 +317,10 @@ async def test_the_configured_retention_decides_which_tasks_may_have_lost_events
     api, store, bus = servicer(event_retention=timedelta(hours=1))
     task_id = await finished_task(api, bus)
     del bus.history[task_id][:2]
-    store.tasks[task_id] = aged(store.tasks[task_id], timedelta(minutes=59))
+    # ages from now, not from the fake store's clock (NOW: when this module was imported)
+    store.tasks[task_id] = created_ago(store.tasks[task_id], timedelta(minutes=59))
     assert sequences(await watch(api, task_id)) == [1, 2, 3]  # young: numbered as it is
-    store.tasks[task_id] = aged(store.tasks[task_id], timedelta(minutes=1))
+    store.tasks[task_id] = created_ago(store.tasks[task_id], timedelta(minutes=61))
     with pytest.raises(FailedPrecondition) as exc:
         await watch(api, task_id)
     assert exc.value.reason == "EVENT_HISTORY_EXPIRED"
