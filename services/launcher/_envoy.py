@@ -1,4 +1,5 @@
-"""Renders the Envoy edge's bootstrap config from `envoy/base.yaml` and runs Envoy.
+"""Renders the Envoy edge's bootstrap config from `envoy/base.yaml` (`_envoy_process` runs
+it).
 
 The edge is one public HTTP/2 listener that routes each gRPC call by its service name
 (`/<package.Service>/<Method>`) to the cluster of the processes serving it. Reflection
@@ -87,7 +88,7 @@ BASE_CONFIG = Path(__file__).resolve().parents[2] / "envoy" / "base.yaml"
 HEALTH_TRIES_AT_LEAST = 16
 """Retries of a health check through the reflection cluster, at the least."""
 _CONTROL_IDLE_TIMEOUT = "3600s"
-"""Likewise: the kind of credential (`tenant`, `operator`), set by ext_authz."""
+"""The control plane's routes' idle timeout: a rollout of every service answers when done."""
 REFLECTION_CLUSTER = "reflection"
 REFLECTION_SERVICES: tuple[str, ...] = (
     "grpc.reflection.v1.ServerReflection",
