@@ -198,8 +198,12 @@ async def inference(envoy_target: str):
 
 
 async def test_generate_takes_its_admission_from_the_slice(admission, inference, mesh):
-    tenant = new_tenant()
-    before = _admissions(mesh)
+    # buckets full: a slice is only granted what could be admitted at once, and a fresh
+    # replica's epoch (another test's restart) starts them low
+    tenant = await _ready_tenant(
+        admission, mesh, max_in_flight=16, requests_per_second=RATE, request_burst=BURST
+    )
+    before, counted = _admissions(mesh), admitted(mesh, tenant).get("interactive", 0)
     request = inference_pb2.GenerateRequest(prompt="What routes gRPC calls?")
     request.parameters.max_tokens = 4
     request.priority = common_pb2.PRIORITY_INTERACTIVE
@@ -213,7 +217,8 @@ async def test_generate_takes_its_admission_from_the_slice(admission, inference,
     after = _admissions(mesh)
     assert after["round_trip"] - before["round_trip"] >= 1  # the first asks, and gets a slice
     assert after["slice"] - before["slice"] >= 3  # the next ones take its leases
-    assert admitted(mesh, tenant) == {"interactive": 5}  # counted as admitted, once each
+    # counted as admitted, once each
+    assert admitted(mesh, tenant).get("interactive", 0) - counted == 5
 
 
 def _admissions(mesh) -> dict[str, float]:
