@@ -20,6 +20,7 @@ about 0.5 KB per task whose events are retained (its subject's index entry) and 
 0.2 KB per message id inside the duplicate window. At a steady rate NATS's memory levels
 off once both are full (the event retention, 7 days by default, is the long one: size
 NATS for the tasks it keeps, or shorten it).
+
 Cancellation is a core-NATS broadcast on `sb.cancel.<task_id>`: the worker running a
 step of that task cancels it (the sandbox process is killed with it).
 """
