@@ -25,6 +25,7 @@ from switchboard.chat.v1 import chat_service_pb2, chat_service_pb2_grpc
 from services.chat.config import ChatConfig
 from services.chat.live import Hub
 from services.chat.servicer import ChatServicer
+from services.chat.shared import Shared
 from services.chat.store import SessionStore
 from services.chat.turns import Turns
 from services.runtime import load_config, stop_task
@@ -35,6 +36,9 @@ __all__ = ["ChatConfig", "ChatService"]
 
 SERVICE_NAME = chat_service_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 _COLLECT_EVERY_S = 30.0
+DRAIN_TURNS_S = 20.0
+"""How long a stopping replica lets its sessions' turns run before it lets them go
+(the control plane allows 30 s after SIGTERM)."""
 
 
 class ChatService:
@@ -50,12 +54,24 @@ class ChatService:
             rag=self._config.rag_target,
             execution=self._config.execution_target,
         )
-        self.hub = Hub(self.store, self._turns, self._config.limits)
+        limits = self._config.limits
+        self.shared = (
+            Shared(
+                self._config.nats_url,
+                retain_events=limits.retain_events,
+                event_retention_s=self._config.chat_event_retention_s,
+            )
+            if self._config.nats_url
+            else None
+        )
+        self.hub = Hub(self.store, self._turns, limits, self.shared)
         self._collector: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._turns.open()  # channels belong to the serving event loop
         await self.store.open()
+        if self.shared is not None:
+            await self.shared.connect(self.hub.relayed, self.hub.noticed)
         self._collector = asyncio.create_task(self._collect())
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -66,10 +82,17 @@ class ChatService:
     async def ready(self) -> bool:
         return await self.store.healthy()
 
+    async def drain(self) -> None:
+        """Stopping: streams resume on other replicas, turns finish here, then the
+        sessions are let go (see `Hub.drain`)."""
+        await self.hub.drain(within=DRAIN_TURNS_S)
+
     async def shutdown(self) -> None:
         if self._collector is not None:
             await stop_task(self._collector)
         self.hub.close()
+        if self.shared is not None:
+            await self.shared.close()
         await self._turns.close()
         await self.store.close()
 
@@ -78,4 +101,4 @@ class ChatService:
             await asyncio.sleep(_COLLECT_EVERY_S)
             with contextlib.suppress(Exception):
                 if forgotten := self.hub.collect_idle():
-                    logger.info("forgot %d idle sessions", forgotten)
+                    logger.info("forgot %d idle sessions", len(forgotten))

@@ -30,6 +30,12 @@ class ChatConfig:
     """Seconds an idle session keeps its events for a resume after its streams end."""
     chat_flow_window: int = 256
     """Events a stream may fall behind before its session's generation waits."""
+    nats_url: str = ""
+    """NATS, through which chat replicas share sessions' events and owners (see
+    `shared`); empty: this process serves its sessions alone (one replica)."""
+    chat_event_retention_s: float = 600.0
+    """Seconds the shared log keeps a session's events for a resume on another replica
+    (the last `retain_events` of each session at most)."""
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -41,6 +47,8 @@ class ChatConfig:
             )
         if self.chat_max_message_bytes < 1 or self.chat_flow_window < 1:
             raise ValueError("the message limit and the flow window must be positive")
+        if self.chat_event_retention_s < 10:
+            raise ValueError("SWITCHBOARD_CHAT_EVENT_RETENTION_S must be at least 10")
         if not 0 <= self.chat_resume_grace_s <= 60:
             raise ValueError("SWITCHBOARD_CHAT_RESUME_GRACE_S must be 0..60")
 

@@ -37,7 +37,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from buf.validate import validate_pb2
@@ -45,9 +45,11 @@ from google.protobuf.message import Message
 from switchboard.chat.v1 import chat_pb2 as pb
 
 from services.chat.events import EventLog, Expired, Reader
+from services.chat.remote import IDLE_WAIT_S, RemoteSession
 from services.chat.sessions import load_session, settings_update, update_session
+from services.chat.shared import Moved, Owner, Shared, SharedReader
 from services.chat.store import SessionStore, canonical_id
-from services.chat.turns import Turns
+from services.chat.turns import Turns, end_interrupted
 from services.runtime import (
     FailedPrecondition,
     FieldViolation,
@@ -120,7 +122,15 @@ def out_of_order(what: str) -> InvalidArgument:
 
 
 class LiveSession:
-    def __init__(self, tenant_id: str, session_id: str, *, turns: Turns, limits: Limits) -> None:
+    def __init__(
+        self,
+        tenant_id: str,
+        session_id: str,
+        *,
+        turns: Turns,
+        limits: Limits,
+        publish: Callable[[str, pb.ConverseResponse], Awaitable[None]] | None = None,
+    ) -> None:
         self.tenant_id = tenant_id
         self.session_id = session_id
         self.log = EventLog(
@@ -144,6 +154,12 @@ class LiveSession:
         self._grace: asyncio.TimerHandle | None = None
         self.idle_since = time.monotonic()
         self.closed: SwitchboardError | None = None
+        self._publish = publish
+        self.remote_readers = 0
+        """Streams of this session on other replicas (they read the shared log)."""
+        self.draining = False
+        """The replica is stopping: its streams were told to resume elsewhere, and their
+        leaving cancels nothing (the turns finish here, read from the shared log)."""
 
     # ---- streams -----------------------------------------------------------------------
 
@@ -163,8 +179,24 @@ class LiveSession:
 
     def detach(self, reader: Reader, *, clean: bool) -> None:
         self.log.detach(reader)
+        self.left(clean=clean)
+
+    def attach_remote(self) -> None:
+        self._stop_grace()
+        self.remote_readers += 1
+
+    def detach_remote(self, *, clean: bool) -> None:
+        self.remote_readers = max(0, self.remote_readers - 1)
+        self.left(clean=clean)
+
+    @property
+    def watched(self) -> bool:
+        return bool(self.log.readers or self.remote_readers)
+
+    def left(self, *, clean: bool) -> None:
+        """A stream left; one that dropped starts the grace period if it was the last."""
         self.idle_since = time.monotonic()
-        if self.log.readers or clean or self._idle.is_set():
+        if self.watched or clean or self.draining or self._idle.is_set():
             return
         loop = asyncio.get_running_loop()
         self._grace = loop.call_later(self._limits.resume_grace, self.abandon)
@@ -173,7 +205,7 @@ class LiveSession:
         """No stream came back: drop the waiting Converse messages, cancel the running
         turn if a Converse stream started it (detached ones go on)."""
         self._grace = None
-        if self.log.readers:
+        if self.watched or self.draining:
             return
         kept = deque(q for q in self._pending if q.detached)
         running = self._turn is not None and not self._turn_detached
@@ -197,7 +229,10 @@ class LiveSession:
 
     async def emit(self, frame: pb.ConverseResponse) -> pb.ConverseResponse:
         # a turn's events are kept while it runs, for a watcher starting at its start
-        return await self.log.append(frame, hold=frame.HasField("turn_started"))
+        frame = await self.log.append(frame, hold=frame.HasField("turn_started"))
+        if self._publish is not None:
+            await self._publish(self.session_id, frame)
+        return frame
 
     async def error(self, error: SwitchboardError, client_message_id: str = "") -> None:
         await self.emit(
@@ -312,21 +347,27 @@ class LiveSession:
 
 
 class Hub:
-    """The live sessions of this process."""
+    """The live sessions of this process: those it owns, and, with `shared` (several
+    replicas), the streams it serves of sessions other replicas own (see `shared`)."""
 
-    def __init__(self, store: SessionStore, turns: Turns, limits: Limits) -> None:
+    def __init__(
+        self, store: SessionStore, turns: Turns, limits: Limits, shared: Shared | None = None
+    ) -> None:
         self._store = store
         self._turns = turns
         self.limits = limits
+        self._shared = shared
         self._sessions: dict[str, LiveSession] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._remote: dict[str, set[RemoteSession]] = {}
+        self.draining = False
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     async def attach(
         self, tenant_id: str, frame: pb.ConverseRequest
-    ) -> tuple[LiveSession, Reader, pb.ConverseResponse]:
+    ) -> tuple[Live, Reader | SharedReader, pb.ConverseResponse]:
         """Attaches a stream by its first frame; returns the session, the stream's reader
         and the SessionOpened frame.
 
@@ -334,6 +375,7 @@ class Hub:
             InvalidArgument: `FRAME_OUT_OF_ORDER` (the first frame is not open/resume).
             NotFound: `SESSION_NOT_FOUND` (also another tenant's session).
             FailedPrecondition: `EVENT_HISTORY_EXPIRED`.
+            Unavailable: `SHUTTING_DOWN` (this replica is draining: resume elsewhere).
         """
         kind = frame.WhichOneof("frame")
         if kind not in ("open", "resume"):
@@ -343,17 +385,17 @@ class Hub:
         session_id = frame.open.session_id if kind == "open" else frame.resume.session_id
         live, session = await self._live(tenant_id, session_id)
         after = None if kind == "open" else frame.resume.last_event_id
-        reader = _attach(live, after)
-        session.last_event_id = live.log.last_event_id
+        reader, last = await self._reader(live, after)
+        session.last_event_id = last
         opened = pb.ConverseResponse(
-            event_id=live.log.last_event_id if kind == "open" else (after or ""),
+            event_id=last if kind == "open" else (after or ""),
             opened=pb.SessionOpened(session=session, resumed=kind == "resume"),
         )
         return live, reader, opened
 
     async def watch(
         self, tenant_id: str, session_id: str, after_event_id: str
-    ) -> tuple[LiveSession, Reader, pb.ConverseResponse]:
+    ) -> tuple[Live, Reader | SharedReader, pb.ConverseResponse]:
         """Attaches a watcher (StreamEvents): after `after_event_id`, or from the turn in
         progress when it is empty. Returns the session, the reader and the SessionOpened
         frame, whose event_id is where the reader starts.
@@ -361,18 +403,70 @@ class Hub:
         Raises:
             NotFound: `SESSION_NOT_FOUND` (also another tenant's session).
             FailedPrecondition: `EVENT_HISTORY_EXPIRED`.
+            Unavailable: `SHUTTING_DOWN` (this replica is draining).
         """
         live, session = await self._live(tenant_id, session_id)
-        if after_event_id:
-            reader = _attach(live, after_event_id)
+        if isinstance(live, RemoteSession):
+            reader, start = await self._shared_reader(live, after_event_id, held=True)
+            session.last_event_id = start
+        elif after_event_id:
+            reader, _ = await self._reader(live, after_event_id)
+            start = live.log.id_before(reader) if isinstance(reader, Reader) else after_event_id
+            session.last_event_id = live.log.last_event_id
         else:
             reader = live.attach_held()
-        session.last_event_id = live.log.last_event_id
+            start = live.log.id_before(reader)
+            session.last_event_id = live.log.last_event_id
         opened = pb.ConverseResponse(
-            event_id=live.log.id_before(reader),
+            event_id=start,
             opened=pb.SessionOpened(session=session, resumed=bool(after_event_id)),
         )
         return live, reader, opened
+
+    async def _reader(self, live: Live, after: str | None) -> tuple[Reader | SharedReader, str]:
+        """A reader of the session's events after `after` (None: new ones only), and the
+        session's last event id: from this process's log if it has them, else from the
+        shared one (another replica's session, or an earlier owner's events).
+
+        Raises:
+            FailedPrecondition: `EVENT_HISTORY_EXPIRED`.
+        """
+        if isinstance(live, LiveSession):
+            try:
+                return live.attach(after), live.log.last_event_id
+            except Expired:
+                if self._shared is None or not after:
+                    raise _expired(live.session_id, after) from None
+        return await self._shared_reader(live, after)
+
+    async def _shared_reader(
+        self, live: Live, after: str | None, *, held: bool = False
+    ) -> tuple[SharedReader, str]:
+        assert self._shared is not None
+        try:
+            reader, last = await self._shared.reader(live.session_id, after, held=held)
+        except Expired:
+            raise _expired(live.session_id, after) from None
+        if isinstance(live, RemoteSession):
+            try:
+                await live.attached(reader)
+            except BaseException:
+                await reader.close()
+                raise
+        else:
+            live.attach_remote()  # read from the shared log, but here
+        return reader, last
+
+    async def detach(self, live: Live, reader: Reader | SharedReader, *, clean: bool) -> None:
+        """The stream ended (`clean`: it half-closed, or only watched)."""
+        if isinstance(live, RemoteSession):
+            self._remote.get(live.session_id, set()).discard(live)
+            await live.detach(clean=clean)
+        elif isinstance(reader, SharedReader):
+            await reader.close()
+            live.detach_remote(clean=clean)
+        else:
+            live.detach(reader, clean=clean)
 
     async def send(self, tenant_id: str, request: pb.SendMessageRequest) -> pb.SendMessageResponse:
         """Queues a SendMessage's message, detached from streams (see the module).
@@ -382,9 +476,9 @@ class Hub:
             ResourceExhausted, InvalidArgument: as `LiveSession.accept`.
         """
         live, _ = await self._live(tenant_id, request.session_id)
-        last = live.log.next_id_before
-        accepted = live.accept(request.message, detached=True)
-        return pb.SendMessageResponse(accepted=accepted, last_event_id=last)
+        if isinstance(live, RemoteSession):
+            return await live.send(request)
+        return _send(live, request)
 
     async def cancel(self, tenant_id: str, request: pb.CancelTurnRequest) -> bool:
         """CancelTurn: whether an answer was being generated and is being stopped.
@@ -394,14 +488,26 @@ class Hub:
         """
         row = await self._store.get(tenant_id, request.session_id)  # NOT_FOUND first
         live = self._sessions.get(row.session_id)
-        return live is not None and live.cancel(request.assistant_message_id)
+        if live is not None:
+            return live.cancel(request.assistant_message_id)
+        if self._shared is None:
+            return False
+        owner = await self._shared.owner_of(row.session_id)
+        if owner is None:
+            return False  # nobody runs a turn of it
+        remote = self._remote_session(tenant_id, row.session_id, owner)
+        return await remote.cancel(request)
 
-    async def _live(self, tenant_id: str, session_id: str) -> tuple[LiveSession, pb.Session]:
-        """The tenant's session, live in this process (loaded if it was not).
+    async def _live(self, tenant_id: str, session_id: str) -> tuple[Live, pb.Session]:
+        """The tenant's session: live in this process (loaded if it was not, and claimed
+        when replicas share sessions), or another replica's.
 
         Raises:
             NotFound: `SESSION_NOT_FOUND` (also another tenant's session).
+            Unavailable: `SHUTTING_DOWN` (this replica is draining).
         """
+        if self.draining:
+            raise _stopping()
         session, seen = await load_session(  # NOT_FOUND first
             self._store, tenant_id, session_id, recent_ids=RECENT_CLIENT_IDS
         )
@@ -410,14 +516,110 @@ class Hub:
         async with lock:
             live = self._sessions.get(session_id)
             if live is None or live.closed is not None:
-                live = LiveSession(tenant_id, session_id, turns=self._turns, limits=self.limits)
-                live.seen = seen
-                live.settings = session.settings
-                self._sessions[session_id] = live
+                owner = Owner("", mine=True)
+                if self._shared is not None:
+                    owner = await self._shared.claim(session_id)
+                    if not owner.mine:
+                        remote = self._remote_session(tenant_id, session_id, owner.subject)
+                        return remote, session
+                live = self._new_live(tenant_id, session_id, session.settings, seen)
+                if owner.taken_over:
+                    await self._end_interrupted(live)
         return live, session
 
+    def _new_live(
+        self, tenant_id: str, session_id: str, settings: pb.SessionSettings, seen: set[str]
+    ) -> LiveSession:
+        live = LiveSession(
+            tenant_id,
+            session_id,
+            turns=self._turns,
+            limits=self.limits,
+            publish=self._publish if self._shared is not None else None,
+        )
+        live.seen = seen
+        live.settings = settings
+        self._sessions[session_id] = live
+        return live
+
+    def _remote_session(self, tenant_id: str, session_id: str, owner: str) -> RemoteSession:
+        assert self._shared is not None
+        remote = RemoteSession(tenant_id, session_id, owner, shared=self._shared, claim=self._claim)
+        self._remote.setdefault(session_id, set()).add(remote)
+        return remote
+
+    async def _claim(self, tenant_id: str, session_id: str) -> str:
+        """The relay subject of the session's owner, after claiming it (this process's
+        own when it takes the session over)."""
+        live, _ = await self._live(tenant_id, session_id)
+        assert self._shared is not None
+        return live.owner if isinstance(live, RemoteSession) else self._shared.subject
+
+    async def _publish(self, session_id: str, frame: pb.ConverseResponse) -> None:
+        assert self._shared is not None
+        try:
+            await self._shared.publish(session_id, frame)
+        except Exception as exc:  # NATS away: streams here go on; others miss events
+            logger.warning("event not shared: %s", exc, extra={"session_id": session_id})
+
+    async def _end_interrupted(self, live: LiveSession) -> None:
+        """The session's previous owner died: the turn it was running, if any, ends
+        FAILED with what it had generated (stored) and an ErrorFrame."""
+        assert self._shared is not None
+        found = await self._shared.interrupted_turn(live.session_id)
+        if found is not None:
+            started, text = found
+            await end_interrupted(
+                self._store, live.tenant_id, live.session_id, started, text, emit=live.emit
+            )
+
+    async def relayed(
+        self, op: str, tenant_id: str, session_id: str, data: bytes, headers: dict[str, str]
+    ) -> bytes:
+        """Answers what another replica's stream asks of a session this one owns (see
+        `shared`).
+
+        Raises:
+            Moved: it is not owned here (any more).
+            SwitchboardError: the refusal the stream is given.
+        """
+        live = self._sessions.get(session_id)
+        if live is None or live.closed is not None:
+            raise Moved(session_id)
+        if tenant_id and tenant_id != live.tenant_id:  # never: the asker checked the tenant
+            raise NotFound(f"no session {session_id!r}", reason="SESSION_NOT_FOUND")
+        if op == "owns":
+            return b"1"
+        if op == "frame":
+            await self._frame(live, pb.ConverseRequest.FromString(data))
+            return b""
+        if op == "send":
+            return _send(live, pb.SendMessageRequest.FromString(data)).SerializeToString()
+        if op == "cancel":
+            cancelled = live.cancel(pb.CancelTurnRequest.FromString(data).assistant_message_id)
+            return b"1" if cancelled else b"0"
+        if op == "attach":
+            live.attach_remote()
+            return b""
+        if op == "detach":
+            live.detach_remote(clean=headers.get("Sb-Clean") == "1")
+            return b""
+        if op == "idle":
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(live.wait_idle(), IDLE_WAIT_S)
+            state = "idle" if live.idle else "busy"
+            return f"{state}:{live.log.last_event_id}".encode()
+        raise InvalidArgument(f"unknown relayed operation {op!r}")
+
+    def noticed(self, op: str, session_id: str, data: bytes) -> None:
+        """What a replica told every replica (see `shared`)."""
+        if op == "updated":
+            self.updated(pb.Session.FromString(data), tell=False)
+        elif op == "deleted":
+            self.delete(session_id, tell=False)
+
     async def serve(
-        self, live: LiveSession, reader: Reader, frames: AsyncIterator[pb.ConverseRequest]
+        self, live: Live, reader: Reader | SharedReader, frames: AsyncIterator[pb.ConverseRequest]
     ) -> None:
         """Dispatches a stream's frames after the first; on half-close, finishes the
         reader once the session's turns are done. A stream the client breaks (a frame
@@ -429,26 +631,38 @@ class Hub:
             reader.fail(error)
 
     async def _dispatch(
-        self, live: LiveSession, reader: Reader, frames: AsyncIterator[pb.ConverseRequest]
+        self, live: Live, reader: Reader | SharedReader, frames: AsyncIterator[pb.ConverseRequest]
     ) -> None:
         async for frame in frames:
             kind = frame.WhichOneof("frame")
-            if kind == "message":
-                await live.submit(frame.message)  # checked after its size limit
-            elif kind in ("cancel", "settings") and (
-                problem := frame_error(getattr(frame, kind), kind)
-            ):
-                await live.error(problem)
-            elif kind == "cancel":
-                live.cancel(frame.cancel.assistant_message_id)
-            elif kind == "settings":
-                await self._change_settings(live, frame.settings)
-            else:
+            if kind not in ("message", "cancel", "settings"):
                 got = f"got `{kind}`" if kind else "got an empty frame"
                 reader.fail(out_of_order(f"{got} after the stream was attached"))
                 return
-        await live.wait_idle()
-        reader.finish()
+            if isinstance(live, RemoteSession):
+                await live.frame(frame)
+            else:
+                await self._frame(live, frame)
+        if isinstance(live, RemoteSession):
+            await live.finish()
+        else:
+            await live.wait_idle()
+            if isinstance(reader, SharedReader):
+                reader.finish(live.log.last_event_id)
+            else:
+                reader.finish()
+
+    async def _frame(self, live: LiveSession, frame: pb.ConverseRequest) -> None:
+        """A stream's message, cancel or settings frame, on the session's owner."""
+        kind = frame.WhichOneof("frame")
+        if kind == "message":
+            await live.submit(frame.message)  # checked after its size limit
+        elif problem := frame_error(getattr(frame, kind), kind):
+            await live.error(problem)
+        elif kind == "cancel":
+            live.cancel(frame.cancel.assistant_message_id)
+        elif kind == "settings":
+            await self._change_settings(live, frame.settings)
 
     async def _change_settings(self, live: LiveSession, change: pb.ChangeSettings) -> None:
         try:
@@ -460,63 +674,114 @@ class Hub:
         live.settings = session.settings
         await live.emit(pb.ConverseResponse(settings_changed=pb.SettingsChanged(session=session)))
 
-    def updated(self, session: pb.Session) -> None:
-        """The session's settings were changed (UpdateSession): later turns use them."""
+    def updated(self, session: pb.Session, *, tell: bool = True) -> None:
+        """The session's settings were changed (UpdateSession): later turns use them,
+        whichever replica runs them."""
         if (live := self._sessions.get(session.session_id)) is not None:
             live.settings = session.settings
+        if tell and self._shared is not None:
+            self._tell("updated", session.session_id, session.SerializeToString())
 
-    def delete(self, session_id: str) -> None:
-        """Ends the streams of a deleted session, however its id was spelled."""
+    def delete(self, session_id: str, *, tell: bool = True) -> None:
+        """Ends the streams of a deleted session, however its id was spelled, on every
+        replica."""
         try:
             session_id = canonical_id(session_id)
         except NotFound:
             return
+        gone = NotFound(
+            f"session {session_id!r} was deleted",
+            reason="SESSION_NOT_FOUND",
+            metadata={"session_id": session_id},
+        )
         live = self._sessions.pop(session_id, None)
         self._locks.pop(session_id, None)
         if live is not None:
-            live.close(
-                NotFound(
-                    f"session {session_id!r} was deleted",
-                    reason="SESSION_NOT_FOUND",
-                    metadata={"session_id": session_id},
-                )
-            )
+            live.close(gone)
+        for remote in self._remote.pop(session_id, set()):
+            if remote.reader is not None:
+                remote.reader.fail(gone)
+        if tell and self._shared is not None:
+            self._tell("deleted", session_id)
+            if live is not None:
+                _spawn(self._shared.release(session_id))
 
-    def collect_idle(self, now: float | None = None) -> int:
-        """Forgets idle sessions without streams older than idle_ttl; returns how many."""
+    def _tell(self, op: str, session_id: str, data: bytes = b"") -> None:
+        assert self._shared is not None
+        _spawn(self._shared.notify(op, session_id, data))
+
+    def collect_idle(self, now: float | None = None) -> list[str]:
+        """Forgets idle sessions without streams older than idle_ttl (and, with shared
+        sessions, lets them go); returns their ids."""
         now = time.monotonic() if now is None else now
         stale = [
             sid
             for sid, live in self._sessions.items()
-            if live.idle and not live.log.readers and now - live.idle_since > self.limits.idle_ttl
+            if live.idle and not live.watched and now - live.idle_since > self.limits.idle_ttl
         ]
         for sid in stale:
             del self._sessions[sid]
             self._locks.pop(sid, None)
-        return len(stale)
+            if self._shared is not None:
+                _spawn(self._shared.release(sid))
+        return stale
+
+    async def drain(self, within: float) -> None:
+        """This replica is stopping: its streams are told to resume elsewhere (the
+        shared log serves them there), its sessions' turns finish here (for at most
+        `within` seconds), then it lets them go, so another replica claims each as its
+        next message or stream arrives."""
+        self.draining = True
+        moving = _stopping()
+        for live in self._sessions.values():
+            live.draining = True
+            live.log.fail_readers(moving)
+        for remotes in self._remote.values():
+            for remote in remotes:
+                if remote.reader is not None:
+                    remote.reader.fail(moving)
+        busy = [live.wait_idle() for live in self._sessions.values() if not live.idle]
+        if busy:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*busy), within)
+        if self._shared is None:
+            return
+        # a turn still running keeps its session here until the process ends it
+        idle = [sid for sid, live in self._sessions.items() if live.idle]
+        for sid in idle:
+            del self._sessions[sid]  # asked for it, this replica now says it moved
+        await asyncio.gather(*(self._shared.release(sid) for sid in idle))
 
     def close(self) -> None:
         """Ends every stream and turn (the service is stopping)."""
         for live in self._sessions.values():
-            live.close(
-                Unavailable(
-                    "the chat service is restarting; resume shortly", reason="SHUTTING_DOWN"
-                )
-            )
+            live.close(_stopping())
 
 
-def _attach(live: LiveSession, after: str | None) -> Reader:
-    """A reader of `live`'s events after `after` (None: new events only).
+Live = LiveSession | RemoteSession
+_spawned: set[asyncio.Task[None]] = set()
 
-    Raises:
-        FailedPrecondition: `EVENT_HISTORY_EXPIRED`.
-    """
-    try:
-        return live.attach(after)
-    except Expired:
-        raise FailedPrecondition(
-            f"event {after!r} is no longer retained; read the history with ListMessages"
-            " and open the session",
-            reason="EVENT_HISTORY_EXPIRED",
-            metadata={"session_id": live.session_id, "last_event_id": after or ""},
-        ) from None
+
+def _spawn(work: Awaitable[None]) -> None:
+    task = asyncio.ensure_future(work)
+    _spawned.add(task)
+    task.add_done_callback(_spawned.discard)
+
+
+def _stopping() -> Unavailable:
+    return Unavailable("this chat replica is stopping; resume the session", reason="SHUTTING_DOWN")
+
+
+def _send(live: LiveSession, request: pb.SendMessageRequest) -> pb.SendMessageResponse:
+    last = live.log.next_id_before
+    accepted = live.accept(request.message, detached=True)
+    return pb.SendMessageResponse(accepted=accepted, last_event_id=last)
+
+
+def _expired(session_id: str, after: str | None) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"event {after!r} is no longer retained; read the history with ListMessages"
+        " and open the session",
+        reason="EVENT_HISTORY_EXPIRED",
+        metadata={"session_id": session_id, "last_event_id": after or ""},
+    )

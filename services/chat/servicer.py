@@ -48,7 +48,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
             clean = True
         finally:
             serving.cancel()
-            live.detach(reader, clean=clean)
+            await self._hub.detach(live, reader, clean=clean)
 
     async def SendMessage(  # noqa: N802 - gRPC method name
         self, request: pb.SendMessageRequest, context: grpc.aio.ServicerContext
@@ -72,7 +72,7 @@ class ChatServicer(chat_service_pb2_grpc.ChatServiceServicer):
             while (event := await reader.next()) is not None:
                 yield pb.StreamEventsResponse(event=event)
         finally:
-            live.detach(reader, clean=True)  # a watcher leaving cancels nothing
+            await self._hub.detach(live, reader, clean=True)  # a watcher leaving cancels nothing
 
     async def CreateSession(  # noqa: N802 - gRPC method name
         self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext

@@ -520,6 +520,57 @@ class Turn:
         )
 
 
+async def end_interrupted(
+    store: SessionStore,
+    tenant_id: str,
+    session_id: str,
+    started: pb.TurnStarted,
+    text: str,
+    *,
+    emit: Emit,
+) -> None:
+    """Ends a turn whose replica died while it ran (found by the session's next owner):
+    its answer is stored FAILED with the text generated before, and the session's
+    streams get an ErrorFrame ANSWER_INTERRUPTED and the turn's end."""
+    answer_id = started.assistant_message_id
+    error = Unavailable(
+        "the chat replica generating this answer stopped; what it had generated is stored"
+        " as a failed answer: send the message again for a new one",
+        reason="ANSWER_INTERRUPTED",
+        metadata={"session_id": session_id, "message_id": answer_id},
+    ).to_rpc_status()
+    message = pb.Message(
+        message_id=answer_id,
+        role=pb.MESSAGE_ROLE_ASSISTANT,
+        status=pb.MESSAGE_STATUS_FAILED,
+        text=text,
+        error=error,
+    )
+    try:
+        await store.append(tenant_id, session_id, message)
+    except SwitchboardError as problem:  # the store is down, or the session deleted
+        logger.warning(
+            "interrupted answer not stored: %s",
+            problem.reason,
+            extra={"session_id": session_id, "message_id": answer_id},
+        )
+    logger.info("ended an interrupted turn", extra={"session_id": session_id})
+    await emit(
+        pb.ConverseResponse(
+            message_id=answer_id,
+            error=pb.ErrorFrame(status=error, client_message_id=started.client_message_id),
+        )
+    )
+    await emit(
+        pb.ConverseResponse(
+            message_id=answer_id,
+            turn_completed=pb.TurnCompleted(
+                assistant_message_id=answer_id, status=pb.MESSAGE_STATUS_FAILED
+            ),
+        )
+    )
+
+
 class Turns:
     """Makes the turns of this process's sessions: the store, and the clients of the
     other services, which `open` creates on the serving event loop."""

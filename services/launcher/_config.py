@@ -125,11 +125,6 @@ class LauncherConfig:
             raise ValueError("SWITCHBOARD_TRITON_REPLICAS must be at least 1")
         if not 1 <= self.max_replicas <= 4:
             raise ValueError("SWITCHBOARD_MAX_REPLICAS must be 1..4")
-        if self.chat_replicas != 1:
-            raise ValueError(
-                "SWITCHBOARD_CHAT_REPLICAS must be 1: a chat session's live events are one"
-                " process's"
-            )
         for name in REPLICA_FIELDS:
             if not 1 <= getattr(self, name) <= self.max_replicas:
                 raise ValueError(

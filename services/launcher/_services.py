@@ -21,8 +21,7 @@ class ServiceSpec:
     """The LauncherConfig field holding the number of replicas `up` starts; empty =
     `<name>_replicas`."""
     most: int = 0
-    """The most replicas it may run (0: the configured maximum). The chat service runs
-    one: its sessions' live events are one process's memory."""
+    """The most replicas it may run (0: the configured maximum)."""
     numbered: bool = False
     """Whether even its first replica's name carries its slot (`admission-0`); others
     are named `inference`, then `inference-1`, `inference-2`."""
@@ -111,7 +110,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
         numbered=True,
         entry="services.execution.worker",
     ),
-    ServiceSpec(catalogue.CHAT, "chat_port", most=1),
+    ServiceSpec(catalogue.CHAT, "chat_port"),
     # Late, so the other processes keep their metrics ports; Envoy starts after them.
     ServiceSpec(catalogue.AUTH, "auth_port"),
     ServiceSpec(catalogue.GATEWAY, "gateway_port"),

@@ -1,8 +1,8 @@
-"""A mesh of its own for the control plane's tests: every service as two replicas (chat
-as one: its live events are still one process's), two Tritons, started through the
-launcher users run, stopped by PID even when a test fails. Its replicas are killed,
-scaled and rolled out, which the session mesh of tests/integration must never see. It
-lives as long as its module: stopped before the integration tests start theirs."""
+"""A mesh of its own for the control plane's tests: every service as two replicas, two
+Tritons, started through the launcher users run, stopped by PID even when a test fails.
+Its replicas are killed, scaled and rolled out, which the session mesh of
+tests/integration must never see. It lives as long as this package's tests: stopped
+before the integration tests start theirs."""
 
 from __future__ import annotations
 
@@ -22,10 +22,11 @@ REPLICAS = {
     "workers": 2,
     "auth_replicas": 2,
     "gateway_replicas": 2,
+    "chat_replicas": 2,
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     config = isolated_config(tmp_path_factory.mktemp("control-run"), triton_replicas=2)
     config = dataclasses.replace(config, auth_cache_ttl=timedelta(seconds=2), **REPLICAS)

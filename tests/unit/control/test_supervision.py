@@ -74,8 +74,8 @@ def test_the_config_survives_the_trip_through_variables(
 def test_out_of_range_replica_counts_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="SWITCHBOARD_AUTH_REPLICAS must be 1..4"):
         LauncherConfig(run_dir=tmp_path, auth_replicas=5)
-    with pytest.raises(ValueError, match="SWITCHBOARD_CHAT_REPLICAS must be 1"):
-        LauncherConfig(run_dir=tmp_path, chat_replicas=2)
+    with pytest.raises(ValueError, match="SWITCHBOARD_CHAT_REPLICAS must be 1..4"):
+        LauncherConfig(run_dir=tmp_path, chat_replicas=5)
     with pytest.raises(ValueError, match="SWITCHBOARD_RAG_REPLICAS must be 1..2"):
         LauncherConfig(run_dir=tmp_path, max_replicas=2, rag_replicas=3)
     with pytest.raises(ValueError, match="SWITCHBOARD_MAX_REPLICAS"):

@@ -78,6 +78,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_TOOL_FAILED: _ClassVar[ErrorReason]
     ERROR_REASON_OPERATION_IN_PROGRESS: _ClassVar[ErrorReason]
     ERROR_REASON_REPLICA_NOT_FOUND: _ClassVar[ErrorReason]
+    ERROR_REASON_ANSWER_INTERRUPTED: _ClassVar[ErrorReason]
 MODEL_TIER_UNSPECIFIED: ModelTier
 MODEL_TIER_SMALL: ModelTier
 MODEL_TIER_LARGE: ModelTier
@@ -138,6 +139,7 @@ ERROR_REASON_TOOL_REJECTED: ErrorReason
 ERROR_REASON_TOOL_FAILED: ErrorReason
 ERROR_REASON_OPERATION_IN_PROGRESS: ErrorReason
 ERROR_REASON_REPLICA_NOT_FOUND: ErrorReason
+ERROR_REASON_ANSWER_INTERRUPTED: ErrorReason
 
 class TokenUsage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens")

@@ -1,0 +1,506 @@
+"""What the chat replicas share, over NATS: each session's events, its owner, and the
+way to reach the owner.
+
+A session has one *owner*, the replica that runs its turns (one at a time, in order)
+and numbers its events; any replica may serve its streams:
+
+- **events**: the owner publishes every event of the session, as it appends it to its
+  own log, to the JetStream stream `SB_CHAT_EVENTS` (subject
+  `sb.chat.events.<session>`, in memory, the last `retain_events` of a session kept for
+  `event_retention`). A stream attached to another replica reads them from there
+  (`SharedReader`), resuming after its last event id as on the owner. JetStream, not
+  PostgreSQL: events are many small frames (a token each) that only live streams read,
+  for minutes; JetStream keeps them in order, per session, with limits, and pushes them
+  to readers without polling, while the history (the messages) stays in PostgreSQL.
+- **owner**: the NATS key-value bucket `SB_CHAT_OWNERS` maps a session to its owner's
+  *relay subject* (`sb.chat.replica.<nonce>`, one per process). A replica claims a
+  session by creating its key, or, when the owner named there does not answer on its
+  relay subject (NATS says at once that nobody listens: the process died, its
+  connection with it), by replacing the key at the revision it read (compare and set,
+  so two replicas never both take a session over). An owner that lets a session go
+  (idle, or draining) deletes its key.
+- **relay**: what a stream on another replica asks of the session (a user message, a
+  cancel, a settings change, "a stream watches", "tell me when you are idle") goes to
+  the owner as a NATS request on its relay subject: the operation and session in
+  headers, the request as its own contract's message, the reply as its message or a
+  `google.rpc.Status`.
+- **notices**: UpdateSession and DeleteSession, which any replica serves, are told to
+  every replica (`sb.chat.notices`), so the owner's turns use the new settings and
+  every stream of a deleted session ends.
+
+The owner publishes its events without waiting for JetStream's ack (they leave in
+order on one connection); when it dies, the events it had not yet sent are lost with
+its turn, and the new owner numbers its events in a new incarnation (see
+`events.EventLog`), so no id is ever given to two different events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+import nats
+from google.rpc import status_pb2
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import api as js_api
+from nats.js.client import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
+from switchboard.chat.v1 import chat_pb2 as pb
+
+from services.chat.events import Expired
+from services.runtime import Internal, RelayedError, SwitchboardError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Moved", "Owner", "Shared", "SharedReader"]
+
+EVENT_STREAM = "SB_CHAT_EVENTS"
+EVENT_SUBJECT = "sb.chat.events"
+OWNERS = "SB_CHAT_OWNERS"
+RELAY_SUBJECT = "sb.chat.replica"
+NOTICES = "sb.chat.notices"
+OP = "Sb-Op"
+SESSION = "Sb-Session"
+TENANT = "Sb-Tenant"
+RESULT = "Sb-Result"
+RELAY_TIMEOUT_S = 5.0
+"""How long a relayed request waits for the owner's answer."""
+SCAN_TIMEOUT_S = 5.0
+"""How long a reader may take to read a session's kept events before it starts."""
+FINISH_WAIT_S = 2.0
+"""How long a finishing reader waits for the owner's last event before it ends."""
+
+Handler = Callable[[str, str, str, bytes, dict[str, str]], Awaitable[bytes]]
+"""The owner side of the relay: (op, tenant, session, request, headers) → reply bytes;
+raises `SwitchboardError` (sent back as its status) or `Moved`."""
+
+
+class Moved(Exception):
+    """The replica asked does not own the session (any more): claim it again."""
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who owns a session, as `Shared.claim` found it."""
+
+    subject: str
+    """The owner's relay subject."""
+    mine: bool
+    taken_over: bool = False
+    """We took the session over from an owner that no longer answered: its turn in
+    progress, if any, was interrupted."""
+
+
+def _events(session_id: str) -> str:
+    return f"{EVENT_SUBJECT}.{session_id}"
+
+
+def _code(status: status_pb2.Status) -> grpc.StatusCode:
+    return next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
+
+
+class Shared:
+    """One process's connection to what the replicas share."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        retain_events: int = 1024,
+        event_retention_s: float = 600.0,
+        max_bytes: int = 256 << 20,
+    ) -> None:
+        self._url = url
+        self._retain = retain_events
+        self._retention = event_retention_s
+        self._max_bytes = max_bytes
+        self.subject = f"{RELAY_SUBJECT}.{secrets.token_hex(8)}"
+        """This process's relay subject: what it owns, it answers for here."""
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._kv: KeyValue | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def nc(self) -> Client:
+        assert self._nc is not None, "connect() first"
+        return self._nc
+
+    async def connect(self, handler: Handler, notice: Callable[[str, str, bytes], None]) -> None:
+        """Connects, makes the stream and the bucket if they are missing, and starts
+        answering relayed requests (`handler`) and notices (`notice(op, session, data)`)."""
+        self._nc = await nats.connect(
+            self._url,
+            name="switchboard-chat",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=5,
+        )
+        self._js = self._nc.jetstream(timeout=5)
+        config = js_api.StreamConfig(
+            name=EVENT_STREAM,
+            subjects=[f"{EVENT_SUBJECT}.*"],
+            retention=js_api.RetentionPolicy.LIMITS,
+            storage=js_api.StorageType.MEMORY,
+            max_msgs_per_subject=self._retain,
+            max_age=self._retention,
+            max_bytes=self._max_bytes,
+            discard=js_api.DiscardPolicy.OLD,
+        )
+        try:
+            await self._js.stream_info(EVENT_STREAM)
+            await self._js.update_stream(config)
+        except NotFoundError:
+            await self._js.add_stream(config)
+        self._kv = await self._js.create_key_value(
+            bucket=OWNERS, history=1, storage=js_api.StorageType.FILE
+        )
+
+        async def relayed(msg: Msg) -> None:
+            self._spawn(self._answer(msg, handler))
+
+        async def noticed(msg: Msg) -> None:
+            headers = msg.headers or {}
+            with contextlib.suppress(Exception):
+                notice(headers.get(OP, ""), headers.get(SESSION, ""), msg.data)
+
+        await self._nc.subscribe(self.subject, cb=relayed)
+        await self._nc.subscribe(NOTICES, cb=noticed)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._nc is not None and not self._nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- events --------------------------------------------------------------------
+
+    async def publish(self, session_id: str, frame: pb.ConverseResponse) -> None:
+        """Sends one of the session's events to the shared log (not waiting for its ack:
+        the owner's events leave in order on its one connection)."""
+        await self.nc.publish(_events(session_id), frame.SerializeToString())
+
+    async def reader(self, session_id: str, after_event_id: str | None, *, held: bool = False):
+        """A reader of the session's shared events: after `after_event_id` (None: new
+        events only; "" every one kept), or, `held`, from the turn in progress's first
+        event. Returns (reader, the id it starts after).
+
+        Raises:
+            Expired: the id is not among the events kept.
+        """
+        assert self._js is not None, "connect() first"
+        subject = _events(session_id)
+        try:
+            raw = await self._js.get_last_msg(EVENT_STREAM, subject)
+        except NotFoundError:
+            last_id, caught_up = "", 0
+        else:
+            last_id = pb.ConverseResponse.FromString(raw.data or b"").event_id
+            caught_up = raw.seq or 0
+        everything = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
+        if after_event_id is None or (after_event_id and after_event_id == last_id):
+            new = everything  # an empty subject's every event is a new one
+            if caught_up:
+                new = js_api.ConsumerConfig(
+                    deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+                    opt_start_seq=caught_up + 1,
+                )
+            return await SharedReader.open(self._js, subject, new, None), last_id
+        scan = Scan(after_event_id or "", held=held, caught_up=caught_up)
+        reader = await SharedReader.open(self._js, subject, everything, scan)
+        return reader, after_event_id or ""
+
+    async def interrupted_turn(self, session_id: str) -> tuple[pb.TurnStarted, str] | None:
+        """The session's last turn if it started and never ended (its owner died): its
+        TurnStarted and the text it had generated."""
+        try:
+            reader, _ = await self.reader(session_id, "")
+        except Expired:
+            return None
+        await reader.close()
+        started: pb.TurnStarted | None = None
+        text: list[str] = []
+        for frame in reader.waiting:
+            kind = frame.WhichOneof("frame")
+            if kind == "turn_started":
+                started, text = frame.turn_started, []
+            elif kind == "turn_completed":
+                started = None
+            elif kind == "token" and started is not None:
+                text.append(frame.token.text)
+        return (started, "".join(text)) if started is not None else None
+
+    # ---- owners --------------------------------------------------------------------
+
+    async def claim(self, session_id: str) -> Owner:
+        """The session's owner: this process if nobody owned it or its owner no longer
+        answers (the key replaced at the revision read), else the live owner."""
+        assert self._kv is not None, "connect() first"
+        mine = self.subject.encode()
+        while True:
+            try:
+                entry = await self._kv.get(session_id)
+            except KeyNotFoundError:
+                try:
+                    await self._kv.create(session_id, mine)
+                    return Owner(self.subject, mine=True)
+                except KeyWrongLastSequenceError:
+                    continue  # another replica claimed it first
+            owner = (entry.value or b"").decode()
+            if owner == self.subject:
+                return Owner(owner, mine=True)
+            if await self._answers(owner, session_id):
+                return Owner(owner, mine=False)
+            try:
+                await self._kv.update(session_id, mine, last=entry.revision)
+            except KeyWrongLastSequenceError:
+                continue
+            logger.info("took over a session", extra={"session_id": session_id})
+            return Owner(self.subject, mine=True, taken_over=True)
+
+    async def owner_of(self, session_id: str) -> str | None:
+        """The relay subject of the session's owner if another process owns it."""
+        assert self._kv is not None, "connect() first"
+        try:
+            entry = await self._kv.get(session_id)
+        except KeyNotFoundError:
+            return None
+        owner = (entry.value or b"").decode()
+        return owner if owner and owner != self.subject else None
+
+    async def release(self, session_id: str) -> None:
+        """Lets the session go, if this process still owns it."""
+        assert self._kv is not None, "connect() first"
+        with contextlib.suppress(Exception):
+            entry = await self._kv.get(session_id)
+            if (entry.value or b"").decode() == self.subject:
+                await self._kv.delete(session_id, last=entry.revision)
+
+    async def _answers(self, owner: str, session_id: str) -> bool:
+        """Whether `owner` is alive and still owns the session."""
+        try:
+            await self.request(owner, "owns", "", session_id, b"")
+        except (Moved, NoRespondersError):
+            return False
+        except (NatsTimeout, SwitchboardError):
+            return True  # alive but slow: never take a session from a live owner
+        return True
+
+    # ---- relay ---------------------------------------------------------------------
+
+    async def request(
+        self,
+        owner: str,
+        op: str,
+        tenant_id: str,
+        session_id: str,
+        data: bytes,
+        *,
+        timeout: float = RELAY_TIMEOUT_S,
+        headers: dict[str, str] | None = None,
+    ) -> bytes:
+        """Asks the owner; its reply's bytes.
+
+        Raises:
+            Moved: it does not own the session.
+            NoRespondersError: nobody listens there (the owner died).
+            SwitchboardError: the owner's refusal, as it stated it.
+        """
+        reply = await self.nc.request(
+            owner,
+            data,
+            timeout=timeout,
+            headers={OP: op, TENANT: tenant_id, SESSION: session_id, **(headers or {})},
+        )
+        result = (reply.headers or {}).get(RESULT, "ok")
+        if result == "moved":
+            raise Moved(session_id)
+        if result == "error":
+            status = status_pb2.Status.FromString(reply.data)
+            raise RelayedError(_code(status), status)
+        return reply.data
+
+    async def _answer(self, msg: Msg, handler: Handler) -> None:
+        headers = msg.headers or {}
+        try:
+            data = await handler(
+                headers.get(OP, ""),
+                headers.get(TENANT, ""),
+                headers.get(SESSION, ""),
+                msg.data,
+                headers,
+            )
+            result = "ok"
+        except Moved:
+            data, result = b"", "moved"
+        except SwitchboardError as error:
+            data, result = error.to_rpc_status().SerializeToString(), "error"
+        except Exception:
+            logger.exception("relayed request failed")
+            failed = Internal("the session's replica failed the request", reason="INTERNAL")
+            data, result = failed.to_rpc_status().SerializeToString(), "error"
+        with contextlib.suppress(Exception):
+            await self.nc.publish(msg.reply, data, headers={RESULT: result})
+
+    async def notify(self, op: str, session_id: str, data: bytes = b"") -> None:
+        """Tells every replica (`updated`, `deleted`)."""
+        await self.nc.publish(NOTICES, data, headers={OP: op, SESSION: session_id})
+
+
+@dataclass
+class Scan:
+    """Where a shared reader starts, found by reading the kept events in order."""
+
+    after: str
+    """The id to start after ("" from the first kept)."""
+    held: bool
+    """Start at the turn in progress (StreamEvents with no id) instead."""
+    caught_up: int
+    """The stream sequence of the session's last kept event when the reader started:
+    the kept events end there."""
+
+
+class SharedReader:
+    """A stream's cursor into a session's shared events (see `events.Reader`)."""
+
+    def __init__(self) -> None:
+        self._sub = None
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._ready: list[pb.ConverseResponse] = []
+        self._finish_at: str | None = None
+        self.last = ""
+
+    @classmethod
+    async def open(
+        cls, js: JetStreamContext, subject: str, config: js_api.ConsumerConfig, scan: Scan | None
+    ) -> SharedReader:
+        """Subscribes; with `scan`, reads the kept events first and keeps those to
+        deliver (`start_after`).
+
+        Raises:
+            Expired: as `start_after`.
+        """
+        reader = cls()
+
+        async def received(msg: Msg) -> None:
+            reader._queue.put_nowait(msg)
+
+        reader._sub = await js.subscribe(
+            subject, stream=EVENT_STREAM, cb=received, ordered_consumer=True, config=config
+        )
+        if scan is not None:
+            try:
+                kept = await asyncio.wait_for(reader._kept(scan), SCAN_TIMEOUT_S)
+                reader._ready = start_after(kept, scan.after, held=scan.held)
+            except BaseException:
+                await reader.close()
+                raise
+        return reader
+
+    async def _kept(self, scan: Scan) -> list[pb.ConverseResponse]:
+        kept: list[pb.ConverseResponse] = []
+        while scan.caught_up:
+            msg = await self._queue.get()
+            assert isinstance(msg, Msg)
+            kept.append(pb.ConverseResponse.FromString(msg.data))
+            if msg.metadata.sequence.stream >= scan.caught_up:
+                break
+        return kept
+
+    @property
+    def waiting(self) -> list[pb.ConverseResponse]:
+        """The events read and not yet delivered."""
+        return list(self._ready)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._sub.unsubscribe()
+
+    def fail(self, error: BaseException) -> None:
+        self._queue.put_nowait(error)
+
+    def finish(self, last_event_id: str = "") -> None:
+        """Ends the reader once it has read the event `last_event_id` (at once if it
+        has, or if it is empty)."""
+        self._finish_at = last_event_id
+        self._queue.put_nowait(_FINISH)
+
+    async def next(self) -> pb.ConverseResponse | None:
+        while True:
+            if self._ready:
+                frame = self._ready.pop(0)
+                self.last = frame.event_id
+                return frame
+            if self._finish_at is not None and self._finish_at in ("", self.last):
+                return None
+            try:
+                item = await asyncio.wait_for(
+                    self._queue.get(), None if self._finish_at is None else FINISH_WAIT_S
+                )
+            except TimeoutError:
+                return None  # told to finish after an event that never came
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, Msg):
+                self._ready.append(pb.ConverseResponse.FromString(item.data))
+
+
+def start_after(
+    frames: list[pb.ConverseResponse], after: str, *, held: bool = False
+) -> list[pb.ConverseResponse]:
+    """What a reader delivers of the kept `frames`: those after the event `after`
+    ("" every one), or `held`, from the turn in progress's start (none if no turn is in
+    progress).
+
+    An `after` of an incarnation whose last kept event is older than it was seen by the
+    client before its owner died (those events were lost with it): the reader starts at
+    the next incarnation's first event, or at new events.
+
+    Raises:
+        Expired: `after` is none of the kept events' and of no incarnation kept.
+    """
+    if held:
+        start = len(frames)
+        for i, frame in enumerate(frames):
+            if frame.HasField("turn_started"):
+                start = i
+            elif frame.HasField("turn_completed"):
+                start = len(frames)
+        return frames[start:]
+    if not after:
+        return frames
+    incarnation, _, number = after.partition(".")
+    if not (number.isascii() and number.isdigit()):
+        raise Expired(after)
+    seen_incarnation = False
+    for i, frame in enumerate(frames):
+        if frame.event_id == after:
+            return frames[i + 1 :]
+        theirs, _, n = frame.event_id.partition(".")
+        if theirs == incarnation:
+            if int(n) > int(number):
+                raise Expired(after)  # it was kept once and is no longer
+            seen_incarnation = True
+        elif seen_incarnation:
+            return frames[i:]  # the rest of its incarnation was lost with its owner
+    if seen_incarnation:
+        return []
+    raise Expired(after)
+
+
+_FINISH = object()
