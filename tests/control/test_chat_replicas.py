@@ -17,8 +17,7 @@ import grpc
 import pytest
 from switchboard.chat.v1 import chat_pb2 as pb
 from switchboard.chat.v1 import chat_service_pb2_grpc
-from switchboard.control.v1 import control_pb2
-from switchboard.control.v1 import control_service_pb2_grpc
+from switchboard.control.v1 import control_pb2, control_service_pb2_grpc
 from switchboard.inference.v1 import inference_pb2
 
 from bench._common import api_key_metadata
@@ -91,9 +90,7 @@ class Stream:
 
 
 def say(text: str) -> pb.ConverseRequest:
-    return pb.ConverseRequest(
-        message=pb.UserMessage(client_message_id=uuid.uuid4().hex, text=text)
-    )
+    return pb.ConverseRequest(message=pb.UserMessage(client_message_id=uuid.uuid4().hex, text=text))
 
 
 def opening(session_id: str) -> pb.ConverseRequest:
