@@ -42,7 +42,12 @@ COLLECTION = "load"
 
 
 class ChatTurnFailed(Exception):
-    """A chat turn ended with an error frame, or its stream without the turn's end."""
+    """A chat turn ended with an error frame (its status's code), or its stream without
+    the turn's end (ABORTED)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.ABORTED) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -167,7 +172,7 @@ class MixedLoad(LoadWorkers):
             except grpc.aio.AioRpcError as exc:
                 code, detail = exc.code(), _detail(exc)
             except ChatTurnFailed as exc:
-                code, detail = grpc.StatusCode.ABORTED, str(exc)
+                code, detail = exc.code, str(exc)
             except asyncio.CancelledError:
                 raise
             self.records.append(CallRecord(operation, started, time.monotonic(), code, detail))
@@ -226,7 +231,9 @@ class MixedLoad(LoadWorkers):
                     if frame.HasField("token"):
                         indexes.append(frame.token.index)
                     elif frame.HasField("error"):
-                        raise ChatTurnFailed(frame.error.status.message)
+                        details = error_details(frame.error.status)
+                        reason = details.error_info.reason if details.error_info else ""
+                        raise ChatTurnFailed(f"{reason}: {details.message}", details.code)
                     elif frame.HasField("turn_completed"):
                         await call.done_writing()
                         if indexes != list(range(len(indexes))):

@@ -72,10 +72,11 @@ REPLICAS = {
     "execution_replicas": 2,
     "auth_replicas": 2,
     "gateway_replicas": 2,
+    "chat_replicas": 2,
 }
-OPERATIONS = tuple(op for op in MIXED_OPERATIONS if op != "chat")
-"""The load: no chat turns (a chat session's live events are one replica's, so a turn
-cannot move to another replica mid-answer; the chat service runs one replica)."""
+OPERATIONS = MIXED_OPERATIONS
+"""The load: Generate, Retrieve, SubmitTask and chat turns (whose streams resume on
+another replica when theirs drains or dies)."""
 WORKERS = 2
 KINDS = ("inference", "admission", "rag", "execution", "worker", "auth", "gateway", "chat")
 TRITON = "triton-0"
@@ -303,6 +304,9 @@ class Figures:
     push_events_s: list[float] | None = None
     event_gaps: int = 0
     calls: int = 0
+    chat_turns: int = 0
+    chat_resumes: int = 0
+    chat_gaps: int = 0
 
 
 def _per_s(records: Sequence[CallRecord], start: float, end: float) -> float:
@@ -339,6 +343,9 @@ async def measure(mesh: Any) -> Figures:
         figures.push_events_s = log.push_seconds()
         figures.event_gaps = log.gaps
         figures.calls = len(load.records)
+        figures.chat_turns = sum(1 for r in load.records if r.operation == "chat" and r.ok)
+        figures.chat_resumes = load.chat_resumes
+        figures.chat_gaps = load.chat_gaps
     return figures
 
 
@@ -568,6 +575,9 @@ def _report(f: Figures, pushes: dict[float, float]) -> dict:
         "xds_push_events_p50_ms": ms(percentile(events, 50)) if events else None,
         "xds_push_events_p99_ms": ms(percentile(events, 99)) if events else None,
         "steady_errors": f.steady_errors,
+        "chat_turns": f.chat_turns,
+        "chat_resumes": f.chat_resumes,
+        "chat_gaps": f.chat_gaps,
         **{f"recovery_{r.kind}_s": r.acked_s for r in recoveries},
     }
     targets = {
@@ -577,6 +587,7 @@ def _report(f: Figures, pushes: dict[float, float]) -> dict:
         "kills_not_recovered": "<= 0",
         "kill_errors_new_calls": "<= 0",
         "xds_push_p99_ms": "<= 100",
+        "chat_gaps": "<= 0",
     }
     targets = {k: v for k, v in targets.items() if metrics[k] is not None}
     notes = (
@@ -601,6 +612,8 @@ def _report(f: Figures, pushes: dict[float, float]) -> dict:
         " Generate OK. xds_push quantiles read off the control plane's"
         f" {PUSH_METRIC} buckets (this run's pushes: after the mesh was up → end);"
         " xds_push_events = the same pushes timed from config_pushed → config_acked events."
+        " Chat: turns completed, streams resumed on another replica (theirs drained or"
+        " died), turns whose tokens came with a gap or a duplicate across resumes."
         + (f" The rollout FAILED: {f.rollout_failure}." if f.rollout_failure else "")
         + "".join(f" Not back after kill -9: {line}." for line in unrecovered)
         + (f" Triton not back: {f.triton_failure}." if f.triton_failure else "")

@@ -43,7 +43,6 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import grpc
 import nats
 from google.rpc import status_pb2
 from nats.aio.client import Client
@@ -57,7 +56,7 @@ from nats.js.kv import KeyValue
 from switchboard.chat.v1 import chat_pb2 as pb
 
 from services.chat.events import Expired
-from services.runtime import Internal, RelayedError, SwitchboardError
+from services.runtime import Internal, RelayedError, SwitchboardError, error_details
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +101,6 @@ class Owner:
 
 def _events(session_id: str) -> str:
     return f"{EVENT_SUBJECT}.{session_id}"
-
-
-def _code(status: status_pb2.Status) -> grpc.StatusCode:
-    return next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
 
 
 class Shared:
@@ -332,7 +327,7 @@ class Shared:
             raise Moved(session_id)
         if result == "error":
             status = status_pb2.Status.FromString(reply.data)
-            raise RelayedError(_code(status), status)
+            raise RelayedError(error_details(status).code, status)
         return reply.data
 
     async def _answer(self, msg: Msg, handler: Handler) -> None:
