@@ -453,6 +453,7 @@ class Hub:
             except BaseException:
                 await reader.close()
                 raise
+            self._remote.setdefault(live.session_id, set()).add(live)
         else:
             live.attach_remote()  # read from the shared log, but here
         return reader, last
@@ -460,7 +461,10 @@ class Hub:
     async def detach(self, live: Live, reader: Reader | SharedReader, *, clean: bool) -> None:
         """The stream ended (`clean`: it half-closed, or only watched)."""
         if isinstance(live, RemoteSession):
-            self._remote.get(live.session_id, set()).discard(live)
+            if (streams := self._remote.get(live.session_id)) is not None:
+                streams.discard(live)
+                if not streams:
+                    del self._remote[live.session_id]
             await live.detach(clean=clean)
         elif isinstance(reader, SharedReader):
             await reader.close()
@@ -544,9 +548,7 @@ class Hub:
 
     def _remote_session(self, tenant_id: str, session_id: str, owner: str) -> RemoteSession:
         assert self._shared is not None
-        remote = RemoteSession(tenant_id, session_id, owner, shared=self._shared, claim=self._claim)
-        self._remote.setdefault(session_id, set()).add(remote)
-        return remote
+        return RemoteSession(tenant_id, session_id, owner, shared=self._shared, claim=self._claim)
 
     async def _claim(self, tenant_id: str, session_id: str) -> str:
         """The relay subject of the session's owner, after claiming it (this process's
@@ -744,13 +746,12 @@ class Hub:
         if busy:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*busy), within)
-        if self._shared is None:
-            return
         # a turn still running keeps its session here until the process ends it
         idle = [sid for sid, live in self._sessions.items() if live.idle]
         for sid in idle:
             del self._sessions[sid]  # asked for it, this replica now says it moved
-        await asyncio.gather(*(self._shared.release(sid) for sid in idle))
+        if self._shared is not None:
+            await asyncio.gather(*(self._shared.release(sid) for sid in idle))
 
     def close(self) -> None:
         """Ends every stream and turn (the service is stopping)."""

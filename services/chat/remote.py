@@ -19,7 +19,6 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
 from switchboard.chat.v1 import chat_pb2 as pb
 
 from services.chat.shared import Moved, Shared, SharedReader
@@ -69,7 +68,7 @@ class RemoteSession:
         may make this replica its owner) and asks there.
 
         Raises:
-            Unavailable: no owner answered.
+            Unavailable: no owner answered, or NATS did not.
             SwitchboardError: the owner's refusal.
         """
         for _ in range(_ATTEMPTS):
@@ -79,8 +78,6 @@ class RemoteSession:
                 )
             except (Moved, NoRespondersError):
                 self.owner = await self._claim(self.tenant_id, self.session_id)
-            except NatsTimeout:
-                break
         raise unreachable(self.session_id)
 
     async def attached(self, reader: SharedReader) -> None:

@@ -40,15 +40,15 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import nats
 from google.rpc import status_pb2
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api as js_api
 from nats.js.client import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
@@ -56,7 +56,7 @@ from nats.js.kv import KeyValue
 from switchboard.chat.v1 import chat_pb2 as pb
 
 from services.chat.events import Expired
-from services.runtime import Internal, RelayedError, SwitchboardError, error_details
+from services.runtime import Internal, RelayedError, SwitchboardError, Unavailable, error_details
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,22 @@ class Owner:
 
 def _events(session_id: str) -> str:
     return f"{EVENT_SUBJECT}.{session_id}"
+
+
+@contextlib.asynccontextmanager
+async def _reaching_nats(what: str) -> AsyncIterator[None]:
+    """NATS not answering (down, or too slow) becomes UNAVAILABLE with its reason."""
+    try:
+        yield
+    except (nats.errors.Error, TimeoutError) as exc:
+        if isinstance(exc, NoRespondersError | KeyWrongLastSequenceError | NotFoundError):
+            raise
+        raise Unavailable(
+            f"the chat service cannot reach NATS to {what} ({type(exc).__name__}); retry shortly",
+            reason="DEPENDENCY_UNAVAILABLE",
+            metadata={"dependency": "nats"},
+            retry_after=timedelta(seconds=1),
+        ) from exc
 
 
 class Shared:
@@ -190,14 +206,23 @@ class Shared:
         the owner's events leave in order on its one connection)."""
         await self.nc.publish(_events(session_id), frame.SerializeToString())
 
-    async def reader(self, session_id: str, after_event_id: str | None, *, held: bool = False):
+    async def reader(
+        self, session_id: str, after_event_id: str | None, *, held: bool = False
+    ) -> tuple[SharedReader, str]:
         """A reader of the session's shared events: after `after_event_id` (None: new
         events only; "" every one kept), or, `held`, from the turn in progress's first
         event. Returns (reader, the id it starts after).
 
         Raises:
             Expired: the id is not among the events kept.
+            Unavailable: `DEPENDENCY_UNAVAILABLE` (NATS).
         """
+        async with _reaching_nats("read the session's events"):
+            return await self._reader(session_id, after_event_id, held=held)
+
+    async def _reader(
+        self, session_id: str, after_event_id: str | None, *, held: bool
+    ) -> tuple[SharedReader, str]:
         assert self._js is not None, "connect() first"
         subject = _events(session_id)
         try:
@@ -244,7 +269,15 @@ class Shared:
 
     async def claim(self, session_id: str) -> Owner:
         """The session's owner: this process if nobody owned it or its owner no longer
-        answers (the key replaced at the revision read), else the live owner."""
+        answers (the key replaced at the revision read), else the live owner.
+
+        Raises:
+            Unavailable: `DEPENDENCY_UNAVAILABLE` (NATS).
+        """
+        async with _reaching_nats("find the session's owner"):
+            return await self._claim(session_id)
+
+    async def _claim(self, session_id: str) -> Owner:
         assert self._kv is not None, "connect() first"
         mine = self.subject.encode()
         while True:
@@ -269,10 +302,15 @@ class Shared:
             return Owner(self.subject, mine=True, taken_over=True)
 
     async def owner_of(self, session_id: str) -> str | None:
-        """The relay subject of the session's owner if another process owns it."""
+        """The relay subject of the session's owner if another process owns it.
+
+        Raises:
+            Unavailable: `DEPENDENCY_UNAVAILABLE` (NATS).
+        """
         assert self._kv is not None, "connect() first"
         try:
-            entry = await self._kv.get(session_id)
+            async with _reaching_nats("find the session's owner"):
+                entry = await self._kv.get(session_id)
         except KeyNotFoundError:
             return None
         owner = (entry.value or b"").decode()
@@ -292,7 +330,7 @@ class Shared:
             await self.request(owner, "owns", "", session_id, b"")
         except (Moved, NoRespondersError):
             return False
-        except (NatsTimeout, SwitchboardError):
+        except SwitchboardError:
             return True  # alive but slow: never take a session from a live owner
         return True
 
@@ -314,14 +352,16 @@ class Shared:
         Raises:
             Moved: it does not own the session.
             NoRespondersError: nobody listens there (the owner died).
+            Unavailable: `DEPENDENCY_UNAVAILABLE`: NATS, or the owner, did not answer.
             SwitchboardError: the owner's refusal, as it stated it.
         """
-        reply = await self.nc.request(
-            owner,
-            data,
-            timeout=timeout,
-            headers={OP: op, TENANT: tenant_id, SESSION: session_id, **(headers or {})},
-        )
+        async with _reaching_nats("reach the session's owner"):
+            reply = await self.nc.request(
+                owner,
+                data,
+                timeout=timeout,
+                headers={OP: op, TENANT: tenant_id, SESSION: session_id, **(headers or {})},
+            )
         result = (reply.headers or {}).get(RESULT, "ok")
         if result == "moved":
             raise Moved(session_id)
