@@ -7,9 +7,11 @@ over Converse), one call at a time, and records each call's start, end, operatio
 and status code. `errors(since=...)` then tells the calls that *started* after a moment
 and failed (new calls, which must succeed throughout) from those already in flight.
 
-A chat turn is what a chat client does: when its stream breaks (UNAVAILABLE: its replica
-died or drained) it resumes the session from the last event it saw, through Envoy, on
-whichever replica; the turn counts as failed only if it cannot finish. Its tokens must
+A chat turn is what a chat client does: when its stream breaks (`broken`: UNAVAILABLE,
+its replica drained or died; or the INTERNAL gRPC reports for an HTTP/2 RST_STREAM,
+which Envoy sends when the replica behind a stream that has already answered dies) it
+resumes the session from the last event it saw, through Envoy, on whichever replica;
+the turn counts as failed only if it cannot finish. Its tokens must
 arrive exactly once each, in order, across resumes (`chat_gaps` counts any that did
 not).
 """
@@ -39,6 +41,15 @@ READ_ATTEMPTS = 5
 """Tries to read a task's state at the end of a run (a replica may be restarting)."""
 """Streams a chat turn may take: the first and its resumes."""
 COLLECTION = "load"
+
+
+def broken(error: grpc.aio.AioRpcError) -> bool:
+    """Whether a stream's error says the connection under it broke (resume it), rather
+    than that the call was refused."""
+    code = error.code()
+    return code == grpc.StatusCode.UNAVAILABLE or (
+        code == grpc.StatusCode.INTERNAL and "RST_STREAM" in (error.details() or "")
+    )
 
 
 class ChatTurnFailed(Exception):
@@ -240,7 +251,7 @@ class MixedLoad(LoadWorkers):
                             self.chat_gaps += 1
                         return
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == CHAT_ATTEMPTS - 1:
+                if not broken(exc) or attempt == CHAT_ATTEMPTS - 1:
                     raise
         raise ChatTurnFailed("the stream ended before the turn completed")
 
