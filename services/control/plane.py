@@ -172,8 +172,6 @@ class ControlPlane:
             # ACKs of earlier pushes, and watching the replicas, meanwhile
             resources = await asyncio.to_thread(self._resources, routed)
             version = self.xds.publish(resources)
-            self._count_replicas()
-            write_service_targets(self._config.run_dir / TARGETS_DIR, self._scrape_targets())
             self.events.emit(
                 "config_pushed", f"config version {version} published", config_version=version
             )
@@ -183,6 +181,12 @@ class ControlPlane:
                 )
             else:
                 logger.warning("Envoy did not acknowledge config version %d in time", version)
+            # after the ACK, and off the loop: a file write on a busy disk can stall for
+            # longer than the push itself, and Prometheus reads these files at its pace
+            self._count_replicas()
+            await asyncio.to_thread(
+                write_service_targets, self._config.run_dir / TARGETS_DIR, self._scrape_targets()
+            )
 
     async def _follow_revocations(self) -> None:
         """Gives the edge the revoked keys when they change, and takes its own key check
