@@ -80,7 +80,7 @@ FD_BOUND = 16
 RSS_BOUND_MB = 40.0
 """Most resident memory a service process may hold more than after the warm-up."""
 CONNECTION_BOUND = 8
-KEPT = {"SWITCHBOARD_CHAT_IDLE_TTL_S": "20"}
+KEPT = {"SWITCHBOARD_CHAT_IDLE_TTL_S": "20", "SWITCHBOARD_CHAT_EVENT_RETENTION_S": "20"}
 """What the services keep by design, shortened so that it is full within the warm-up."""
 """Most inet connections a service process may hold more than after the warm-up."""
 
@@ -540,7 +540,8 @@ def run() -> dict[str, Any]:
         f" operation succeeded again) minus after a warm-up rotation; leak_fd_growth and"
         f" leak_rss_growth_mb are the max over processes, leak_fd_growth_sum the sum;"
         f" restarted: {growth.restarted or 'none'};"
-        f" chat idle sessions kept {os.environ['SWITCHBOARD_CHAT_IDLE_TTL_S']} s;"
+        f" chat idle sessions kept {os.environ['SWITCHBOARD_CHAT_IDLE_TTL_S']} s, their"
+        f" events in JetStream {os.environ['SWITCHBOARD_CHAT_EVENT_RETENTION_S']} s;"
         f" sampled totals over time: {found['timeline']}"
     )
     targets = {

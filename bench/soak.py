@@ -22,7 +22,8 @@ Figures:
 
 NATS holds what JetStream is told to keep: an index entry per task whose events are
 retained and an entry per message id in the duplicate window (see
-`services.execution.bus`). With the defaults (7 days, 10 min) a 30-minute run never
+`services.execution.bus`), and chat sessions' events for other replicas (10 min, see
+`services.chat.shared`). With the defaults (7 days, 10 min) a 30-minute run never
 reaches that steady state, and NATS's memory would climb with the tasks it keeps, which
 is no leak. The soak shortens both (STORE_SETTINGS) so what NATS keeps levels off within
 the warm-up, and any growth left is growth nobody asked for.
@@ -62,6 +63,7 @@ FINISH_WAIT_S = 180.0
 STORE_SETTINGS = {
     "SWITCHBOARD_EXECUTION_EVENT_RETENTION": "90s",
     "SWITCHBOARD_EXECUTION_DUPLICATE_WINDOW": "60s",
+    "SWITCHBOARD_CHAT_EVENT_RETENTION_S": "60",
 }
 """What JetStream keeps, shortened so that it is full within the warm-up."""
 
