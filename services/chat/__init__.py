@@ -60,6 +60,7 @@ class ChatService:
                 self._config.nats_url,
                 retain_events=limits.retain_events,
                 event_retention_s=self._config.chat_event_retention_s,
+                replicas=self._config.nats_stream_replicas,
             )
             if self._config.nats_url
             else None

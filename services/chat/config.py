@@ -33,6 +33,8 @@ class ChatConfig:
     nats_url: str = ""
     """NATS, through which chat replicas share sessions' events and owners (see
     `shared`); empty: this process serves its sessions alone (one replica)."""
+    nats_stream_replicas: int = 1
+    """Copies JetStream keeps of the shared events and owners (3 on a 3-node cluster)."""
     chat_event_retention_s: float = 600.0
     """Seconds the shared log keeps a session's events for a resume on another replica
     (the last `retain_events` of each session at most)."""
@@ -47,6 +49,8 @@ class ChatConfig:
             )
         if self.chat_max_message_bytes < 1 or self.chat_flow_window < 1:
             raise ValueError("the message limit and the flow window must be positive")
+        if not 1 <= self.nats_stream_replicas <= 5:
+            raise ValueError("SWITCHBOARD_NATS_STREAM_REPLICAS must be 1..5")
         if self.chat_event_retention_s < 10:
             raise ValueError("SWITCHBOARD_CHAT_EVENT_RETENTION_S must be at least 10")
         if not 0 <= self.chat_resume_grace_s <= 60:

@@ -129,11 +129,13 @@ class Shared:
         retain_events: int = 1024,
         event_retention_s: float = 600.0,
         max_bytes: int = 256 << 20,
+        replicas: int = 1,
     ) -> None:
         self._url = url
         self._retain = retain_events
         self._retention = event_retention_s
         self._max_bytes = max_bytes
+        self._replicas = replicas
         self.subject = f"{RELAY_SUBJECT}.{secrets.token_hex(8)}"
         """This process's relay subject: what it owns, it answers for here."""
         self._nc: Client | None = None
@@ -166,6 +168,7 @@ class Shared:
             max_age=self._retention,
             max_bytes=self._max_bytes,
             discard=js_api.DiscardPolicy.OLD,
+            num_replicas=self._replicas,
         )
         try:
             await self._js.stream_info(EVENT_STREAM)
@@ -173,7 +176,7 @@ class Shared:
         except NotFoundError:
             await self._js.add_stream(config)
         self._kv = await self._js.create_key_value(
-            bucket=OWNERS, history=1, storage=js_api.StorageType.FILE
+            bucket=OWNERS, history=1, storage=js_api.StorageType.FILE, replicas=self._replicas
         )
 
         async def relayed(msg: Msg) -> None:

@@ -75,6 +75,8 @@ class WorkSettings:
     """How long an event is kept (WatchTask replays a task's history within it)."""
     duplicate_window: timedelta = DUPLICATE_WINDOW
     """How long a publish's message id is remembered (a republish within it is dropped)."""
+    replicas: int = 1
+    """Copies JetStream keeps of each stream (on a NATS cluster; 1 on one server)."""
 
 
 def event_subject(task_id: str) -> str:
@@ -144,6 +146,7 @@ class Bus:
                 retention=js_api.RetentionPolicy.WORK_QUEUE,
                 storage=js_api.StorageType.FILE,
                 duplicate_window=window,
+                num_replicas=self.settings.replicas,
             ),
             js_api.StreamConfig(
                 name=EVENT_STREAM,
@@ -152,6 +155,7 @@ class Bus:
                 storage=js_api.StorageType.FILE,
                 max_age=self.settings.event_retention.total_seconds(),
                 duplicate_window=window,
+                num_replicas=self.settings.replicas,
             ),
             js_api.StreamConfig(
                 name=DEAD_STREAM,
@@ -160,6 +164,7 @@ class Bus:
                 storage=js_api.StorageType.FILE,
                 max_age=30 * 24 * 3600.0,
                 duplicate_window=window,
+                num_replicas=self.settings.replicas,
             ),
         ]
         for config in streams:

@@ -40,10 +40,15 @@ class ExecutionConfig:
     0.2 KB of NATS memory per message within it); longer than any crash-to-republish gap."""
     execution_sandbox_pool: int = 2
     """Pre-started sandboxes kept warm for RunCode and code steps (0 = none)."""
+    nats_stream_replicas: int = 1
+    """Copies JetStream keeps of each stream this service makes (1: one NATS server; 3 on
+    a 3-node cluster, so that losing a node loses nothing)."""
 
     def __post_init__(self) -> None:
         if not self.database_url or not self.nats_url:
             raise ValueError("SWITCHBOARD_DATABASE_URL and SWITCHBOARD_NATS_URL are required")
+        if not 1 <= self.nats_stream_replicas <= 5:
+            raise ValueError("SWITCHBOARD_NATS_STREAM_REPLICAS must be 1..5")
         if self.execution_workers < 1 or self.execution_max_deliver < 2:
             raise ValueError("SWITCHBOARD_EXECUTION_WORKERS >= 1, _MAX_DELIVER >= 2")
         if self.execution_duplicate_window < timedelta(seconds=60):

@@ -38,6 +38,7 @@ class Parts:
                 max_deliver=config.execution_max_deliver,
                 event_retention=config.execution_event_retention,
                 duplicate_window=config.execution_duplicate_window,
+                replicas=config.nats_stream_replicas,
             ),
         )
         self.engine = Engine(self.store, self.bus)
