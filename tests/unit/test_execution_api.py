@@ -328,7 +328,7 @@ async def test_the_configured_retention_decides_which_tasks_may_have_lost_events
 
 async def test_the_streams_keep_events_and_ids_as_long_as_configured():
     settings = WorkSettings(
-        event_retention=timedelta(hours=2), duplicate_window=timedelta(minutes=3)
+        event_retention=timedelta(hours=2), duplicate_window=timedelta(minutes=3), replicas=3
     )
     bus = Bus("nats://unused", settings)
     made: list[Any] = []
@@ -350,12 +350,14 @@ async def test_the_streams_keep_events_and_ids_as_long_as_configured():
         ("SB_WORK", "SB_EVENTS", "SB_DEAD"), 180.0
     )
     assert next(c for c in made if c.name == "SB_EVENTS").max_age == 7200.0
+    assert {c.num_replicas for c in made} == {3}  # every stream on three NATS nodes
 
 
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
         ({"SWITCHBOARD_EXECUTION_DUPLICATE_WINDOW": "30s"}, "DUPLICATE_WINDOW"),
+        ({"SWITCHBOARD_NATS_STREAM_REPLICAS": "0"}, "NATS_STREAM_REPLICAS"),
         (
             {
                 "SWITCHBOARD_EXECUTION_EVENT_RETENTION": "5m",
