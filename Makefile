@@ -11,7 +11,7 @@ NODE_STAMP  := $(NODE_CLIENT)/node_modules/.installed
 WEB         := clients/web
 WEB_STAMP   := $(WEB)/node_modules/.installed
 
-.PHONY: install gen check-gen lint test test-unit test-integration demo up down status bench fuzz soak redis-server web chromium litellm prometheus
+.PHONY: install gen check-gen deploy-check lint test test-unit test-integration demo up down status bench fuzz soak redis-server web chromium litellm prometheus
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ gen: $(STAMP)
 check-gen: gen
 	@if [ -n "$$(git status --porcelain -- gen)" ]; then \
 	  git status --porcelain -- gen; echo "gen/ is out of date with proto/: run 'make gen' and commit"; exit 1; fi
+
+# the Kubernetes chart: its generated files (Envoy's config from the launcher's renderer)
+# up to date, rendered offline and validated (schemas, policies, bad values)
+deploy-check: $(STAMP)
+	$(BIN)/python -m services.launcher.kubernetes check
+	$(BIN)/pytest -q $(PYTEST_ARGS) tests/unit/test_deploy_chart.py tests/unit/test_deploy_envoy.py tests/unit/test_deploy_images.py
 
 lint: $(STAMP)
 	scripts/lint-proto.sh
