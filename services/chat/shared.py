@@ -56,7 +56,14 @@ from nats.js.kv import KeyValue
 from switchboard.chat.v1 import chat_pb2 as pb
 
 from services.chat.events import Expired
-from services.runtime import Internal, RelayedError, SwitchboardError, Unavailable, error_details
+from services.runtime import (
+    Internal,
+    RelayedError,
+    SwitchboardError,
+    Unavailable,
+    connect_nats,
+    error_details,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -151,13 +158,7 @@ class Shared:
     async def connect(self, handler: Handler, notice: Callable[[str, str, bytes], None]) -> None:
         """Connects, makes the stream and the bucket if they are missing, and starts
         answering relayed requests (`handler`) and notices (`notice(op, session, data)`)."""
-        self._nc = await nats.connect(
-            self._url,
-            name="switchboard-chat",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            connect_timeout=5,
-        )
+        self._nc = await connect_nats(self._url, name="switchboard-chat")
         self._js = self._nc.jetstream(timeout=5)
         config = js_api.StreamConfig(
             name=EVENT_STREAM,

@@ -44,7 +44,7 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 from switchboard.execution.v1 import execution_pb2 as pb
 
-from services.runtime import dependency_unavailable, tracing
+from services.runtime import connect_nats, dependency_unavailable, tracing
 
 logger = logging.getLogger(__name__)
 
@@ -106,14 +106,8 @@ class Bus:
         return self._nc
 
     async def connect(self) -> None:
-        self._nc = await nats.connect(
-            self._url,
-            name="switchboard-execution",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            connect_timeout=5,
-            disconnected_cb=self._connection_changed,
-            reconnected_cb=self._connection_changed,
+        self._nc = await connect_nats(
+            self._url, name="switchboard-execution", changed=self._connection_changed
         )
         self._js = self._nc.jetstream(timeout=5)
         await self._ensure_streams()

@@ -67,6 +67,7 @@ from services.runtime._http_errors import HTTP_STATUS, HttpError, http_error
 from services.runtime._local import LocalChannel, LocalRpcError
 from services.runtime._logging import configure_logging, flush_logs
 from services.runtime._metrics import serve_metrics, watch_event_loop
+from services.runtime._nats import connect_nats
 from services.runtime._pages import page_size, page_token, read_page_token
 from services.runtime._retry import RetriesExhausted, RetryPolicy
 from services.runtime._server import (
@@ -111,6 +112,7 @@ __all__ = [
     "RelayedError",
     "clear_deadline",
     "current_tenant",
+    "connect_nats",
     "current_request_id",
     "Database",
     "apply_migrations",

@@ -9,9 +9,12 @@ resumes through Envoy, as a client does."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -134,19 +137,42 @@ async def history(channel, metadata, session_id: str) -> list[pb.Message]:
     return list(reply.messages)
 
 
-async def test_a_stream_on_another_replica_reads_the_same_events_and_drives_the_session(
-    control,
-) -> None:
+@dataclass
+class Answering:
+    """A session replica A owns (its stream opened there), whose answer has started."""
+
+    a: control_pb2.Replica
+    on_a: grpc.aio.Channel
+    on_b: grpc.aio.Channel
+    metadata: tuple[tuple[str, str], ...]
+    session_id: str
+    owner: Stream
+    seen: list[pb.ConverseResponse]
+
+
+@contextlib.asynccontextmanager
+async def answering_on_a(control) -> AsyncIterator[Answering]:
+    """The two chat replicas, A and B, each reached on its own port, and a session A owns
+    with an answer under way."""
     a, b = await chat_replicas(control)
     metadata = (("x-tenant-id", f"chat-replicas-{uuid.uuid4().hex[:8]}"),)
     async with (
         grpc.aio.insecure_channel(a.address) as on_a,
         grpc.aio.insecure_channel(b.address) as on_b,
     ):
-        session_id = await new_session(on_a, metadata)
-        owner = Stream(on_a, metadata, opening(session_id))  # A owns the session
+        session_id = await new_session(on_b, metadata)
+        owner = Stream(on_a, metadata, opening(session_id))  # A claims the session
         await owner.next()
         seen = await answer_started(owner)
+        yield Answering(a, on_a, on_b, metadata, session_id, owner, seen)
+
+
+async def test_a_stream_on_another_replica_reads_the_same_events_and_drives_the_session(
+    control,
+) -> None:
+    async with answering_on_a(control) as started:
+        on_b, metadata, session_id = started.on_b, started.metadata, started.session_id
+        owner, seen = started.owner, started.seen
         other = Stream(on_b, metadata, resuming(session_id, seen[-1].event_id))
         opened = await other.next()
         assert opened.opened.resumed and opened.event_id == seen[-1].event_id
@@ -175,17 +201,10 @@ async def test_a_stream_on_another_replica_reads_the_same_events_and_drives_the_
 async def test_a_killed_owner_s_answer_ends_with_an_error_frame_and_is_stored_failed(
     control,
 ) -> None:
-    a, b = await chat_replicas(control)
-    metadata = (("x-tenant-id", f"chat-replicas-{uuid.uuid4().hex[:8]}"),)
-    async with (
-        grpc.aio.insecure_channel(a.address) as on_a,
-        grpc.aio.insecure_channel(b.address) as on_b,
-    ):
-        session_id = await new_session(on_b, metadata)
-        owner = Stream(on_a, metadata, opening(session_id))
-        await owner.next()
-        seen = await answer_started(owner)
-        os.kill(a.pid, signal.SIGKILL)
+    async with answering_on_a(control) as started:
+        on_b, metadata, session_id = started.on_b, started.metadata, started.session_id
+        seen = started.seen
+        os.kill(started.a.pid, signal.SIGKILL)
         # the client's stream breaks; it resumes on the other replica, which takes the
         # session over and ends the interrupted turn
         resumed = Stream(on_b, metadata, resuming(session_id, seen[-1].event_id))

@@ -44,9 +44,11 @@ def empty_database(mesh: Mesh):
             conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
-def migrate(url: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SWITCHBOARD_DATABASE_URL": url}
-    env.pop("SWITCHBOARD_RAG_DATABASE_URL", None)
+def migrate(url: str | None) -> subprocess.CompletedProcess[str]:
+    """The Job's command, with `url` as its database (None: none given)."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")}
+    if url is not None:
+        env["SWITCHBOARD_DATABASE_URL"] = url
     return subprocess.run(
         [sys.executable, "-m", "services.launcher.kubernetes", "migrate"],
         env=env,
@@ -77,14 +79,6 @@ def test_the_migration_job_makes_every_table_once(empty_database: str) -> None:
 
 
 def test_the_migration_job_needs_its_database_url() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "SWITCHBOARD_DATABASE_URL"}
-    done = subprocess.run(
-        [sys.executable, "-m", "services.launcher.kubernetes", "migrate"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = migrate(None)
     assert done.returncode == 2
     assert "SWITCHBOARD_DATABASE_URL is not set" in done.stderr
