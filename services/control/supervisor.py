@@ -138,6 +138,9 @@ class Supervisor:
         self._busy: dict[str, str] = {}
         self._dirty = False
         self._probing: set[str] = set()
+        # the state file is written in order, off the event loop: a write stalled on a
+        # busy disk must not hold up Envoy's ACKs, probes and restarts
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="supervisor-state")
         self._pushing: asyncio.Task[None] | None = None
         self._stopper = ThreadPoolExecutor(max_workers=4 * MAX_SLOTS, thread_name_prefix="stop")
 
@@ -200,6 +203,7 @@ class Supervisor:
         for layer in (services, others):
             await asyncio.gather(*(self._stop_process(r) for r in layer))
         self._save()
+        self._writer.shutdown(wait=True)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -530,9 +534,11 @@ class Supervisor:
             "generations": self.generations,
             "replicas": [r.to_json() for r in self.replicas.values()],
         }
-        tmp = self._state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(self._state_path)
+        text = json.dumps(data, indent=2)
+        try:
+            self._writer.submit(_write_state, self._state_path, text)
+        except RuntimeError:  # shut down: what changes afterwards is written at once
+            _write_state(self._state_path, text)
 
     def _load(self) -> dict[str, object]:
         try:
@@ -566,3 +572,12 @@ def _replica_from_json(raw: Mapping[str, object]) -> Replica | None:
     except (KeyError, TypeError, ValueError):
         logger.warning("ignoring an unreadable replica record: %r", raw)
         return None
+
+
+def _write_state(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as error:  # the next change writes it again
+        logger.warning("supervisor state not saved: %s", error)
