@@ -18,8 +18,11 @@ so the figures are the mesh's, not the default policy's 10 requests/s. In order:
    starts, timed by the control plane's wall clock against this process's (the same
    machine). Each failed call is blamed on the last kill before it ended: a call that
    started once the killed process was dead (its sockets closed, a few ms after the
-   signal) is a new call (which must succeed), one that started before was in flight:
-   Envoy may have written it to the dying process's connection.
+   signal) is a new call (which must succeed), one that started before was in flight.
+   A call that started after the death but that Envoy had already written onto its
+   connection to the dead process (it had not yet seen it close: "reset reason:
+   connection termination") is counted apart, as written to the dead: in flight on the
+   killed replica as far as Envoy knew, as the control plane's kill test counts it.
 4. kill -9 of the only Triton: time until triton-0 is SERVING again, and the calls that
    failed meanwhile (Generate, Retrieve and chat turns need Triton: with one, they fail
    until it is back), counted apart from the others.
@@ -297,6 +300,7 @@ class Figures:
     unrecovered: list[str] | None = None
     kill_new: list[CallRecord] | None = None
     kill_in_flight: list[CallRecord] | None = None
+    kill_written_to_the_dead: list[CallRecord] | None = None
     triton_recovery_s: float | None = None
     triton_generate_back_s: float | None = None
     triton_failure: str = ""
@@ -414,13 +418,17 @@ async def _kills(
         await load.wait_calls(LOAD_WORKERS, since=time.monotonic())
     phase_end = time.monotonic()
     figures.unrecovered = unrecovered
-    new, in_flight = [], []
+    new, in_flight, written = [], [], []
     for record in load.failed(since=phase_start - 60, until=phase_end):
         blamed = max((k for k in kills if k <= record.ended), default=None)
         if blamed is None:
             continue  # ended before the first kill: the rollout's or steady load's
-        (new if record.started >= blamed else in_flight).append(record)
+        if record.started < blamed:
+            in_flight.append(record)
+        else:
+            (written if _written_to_the_dead(record) else new).append(record)
     figures.recoveries, figures.kill_new, figures.kill_in_flight = recoveries, new, in_flight
+    figures.kill_written_to_the_dead = written
 
 
 async def _triton(
@@ -566,6 +574,7 @@ def _report(f: Figures, pushes: dict[float, float]) -> dict:
         "kills_not_recovered": len(unrecovered),
         "kill_errors_new_calls": len(f.kill_new or []),
         "kill_errors_in_flight": len(f.kill_in_flight or []),
+        "kill_errors_written_to_the_dead": len(f.kill_written_to_the_dead or []),
         "triton_recovery_s": f.triton_recovery_s,
         "triton_generate_back_s": f.triton_generate_back_s,
         "triton_kill_errors": len(f.triton_errors or []),
@@ -606,7 +615,9 @@ def _report(f: Figures, pushes: dict[float, float]) -> dict:
         f" after it. Rollout per service (s): {_seconds(f.rollout_services)}."
         f" Failed calls: rollout {_codes(f.rollout_errors)}, kills new"
         f" {_codes(f.kill_new)} {_after_kill(f.kill_new or [], f.recoveries or [])},"
-        f" in flight {_codes(f.kill_in_flight)}, Triton kill"
+        f" in flight {_codes(f.kill_in_flight)}, written to the dead process's connection"
+        f" {_codes(f.kill_written_to_the_dead)}"
+        f" {_after_kill(f.kill_written_to_the_dead or [], f.recoveries or [])}, Triton kill"
         f" {_codes(f.triton_errors)} (Generate, Retrieve, chat need the only Triton)."
         " triton_recovery = kill → triton-0 `serving`; triton_generate_back = kill → first"
         " Generate OK. xds_push quantiles read off the control plane's"
@@ -630,8 +641,20 @@ def _after_kill(calls: Sequence[CallRecord], recoveries: Sequence[Recovery]) -> 
         since = (
             "" if recovery is None else f"+{(call.started - recovery.killed_mono) * 1000:.0f} ms "
         )
-        described.append(f"{since}{call.detail[:80]}")
+        described.append(f"{since}{call.detail[:160]}")
     return described
+
+
+def _written_to_the_dead(record: CallRecord) -> bool:
+    """Envoy had written the call onto its connection to the killed process before it saw
+    that connection close (a few ms to tens of ms after the death, on a loaded machine):
+    the connection was terminated under it, and Envoy does not retry a call that may have
+    reached its process (unless read-only). As the control plane's kill test does, such a
+    call counts as in flight on the killed replica, apart from the new calls."""
+    return (
+        record.code == grpc.StatusCode.UNAVAILABLE
+        and "reset reason: connection termination" in record.detail
+    )
 
 
 def _blamed(call: CallRecord, recoveries: Sequence[Recovery]) -> Recovery | None:
