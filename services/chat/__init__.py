@@ -6,6 +6,11 @@ to its session, dispatches its frames) → `live.LiveSession` (queues the messag
 turn at a time) → `turns.Turn` (runs it through the other services) → the session's
 `events.EventLog`, which the stream reads.
 
+With several replicas, a session is run by one of them, its owner, and any replica
+serves its streams: `shared` is what they share over NATS (the session's events, its
+owner, the relay of requests to the owner), `remote` a stream of a session another
+replica owns (see `shared`).
+
 `store` owns the tables; `sessions` applies field masks, loads sessions and builds the
 Session message (the requests' values are checked by their contract's annotations, in
 the runtime or, for Converse frames, in `live`); `commands` reads tool requests; this

@@ -23,6 +23,13 @@ now. Streams attach to it and detach from it; it outlives them:
 - an idle session without streams is forgotten after `idle_ttl`; resuming it later
   gets EVENT_HISTORY_EXPIRED, and its history is still in ListMessages.
 
+The `Hub` holds this process's live sessions. With shared sessions (several replicas,
+`shared`), it claims a session before making it live here; a session another replica
+owns is served as a `remote.RemoteSession` (its events read from the shared log, its
+frames relayed to the owner), and the Hub answers what other replicas relay to the
+sessions it owns (`relayed`). A draining replica (`Hub.drain`) tells its streams to
+resume elsewhere and lets its turns finish before it lets its sessions go.
+
 Client frames are not checked by the runtime (it checks single requests only): each is
 checked here against its contract's constraints (`request_violations`), the first one
 before the stream is attached (a bad one ends the stream), every later one on its own
