@@ -136,7 +136,7 @@ class LiveSession:
         *,
         turns: Turns,
         limits: Limits,
-        publish: Callable[[str, pb.ConverseResponse], Awaitable[None]] | None = None,
+        publish: Callable[[str, pb.ConverseResponse], None] | None = None,
     ) -> None:
         self.tenant_id = tenant_id
         self.session_id = session_id
@@ -238,7 +238,7 @@ class LiveSession:
         # a turn's events are kept while it runs, for a watcher starting at its start
         frame = await self.log.append(frame, hold=frame.HasField("turn_started"))
         if self._publish is not None:
-            await self._publish(self.session_id, frame)
+            self._publish(self.session_id, frame)
         return frame
 
     async def error(self, error: SwitchboardError, client_message_id: str = "") -> None:
@@ -546,7 +546,7 @@ class Hub:
             session_id,
             turns=self._turns,
             limits=self.limits,
-            publish=self._publish if self._shared is not None else None,
+            publish=self._shared.publish if self._shared is not None else None,
         )
         live.seen = seen
         live.settings = settings
@@ -563,13 +563,6 @@ class Hub:
         live, _ = await self._live(tenant_id, session_id)
         assert self._shared is not None
         return live.owner if isinstance(live, RemoteSession) else self._shared.subject
-
-    async def _publish(self, session_id: str, frame: pb.ConverseResponse) -> None:
-        assert self._shared is not None
-        try:
-            await self._shared.publish(session_id, frame)
-        except Exception as exc:  # NATS away: streams here go on; others miss events
-            logger.warning("event not shared: %s", exc, extra={"session_id": session_id})
 
     async def _end_interrupted(self, live: LiveSession) -> None:
         """The session's previous owner died: the turn it was running, if any, ends
@@ -758,6 +751,7 @@ class Hub:
         for sid in idle:
             del self._sessions[sid]  # asked for it, this replica now says it moved
         if self._shared is not None:
+            await self._shared.flush()  # every event shared before another replica claims
             await asyncio.gather(*(self._shared.release(sid) for sid in idle))
 
     def close(self) -> None:

@@ -4,9 +4,10 @@ way to reach the owner.
 A session has one *owner*, the replica that runs its turns (one at a time, in order)
 and numbers its events; any replica may serve its streams:
 
-- **events**: the owner publishes every event of the session, as it appends it to its
-  own log, to the JetStream stream `SB_CHAT_EVENTS` (subject
-  `sb.chat.events.<session>`, in memory, the last `retain_events` of a session kept for
+- **events**: the owner publishes every event of the session, within `PUBLISH_AFTER_S`
+  of appending it to its own log (the events of that while in one message, off the
+  path of the streams it serves itself), to the JetStream stream `SB_CHAT_EVENTS`
+  (subject `sb.chat.events.<session>`, in memory, the last `retain_events` of a session kept for
   `event_retention`). A stream attached to another replica reads them from there
   (`SharedReader`), resuming after its last event id as on the owner. JetStream, not
   PostgreSQL: events are many small frames (a token each) that only live streams read,
@@ -29,9 +30,10 @@ and numbers its events; any replica may serve its streams:
   every stream of a deleted session ends.
 
 The owner publishes its events without waiting for JetStream's ack (they leave in
-order on one connection); when it dies, the events it had not yet sent are lost with
-its turn, and the new owner numbers its events in a new incarnation (see
-`events.EventLog`), so no id is ever given to two different events.
+order on one connection); when it dies, the events it had not yet sent (those of its
+last `PUBLISH_AFTER_S`, at most) are lost with its turn, and the new owner numbers its
+events in a new incarnation (see `events.EventLog`), so no id is ever given to two
+different events.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ TENANT = "Sb-Tenant"
 RESULT = "Sb-Result"
 RELAY_TIMEOUT_S = 5.0
 """How long a relayed request waits for the owner's answer."""
+PUBLISH_AFTER_S = 0.01
+"""How long an event may wait to go to the shared log with the events after it."""
 SCAN_TIMEOUT_S = 5.0
 """How long a reader may take to read a session's kept events before it starts."""
 FINISH_WAIT_S = 2.0
@@ -149,6 +153,10 @@ class Shared:
         self._js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._batches: dict[str, list[bytes]] = {}
+        self._outbox: list[tuple[str, bytes]] = []
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._sender: asyncio.Future[None] | None = None
 
     @property
     def nc(self) -> Client:
@@ -192,6 +200,8 @@ class Shared:
         await self._nc.subscribe(NOTICES, cb=noticed)
 
     async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.flush()
         for task in list(self._tasks):
             task.cancel()
         if self._nc is not None and not self._nc.is_closed:
@@ -205,10 +215,38 @@ class Shared:
 
     # ---- events --------------------------------------------------------------------
 
-    async def publish(self, session_id: str, frame: pb.ConverseResponse) -> None:
-        """Sends one of the session's events to the shared log (not waiting for its ack:
-        the owner's events leave in order on its one connection)."""
-        await self.nc.publish(_events(session_id), frame.SerializeToString())
+    def publish(self, session_id: str, frame: pb.ConverseResponse) -> None:
+        """Queues one of the session's events for the shared log. The events of the next
+        `PUBLISH_AFTER_S` go together, one NATS message per session (`pack`), off the
+        path of the stream that waits for them here, and without waiting for JetStream's
+        ack (they leave in order on this process's one connection)."""
+        self._batches.setdefault(session_id, []).append(frame.SerializeToString())
+        if self._flush_timer is None:
+            loop = asyncio.get_running_loop()
+            self._flush_timer = loop.call_later(PUBLISH_AFTER_S, self._flush_batches)
+
+    def _flush_batches(self) -> None:
+        self._flush_timer = None
+        batches, self._batches = self._batches, {}
+        self._outbox.extend((_events(sid), pack(frames)) for sid, frames in batches.items())
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.ensure_future(self._send())
+
+    async def _send(self) -> None:
+        while self._outbox:
+            subject, payload = self._outbox.pop(0)
+            try:
+                await self.nc.publish(subject, payload)
+            except Exception as exc:  # NATS away: streams here go on, others miss these
+                logger.warning("events not shared: %s", exc, extra={"subject": subject})
+
+    async def flush(self) -> None:
+        """Sends every queued event now (a draining replica, before it lets go)."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_batches()
+        if self._sender is not None:
+            await asyncio.shield(self._sender)
 
     async def reader(
         self, session_id: str, after_event_id: str | None, *, held: bool = False
@@ -234,7 +272,7 @@ class Shared:
         except NotFoundError:
             last_id, caught_up = "", 0
         else:
-            last_id = pb.ConverseResponse.FromString(raw.data or b"").event_id
+            last_id = unpack(raw.data or b"")[-1].event_id
             caught_up = raw.seq or 0
         everything = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
         if after_event_id is None or (after_event_id and after_event_id == last_id):
@@ -456,7 +494,7 @@ class SharedReader:
         while scan.caught_up:
             msg = await self._queue.get()
             assert isinstance(msg, Msg)
-            kept.append(pb.ConverseResponse.FromString(msg.data))
+            kept.extend(unpack(msg.data))
             if msg.metadata.sequence.stream >= scan.caught_up:
                 break
         return kept
@@ -496,7 +534,7 @@ class SharedReader:
             if isinstance(item, BaseException):
                 raise item
             if isinstance(item, Msg):
-                self._ready.append(pb.ConverseResponse.FromString(item.data))
+                self._ready.extend(unpack(item.data))
 
 
 def start_after(
@@ -543,3 +581,39 @@ def start_after(
 
 
 _FINISH = object()
+
+
+def pack(frames: list[bytes]) -> bytes:
+    """Encoded events as one NATS message: each length-prefixed, as a stream of
+    length-delimited protobuf messages is."""
+    return b"".join(_varint(len(frame)) + frame for frame in frames)
+
+
+def unpack(data: bytes) -> list[pb.ConverseResponse]:
+    """The events of one NATS message (`pack`)."""
+    frames, at = [], 0
+    while at < len(data):
+        size, at = _read_varint(data, at)
+        frames.append(pb.ConverseResponse.FromString(data[at : at + size]))
+        at += size
+    return frames
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, at
+        shift += 7

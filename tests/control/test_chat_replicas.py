@@ -204,33 +204,52 @@ async def test_a_killed_owner_s_answer_ends_with_an_error_frame_and_is_stored_fa
     async with answering_on_a(control) as started:
         on_b, metadata, session_id = started.on_b, started.metadata, started.session_id
         seen = started.seen
+        # a page on B watches the turn (StreamEvents): it reads the shared events, so
+        # once it has a token, the shared log has it
+        stub = chat_service_pb2_grpc.ChatServiceStub(on_b)
+        watch = stub.StreamEvents(
+            pb.StreamEventsRequest(session_id=session_id), metadata=metadata, timeout=60
+        )
+        watched = [reply.event async for reply in _until_token(watch)]
         os.kill(started.a.pid, signal.SIGKILL)
-        # the client's stream breaks; it resumes on the other replica, which takes the
-        # session over and ends the interrupted turn
-        resumed = Stream(on_b, metadata, resuming(session_id, seen[-1].event_id))
-        assert (await resumed.next()).opened.resumed
-        rest = await resumed.until("turn_completed")
-        errors = [f.error for f in rest if f.HasField("error")]
+        # B, watching, finds the owner gone, takes the session over and ends its turn
+        async for reply in watch:
+            watched.append(reply.event)
+            if reply.event.HasField("turn_completed"):
+                break
+        errors = [f.error for f in watched if f.HasField("error")]
         assert len(errors) == 1
         assert error_details(errors[0].status).error_info.reason == "ANSWER_INTERRUPTED"
         assert errors[0].status.code == grpc.StatusCode.UNAVAILABLE.value[0]
-        assert rest[-1].turn_completed.status == pb.MESSAGE_STATUS_FAILED
-        every = ids(seen + rest)
-        assert len(set(every)) == len(every)
+        assert watched[-1].turn_completed.status == pb.MESSAGE_STATUS_FAILED
         stored = (await history(on_b, metadata, session_id))[-1]
         assert stored.role == pb.MESSAGE_ROLE_ASSISTANT
         assert stored.status == pb.MESSAGE_STATUS_FAILED
-        assert stored.message_id == rest[-1].turn_completed.assistant_message_id
-        # what was stored is what the owner had sent on: every token the client got,
-        # but for any the owner wrote to the client before the shared log
-        got = "".join(t.token.text for t in tokens(seen + rest))
-        assert stored.text and got.startswith(stored.text)
+        assert stored.message_id == watched[-1].turn_completed.assistant_message_id
+        # what was stored is what the owner had shared: every token the watcher got
+        assert stored.text and stored.text == "".join(t.token.text for t in tokens(watched))
+        # the client whose stream broke with A resumes on B: the rest, then the end
+        resumed = Stream(on_b, metadata, resuming(session_id, seen[-1].event_id))
+        assert (await resumed.next()).opened.resumed
+        rest = await resumed.until("turn_completed")
+        assert [f.WhichOneof("frame") for f in rest][-2:] == ["error", "turn_completed"]
+        every = ids(seen + rest)
+        assert len(set(every)) == len(every)  # no event twice, whatever A had not shared
         # the session goes on, on its new owner
         resumed.send(say("Who approves expense reports?"))
         after = await resumed.until("turn_completed")
         assert after[-1].turn_completed.status == pb.MESSAGE_STATUS_COMPLETED
         resumed.close()
+        watch.cancel()
     await chat_replicas(control)  # the killed one is back
+
+
+async def _until_token(call) -> AsyncIterator[pb.StreamEventsResponse]:
+    """A StreamEvents call's replies up to its first token."""
+    async for reply in call:
+        yield reply
+        if reply.event.HasField("token"):
+            return
 
 
 async def test_a_drained_owner_s_answer_goes_on_to_its_end_for_a_client_resuming_anywhere(

@@ -8,7 +8,7 @@ import pytest
 from switchboard.chat.v1 import chat_pb2 as pb
 
 from services.chat.events import Expired
-from services.chat.shared import start_after
+from services.chat.shared import pack, start_after, unpack
 
 
 def event(event_id: str, kind: str = "token") -> pb.ConverseResponse:
@@ -59,3 +59,11 @@ def test_a_watcher_starts_at_the_turn_in_progress_or_at_new_events() -> None:
     assert ids(start_after(running, "", held=True)) == ["aa.5", "aa.6"]
     assert start_after(KEPT, "", held=True) == []
     assert start_after([], "", held=True) == []
+
+
+def test_events_travel_packed_several_to_a_message() -> None:
+    frames = [event("aa.1", "started"), event("aa.2"), event("aa.3", "completed")]
+    frames[1].token.text = "x" * 70_000  # a length of three varint bytes
+    packed = pack([f.SerializeToString() for f in frames])
+    assert unpack(packed) == frames
+    assert unpack(pack([])) == []
