@@ -2,7 +2,7 @@
 bidirectional Converse stream.
 
 A user message travels one way: `servicer` (Converse) → `live.Hub` (attaches the stream
-to its session, dispatches its frames) → `live.LiveSession` (queues the message, one
+to its session, dispatches its frames) → `live_session.LiveSession` (queues the message, one
 turn at a time) → `turns.Turn` (runs it through the other services) → the session's
 `events.EventLog`, which the stream reads.
 
@@ -13,7 +13,7 @@ replica owns (see `shared`).
 
 `store` owns the tables; `sessions` applies field masks, loads sessions and builds the
 Session message (the requests' values are checked by their contract's annotations, in
-the runtime or, for Converse frames, in `live`); `commands` reads tool requests; this
+the runtime or, for Converse frames, in `live_session`); `commands` reads tool requests; this
 module only wires the parts together and runs them.
 """
 
