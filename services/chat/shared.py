@@ -4,9 +4,9 @@ way to reach the owner.
 A session has one *owner*, the replica that runs its turns (one at a time, in order)
 and numbers its events; any replica may serve its streams:
 
-- **events**: the owner publishes every event of the session, within `PUBLISH_AFTER_S`
-  of appending it to its own log (the events of that while in one message, off the
-  path of the streams it serves itself), to the JetStream stream `SB_CHAT_EVENTS`
+- **events**: the owner publishes every event of the session as it appends it to its
+  own log (those appended in the same turn of the event loop in one message,
+  `PUBLISH_AFTER_S`), to the JetStream stream `SB_CHAT_EVENTS`
   (subject `sb.chat.events.<session>`, in memory, the last `retain_events` of a session kept for
   `event_retention`). A stream attached to another replica reads them from there
   (`SharedReader`), resuming after its last event id as on the owner. JetStream, not
@@ -30,8 +30,8 @@ and numbers its events; any replica may serve its streams:
   every stream of a deleted session ends.
 
 The owner publishes its events without waiting for JetStream's ack (they leave in
-order on one connection); when it dies, the events it had not yet sent (those of its
-last `PUBLISH_AFTER_S`, at most) are lost with its turn, and the new owner numbers its
+order on one connection); when it dies, the events it had not yet sent (those of the
+moment it died) are lost with its turn, and the new owner numbers its
 events in a new incarnation (see `events.EventLog`), so no id is ever given to two
 different events.
 """
@@ -82,8 +82,12 @@ TENANT = "Sb-Tenant"
 RESULT = "Sb-Result"
 RELAY_TIMEOUT_S = 5.0
 """How long a relayed request waits for the owner's answer."""
-PUBLISH_AFTER_S = 0.01
-"""How long an event may wait to go to the shared log with the events after it."""
+PUBLISH_AFTER_S = 0.0
+"""How long an event may wait to go to the shared log with the events after it: 0, the
+events appended in the same turn of the event loop go together. Longer batches fewer
+messages, but widens the moment in which a killed owner's client may hold an event the
+shared log never got (its resume elsewhere then finds no event of that incarnation,
+EVENT_HISTORY_EXPIRED); a 10 ms batch made that happen under the kill tests."""
 SCAN_TIMEOUT_S = 5.0
 """How long a reader may take to read a session's kept events before it starts."""
 FINISH_WAIT_S = 2.0
