@@ -91,6 +91,8 @@ SLICE_PROMPT_MIN = 64
 a power of two), so that one lease serves requests of similar size."""
 FLUSH_AFTER_S = 0.01
 """A claim or an ask for more waits for `AdmissionGate.flush` at most this long."""
+_FROM_SLICE = ADMISSIONS.labels("slice")
+_BY_ROUND_TRIP = ADMISSIONS.labels("round_trip")
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 # Codes that mean "admission could not decide", not "admission said no".
 _DEPENDENCY_CODES = {
@@ -326,7 +328,7 @@ class AdmissionGate:
             self._defer(reserved.stream, admission_pb2.AdmitSessionRequest(claim=reserved.lease_id))
             self._granted_on[reserved.lease_id] = reserved.stream
             self.admitted_locally += 1
-            ADMISSIONS.labels("slice").inc()
+            _FROM_SLICE.inc()
             self._top_up(ask, key)
             yield reserved.lease_id
             return
@@ -347,7 +349,7 @@ class AdmissionGate:
                         handed_over = True
                         lease_id = reply.admitted.lease.lease_id
                         self._granted_on[lease_id] = session
-                        ADMISSIONS.labels("round_trip").inc()
+                        _BY_ROUND_TRIP.inc()
                         self._top_up(ask, key)
                         yield lease_id
                         return

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -185,6 +185,11 @@ class Router:
         balancer = self._upstream_balancers.get(model.name, self.balancer)
         return balancer.order(session_id)
 
+    def _models(self, chosen: GeneratorModel, total_tokens: int) -> Iterator[GeneratorModel]:
+        """The chosen model, then (only once its backends have all failed) the fallbacks."""
+        yield chosen
+        yield from self.policy.fallbacks(chosen, total_tokens)
+
     def choose(self, request: GenerateInput) -> Choice:
         validate_generate(request)
         prompt_tokens = count_tokens(request.prompt) + sum(map(count_tokens, request.passages))
@@ -205,15 +210,12 @@ class Router:
         cannot be taken back, so there is no silent retry mid-answer.
         """
         started = time.perf_counter()
-        total = result.choice.prompt_tokens + result.choice.max_tokens
-        models = [result.choice.model, *self.policy.fallbacks(result.choice.model, total)]
-        for model in models:
+        chosen = result.choice.model
+        for model in self._models(chosen, result.choice.prompt_tokens + result.choice.max_tokens):
             for backend in self._order(model, request.session_id):
                 if not backend.breaker.allow():
                     continue
-                span = _backend_span(
-                    "generate", backend, model.name, fallback=model is not models[0]
-                )
+                span = _backend_span("generate", backend, model.name, fallback=model is not chosen)
                 stream = backend.generate(
                     model.name,
                     request.prompt,

@@ -11,7 +11,6 @@ from datetime import timedelta
 import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
-from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from services.inference.breaker import BackendBreaker
 from services.runtime import (
@@ -53,23 +52,36 @@ class BackendFailure(Unavailable):
 
 def encode_bytes(items: Sequence[bytes]) -> bytes:
     """A BYTES tensor's raw contents (tritonclient's layout: each element as its uint32
-    little-endian length, then its bytes)."""
-    return bytes(serialize_byte_tensor(np.array(items, dtype=np.object_)).item())
+    little-endian length, then its bytes). Built here rather than through numpy object
+    arrays: it is on the way to every first token."""
+    return b"".join(len(item).to_bytes(4, "little") + item for item in items)
 
 
 def decode_bytes(raw: bytes) -> list[bytes]:
-    """The elements of a BYTES tensor's raw contents."""
-    return list(deserialize_bytes_tensor(raw))
+    """The elements of a BYTES tensor's raw contents.
+
+    Raises:
+        ValueError: an element's length runs past the end of `raw`.
+    """
+    items, at, end = [], 0, len(raw)
+    while at < end:
+        size = int.from_bytes(raw[at : at + 4], "little")
+        at += 4
+        if at + size > end:
+            raise ValueError(f"a BYTES element of {size} bytes runs past the tensor's end")
+        items.append(raw[at : at + size])
+        at += size
+    return items
 
 
 def encode_int32(value: int) -> bytes:
     """An INT32 tensor of one element's raw contents."""
-    return np.array([value], dtype="<i4").tobytes()
+    return value.to_bytes(4, "little", signed=True)
 
 
 def decode_int32(raw: bytes) -> int:
     """The first element of an INT32 tensor's raw contents."""
-    return int(np.frombuffer(raw, dtype="<i4", count=1)[0])
+    return int.from_bytes(raw[:4], "little", signed=True)
 
 
 def _translate(error: grpc.aio.AioRpcError, backend: str) -> SwitchboardError:
@@ -246,7 +258,14 @@ class TritonBackend:
                     )
                 response = reply.infer_response
                 if response.outputs:
-                    yield _token(response)
+                    try:
+                        token = _token(response)
+                    except (KeyError, ValueError) as error:
+                        raise BackendFailure(
+                            f"backend {self.name} sent a malformed token: {error}",
+                            metadata={"backend": self.name},
+                        ) from None
+                    yield token
                 final = response.parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
                     finished = True

@@ -14,7 +14,7 @@ _TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
 def count_tokens(text: str) -> int:
     """Estimated model tokens in `text`."""
-    return sum(1 for _ in _TOKEN.finditer(text))
+    return len(_TOKEN.findall(text))  # faster than counting match objects; it runs per call
 
 
 def token_spans(text: str) -> Iterator[tuple[int, int]]:
