@@ -138,7 +138,13 @@ class Hub:
             try:
                 return live.attach(after), live.log.last_event_id
             except Expired:
-                if self._shared is None or not after:
+                # the ids of its own incarnation this log knows: one it has not is expired
+                # (or never given out); an earlier owner's are in the shared log
+                if (
+                    self._shared is None
+                    or not after
+                    or after.partition(".")[0] == live.log.incarnation
+                ):
                     raise _expired(live.session_id, after) from None
         return await self._shared_reader(live, after)
 
@@ -230,6 +236,9 @@ class Hub:
                         remote = self._remote_session(tenant_id, session_id, owner.subject)
                         return remote, session
                 live = self._new_live(tenant_id, session_id, session.settings, seen)
+                if self._shared is not None:  # before any event of its incarnation
+                    await self._shared.mark(session_id, live.log.next_id_before)
+                self._sessions[session_id] = live
                 if owner.taken_over:
                     await self._end_interrupted(live)
         return live, session
@@ -246,7 +255,6 @@ class Hub:
         )
         live.seen = seen
         live.settings = settings
-        self._sessions[session_id] = live
         return live
 
     def _remote_session(self, tenant_id: str, session_id: str, owner: str) -> RemoteSession:

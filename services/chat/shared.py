@@ -33,7 +33,12 @@ The owner publishes its events without waiting for JetStream's ack (they leave i
 order on one connection); when it dies, the events it had not yet sent (those of the
 moment it died) are lost with its turn, and the new owner numbers its
 events in a new incarnation (see `events.EventLog`), so no id is ever given to two
-different events.
+different events. Each incarnation begins in the shared log with a *marker*
+(`<incarnation>.0`, a frame with no content, never delivered), stored (JetStream's
+ack) before any event of it can reach a client. So a client that resumes after an
+event its dead owner never sent still finds that event's incarnation, and goes on at
+the next one's events rather than being told its history expired; and a reader drops
+what it reads again of an incarnation (events at or before where it stands).
 """
 
 from __future__ import annotations
@@ -85,9 +90,8 @@ RELAY_TIMEOUT_S = 5.0
 PUBLISH_AFTER_S = 0.0
 """How long an event may wait to go to the shared log with the events after it: 0, the
 events appended in the same turn of the event loop go together. Longer batches fewer
-messages, but widens the moment in which a killed owner's client may hold an event the
-shared log never got (its resume elsewhere then finds no event of that incarnation,
-EVENT_HISTORY_EXPIRED); a 10 ms batch made that happen under the kill tests."""
+messages, but a killed owner takes more of its last events with it: its clients have
+them, and the streams reading the shared log never get them."""
 SCAN_TIMEOUT_S = 5.0
 """How long a reader may take to read a session's kept events before it starts."""
 FINISH_WAIT_S = 2.0
@@ -219,11 +223,24 @@ class Shared:
 
     # ---- events --------------------------------------------------------------------
 
+    async def mark(self, session_id: str, start_id: str) -> None:
+        """Begins an incarnation of the session's events in the shared log: its marker
+        (`start_id`, `<incarnation>.0`), stored before this returns.
+
+        Raises:
+            Unavailable: `DEPENDENCY_UNAVAILABLE` (NATS).
+        """
+        assert self._js is not None, "connect() first"
+        marker = pb.ConverseResponse(event_id=start_id).SerializeToString()
+        async with _reaching_nats("share the session's events"):
+            await self._js.publish(_events(session_id), pack([marker]), stream=EVENT_STREAM)
+
     def publish(self, session_id: str, frame: pb.ConverseResponse) -> None:
-        """Queues one of the session's events for the shared log. The events of the next
-        `PUBLISH_AFTER_S` go together, one NATS message per session (`pack`), off the
-        path of the stream that waits for them here, and without waiting for JetStream's
-        ack (they leave in order on this process's one connection)."""
+        """Queues one of the session's events for the shared log. The events appended in
+        the same turn of the event loop (`PUBLISH_AFTER_S`) go together, one NATS message
+        per session (`pack`), off the path of the stream that waits for them here, and
+        without waiting for JetStream's ack (they leave in order on this process's one
+        connection)."""
         self._batches.setdefault(session_id, []).append(frame.SerializeToString())
         if self._flush_timer is None:
             loop = asyncio.get_running_loop()
@@ -286,9 +303,9 @@ class Shared:
                     deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
                     opt_start_seq=caught_up + 1,
                 )
-            return await SharedReader.open(self._js, subject, new, None), last_id
+            return await SharedReader.open(self._js, subject, new, last_id), last_id
         scan = Scan(after_event_id or "", held=held, caught_up=caught_up)
-        reader = await SharedReader.open(self._js, subject, everything, scan)
+        reader = await SharedReader.open(self._js, subject, everything, scan.after, scan)
         return reader, after_event_id or ""
 
     async def interrupted_turn(self, session_id: str) -> tuple[pb.TurnStarted, str] | None:
@@ -457,26 +474,35 @@ class Scan:
 
 
 class SharedReader:
-    """A stream's cursor into a session's shared events (see `events.Reader`)."""
+    """A stream's cursor into a session's shared events (see `events.Reader`): it
+    delivers each event once, and no marker."""
 
-    def __init__(self) -> None:
+    def __init__(self, after: str) -> None:
         self._sub = None
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._ready: list[pb.ConverseResponse] = []
+        self._at = _position(after)
+        """The incarnation and number of the last event taken: one read again (sent
+        before the reader started, and kept after it looked) is dropped."""
         self._finish_at: str | None = None
         self.last = ""
 
     @classmethod
     async def open(
-        cls, js: JetStreamContext, subject: str, config: js_api.ConsumerConfig, scan: Scan | None
+        cls,
+        js: JetStreamContext,
+        subject: str,
+        config: js_api.ConsumerConfig,
+        after: str,
+        scan: Scan | None = None,
     ) -> SharedReader:
-        """Subscribes; with `scan`, reads the kept events first and keeps those to
-        deliver (`start_after`).
+        """Subscribes, for the events after the event `after`; with `scan`, reads the
+        kept events first and keeps those to deliver (`start_after`).
 
         Raises:
             Expired: as `start_after`.
         """
-        reader = cls()
+        reader = cls(after)
 
         async def received(msg: Msg) -> None:
             reader._queue.put_nowait(msg)
@@ -487,7 +513,7 @@ class SharedReader:
         if scan is not None:
             try:
                 kept = await asyncio.wait_for(reader._kept(scan), SCAN_TIMEOUT_S)
-                reader._ready = start_after(kept, scan.after, held=scan.held)
+                reader._take(start_after(kept, scan.after, held=scan.held))
             except BaseException:
                 await reader.close()
                 raise
@@ -538,7 +564,19 @@ class SharedReader:
             if isinstance(item, BaseException):
                 raise item
             if isinstance(item, Msg):
-                self._ready.extend(unpack(item.data))
+                self._take(unpack(item.data))
+
+    def _take(self, frames: list[pb.ConverseResponse]) -> None:
+        """Keeps the events to deliver of `frames`: not the markers, nor an event at or
+        before the last one taken of its incarnation."""
+        for frame in frames:
+            if frame.WhichOneof("frame") is None:
+                continue  # an incarnation's marker
+            at = _position(frame.event_id)
+            if at[0] == self._at[0] and at[1] <= self._at[1]:
+                continue
+            self._at = at
+            self._ready.append(frame)
 
 
 def start_after(
@@ -585,6 +623,14 @@ def start_after(
 
 
 _FINISH = object()
+
+
+def _position(event_id: str) -> tuple[str, int]:
+    """(incarnation, number) of an event id; number -1 when it is none."""
+    incarnation, _, number = event_id.partition(".")
+    if number.isascii() and number.isdigit() and len(number) <= 18:
+        return incarnation, int(number)
+    return incarnation, -1
 
 
 def pack(frames: list[bytes]) -> bytes:

@@ -1,14 +1,17 @@
 """Where a stream on another chat replica starts in a session's shared events
 (`shared.start_after`): after the id it saw, across an owner's death, or at the turn in
-progress."""
+progress; and what its reader delivers (`shared.SharedReader`): each event once, and no
+incarnation's marker."""
 
 from __future__ import annotations
 
 import pytest
+from nats.aio.msg import Msg
+from nats.js import api as js_api
 from switchboard.chat.v1 import chat_pb2 as pb
 
 from services.chat.events import Expired
-from services.chat.shared import pack, start_after, unpack
+from services.chat.shared import EVENT_STREAM, Scan, SharedReader, pack, start_after, unpack
 
 
 def event(event_id: str, kind: str = "token") -> pb.ConverseResponse:
@@ -67,3 +70,81 @@ def test_events_travel_packed_several_to_a_message() -> None:
     packed = pack([f.SerializeToString() for f in frames])
     assert unpack(packed) == frames
     assert unpack(pack([])) == []
+
+
+def marker(event_id: str) -> pb.ConverseResponse:
+    """The start of an incarnation in the shared log: an id and no frame."""
+    return pb.ConverseResponse(event_id=event_id)
+
+
+class _Subscription:
+    async def unsubscribe(self) -> None:
+        pass
+
+
+class _JetStream:
+    """Delivers the given messages, in order, to the one ordered consumer made."""
+
+    def __init__(self, *batches: list[pb.ConverseResponse]) -> None:
+        self._batches = batches
+        self.deliver = None
+
+    async def subscribe(self, subject, *, stream, cb, ordered_consumer, config):
+        assert stream == EVENT_STREAM and ordered_consumer
+        self.deliver = cb
+        for sequence, frames in enumerate(self._batches, start=1):
+            await cb(message(sequence, frames))
+        return _Subscription()
+
+
+def message(sequence: int, frames: list[pb.ConverseResponse]) -> Msg:
+    ack = f"$JS.ACK.{EVENT_STREAM}.reader.1.{sequence}.{sequence}.0.0"
+    return Msg(
+        None,
+        subject="sb.chat.events.s",
+        reply=ack,
+        data=pack([f.SerializeToString() for f in frames]),
+    )
+
+
+async def read(reader: SharedReader, count: int) -> list[str]:
+    read_ids = []
+    for _ in range(count):
+        frame = await reader.next()
+        assert frame is not None
+        read_ids.append(frame.event_id)
+    return read_ids
+
+
+async def open_reader(js: _JetStream, after: str, caught_up: int) -> SharedReader:
+    return await SharedReader.open(
+        js,  # type: ignore[arg-type]
+        "sb.chat.events.s",
+        js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL),
+        after,
+        Scan(after, held=False, caught_up=caught_up),
+    )
+
+
+async def test_a_first_event_lost_with_its_owner_is_found_by_its_incarnations_marker() -> None:
+    # the owner aa stored its marker, sent aa.1 to its client and died before sharing it;
+    # bb took over. Without aa's marker, aa.1 would name no incarnation kept: expired.
+    kept = [marker("aa.0"), marker("bb.0"), event("bb.1", "completed")]
+    with pytest.raises(Expired):
+        start_after(kept[1:], "aa.1")
+    reader = await open_reader(_JetStream(kept[:2], kept[2:]), "aa.1", caught_up=2)
+    assert await read(reader, 1) == ["bb.1"]
+    assert reader.waiting == []
+    await reader.close()
+
+
+async def test_a_reader_delivers_an_event_once_and_no_marker() -> None:
+    # the client saw aa.3 from the owner before aa.2 and aa.3 reached the shared log:
+    # the scan finds aa.1 only, and aa.2 and aa.3 come again after it
+    js = _JetStream([marker("aa.0"), event("aa.1", "started")])
+    reader = await open_reader(js, "aa.3", caught_up=1)
+    assert reader.waiting == []
+    await js.deliver(message(2, [event("aa.2"), event("aa.3"), event("aa.4")]))
+    await js.deliver(message(3, [marker("bb.0"), event("bb.1", "completed")]))
+    assert await read(reader, 2) == ["aa.4", "bb.1"]
+    await reader.close()
