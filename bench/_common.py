@@ -366,3 +366,37 @@ def stop_process(process: subprocess.Popen[Any]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def cpu_seconds(mesh: Any) -> dict[str, float]:
+    """CPU time (user + system) used so far by each kind of mesh process (its replicas
+    together, `worker-0` and `worker-1` as `worker`) with their children, and by this
+    client process (`bench client`)."""
+    import psutil
+
+    used: dict[str, float] = {}
+    for record, alive in mesh.status():
+        if not alive:
+            continue
+        kind, _, slot = record.name.rpartition("-")
+        kind = kind if kind and slot.isdigit() else record.name
+        try:
+            root = psutil.Process(record.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for proc in procs:
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            used[kind] = used.get(kind, 0.0) + times.user + times.system
+    own = os.times()
+    used["bench client"] = own.user + own.system
+    return used
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(all, idle) CPU ticks of the whole machine so far (/proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(values), values[3] + values[4]

@@ -61,7 +61,9 @@ from switchboard.inference.v1 import inference_pb2
 
 from bench._common import (
     api_key_metadata,
+    cpu_seconds,
     give_tenant_room,
+    machine_ticks,
     ms,
     operator_metadata,
     percentile,
@@ -250,38 +252,6 @@ class Probe:
             if stat.get("name") == "cluster.chat.upstream_rq_active":
                 return int(stat["value"])
         return -1
-
-
-def cpu_seconds(mesh: Any) -> dict[str, float]:
-    """CPU time (user + system) used so far by each mesh process with its children, and
-    by this client process."""
-    import psutil
-
-    used: dict[str, float] = {}
-    for record, alive in mesh.status():
-        if not alive:
-            continue
-        kind = record.name.split("-")[0] if record.name.startswith("admission") else record.name
-        try:
-            root = psutil.Process(record.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            continue
-        for proc in procs:
-            try:
-                times = proc.cpu_times()
-            except psutil.Error:
-                continue
-            used[kind] = used.get(kind, 0.0) + times.user + times.system
-    own = os.times()
-    used["bench client"] = own.user + own.system
-    return used
-
-
-def machine_ticks() -> tuple[int, int]:
-    """(all, idle) CPU ticks of the whole machine so far (/proc/stat)."""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return sum(values), values[3] + values[4]
 
 
 def sched_ns(pid: int) -> tuple[int, int]:

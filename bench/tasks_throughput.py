@@ -9,7 +9,8 @@ many tasks uses) and one per call (SubmitTask). Celery: `chain(echo, echo, echo)
 task, Redis broker and result backend (append-only file, fsync every second), late acks
 (redelivery on worker loss, as Switchboard), a prefork worker; from the first
 `apply_async` until every chain's result is in. Both sides share the machine's 2 cores
-with their own brokers and databases.
+with their own brokers and databases. The one-per-call round also says where the CPU
+went: milliseconds per task of each kind of process, and of the whole machine.
 """
 
 from __future__ import annotations
@@ -32,7 +33,15 @@ from switchboard.execution.v1 import execution_pb2 as pb
 from switchboard.execution.v1 import execution_service_pb2_grpc
 
 from bench import _echo
-from bench._common import api_key_metadata, print_table, running_mesh, stop_process, write_result
+from bench._common import (
+    api_key_metadata,
+    cpu_seconds,
+    machine_ticks,
+    print_table,
+    running_mesh,
+    stop_process,
+    write_result,
+)
 from services.launcher import free_port_base
 
 NAME = "tasks-throughput"
@@ -113,8 +122,9 @@ async def switchboard_round(mesh: Any, count: int, *, batch: int) -> float:
         return time.perf_counter() - started
 
 
-def _switchboard(echo_port: int, run_dir: Path) -> tuple[float, float]:
-    """Seconds for `TASKS` tasks submitted one per call, then in batches."""
+def _switchboard(echo_port: int, run_dir: Path) -> tuple[float, float, dict[str, float]]:
+    """Seconds for `TASKS` tasks submitted in batches, then one per call, and where the
+    CPU went in the one-per-call round (`_cpu_per_task`)."""
     env = _echo.tool_env(echo_port, run_dir, steps_per_worker=STEPS_PER_WORKER)
     with running_mesh(triton_replicas=1, workers=WORKER_PROCESSES) as mesh:
         for name in ("execution", *(f"worker-{i}" for i in range(WORKER_PROCESSES))):
@@ -122,7 +132,36 @@ def _switchboard(echo_port: int, run_dir: Path) -> tuple[float, float]:
         asyncio.run(switchboard_round(mesh, WARMUP_TASKS, batch=BATCH))
         batched = asyncio.run(switchboard_round(mesh, TASKS, batch=BATCH))
         asyncio.run(switchboard_round(mesh, WARMUP_TASKS, batch=1))
-        return asyncio.run(switchboard_round(mesh, TASKS, batch=1)), batched
+        used, ticks = cpu_seconds(mesh), machine_ticks()
+        single = asyncio.run(switchboard_round(mesh, TASKS, batch=1))
+        return single, batched, _cpu_per_task(used, cpu_seconds(mesh), ticks, machine_ticks())
+
+
+CPU_SHOWN = ("worker", "nats", "execution", "postgres", "envoy", "bench client")
+"""The processes whose CPU per task the result names; the rest of the machine's busy
+time (the echo, the kernel, the other services) is `other`."""
+
+
+def _cpu_per_task(
+    before: dict[str, float],
+    after: dict[str, float],
+    ticks_before: tuple[int, int],
+    ticks_after: tuple[int, int],
+) -> dict[str, float]:
+    """CPU milliseconds per task of each process of `CPU_SHOWN`, `other`, the machine's
+    whole (`total`), and how many of its cores were busy (`busy_cores`)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    ticks, idle = ticks_after[0] - ticks_before[0], ticks_after[1] - ticks_before[1]
+    window_s = ticks / hz / (os.cpu_count() or 1)
+    busy_s = (ticks - idle) / hz
+    per_task = {
+        kind: (after.get(kind, 0.0) - before.get(kind, 0.0)) * 1000 / TASKS for kind in CPU_SHOWN
+    }
+    total = busy_s * 1000 / TASKS
+    per_task["other"] = max(total - sum(per_task.values()), 0.0)
+    per_task["total"] = total
+    per_task["busy_cores"] = busy_s / window_s if window_s else 0.0
+    return per_task
 
 
 # ---- Celery --------------------------------------------------------------------------------
@@ -184,7 +223,7 @@ def run() -> dict:
         with _echo.started() as echo_port:
             celery_s = _celery(echo_port, run_dir)
             print(f"  celery: {TASKS} chains in {celery_s:.1f}s", flush=True)
-            single_s, batched_s = _switchboard(echo_port, run_dir)
+            single_s, batched_s, cpu = _switchboard(echo_port, run_dir)
             print(f"  switchboard: {TASKS} tasks in {single_s:.1f}s one per call, "
                   f"{batched_s:.1f}s in batches of {BATCH}", flush=True)  # fmt: skip
     finally:
@@ -210,6 +249,12 @@ def run() -> dict:
         "vs_celery": ours / theirs,
         "one_per_call_vs_celery": single / theirs,
         "tasks": TASKS,
+        **{
+            f"cpu_ms_per_task_one_per_call_{kind.replace(' ', '_')}": value
+            for kind, value in cpu.items()
+            if kind != "busy_cores"
+        },
+        "busy_cores_one_per_call": cpu["busy_cores"],
     }
     notes = (
         f"{TASKS} tasks of 3 sequential HTTP echo steps, each round after {WARMUP_TASKS} "
@@ -218,7 +263,12 @@ def run() -> dict:
         f"and one per SubmitTask call, {SUBMITTERS} at a time (tasks_per_min_one_per_call); "
         f"{WORKER_PROCESSES} worker processes x {STEPS_PER_WORKER} steps, PostgreSQL state, "
         "JetStream file storage; Celery 5 chain (one apply_async per task), Redis AOF "
-        f"everysec, late acks, prefork x {CELERY_CONCURRENCY}; same machine, same echo process"
+        f"everysec, late acks, prefork x {CELERY_CONCURRENCY}; same machine, same echo process. "
+        "cpu_ms_per_task_one_per_call_*: CPU (user + system) per task in the one-per-call "
+        "round, of each kind of mesh process with its children (worker: both workers; "
+        "bench client: the submitting and polling process), other: the rest of the "
+        "machine's busy time (the echo, the kernel, the other services), total: the "
+        "machine's busy time; busy_cores_one_per_call: cores busy on average in that round"
     )
     return write_result(
         NAME,

@@ -1,0 +1,26 @@
+"""How the tasks benchmark splits the machine's CPU over a round's tasks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bench import tasks_throughput as tt
+
+
+def test_cpu_per_task_names_each_kind_and_leaves_the_rest_as_other() -> None:
+    hz, cores = os.sysconf("SC_CLK_TCK"), os.cpu_count() or 1
+    # a 10 s window in which the machine was busy for 6 s of CPU
+    ticks_before, ticks_after = (0, 0), (10 * hz * cores, (10 * cores - 6) * hz)
+    before = {"worker": 1.0, "nats": 2.0}
+    after = {"worker": 4.0, "nats": 3.0, "execution": 0.5, "triton": 9.0}
+    cpu = tt._cpu_per_task(before, after, ticks_before, ticks_after)
+    per_task_ms = 1000 / tt.TASKS
+    assert cpu["worker"] == pytest.approx(3.0 * per_task_ms)
+    assert cpu["nats"] == pytest.approx(1.0 * per_task_ms)
+    assert cpu["execution"] == pytest.approx(0.5 * per_task_ms)
+    assert cpu["postgres"] == 0.0  # a kind that did not run
+    assert cpu["total"] == pytest.approx(6.0 * per_task_ms)
+    assert cpu["other"] == pytest.approx((6.0 - 4.5) * per_task_ms)  # triton not named
+    assert cpu["busy_cores"] == pytest.approx(0.6)
