@@ -58,7 +58,12 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.js import api as js_api
 from nats.js.client import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import (
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoStreamResponseError,
+    NotFoundError,
+)
 from nats.js.kv import KeyValue
 from switchboard.chat.v1 import chat_pb2 as pb
 
@@ -174,8 +179,28 @@ class Shared:
     async def connect(self, handler: Handler, notice: Callable[[str, str, bytes], None]) -> None:
         """Connects, makes the stream and the bucket if they are missing, and starts
         answering relayed requests (`handler`) and notices (`notice(op, session, data)`)."""
-        self._nc = await connect_nats(self._url, name="switchboard-chat")
+        self._nc = await connect_nats(self._url, name="switchboard-chat", changed=self._changed)
         self._js = self._nc.jetstream(timeout=5)
+        await self._ensure_events()
+        self._kv = await self._js.create_key_value(
+            bucket=OWNERS, history=1, storage=js_api.StorageType.FILE, replicas=self._replicas
+        )
+
+        async def relayed(msg: Msg) -> None:
+            self._spawn(self._answer(msg, handler))
+
+        async def noticed(msg: Msg) -> None:
+            headers = msg.headers or {}
+            with contextlib.suppress(Exception):
+                notice(headers.get(OP, ""), headers.get(SESSION, ""), msg.data)
+
+        await self._nc.subscribe(self.subject, cb=relayed)
+        await self._nc.subscribe(NOTICES, cb=noticed)
+
+    async def _ensure_events(self) -> None:
+        """Makes the event stream, or brings its settings up to date. A NATS server that
+        restarted has lost it (it is kept in memory)."""
+        assert self._js is not None, "connect() first"
         config = js_api.StreamConfig(
             name=EVENT_STREAM,
             subjects=[f"{EVENT_SUBJECT}.*"],
@@ -192,20 +217,19 @@ class Shared:
             await self._js.update_stream(config)
         except NotFoundError:
             await self._js.add_stream(config)
-        self._kv = await self._js.create_key_value(
-            bucket=OWNERS, history=1, storage=js_api.StorageType.FILE, replicas=self._replicas
-        )
 
-        async def relayed(msg: Msg) -> None:
-            self._spawn(self._answer(msg, handler))
+    async def _changed(self) -> None:
+        """The connection to NATS was lost or made again: once it is back, the event
+        stream is made again if the server lost it (in the background: this runs on the
+        client's reconnecting path)."""
+        if self._nc is not None and self._nc.is_connected:
+            self._spawn(self._remake_events())
 
-        async def noticed(msg: Msg) -> None:
-            headers = msg.headers or {}
-            with contextlib.suppress(Exception):
-                notice(headers.get(OP, ""), headers.get(SESSION, ""), msg.data)
-
-        await self._nc.subscribe(self.subject, cb=relayed)
-        await self._nc.subscribe(NOTICES, cb=noticed)
+    async def _remake_events(self) -> None:
+        try:
+            await self._ensure_events()
+        except Exception as exc:  # the next session load tries again (`mark`)
+            logger.warning("cannot make the chat event stream: %s", exc)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -231,9 +255,13 @@ class Shared:
             Unavailable: `DEPENDENCY_UNAVAILABLE` (NATS).
         """
         assert self._js is not None, "connect() first"
-        marker = pb.ConverseResponse(event_id=start_id).SerializeToString()
+        marker = pack([pb.ConverseResponse(event_id=start_id).SerializeToString()])
         async with _reaching_nats("share the session's events"):
-            await self._js.publish(_events(session_id), pack([marker]), stream=EVENT_STREAM)
+            try:
+                await self._js.publish(_events(session_id), marker, stream=EVENT_STREAM)
+            except NoStreamResponseError:  # NATS restarted, without the stream
+                await self._ensure_events()
+                await self._js.publish(_events(session_id), marker, stream=EVENT_STREAM)
 
     def publish(self, session_id: str, frame: pb.ConverseResponse) -> None:
         """Queues one of the session's events for the shared log. The events appended in

@@ -226,3 +226,32 @@ async def test_bad_requests_and_unknown_or_future_event_ids(chat, auth, tenant):
     expired = (grpc.StatusCode.FAILED_PRECONDITION, "EVENT_HISTORY_EXPIRED")
     for after in ("never-given-out", f"{incarnation}.{int(number) + 5}", "0000.1"):
         await refused(Watcher(chat, me, sid, after=after).next(), *expired)
+
+
+async def test_sessions_open_and_stream_after_nats_restarts(chat, auth, tenant, mesh):
+    """JetStream keeps the sessions' shared events in memory: a NATS that restarted has
+    lost that stream, and the chat service makes it again instead of refusing every
+    session it loads from then on."""
+    session = await create(chat, auth, tenant)
+    await asyncio.to_thread(mesh.stop_component, "nats")
+    await asyncio.to_thread(mesh.start_nats)
+    watchers: list[Watcher] = []
+
+    async def opened() -> bool:
+        watcher = Watcher(chat, auth(tenant), session.session_id)
+        try:
+            frame = await watcher.next()
+        except grpc.aio.AioRpcError as error:  # until chat is connected to NATS again
+            assert error_details(error).error_info.reason == "DEPENDENCY_UNAVAILABLE", error
+            return False
+        watchers.append(watcher)
+        return frame.HasField("opened")
+
+    await eventually(opened, timeout=30, what="a stream of a session loaded after the restart")
+    sent = await chat.SendMessage(send(session.session_id, QUESTION), metadata=auth(tenant))
+    assert sent.accepted
+    frames = await watchers[0].until("turn_completed")
+    assert frames[-1].turn_completed.status == pb.MESSAGE_STATUS_COMPLETED
+    assert tokens(frames)
+    for watcher in watchers:
+        watcher.call.cancel()

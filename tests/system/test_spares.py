@@ -50,8 +50,13 @@ async def test_a_spare_becomes_the_replica_with_its_environment_and_log(spares, 
     assert spares.fill({"target": 1}) == ["target"]  # none for a kind without a module
     assert spares.fill({"target": 1}) == []  # one is enough
     (spare,) = _spare_records(spares)
-    # started with its kind's environment (its first slot's), as /proc shows it
-    assert spare.process().environ()["SPARE_TEST_REPLICA"] == "target-0"
+    # started with its kind's environment (its first slot's), as /proc shows it once the
+    # forked process has exec'd (until then it shows the parent's)
+    await eventually(
+        lambda: spare.process().environ().get("SPARE_TEST_REPLICA") == "target-0",
+        timeout=30,
+        what="the spare running with its kind's environment",
+    )
     log = tmp_path / "target-1.log"
     record = spares.take("target", 1, name="target-1", command=_command("target-1"), log=log)
     assert record is not None and record.name == "target-1" and record.log == str(log)
