@@ -119,8 +119,8 @@ class Owner:
     """The owner's relay subject."""
     mine: bool
     taken_over: bool = False
-    """We took the session over from an owner that no longer answered: its turn in
-    progress, if any, was interrupted."""
+    """We took the session over from an owner that no longer answered (or from a load
+    of ours that failed): its turn in progress, if any, was interrupted."""
 
 
 def _events(session_id: str) -> str:
@@ -382,7 +382,9 @@ class Shared:
                     continue  # another replica claimed it first
             owner = (entry.value or b"").decode()
             if owner == self.subject:
-                return Owner(owner, mine=True)
+                # named here but not live here: a load of ours failed after its claim,
+                # maybe halfway through a takeover; its interrupted turn is looked for
+                return Owner(owner, mine=True, taken_over=True)
             if await self._answers(owner, session_id):
                 return Owner(owner, mine=False)
             try:

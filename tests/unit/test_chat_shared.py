@@ -5,13 +5,24 @@ incarnation's marker."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from nats.aio.msg import Msg
 from nats.js import api as js_api
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from switchboard.chat.v1 import chat_pb2 as pb
 
 from services.chat.events import Expired
-from services.chat.shared import EVENT_STREAM, Scan, SharedReader, pack, start_after, unpack
+from services.chat.shared import (
+    EVENT_STREAM,
+    Scan,
+    Shared,
+    SharedReader,
+    pack,
+    start_after,
+    unpack,
+)
 
 
 def event(event_id: str, kind: str = "token") -> pb.ConverseResponse:
@@ -148,3 +159,41 @@ async def test_a_reader_delivers_an_event_once_and_no_marker() -> None:
     await js.deliver(message(3, [marker("bb.0"), event("bb.1", "completed")]))
     assert await read(reader, 2) == ["aa.4", "bb.1"]
     await reader.close()
+
+
+class _Bucket:
+    """The owners' key-value bucket, in memory (create and compare-and-set as NATS's)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[bytes, int]] = {}
+
+    async def get(self, key: str) -> SimpleNamespace:
+        if key not in self.entries:
+            raise KeyNotFoundError
+        value, revision = self.entries[key]
+        return SimpleNamespace(value=value, revision=revision)
+
+    async def create(self, key: str, value: bytes) -> int:
+        if key in self.entries:
+            raise KeyWrongLastSequenceError
+        self.entries[key] = (value, 1)
+        return 1
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        if self.entries[key][1] != last:
+            raise KeyWrongLastSequenceError
+        self.entries[key] = (value, last + 1)
+        return last + 1
+
+
+async def test_a_claim_left_by_a_failed_load_of_ours_looks_for_the_interrupted_turn() -> None:
+    shared = Shared("nats://127.0.0.1:1")  # never connected: the bucket is in memory
+    shared._kv = bucket = _Bucket()  # type: ignore[assignment]
+    first = await shared.claim("s1")
+    assert (first.mine, first.taken_over) == (True, False)  # nobody owned it
+    # the load that claimed it failed (NATS away before the session was live here): the
+    # key names this process, and loading it again must look for an interrupted turn, as
+    # the takeover that load may have been halfway through would have
+    again = await shared.claim("s1")
+    assert (again.mine, again.taken_over) == (True, True)
+    assert bucket.entries["s1"] == (shared.subject.encode(), 1)  # the same claim
