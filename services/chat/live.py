@@ -30,7 +30,8 @@ from services.chat.live_session import (
 )
 from services.chat.remote import IDLE_WAIT_S, RemoteSession
 from services.chat.sessions import load_session, settings_update, update_session
-from services.chat.shared import Moved, Owner, Shared, SharedReader
+from services.chat.shared import Moved, Owner, Shared
+from services.chat.shared_log import SharedReader
 from services.chat.store import SessionStore, canonical_id
 from services.chat.turns import Turns, end_interrupted
 from services.runtime import (

@@ -1,6 +1,6 @@
 """A session owned by another chat replica, as a stream attached here sees it.
 
-Its events are read from the shared log (`shared.SharedReader`); what the stream asks
+Its events are read from the shared log (`shared_log.SharedReader`); what the stream asks
 of the session (a user message, a cancel, a settings change, "tell me when you are
 idle") is relayed to the owner, and the owner is told when a stream attaches or
 leaves (so that its grace period for a dropped stream's turn works as on the owner).
@@ -21,7 +21,8 @@ from collections.abc import Awaitable, Callable
 from nats.errors import NoRespondersError
 from switchboard.chat.v1 import chat_pb2 as pb
 
-from services.chat.shared import Moved, Shared, SharedReader
+from services.chat.shared import Moved, Shared
+from services.chat.shared_log import SharedReader
 from services.runtime import Unavailable
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Where a stream on another chat replica starts in a session's shared events
-(`shared.start_after`): after the id it saw, across an owner's death, or at the turn in
-progress; and what its reader delivers (`shared.SharedReader`): each event once, and no
+(`shared_log.start_after`): after the id it saw, across an owner's death, or at the turn in
+progress; and what its reader delivers (`shared_log.SharedReader`): each event once, and no
 incarnation's marker."""
 
 from __future__ import annotations
@@ -14,15 +14,8 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from switchboard.chat.v1 import chat_pb2 as pb
 
 from services.chat.events import Expired
-from services.chat.shared import (
-    EVENT_STREAM,
-    Scan,
-    Shared,
-    SharedReader,
-    pack,
-    start_after,
-    unpack,
-)
+from services.chat.shared import Shared
+from services.chat.shared_log import EVENT_STREAM, Scan, SharedReader, pack, start_after, unpack
 
 
 def event(event_id: str, kind: str = "token") -> pb.ConverseResponse:
