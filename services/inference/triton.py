@@ -80,7 +80,13 @@ def encode_int32(value: int) -> bytes:
 
 
 def decode_int32(raw: bytes) -> int:
-    """The first element of an INT32 tensor's raw contents."""
+    """The first element of an INT32 tensor's raw contents.
+
+    Raises:
+        ValueError: fewer than 4 bytes.
+    """
+    if len(raw) < 4:
+        raise ValueError(f"an INT32 tensor of {len(raw)} bytes")
     return int.from_bytes(raw[:4], "little", signed=True)
 
 

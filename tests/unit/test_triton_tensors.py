@@ -52,6 +52,8 @@ def test_a_truncated_bytes_tensor_is_refused(raw):
 def test_int32_tensors_are_little_endian():
     assert encode_int32(-5) == struct.pack("<i", -5)
     assert decode_int32(struct.pack("<i", 2**31 - 1) + b"rest") == 2**31 - 1
+    with pytest.raises(ValueError, match="INT32 tensor of 3 bytes"):
+        decode_int32(b"\x01\x00\x00")
 
 
 def test_a_generation_request_carries_prompt_passages_and_max_tokens():
