@@ -1,10 +1,10 @@
 """Network faults between the services and their dependencies, for a long while: a fault
 proxy (`tests.faultproxy`) in front of PostgreSQL (for rag), NATS (for execution),
-Triton (for inference) and Envoy's internal listener (for chat's calls to inference),
-its toxics rotated under mixed load through the public port. Every call must end
-within its deadline with OK, UNAVAILABLE (with an ErrorInfo), DEADLINE_EXCEEDED or
-RESOURCE_EXHAUSTED; afterwards no service process may hold more file descriptors,
-memory or connections than it did after the warm-up.
+Triton (for inference and for chat, which embeds the router) and Envoy's internal
+listener (for chat's admission), its toxics rotated under mixed load through the
+public port. Every call must end within its deadline with OK, UNAVAILABLE (with an
+ErrorInfo), DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED; afterwards no service process may
+hold more file descriptors, memory or connections than it did after the warm-up.
 
 `NETWORK_FAULTS_S` sets how long the toxics rotate (default 600 s). Chat forgets an idle
 session after 20 s here (KEPT), not 2 min: the load opens sessions all along, and what
@@ -120,7 +120,11 @@ async def dependency_proxies(mesh: Any) -> AsyncIterator[dict[str, FaultProxy]]:
             "rag": {"SWITCHBOARD_DATABASE_URL": _via(mesh.database_url, proxies["postgres"])},
             "execution": {"SWITCHBOARD_NATS_URL": _via(mesh.nats_url, proxies["nats"])},
             "inference": {"SWITCHBOARD_TRITON_URLS": proxies["triton"].address},
-            "chat": {"SWITCHBOARD_INFERENCE_TARGET": proxies["internal"].address},
+            # chat generates through the router it embeds: to Triton, admission via Envoy
+            "chat": {
+                "SWITCHBOARD_TRITON_URLS": proxies["triton"].address,
+                "SWITCHBOARD_ADMISSION_TARGET": proxies["internal"].address,
+            },
         }
         for replica, env in routes.items():
             await asyncio.to_thread(mesh.start_service, replica, env=env)
@@ -530,8 +534,8 @@ def run() -> dict[str, Any]:
     }
     notes = (
         f"toxics {', '.join(type(t).__name__ for t in ROTATION)} rotated on four proxies"
-        f" (PostgreSQL for rag, NATS for execution, Triton for inference, the internal"
-        f" listener for chat) for {found['seconds']:.0f} s"
+        f" (PostgreSQL for rag, NATS for execution, Triton for inference and chat, the"
+        f" internal listener for chat's admission) for {found['seconds']:.0f} s"
         f" (NETWORK_FAULTS_S={seconds:g}; the default run is 600 s),"
         f" 5 s on then 5 s clear, {found['steps']} steps, under 4 workers of mixed load"
         f" (Generate, Retrieve, SubmitTask+WatchTask, a chat turn; {DEADLINE_S:g} s deadline"

@@ -12,12 +12,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ChatConfig:
-    """Read from `SWITCHBOARD_*`; the launcher sets the database URL and the targets."""
+    """Read from `SWITCHBOARD_*`; the launcher sets the database URL and the targets. The
+    InferenceService the process embeds reads its own (`SWITCHBOARD_TRITON_URLS`,
+    `SWITCHBOARD_MODEL_POLICY`, `SWITCHBOARD_ADMISSION_TARGET`, ...), as an inference
+    replica does."""
 
     database_url: str
     """PostgreSQL holding sessions and history (`SWITCHBOARD_DATABASE_URL`)."""
-    inference_target: str = ""
-    """Where InferenceService is reached (the mesh)."""
     rag_target: str = ""
     """Where RagService is reached (the mesh)."""
     execution_target: str = ""
@@ -42,10 +43,10 @@ class ChatConfig:
     def __post_init__(self) -> None:
         if not self.database_url:
             raise ValueError("SWITCHBOARD_DATABASE_URL must name the chat database")
-        if not (self.inference_target and self.rag_target and self.execution_target):
+        if not (self.rag_target and self.execution_target):
             raise ValueError(
-                "SWITCHBOARD_INFERENCE_TARGET, SWITCHBOARD_RAG_TARGET and"
-                " SWITCHBOARD_EXECUTION_TARGET must say where the other services are"
+                "SWITCHBOARD_RAG_TARGET and SWITCHBOARD_EXECUTION_TARGET must say where the"
+                " other services are"
             )
         if self.chat_max_message_bytes < 1 or self.chat_flow_window < 1:
             raise ValueError("the message limit and the flow window must be positive")

@@ -1,7 +1,7 @@
 """One turn of a conversation: a user message in, a streamed, stored answer out.
 
-The pipeline, each stage a call to another Switchboard service through the mesh with
-the session's tenant:
+The pipeline, each stage a call to another Switchboard service with the session's
+tenant (through the mesh; the generation to the InferenceService this process embeds):
 
 1. store the user message (PostgreSQL, gapless history) and announce the turn;
 2. if the message asks for a tool or code (see `commands`), run it as an execution task
@@ -79,15 +79,21 @@ about eight minutes of a store outage."""
 
 
 class Backends:
-    """The chat service's clients of the other services (through the mesh)."""
+    """The chat service's clients of the other services: RAG and execution through the
+    mesh; inference in this process (see `ChatService`)."""
 
-    def __init__(self, *, inference: str, rag: str, execution: str) -> None:
+    def __init__(
+        self,
+        *,
+        inference: inference_service_pb2_grpc.InferenceServiceStub,
+        rag: str,
+        execution: str,
+    ) -> None:
         # turns outlive the stream that started them: each call says its tenant itself
         self._channels = {
-            t: channel(t, default_timeout=None, propagate=False)
-            for t in {inference, rag, execution}
+            t: channel(t, default_timeout=None, propagate=False) for t in {rag, execution}
         }
-        self.inference = inference_service_pb2_grpc.InferenceServiceStub(self._channels[inference])
+        self.inference = inference
         self.rag = rag_service_pb2_grpc.RagServiceStub(self._channels[rag])
         self.execution = execution_service_pb2_grpc.ExecutionServiceStub(self._channels[execution])
 
@@ -575,13 +581,15 @@ class Turns:
     """Makes the turns of this process's sessions: the store, and the clients of the
     other services, which `open` creates on the serving event loop."""
 
-    def __init__(self, store: SessionStore, *, inference: str, rag: str, execution: str) -> None:
+    def __init__(self, store: SessionStore, *, rag: str, execution: str) -> None:
         self._store = store
-        self._targets = {"inference": inference, "rag": rag, "execution": execution}
+        self._targets = {"rag": rag, "execution": execution}
         self._backends: Backends | None = None
 
-    def open(self) -> None:
-        self._backends = Backends(**self._targets)
+    def open(self, inference: inference_service_pb2_grpc.InferenceServiceStub) -> None:
+        """Creates the clients (on the serving event loop); `inference` is the generating
+        service's stub."""
+        self._backends = Backends(inference=inference, **self._targets)
 
     async def close(self) -> None:
         if self._backends is not None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ from switchboard.inference.v1 import inference_pb2
 from switchboard.rag.v1 import rag_service_pb2_grpc
 
 from services.demo import handbook
+from services.inference.balancer import Balancer
 from services.runtime import error_details
 from tests.integration.conftest import as_operator
 from tests.polling import eventually
@@ -562,7 +564,26 @@ async def test_many_sessions_on_one_process(chat, auth, tenant):
     assert {d.status for d in done} == {pb.MESSAGE_STATUS_COMPLETED}
 
 
-async def test_inference_dying_mid_answer_keeps_the_partial_answer_and_the_session(
+@dataclasses.dataclass
+class _Replica:
+    """A Triton replica as the balancer sees it, idle."""
+
+    name: str
+    outstanding: int = 0
+
+    def accepting(self) -> bool:
+        return True
+
+
+def home_replica(mesh, session_id: str) -> int:
+    """The Triton replica a session's turns go to while every replica is up and idle:
+    its rendezvous hash's pick, as the router's balancer makes it."""
+    replicas = [_Replica(url) for url in mesh.triton_urls]
+    return replicas.index(Balancer(replicas).order(session_id)[0])
+
+
+@pytest.mark.timeout(240)  # a Triton replica restarted
+async def test_the_model_server_dying_mid_answer_keeps_the_partial_answer_and_the_session(
     mesh, chat, auth, tenant, collection
 ):
     session = await create(chat, auth, tenant, collection=collection, retrieval_top_k=20, **LONG)
@@ -570,12 +591,14 @@ async def test_inference_dying_mid_answer_keeps_the_partial_answer_and_the_sessi
     await talk.next()
     talk.send(say("Tell me everything about on-call, rotations, escalation and expenses", "m"))
     frames = await talk.until("token")
-    (inference,) = [r for r in mesh.records() if r.name == "inference"]
-    os.kill(inference.pid, signal.SIGKILL)
+    # the replica generating the answer dies (the chat process, which routes it, lives)
+    home = f"triton-{home_replica(mesh, session.session_id)}"
+    (triton,) = [r for r in mesh.records() if r.name == home]
+    os.kill(triton.pid, signal.SIGKILL)
     try:
         frames += await talk.until("turn_completed")
     finally:
-        await asyncio.to_thread(mesh.start_service, "inference")
+        await asyncio.to_thread(mesh.start_service, home)
     assert "error" in kinds(frames)
     error = next(f.error for f in frames if f.HasField("error"))
     assert error.client_message_id == "m"

@@ -1,7 +1,7 @@
 """Network faults between the services and their dependencies, injected by a real TCP
 fault proxy (`tests.faultproxy`) in front of PostgreSQL (for rag), NATS (for
-execution), Triton (for inference) and Envoy's internal listener (for chat's calls to
-inference), under light load through the public port.
+execution), Triton (for inference and for chat, which embeds the router) and Envoy's
+internal listener (for chat's admission), under light load through the public port.
 
 With each toxic on: every operation ends within its deadline (plus a small margin)
 with OK, UNAVAILABLE carrying an ErrorInfo, DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED,

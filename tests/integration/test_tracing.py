@@ -136,8 +136,9 @@ async def test_a_chat_turn_with_retrieval_and_a_tool_is_one_trace(mesh, channel)
             ("worker", "sandbox.run"),
             ("rag", "switchboard.rag.v1.RagService/Retrieve"),
             ("inference", "switchboard.inference.v1.InferenceService/Embed"),
-            ("inference", "switchboard.inference.v1.InferenceService/Generate"),
-            ("inference", "admission.admit"),
+            # the generation: the router chat embeds, called in-process
+            ("chat", "switchboard.inference.v1.InferenceService/Generate"),
+            ("chat", "admission.admit"),
         }
         return spans if needed <= names and connected(spans) else []
 
@@ -145,7 +146,7 @@ async def test_a_chat_turn_with_retrieval_and_a_tool_is_one_trace(mesh, channel)
     assert root.parent_id is None and root.status != "error"
     # a call's server span by its name (a client span of the same call shares the name)
     by_name = {s.name: s for s in spans if s.kind != "client"}
-    # the hops: turn → Generate (inference) → Triton; turn → Retrieve → Embed; turn →
+    # the hops: turn → Generate (in chat) → Triton; turn → Retrieve → Embed (inference); turn →
     # SubmitTask → the step (worker, over JetStream) → the sandbox
     generate = by_name["switchboard.inference.v1.InferenceService/Generate"]
     assert ancestors(spans, generate)[-1] == root

@@ -279,6 +279,14 @@ def test_network_policies_deny_by_default_and_open_only_envoy(
     assert services["ingress"][0]["from"] == [
         {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "switchboard"}}}
     ]
+    # Triton's gRPC port: only from the processes that route generations (the inference
+    # service, and chat and the gateway, which embed its router)
+    (grpc_rule, _) = policies["switchboard-triton-ingress"]["ingress"]
+    assert grpc_rule["ports"] == [{"port": 8001, "protocol": "TCP"}]
+    allowed = {
+        p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in grpc_rule["from"]
+    }
+    assert allowed == {"inference", "chat", "gateway"}
     # only the edge's Service is reachable from outside the cluster
     exposed = [
         s["metadata"]["name"]
