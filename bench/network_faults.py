@@ -313,10 +313,20 @@ async def backend_states(target: str, metadata: Sequence[tuple[str, str]]) -> se
     return {b.state for m in reply.models for b in m.backends}
 
 
+async def failing_operations(load: FaultLoad) -> list[str]:
+    """The operations that do not succeed (each tried once, on a fresh channel), with
+    how they ended; empty when the mesh serves normally."""
+    outcomes = await asyncio.gather(*(load.once(op) for op in OPERATIONS))
+    return [
+        f"{o.operation}: {o.code.name if o.code else 'hung'} {o.reason} after {o.elapsed:.1f}s"
+        for o in outcomes
+        if o.code != grpc.StatusCode.OK
+    ]
+
+
 async def serves_normally(load: FaultLoad) -> bool:
     """Whether every operation succeeds (once each, on a fresh channel)."""
-    outcomes = await asyncio.gather(*(load.once(op) for op in OPERATIONS))
-    return all(o.code == grpc.StatusCode.OK for o in outcomes)
+    return not await failing_operations(load)
 
 
 async def give_room(mesh: Any, tenant: str, metadata: Sequence[tuple[str, str]]) -> None:
@@ -368,6 +378,9 @@ class Growth:
     connections: dict[str, int] = field(default_factory=dict)
     restarted: list[str] = field(default_factory=list)
     """Processes whose PID changed (a crash the control plane restarted) or vanished."""
+    failing: list[str] = field(default_factory=list)
+    """The operations that did not succeed when last tried (`settled`), with how they
+    ended: the mesh did not serve normally again."""
 
     @classmethod
     def between(cls, before: Mapping[str, Usage], after: Mapping[str, Usage]) -> Growth:
@@ -433,7 +446,9 @@ async def settled(
     end = time.monotonic() + timeout
     growth = Growth()
     while time.monotonic() < end:
-        if await serves_normally(load):
+        if failing := await failing_operations(load):
+            growth = Growth(failing=failing)
+        else:
             growth = Growth.between(baseline, service_usage(mesh))
             if growth.within_bounds():
                 break

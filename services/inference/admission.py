@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -51,6 +52,8 @@ from services.runtime import (
     TIER_VALUES,
     DeadlineExceeded,
     RelayedError,
+    RetriesExhausted,
+    RetryPolicy,
     SwitchboardError,
     Unavailable,
     channel,
@@ -72,6 +75,24 @@ logger = logging.getLogger(__name__)
 
 RETRY_AFTER = timedelta(seconds=1)
 RELEASE_TIMEOUT_S = 5.0
+RELEASE_RETRY = RetryPolicy(
+    max_attempts=10, backoff=timedelta(milliseconds=250), max_backoff=timedelta(seconds=10)
+)
+"""How a release that got no answer is tried again (for about a minute): a lease never
+released holds a place of its tenant's concurrency until its TTL (10 minutes), so a few
+lost releases would leave a tenant at its limit with nothing running."""
+_UNANSWERED = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+    }
+)
+"""A release failed so may not have reached the admission service (another try is
+harmless: a lease released twice is NOT_FOUND the second time)."""
+CLOSE_RELEASES_S = 5.0
+"""How long `close` lets the releases still being tried finish."""
 ADMIT_TIMEOUT_S = 10.0
 """The longest an admission waits when the Generate call has no deadline (and does not
 ask for queue updates)."""
@@ -279,6 +300,8 @@ class AdmissionGate:
         self._release_channel = grpc.aio.insecure_channel(target)
         self._release_stub = admission_service_pb2_grpc.AdmissionServiceStub(self._release_channel)
         self._releases: set[asyncio.Task[None]] = set()
+        self._sleep = asyncio.sleep
+        """Waits between a release's tries."""
         self._sessions: dict[str, _Session] = {}
         self._granted_on: dict[str, _Session] = {}
         """Lease id → the session that granted it, until the lease is released."""
@@ -492,21 +515,40 @@ class AdmissionGate:
         task.add_done_callback(self._releases.discard)
 
     async def _release(self, request: admission_pb2.ReleaseRequest, tenant_id: str) -> None:
+        """Releases, trying again while the admission service does not answer
+        (`RELEASE_RETRY`); a lease whose release never gets through expires on its own."""
         metadata = propagated_metadata([(TENANT_HEADER, tenant_id)])
         granted_on = self._granted_on.pop(request.lease_id, None)
+        where = {
+            "lease_id": request.lease_id,
+            "admission_request_id": request.request_id,
+            "tenant_id": tenant_id,
+        }
+
+        async def attempt(number: int) -> None:
+            try:
+                await self._release_stub.Release(
+                    request, metadata=metadata, timeout=RELEASE_TIMEOUT_S
+                )
+            except grpc.aio.AioRpcError as error:
+                if error.code() in _UNANSWERED:
+                    raise
+                if number > 1 and error.code() == grpc.StatusCode.NOT_FOUND:
+                    return  # an earlier try released it; its answer was lost
+                if _moved(error) and granted_on is not None:
+                    granted_on.retire()  # the tenant's calls reach another replica now
+                logger.warning("admission release failed: %s", error.code().name, extra=where)
+
         try:
-            await self._release_stub.Release(request, metadata=metadata, timeout=RELEASE_TIMEOUT_S)
-        except grpc.aio.AioRpcError as error:  # the lease expires on its own
-            if _moved(error) and granted_on is not None:
-                granted_on.retire()  # the tenant's calls reach another replica now
+            await RELEASE_RETRY.call(
+                attempt, retry_on=grpc.aio.AioRpcError, rng=random.Random(), sleep=self._sleep
+            )
+        except RetriesExhausted as exhausted:
             logger.warning(
-                "admission release failed: %s",
-                error.code().name,
-                extra={
-                    "lease_id": request.lease_id,
-                    "admission_request_id": request.request_id,
-                    "tenant_id": tenant_id,
-                },
+                "admission release failed %d times; the lease expires on its own: %s",
+                exhausted.attempts,
+                exhausted.last,
+                extra=where,
             )
 
     async def close(self) -> None:
@@ -517,8 +559,16 @@ class AdmissionGate:
             session.close()
         self._sessions.clear()
         self._granted_on.clear()
-        # a release may be started while the others are awaited
+        # a release may be started while the others are awaited; those still being tried
+        # again after CLOSE_RELEASES_S are given up (their leases expire on their own)
+        closing = time.monotonic() + CLOSE_RELEASES_S
         while self._releases:
+            left = closing - time.monotonic()
+            if left > 0:
+                await asyncio.wait(set(self._releases), timeout=left)
+                continue
+            for task in self._releases:
+                task.cancel()
             await asyncio.gather(*self._releases, return_exceptions=True)
         await self._channel.close()
         await self._release_channel.close()

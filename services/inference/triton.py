@@ -149,7 +149,11 @@ class TritonBackend:
             options=[
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                # a replica that stops answering without closing (a partition) is given
+                # up within 35 s: its streams fail, the breaker sees it, a new connection
+                # is made (a chat turn's generation has no deadline of its own)
                 ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 5_000),
                 # reconnect quickly once a restarted replica is back
                 ("grpc.initial_reconnect_backoff_ms", 200),
                 ("grpc.min_reconnect_backoff_ms", 200),

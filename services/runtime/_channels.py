@@ -151,7 +151,10 @@ def channel(
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.keepalive_time_ms", 60_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
+            # a connection that stops answering (a partition: nothing is refused or
+            # closed) is given up within 25 s, and its calls fail UNAVAILABLE, even the
+            # calls no deadline bounds (a chat turn's admission and generation)
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
         ],
     )

@@ -165,6 +165,7 @@ async def test_rotating_faults_leave_no_leak(mesh, proxies, load):
     growth: Growth = await settled(mesh, load, baseline, timeout=90)
     print(f"{steps} toxic steps in {ROTATE_S:g} s; growth after: {growth.describe()}")
     assert not problems(load.since(began)), problems(load.since(began))
+    assert not growth.failing, f"not serving normally after the faults: {growth.failing}"
     assert not growth.restarted, f"processes restarted during the faults: {growth.restarted}"
     assert max(growth.fds.values()) <= FD_BOUND, growth.describe()
     assert max(growth.rss_mb.values()) <= RSS_BOUND_MB, growth.describe()

@@ -20,6 +20,7 @@ from services.admission import (
     TicketState,
 )
 from services.inference.admission import (
+    RELEASE_RETRY,
     SESSION_IDLE_S,
     STREAMS_PER_ATTEMPT,
     AdmissionGate,
@@ -405,6 +406,59 @@ async def test_a_lease_not_found_where_released_moves_new_attempts_to_a_new_sess
     assert stray.cancelled  # no attempt waits on it (the leases it granted live on)
     assert (await gate.admit(ASK)).startswith("L-")
     assert len(stub.calls) == 2 and len(stub.calls[1][1].requests) == 1
+
+
+class _Flaky:
+    """A release stub whose first answers are `errors`, then released."""
+
+    def __init__(self, *errors: grpc.aio.AioRpcError) -> None:
+        self.errors = list(errors)
+        self.requests: list[admission_pb2.ReleaseRequest] = []
+
+    async def Release(self, request, **kwargs):  # noqa: N802 - gRPC method name
+        self.requests.append(request)
+        if self.errors:
+            raise self.errors.pop(0)
+        return admission_pb2.ReleaseResponse(released=True)
+
+
+async def _no_wait(seconds: float) -> None:
+    """The waits between tries, without a clock (`RELEASE_RETRY` bounds them)."""
+
+
+async def test_a_release_that_gets_no_answer_is_tried_again(gate):
+    gate._sleep = _no_wait
+    gate._release_stub = releases = _Flaky(
+        _rpc_error(UNAVAILABLE), _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED)
+    )
+    gate.release("L-1", tenant_id="acme", prompt=1, completion=2)
+    await eventually(lambda: len(releases.requests) == 3, what="three tries")
+    await _let_others_run()
+    assert {r.lease_id for r in releases.requests} == {"L-1"}
+    assert not gate._releases  # the third got through: no more tries
+
+
+async def test_a_release_stops_trying_after_its_attempts(gate):
+    gate._sleep = _no_wait
+    gate._release_stub = releases = _Flaky(*[_rpc_error(UNAVAILABLE)] * 20)
+    gate.release("L-1", tenant_id="acme", prompt=1, completion=2)
+    await eventually(lambda: not gate._releases, what="the release given up")
+    assert len(releases.requests) == RELEASE_RETRY.max_attempts  # the lease expires alone
+
+
+async def test_a_release_refused_as_not_found_after_a_lost_answer_is_done(gate):
+    gate._sleep = _no_wait
+    gate._stub = stub = _Sessions(_admit_at_once)
+    lease = await gate.admit(ASK)
+    # the first try's answer was lost (it did release); the second finds no such lease:
+    # that is the first try's doing, not a sign that the tenant moved
+    gate._release_stub = releases = _Flaky(_rpc_error(UNAVAILABLE), _lease_not_found())
+    gate.release(lease, tenant_id="acme", prompt=1, completion=1)
+    await eventually(lambda: not gate._releases, what="the release done")
+    assert len(releases.requests) == 2
+    [(_, call)] = stub.calls
+    assert not call.cancelled  # the session stays: nothing moved
+    assert (await gate.admit(ASK)).startswith("L-") and len(stub.calls) == 1
 
 
 async def test_a_session_that_moved_closes_once_its_waiting_attempts_are_decided(gate):
