@@ -116,19 +116,23 @@ async def dependency_proxies(mesh: Any) -> AsyncIterator[dict[str, FaultProxy]]:
             name: await stack.enter_async_context(FaultProxy(upstream))
             for name, upstream in upstreams.items()
         }
-        routes = {
-            "rag": {"SWITCHBOARD_DATABASE_URL": _via(mesh.database_url, proxies["postgres"])},
-            "execution": {"SWITCHBOARD_NATS_URL": _via(mesh.nats_url, proxies["nats"])},
-            "inference": {"SWITCHBOARD_TRITON_URLS": proxies["triton"].address},
-            # chat generates through the router it embeds: to Triton, admission via Envoy
-            "chat": {
-                "SWITCHBOARD_TRITON_URLS": proxies["triton"].address,
-                "SWITCHBOARD_ADMISSION_TARGET": proxies["internal"].address,
-            },
-        }
-        for replica, env in routes.items():
+        for replica, env in proxied_env(mesh, proxies).items():
             await asyncio.to_thread(mesh.start_service, replica, env=env)
         yield proxies
+
+
+def proxied_env(mesh: Any, proxies: Mapping[str, FaultProxy]) -> dict[str, dict[str, str]]:
+    """The environment that points each service at its dependencies' proxies."""
+    return {
+        "rag": {"SWITCHBOARD_DATABASE_URL": _via(mesh.database_url, proxies["postgres"])},
+        "execution": {"SWITCHBOARD_NATS_URL": _via(mesh.nats_url, proxies["nats"])},
+        "inference": {"SWITCHBOARD_TRITON_URLS": proxies["triton"].address},
+        # chat generates through the router it embeds: to Triton, admission via Envoy
+        "chat": {
+            "SWITCHBOARD_TRITON_URLS": proxies["triton"].address,
+            "SWITCHBOARD_ADMISSION_TARGET": proxies["internal"].address,
+        },
+    }
 
 
 def set_all(proxies: Mapping[str, FaultProxy], toxic: Toxic | None) -> None:

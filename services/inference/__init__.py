@@ -40,7 +40,10 @@ class InferenceService:
         config = self._config
         backends = [
             TritonBackend(
-                url, breaker_fail_max=config.breaker_fail_max, breaker_reset=config.breaker_reset
+                url,
+                breaker_fail_max=config.breaker_fail_max,
+                breaker_reset=config.breaker_reset,
+                generation_idle=config.generation_idle_timeout,
             )
             for url in config.triton_urls
         ]
@@ -51,6 +54,7 @@ class InferenceService:
                     g.upstream,
                     breaker_fail_max=config.breaker_fail_max,
                     breaker_reset=config.breaker_reset,
+                    generation_idle=config.generation_idle_timeout,
                 )
             ]
             for g in policy.generators

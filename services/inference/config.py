@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from services.inference.router import EMBED_TEXTS_HARD_MAX
+from services.inference.triton import GENERATION_IDLE
 from services.runtime import load_config
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,11 @@ class InferenceConfig:
     request asks its tenant's admission replica)."""
     embed_max_texts: int = EMBED_TEXTS_HARD_MAX
     """Most texts one Embed call may carry, 1..512 (the contract's own bound)."""
+    generation_idle_timeout: timedelta = GENERATION_IDLE
+    """The longest a generation waits for the next thing its backend sends, deadline or
+    not: past it the backend counts as failed (another backend or tier is tried while
+    nothing was streamed). It bounds a chat turn's answer, which has no deadline of its
+    own, when a model server stalls without closing."""
 
     def __post_init__(self) -> None:
         if not self.triton_urls:
@@ -44,6 +50,8 @@ class InferenceConfig:
             raise ValueError("SWITCHBOARD_BREAKER_FAIL_MAX must be at least 1")
         if not 0 <= self.admission_slice <= 16:
             raise ValueError("SWITCHBOARD_ADMISSION_SLICE must be 0..16")
+        if self.generation_idle_timeout <= timedelta(0):
+            raise ValueError("SWITCHBOARD_GENERATION_IDLE_TIMEOUT must be positive")
         if not 1 <= self.embed_max_texts <= EMBED_TEXTS_HARD_MAX:
             raise ValueError(f"SWITCHBOARD_EMBED_MAX_TEXTS must be 1..{EMBED_TEXTS_HARD_MAX}")
 

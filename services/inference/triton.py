@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 STREAM_END_WAIT_S = 5.0
 """How long a finished generation's stream is given to end by itself before it is
 cancelled (the server closes it right after its final response)."""
+GENERATION_IDLE = timedelta(minutes=5)
+"""How long a generation may wait for the next thing its backend sends, by default (as
+long as Envoy lets a stream go silent)."""
 
 
 def generate_request(
@@ -48,6 +51,54 @@ class BackendFailure(Unavailable):
     """The backend could not serve the call; another backend may."""
 
     reason = "BACKEND_UNAVAILABLE"
+
+
+class StreamWaits:
+    """The bound on each wait of one generation's stream: the call's deadline, and at
+    most `idle` for each thing the backend sends. A backend that goes silent (stalled,
+    wedged, partitioned without a reset) is thus given up within `idle`, a deadline or
+    not: a chat turn's generation has none of its own.
+
+    Args:
+        backend: the backend's name, for the errors.
+        timeout: seconds until the call's deadline (None: no deadline).
+        idle: the most seconds one wait may take.
+        clock: the event loop's clock (asyncio.timeout_at's), by default.
+    """
+
+    __slots__ = ("_backend", "_clock", "_deadline", "_idle")
+
+    def __init__(
+        self,
+        backend: str,
+        timeout: float | None,
+        idle: float,
+        *,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._clock = clock or asyncio.get_running_loop().time
+        self._backend = backend
+        self._deadline = None if timeout is None else self._clock() + timeout
+        self._idle = idle
+
+    def next(self) -> float:
+        """When the next wait ends at the latest (on `clock`)."""
+        limit = self._clock() + self._idle
+        return limit if self._deadline is None else min(limit, self._deadline)
+
+    def expired(self, what: str) -> SwitchboardError:
+        """The error of a wait that reached its bound: the deadline's, or the backend's
+        failure when it had only gone silent (another backend may serve the call)."""
+        if self._deadline is not None and self._clock() >= self._deadline:
+            return DeadlineExceeded(
+                f"the {what} did not finish before the deadline",
+                reason="DEADLINE_EXCEEDED",
+                metadata={"backend": self._backend},
+            )
+        return BackendFailure(
+            f"backend {self._backend} sent nothing for {self._idle:g} s",
+            metadata={"backend": self._backend},
+        )
 
 
 def encode_bytes(items: Sequence[bytes]) -> bytes:
@@ -138,9 +189,11 @@ class TritonBackend:
         *,
         breaker_fail_max: int = 3,
         breaker_reset: timedelta = timedelta(seconds=5),
+        generation_idle: timedelta = GENERATION_IDLE,
     ) -> None:
         self.name = address
         self.address = address
+        self.generation_idle = generation_idle.total_seconds()
         self.outstanding = 0
         self.ready = False
         self.breaker = BackendBreaker(address, fail_max=breaker_fail_max, reset=breaker_reset)
@@ -149,9 +202,9 @@ class TritonBackend:
             options=[
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                # a replica that stops answering without closing (a partition) is given
-                # up within 35 s: its streams fail, the breaker sees it, a new connection
-                # is made (a chat turn's generation has no deadline of its own)
+                # keepalive pings find a connection that stopped answering (a
+                # partition) and a new one is made; a generation waiting on a silent
+                # backend is bounded by `generation_idle`, which does not rely on them
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.keepalive_timeout_ms", 5_000),
                 # reconnect quickly once a restarted replica is back
@@ -247,17 +300,17 @@ class TritonBackend:
         request = generate_request(model, prompt, passages, max_tokens)
         self.outstanding += 1
         call = self._take_stream()
-        # the deadline bounds each wait, never a yield (the consumer runs in between)
-        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        # the bounds are on each wait, never on a yield (the consumer runs in between)
+        waits = StreamWaits(self.name, timeout, self.generation_idle)
         replies = aiter(call)
         finished = False
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout_at(waits.next()):
                 await call.write(request)
                 await call.done_writing()
             self._open_spare()  # for the next generation, while this one starts
             while True:
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(waits.next()):
                     reply = await anext(replies, None)
                 if reply is None:
                     return
@@ -281,11 +334,7 @@ class TritonBackend:
                     finished = True
                     return
         except TimeoutError:
-            raise DeadlineExceeded(
-                "the model did not finish before the deadline",
-                reason="DEADLINE_EXCEEDED",
-                metadata={"backend": self.name},
-            ) from None
+            raise waits.expired("model") from None
         except grpc.aio.AioRpcError as error:
             raise _translate(error, self.name) from None
         finally:

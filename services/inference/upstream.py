@@ -14,6 +14,7 @@ does.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -24,7 +25,7 @@ from typing import Any
 import openai
 
 from services.inference.breaker import BackendBreaker
-from services.inference.triton import BackendFailure, StreamedToken
+from services.inference.triton import GENERATION_IDLE, BackendFailure, StreamedToken, StreamWaits
 from services.runtime import DeadlineExceeded, Internal, SwitchboardError
 
 logger = logging.getLogger(__name__)
@@ -123,10 +124,12 @@ class OpenAIBackend:
         *,
         breaker_fail_max: int = 3,
         breaker_reset: timedelta = timedelta(seconds=5),
+        generation_idle: timedelta = GENERATION_IDLE,
     ) -> None:
         self.upstream = upstream
         self.name = f"{upstream.base_url}#{upstream.model}"
         self.address = upstream.base_url
+        self.generation_idle = generation_idle.total_seconds()
         self.outstanding = 0
         self.ready = False
         self.breaker = BackendBreaker(self.name, fail_max=breaker_fail_max, reset=breaker_reset)
@@ -164,29 +167,33 @@ class OpenAIBackend:
         timeout: float | None,
     ) -> AsyncIterator[StreamedToken]:
         """Streams the upstream's answer; closing the iteration closes the HTTP stream
-        (the upstream sees the client go and stops)."""
+        (the upstream sees the client go and stops). Each wait is bounded as a Triton
+        backend's (`StreamWaits`)."""
         self.outstanding += 1
         stream = None
+        waits = StreamWaits(self.name, timeout, self.generation_idle)
         try:
-            stream = await self._client.chat.completions.create(
-                model=self.upstream.model,
-                messages=upstream_messages(prompt, passages),  # type: ignore[arg-type]
-                max_tokens=max_tokens,
-                stream=True,
-                timeout=timeout,
-            )
-            async for chunk in stream:
+            async with asyncio.timeout_at(waits.next()):
+                stream = await self._client.chat.completions.create(
+                    model=self.upstream.model,
+                    messages=upstream_messages(prompt, passages),  # type: ignore[arg-type]
+                    max_tokens=max_tokens,
+                    stream=True,
+                    timeout=timeout,
+                )
+            chunks = aiter(stream)
+            while True:
+                async with asyncio.timeout_at(waits.next()):
+                    chunk = await anext(chunks, None)
+                if chunk is None:
+                    return
                 for choice in chunk.choices:
                     if choice.delta.content:
                         yield StreamedToken(choice.delta.content, -1)
         except openai.OpenAIError as error:
             raise translate(error, self.name) from None
         except TimeoutError:
-            raise DeadlineExceeded(
-                "the upstream model did not finish before the deadline",
-                reason="DEADLINE_EXCEEDED",
-                metadata={"backend": self.name},
-            ) from None
+            raise waits.expired("upstream model") from None
         finally:
             self.outstanding -= 1
             if stream is not None:

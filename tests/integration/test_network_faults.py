@@ -15,6 +15,7 @@ The mesh is this module's own (its services are re-pointed at the proxies).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import time
@@ -26,7 +27,8 @@ from datetime import timedelta
 import grpc
 import pytest
 from switchboard.admission.v1 import admission_service_pb2_grpc
-from switchboard.inference.v1 import inference_pb2
+from switchboard.chat.v1 import chat_pb2, chat_service_pb2_grpc
+from switchboard.inference.v1 import inference_pb2, inference_service_pb2_grpc
 
 from bench._common import give_tenant_room, unlimited_policy
 from bench.network_faults import (
@@ -38,6 +40,7 @@ from bench.network_faults import (
     Growth,
     backend_states,
     dependency_proxies,
+    proxied_env,
     rotate,
     serves_normally,
     service_usage,
@@ -45,6 +48,7 @@ from bench.network_faults import (
     settled,
 )
 from services.launcher import Mesh, isolated_config
+from services.runtime import error_details
 from tests.faultproxy import Blackhole, Reset
 from tests.integration.conftest import Credentials
 from tests.polling import eventually
@@ -53,6 +57,9 @@ CALLS_PER_TOXIC = 12
 """Operations that must end while each toxic is on (three rounds of four workers)."""
 ROTATE_S = float(os.environ.get("NETWORK_FAULTS_TEST_S", "30"))
 """How long the toxics rotate in the leak test."""
+SILENCE_S = 3.0
+"""The generation idle bound (`SWITCHBOARD_GENERATION_IDLE_TIMEOUT`) of the silent-model
+test, far below what keepalive takes to give up a connection (35 s)."""
 OPEN = inference_pb2.BACKEND_STATE_OPEN
 HEALTHY = inference_pb2.BACKEND_STATE_HEALTHY
 
@@ -177,3 +184,79 @@ async def _states_are(mesh: Mesh, metadata, states: set[int]) -> bool:
         return await backend_states(mesh.envoy_address, metadata) == states
     except grpc.aio.AioRpcError:
         return False
+
+
+@pytest.mark.timeout(300)
+async def test_a_silent_model_server_ends_generations_and_chat_turns_within_the_idle_bound(
+    mesh, proxies, load
+):
+    """Triton's link goes silent (blackholed: nothing answered, nothing closed). A
+    Generate without a deadline and a chat turn (whose answer has no deadline of its
+    own) both end UNAVAILABLE once the router has heard nothing for the idle bound from
+    each model it tried, long before keepalive would give the connection up; the session
+    answers the next turn once the link is back."""
+    env = proxied_env(mesh, proxies)
+    silence = {"SWITCHBOARD_GENERATION_IDLE_TIMEOUT": f"{SILENCE_S:g}s"}
+    for name in ("inference", "chat"):
+        await asyncio.to_thread(mesh.start_service, name, env={**env[name], **silence})
+    try:
+        async with grpc.aio.insecure_channel(mesh.envoy_address) as channel:
+            chat = chat_service_pb2_grpc.ChatServiceStub(channel)
+            created = await chat.CreateSession(
+                chat_pb2.CreateSessionRequest(), metadata=load.metadata, timeout=10
+            )
+            converse = chat.Converse(metadata=load.metadata, timeout=120)
+            session = chat_pb2.OpenSession(session_id=created.session.session_id)
+            await converse.write(chat_pb2.ConverseRequest(open=session))
+            proxies["triton"].set(Blackhole())
+            try:
+                started = time.monotonic()
+                request = inference_pb2.GenerateRequest(
+                    prompt="What does a circuit breaker do?",
+                    parameters=inference_pb2.GenerationParameters(max_tokens=8),
+                )
+                stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    async for _ in stub.Generate(request, metadata=load.metadata, timeout=60):
+                        pass
+                took = time.monotonic() - started
+                info = error_details(failed.value).error_info
+                assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value
+                assert info is not None and info.reason == "BACKENDS_UNAVAILABLE", failed.value
+                assert SILENCE_S <= took < 25, took
+
+                started = time.monotonic()
+                failure = await _turn(converse, "turn-1", "What opens the breaker?")
+                took = time.monotonic() - started
+                assert failure is not None, "the turn completed through a silent model"
+                assert failure.code == grpc.StatusCode.UNAVAILABLE, failure
+                assert SILENCE_S <= took < 25, took
+            finally:
+                proxies["triton"].clear()
+            # the link is back: the same session answers (the breaker lets a probe through)
+            await eventually(
+                lambda: _answers(converse),
+                timeout=60,
+                interval=1.0,
+                what="the session answers again once the model server is reachable",
+            )
+            await converse.done_writing()
+    finally:
+        for name in ("inference", "chat"):
+            await asyncio.to_thread(mesh.start_service, name, env=env[name])
+
+
+async def _turn(converse, client_message_id: str, text: str):
+    """Sends one message; the turn's failure details, or None once it completed."""
+    message = chat_pb2.UserMessage(client_message_id=client_message_id, text=text)
+    await converse.write(chat_pb2.ConverseRequest(message=message))
+    async for frame in converse:
+        if frame.HasField("error"):
+            return error_details(frame.error.status)
+        if frame.HasField("turn_completed"):
+            return None
+    raise AssertionError("the stream ended within a turn")
+
+
+async def _answers(converse) -> bool:
+    return await _turn(converse, f"again-{uuid.uuid4().hex[:8]}", "What opens?") is None
