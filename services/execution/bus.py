@@ -14,6 +14,8 @@ Streams (file storage; created or updated at start, idempotently):
 
 Every publish carries `Nats-Msg-Id`, so a republish after a crash (the state in
 PostgreSQL says what to republish) is de-duplicated within the streams' window.
+Publishes to `SB_WORK` and `SB_EVENTS` are coalesced across callers, as atomic batches
+when busy (see `publisher`): one disk sync stores many messages.
 
 What NATS holds in memory follows these two settings, not time: measured on NATS 2.x,
 about 0.5 KB per task whose events are retained (its subject's index entry) and about
@@ -27,7 +29,6 @@ step of that task cancels it (the sandbox process is killed with it).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -44,6 +45,7 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 from switchboard.execution.v1 import execution_pb2 as pb
 
+from services.execution.publisher import Message, SinglePublishes, StreamPublisher
 from services.runtime import connect_nats, dependency_unavailable, tracing
 
 logger = logging.getLogger(__name__)
@@ -91,8 +93,7 @@ class Bus:
         self.settings = settings or WorkSettings()
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
-        self._first_publish = asyncio.Lock()
-        self._acks_ready = False
+        self._publishers: dict[str, StreamPublisher] = {}
         self._connection_listeners: list[Callable[[], object]] = []
 
     @property
@@ -110,7 +111,14 @@ class Bus:
             self._url, name="switchboard-execution", changed=self._connection_changed
         )
         self._js = self._nc.jetstream(timeout=5)
-        await self._ensure_streams()
+        atomic = await self._ensure_streams()
+        singles = SinglePublishes(self._js)
+        self._publishers = {
+            stream: StreamPublisher(
+                self._nc, singles, atomic=atomic.get(stream, False), timeout=PUBLISH_TIMEOUT_S
+            )
+            for stream in (WORK_STREAM, EVENT_STREAM, DEAD_STREAM)
+        }
 
     async def close(self) -> None:
         """Closes the connection. Publishes are awaited when made (JetStream acks them),
@@ -131,7 +139,9 @@ class Bus:
         for changed in self._connection_listeners:
             changed()
 
-    async def _ensure_streams(self) -> None:
+    async def _ensure_streams(self) -> dict[str, bool]:
+        """Creates or updates the streams; says which accept atomic batches (a NATS
+        older than 2.12 drops the setting)."""
         window = self.settings.duplicate_window.total_seconds()
         streams = [
             js_api.StreamConfig(
@@ -141,6 +151,7 @@ class Bus:
                 storage=js_api.StorageType.FILE,
                 duplicate_window=window,
                 num_replicas=self.settings.replicas,
+                allow_atomic=True,
             ),
             js_api.StreamConfig(
                 name=EVENT_STREAM,
@@ -150,6 +161,7 @@ class Bus:
                 max_age=self.settings.event_retention.total_seconds(),
                 duplicate_window=window,
                 num_replicas=self.settings.replicas,
+                allow_atomic=True,
             ),
             js_api.StreamConfig(
                 name=DEAD_STREAM,
@@ -161,12 +173,14 @@ class Bus:
                 num_replicas=self.settings.replicas,
             ),
         ]
+        atomic = {}
         for config in streams:
             try:
                 await self.js.stream_info(config.name)
-                await self.js.update_stream(config)
+                info = await self.js.update_stream(config)
             except NotFoundError:
-                await self.js.add_stream(config)
+                info = await self.js.add_stream(config)
+            atomic[config.name] = bool(info.config.allow_atomic)
         consumer = js_api.ConsumerConfig(
             durable_name=WORKERS,
             ack_policy=js_api.AckPolicy.EXPLICIT,
@@ -176,6 +190,7 @@ class Bus:
             filter_subject=WORK_SUBJECT,
         )
         await self.js.add_consumer(WORK_STREAM, consumer)
+        return atomic
 
     # ---- publishing ------------------------------------------------------------------
 
@@ -184,9 +199,9 @@ class Bus:
         return sequence
 
     async def _publish_all(self, messages: Sequence[tuple[str, bytes, str]]) -> list[int]:
-        """Publishes (subject, payload, id) messages in this order (one connection keeps
-        it), their acks awaited together under one timeout; returns their sequences."""
-        acks: list[asyncio.Future[js_api.PubAck]] = []
+        """Publishes (subject, payload, id) messages of one stream in this order, with
+        those of other callers meanwhile (see `publisher`); returns their sequences
+        once all are stored."""
         traced = contextlib.ExitStack()
         if tracing.in_trace():  # the producer's span: what its messages' consumers continue
             traced.enter_context(
@@ -201,39 +216,21 @@ class Bus:
                     },
                 )
             )
-        try:
-            with traced:
-                return await self._publish_acked(messages, acks)
-        finally:
-            for ack in acks:  # on failure: no future left waiting in the client
-                ack.cancel()
+        with traced:
+            # the trace context travels with the step (to its worker) and with the event
+            marked: list[Message] = [
+                (subject, payload, tracing.inject({"Nats-Msg-Id": msg_id}))
+                for subject, payload, msg_id in messages
+            ]
+            return await self._publisher(messages[0][0]).publish(marked) if marked else []
 
-    async def _publish_acked(
-        self,
-        messages: Sequence[tuple[str, bytes, str]],
-        acks: list[asyncio.Future[js_api.PubAck]],
-    ) -> list[int]:
-        try:
-            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-                for subject, payload, msg_id in messages:
-                    acks.append(await self._publish_async(subject, payload, msg_id))
-                return [int(ack.seq) for ack in await asyncio.gather(*acks)]
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise dependency_unavailable("nats", "message bus", exc) from exc
-
-    async def _publish_async(
-        self, subject: str, payload: bytes, msg_id: str
-    ) -> asyncio.Future[js_api.PubAck]:
-        # the trace context travels with the step (to its worker) and with the event
-        headers = tracing.inject({"Nats-Msg-Id": msg_id})
-        if self._acks_ready:
-            return await self.js.publish_async(subject, payload, headers=headers)
-        # nats-py makes its inbox for acks on the first publish, without a lock: two
-        # first publishes at once would make two, and lose one's ack
-        async with self._first_publish:
-            ack = await self.js.publish_async(subject, payload, headers=headers)
-            self._acks_ready = True
-            return ack
+    def _publisher(self, subject: str) -> StreamPublisher:
+        assert self._publishers, "connect() first"
+        if subject == WORK_SUBJECT:
+            return self._publishers[WORK_STREAM]
+        if subject.startswith("sb.events."):
+            return self._publishers[EVENT_STREAM]
+        return self._publishers[DEAD_STREAM]
 
     async def enqueue(self, task_id: str, step: str, *, again: str = "") -> None:
         """Queues a step to run, once per task and step (the id de-duplicates), or once
