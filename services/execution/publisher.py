@@ -42,8 +42,9 @@ ATOMIC_AT_LEAST = 16
 """The smallest flush sent as an atomic batch (below it, single publishes cost less)."""
 ATOMIC_AT_MOST = 500
 """Messages per atomic batch at most (NATS accepts 1,000)."""
-FLUSH_GROUPS = 256
-"""Callers' message groups per flush at most."""
+FLUSH_GROUPS = 1024
+"""Callers' message groups per flush at most: enough that every caller waiting is in the
+next flush (so that while NATS is down, each waits for at most two flushes' timeouts)."""
 _BATCH_ID = "Nats-Batch-Id"
 _BATCH_SEQUENCE = "Nats-Batch-Sequence"
 _BATCH_COMMIT = "Nats-Batch-Commit"
