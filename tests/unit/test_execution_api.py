@@ -336,8 +336,9 @@ async def test_the_streams_keep_events_and_ids_as_long_as_configured():
     async def stream_info(name: str) -> Any:
         raise NotFoundError
 
-    async def add_stream(config: Any) -> None:
+    async def add_stream(config: Any) -> Any:
         made.append(config)
+        return SimpleNamespace(config=config)  # the stream's info, as NATS stored it
 
     async def add_consumer(stream: str, config: Any) -> None:
         pass
@@ -345,7 +346,9 @@ async def test_the_streams_keep_events_and_ids_as_long_as_configured():
     bus._js = SimpleNamespace(  # type: ignore[assignment]
         stream_info=stream_info, add_stream=add_stream, add_consumer=add_consumer
     )
-    await bus._ensure_streams()
+    atomic = await bus._ensure_streams()
+    # the work and the events accept atomic batches (one disk sync for many messages)
+    assert atomic == {"SB_WORK": True, "SB_EVENTS": True, "SB_DEAD": False}
     assert {c.name: c.duplicate_window for c in made} == dict.fromkeys(
         ("SB_WORK", "SB_EVENTS", "SB_DEAD"), 180.0
     )
