@@ -27,6 +27,7 @@ from switchboard.rag.v1 import rag_service_pb2_grpc
 
 from services.demo import handbook
 from services.inference.balancer import Balancer
+from services.launcher._services import SERVICES
 from services.runtime import error_details
 from tests.integration.conftest import as_operator
 from tests.polling import eventually
@@ -692,8 +693,35 @@ def triton_generations(mesh) -> list[float]:
     return served
 
 
+OPEN_CIRCUIT = 2
+"""`switchboard_inference_breaker_state` of an open circuit."""
+
+
+def chat_breakers(mesh) -> dict[str, float]:
+    """The circuit breaker of each backend of the router chat embeds (0 closed, 1
+    half-open, 2 open), from chat's own metrics."""
+    port = next(spec for spec in SERVICES if spec.name == "chat").metrics_port(mesh.config, 0)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        sample.labels["backend"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "switchboard_inference_breaker_state"
+    }
+
+
 async def test_a_sessions_turns_stay_on_the_triton_replica_it_started_on(chat, auth, tenant, mesh):
     assert mesh.config.triton_replicas == 2
+
+    async def both_taken() -> bool:
+        states = await asyncio.to_thread(chat_breakers, mesh)
+        return len(states) == 2 and OPEN_CIRCUIT not in states.values()
+
+    # a replica an earlier test killed must be back in chat's router: a session whose
+    # home's circuit is still open would start elsewhere and go home once it half-opens
+    # (a half-open home takes the first turn as its probe)
+    await eventually(both_taken, timeout=30, interval=0.2, what="chat's router takes both")
     talks = []
     for _ in range(2):
         session = await create(chat, auth, tenant)
