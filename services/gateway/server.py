@@ -28,6 +28,7 @@ from services.runtime import (
     http_error,
     process_name,
     serve_metrics,
+    settle_heap,
     stop_task,
     tracing,
     watch_event_loop,
@@ -202,6 +203,7 @@ async def serve(config: GatewayConfig | None = None) -> None:
         loop.add_signal_handler(sig, stopping.set)
     gateway = Gateway(config, InferenceService(load_inference_config()))
     await gateway.start()
+    settle_heap()
     while not stopping.is_set():
         flush_logs()
         try:

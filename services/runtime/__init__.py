@@ -63,6 +63,7 @@ from services.runtime._errors import (
     require_tenant,
     status_of,
 )
+from services.runtime._heap import settle_heap
 from services.runtime._http_errors import HTTP_STATUS, HttpError, http_error
 from services.runtime._local import LocalChannel, LocalRpcError
 from services.runtime._logging import configure_logging, flush_logs
@@ -90,6 +91,7 @@ __all__ = [
     "configure_logging",
     "flush_logs",
     "serve_metrics",
+    "settle_heap",
     "watch_event_loop",
     "HTTP_HEALTH_PATH",
     "http_prefixes",

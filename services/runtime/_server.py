@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.runtime._catalogue import public_services
 from services.runtime._config import load_config
+from services.runtime._heap import settle_heap
 from services.runtime._interceptors import InstrumentingRegistry
 from services.runtime._logging import configure_logging, flush_logs
 from services.runtime._metrics import serve_metrics, watch_event_loop
@@ -151,6 +152,7 @@ async def serve(service: Service, config: ServerConfig | None = None) -> None:
         serve_metrics(config.metrics_port, config.host)
         watch_event_loop(asyncio.get_running_loop())
     await service.start()
+    settle_heap()  # what start made lives as long as the process: never scan it again
     server, port, health = create_server(config, service)
     await server.start()
     logger.info("listening", extra={"address": f"{config.host}:{port}"})
