@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -491,7 +490,6 @@ class Turn:
             await LATE_STORE.call(
                 lambda _: self._append(message),
                 retry_on=Unavailable,
-                rng=random.Random(),
                 sleep=self._sleep,
             )
         except RetriesExhausted:

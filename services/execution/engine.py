@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
@@ -163,9 +162,7 @@ class Engine:
 
     async def _announce_until_sent(self, task: TaskRow) -> int:
         try:
-            return await ANNOUNCE_RETRY.call(
-                lambda _: self.announce(task), retry_on=Unavailable, rng=random.Random()
-            )
+            return await ANNOUNCE_RETRY.call(lambda _: self.announce(task), retry_on=Unavailable)
         except RetriesExhausted:
             logger.error(
                 "a task's announcement was not taken by the message bus; its work is re-sent"

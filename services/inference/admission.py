@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -540,9 +539,7 @@ class AdmissionGate:
                 logger.warning("admission release failed: %s", error.code().name, extra=where)
 
         try:
-            await RELEASE_RETRY.call(
-                attempt, retry_on=grpc.aio.AioRpcError, rng=random.Random(), sleep=self._sleep
-            )
+            await RELEASE_RETRY.call(attempt, retry_on=grpc.aio.AioRpcError, sleep=self._sleep)
         except RetriesExhausted as exhausted:
             logger.warning(
                 "admission release failed %d times; the lease expires on its own: %s",

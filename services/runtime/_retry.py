@@ -22,6 +22,10 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)
 
+_JITTER = random.Random()
+"""The jitter of calls that bring no generator of their own: seeding one costs a read of
+the OS's entropy, too much for every call on a hot path."""
+
 
 class RetriesExhausted(Exception):
     """Every attempt failed, or no attempt or no time was left for another.
@@ -71,7 +75,7 @@ class RetryPolicy:
         attempt: Callable[[int], Awaitable[T]],
         *,
         retry_on: type[E] | tuple[type[E], ...],
-        rng: random.Random,
+        rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         deadline: float | None = None,
@@ -83,7 +87,7 @@ class RetryPolicy:
         Args:
             attempt: one attempt, given its number.
             retry_on: the errors another attempt may cure; any other propagates at once.
-            rng: draws the jitter.
+            rng: draws the jitter (tests pass a seeded one); a shared one by default.
             sleep: waits between attempts.
             clock: the clock of `deadline` (seconds).
             deadline: no attempt starts a wait that would end at or past it.
@@ -101,7 +105,7 @@ class RetryPolicy:
                 failure = error
             if number >= self.max_attempts or give_up(failure):
                 raise RetriesExhausted(number, failure) from failure
-            wait = self.delay(number, rng=rng, retry_after=retry_after(failure))
+            wait = self.delay(number, rng=rng or _JITTER, retry_after=retry_after(failure))
             if deadline is not None and clock() + wait >= deadline:
                 raise RetriesExhausted(number, failure) from failure
             await sleep(wait)
