@@ -2,9 +2,9 @@
 
 What a gRPC mesh of this shape costs at the least: an Envoy with one route and nothing
 else, and a Python process that relays Triton's ModelStreamInfer bytes unparsed over a
-persistent channel (no authentication, admission, routing or contract checks). The
-mesh-tax benchmark calls Triton through it, in the same rounds as the other arms, so
-that `over_floor` is what Switchboard's own work costs.
+persistent channel (no authentication, admission, routing or contract checks), and
+ModelInfer's the same way. The mesh-tax benchmark calls Triton through it, in the same
+rounds as the other arms, so that `over_floor` is what Switchboard's own work costs.
 
 `python -m bench._floor PORT TRITON` runs the hop; `floor_path` starts the hop and its
 Envoy and stops both (by PID).
@@ -28,6 +28,7 @@ from bench._common import free_port, stop_process
 from services.launcher._envoy_process import envoy_command
 
 METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+UNARY_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 _API = "type.googleapis.com/envoy"
 READY_S = 30.0
 
@@ -35,15 +36,22 @@ READY_S = 30.0
 async def _serve(port: int, triton: str) -> None:
     upstream = grpc.aio.insecure_channel(triton)
     forward = upstream.stream_stream(METHOD)  # bytes in, bytes out: nothing parsed
+    forward_unary = upstream.unary_unary(UNARY_METHOD)
 
     async def relay(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
         call = forward(requests)
         async for reply in call:
             yield reply
 
+    async def relay_unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await forward_unary(request)
+
     handler = grpc.method_handlers_generic_handler(
         "inference.GRPCInferenceService",
-        {"ModelStreamInfer": grpc.stream_stream_rpc_method_handler(relay)},
+        {
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(relay),
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(relay_unary),
+        },
     )
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((handler,))

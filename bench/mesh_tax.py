@@ -1,12 +1,11 @@
 """Mesh tax: the latency Envoy and the router add over calling Triton directly.
 
 One client, one call at a time (concurrency 1), persistent grpc.aio channels. Two blocks,
-each with these arms: Triton directly, the router on its own port (no Envoy), and the
-mesh (Envoy -> router); the time-to-first-token block also has the floor (a bare Envoy
-and a bare Python hop relaying to Triton, `bench._floor`: the least a mesh of this shape
-costs). Within a block every round makes each arm's call once, in a
-freshly shuffled order, so the arms share the same moments of a noisy machine and no arm
-always follows the same call:
+each with these arms: Triton directly, the floor (a bare Envoy and a bare Python hop
+relaying to Triton, `bench._floor`: the least a mesh of this shape costs), the router on
+its own port (no Envoy), and the mesh (Envoy -> router). Within a block every round
+makes each arm's call once, in a freshly shuffled order, so the arms share the same
+moments of a noisy machine and no arm always follows the same call:
 
 - time to first token, `generator_small`, short prompt and two short passages:
   Triton ModelStreamInfer / InferenceService.Generate (model named explicitly). Generate
@@ -242,6 +241,7 @@ async def _measure(
         grpc.aio.insecure_channel(floor) as floor_channel,
     ):
         direct = service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)
+        bare = service_pb2_grpc.GRPCInferenceServiceStub(floor_channel)
         via_router = inference_service_pb2_grpc.InferenceServiceStub(router_channel)
         via_envoy = inference_service_pb2_grpc.InferenceServiceStub(envoy_channel)
         await give_tenant_room(
@@ -254,7 +254,7 @@ async def _measure(
         arms = {
             "ttft": {
                 "direct": _direct_ttft(direct),
-                "floor": _direct_ttft(service_pb2_grpc.GRPCInferenceServiceStub(floor_channel)),
+                "floor": _direct_ttft(bare),
                 "router": _mesh_ttft(via_router, TRUSTED),
                 "mesh": _mesh_ttft(via_envoy, key),
                 "mesh_ext_authz": _mesh_ttft(via_envoy, older_key),
@@ -263,6 +263,7 @@ async def _measure(
             },
             "embed": {
                 "direct": _direct_embed(direct),
+                "floor": _direct_embed(bare),
                 "router": _mesh_embed(via_router, TRUSTED),
                 "mesh": _mesh_embed(via_envoy, key),
                 "mesh_ext_authz": _mesh_embed(via_envoy, older_key),
@@ -341,10 +342,11 @@ def run() -> dict:
         for arm in ("direct", "router", "mesh", "mesh_ext_authz"):
             for q in (50, 99):
                 metrics[f"{arm}_{kind}_p{q}_ms"] = p[kind, arm, q]
-    for q in (50, 99):
-        metrics[f"floor_ttft_p{q}_ms"] = p["ttft", "floor", q]
-        metrics[f"floor_added_ttft_p{q}_ms"] = p["ttft", "floor", q] - p["ttft", "direct", q]
-        metrics[f"over_floor_ttft_p{q}_ms"] = p["ttft", "mesh", q] - p["ttft", "floor", q]
+    for kind in ("ttft", "embed"):
+        for q in (50, 99):
+            metrics[f"floor_{kind}_p{q}_ms"] = p[kind, "floor", q]
+            metrics[f"floor_added_{kind}_p{q}_ms"] = p[kind, "floor", q] - p[kind, "direct", q]
+            metrics[f"over_floor_{kind}_p{q}_ms"] = p[kind, "mesh", q] - p[kind, "floor", q]
     for q in (50, 99):
         metrics[f"admit_p{q}_ms"] = p["ttft", "admit", q]
         metrics[f"admit_slice_p{q}_ms"] = p["ttft", "admit_slice", q]
@@ -356,16 +358,15 @@ def run() -> dict:
         f"replica. ttft: generator_small, {len(PROMPT)}-char prompt, {len(PASSAGES)} short "
         f"passages, max_tokens {MAX_TOKENS}, first token as the client sees it; embed: one "
         "short text on embedder. direct = raw grpc.aio Triton stub (ModelStreamInfer / "
-        "ModelInfer), floor = the same Triton stub through a bare Envoy (one route) and a "
-        "bare grpc.aio hop relaying the bytes (bench._floor): the least this shape of mesh "
-        "costs; over_floor = mesh pXX - floor pXX; mesh = Envoy (API key token checked by "
-        "Envoy itself) -> router (-> Envoy's internal listener -> admission for Generate, "
-        "unless a lease of the router's slice serves it) -> Triton, router_only = the "
-        "router's "
-        "own port; mesh_ext_authz = the same with an older-form key, checked by the auth "
-        "service (ext_authz) on every call; added = mesh pXX - direct pXX; admit = the "
-        "router's admission alone (services.inference.admission.AdmissionGate: a message on "
-        "its AdmitSession stream "
+        "ModelInfer), floor = the same Triton stub (both blocks) through a bare Envoy (one "
+        "route) and a bare grpc.aio hop relaying the bytes (bench._floor): the least this "
+        "shape of mesh costs; over_floor = mesh pXX - floor pXX; mesh = Envoy (API key "
+        "token checked by Envoy itself) -> router (-> Envoy's internal listener -> "
+        "admission for Generate, unless a lease of the router's slice serves it) -> "
+        "Triton, router_only = the router's own port; mesh_ext_authz = the same with an "
+        "older-form key, checked by the auth service (ext_authz) on every call; added = "
+        "mesh pXX - direct pXX; admit = the router's admission alone "
+        "(services.inference.admission.AdmissionGate: a message on its AdmitSession stream "
         "and the reply), through Envoy's internal listener; admit_slice = the same gate "
         "with a slice of 4, as the router runs it (most admissions take no round trip). "
         f"Tenant {TENANT!r} with a policy above any rate the benchmark reaches"
