@@ -11,9 +11,9 @@ rescanning the start-up heap in its older generations.
 `settle_heap`, called once the service has started, moves everything alive then into
 the permanent generation (`gc.freeze`: never scanned again, never freed) and raises the
 youngest generation's threshold to `YOUNG_THRESHOLD`. Cycles are still found and
-freed, in fewer, larger passes: a young pass scans at most the objects allocated since
-the last one (a few hundred microseconds at the threshold), where reference counting
-has already freed most of them.
+freed, in fewer, larger passes: a young pass scans only the objects allocated since the
+last one that reference counting has not freed (about 0.6 ms here if all 20,000 are
+still alive, less when most of them have died).
 """
 
 from __future__ import annotations

@@ -28,10 +28,18 @@ class _Node:
 
 def test_the_heap_alive_at_start_is_frozen_and_the_thresholds_raised(restored_gc: None) -> None:
     started = [_Node() for _ in range(100)]  # a service's start-up objects
+    assert _scanned(started[0])
     settle_heap()
-    assert gc.get_freeze_count() >= len(started)
+    # frozen: in no generation the collector scans any more
+    assert not any(_scanned(node) for node in started)
     assert gc.get_threshold() == (YOUNG_THRESHOLD, *OLDER_THRESHOLDS)
-    assert YOUNG_THRESHOLD > 700  # CPython's default: fewer young collections
+    made_after = _Node()
+    assert _scanned(made_after)
+
+
+def _scanned(obj: object) -> bool:
+    """Whether `obj` is in one of the generations the collector scans."""
+    return any(o is obj for generation in range(3) for o in gc.get_objects(generation))
 
 
 def test_cycles_made_after_start_are_still_freed(restored_gc: None) -> None:
