@@ -1,13 +1,16 @@
-"""The floor of the mesh's path: Envoy -> a bare grpc.aio forwarding hop -> Triton.
+"""The floor of the mesh's paths: Envoy -> a bare grpc.aio hop, as the least a gRPC mesh
+of this shape costs.
 
-What a gRPC mesh of this shape costs at the least: an Envoy with one route and nothing
-else, and a Python process that relays Triton's ModelStreamInfer bytes unparsed over a
-persistent channel (no authentication, admission, routing or contract checks), and
-ModelInfer's the same way. The mesh-tax benchmark calls Triton through it, in the same
-rounds as the other arms, so that `over_floor` is what Switchboard's own work costs.
+- `floor_path`: the hop relays Triton's ModelStreamInfer bytes unparsed over a persistent
+  channel (no authentication, admission, routing or contract checks), and ModelInfer's
+  the same way. The mesh-tax benchmark calls Triton through it, in the same rounds as
+  the other arms, so that `over_floor` is what Switchboard's own work costs.
+- `call_floor`: the hop answers ExecutionService.SubmitTask at once with a fixed reply
+  (on uvloop, as the services run): the CPU of a bare unary call through a bare Envoy,
+  which every task submitted one per call pays at the least (the tasks benchmark).
 
-`python -m bench._floor PORT TRITON` runs the hop; `floor_path` starts the hop and its
-Envoy and stops both (by PID).
+`python -m bench._floor PORT TRITON` runs the relay, `python -m bench._floor PORT` the
+answering hop; both helpers start the hop and its Envoy and stop both (by PID).
 """
 
 from __future__ import annotations
@@ -17,18 +20,22 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import grpc
+import uvloop
 
 from bench._common import free_port, stop_process
 from services.launcher._envoy_process import envoy_command
 
 METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 UNARY_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+SUBMIT_SERVICE = "switchboard.execution.v1.ExecutionService"
+SUBMIT_METHOD = f"/{SUBMIT_SERVICE}/SubmitTask"
 _API = "type.googleapis.com/envoy"
 READY_S = 30.0
 
@@ -52,6 +59,25 @@ async def _serve(port: int, triton: str) -> None:
             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(relay),
             "ModelInfer": grpc.unary_unary_rpc_method_handler(relay_unary),
         },
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+async def _answer(port: int) -> None:
+    """SubmitTask answered at once with a task's bytes: nothing parsed, stored or sent."""
+    from switchboard.execution.v1 import execution_pb2 as pb
+
+    reply = pb.Task(task_id=str(uuid.uuid4()), state=pb.TASK_STATE_RUNNING).SerializeToString()
+
+    async def submit(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return reply
+
+    handler = grpc.method_handlers_generic_handler(
+        SUBMIT_SERVICE, {"SubmitTask": grpc.unary_unary_rpc_method_handler(submit)}
     )
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((handler,))
@@ -141,7 +167,22 @@ def _wait_ready(target: str, procs: list[subprocess.Popen[bytes]]) -> None:
 
 @contextmanager
 def floor_path(triton: str, directory: Path) -> Iterator[str]:
-    """Starts the hop (to `triton`) and an Envoy in front of it; yields Envoy's address."""
+    """Starts the relaying hop (to `triton`) and an Envoy in front of it; yields Envoy's
+    address."""
+    with _bare_path(directory, [triton]) as (address, _):
+        yield address
+
+
+@contextmanager
+def call_floor(directory: Path) -> Iterator[tuple[str, list[int]]]:
+    """Starts the answering hop and an Envoy in front of it; yields Envoy's address and
+    the PIDs of the hop and Envoy."""
+    with _bare_path(directory, []) as path:
+        yield path
+
+
+@contextmanager
+def _bare_path(directory: Path, hop_args: list[str]) -> Iterator[tuple[str, list[int]]]:
     hop_port, listen, admin = free_port(), free_port(), free_port()
     config = directory / "floor-envoy.yaml"
     config.write_text(_envoy_config(listen, hop_port, admin))
@@ -150,7 +191,7 @@ def floor_path(triton: str, directory: Path) -> Iterator[str]:
         with (directory / "floor-hop.log").open("wb") as log:
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "bench._floor", str(hop_port), triton],
+                    [sys.executable, "-m", "bench._floor", str(hop_port), *hop_args],
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     cwd=Path(__file__).resolve().parents[1],
@@ -162,11 +203,14 @@ def floor_path(triton: str, directory: Path) -> Iterator[str]:
         )
         procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         _wait_ready(f"127.0.0.1:{listen}", procs)
-        yield f"127.0.0.1:{listen}"
+        yield f"127.0.0.1:{listen}", [proc.pid for proc in procs]
     finally:
         for proc in reversed(procs):
             stop_process(proc)
 
 
 if __name__ == "__main__":
-    asyncio.run(_serve(int(sys.argv[1]), sys.argv[2]))
+    if len(sys.argv) > 2:
+        asyncio.run(_serve(int(sys.argv[1]), sys.argv[2]))
+    else:
+        uvloop.run(_answer(int(sys.argv[1])))

@@ -9,8 +9,11 @@ many tasks uses) and one per call (SubmitTask). Celery: `chain(echo, echo, echo)
 task, Redis broker and result backend (append-only file, fsync every second), late acks
 (redelivery on worker loss, as Switchboard), a prefork worker; from the first
 `apply_async` until every chain's result is in. Both sides share the machine's 2 cores
-with their own brokers and databases. The one-per-call round also says where the CPU
-went: milliseconds per task of each kind of process, and of the whole machine.
+with their own brokers and databases. Both Switchboard rounds also say where the CPU
+went: milliseconds per task of each kind of process, and of the whole machine. The
+floor: the same one-per-call submissions to a bare Envoy and a bare hop that answers at
+once (`bench._floor`), the least CPU a unary call costs here; with the batched round's
+CPU per task it bounds what one task per call can reach in this run.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from bench._common import (
     stop_process,
     write_result,
 )
+from bench._floor import call_floor
 from services.launcher import free_port_base
 
 NAME = "tasks-throughput"
@@ -122,19 +126,72 @@ async def switchboard_round(mesh: Any, count: int, *, batch: int) -> float:
         return time.perf_counter() - started
 
 
-def _switchboard(echo_port: int, run_dir: Path) -> tuple[float, float, dict[str, float]]:
+def _switchboard(
+    echo_port: int, run_dir: Path
+) -> tuple[float, float, dict[str, float], dict[str, float]]:
     """Seconds for `TASKS` tasks submitted in batches, then one per call, and where the
-    CPU went in the one-per-call round (`_cpu_per_task`)."""
+    CPU went in the one-per-call round and in the batched one (`_cpu_per_task`)."""
     env = _echo.tool_env(echo_port, run_dir, steps_per_worker=STEPS_PER_WORKER)
     with running_mesh(triton_replicas=1, workers=WORKER_PROCESSES) as mesh:
         for name in ("execution", *(f"worker-{i}" for i in range(WORKER_PROCESSES))):
             mesh.start_service(name, env=env)
         asyncio.run(switchboard_round(mesh, WARMUP_TASKS, batch=BATCH))
+        used, ticks = cpu_seconds(mesh), machine_ticks()
         batched = asyncio.run(switchboard_round(mesh, TASKS, batch=BATCH))
+        batched_cpu = _cpu_per_task(used, cpu_seconds(mesh), ticks, machine_ticks())
         asyncio.run(switchboard_round(mesh, WARMUP_TASKS, batch=1))
         used, ticks = cpu_seconds(mesh), machine_ticks()
         single = asyncio.run(switchboard_round(mesh, TASKS, batch=1))
-        return single, batched, _cpu_per_task(used, cpu_seconds(mesh), ticks, machine_ticks())
+        single_cpu = _cpu_per_task(used, cpu_seconds(mesh), ticks, machine_ticks())
+        return single, batched, single_cpu, batched_cpu
+
+
+async def _bare_calls(address: str, count: int) -> None:
+    """`count` SubmitTask calls, `SUBMITTERS` at a time, as the one-per-call round makes
+    them (same request, a bearer token as long as an API key), to `address`."""
+    request = _task()
+    metadata = (("authorization", f"Bearer {'k' * 260}"),)
+    gate = asyncio.Semaphore(SUBMITTERS)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = execution_service_pb2_grpc.ExecutionServiceStub(channel)
+
+        async def one() -> None:
+            async with gate:
+                await stub.SubmitTask(request, metadata=metadata, timeout=60)
+
+        await asyncio.gather(*(one() for _ in range(count)))
+
+
+def _ceiling(single: dict[str, float], batched: dict[str, float], floor: dict[str, float]) -> float:
+    """Tasks per minute one per call could reach at most on this machine, from one run's
+    figures: every core busy, each task costing a batched task's CPU (which includes its
+    share of a SubmitTasks call, and gains from larger batches into PostgreSQL and
+    JetStream), plus what submitting it alone added to the bench client, plus the bare
+    call's CPU in Envoy and the server (nothing in the kernel): an upper bound."""
+    client = max(single["bench client"] - batched["bench client"], 0.0)
+    per_task_ms = batched["total"] + client + floor["envoy"] + floor["execution"]
+    return 60_000 * (os.cpu_count() or 1) / per_task_ms
+
+
+def _call_floor(run_dir: Path) -> dict[str, float]:
+    """CPU milliseconds per call (`_cpu_per_task`'s kinds) of `TASKS` SubmitTask calls
+    through a bare Envoy into a hop that answers at once (`bench._floor.call_floor`; the
+    hop counts as `execution`): the least a task submitted one per call adds to the
+    work of a batched one."""
+    import psutil
+
+    with call_floor(run_dir) as (address, (hop, envoy)):
+        procs = {"execution": psutil.Process(hop), "envoy": psutil.Process(envoy)}
+
+        def used() -> dict[str, float]:
+            own = os.times()
+            cpu = {kind: sum(proc.cpu_times()[:2]) for kind, proc in procs.items()}
+            return {**cpu, "bench client": own.user + own.system}
+
+        asyncio.run(_bare_calls(address, WARMUP_TASKS))
+        before, ticks = used(), machine_ticks()
+        asyncio.run(_bare_calls(address, TASKS))
+        return _cpu_per_task(before, used(), ticks, machine_ticks())
 
 
 CPU_SHOWN = ("worker", "nats", "execution", "postgres", "envoy", "bench client")
@@ -223,9 +280,10 @@ def run() -> dict:
         with _echo.started() as echo_port:
             celery_s = _celery(echo_port, run_dir)
             print(f"  celery: {TASKS} chains in {celery_s:.1f}s", flush=True)
-            single_s, batched_s, cpu = _switchboard(echo_port, run_dir)
+            single_s, batched_s, cpu, batched_cpu = _switchboard(echo_port, run_dir)
             print(f"  switchboard: {TASKS} tasks in {single_s:.1f}s one per call, "
                   f"{batched_s:.1f}s in batches of {BATCH}", flush=True)  # fmt: skip
+        floor = _call_floor(run_dir)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     rows = [
@@ -255,6 +313,16 @@ def run() -> dict:
             if kind != "busy_cores"
         },
         "busy_cores_one_per_call": cpu["busy_cores"],
+        **{
+            f"cpu_ms_per_task_batched_{kind.replace(' ', '_')}": value
+            for kind, value in batched_cpu.items()
+            if kind != "busy_cores"
+        },
+        **{
+            f"floor_call_cpu_ms_{kind.replace(' ', '_')}": floor[kind]
+            for kind in ("execution", "envoy", "bench client", "total")
+        },
+        "one_per_call_ceiling_tasks_per_min": _ceiling(cpu, batched_cpu, floor),
     }
     notes = (
         f"{TASKS} tasks of 3 sequential HTTP echo steps, each round after {WARMUP_TASKS} "
@@ -268,7 +336,13 @@ def run() -> dict:
         "round, of each kind of mesh process with its children (worker: both workers; "
         "bench client: the submitting and polling process), other: the rest of the "
         "machine's busy time (the echo, the kernel, the other services), total: the "
-        "machine's busy time; busy_cores_one_per_call: cores busy on average in that round"
+        "machine's busy time; busy_cores_one_per_call: cores busy on average in that round; "
+        "cpu_ms_per_task_batched_*: the same for the batched round; floor_call_cpu_ms_*: "
+        f"CPU per call of {TASKS} SubmitTask calls, {SUBMITTERS} at a time, through a bare "
+        "Envoy (one route) into a bare grpc.aio hop on uvloop that answers at once "
+        "(bench._floor; execution: the hop, total: the machine's busy time), the least a "
+        "unary call costs here; one_per_call_ceiling_tasks_per_min: what one per call could "
+        "reach in this run at most (_ceiling)"
     )
     return write_result(
         NAME,

@@ -24,3 +24,15 @@ def test_cpu_per_task_names_each_kind_and_leaves_the_rest_as_other() -> None:
     assert cpu["total"] == pytest.approx(6.0 * per_task_ms)
     assert cpu["other"] == pytest.approx((6.0 - 4.5) * per_task_ms)  # triton not named
     assert cpu["busy_cores"] == pytest.approx(0.6)
+
+
+def test_the_one_per_call_ceiling_adds_the_bare_call_to_a_batched_task() -> None:
+    cores = os.cpu_count() or 1
+    batched = {"total": 2.0, "bench client": 0.05}
+    single = {"total": 3.3, "bench client": 0.15}
+    floor = {"envoy": 0.05, "execution": 0.15, "bench client": 0.2, "total": 0.4}
+    # a batched task's 2.0 ms, 0.1 ms more in the client, 0.2 ms in Envoy and the hop
+    assert tt._ceiling(single, batched, floor) == pytest.approx(60_000 * cores / 2.3)
+    # a client that cost less alone than batched adds nothing
+    cheaper = {**single, "bench client": 0.01}
+    assert tt._ceiling(cheaper, batched, floor) == pytest.approx(60_000 * cores / 2.2)
