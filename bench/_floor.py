@@ -35,7 +35,6 @@ from services.launcher._envoy_process import envoy_command
 METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 UNARY_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 SUBMIT_SERVICE = "switchboard.execution.v1.ExecutionService"
-SUBMIT_METHOD = f"/{SUBMIT_SERVICE}/SubmitTask"
 _API = "type.googleapis.com/envoy"
 READY_S = 30.0
 

@@ -60,6 +60,8 @@ STEPS_PER_WORKER = 128
 CELERY_CONCURRENCY = 8
 """Prefork processes: the steps wait on HTTP, so more than the 2 cores."""
 BUDGET_S = 300.0
+API_KEY_CHARS = 289
+"""A tenant's API key (an ES256 token) as `switchboard keys create` makes it, in characters."""
 
 
 # ---- Switchboard ---------------------------------------------------------------------------
@@ -148,9 +150,9 @@ def _switchboard(
 
 async def _bare_calls(address: str, count: int) -> None:
     """`count` SubmitTask calls, `SUBMITTERS` at a time, as the one-per-call round makes
-    them (same request, a bearer token as long as an API key), to `address`."""
+    them (the same request, a bearer token as long as a tenant's API key), to `address`."""
     request = _task()
-    metadata = (("authorization", f"Bearer {'k' * 260}"),)
+    metadata = (("authorization", f"Bearer {'k' * API_KEY_CHARS}"),)
     gate = asyncio.Semaphore(SUBMITTERS)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = execution_service_pb2_grpc.ExecutionServiceStub(channel)

@@ -36,3 +36,14 @@ def test_the_one_per_call_ceiling_adds_the_bare_call_to_a_batched_task() -> None
     # a client that cost less alone than batched adds nothing
     cheaper = {**single, "bench client": 0.01}
     assert tt._ceiling(cheaper, batched, floor) == pytest.approx(60_000 * cores / 2.2)
+
+
+def test_the_floor_sends_a_bearer_token_as_long_as_a_tenant_key() -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from services.auth.keys import new_key
+    from services.auth.signing import SigningKey
+
+    signer = SigningKey(ec.generate_private_key(ec.SECP256R1()))
+    key = new_key("tenant", "bench-1a2b3c4d", signer)  # the benchmark's tenants' form
+    assert len(key.token) == tt.API_KEY_CHARS
