@@ -194,11 +194,14 @@ def stop(
     record: ProcessRecord, *, timeout: float = 15.0, sig: signal.Signals = signal.SIGTERM
 ) -> bool:
     """`sig` (SIGTERM) to the process (and its session's group), SIGKILL after `timeout`.
+    A process already gone (killed, or crashed, before anyone noticed) still has what it
+    started in its group (Triton's Python-backend stubs): that is killed.
 
     Returns True when the process had still been running.
     """
     proc = record.process()
     if proc is None:
+        kill_group(record)
         return False
     _signal_group(record.pid, sig)
     deadline = time.monotonic() + timeout

@@ -1,0 +1,58 @@
+"""Stopping a process the launcher started (`services.launcher._procs`): real processes,
+in their own session, with a child that outlives its parent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import psutil
+
+from services.launcher._procs import ProcessRecord, spawn, stop
+from tests.polling import eventually
+
+# a parent that starts a long-lived child in its own group, says the child's PID, waits
+_PARENT = (
+    "import subprocess, sys, time\n"
+    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+    "print(child.pid, flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+async def _started(tmp_path) -> tuple[ProcessRecord, psutil.Process]:
+    log = tmp_path / "parent.log"
+    record = spawn("parent", [sys.executable, "-c", _PARENT], log=log)
+    await eventually(lambda: log.read_text().strip(), what="the child's PID")
+    child = psutil.Process(int(log.read_text().split()[0]))
+    assert os.getpgid(child.pid) == record.pid  # the parent's session's group
+    return record, child
+
+
+def _gone(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def test_stopping_a_live_process_ends_its_group(tmp_path) -> None:
+    record, child = await _started(tmp_path)
+    assert stop(record, timeout=5.0) is True
+    assert _gone(child)
+
+
+async def test_stopping_a_process_killed_before_ends_what_it_left_in_its_group(
+    tmp_path,
+) -> None:
+    record, child = await _started(tmp_path)
+    os.kill(record.pid, signal.SIGKILL)  # a crash: the child lives on, orphaned
+    await eventually(lambda: record.process() is None, what="the parent dead")
+    try:
+        assert not _gone(child)
+        assert stop(record, timeout=5.0) is False  # it was not running
+        await eventually(lambda: _gone(child), what="the orphaned child killed")
+    finally:
+        if not _gone(child):
+            child.kill()
