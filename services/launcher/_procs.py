@@ -42,13 +42,24 @@ class ProcessRecord:
         """The live process, or None when it is gone (or the PID now belongs to another)."""
         try:
             proc = psutil.Process(self.pid)
-            wall = self.created > _WALL_CLOCK
-            started = proc.create_time() if wall else started_since_boot(self.pid)
-            if abs(started - self.created) > 0.5 or proc.status() == "zombie":
+            if not self._started_with(proc) or proc.status() == "zombie":
                 return None
             return proc
         except psutil.Error:
             return None
+
+    def pid_reused(self) -> bool:
+        """Whether the PID now names another process than the recorded one (not when
+        nothing has it, nor when it is the recorded process's zombie)."""
+        try:
+            return not self._started_with(psutil.Process(self.pid))
+        except psutil.Error:
+            return False
+
+    def _started_with(self, proc: psutil.Process) -> bool:
+        wall = self.created > _WALL_CLOCK
+        started = proc.create_time() if wall else started_since_boot(self.pid)
+        return abs(started - self.created) <= 0.5
 
     def started_at(self) -> float:
         """When the process started, as a wall-clock time (for uptimes)."""
@@ -229,7 +240,13 @@ def stop(
 
 def kill_group(record: ProcessRecord) -> None:
     """SIGKILLs what is left of an exited process's group (its own session: children it
-    started, such as Triton's Python-backend stubs, which outlive a killed server)."""
+    started, such as Triton's Python-backend stubs, which outlive a killed server).
+
+    Not when its PID now names another process: the kernel gives a PID out again only
+    once no process is left in the group of that number, so that group is someone
+    else's."""
+    if record.pid_reused():
+        return
     _signal_group(record.pid, signal.SIGKILL)
     child = _children.pop(record.pid, None)
     if child is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from dataclasses import replace
 
 import psutil
 
@@ -28,6 +29,19 @@ async def _started(tmp_path) -> tuple[ProcessRecord, psutil.Process]:
     child = psutil.Process(int(log.read_text().split()[0]))
     assert os.getpgid(child.pid) == record.pid  # the parent's session's group
     return record, child
+
+
+def test_a_reused_pid_is_not_taken_for_the_dead_process_group(tmp_path) -> None:
+    # a record of a process long gone, whose PID is now another session's leader's
+    log = tmp_path / "other.log"
+    other = spawn("other", [sys.executable, "-c", "import time; time.sleep(600)"], log=log)
+    try:
+        stale = replace(other, created=other.created - 3600)  # started an hour before
+        assert stale.pid_reused()
+        assert stop(stale, timeout=5.0) is False
+        assert other.process() is not None  # untouched
+    finally:
+        stop(other, timeout=5.0)
 
 
 def _gone(proc: psutil.Process) -> bool:

@@ -30,3 +30,11 @@ def test_a_record_written_with_a_wall_clock_time_is_still_known():
     assert record.process() is not None
     assert record.started_at() == record.created
     assert replace(record, created=record.created + 5).process() is None
+
+
+def test_a_record_tells_a_reused_pid_from_its_own_process_and_from_a_free_one():
+    record = _mine(started_since_boot(os.getpid()))
+    assert not record.pid_reused()  # its own process
+    assert replace(record, created=record.created - 5).pid_reused()  # another started since
+    free = max(psutil.pids()) + 100_000  # a PID no process has
+    assert not replace(record, pid=free).pid_reused()
