@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import psutil
+import pytest
 
 from services.launcher._procs import ProcessRecord, spawn, stop
 from tests.polling import eventually
@@ -22,17 +24,47 @@ _PARENT = (
 )
 
 
-async def _started(tmp_path) -> tuple[ProcessRecord, psutil.Process]:
+def _gone(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture
+async def family(tmp_path) -> AsyncIterator[tuple[ProcessRecord, psutil.Process]]:
+    """A parent in its own session and its child; both killed (by PID) after the test."""
     log = tmp_path / "parent.log"
     record = spawn("parent", [sys.executable, "-c", _PARENT], log=log)
-    await eventually(lambda: log.read_text().strip(), what="the child's PID")
-    child = psutil.Process(int(log.read_text().split()[0]))
-    assert os.getpgid(child.pid) == record.pid  # the parent's session's group
-    return record, child
+    child: psutil.Process | None = None
+    try:
+        await eventually(lambda: log.read_text().strip(), what="the child's PID")
+        child = psutil.Process(int(log.read_text().split()[0]))
+        assert os.getpgid(child.pid) == record.pid  # the parent's session's group
+        yield record, child
+    finally:
+        stop(record, timeout=5.0)
+        if child is not None and not _gone(child):
+            child.kill()
 
 
-def test_a_reused_pid_is_not_taken_for_the_dead_process_group(tmp_path) -> None:
-    # a record of a process long gone, whose PID is now another session's leader's
+async def test_stopping_a_live_process_ends_its_group(family) -> None:
+    record, child = family
+    assert stop(record, timeout=5.0) is True
+    assert _gone(child)
+
+
+async def test_stopping_a_process_killed_before_ends_what_it_left_in_its_group(family) -> None:
+    record, child = family
+    os.kill(record.pid, signal.SIGKILL)  # a crash: the child lives on, orphaned
+    await eventually(lambda: record.process() is None, what="the parent dead")
+    assert not _gone(child)
+    assert stop(record, timeout=5.0) is False  # it was not running
+    await eventually(lambda: _gone(child), what="the orphaned child killed")
+
+
+def test_a_stale_record_leaves_the_new_owner_of_its_pid_alone(tmp_path) -> None:
+    # a record of a process gone long ago, whose PID is now another session leader's
     log = tmp_path / "other.log"
     other = spawn("other", [sys.executable, "-c", "import time; time.sleep(600)"], log=log)
     try:
@@ -42,31 +74,3 @@ def test_a_reused_pid_is_not_taken_for_the_dead_process_group(tmp_path) -> None:
         assert other.process() is not None  # untouched
     finally:
         stop(other, timeout=5.0)
-
-
-def _gone(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-async def test_stopping_a_live_process_ends_its_group(tmp_path) -> None:
-    record, child = await _started(tmp_path)
-    assert stop(record, timeout=5.0) is True
-    assert _gone(child)
-
-
-async def test_stopping_a_process_killed_before_ends_what_it_left_in_its_group(
-    tmp_path,
-) -> None:
-    record, child = await _started(tmp_path)
-    os.kill(record.pid, signal.SIGKILL)  # a crash: the child lives on, orphaned
-    await eventually(lambda: record.process() is None, what="the parent dead")
-    try:
-        assert not _gone(child)
-        assert stop(record, timeout=5.0) is False  # it was not running
-        await eventually(lambda: _gone(child), what="the orphaned child killed")
-    finally:
-        if not _gone(child):
-            child.kill()
