@@ -97,30 +97,34 @@ def _completed(database_url: str, tenant: str) -> int:
     return int(done)
 
 
-async def switchboard_round(mesh: Any, count: int, *, batch: int) -> float:
+async def _submit(stub: Any, metadata: Any, count: int, *, batch: int) -> None:
     """`count` tasks, one per SubmitTask call (`batch` 1, `SUBMITTERS` calls at a time)
-    or `batch` per SubmitTasks call (`BATCH_SUBMITTERS` at a time); seconds until every
-    task completed."""
-    tenant = f"bench-{uuid.uuid4().hex[:8]}"
-    metadata = api_key_metadata(mesh, tenant)
+    or `batch` per SubmitTasks call (`BATCH_SUBMITTERS` at a time)."""
     request = _task()
     gate = asyncio.Semaphore(SUBMITTERS if batch == 1 else BATCH_SUBMITTERS)
+
+    async def one(size: int) -> None:
+        async with gate:
+            if batch == 1:
+                await stub.SubmitTask(request, metadata=metadata, timeout=60)
+                return
+            reply = await stub.SubmitTasks(
+                pb.SubmitTasksRequest(tasks=[request] * size), metadata=metadata, timeout=60
+            )
+            if refused := [r.error for r in reply.results if r.HasField("error")]:
+                raise RuntimeError(f"{len(refused)} tasks refused: {refused[0].message}")
+
+    await asyncio.gather(*(one(min(batch, count - i)) for i in range(0, count, batch)))
+
+
+async def switchboard_round(mesh: Any, count: int, *, batch: int) -> float:
+    """`count` tasks submitted as `_submit` does; seconds until every task completed."""
+    tenant = f"bench-{uuid.uuid4().hex[:8]}"
+    metadata = api_key_metadata(mesh, tenant)
     async with grpc.aio.insecure_channel(mesh.envoy_address) as channel:
         stub = execution_service_pb2_grpc.ExecutionServiceStub(channel)
-
-        async def one(size: int) -> None:
-            async with gate:
-                if batch == 1:
-                    await stub.SubmitTask(request, metadata=metadata, timeout=60)
-                    return
-                reply = await stub.SubmitTasks(
-                    pb.SubmitTasksRequest(tasks=[request] * size), metadata=metadata, timeout=60
-                )
-                if refused := [r.error for r in reply.results if r.HasField("error")]:
-                    raise RuntimeError(f"{len(refused)} tasks refused: {refused[0].message}")
-
         started = time.perf_counter()
-        await asyncio.gather(*(one(min(batch, count - i)) for i in range(0, count, batch)))
+        await _submit(stub, metadata, count, batch=batch)
         while _completed(mesh.database_url, tenant) < count:
             if time.perf_counter() - started > BUDGET_S:
                 raise RuntimeError("Switchboard tasks did not finish within the budget")
@@ -149,19 +153,12 @@ def _switchboard(
 
 
 async def _bare_calls(address: str, count: int) -> None:
-    """`count` SubmitTask calls, `SUBMITTERS` at a time, as the one-per-call round makes
-    them (the same request, a bearer token as long as a tenant's API key), to `address`."""
-    request = _task()
+    """`count` tasks submitted to `address` one per call, as the one-per-call round does,
+    with a bearer token as long as a tenant's API key (nothing there checks it)."""
     metadata = (("authorization", f"Bearer {'k' * API_KEY_CHARS}"),)
-    gate = asyncio.Semaphore(SUBMITTERS)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = execution_service_pb2_grpc.ExecutionServiceStub(channel)
-
-        async def one() -> None:
-            async with gate:
-                await stub.SubmitTask(request, metadata=metadata, timeout=60)
-
-        await asyncio.gather(*(one() for _ in range(count)))
+        await _submit(stub, metadata, count, batch=1)
 
 
 def _ceiling(single: dict[str, float], batched: dict[str, float], floor: dict[str, float]) -> float:
