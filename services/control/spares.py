@@ -21,7 +21,7 @@ from pathlib import Path
 
 from services.control.kinds import Command, Kind
 from services.launcher._config import REPO_ROOT
-from services.launcher._procs import ProcessRecord, send, spawn, stop
+from services.launcher._procs import ProcessRecord, exited, send, spawn, stop
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Spares:
         for kind, module in self._modules.items():
             spare = self._spares.get(kind)
             if spare is not None and (
-                spare.generation != generations[kind] or spare.record.process() is None
+                spare.generation != generations[kind] or exited(spare.record)
             ):
                 self._discard(kind)
                 spare = None

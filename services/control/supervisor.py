@@ -37,6 +37,7 @@ from services.control.restarts import RestartPolicy
 from services.control.spares import Spares
 from services.launcher._procs import (
     ProcessRecord,
+    exited,
     kill_group,
     port_free,
     port_owner,
@@ -220,7 +221,7 @@ class Supervisor:
         now = time.monotonic()
         for replica in list(self.replicas.values()):
             if replica.state in ALIVE and replica.record is not None and not replica.retiring:
-                if replica.record.process() is None:
+                if exited(replica.record):
                     self._exited(replica, now)
             if replica.state == State.BACKOFF and now >= replica.retry_at:
                 if self._ports_free(replica) or now >= replica.retry_at + PORT_WAIT_S:

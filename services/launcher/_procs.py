@@ -8,8 +8,10 @@ import ipaddress
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -22,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 # Children started by this process, kept so they are reaped (not left as zombies) on stop.
 _children: dict[int, subprocess.Popen[bytes]] = {}
+# pidfds of recorded processes, by (pid, created): readable once the process has exited
+_exit_fds: dict[tuple[int, float], int] = {}
+_exit_fds_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -187,6 +192,49 @@ def spawn(
     return ProcessRecord(name, proc.pid, created, tuple(argv), str(log))
 
 
+def exited(record: ProcessRecord) -> bool:
+    """Whether the recorded process has exited (or its PID names another process): what
+    `record.process() is None` says, for a loop that asks often. After the first look it
+    polls a pidfd (one system call) instead of reading /proc; where the system has no
+    pidfds, it reads /proc each time."""
+    key = (record.pid, record.created)
+    with _exit_fds_lock:
+        fd = _exit_fds.get(key)
+        if fd is None:
+            fd = _pidfd(record)
+            if fd is None:
+                return record.process() is None
+            _exit_fds[key] = fd
+        ready = select.poll()
+        ready.register(fd, select.POLLIN)
+        if not ready.poll(0):
+            return False
+        del _exit_fds[key]
+        os.close(fd)
+        return True
+
+
+def _pidfd(record: ProcessRecord) -> int | None:
+    """A pidfd for the recorded process, or None when it is gone, its PID is another
+    process's, or the system has no pidfds."""
+    try:
+        fd = os.pidfd_open(record.pid)
+    except (OSError, AttributeError):
+        return None
+    if record.process() is None:  # opened on a PID reused, or on a zombie: no use
+        os.close(fd)
+        return None
+    return fd
+
+
+def _forget(record: ProcessRecord) -> None:
+    """Closes the record's pidfd (its process stopped, its record dropped)."""
+    with _exit_fds_lock:
+        fd = _exit_fds.pop((record.pid, record.created), None)
+        if fd is not None:
+            os.close(fd)
+
+
 def send(record: ProcessRecord, data: bytes) -> bool:
     """Writes `data` to the stdin pipe of a process this one spawned with `stdin_pipe`,
     then closes it; False when the process is gone (or has no such pipe)."""
@@ -214,6 +262,7 @@ def stop(
     if proc is None:
         kill_group(record)
         return False
+    _forget(record)
     _signal_group(record.pid, sig)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -245,6 +294,7 @@ def kill_group(record: ProcessRecord) -> None:
     Not when its PID now names another process: the kernel gives a PID out again only
     once no process is left in the group of that number, so that group is someone
     else's."""
+    _forget(record)
     if record.pid_reused():
         return
     _signal_group(record.pid, signal.SIGKILL)

@@ -12,7 +12,8 @@ from dataclasses import replace
 import psutil
 import pytest
 
-from services.launcher._procs import ProcessRecord, spawn, stop
+from services.launcher import _procs
+from services.launcher._procs import ProcessRecord, exited, spawn, stop
 from tests.polling import eventually
 
 # a parent that starts a long-lived child in its own group, says the child's PID, waits
@@ -72,5 +73,32 @@ def test_a_stale_record_leaves_the_new_owner_of_its_pid_alone(tmp_path) -> None:
         assert stale.pid_reused()
         assert stop(stale, timeout=5.0) is False
         assert other.process() is not None  # untouched
+    finally:
+        stop(other, timeout=5.0)
+
+
+async def test_exited_says_when_a_process_ends_and_lets_go_of_what_it_watched_it_with(
+    family,
+) -> None:
+    record, _ = family
+    assert not exited(record)
+    assert not exited(record)  # a second look: the pidfd the first one opened
+    os.kill(record.pid, signal.SIGKILL)
+    await eventually(lambda: exited(record), what="the parent seen to exit")
+    assert record.process() is None  # what /proc says too
+    assert (record.pid, record.created) not in _procs._exit_fds  # its pidfd closed
+
+
+def test_exited_counts_a_reused_pid_as_an_exit_and_stop_closes_the_pidfd(tmp_path) -> None:
+    other = spawn(
+        "other", [sys.executable, "-c", "import time; time.sleep(600)"], log=tmp_path / "o.log"
+    )
+    try:
+        assert exited(replace(other, created=other.created - 3600))  # not the recorded one
+        assert not exited(other)
+        assert (other.pid, other.created) in _procs._exit_fds
+        assert stop(other, timeout=5.0) is True
+        assert (other.pid, other.created) not in _procs._exit_fds
+        assert exited(other)
     finally:
         stop(other, timeout=5.0)
