@@ -161,6 +161,8 @@ class AdmissionController:
 
         self.stats: dict[tuple[str, Priority], Counters] = {}
         self.leases_expired = 0
+        self.leases_reclaimed = 0
+        """Leases freed when the stream that handed them out ended (`reclaim`)."""
         self._unclaimed: set[str] = set()
         """Leases of slices not yet handed to a request."""
         self._wait_listeners: set[Callable[[str, str], None]] = set()
@@ -486,6 +488,23 @@ class AdmissionController:
     def in_flight(self) -> int:
         """Leases held by running requests (a slice's unclaimed leases are not)."""
         return len(self._ledger) - len(self._unclaimed)
+
+    def reclaim(self, lease_id: str) -> bool:
+        """Frees a live lease that nobody will release here (the stream that handed it
+        out ended), keeping its charge, as at its expiry; False if it is not held."""
+        held = self._ledger.take(lease_id)
+        if held is None:
+            return False
+        self._unclaimed.discard(lease_id)
+        self._free(held)
+        self.leases_reclaimed += 1
+        if self._queue:
+            self.pump()
+        return True
+
+    def holds(self, lease_id: str) -> bool:
+        """True while `lease_id` is a live lease here (not released nor expired)."""
+        return self._ledger.held(lease_id) is not None
 
     def issued_to(self, tenant_id: str, lease_id: str) -> bool:
         """True if this controller issued `lease_id` to `tenant_id` (live or not)."""

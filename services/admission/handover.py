@@ -21,10 +21,12 @@ On a move
   now reaches B, which never issued the id: a lease id is HMAC-bound to its replica's
   secret, so B answers NOT_FOUND `LEASE_NOT_FOUND` and changes nothing (a release by
   request id leaves a tombstone on B, as for any attempt B does not know). On A the
-  lease is freed by its TTL (`admission_lease_ttl`), its charge kept, or with A when
-  A stops. Nothing is counted twice: B never counted it. B does not see those leases
-  either, so while they run T may hold up to its `max_in_flight` on A besides its
-  `max_in_flight` on B, and A's share of the tier ceilings stays taken by them.
+  lease is freed when the AdmitSession stream that handed it out ends (its caller
+  closes a stream once it holds no lease granted on it, see `sessions`), its charge
+  kept; else by its TTL (`admission_lease_ttl`), or with A when A stops. Nothing is
+  counted twice: B never counted it. B does not see those leases either, so while they
+  run T may hold up to its `max_in_flight` on A besides its `max_in_flight` on B, and
+  A's share of the tier ceilings stays taken by them until their stream closes.
 - **Queue.** Requests waiting on A stay in A's queue and are decided there. A stream
   open to A (AdmitSession, AdmitStream) stays on A while it lasts: Envoy picks a
   replica per stream, not per message. When A stops, its waiters get UNAVAILABLE

@@ -9,6 +9,15 @@ reserved ahead of need, claimed as the caller hands them out, given back when re
 or unused. The stream keeps the ids of its unclaimed leases: when it ends they are given
 back, and while there are any, a request starting to wait at this replica sends the
 stream a `recall`.
+
+A lease the stream handed out (an admission, or a claim of its slice) lives no longer
+than the stream, unless the caller half-closed it: when the stream is cancelled or
+breaks, those still held are freed, their charge kept (as at their expiry). The caller
+keeps its stream open while it holds leases granted on it, so such an end means that
+they are done: the caller released them (where a release went to another replica, the
+tenant's owner since, that one did not know them), or the caller is gone, its calls
+with it. Otherwise they would hold their places of the tenant's concurrency and of this
+replica's share of the tier ceilings until their TTL.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 UPDATE_INTERVAL_S = 0.25
 """How often a waiting request's position is re-checked (an update is sent if it moved)."""
+KEEP_GRANTED = 256
+"""The lease ids a stream handed out that it keeps before forgetting the released ones."""
 
 
 async def queue_updates(
@@ -86,11 +97,21 @@ class AdmitSession:
         self._waiting: dict[str, asyncio.Task[None]] = {}
         self._unclaimed: dict[str, str] = {}
         """Lease id → its tier, for the leases of this stream's slice not yet claimed."""
+        self._granted: set[str] = set()
+        """The leases this stream handed out (admitted, or claimed from its slice), some
+        since released: those still held when it ends are released then."""
+        self._keep_at = KEEP_GRANTED
         self._stop_listening: Callable[[], None] | None = None
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def handed_out(self) -> int:
+        """Lease ids of the leases it handed out that it keeps (held, or released since
+        it last forgot the released ones)."""
+        return len(self._granted)
 
     @property
     def unclaimed(self) -> int:
@@ -156,7 +177,17 @@ class AdmitSession:
 
     def _claim(self, lease_id: str) -> None:
         if self._unclaimed.pop(lease_id, None) is not None:
-            self._dispatcher.controller.claim(self._tenant, lease_id)
+            if self._dispatcher.controller.claim(self._tenant, lease_id):
+                self._handed_out(lease_id)
+
+    def _handed_out(self, lease_id: str) -> None:
+        """Keeps `lease_id` among the stream's leases; forgets the released ones once
+        there are many (so a long-lived stream keeps about as many as are held)."""
+        self._granted.add(lease_id)
+        if len(self._granted) >= self._keep_at:
+            holds = self._dispatcher.controller.holds
+            self._granted = {held for held in self._granted if holds(held)}
+            self._keep_at = max(KEEP_GRANTED, 2 * len(self._granted))
 
     def _give_back(self, lease_ids: Iterable[str]) -> None:
         controller = self._dispatcher.controller
@@ -198,12 +229,21 @@ class AdmitSession:
         except SwitchboardError as refusal:
             self._refuse(request_id, refusal)
             return
+        self._handed_out(admission.lease.lease_id)
         self._reply(
             pb.AdmitSessionResponse(request_id=request_id, admitted=self._admitted(admission))
         )
 
     def _refuse(self, request_id: str, refusal: SwitchboardError) -> None:
         self._reply(pb.AdmitSessionResponse(request_id=request_id, refused=refusal.to_rpc_status()))
+
+    def reclaim(self) -> int:
+        """The stream ended: frees the leases it handed out that are still held (their
+        charge kept); returns how many."""
+        reclaim = self._dispatcher.controller.reclaim
+        freed = sum(reclaim(lease_id) for lease_id in self._granted)
+        self._granted.clear()
+        return freed
 
     async def drain(self) -> None:
         """Waits until every request on the stream has its outcome."""
@@ -236,7 +276,8 @@ async def serve_session(
     replies; after the half-close, ends once every request has its outcome.
 
     However it ends, its waiting requests leave the queue, and admissions decided but
-    never sent are released (nobody holds their leases).
+    never sent are released (nobody holds their leases). Unless the caller half-closed
+    it, the leases it sent that are still held are freed (see the module docstring).
     """
     replies: asyncio.Queue[pb.AdmitSessionResponse | SwitchboardError | None] = asyncio.Queue()
     session = AdmitSession(
@@ -260,11 +301,13 @@ async def serve_session(
             replies.put_nowait(None)
 
     reader = asyncio.create_task(submit_all())
+    half_closed = False
     try:
         while (reply := await replies.get()) is not None:
             if isinstance(reply, SwitchboardError):
                 raise reply
             yield reply
+        half_closed = True
     finally:
         reader.cancel()
         await session.close()
@@ -272,3 +315,8 @@ async def serve_session(
             unsent = replies.get_nowait()
             if isinstance(unsent, pb.AdmitSessionResponse) and unsent.HasField("admitted"):
                 dispatcher.controller.release(unsent.admitted.lease.lease_id, actual_tokens=0)
+        if not half_closed and (freed := session.reclaim()):
+            logger.info(
+                "leases freed with the stream that handed them out",
+                extra={"tenant_id": tenant_id, "leases": freed},
+            )

@@ -27,6 +27,12 @@ tenant's replica (one that died, then came back): once a release by lease id is 
 now) the stream that granted that lease takes no new attempts, and the next go to a new
 stream, on that replica; otherwise every lease it granted would be held there until it
 expires, until the tier is full.
+
+A stream stays open while a lease granted on it is held: its replica frees the leases a
+stream handed out when the stream is cancelled or breaks. So once the last one is
+released (wherever the release went: one answered `LEASE_NOT_FOUND` was never freed
+where it was granted), a stream the tenant left is closed, and its replica frees what
+is still counted there.
 """
 
 from __future__ import annotations
@@ -191,6 +197,9 @@ class _Session:
         self._reader = asyncio.create_task(self._read())
         self.retired = False
         """Takes no new attempts: it ended, or its replica is no longer the tenant's."""
+        self.holding = 0
+        """Leases granted on it that the gate holds (not yet released): it stays open
+        while there are any, since its replica frees them when it ends."""
 
     @property
     def alive(self) -> bool:
@@ -198,7 +207,9 @@ class _Session:
 
     @property
     def idle(self) -> bool:
-        return not self._attempts
+        """No attempt waits on it and no lease granted on it is held: closing it loses
+        nothing."""
+        return not self._attempts and not self.holding
 
     async def _read(self) -> None:
         try:
@@ -253,15 +264,24 @@ class _Session:
 
     def forget(self, request_id: str) -> None:
         self._attempts.pop(request_id, None)
-        if not self._attempts:
+        self._settled()
+
+    def returned(self) -> None:
+        """A lease granted on it was released (or given up on)."""
+        self.holding -= 1
+        self._settled()
+
+    def _settled(self) -> None:
+        if self.idle:
             self.idle_since = time.monotonic()
             if self.retired:
                 self.close()
 
     def retire(self) -> None:
-        """Takes no new attempts; closes once those on it have their outcome."""
+        """Takes no new attempts; closes once those on it have their outcome and the
+        leases granted on it are released."""
         self.retired = True
-        if not self._attempts:
+        if self.idle:
             self.close()
 
     def close(self) -> None:
@@ -348,7 +368,7 @@ class AdmissionGate:
         reserved = self._slices.take(key, ask.prompt_tokens + ask.max_tokens)
         if reserved is not None:
             self._defer(reserved.stream, admission_pb2.AdmitSessionRequest(claim=reserved.lease_id))
-            self._granted_on[reserved.lease_id] = reserved.stream
+            self._hold(reserved.lease_id, reserved.stream)
             self.admitted_locally += 1
             _FROM_SLICE.inc()
             self._top_up(ask, key)
@@ -370,7 +390,7 @@ class AdmissionGate:
                     if kind == "admitted":
                         handed_over = True
                         lease_id = reply.admitted.lease.lease_id
-                        self._granted_on[lease_id] = session
+                        self._hold(lease_id, session)
                         _BY_ROUND_TRIP.inc()
                         self._top_up(ask, key)
                         yield lease_id
@@ -392,6 +412,11 @@ class AdmissionGate:
             metadata={"dependency": "admission"},
             retry_after=RETRY_AFTER,
         )
+
+    def _hold(self, lease_id: str, session: _Session) -> None:
+        """The caller holds `lease_id`, granted on `session`, until it releases it."""
+        self._granted_on[lease_id] = session
+        session.holding += 1
 
     def _session(self, tenant: str) -> _Session:
         now = time.monotonic()
@@ -485,7 +510,8 @@ class AdmissionGate:
         excess = len(self._sessions) - MAX_SESSIONS + 1
         for rank, session in enumerate(idle):
             if rank < excess or not session.alive or now - session.idle_since > SESSION_IDLE_S:
-                session.close()
+                if session.idle:  # else it closes once the leases granted on it are released
+                    session.close()
                 del self._sessions[session.tenant]
 
     def release(self, lease_id: str, *, tenant_id: str, prompt: int, completion: int) -> None:
@@ -547,17 +573,18 @@ class AdmissionGate:
                 exhausted.last,
                 extra=where,
             )
+        finally:
+            if granted_on is not None:
+                granted_on.returned()  # the last one closes a stream the tenant left
 
     async def close(self) -> None:
         self.flush()
         if self._returning is not None:
             self._returning.cancel()
-        for session in {*self._sessions.values(), *self._granted_on.values()}:
-            session.close()
-        self._sessions.clear()
-        self._granted_on.clear()
-        # a release may be started while the others are awaited; those still being tried
-        # again after CLOSE_RELEASES_S are given up (their leases expire on their own)
+        # the releases first: a stream's replica frees the leases it handed out when it
+        # closes, keeping their charge, so a release arriving after would correct nothing.
+        # A release may be started while the others are awaited; those still being tried
+        # again after CLOSE_RELEASES_S are given up (their streams' close frees them)
         closing = time.monotonic() + CLOSE_RELEASES_S
         while self._releases:
             left = closing - time.monotonic()
@@ -567,6 +594,10 @@ class AdmissionGate:
             for task in self._releases:
                 task.cancel()
             await asyncio.gather(*self._releases, return_exceptions=True)
+        for session in {*self._sessions.values(), *self._granted_on.values()}:
+            session.close()
+        self._sessions.clear()
+        self._granted_on.clear()
         await self._channel.close()
         await self._release_channel.close()
 

@@ -461,9 +461,11 @@ async def test_a_release_refused_as_not_found_after_a_lost_answer_is_done(gate):
     assert (await gate.admit(ASK)).startswith("L-") and len(stub.calls) == 1
 
 
-async def test_a_session_that_moved_closes_once_its_waiting_attempts_are_decided(gate):
+async def test_a_session_that_moved_closes_once_its_attempts_are_decided_and_leases_released(
+    gate,
+):
     gate._stub = stub = _Sessions(_admit_at_once)
-    await gate.admit(ASK)
+    first = await gate.admit(ASK)
     [(_, stray)] = stub.calls
     stray.respond = lambda call, request: None  # the next attempt waits
     waiting = asyncio.ensure_future(gate.admit(ASK))
@@ -471,8 +473,32 @@ async def test_a_session_that_moved_closes_once_its_waiting_attempts_are_decided
     next(iter(gate._granted_on.values())).retire()
     assert not stray.cancelled
     _admit_at_once(stray, stray.requests[-1])
-    assert (await waiting).startswith("L-")
-    assert stray.cancelled
+    second = await waiting
+    assert second.startswith("L-")
+    assert not stray.cancelled  # its replica would free both leases the caller holds
+    for lease in (first, second):
+        gate.release(lease, tenant_id="acme", prompt=1, completion=1)
+        await _let_others_run()
+        assert stray.cancelled is (lease == second)  # closed with the last one
+
+
+async def test_a_session_stays_open_while_a_lease_granted_on_it_is_held_however_released(gate):
+    class Moved(_Releases):
+        async def Release(self, request, **kwargs):  # noqa: N802 - gRPC method name
+            self.requests.append(request)
+            raise _lease_not_found()  # the tenant's releases reach another replica
+
+    gate._release_stub = Moved()
+    gate._stub = stub = _Sessions(_admit_at_once)
+    first, second = await gate.admit(ASK), await gate.admit(ASK)
+    [(_, stray)] = stub.calls
+    gate.release(first, tenant_id="acme", prompt=1, completion=1)
+    await _let_others_run()
+    assert not stray.cancelled  # retired, but `second` is held: its replica keeps it
+    assert (await gate.admit(ASK)).startswith("L-") and len(stub.calls) == 2  # a new one
+    gate.release(second, tenant_id="acme", prompt=1, completion=1)
+    await _let_others_run()
+    assert stray.cancelled  # its replica frees what the releases did not reach
 
 
 async def test_a_caller_cancelled_while_queued_releases_its_attempt(gate):
@@ -509,18 +535,21 @@ async def test_a_stream_that_hands_over_the_lease_releases_nothing(gate):
 
 async def test_idle_sessions_are_closed_busy_ones_kept(gate, monkeypatch):
     gate._stub = stub = _Sessions(_admit_at_once)
-    await gate.admit(ASK)
+    gate.release(await gate.admit(ASK), tenant_id="acme", prompt=1, completion=1)
+    holder = Ask(tenant_id="holder", tier="small", prompt_tokens=1, max_tokens=1)
+    held = await gate.admit(holder)  # its call still runs
     stub.respond = lambda call, request: None  # the next attempt waits
     busy = asyncio.ensure_future(
         gate.admit(Ask(tenant_id="busy", tier="small", prompt_tokens=1, max_tokens=1))
     )
     await _let_others_run()
     gate._sweep(time.monotonic() + SESSION_IDLE_S + 1)
-    assert list(gate._sessions) == ["busy"]
-    assert stub.calls[0][1].cancelled and not stub.calls[1][1].cancelled
+    assert sorted(gate._sessions) == ["busy", "holder"]
+    assert [call.cancelled for _, call in stub.calls] == [True, False, False]
     busy.cancel()
     with pytest.raises(asyncio.CancelledError):
         await busy
+    gate.release(held, tenant_id="holder", prompt=1, completion=1)
 
 
 async def _let_others_run() -> None:

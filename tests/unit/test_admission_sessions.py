@@ -17,7 +17,8 @@ from services.admission import (
     FakeClock,
     PolicyLimits,
 )
-from services.admission.sessions import AdmitSession, serve_session
+from services.admission.sessions import KEEP_GRANTED, AdmitSession, serve_session
+from tests.polling import eventually
 
 POLICY = PolicyLimits(
     requests_per_second=100,
@@ -121,18 +122,27 @@ async def test_closing_the_session_takes_its_waiting_requests_out_of_the_queue(
     assert controller.quota("acme").in_flight == 0  # nobody admitted after the close
 
 
-def _serve(controller, requests, tenant: str = "acme"):
+def _serve(controller, requests, tenant: str = "acme", *, tier: str = ""):
+    """Serves `requests`: a list (the caller half-closes after it), or a queue (the
+    stream stays open)."""
+
     async def frames():
-        for request in requests:
-            yield request
+        if isinstance(requests, list):
+            for request in requests:
+                yield request
+            return
+        while True:
+            yield await requests.get()
+
+    def request_of(frame: pb.AdmitSessionRequest) -> AdmissionRequest:
+        request = frame.reserve.shape if frame.HasField("reserve") else frame.request
+        return AdmissionRequest(tenant_id=tenant, request_id=request.context.request_id, tier=tier)
 
     return serve_session(
         Dispatcher(controller),
         frames(),
         tenant_id=tenant,
-        request_of=lambda frame: AdmissionRequest(
-            tenant_id=tenant, request_id=frame.request.context.request_id
-        ),
+        request_of=request_of,
         submit=controller.submit,
         admitted=lambda admission: pb.AdmitResponse(
             lease=pb.Lease(lease_id=admission.lease.lease_id)
@@ -157,11 +167,63 @@ async def test_a_stream_closed_early_leaves_no_lease_held_nor_request_queued(con
     replies = _serve(controller, [_request("a"), _request("b")])
     first = await anext(replies)  # a admitted and sent; b queued, not yet sent
     await asyncio.sleep(0)
-    await replies.aclose()  # the client went away
+    tokens = controller.quota("acme").available_tokens
+    await replies.aclose()  # the client went away, and its calls with it
     quota = controller.quota("acme")
-    assert quota.in_flight == 1 and sum(quota.queued.values()) == 0  # only a's lease
-    controller.release(first.admitted.lease.lease_id)
-    assert controller.quota("acme").in_flight == 0
+    assert quota.in_flight == 0 and sum(quota.queued.values()) == 0
+    assert quota.available_tokens == tokens  # a's charge is kept, as at expiry
+    assert controller.leases_reclaimed == 1
+    assert controller.release(first.admitted.lease.lease_id, actual_tokens=0) == (False, 0)
+
+
+async def test_the_leases_a_stream_handed_out_are_freed_when_it_is_cancelled(controller):
+    """Eleven admissions and a claim of the slice, each released elsewhere (the tenant
+    moved to another replica): the stream's end frees them all, as the tier needs."""
+    controller.set_policy("roomy", dataclasses.replace(POLICY, max_in_flight=64))
+    controller.set_tier_capacity("small", max_in_flight=12)
+    frames: asyncio.Queue[pb.AdmitSessionRequest] = asyncio.Queue()
+    reserve = pb.AdmitSessionRequest(reserve=pb.SliceRequest(count=1))
+    reserve.reserve.shape.context.request_id = "slice"
+    frames.put_nowait(reserve)
+    for number in range(11):
+        frames.put_nowait(_request(f"r{number}"))
+    replies = _serve(controller, frames, "roomy", tier="small")
+    [granted] = (await anext(replies)).slice.admissions
+    admitted = [await anext(replies) for _ in range(11)]
+    assert all(r.WhichOneof("event") == "admitted" for r in admitted)
+    frames.put_nowait(pb.AdmitSessionRequest(claim=granted.lease.lease_id))
+    await eventually(lambda: controller.unclaimed() == 0, what="the claim handled")
+    assert controller.in_flight() == 12  # the tier is full
+    waiting = controller.submit(AdmissionRequest(tenant_id="roomy", tier="small", request_id="w"))
+    assert waiting.waiting
+    await replies.aclose()  # the caller let go of the stream: it holds none of them
+    assert controller.leases_reclaimed == 12
+    assert waiting.lease is not None  # admitted as soon as the tier had room
+    assert controller.in_flight() == 1
+
+
+async def test_a_long_lived_stream_keeps_about_as_many_lease_ids_as_are_held(
+    session, replies, controller
+):
+    roomy = dataclasses.replace(POLICY, max_in_flight=4, request_burst=10_000, token_burst=100_000)
+    controller.set_policy("acme", roomy)
+    held: list[str] = []
+    for number in range(3 * KEEP_GRANTED):
+        session.submit(_request(f"r{number}"))
+        assert _events(replies[-1:]) == [(f"r{number}", "admitted")]
+        held.append(replies[-1].admitted.lease.lease_id)
+        if len(held) > 3:
+            controller.release(held.pop(0))  # released by the caller, by lease id
+    assert session.handed_out <= KEEP_GRANTED
+    assert session.reclaim() == 3  # the three still held
+    assert controller.in_flight() == 0
+
+
+async def test_after_a_half_close_the_leases_sent_stay_the_callers(controller):
+    replies = _serve(controller, [_request("a")])
+    [first] = [reply async for reply in replies]  # the caller half-closed; it ended
+    assert controller.quota("acme").in_flight == 1 and controller.leases_reclaimed == 0
+    assert controller.release(first.admitted.lease.lease_id) == (True, 0)
 
 
 async def test_admissions_decided_but_never_sent_are_released(controller):
@@ -171,6 +233,7 @@ async def test_admissions_decided_but_never_sent_are_released(controller):
     await asyncio.sleep(0)
     assert controller.quota("roomy").in_flight == 3
     await replies.aclose()  # the client went away before b and c were written
-    assert controller.quota("roomy").in_flight == 1  # a's lease is the client's
-    controller.release(first.admitted.lease.lease_id)
-    assert controller.quota("roomy").in_flight == 0
+    quota = controller.quota("roomy")
+    assert quota.in_flight == 0  # b and c released, a reclaimed
+    assert controller.leases_reclaimed == 1
+    assert controller.release(first.admitted.lease.lease_id) == (False, 0)

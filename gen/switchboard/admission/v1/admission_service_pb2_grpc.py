@@ -173,9 +173,16 @@ class AdmissionServiceServicer:
         while no request it would compete with (of the same tenant, or on the same model
         tier) waits at this replica; once one cannot be admitted at once, every stream whose
         unclaimed leases compete with it is sent a `recall`, and gives them back. When the stream ends,
-        its unclaimed leases are given back (claimed ones stay held until released or
-        expired). Admitted requests therefore never exceed the policy by more than the
-        leases claimed on a stream in the moment it breaks, at most one slice.
+        its unclaimed leases are given back.
+
+        A lease the stream handed out (admitted, or claimed from its slice) lives no longer
+        than the stream, unless the caller half-closed it: when the stream is cancelled or
+        breaks, the leases it handed out that are still held are freed, their charge kept
+        (as at their expiry). So a caller keeps its stream open while it holds leases
+        granted on it, and a lease whose release went elsewhere (to the tenant's replica
+        since) is freed where it was granted once its stream is closed. Admitted requests
+        therefore never exceed the policy by more than the leases still running on a
+        stream in the moment it breaks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
