@@ -156,6 +156,11 @@ class AdmissionService:
         running = self._running is not None and not self._running.done()
         return running and self.membership is not None and self.membership.settled
 
+    async def drain(self) -> None:
+        """Stopping: AdmitSession streams end now, not after the server's grace."""
+        if self.dispatcher is not None:
+            self.dispatcher.drain()
+
     async def shutdown(self) -> None:
         if self.membership is not None:  # the others take back its share
             await self.membership.close()

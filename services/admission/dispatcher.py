@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 
 from services.admission.controller import AdmissionController
@@ -29,6 +30,8 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         controller.on_change(self._wake.set)
+        self._draining = False
+        self._on_drain: set[Callable[[], None]] = set()
 
     @property
     def controller(self) -> AdmissionController:
@@ -94,6 +97,29 @@ class Dispatcher:
                     await self._wake.wait()
             except TimeoutError:
                 pass
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def on_drain(self, end: Callable[[], None]) -> Callable[[], None]:
+        """Calls `end` when the replica starts draining (at once if it has); returns
+        what forgets it."""
+        if self._draining:
+            end()
+            return lambda: None
+        self._on_drain.add(end)
+        return lambda: self._on_drain.discard(end)
+
+    def drain(self) -> None:
+        """The replica stops soon: the long-lived streams (AdmitSession) end now, so
+        that their callers take their next attempts to a live replica rather than wait
+        here through the server's grace. Calls that decide one request (Admit,
+        AdmitStream) are decided here as before, until `shutdown`."""
+        self._draining = True
+        for end in list(self._on_drain):
+            end()
+        self._on_drain.clear()
 
     async def shutdown(self) -> None:
         """Refuses everyone waiting (UNAVAILABLE `SHUTTING_DOWN`) and stops `run`.

@@ -29,8 +29,10 @@ On a move
   A's share of the tier ceilings stays taken by them until their stream closes.
 - **Queue.** Requests waiting on A stay in A's queue and are decided there. A stream
   open to A (AdmitSession, AdmitStream) stays on A while it lasts: Envoy picks a
-  replica per stream, not per message. When A stops, its waiters get UNAVAILABLE
-  `SHUTTING_DOWN` (callers retry; the next stream goes to B).
+  replica per stream, not per message. When A starts draining, its AdmitSession streams
+  end with UNAVAILABLE `SHUTTING_DOWN` (their waiters leave its queue and are tried
+  again on a new stream, which goes to B); when it stops, its other waiters get the
+  same (callers retry).
 - **Tier ceilings** are split over the live replicas, draining ones included
   (`membership`, `capacity`): a replica that joins shrinks its peers' shares before it
   serves (it reports SERVING only after a poll interval, once they have seen it).

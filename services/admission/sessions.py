@@ -34,7 +34,7 @@ from switchboard.common.v1 import common_pb2
 from services.admission.dispatcher import Dispatcher
 from services.admission.request import AdmissionRequest
 from services.admission.tickets import Admission, Ticket
-from services.runtime import FieldViolation, SwitchboardError, invalid
+from services.runtime import FieldViolation, SwitchboardError, Unavailable, invalid
 
 logger = logging.getLogger(__name__)
 
@@ -275,6 +275,8 @@ async def serve_session(
     """Serves one AdmitSession stream: submits its requests as they come and yields the
     replies; after the half-close, ends once every request has its outcome.
 
+    When the replica starts draining, it ends with UNAVAILABLE `SHUTTING_DOWN` (its
+    caller retries what waited on it on a new stream, which reaches a live replica).
     However it ends, its waiting requests leave the queue, and admissions decided but
     never sent are released (nobody holds their leases). Unless the caller half-closed
     it, the leases it sent that are still held are freed (see the module docstring).
@@ -301,6 +303,13 @@ async def serve_session(
             replies.put_nowait(None)
 
     reader = asyncio.create_task(submit_all())
+    forget_drain = dispatcher.on_drain(
+        lambda: replies.put_nowait(
+            Unavailable(
+                "this admission replica is stopping: open a new stream", reason="SHUTTING_DOWN"
+            )
+        )
+    )
     half_closed = False
     try:
         while (reply := await replies.get()) is not None:
@@ -309,6 +318,7 @@ async def serve_session(
             yield reply
         half_closed = True
     finally:
+        forget_drain()
         reader.cancel()
         await session.close()
         while not replies.empty():

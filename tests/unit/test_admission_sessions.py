@@ -18,6 +18,7 @@ from services.admission import (
     PolicyLimits,
 )
 from services.admission.sessions import KEEP_GRANTED, AdmitSession, serve_session
+from services.runtime import Unavailable
 from tests.polling import eventually
 
 POLICY = PolicyLimits(
@@ -122,7 +123,7 @@ async def test_closing_the_session_takes_its_waiting_requests_out_of_the_queue(
     assert controller.quota("acme").in_flight == 0  # nobody admitted after the close
 
 
-def _serve(controller, requests, tenant: str = "acme", *, tier: str = ""):
+def _serve(controller, requests, tenant: str = "acme", *, tier: str = "", dispatcher=None):
     """Serves `requests`: a list (the caller half-closes after it), or a queue (the
     stream stays open)."""
 
@@ -139,7 +140,7 @@ def _serve(controller, requests, tenant: str = "acme", *, tier: str = ""):
         return AdmissionRequest(tenant_id=tenant, request_id=request.context.request_id, tier=tier)
 
     return serve_session(
-        Dispatcher(controller),
+        dispatcher or Dispatcher(controller),
         frames(),
         tenant_id=tenant,
         request_of=request_of,
@@ -237,3 +238,24 @@ async def test_admissions_decided_but_never_sent_are_released(controller):
     assert quota.in_flight == 0  # b and c released, a reclaimed
     assert controller.leases_reclaimed == 1
     assert controller.release(first.admitted.lease.lease_id) == (False, 0)
+
+
+async def test_a_replica_that_starts_draining_ends_its_streams(controller):
+    dispatcher = Dispatcher(controller)
+    frames: asyncio.Queue[pb.AdmitSessionRequest] = asyncio.Queue()
+    frames.put_nowait(_request("a"))
+    frames.put_nowait(_request("b"))  # waits for a's slot
+    replies = _serve(controller, frames, dispatcher=dispatcher)
+    assert _events([await anext(replies), await anext(replies)]) == [
+        ("a", "admitted"),
+        ("b", "queued"),
+    ]
+    dispatcher.drain()
+    with pytest.raises(Unavailable) as ended:
+        await anext(replies)
+    assert ended.value.reason == "SHUTTING_DOWN"
+    quota = controller.quota("acme")
+    assert quota.in_flight == 0 and sum(quota.queued.values()) == 0  # b left, a freed
+    later = _serve(controller, asyncio.Queue(), dispatcher=dispatcher)
+    with pytest.raises(Unavailable):  # a stream opened while draining ends at once
+        await anext(later)
