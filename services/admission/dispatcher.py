@@ -98,10 +98,6 @@ class Dispatcher:
             except TimeoutError:
                 pass
 
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
     def on_drain(self, end: Callable[[], None]) -> Callable[[], None]:
         """Calls `end` when the replica starts draining (at once if it has); returns
         what forgets it."""
