@@ -72,7 +72,8 @@ applied when a scope is made, and to rested scopes (dropped) when it begins.
 
 A replica that dies takes its leases with it: the replacement starts with none, so no
 concurrency stays held; the callers' releases reach the new owner, are refused with
-LEASE_NOT_FOUND, and are not retried (`services/inference/admission.py` logs them).
+LEASE_NOT_FOUND, and are not retried (`services/inference/admission.py` logs each at
+INFO: expected, and handled).
 No lease state lives in PostgreSQL (only policies and the replica rows). The
 generations those leases admitted may still run on the backends while the dead
 replica's share of the tier ceilings goes back to the others (after `stale_after`):

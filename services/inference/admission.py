@@ -560,8 +560,12 @@ class AdmissionGate:
                     raise
                 if number > 1 and error.code() == grpc.StatusCode.NOT_FOUND:
                     return  # an earlier try released it; its answer was lost
-                if _moved(error) and granted_on is not None:
-                    granted_on.retire()  # the tenant's calls reach another replica now
+                if _moved(error):
+                    # expected after the tenant's replica changed: handled, not a fault
+                    if granted_on is not None:
+                        granted_on.retire()  # the tenant's calls reach another replica now
+                    logger.info("admission release reached a new owner", extra=where)
+                    return
                 logger.warning("admission release failed: %s", error.code().name, extra=where)
 
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from datetime import timedelta
 
@@ -406,6 +407,22 @@ async def test_a_lease_not_found_where_released_moves_new_attempts_to_a_new_sess
     assert stray.cancelled  # no attempt waits on it (the leases it granted live on)
     assert (await gate.admit(ASK)).startswith("L-")
     assert len(stub.calls) == 2 and len(stub.calls[1][1].requests) == 1
+
+
+async def test_a_release_that_reached_a_new_owner_is_logged_as_expected_not_as_a_fault(
+    gate, caplog
+):
+    gate._release_stub = releases = _Flaky(_lease_not_found())
+    gate._stub = _Sessions(_admit_at_once)
+    gate._sleep = _no_wait
+    with caplog.at_level(logging.INFO, logger="services.inference.admission"):
+        gate.release(await gate.admit(ASK), tenant_id="acme", prompt=1, completion=1)
+        await _let_others_run()
+    assert len(releases.requests) == 1  # not tried again
+    records = [r for r in caplog.records if r.name == "services.inference.admission"]
+    assert [(r.levelno, r.getMessage()) for r in records] == [
+        (logging.INFO, "admission release reached a new owner")
+    ]
 
 
 class _Flaky:
