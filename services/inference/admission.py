@@ -561,10 +561,11 @@ class AdmissionGate:
                 if number > 1 and error.code() == grpc.StatusCode.NOT_FOUND:
                     return  # an earlier try released it; its answer was lost
                 if _moved(error):
-                    # expected after the tenant's replica changed: handled, not a fault
+                    # expected once the tenant moved (or the stream that granted it
+                    # ended, which freed it): handled, not a fault
                     if granted_on is not None:
                         granted_on.retire()  # the tenant's calls reach another replica now
-                    logger.info("admission release reached a new owner", extra=where)
+                    logger.info("admission lease not held where released", extra=where)
                     return
                 logger.warning("admission release failed: %s", error.code().name, extra=where)
 

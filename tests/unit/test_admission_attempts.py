@@ -409,7 +409,7 @@ async def test_a_lease_not_found_where_released_moves_new_attempts_to_a_new_sess
     assert len(stub.calls) == 2 and len(stub.calls[1][1].requests) == 1
 
 
-async def test_a_release_that_reached_a_new_owner_is_logged_as_expected_not_as_a_fault(
+async def test_a_release_whose_lease_is_not_held_there_is_logged_as_expected_not_a_fault(
     gate, caplog
 ):
     gate._release_stub = releases = _Flaky(_lease_not_found())
@@ -421,7 +421,7 @@ async def test_a_release_that_reached_a_new_owner_is_logged_as_expected_not_as_a
     assert len(releases.requests) == 1  # not tried again
     records = [r for r in caplog.records if r.name == "services.inference.admission"]
     assert [(r.levelno, r.getMessage()) for r in records] == [
-        (logging.INFO, "admission release reached a new owner")
+        (logging.INFO, "admission lease not held where released")
     ]
 
 
